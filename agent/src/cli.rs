@@ -1,0 +1,86 @@
+//! The `vigil-agent` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::{error, info};
+use vigil_common::config::{AgentConfig, LogFormat, DEFAULT_AGENT_CONFIG};
+
+use crate::runner::{resolve_identity, AgentRunner};
+
+#[derive(Debug, Parser)]
+#[command(name = "vigil-agent", version, about = "Vigil hypervisor agent")]
+pub struct Args {
+    /// Configuration file.
+    #[arg(long, short, default_value = DEFAULT_AGENT_CONFIG, env = "VIGIL_AGENT_CONFIG")]
+    pub config: PathBuf,
+    /// Log format (overrides the file's `log_format`).
+    #[arg(long, value_parser = parse_log_format)]
+    pub log_format: Option<LogFormat>,
+    /// Check the configuration and certificate, print the identity, and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    s.parse()
+}
+
+/// Entry point of the `vigil-agent` binary.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("vigil-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = AgentConfig::load(&args.config)?;
+    vigil_common::logging::init(args.log_format.unwrap_or(cfg.log_format));
+    let host = resolve_identity(&cfg, &args.config)?;
+    if args.check {
+        println!(
+            "host {host}, zone {}, cluster {}, monitors {:?}",
+            cfg.zone, cfg.cluster, cfg.monitors
+        );
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("vigil-agent")
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let runner = AgentRunner::new(&cfg, host.clone())?;
+        info!(%host, zone = %cfg.zone, cluster = %cfg.cluster, "vigil-agent {} starting", vigil_common::VERSION);
+        let task = tokio::spawn(runner.run(stop_rx));
+        shutdown_signal().await;
+        info!("shutdown requested");
+        let _ = stop_tx.send(true);
+        task.await.context("agent task panicked")?
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,138 @@
+//! Keeps the agent connected: tries every configured monitor in turn, backs off between
+//! rounds, and never gives up (a monitor outage must not stop the agent, and never touches
+//! guests).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use tracing::{error, info, warn};
+use vigil_common::config::AgentConfig;
+use vigil_common::tls::{self, Role, TlsPaths, TransportTuning};
+use vigil_common::wire::{self, Hello};
+
+use crate::facts::FactsCollector;
+use crate::session::Session;
+
+/// The host name this agent speaks for: the common name of its certificate. A configured
+/// `host` that differs is an error: the monitor would refuse every hello anyway.
+pub fn resolve_identity(cfg: &AgentConfig, config_path: &Path) -> anyhow::Result<String> {
+    let cert = std::fs::read(&cfg.tls.cert)
+        .with_context(|| format!("reading tls.cert {}", cfg.tls.cert.display()))?;
+    let der = first_der(&cert).with_context(|| format!("tls.cert {}", cfg.tls.cert.display()))?;
+    let id = tls::identity_from_der(&der)
+        .with_context(|| format!("tls.cert {}", cfg.tls.cert.display()))?;
+    if id.role != Role::Agent {
+        anyhow::bail!(
+            "tls.cert {} is a {} certificate; the agent needs one issued with --role agent",
+            cfg.tls.cert.display(),
+            id.role
+        );
+    }
+    if let Some(h) = &cfg.host {
+        if *h != id.name {
+            anyhow::bail!(
+                "{}: field `host` is {h:?} but the certificate {} is for {:?}",
+                config_path.display(),
+                cfg.tls.cert.display(),
+                id.name
+            );
+        }
+    }
+    Ok(id.name)
+}
+
+fn first_der(pem: &[u8]) -> anyhow::Result<Vec<u8>> {
+    use vigil_common::pem::{CertificateDer, PemObject};
+    let der = CertificateDer::from_pem_slice(pem)
+        .map_err(|e| anyhow::anyhow!("no PEM certificate: {e}"))?;
+    Ok(der.to_vec())
+}
+
+/// Everything the agent needs to connect.
+pub struct AgentRunner {
+    pub host: String,
+    pub zone: String,
+    pub cluster: String,
+    pub monitors: Vec<SocketAddr>,
+    pub reconnect: Duration,
+    client: quinn::ClientConfig,
+    endpoint: quinn::Endpoint,
+}
+
+impl AgentRunner {
+    pub fn new(cfg: &AgentConfig, host: String) -> anyhow::Result<Self> {
+        let client = client_config(&cfg.tls)?;
+        let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
+            .context("opening the agent's UDP socket")?;
+        Ok(AgentRunner {
+            host,
+            zone: cfg.zone.clone(),
+            cluster: cfg.cluster.clone(),
+            monitors: cfg.monitors.clone(),
+            reconnect: Duration::from_millis(cfg.reconnect_ms),
+            client,
+            endpoint,
+        })
+    }
+
+    /// Runs until `stop` becomes true.
+    pub async fn run(self, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+        let mut facts = FactsCollector::new();
+        let mut backoff = self.reconnect;
+        let max_backoff = self.reconnect * 8;
+        let mut next = 0usize;
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let addr = self.monitors[next % self.monitors.len()];
+            next += 1;
+            let hello = Hello {
+                host: self.host.clone(),
+                agent_version: vigil_common::VERSION.to_string(),
+                zone: self.zone.clone(),
+                cluster: self.cluster.clone(),
+                facts: facts.collect(),
+            };
+            match Session::open(&self.endpoint, self.client.clone(), addr, hello).await {
+                Ok(session) => {
+                    backoff = self.reconnect;
+                    match session.run(&mut facts, stop.clone()).await {
+                        Ok(()) => break,
+                        Err(e) => warn!(%addr, error = %e, "lost the monitor"),
+                    }
+                    // Retry the same monitor first: most losses are transient.
+                    next -= 1;
+                }
+                Err(e) if e.is_permanent() => {
+                    error!(%addr, error = %e, "monitor refused this agent");
+                }
+                Err(e) => warn!(%addr, error = %e, "cannot reach monitor"),
+            }
+            if next % self.monitors.len() == 0 || backoff > self.reconnect {
+                let mut stop2 = stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop2.changed() => {}
+                }
+                backoff = (backoff * 2).min(max_backoff);
+            }
+        }
+        self.endpoint
+            .close(wire::close::NORMAL.into(), b"agent shutting down");
+        info!("agent stopped");
+        Ok(())
+    }
+}
+
+/// The agent's QUIC client configuration from its TLS files.
+pub fn client_config(paths: &TlsPaths) -> anyhow::Result<quinn::ClientConfig> {
+    let material = paths.load()?;
+    Ok(tls::client_config(
+        material,
+        wire::ALPN_AGENT,
+        TransportTuning::default(),
+    )?)
+}

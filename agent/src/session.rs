@@ -1,0 +1,253 @@
+//! One authenticated session with a monitor: QUIC + mutual TLS, the versioned handshake,
+//! then heartbeats out and commands in, on one control stream.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use vigil_common::codec::{self, CodecError};
+use vigil_common::wire::{
+    self, AgentCommand, AgentToMonitor, CommandOutcome, Heartbeat, Hello, MonitorToAgent, Preamble,
+    Welcome,
+};
+
+use crate::facts::FactsCollector;
+
+/// Why a session ended or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: quinn::ConnectError,
+    },
+    #[error("connection to {addr} failed: {source}")]
+    Connection {
+        addr: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    #[error("monitor {addr} refused us: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
+    #[error("monitor {addr}: {message}")]
+    Protocol { addr: SocketAddr, message: String },
+    #[error("monitor {addr}: {source}")]
+    Codec {
+        addr: SocketAddr,
+        source: CodecError,
+    },
+    #[error("monitor {addr} closed the control stream")]
+    Closed { addr: SocketAddr },
+    #[error("monitor {addr} sent no handshake answer within {timeout:?}")]
+    HandshakeTimeout { addr: SocketAddr, timeout: Duration },
+}
+
+impl SessionError {
+    /// Errors that will not go away by retrying the same monitor (version, authorization).
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, SessionError::Refused { .. })
+    }
+}
+
+fn map_conn_err(addr: SocketAddr, e: quinn::ConnectionError) -> SessionError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) => SessionError::Refused {
+            addr,
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+        },
+        other => SessionError::Connection {
+            addr,
+            source: other,
+        },
+    }
+}
+
+/// An established session: the handshake is done and the monitor welcomed us.
+pub struct Session {
+    pub addr: SocketAddr,
+    pub welcome: Welcome,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+/// How long the handshake may take before the agent tries another monitor.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Session {
+    /// Connects to `addr`, exchanges preambles and sends `hello`. The hello is sent as given,
+    /// so tests can check that the monitor refuses a hello that names another host.
+    pub async fn open(
+        endpoint: &quinn::Endpoint,
+        client: quinn::ClientConfig,
+        addr: SocketAddr,
+        hello: Hello,
+    ) -> Result<Session, SessionError> {
+        let fut = async {
+            let conn = endpoint
+                .connect_with(client, addr, wire::MONITOR_SERVER_NAME)
+                .map_err(|source| SessionError::Connect { addr, source })?
+                .await
+                .map_err(|e| map_conn_err(addr, e))?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| map_conn_err(addr, e))?;
+            send.write_all(&Preamble::current().to_bytes())
+                .await
+                .map_err(|e| write_err(&conn, addr, e))?;
+            codec::write_frame(&mut send, &AgentToMonitor::Hello(hello))
+                .await
+                .map_err(|e| codec_err(&conn, addr, e))?;
+            let mut pre = [0u8; Preamble::LEN];
+            if let Err(e) = recv.read_exact(&mut pre).await {
+                return Err(closed_or(&conn, addr, e.to_string()));
+            }
+            Preamble::check(pre, "agent", "monitor").map_err(|e| {
+                conn.close(
+                    wire::close::VERSION_MISMATCH.into(),
+                    e.to_string().as_bytes(),
+                );
+                SessionError::Refused {
+                    addr,
+                    reason: e.to_string(),
+                }
+            })?;
+            let welcome = match codec::read_frame::<_, MonitorToAgent>(&mut recv).await {
+                Ok(Some(MonitorToAgent::Welcome(w))) => w,
+                Ok(Some(other)) => {
+                    return Err(SessionError::Protocol {
+                        addr,
+                        message: format!("expected a welcome, got {other:?}"),
+                    })
+                }
+                Ok(None) => return Err(closed_or(&conn, addr, "stream ended".into())),
+                Err(e) => return Err(codec_err(&conn, addr, e)),
+            };
+            Ok(Session {
+                addr,
+                welcome,
+                conn,
+                send,
+                recv,
+            })
+        };
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(SessionError::HandshakeTimeout {
+                addr,
+                timeout: HANDSHAKE_TIMEOUT,
+            }),
+        }
+    }
+
+    /// Heartbeats every `welcome.heartbeat_interval_ms` and answers commands until the
+    /// connection fails or `stop` fires. Returns why it ended.
+    pub async fn run(
+        self,
+        facts: &mut FactsCollector,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
+        let Session {
+            addr,
+            welcome,
+            conn,
+            mut send,
+            recv,
+        } = self;
+        let interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(10));
+        info!(%addr, node = welcome.monitor_node, ?interval, host = %welcome.host, "connected to monitor");
+
+        // Reading is not cancel-safe, so a dedicated task reads frames and forwards them.
+        let (tx, mut rx) = mpsc::channel::<Result<MonitorToAgent, CodecError>>(64);
+        let reader = tokio::spawn(read_loop(recv, tx));
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let result = loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    seq += 1;
+                    let beat = AgentToMonitor::Heartbeat(Heartbeat { seq, facts: facts.collect() });
+                    if let Err(e) = codec::write_frame(&mut send, &beat).await {
+                        break Err(codec_err(&conn, addr, e));
+                    }
+                }
+                msg = rx.recv() => match msg {
+                    Some(Ok(MonitorToAgent::Command { id, command })) => {
+                        let outcome = execute(command);
+                        let reply = AgentToMonitor::CommandResult { id, outcome };
+                        if let Err(e) = codec::write_frame(&mut send, &reply).await {
+                            break Err(codec_err(&conn, addr, e));
+                        }
+                    }
+                    Some(Ok(MonitorToAgent::Welcome(_))) => {
+                        break Err(SessionError::Protocol { addr, message: "unexpected second welcome".into() });
+                    }
+                    Some(Err(e)) => break Err(codec_err(&conn, addr, e)),
+                    None => break Err(closed_or(&conn, addr, "control stream ended".into())),
+                },
+                _ = stop.changed() => {
+                    conn.close(wire::close::NORMAL.into(), b"agent shutting down");
+                    break Ok(());
+                }
+            }
+        };
+        reader.abort();
+        result
+    }
+}
+
+async fn read_loop(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<Result<MonitorToAgent, CodecError>>,
+) {
+    loop {
+        let msg = codec::read_frame::<_, MonitorToAgent>(&mut recv).await;
+        let end = !matches!(msg, Ok(Some(_)));
+        let item = match msg {
+            Ok(Some(m)) => Ok(m),
+            Ok(None) => break,
+            Err(e) => Err(e),
+        };
+        if tx.send(item).await.is_err() || end {
+            break;
+        }
+    }
+}
+
+/// Runs one command from the monitor.
+fn execute(command: AgentCommand) -> CommandOutcome {
+    match command {
+        AgentCommand::Ping { nonce } => {
+            debug!(nonce, "ping");
+            CommandOutcome::Pong { nonce }
+        }
+    }
+}
+
+fn closed_or(conn: &quinn::Connection, addr: SocketAddr, fallback: String) -> SessionError {
+    match conn.close_reason() {
+        Some(e) => map_conn_err(addr, e),
+        None => SessionError::Protocol {
+            addr,
+            message: fallback,
+        },
+    }
+}
+
+fn write_err(conn: &quinn::Connection, addr: SocketAddr, e: quinn::WriteError) -> SessionError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => map_conn_err(addr, c),
+        other => closed_or(conn, addr, other.to_string()),
+    }
+}
+
+fn codec_err(conn: &quinn::Connection, addr: SocketAddr, e: CodecError) -> SessionError {
+    match conn.close_reason() {
+        Some(c) => map_conn_err(addr, c),
+        None => {
+            if let CodecError::Io(_) = e {
+                warn!(%addr, error = %e, "stream error");
+            }
+            SessionError::Codec { addr, source: e }
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! Configuration files: `/etc/vigil/monitor.toml` and `/etc/vigil/agent.toml`.
+//!
+//! Every field has a default where a default is safe; the TLS paths default to the packaged
+//! layout under `/etc/vigil/tls/`. Unknown fields are errors (a typo must not silently fall
+//! back to a default), and every error names the file and the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::tls::TlsPaths;
+
+/// Default location of the monitor's configuration.
+pub const DEFAULT_MONITOR_CONFIG: &str = "/etc/vigil/monitor.toml";
+/// Default location of the agent's configuration.
+pub const DEFAULT_AGENT_CONFIG: &str = "/etc/vigil/agent.toml";
+/// Default UDP port of the monitor (agents and vigilctl, told apart by ALPN).
+pub const DEFAULT_MONITOR_PORT: u16 = 7440;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Plain lines, journald-friendly.
+    #[default]
+    Plain,
+    /// One JSON object per line.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "plain" => Ok(LogFormat::Plain),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format {other:?}; expected plain or json"
+            )),
+        }
+    }
+}
+
+fn default_tls(name: &str) -> TlsPaths {
+    TlsPaths {
+        ca: PathBuf::from("/etc/vigil/tls/ca.crt"),
+        cert: PathBuf::from(format!("/etc/vigil/tls/{name}.crt")),
+        key: PathBuf::from(format!("/etc/vigil/tls/{name}.key")),
+    }
+}
+
+/// Failure detector settings (monitor side).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectorConfig {
+    /// How often agents send a heartbeat (told to them in the handshake).
+    pub heartbeat_interval_ms: u64,
+    /// A host with no heartbeat for this long becomes Suspect.
+    pub suspect_after_ms: u64,
+    /// A host with no heartbeat for this long becomes Down.
+    pub down_after_ms: u64,
+}
+
+impl Default for DetectorConfig {
+    fn default() -> Self {
+        DetectorConfig {
+            heartbeat_interval_ms: 500,
+            suspect_after_ms: 1_250,
+            down_after_ms: 2_500,
+        }
+    }
+}
+
+/// `monitor.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    /// This monitor's Raft node id (unique in the monitor cluster, never reused).
+    pub node_id: u64,
+    /// Where the Raft log and state machine live.
+    pub data_dir: PathBuf,
+    /// UDP address for agents and vigilctl (QUIC; ALPN tells them apart).
+    pub listen: SocketAddr,
+    /// The address other parties use to reach this monitor (defaults to `listen`).
+    pub advertise: Option<SocketAddr>,
+    pub tls: TlsPaths,
+    pub detector: DetectorConfig,
+    pub log_format: LogFormat,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            node_id: 1,
+            data_dir: PathBuf::from("/var/lib/vigil/monitor"),
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_MONITOR_PORT)),
+            advertise: None,
+            tls: default_tls("monitor"),
+            detector: DetectorConfig::default(),
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+impl MonitorConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: MonitorConfig = load_toml(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: MonitorConfig = parse_toml(text, path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
+        if self.node_id == 0 {
+            return Err(invalid("node_id", "must be at least 1".into()));
+        }
+        let d = &self.detector;
+        if d.heartbeat_interval_ms < 10 || d.heartbeat_interval_ms > 60_000 {
+            return Err(invalid(
+                "detector.heartbeat_interval_ms",
+                format!("{} is out of range 10..=60000", d.heartbeat_interval_ms),
+            ));
+        }
+        if d.suspect_after_ms <= d.heartbeat_interval_ms {
+            return Err(invalid(
+                "detector.suspect_after_ms",
+                format!(
+                    "{} must be greater than detector.heartbeat_interval_ms ({})",
+                    d.suspect_after_ms, d.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if d.down_after_ms <= d.suspect_after_ms {
+            return Err(invalid(
+                "detector.down_after_ms",
+                format!(
+                    "{} must be greater than detector.suspect_after_ms ({})",
+                    d.down_after_ms, d.suspect_after_ms
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The address advertised to peers.
+    pub fn advertise_addr(&self) -> SocketAddr {
+        self.advertise.unwrap_or(self.listen)
+    }
+}
+
+/// `agent.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// This host's name. Must equal the common name of its certificate; defaults to it.
+    pub host: Option<String>,
+    /// Availability zone of this host.
+    pub zone: String,
+    /// Cluster of this host inside the zone.
+    pub cluster: String,
+    /// Every monitor's address (and the VIP, if any). The agent tries them in turn.
+    pub monitors: Vec<SocketAddr>,
+    pub tls: TlsPaths,
+    /// Wait this long before reconnecting after a lost connection (doubles up to 8x).
+    pub reconnect_ms: u64,
+    pub log_format: LogFormat,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            host: None,
+            zone: "default".into(),
+            cluster: "default".into(),
+            monitors: vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_MONITOR_PORT))],
+            tls: default_tls("agent"),
+            reconnect_ms: 200,
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = load_toml(path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: AgentConfig = parse_toml(text, path)?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |field, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            message,
+        };
+        if self.monitors.is_empty() {
+            return Err(invalid(
+                "monitors",
+                "list at least one monitor address".into(),
+            ));
+        }
+        for (field, v) in [("zone", &self.zone), ("cluster", &self.cluster)] {
+            if let Err(m) = crate::names::validate(field, v) {
+                return Err(invalid(field, m));
+            }
+        }
+        if let Some(h) = &self.host {
+            if let Err(m) = crate::names::validate("host", h) {
+                return Err(invalid("host", m));
+            }
+        }
+        if self.reconnect_ms == 0 || self.reconnect_ms > 60_000 {
+            return Err(invalid(
+                "reconnect_ms",
+                format!("{} is out of range 1..=60000", self.reconnect_ms),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_toml(&text, path)
+}
+
+fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p() -> PathBuf {
+        PathBuf::from("/etc/vigil/test.toml")
+    }
+
+    #[test]
+    fn empty_files_give_the_defaults() {
+        assert_eq!(
+            MonitorConfig::from_toml_str("", &p()).expect("monitor"),
+            MonitorConfig::default()
+        );
+        assert_eq!(
+            AgentConfig::from_toml_str("", &p()).expect("agent"),
+            AgentConfig::default()
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = MonitorConfig::from_toml_str("nodeid = 3\n", &p()).expect_err("typo");
+        let text = err.to_string();
+        assert!(text.contains("nodeid"), "{text}");
+        assert!(text.contains("/etc/vigil/test.toml"), "{text}");
+        let err = MonitorConfig::from_toml_str("[detector]\nsuspect_after = 3\n", &p())
+            .expect_err("typo");
+        assert!(err.to_string().contains("suspect_after"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let err = AgentConfig::from_toml_str("monitors = [\"not an address\"]\n", &p())
+            .expect_err("bad address");
+        assert!(err.to_string().contains("monitors"), "{err}");
+        let err = MonitorConfig::from_toml_str("node_id = \"one\"\n", &p()).expect_err("type");
+        assert!(err.to_string().contains("node_id"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field() {
+        let err = MonitorConfig::from_toml_str(
+            "[detector]\nsuspect_after_ms = 3000\ndown_after_ms = 2000\n",
+            &p(),
+        )
+        .expect_err("order");
+        assert!(err.to_string().contains("detector.down_after_ms"), "{err}");
+        let err = AgentConfig::from_toml_str("zone = \"a b\"\n", &p()).expect_err("zone");
+        assert!(err.to_string().contains("field `zone`"), "{err}");
+        let err = AgentConfig::from_toml_str("monitors = []\n", &p()).expect_err("monitors");
+        assert!(err.to_string().contains("field `monitors`"), "{err}");
+    }
+
+    #[test]
+    fn a_full_agent_file_parses() {
+        let cfg = AgentConfig::from_toml_str(
+            r#"
+host = "hv1"
+zone = "z1"
+cluster = "c1"
+monitors = ["198.18.0.1:7440", "198.18.0.2:7440"]
+reconnect_ms = 100
+log_format = "json"
+[tls]
+ca = "/tmp/ca.crt"
+cert = "/tmp/hv1.crt"
+key = "/tmp/hv1.key"
+"#,
+            &p(),
+        )
+        .expect("parse");
+        assert_eq!(cfg.monitors.len(), 2);
+        assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+}

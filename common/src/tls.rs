@@ -1,0 +1,563 @@
+//! Cluster identities: the cluster CA, certificates for agents, monitors and admins, and the
+//! rustls/quinn configurations that enforce mutual TLS against that CA only.
+//!
+//! A certificate says *who* (subject common name) and *what* (subject organizational unit:
+//! `vigil-agent`, `vigil-monitor` or `vigil-admin`). Monitors take a peer's identity from its
+//! verified certificate, never from a message. Every monitor certificate also carries the DNS
+//! name [`MONITOR_SERVER_NAME`], which clients verify, so any monitor and the floating VIP are
+//! reachable by plain address.
+//!
+//! Only rustls' `ring` provider is compiled in, and it is passed explicitly everywhere, so no
+//! process-wide default provider has to be installed.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::wire::MONITOR_SERVER_NAME;
+
+/// File names inside a CA directory and a certificate directory.
+pub const CA_CERT_FILE: &str = "ca.crt";
+pub const CA_KEY_FILE: &str = "ca.key";
+
+/// What a certificate allows its holder to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A hypervisor agent: may register and heartbeat as the host named in the certificate.
+    Agent,
+    /// A monitor: may serve agents and admins, and talk Raft to other monitors.
+    Monitor,
+    /// An operator (`vigilctl`): may use the admin API.
+    Admin,
+}
+
+impl Role {
+    pub fn as_ou(self) -> &'static str {
+        match self {
+            Role::Agent => "vigil-agent",
+            Role::Monitor => "vigil-monitor",
+            Role::Admin => "vigil-admin",
+        }
+    }
+
+    pub fn from_ou(ou: &str) -> Option<Role> {
+        match ou {
+            "vigil-agent" => Some(Role::Agent),
+            "vigil-monitor" => Some(Role::Monitor),
+            "vigil-admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Agent => "agent",
+            Role::Monitor => "monitor",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "agent" => Ok(Role::Agent),
+            "monitor" => Ok(Role::Monitor),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role {other:?}; expected agent, monitor or admin"
+            )),
+        }
+    }
+}
+
+/// The verified identity of a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} already exists; refusing to overwrite it (remove it first if you mean it)")]
+    AlreadyExists { path: PathBuf },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no PEM private key found")]
+    NoKey { path: PathBuf },
+    #[error("{path}: {message}")]
+    BadPem { path: PathBuf, message: String },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("TLS configuration failed: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("TLS configuration failed: {0}")]
+    Verifier(String),
+    #[error("peer presented no certificate")]
+    NoPeerCertificate,
+    #[error("peer certificate cannot be parsed: {0}")]
+    BadPeerCertificate(String),
+    #[error("peer certificate has no common name")]
+    NoCommonName,
+    #[error("peer certificate has organizational unit {0:?}, which is not a Vigil role")]
+    NoRole(String),
+    #[error("invalid name {name:?}: {reason}")]
+    BadName { name: String, reason: String },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The crypto provider used everywhere: rustls with ring, nothing else.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Writes `contents` to `path`, refusing to replace an existing file. Keys get mode 0600.
+fn write_new(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            TlsError::AlreadyExists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            TlsError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })?;
+    f.write_all(contents.as_bytes()).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))
+}
+
+fn validate_cert_name(name: &str) -> Result<(), TlsError> {
+    let bad = |reason: &str| TlsError::BadName {
+        name: name.to_string(),
+        reason: reason.to_string(),
+    };
+    if name.is_empty() || name.len() > 253 {
+        return Err(bad("must be 1 to 253 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(bad("only letters, digits, '.', '_' and '-' are allowed"));
+    }
+    Ok(())
+}
+
+/// Paths produced by [`init_ca`].
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Creates a new cluster CA in `dir` (`ca.crt`, `ca.key`). Refuses to overwrite an existing CA.
+pub fn init_ca(dir: &Path, cluster_name: &str) -> Result<CaFiles, TlsError> {
+    validate_cert_name(cluster_name)?;
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let cert_path = dir.join(CA_CERT_FILE);
+    let key_path = dir.join(CA_KEY_FILE);
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(TlsError::AlreadyExists { path: p.clone() });
+        }
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("Vigil cluster CA {cluster_name}"),
+    );
+    dn.push(DnType::OrganizationName, "Vigil");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = time_now();
+    params.not_before = now - Duration::from_secs(3600);
+    params.not_after = now + Duration::from_secs(20 * 365 * 24 * 3600);
+    let cert = params.self_signed(&key)?;
+    write_new(&key_path, &key.serialize_pem(), true)?;
+    write_new(&cert_path, &cert.pem(), false)?;
+    Ok(CaFiles {
+        cert: cert_path,
+        key: key_path,
+    })
+}
+
+fn time_now() -> time::OffsetDateTime {
+    time::OffsetDateTime::now_utc()
+}
+
+/// Paths produced by [`issue_cert`].
+#[derive(Debug, Clone)]
+pub struct IssuedFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// Issues a certificate for `name` with `role`, signed by the CA in `ca_dir`, into `out_dir`
+/// as `NAME.crt`, `NAME.key` and a copy of `ca.crt`. `extra_sans` adds DNS names or IP
+/// addresses (monitors: the addresses peers use). Refuses to overwrite existing files.
+pub fn issue_cert(
+    ca_dir: &Path,
+    role: Role,
+    name: &str,
+    out_dir: &Path,
+    extra_sans: &[String],
+    valid_days: u32,
+) -> Result<IssuedFiles, TlsError> {
+    validate_cert_name(name)?;
+    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
+    let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io_err(&ca_cert_path))?;
+    let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::BadPem {
+        path: ca_key_path.clone(),
+        message: e.to_string(),
+    })?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| TlsError::BadPem {
+        path: ca_cert_path.clone(),
+        message: e.to_string(),
+    })?;
+
+    fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let cert_path = out_dir.join(format!("{name}.crt"));
+    let key_path = out_dir.join(format!("{name}.key"));
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(TlsError::AlreadyExists { path: p.clone() });
+        }
+    }
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationalUnitName, role.as_ou());
+    dn.push(DnType::OrganizationName, "Vigil");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match role {
+        Role::Monitor => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        Role::Agent | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    let mut sans = vec![];
+    let dns = |s: &str| -> Result<SanType, TlsError> {
+        Ok(SanType::DnsName(s.try_into().map_err(
+            |e: rcgen::Error| TlsError::BadName {
+                name: s.to_string(),
+                reason: e.to_string(),
+            },
+        )?))
+    };
+    sans.push(dns(name)?);
+    if role == Role::Monitor {
+        sans.push(dns(MONITOR_SERVER_NAME)?);
+    }
+    for s in extra_sans {
+        match s.parse::<std::net::IpAddr>() {
+            Ok(ip) => sans.push(SanType::IpAddress(ip)),
+            Err(_) => sans.push(dns(s)?),
+        }
+    }
+    params.subject_alt_names = sans;
+    let now = time_now();
+    params.not_before = now - Duration::from_secs(3600);
+    params.not_after = now + Duration::from_secs(u64::from(valid_days.max(1)) * 24 * 3600);
+    let cert = params.signed_by(&key, &issuer)?;
+
+    write_new(&key_path, &key.serialize_pem(), true)?;
+    write_new(&cert_path, &cert.pem(), false)?;
+    let ca_copy = out_dir.join(CA_CERT_FILE);
+    if ca_copy != ca_cert_path {
+        match fs::read_to_string(&ca_copy) {
+            Ok(existing) if existing == ca_pem => {}
+            Ok(_) => {
+                return Err(TlsError::BadPem {
+                    path: ca_copy,
+                    message: "holds a different CA certificate; refusing to overwrite it".into(),
+                })
+            }
+            Err(_) => write_new(&ca_copy, &ca_pem, false)?,
+        }
+    }
+    Ok(IssuedFiles {
+        cert: cert_path,
+        key: key_path,
+        ca: ca_copy,
+    })
+}
+
+/// Paths of one party's TLS material.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// The cluster CA certificate that peers must chain to.
+    pub ca: PathBuf,
+    /// This party's certificate.
+    pub cert: PathBuf,
+    /// This party's private key.
+    pub key: PathBuf,
+}
+
+/// Loaded TLS material.
+pub struct TlsMaterial {
+    pub roots: RootCertStore,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl TlsPaths {
+    pub fn load(&self) -> Result<TlsMaterial, TlsError> {
+        let ca = load_certs(&self.ca)?;
+        let mut roots = RootCertStore::empty();
+        for c in ca {
+            roots.add(c).map_err(|e| TlsError::BadPem {
+                path: self.ca.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let chain = load_certs(&self.cert)?;
+        let key = load_key(&self.key)?;
+        Ok(TlsMaterial { roots, chain, key })
+    }
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    let data = fs::read(path).map_err(io_err(path))?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&data).collect();
+    let certs = certs.map_err(|e| TlsError::BadPem {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    let data = fs::read(path).map_err(io_err(path))?;
+    match PrivatePkcs8KeyDer::from_pem_slice(&data) {
+        Ok(k) => Ok(PrivateKeyDer::Pkcs8(k)),
+        Err(_) => PrivateKeyDer::from_pem_slice(&data).map_err(|_| TlsError::NoKey {
+            path: path.to_path_buf(),
+        }),
+    }
+}
+
+/// Transport settings shared by both ends.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportTuning {
+    /// A connection with no traffic for this long is dead.
+    pub idle_timeout: Duration,
+    /// Send QUIC keep-alives this often (`None`: never).
+    pub keep_alive: Option<Duration>,
+}
+
+impl Default for TransportTuning {
+    fn default() -> Self {
+        TransportTuning {
+            idle_timeout: Duration::from_millis(3000),
+            keep_alive: Some(Duration::from_millis(500)),
+        }
+    }
+}
+
+fn transport(t: TransportTuning) -> Result<Arc<quinn::TransportConfig>, TlsError> {
+    let mut tc = quinn::TransportConfig::default();
+    let idle = quinn::IdleTimeout::try_from(t.idle_timeout)
+        .map_err(|e| TlsError::Verifier(format!("idle timeout: {e}")))?;
+    tc.max_idle_timeout(Some(idle));
+    tc.keep_alive_interval(t.keep_alive);
+    // A control stream per connection is all Vigil needs; keep per-connection memory small so
+    // one monitor can hold tens of thousands of agents.
+    tc.max_concurrent_bidi_streams(4u32.into());
+    tc.max_concurrent_uni_streams(0u32.into());
+    tc.stream_receive_window((256u32 * 1024).into());
+    tc.receive_window((512u32 * 1024).into());
+    tc.send_window(512 * 1024);
+    Ok(Arc::new(tc))
+}
+
+/// The server side (monitor): requires a client certificate chaining to the cluster CA.
+pub fn server_config(
+    material: TlsMaterial,
+    alpn: &[&[u8]],
+    tuning: TransportTuning,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(material.roots), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(material.chain, material.key)?;
+    tls.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(transport(tuning)?);
+    Ok(cfg)
+}
+
+/// The client side (agent, vigilctl, monitor peers): presents its certificate and accepts only
+/// servers whose certificate chains to the cluster CA and names [`MONITOR_SERVER_NAME`].
+pub fn client_config(
+    material: TlsMaterial,
+    alpn: &[u8],
+    tuning: TransportTuning,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(material.roots)
+        .with_client_auth_cert(material.chain, material.key)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(transport(tuning)?);
+    Ok(cfg)
+}
+
+/// Reads name and role from a DER certificate.
+pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or(TlsError::NoCommonName)?
+        .to_string();
+    let ou = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let role = Role::from_ou(&ou).ok_or(TlsError::NoRole(ou))?;
+    Ok(PeerIdentity { name, role })
+}
+
+/// The verified identity of the peer of an established QUIC connection.
+///
+/// rustls has already verified the chain against the cluster CA before the handshake
+/// completed; this only reads the leaf certificate's subject.
+pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity, TlsError> {
+    let any = conn.peer_identity().ok_or(TlsError::NoPeerCertificate)?;
+    let certs = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TlsError::NoPeerCertificate)?;
+    let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
+    identity_from_der(leaf)
+}
+
+/// The ALPN protocol negotiated on a connection.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ca_and_certs_roundtrip_identity() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "test").expect("ca");
+        let err = init_ca(&ca, "test").expect_err("second init must refuse");
+        assert!(matches!(err, TlsError::AlreadyExists { .. }), "{err}");
+
+        let out = dir.path().join("certs");
+        let files = issue_cert(&ca, Role::Agent, "hv1", &out, &[], 30).expect("issue");
+        let pem = fs::read(&files.cert).expect("read");
+        use rustls_pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(&pem).expect("pem");
+        assert_eq!(
+            identity_from_der(&der).expect("identity"),
+            PeerIdentity {
+                name: "hv1".into(),
+                role: Role::Agent
+            }
+        );
+        let again = issue_cert(&ca, Role::Agent, "hv1", &out, &[], 30).expect_err("exists");
+        assert!(matches!(again, TlsError::AlreadyExists { .. }));
+
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&files.key).expect("meta").permissions().mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "private key must not be readable by others"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_names_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "test").expect("ca");
+        let err = issue_cert(&ca, Role::Agent, "../evil", dir.path(), &[], 30).expect_err("bad");
+        assert!(err.to_string().contains("../evil"), "{err}");
+    }
+}

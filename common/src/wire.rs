@@ -1,0 +1,249 @@
+//! Messages exchanged between agents, monitors and `vigilctl`.
+//!
+//! A QUIC connection carries one bidirectional *control stream*, opened by the client. Both
+//! sides first write an 8-byte [`Preamble`] (magic + protocol version) in raw bytes, so that
+//! two different versions can always tell each other apart even when their message layouts
+//! differ; a mismatch closes the connection with [`close::VERSION_MISMATCH`] and a reason that
+//! names both versions. After the preamble the stream carries length-prefixed frames (see
+//! [`crate::codec`]).
+//!
+//! The ALPN token picks the protocol: [`ALPN_AGENT`] for agents, [`ALPN_ADMIN`] for `vigilctl`.
+//! Identity never comes from a message: the monitor takes it from the peer's certificate and
+//! refuses a [`Hello`] that claims another name.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the agent and admin protocols. Bump on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// ALPN token of the agent protocol.
+pub const ALPN_AGENT: &[u8] = b"vigil-agent/1";
+/// ALPN token of the admin protocol (`vigilctl`).
+pub const ALPN_ADMIN: &[u8] = b"vigil-admin/1";
+
+/// The server name clients put in SNI and verify in the monitor certificate. Every monitor
+/// certificate carries it, so agents can reach any monitor (or the VIP) by address.
+pub const MONITOR_SERVER_NAME: &str = "vigil-monitor";
+
+/// Magic bytes that open every control stream.
+pub const MAGIC: [u8; 4] = *b"VGIL";
+
+/// QUIC application close codes used by Vigil.
+pub mod close {
+    /// Normal shutdown.
+    pub const NORMAL: u32 = 0;
+    /// The peers speak different protocol versions.
+    pub const VERSION_MISMATCH: u32 = 1;
+    /// The peer's certificate does not allow what it asked for (wrong role, wrong name).
+    pub const UNAUTHORIZED: u32 = 2;
+    /// The peer sent something that is not a valid message.
+    pub const PROTOCOL_ERROR: u32 = 3;
+    /// A newer connection from the same host replaced this one.
+    pub const REPLACED: u32 = 4;
+    /// The monitor is shutting down.
+    pub const SHUTDOWN: u32 = 5;
+}
+
+/// The raw bytes every control stream starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    pub version: u32,
+}
+
+/// Why a preamble was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreambleError {
+    #[error("peer is not speaking the Vigil protocol (bad magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    #[error("protocol version mismatch: {local_role} speaks version {local}, {peer_role} speaks version {peer}")]
+    VersionMismatch {
+        local_role: &'static str,
+        local: u32,
+        peer_role: &'static str,
+        peer: u32,
+    },
+}
+
+impl Preamble {
+    pub const LEN: usize = 8;
+
+    pub fn current() -> Self {
+        Preamble {
+            version: PROTOCOL_VERSION,
+        }
+    }
+
+    pub fn to_bytes(self) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        b[..4].copy_from_slice(&MAGIC);
+        b[4..].copy_from_slice(&self.version.to_be_bytes());
+        b
+    }
+
+    /// Parses a peer's preamble and checks that it speaks our version. `local_role` and
+    /// `peer_role` ("monitor", "agent", "vigilctl") make the error message say who is who.
+    pub fn check(
+        bytes: [u8; 8],
+        local_role: &'static str,
+        peer_role: &'static str,
+    ) -> Result<Preamble, PreambleError> {
+        let magic = [bytes[0], bytes[1], bytes[2], bytes[3]];
+        if magic != MAGIC {
+            return Err(PreambleError::BadMagic(magic));
+        }
+        let version = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+        if version != PROTOCOL_VERSION {
+            return Err(PreambleError::VersionMismatch {
+                local_role,
+                local: PROTOCOL_VERSION,
+                peer_role,
+                peer: version,
+            });
+        }
+        Ok(Preamble { version })
+    }
+}
+
+/// Facts about a hypervisor host, gathered by the agent (crate `sysinfo`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub cpus: u32,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// 1, 5 and 15 minute load averages.
+    pub load_avg: [f32; 3],
+    pub uptime_s: u64,
+    /// Kernel boot id (`/proc/sys/kernel/random/boot_id`): changes on every reboot.
+    pub boot_id: String,
+}
+
+/// First frame from an agent after the preamble.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The host name the agent believes it has. Must equal its certificate's name.
+    pub host: String,
+    pub agent_version: String,
+    pub zone: String,
+    pub cluster: String,
+    pub facts: HostFacts,
+}
+
+/// A periodic liveness report with fresh facts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Increases by one per beat on one connection; lets the monitor see lost beats.
+    pub seq: u64,
+    pub facts: HostFacts,
+}
+
+/// An order from the monitor to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentCommand {
+    /// Round-trip check; the agent answers with [`CommandOutcome::Pong`].
+    Ping { nonce: u64 },
+}
+
+/// An agent's answer to an [`AgentCommand`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandOutcome {
+    Pong { nonce: u64 },
+    Failed { reason: String },
+}
+
+/// Frames an agent sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentToMonitor {
+    Hello(Hello),
+    Heartbeat(Heartbeat),
+    CommandResult { id: u64, outcome: CommandOutcome },
+}
+
+/// The monitor's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// Raft node id of the monitor that accepted the agent.
+    pub monitor_node: u64,
+    /// How often the agent must send a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// The identity the monitor recorded (from the certificate).
+    pub host: String,
+}
+
+/// Frames a monitor sends to an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MonitorToAgent {
+    Welcome(Welcome),
+    Command { id: u64, command: AgentCommand },
+}
+
+/// A request from `vigilctl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminRequest {
+    Status,
+    HostList,
+    HostShow {
+        host: String,
+    },
+    HostTagAdd {
+        host: String,
+        tag: String,
+    },
+    HostTagRemove {
+        host: String,
+        tag: String,
+    },
+    /// The newest `limit` events, optionally of one host.
+    Events {
+        limit: u32,
+        host: Option<String>,
+    },
+    /// Round trip through a host's agent (checks the command path).
+    HostPing {
+        host: String,
+    },
+}
+
+/// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they
+/// are with `--json` and so that fields can be added without breaking older CLIs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminResponse {
+    /// A JSON document (see the monitor's admin module for the shapes).
+    Json(String),
+    /// The request could not be served; the text says why.
+    Error { message: String },
+    /// This monitor is not the leader; writes go to `leader` (an address) if known.
+    NotLeader { leader: Option<String> },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preamble_roundtrip_and_mismatch() {
+        let ok = Preamble::current().to_bytes();
+        assert_eq!(
+            Preamble::check(ok, "monitor", "agent"),
+            Ok(Preamble::current())
+        );
+        let mut newer = ok;
+        newer[4..].copy_from_slice(&(PROTOCOL_VERSION + 1).to_be_bytes());
+        let err = Preamble::check(newer, "monitor", "agent").expect_err("mismatch");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("monitor speaks version {PROTOCOL_VERSION}")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("agent speaks version {}", PROTOCOL_VERSION + 1)),
+            "{text}"
+        );
+        let mut junk = ok;
+        junk[0] = b'X';
+        assert!(matches!(
+            Preamble::check(junk, "monitor", "agent"),
+            Err(PreambleError::BadMagic(_))
+        ));
+    }
+}

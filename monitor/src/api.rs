@@ -1,0 +1,77 @@
+//! The JSON documents of the admin API, shared by the monitor (which fills them) and
+//! `vigilctl` (which prints them). Adding a field is compatible; renaming one is not.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use vigil_common::wire::HostFacts;
+
+use crate::detector::Liveness;
+use crate::state::Event;
+
+/// One monitor server, as in OpenNebula's `onezone show`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerView {
+    pub id: u64,
+    pub addr: String,
+    /// leader, follower, candidate, learner, or unknown (not reported by the leader).
+    pub state: String,
+    pub term: Option<u64>,
+    /// Last log index this server holds (for peers: the index the leader knows it matched).
+    pub index: Option<u64>,
+    /// Last committed and applied index.
+    pub commit: Option<u64>,
+    pub voter: bool,
+}
+
+/// `vigilctl status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The node that answered.
+    pub node: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub servers: Vec<ServerView>,
+    pub hosts_total: usize,
+    pub hosts_up: usize,
+    pub hosts_suspect: usize,
+    pub hosts_down: usize,
+    pub hosts_unknown: usize,
+    pub version: String,
+}
+
+/// One host, merging the replicated record with the leader's liveness view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostView {
+    pub name: String,
+    pub zone: String,
+    pub cluster: String,
+    pub tags: BTreeSet<String>,
+    pub liveness: Liveness,
+    /// Milliseconds since its last heartbeat (`None`: none since this monitor became leader).
+    pub last_heartbeat_ms_ago: Option<u64>,
+    pub connected: bool,
+    pub agent_version: String,
+    pub registered_at_ms: u64,
+    pub facts: Option<HostFacts>,
+}
+
+/// `vigilctl events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsView {
+    pub events: Vec<Event>,
+}
+
+/// `vigilctl host ping`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PingView {
+    pub host: String,
+    pub rtt_us: u64,
+}
+
+/// A write's outcome (`host tag add|rm`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WriteView {
+    /// "ok" or "unchanged".
+    pub result: String,
+}

@@ -1,0 +1,344 @@
+//! `vigilctl`: the operator's command line.
+//!
+//! Human tables by default, `--json` for scripts (the admin API's JSON, unchanged). Talks to
+//! the monitors over QUIC with an admin certificate of the cluster CA; tries each `--monitor`
+//! in turn and follows the leader for writes.
+
+pub mod client;
+pub mod render;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use vigil_common::tls::{self, Role, TlsPaths};
+use vigil_common::wire::AdminRequest;
+
+use crate::api::{EventsView, HostView, PingView, StatusView, WriteView};
+use client::AdminClient;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vigilctl",
+    version,
+    about = "Control and inspect a Vigil cluster"
+)]
+pub struct Args {
+    /// Monitor address (repeat for each monitor; the VIP works too).
+    #[arg(
+        long = "monitor",
+        short = 'm',
+        global = true,
+        env = "VIGIL_MONITORS",
+        value_delimiter = ','
+    )]
+    pub monitors: Vec<SocketAddr>,
+    /// Cluster CA certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "VIGIL_CA",
+        default_value = "/etc/vigil/tls/ca.crt"
+    )]
+    pub ca: PathBuf,
+    /// Admin certificate.
+    #[arg(
+        long,
+        global = true,
+        env = "VIGIL_CERT",
+        default_value = "/etc/vigil/tls/admin.crt"
+    )]
+    pub cert: PathBuf,
+    /// Admin private key.
+    #[arg(
+        long,
+        global = true,
+        env = "VIGIL_KEY",
+        default_value = "/etc/vigil/tls/admin.key"
+    )]
+    pub key: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Seconds to wait for an answer.
+    #[arg(long, global = true, default_value_t = 5)]
+    pub timeout: u64,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Monitor servers (state, term, index, commit) and a host summary.
+    Status,
+    /// Hypervisor hosts.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// The replicated event log, oldest first.
+    Events {
+        /// How many of the newest events to show.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only events about this host.
+        #[arg(long)]
+        host: Option<String>,
+    },
+    /// The cluster certificate authority.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Certificates for agents, monitors and admins.
+    #[command(subcommand)]
+    Cert(CertCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostCmd {
+    /// All hosts with liveness and facts.
+    List,
+    /// One host in detail.
+    Show { host: String },
+    /// Host tags (for example the ha_tag of dedicated HA hosts).
+    #[command(subcommand)]
+    Tag(TagCmd),
+    /// Round trip through the host's agent.
+    Ping { host: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TagCmd {
+    Add {
+        host: String,
+        tag: String,
+    },
+    #[command(alias = "remove")]
+    Rm {
+        host: String,
+        tag: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCmd {
+    /// Create a new cluster CA (refuses to overwrite an existing one).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A name for the cluster, written into the CA certificate.
+        #[arg(long, default_value = "vigil")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Issue a certificate signed by the cluster CA.
+    Issue {
+        /// Directory of the CA (ca.crt, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// agent, monitor or admin.
+        #[arg(long)]
+        role: Role,
+        /// Host name (agents), monitor name, or operator name. Becomes the certificate's CN.
+        #[arg(long)]
+        name: String,
+        /// Output directory (NAME.crt, NAME.key, ca.crt).
+        #[arg(long)]
+        out: PathBuf,
+        /// Extra subject alternative names (DNS names or IP addresses).
+        #[arg(long)]
+        san: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+/// Entry point of the `vigilctl` binary.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vigilctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json(raw: &str) -> anyhow::Result<()> {
+    let v: serde_json::Value = serde_json::from_str(raw)?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    match &args.command {
+        Command::Ca(CaCmd::Init { dir, name }) => {
+            let files = tls::init_ca(dir, name)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"cert": files.cert, "key": files.key})
+                );
+            } else {
+                println!(
+                    "created CA certificate {} and key {}",
+                    files.cert.display(),
+                    files.key.display()
+                );
+            }
+            return Ok(());
+        }
+        Command::Cert(CertCmd::Issue {
+            ca,
+            role,
+            name,
+            out,
+            san,
+            days,
+        }) => {
+            let f = tls::issue_cert(ca, *role, name, out, san, *days)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"cert": f.cert, "key": f.key, "ca": f.ca, "role": role.to_string(), "name": name})
+                );
+            } else {
+                println!(
+                    "issued {role} certificate for {name}: {} (key {}, CA {})",
+                    f.cert.display(),
+                    f.key.display(),
+                    f.ca.display()
+                );
+            }
+            return Ok(());
+        }
+        _ => {}
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(remote(args))
+}
+
+async fn remote(args: Args) -> anyhow::Result<()> {
+    let monitors = if args.monitors.is_empty() {
+        vec![SocketAddr::from((
+            [127, 0, 0, 1],
+            vigil_common::config::DEFAULT_MONITOR_PORT,
+        ))]
+    } else {
+        args.monitors.clone()
+    };
+    let paths = TlsPaths {
+        ca: args.ca.clone(),
+        cert: args.cert.clone(),
+        key: args.key.clone(),
+    };
+    let mut c = AdminClient::new(&paths, monitors, Duration::from_secs(args.timeout.max(1)))?;
+    let result = dispatch(&mut c, &args).await;
+    c.close();
+    result
+}
+
+async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
+    match &args.command {
+        Command::Status => {
+            let (v, raw) = c.call::<StatusView>(&AdminRequest::Status).await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                print!("{}", render::status(&v))
+            }
+        }
+        Command::Host(HostCmd::List) => {
+            let (v, raw) = c.call::<Vec<HostView>>(&AdminRequest::HostList).await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                print!("{}", render::host_list(&v))
+            }
+        }
+        Command::Host(HostCmd::Show { host }) => {
+            let (v, raw) = c
+                .call::<HostView>(&AdminRequest::HostShow { host: host.clone() })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                print!("{}", render::host_show(&v))
+            }
+        }
+        Command::Host(HostCmd::Tag(t)) => {
+            let (req, verb) = match t {
+                TagCmd::Add { host, tag } => (
+                    AdminRequest::HostTagAdd {
+                        host: host.clone(),
+                        tag: tag.clone(),
+                    },
+                    "added to",
+                ),
+                TagCmd::Rm { host, tag } => (
+                    AdminRequest::HostTagRemove {
+                        host: host.clone(),
+                        tag: tag.clone(),
+                    },
+                    "removed from",
+                ),
+            };
+            let (v, raw) = c.call::<WriteView>(&req).await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                let (TagCmd::Add { host, tag } | TagCmd::Rm { host, tag }) = t;
+                if v.result == "unchanged" {
+                    println!(
+                        "nothing to do: tag {tag} already {} {host}",
+                        if verb == "added to" {
+                            "on"
+                        } else {
+                            "absent from"
+                        }
+                    );
+                } else {
+                    println!("tag {tag} {verb} {host}");
+                }
+            }
+        }
+        Command::Host(HostCmd::Ping { host }) => {
+            let (v, raw) = c
+                .call::<PingView>(&AdminRequest::HostPing { host: host.clone() })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                println!(
+                    "{}: agent answered in {:.2} ms",
+                    v.host,
+                    v.rtt_us as f64 / 1000.0
+                );
+            }
+        }
+        Command::Events { limit, host } => {
+            let (v, raw) = c
+                .call::<EventsView>(&AdminRequest::Events {
+                    limit: *limit,
+                    host: host.clone(),
+                })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                print!("{}", render::events(&v))
+            }
+        }
+        Command::Ca(_) | Command::Cert(_) => unreachable!("handled locally"),
+    }
+    Ok(())
+}

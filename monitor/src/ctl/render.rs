@@ -1,0 +1,233 @@
+//! Human-readable tables for `vigilctl`.
+
+use crate::api::{EventsView, HostView, StatusView};
+
+/// A plain text table with aligned columns.
+pub struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Table {
+            header: header.iter().map(|s| s.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn render(&self) -> String {
+        let cols = self.header.len();
+        let mut width = vec![0; cols];
+        for r in std::iter::once(&self.header).chain(self.rows.iter()) {
+            for (i, c) in r.iter().enumerate().take(cols) {
+                width[i] = width[i].max(c.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for r in std::iter::once(&self.header).chain(self.rows.iter()) {
+            let mut line = String::new();
+            for (i, c) in r.iter().enumerate().take(cols) {
+                if i + 1 == cols {
+                    line.push_str(c);
+                } else {
+                    line.push_str(&format!("{c:<w$}  ", w = width[i]));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+fn opt<T: ToString>(v: Option<T>) -> String {
+    v.map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+}
+
+fn bytes(b: u64) -> String {
+    const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+    const MIB: f64 = 1024.0 * 1024.0;
+    let b = b as f64;
+    if b >= GIB {
+        format!("{:.1}G", b / GIB)
+    } else {
+        format!("{:.0}M", b / MIB)
+    }
+}
+
+fn ago(ms: Option<u64>) -> String {
+    match ms {
+        None => "never".into(),
+        Some(ms) if ms < 10_000 => format!("{:.1}s", ms as f64 / 1000.0),
+        Some(ms) => format!("{}s", ms / 1000),
+    }
+}
+
+/// Formats Unix milliseconds as UTC `YYYY-MM-DD HH:MM:SS.mmm`.
+pub fn timestamp(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+pub fn status(s: &StatusView) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "MONITOR CLUSTER  (answered by node {}, leader {}, term {}, vigil {})\n",
+        s.node,
+        opt(s.leader),
+        s.term,
+        s.version
+    ));
+    let mut t = Table::new(&["ID", "ADDRESS", "STATE", "VOTER", "TERM", "INDEX", "COMMIT"]);
+    for srv in &s.servers {
+        t.row(vec![
+            srv.id.to_string(),
+            srv.addr.clone(),
+            srv.state.clone(),
+            if srv.voter { "yes" } else { "no" }.into(),
+            opt(srv.term),
+            opt(srv.index),
+            opt(srv.commit),
+        ]);
+    }
+    out.push_str(&t.render());
+    out.push_str(&format!(
+        "\nHOSTS  total {}, up {}, suspect {}, down {}, unknown {}\n",
+        s.hosts_total, s.hosts_up, s.hosts_suspect, s.hosts_down, s.hosts_unknown
+    ));
+    out
+}
+
+pub fn host_list(hosts: &[HostView]) -> String {
+    let mut t = Table::new(&[
+        "NAME",
+        "ZONE",
+        "CLUSTER",
+        "STATE",
+        "LAST BEAT",
+        "CPUS",
+        "MEM FREE/TOTAL",
+        "LOAD",
+        "TAGS",
+    ]);
+    for h in hosts {
+        let (cpus, mem, load) = match &h.facts {
+            Some(f) => (
+                f.cpus.to_string(),
+                format!(
+                    "{}/{}",
+                    bytes(f.memory_available_bytes),
+                    bytes(f.memory_total_bytes)
+                ),
+                format!("{:.2}", f.load_avg[0]),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        t.row(vec![
+            h.name.clone(),
+            h.zone.clone(),
+            h.cluster.clone(),
+            h.liveness.to_string(),
+            ago(h.last_heartbeat_ms_ago),
+            cpus,
+            mem,
+            load,
+            if h.tags.is_empty() {
+                "-".into()
+            } else {
+                h.tags.iter().cloned().collect::<Vec<_>>().join(",")
+            },
+        ]);
+    }
+    t.render()
+}
+
+pub fn host_show(h: &HostView) -> String {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    let mut kv = |k: &str, v: String| t.row(vec![k.to_string(), v]);
+    kv("name", h.name.clone());
+    kv("zone", h.zone.clone());
+    kv("cluster", h.cluster.clone());
+    kv("state", h.liveness.to_string());
+    kv("connected", h.connected.to_string());
+    kv("last heartbeat", ago(h.last_heartbeat_ms_ago));
+    kv(
+        "tags",
+        h.tags.iter().cloned().collect::<Vec<_>>().join(", "),
+    );
+    kv("agent version", h.agent_version.clone());
+    kv("registered", timestamp(h.registered_at_ms));
+    if let Some(f) = &h.facts {
+        kv("hostname", f.hostname.clone());
+        kv("cpus", f.cpus.to_string());
+        kv("memory total", bytes(f.memory_total_bytes));
+        kv("memory available", bytes(f.memory_available_bytes));
+        kv(
+            "load",
+            format!(
+                "{:.2} {:.2} {:.2}",
+                f.load_avg[0], f.load_avg[1], f.load_avg[2]
+            ),
+        );
+        kv("uptime", format!("{}s", f.uptime_s));
+        kv("boot id", f.boot_id.clone());
+    }
+    t.render()
+}
+
+pub fn events(e: &EventsView) -> String {
+    let mut t = Table::new(&["ID", "TIME (UTC)", "SEVERITY", "HOST", "MESSAGE"]);
+    for ev in &e.events {
+        t.row(vec![
+            ev.id.to_string(),
+            timestamp(ev.at_ms),
+            ev.severity.to_string(),
+            ev.host.clone().unwrap_or_else(|| "-".into()),
+            ev.message.clone(),
+        ]);
+    }
+    t.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_civil_utc() {
+        assert_eq!(timestamp(0), "1970-01-01 00:00:00.000");
+        assert_eq!(timestamp(1_795_000_000_123), "2026-11-18 11:06:40.123");
+        assert_eq!(timestamp(951_782_400_000), "2000-02-29 00:00:00.000");
+    }
+
+    #[test]
+    fn tables_align() {
+        let mut t = Table::new(&["A", "LONGER"]);
+        t.row(vec!["xxxx".into(), "y".into()]);
+        assert_eq!(t.render(), "A     LONGER\nxxxx  y\n");
+    }
+}

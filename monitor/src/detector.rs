@@ -1,0 +1,256 @@
+//! The failure detector: per-host liveness from heartbeat arrival times.
+//!
+//! Pure and leader-local. Liveness is soft state: it is never written to Raft per beat, only
+//! its *transitions* become replicated events. Time is passed in as milliseconds on a
+//! monotonic clock (`mono_ms`), so the detector runs the same under a simulator.
+//!
+//! ```text
+//!            beat                  silence > suspect_after     silence > down_after
+//!  Unknown ───────▶ Up ◀──beat── Suspect ◀─────────────── Up ─────────────────────▶ Down
+//!     │                                                                     ▲      │
+//!     └──────────────── silence > down_after since the detector started ────┘      │
+//!                                      Down ──beat──▶ Up ◀──────────────────────────┘
+//! ```
+//!
+//! A host the detector has never heard from since it started (a new leader, a restarted
+//! monitor) is `Unknown` and is given the full `down_after` from that moment before it is
+//! declared Down: a new leader must not condemn hosts whose agents have not reconnected yet.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use vigil_common::config::DetectorConfig;
+
+/// A host's liveness as this monitor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Liveness {
+    /// Not heard from since this detector started.
+    Unknown,
+    Up,
+    /// Heartbeats are late.
+    Suspect,
+    /// No heartbeat for `down_after_ms`.
+    Down,
+}
+
+impl std::fmt::Display for Liveness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Liveness::Unknown => "unknown",
+            Liveness::Up => "up",
+            Liveness::Suspect => "suspect",
+            Liveness::Down => "down",
+        })
+    }
+}
+
+/// A change of liveness.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub host: String,
+    pub from: Liveness,
+    pub to: Liveness,
+    /// Milliseconds since the last heartbeat (or since the detector started).
+    pub silent_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    state: Liveness,
+    /// Last heartbeat, or the detector's start for `Unknown`.
+    last_ms: u64,
+    beats: u64,
+}
+
+/// Per-host liveness.
+#[derive(Debug, Clone)]
+pub struct FailureDetector {
+    cfg: DetectorConfig,
+    started_ms: u64,
+    hosts: BTreeMap<String, Entry>,
+}
+
+/// A host's liveness for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LivenessView {
+    pub state: Liveness,
+    /// Milliseconds since the last heartbeat; `None` if none since the detector started.
+    pub silent_ms: Option<u64>,
+    pub beats: u64,
+}
+
+impl FailureDetector {
+    pub fn new(cfg: DetectorConfig, now_ms: u64) -> Self {
+        FailureDetector {
+            cfg,
+            started_ms: now_ms,
+            hosts: BTreeMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &DetectorConfig {
+        &self.cfg
+    }
+
+    /// Makes sure a host known to the cluster is tracked (as `Unknown` until it beats).
+    pub fn track(&mut self, host: &str) {
+        if !self.hosts.contains_key(host) {
+            self.hosts.insert(
+                host.to_string(),
+                Entry {
+                    state: Liveness::Unknown,
+                    last_ms: self.started_ms,
+                    beats: 0,
+                },
+            );
+        }
+    }
+
+    /// Stops tracking a host (it was removed from the cluster).
+    pub fn forget(&mut self, host: &str) {
+        self.hosts.remove(host);
+    }
+
+    /// Records a heartbeat. Returns the transition to `Up` if the host was anything else.
+    pub fn heartbeat(&mut self, host: &str, now_ms: u64) -> Option<Transition> {
+        self.track(host);
+        let e = self.hosts.get_mut(host)?;
+        let silent_ms = now_ms.saturating_sub(e.last_ms);
+        e.last_ms = e.last_ms.max(now_ms);
+        e.beats += 1;
+        if e.state == Liveness::Up {
+            return None;
+        }
+        let from = e.state;
+        e.state = Liveness::Up;
+        Some(Transition {
+            host: host.to_string(),
+            from,
+            to: Liveness::Up,
+            silent_ms,
+        })
+    }
+
+    /// Advances time: returns every host whose liveness got worse.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Transition> {
+        let mut out = Vec::new();
+        for (host, e) in self.hosts.iter_mut() {
+            let silent_ms = now_ms.saturating_sub(e.last_ms);
+            let next = if silent_ms > self.cfg.down_after_ms {
+                Liveness::Down
+            } else if silent_ms > self.cfg.suspect_after_ms && e.state == Liveness::Up {
+                Liveness::Suspect
+            } else {
+                e.state
+            };
+            if next != e.state && next != Liveness::Unknown {
+                out.push(Transition {
+                    host: host.clone(),
+                    from: e.state,
+                    to: next,
+                    silent_ms,
+                });
+                e.state = next;
+            }
+        }
+        out
+    }
+
+    pub fn state(&self, host: &str) -> Option<Liveness> {
+        self.hosts.get(host).map(|e| e.state)
+    }
+
+    pub fn view(&self, host: &str, now_ms: u64) -> Option<LivenessView> {
+        self.hosts.get(host).map(|e| LivenessView {
+            state: e.state,
+            silent_ms: (e.beats > 0).then(|| now_ms.saturating_sub(e.last_ms)),
+            beats: e.beats,
+        })
+    }
+
+    pub fn hosts(&self) -> impl Iterator<Item = (&str, Liveness)> {
+        self.hosts.iter().map(|(h, e)| (h.as_str(), e.state))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg() -> DetectorConfig {
+        DetectorConfig {
+            heartbeat_interval_ms: 100,
+            suspect_after_ms: 250,
+            down_after_ms: 500,
+        }
+    }
+
+    #[test]
+    fn up_suspect_down_up() {
+        let mut d = FailureDetector::new(cfg(), 0);
+        let t = d.heartbeat("hv1", 10).expect("first beat");
+        assert_eq!((t.from, t.to), (Liveness::Unknown, Liveness::Up));
+        assert!(d.heartbeat("hv1", 100).is_none());
+        assert!(d.tick(300).is_empty(), "200 ms of silence is fine");
+        let t = d.tick(351);
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            (t[0].from, t[0].to, t[0].silent_ms),
+            (Liveness::Up, Liveness::Suspect, 251)
+        );
+        assert!(d.tick(400).is_empty(), "no repeated transitions");
+        let t = d.tick(601);
+        assert_eq!((t[0].from, t[0].to), (Liveness::Suspect, Liveness::Down));
+        assert!(d.tick(10_000).is_empty());
+        let t = d.heartbeat("hv1", 10_001).expect("back");
+        assert_eq!((t.from, t.to), (Liveness::Down, Liveness::Up));
+    }
+
+    #[test]
+    fn unknown_hosts_get_the_full_grace_from_start() {
+        let mut d = FailureDetector::new(cfg(), 1_000);
+        d.track("hv1");
+        assert!(d.tick(1_400).is_empty(), "no suspicion before a first beat");
+        let t = d.tick(1_501);
+        assert_eq!((t[0].from, t[0].to), (Liveness::Unknown, Liveness::Down));
+    }
+
+    #[test]
+    fn a_sudden_long_gap_goes_straight_to_down() {
+        let mut d = FailureDetector::new(cfg(), 0);
+        d.heartbeat("hv1", 0);
+        let t = d.tick(10_000);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].to, Liveness::Down);
+    }
+
+    proptest! {
+        /// Whatever the timing, a host is never Down while its last beat is recent, and
+        /// always Down once silent for longer than down_after at a tick.
+        #[test]
+        fn state_matches_silence(beats in proptest::collection::vec((any::<bool>(), 1u64..400), 1..200)) {
+            let mut d = FailureDetector::new(cfg(), 0);
+            let mut now = 0u64;
+            let mut last_beat: Option<u64> = None;
+            for (beat, step) in beats {
+                now += step;
+                if beat {
+                    d.heartbeat("h", now);
+                    last_beat = Some(now);
+                    prop_assert_eq!(d.state("h"), Some(Liveness::Up));
+                } else {
+                    d.tick(now);
+                    if let Some(lb) = last_beat {
+                        let silent = now - lb;
+                        let s = d.state("h");
+                        if silent > 500 { prop_assert_eq!(s, Some(Liveness::Down)); }
+                        else if silent > 250 { prop_assert_eq!(s, Some(Liveness::Suspect)); }
+                        else { prop_assert_eq!(s, Some(Liveness::Up)); }
+                    }
+                }
+            }
+        }
+    }
+}

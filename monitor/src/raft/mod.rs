@@ -1,0 +1,669 @@
+//! The monitor's Raft layer: openraft 0.9 over a redb file, replicating [`ClusterState`].
+//!
+//! One redb database, `<data_dir>/raft.redb`, holds both the Raft log (with the vote and the
+//! committed log id) and the state machine (applied state and current snapshot), in separate
+//! tables. See [`log_store`] and [`state_machine`] for the layouts and durability rules.
+//!
+//! For now the monitor is a one-node cluster ([`network`] refuses every RPC).
+
+// openraft's storage traits fix the error type to `StorageError` (about 224 bytes); our
+// helpers return it as is rather than boxing and unboxing it at every trait boundary.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError};
+use openraft::{
+    BasicNode, ErrorSubject, ErrorVerb, Raft, RaftMetrics, ServerState, SnapshotPolicy,
+    StorageError, StorageIOError,
+};
+use redb::Database;
+use tokio::sync::watch;
+
+pub use self::log_store::LogStore;
+pub use self::network::{DisabledNetwork, DisabledNetworkFactory, NetworkDisabled};
+pub use self::state_machine::{SnapshotBuilder, StateMachineStore};
+use crate::state::{ClusterState, StateCommand, StateResponse};
+
+openraft::declare_raft_types!(
+    /// openraft type configuration of the monitor cluster.
+    pub TypeConfig:
+        D = StateCommand,
+        R = StateResponse,
+        NodeId = u64,
+        Node = BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// Name of the database file inside the data directory.
+pub const DB_FILE_NAME: &str = "raft.redb";
+/// Build a snapshot after this many applied entries since the last one.
+pub const SNAPSHOT_EVERY_LOGS: u64 = 1000;
+/// Entries kept in the log behind a snapshot (for slow followers, once there are some).
+pub const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 100;
+/// How long [`RaftNode::shutdown`] waits for the database file to be released.
+const SHUTDOWN_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Raft timing knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RaftTuning {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 150,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+        }
+    }
+}
+
+impl RaftTuning {
+    /// The openraft configuration (not yet validated).
+    pub fn to_config(self) -> openraft::Config {
+        openraft::Config {
+            cluster_name: "vigil-monitor".to_string(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_LOGS),
+            max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
+            ..Default::default()
+        }
+    }
+}
+
+/// Failure to open or start the Raft node.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftSetupError {
+    #[error("cannot create Raft data directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("cannot open Raft database {path}: {source}")]
+    OpenDatabase {
+        path: PathBuf,
+        source: redb::DatabaseError,
+    },
+    #[error("Raft storage error: {0}")]
+    Storage(#[from] StorageError<u64>),
+    #[error(
+        "Raft data in {path} belongs to node {stored}, but this monitor is configured as node \
+         {configured}"
+    )]
+    NodeIdMismatch {
+        path: PathBuf,
+        stored: u64,
+        configured: u64,
+    },
+    #[error("invalid Raft configuration: {0}")]
+    Config(#[from] openraft::ConfigError),
+    #[error("cannot start Raft: {0}")]
+    Start(#[from] Fatal<u64>),
+}
+
+/// Where the leader is, when this node is not it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotLeader {
+    pub leader_id: Option<u64>,
+    pub leader_addr: Option<String>,
+}
+
+impl fmt::Display for NotLeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.leader_id, &self.leader_addr) {
+            (Some(id), Some(addr)) => {
+                write!(f, "not the Raft leader; leader is node {id} at {addr}")
+            }
+            (Some(id), None) => write!(f, "not the Raft leader; leader is node {id}"),
+            (None, _) => f.write_str("not the Raft leader; no leader is known"),
+        }
+    }
+}
+
+/// Failure of [`RaftNode::write`].
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// This node is not the leader; retry there (or later, if no leader is known).
+    #[error("{0}")]
+    NotLeader(NotLeader),
+    /// Raft stopped (shutdown, or a storage failure made it stop).
+    #[error("Raft stopped: {0}")]
+    Fatal(Fatal<u64>),
+    /// Any other refusal by Raft.
+    #[error("Raft refused the write: {0}")]
+    Rejected(String),
+}
+
+/// Failure of [`RaftNode::ensure_linearizable`].
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    NotLeader(NotLeader),
+    /// Leadership could not be confirmed by a quorum.
+    #[error("leadership not confirmed by a quorum: {0}")]
+    QuorumNotEnough(String),
+    #[error("Raft stopped: {0}")]
+    Fatal(Fatal<u64>),
+}
+
+/// Failure of [`RaftNode::initialize_single_if_new`].
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("Raft stopped: {0}")]
+    Fatal(#[from] Fatal<u64>),
+    #[error("Raft refused to initialize: {0}")]
+    Rejected(String),
+}
+
+/// Maps any error into an openraft [`StorageError`] about `subject`.
+pub(crate) trait OrStorage<T> {
+    fn or_sto(self, subject: &ErrorSubject<u64>, verb: ErrorVerb) -> Result<T, StorageError<u64>>;
+}
+
+impl<T, E: std::error::Error + 'static> OrStorage<T> for Result<T, E> {
+    fn or_sto(self, subject: &ErrorSubject<u64>, verb: ErrorVerb) -> Result<T, StorageError<u64>> {
+        self.map_err(|e| StorageIOError::new(subject.clone(), verb, &e).into())
+    }
+}
+
+/// Runs blocking storage IO (redb commits fsync) on tokio's blocking pool.
+pub(crate) async fn run_blocking<T, F>(
+    subject: ErrorSubject<u64>,
+    f: F,
+) -> Result<T, StorageError<u64>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, StorageError<u64>> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(res) => res,
+        Err(join) => Err(StorageIOError::new(subject, ErrorVerb::Write, &join).into()),
+    }
+}
+
+/// The redb database shared by the log store and the state machine (derefs to
+/// [`redb::Database`]).
+pub struct RaftDb {
+    db: Database,
+    /// Declared after `db`, so it is dropped only once the database has closed its file (a
+    /// redb close finishes with a commit, which takes a moment after the last handle goes).
+    /// Receivers from [`RaftDb::released`] then see the channel closed.
+    released: watch::Sender<()>,
+}
+
+impl RaftDb {
+    /// Opens (creating if needed) the redb database at `path`.
+    pub fn open(path: &Path) -> Result<Arc<RaftDb>, RaftSetupError> {
+        let db = Database::create(path).map_err(|source| RaftSetupError::OpenDatabase {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (released, _) = watch::channel(());
+        Ok(Arc::new(RaftDb { db, released }))
+    }
+
+    /// A receiver whose `changed()` fails once this database is dropped and its file released.
+    pub fn released(&self) -> watch::Receiver<()> {
+        self.released.subscribe()
+    }
+}
+
+impl std::ops::Deref for RaftDb {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        &self.db
+    }
+}
+
+/// Opens (creating if needed) the redb database at `path`.
+pub(crate) fn open_database(path: &Path) -> Result<Arc<RaftDb>, RaftSetupError> {
+    RaftDb::open(path)
+}
+
+/// A running Raft node with its applied [`ClusterState`]. Cloning is cheap.
+#[derive(Clone)]
+pub struct RaftNode {
+    raft: Raft<TypeConfig>,
+    state: Arc<RwLock<ClusterState>>,
+    node_id: u64,
+    addr: String,
+    /// Lets `shutdown` wait until the storage tasks have released the database file.
+    db_released: watch::Receiver<()>,
+}
+
+impl RaftNode {
+    /// Opens `data_dir/raft.redb` (creating the directory and file if needed), loads the
+    /// persisted state and starts Raft. The node is not initialized; see
+    /// [`Self::initialize_single_if_new`].
+    pub async fn open(
+        data_dir: &Path,
+        node_id: u64,
+        addr: String,
+        config: RaftTuning,
+    ) -> Result<RaftNode, RaftSetupError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| RaftSetupError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE_NAME);
+        let raft_config = Arc::new(config.to_config().validate()?);
+
+        let db = open_database(&path)?;
+        let log_store = LogStore::new(db.clone())?;
+        match log_store.stored_node_id()? {
+            Some(stored) if stored != node_id => {
+                return Err(RaftSetupError::NodeIdMismatch {
+                    path,
+                    stored,
+                    configured: node_id,
+                })
+            }
+            Some(_) => {}
+            None => log_store.store_node_id(node_id).await?,
+        }
+        let state = Arc::new(RwLock::new(ClusterState::default()));
+        let state_machine = StateMachineStore::new(db.clone(), state.clone())?;
+        let db_released = db.released();
+        drop(db);
+
+        let raft = Raft::new(
+            node_id,
+            raft_config,
+            DisabledNetworkFactory,
+            log_store,
+            state_machine,
+        )
+        .await?;
+        tracing::info!(node_id, %addr, path = %path.display(), "Raft node started");
+        Ok(RaftNode {
+            raft,
+            state,
+            node_id,
+            addr,
+            db_released,
+        })
+    }
+
+    /// Makes this node a one-voter cluster if it has never been initialized (no vote, no log).
+    /// After a restart from existing data it does nothing. Idempotent.
+    pub async fn initialize_single_if_new(&self) -> Result<(), InitError> {
+        if self.raft.is_initialized().await? {
+            tracing::debug!(node_id = self.node_id, "Raft already initialized");
+            return Ok(());
+        }
+        let members = BTreeMap::from([(self.node_id, BasicNode::new(&self.addr))]);
+        match self.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(
+                    node_id = self.node_id,
+                    "initialized single-node Raft cluster"
+                );
+                Ok(())
+            }
+            // Initialized meanwhile (for example by a concurrent call): that is the goal.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(RaftError::APIError(e)) => Err(InitError::Rejected(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(InitError::Fatal(f)),
+        }
+    }
+
+    /// Proposes `cmd` and waits until it is committed and applied here. A command that the
+    /// state rejects (unknown host, invalid name) is still `Ok`: see
+    /// [`StateResponse::into_result`].
+    pub async fn write(&self, cmd: StateCommand) -> Result<StateResponse, WriteError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
+                WriteError::NotLeader(self.not_leader(f.leader_id, f.leader_node)),
+            ),
+            Err(RaftError::APIError(e)) => Err(WriteError::Rejected(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(WriteError::Fatal(f)),
+        }
+    }
+
+    /// The applied state, updated by the state machine after each apply.
+    pub fn state(&self) -> Arc<RwLock<ClusterState>> {
+        self.state.clone()
+    }
+
+    /// Runs `f` on the applied state under a read lock. Keep `f` short: apply waits for it.
+    pub fn read<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        let guard = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        f(&guard)
+    }
+
+    /// Returns once this node has confirmed it is leader and has applied everything committed
+    /// before the call, so a following [`Self::read`] is linearizable.
+    pub async fn ensure_linearizable(&self) -> Result<(), ReadError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => Ok(()),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(
+                ReadError::NotLeader(self.not_leader(f.leader_id, f.leader_node)),
+            ),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                Err(ReadError::QuorumNotEnough(q.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(ReadError::Fatal(f)),
+        }
+    }
+
+    /// A copy of the current Raft metrics.
+    pub fn metrics(&self) -> RaftMetrics<u64, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// A receiver that sees every metrics change (leader changes, applied index, ...).
+    pub fn metrics_watch(&self) -> watch::Receiver<RaftMetrics<u64, BasicNode>> {
+        self.raft.metrics()
+    }
+
+    /// Whether this node currently believes it is the leader (from metrics; use
+    /// [`Self::ensure_linearizable`] before reads that must not be stale).
+    pub fn is_leader(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.node_id)
+    }
+
+    /// The leader this node knows of, if any.
+    pub fn current_leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Waits up to `timeout` until some leader is known; returns it.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<u64> {
+        self.raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .ok()
+            .and_then(|m| m.current_leader)
+    }
+
+    /// This node's Raft id.
+    pub fn node_id(&self) -> u64 {
+        self.node_id
+    }
+
+    /// The address this node advertises in the membership.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The underlying openraft handle (for the future RPC server and for admin operations).
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    /// Stops Raft and waits (bounded) until the storage has released `raft.redb`, so the same
+    /// directory can be reopened right away. Idempotent.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "Raft core task ended abnormally");
+        }
+        let mut released = self.db_released.clone();
+        // `changed()` only fails once the sender, dropped right after the database, is gone.
+        let wait = async move { while released.changed().await.is_ok() {} };
+        if tokio::time::timeout(SHUTDOWN_RELEASE_TIMEOUT, wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!("Raft storage still holds the database after shutdown");
+        }
+    }
+
+    fn not_leader(&self, leader_id: Option<u64>, leader_node: Option<BasicNode>) -> NotLeader {
+        let leader_addr = leader_node.map(|n| n.addr).or_else(|| {
+            let id = leader_id?;
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        });
+        NotLeader {
+            leader_id,
+            leader_addr,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{EventKind, Severity};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    fn register(at_ms: u64, name: &str) -> StateCommand {
+        StateCommand::RegisterHost {
+            at_ms,
+            name: name.into(),
+            zone: "z1".into(),
+            cluster: "c1".into(),
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    async fn open(dir: &Path) -> RaftNode {
+        RaftNode::open(dir, 1, "127.0.0.1:7001".into(), RaftTuning::default())
+            .await
+            .expect("open raft node")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn single_node_state_survives_restart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+
+        let node = open(dir.path()).await;
+        // Not initialized yet: nobody leads.
+        match node.write(register(1, "hv0")).await {
+            Err(WriteError::NotLeader(NotLeader {
+                leader_id: None, ..
+            })) => {}
+            other => panic!("expected NotLeader, got {other:?}"),
+        }
+        node.initialize_single_if_new().await.expect("initialize");
+        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        assert!(node.is_leader());
+
+        assert_eq!(
+            node.write(register(1, "hv1")).await.expect("write"),
+            StateResponse::Ok
+        );
+        let tag = StateCommand::AddTag {
+            at_ms: 2,
+            host: "hv1".into(),
+            tag: "ha".into(),
+        };
+        assert_eq!(
+            node.write(tag.clone()).await.expect("write"),
+            StateResponse::Ok
+        );
+        assert_eq!(
+            node.write(tag).await.expect("write"),
+            StateResponse::Unchanged
+        );
+        assert_eq!(
+            node.write(StateCommand::AddTag {
+                at_ms: 3,
+                host: "nope".into(),
+                tag: "ha".into(),
+            })
+            .await
+            .expect("write"),
+            StateResponse::UnknownHost {
+                host: "nope".into()
+            }
+        );
+        node.write(StateCommand::RecordEvent {
+            at_ms: 4,
+            severity: Severity::Warning,
+            host: Some("hv1".into()),
+            kind: EventKind::LeaderElected { term: 1, node: 1 },
+            message: "hello".into(),
+        })
+        .await
+        .expect("write");
+        node.ensure_linearizable().await.expect("linearizable");
+        let before = node.read(|s| s.clone());
+        assert!(before.hosts["hv1"].tags.contains("ha"));
+        assert_eq!(before.events.len(), 3);
+        let membership_log_id = *node.metrics().membership_config.log_id();
+        assert!(membership_log_id.is_some());
+        node.shutdown().await;
+
+        // Restart from the same directory.
+        let node = open(dir.path()).await;
+        // The applied state is there at once, before any election or replay.
+        assert_eq!(node.read(|s| s.clone()), before);
+        assert_eq!(*node.state().read().expect("lock"), before);
+        node.initialize_single_if_new()
+            .await
+            .expect("initialize is a no-op");
+        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        // No second membership entry was written.
+        assert_eq!(
+            *node.metrics().membership_config.log_id(),
+            membership_log_id
+        );
+        assert_eq!(
+            node.write(register(5, "hv2")).await.expect("write"),
+            StateResponse::Ok
+        );
+        assert!(node.read(|s| s.hosts.contains_key("hv2")));
+        node.ensure_linearizable().await.expect("linearizable");
+        node.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn restart_after_snapshot_and_purge() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = open(dir.path()).await;
+        node.initialize_single_if_new().await.expect("initialize");
+        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        for i in 0..20 {
+            node.write(register(i, &format!("hv{i}")))
+                .await
+                .expect("write");
+        }
+        // Metrics may trail the write responses a little; the snapshot covers at least this.
+        let applied = node.metrics().last_applied.expect("applied");
+        node.raft()
+            .trigger()
+            .snapshot()
+            .await
+            .expect("trigger snapshot");
+        let snapshot = node
+            .raft()
+            .wait(Some(WAIT))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
+                "snapshot built",
+            )
+            .await
+            .expect("snapshot")
+            .snapshot
+            .expect("snapshot log id");
+        node.raft()
+            .trigger()
+            .purge_log(snapshot.index)
+            .await
+            .expect("trigger purge");
+        node.raft()
+            .wait(Some(WAIT))
+            .purged(Some(snapshot), "log purged")
+            .await
+            .expect("purged");
+        let before = node.read(|s| s.clone());
+        node.shutdown().await;
+
+        let node = open(dir.path()).await;
+        assert_eq!(node.read(|s| s.clone()), before);
+        // Metrics start blank and are filled in once the core has loaded the storage.
+        node.raft()
+            .wait(Some(WAIT))
+            .metrics(
+                |m| m.purged == Some(snapshot) && m.snapshot == Some(snapshot),
+                "purge point and snapshot reloaded",
+            )
+            .await
+            .expect("reloaded");
+        node.initialize_single_if_new().await.expect("no-op");
+        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        node.write(register(99, "late")).await.expect("write");
+        assert_eq!(node.read(|s| s.hosts.len()), 21);
+        node.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn refuses_data_of_another_node() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = open(dir.path()).await;
+        node.shutdown().await;
+        match RaftNode::open(dir.path(), 2, "x:1".into(), RaftTuning::default()).await {
+            Err(RaftSetupError::NodeIdMismatch {
+                stored: 1,
+                configured: 2,
+                ..
+            }) => {}
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("opened another node's data"),
+        }
+    }
+
+    #[test]
+    fn default_tuning_is_valid() {
+        assert!(RaftTuning::default().to_config().validate().is_ok());
+        let bad = RaftTuning {
+            heartbeat_interval_ms: 500,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+        };
+        assert!(bad.to_config().validate().is_err());
+    }
+
+    /// openraft's own storage conformance suite.
+    #[test]
+    fn openraft_storage_suite() {
+        struct Builder;
+        impl
+            openraft::testing::StoreBuilder<
+                TypeConfig,
+                LogStore,
+                StateMachineStore,
+                tempfile::TempDir,
+            > for Builder
+        {
+            async fn build(
+                &self,
+            ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<u64>>
+            {
+                let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(&e))?;
+                let db = open_database(&dir.path().join(DB_FILE_NAME))
+                    .map_err(|e| StorageIOError::write(&e))?;
+                let log_store = LogStore::new(db.clone())?;
+                let sm =
+                    StateMachineStore::new(db, Arc::new(RwLock::new(ClusterState::default())))?;
+                Ok((dir, log_store, sm))
+            }
+        }
+        openraft::testing::Suite::test_all(Builder).expect("storage suite");
+    }
+}

@@ -1,0 +1,167 @@
+//! The monitor process: opens Raft, starts the engine, and serves agents and `vigilctl` on
+//! one QUIC endpoint (the negotiated ALPN picks the protocol).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+use vigil_common::config::MonitorConfig;
+use vigil_common::tls::{self, TransportTuning};
+use vigil_common::wire::{self, close};
+
+use crate::admin::{self, AdminContext};
+use crate::agent_link::{self, Sessions};
+use crate::raft::{RaftNode, RaftTuning};
+use crate::service::{self, EngineHandle};
+
+/// A running monitor.
+pub struct Monitor {
+    pub local_addr: SocketAddr,
+    pub raft: Arc<RaftNode>,
+    pub engine: EngineHandle,
+    pub sessions: Arc<Sessions>,
+    endpoint: quinn::Endpoint,
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+}
+
+impl Monitor {
+    /// Opens the data directory, starts Raft (initializing a one-node cluster on first
+    /// start), and listens for agents and admins.
+    pub async fn start(cfg: MonitorConfig) -> anyhow::Result<Monitor> {
+        let tls_material = cfg.tls.load().context("loading the monitor's TLS files")?;
+        let server_cfg = tls::server_config(
+            tls_material,
+            &[wire::ALPN_AGENT, wire::ALPN_ADMIN],
+            TransportTuning::default(),
+        )?;
+        let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
+            .with_context(|| format!("listening on udp {}", cfg.listen))?;
+        let local_addr = endpoint.local_addr()?;
+        let advertise = match cfg.advertise {
+            Some(a) => a,
+            None if cfg.listen.port() == 0 => SocketAddr::new(cfg.listen.ip(), local_addr.port()),
+            None => cfg.listen,
+        };
+
+        let raft = RaftNode::open(
+            &cfg.data_dir,
+            cfg.node_id,
+            advertise.to_string(),
+            RaftTuning::default(),
+        )
+        .await
+        .with_context(|| format!("opening Raft state in {}", cfg.data_dir.display()))?;
+        let raft = Arc::new(raft);
+        raft.initialize_single_if_new()
+            .await
+            .context("initializing the monitor cluster")?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let epoch = Instant::now();
+        let engine = service::spawn(raft.clone(), cfg.detector.clone(), epoch, stop_rx.clone());
+        let sessions = Arc::new(Sessions::default());
+        let ctx = AdminContext {
+            raft: raft.clone(),
+            engine: engine.clone(),
+            sessions: sessions.clone(),
+        };
+        let accept = tokio::spawn(accept_loop(
+            endpoint.clone(),
+            ctx,
+            cfg.node_id,
+            cfg.detector.heartbeat_interval_ms,
+            stop_rx,
+        ));
+        info!(
+            node = cfg.node_id,
+            %local_addr,
+            data_dir = %cfg.data_dir.display(),
+            "vigil-monitor {} serving agents and vigilctl",
+            vigil_common::VERSION
+        );
+        Ok(Monitor {
+            local_addr,
+            raft,
+            engine,
+            sessions,
+            endpoint,
+            stop,
+            accept,
+        })
+    }
+
+    /// Stops serving, closes sessions and shuts Raft down cleanly.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.sessions.close_all("monitor shutting down");
+        self.endpoint
+            .close(close::SHUTDOWN.into(), b"monitor shutting down");
+        self.accept.abort();
+        self.raft.shutdown().await;
+        self.endpoint.wait_idle().await;
+        info!("monitor stopped");
+    }
+}
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    ctx: AdminContext,
+    node_id: u64,
+    heartbeat_interval_ms: u64,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i { Some(i) => i, None => break },
+            _ = stop.changed() => break,
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Includes clients without a certificate or with one from another CA:
+                    // rustls refuses them during the handshake.
+                    warn!(%remote, error = %e, "handshake failed");
+                    return;
+                }
+            };
+            let peer = match tls::peer_identity(&conn) {
+                Ok(p) => p,
+                Err(e) => {
+                    let msg = format!("unusable client certificate: {e}");
+                    warn!(%remote, "{msg}");
+                    conn.close(close::UNAUTHORIZED.into(), msg.as_bytes());
+                    return;
+                }
+            };
+            match tls::negotiated_alpn(&conn).as_deref() {
+                Some(wire::ALPN_AGENT) => {
+                    agent_link::serve(
+                        conn,
+                        peer,
+                        ctx.engine.clone(),
+                        ctx.sessions.clone(),
+                        node_id,
+                        heartbeat_interval_ms,
+                    )
+                    .await
+                }
+                Some(wire::ALPN_ADMIN) => admin::serve(conn, peer, ctx).await,
+                other => {
+                    debug!(%remote, ?other, "unknown ALPN");
+                    conn.close(
+                        close::PROTOCOL_ERROR.into(),
+                        b"unknown application protocol",
+                    );
+                }
+            }
+        });
+    }
+}

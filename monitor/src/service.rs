@@ -1,0 +1,139 @@
+//! The engine's edge: one tokio task owns the pure [`Engine`], feeds it inputs from agent
+//! sessions, timer ticks and Raft leadership changes, and hands its proposals to a proposer
+//! task that writes them through Raft in order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+use crate::engine::{Action, Engine, Input};
+use crate::raft::{RaftNode, WriteError};
+use crate::state::StateCommand;
+use vigil_common::config::DetectorConfig;
+
+/// A read of the engine's soft state, answered on the engine task.
+pub type Query = Box<dyn FnOnce(&Engine, u64) + Send>;
+
+enum Msg {
+    Input(Input),
+    Query(Query),
+}
+
+/// Cheap handle to the engine task.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+impl EngineHandle {
+    /// Delivers an input; waits if the engine is busy (back-pressure on agent sessions).
+    pub async fn input(&self, input: Input) {
+        let _ = self.tx.send(Msg::Input(input)).await;
+    }
+
+    /// Runs `f` against the engine's current soft state and returns its result.
+    pub async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Engine, u64) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        let q: Query = Box::new(move |e, now| {
+            let _ = tx.send(f(e, now));
+        });
+        self.tx.send(Msg::Query(q)).await.ok()?;
+        rx.await.ok()
+    }
+}
+
+/// Monotonic milliseconds since `epoch`.
+pub fn mono_ms(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+/// Starts the engine and proposer tasks.
+pub fn spawn(
+    raft: Arc<RaftNode>,
+    cfg: DetectorConfig,
+    epoch: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> EngineHandle {
+    let (tx, mut rx) = mpsc::channel::<Msg>(65_536);
+    let (ptx, prx) = mpsc::unbounded_channel::<StateCommand>();
+    tokio::spawn(proposer(raft.clone(), prx));
+
+    let tick_every = Duration::from_millis((cfg.heartbeat_interval_ms / 5).clamp(10, 200));
+    let mut engine = Engine::new(cfg, mono_ms(epoch));
+    let mut metrics = raft.metrics_watch();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leader_term: Option<u64> = None;
+        let mut batch = Vec::with_capacity(256);
+        let node = raft.node_id();
+        loop {
+            let inputs: Vec<Input> = tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => {
+                    if n == 0 { break; }
+                    let mut inputs = Vec::with_capacity(n);
+                    for m in batch.drain(..) {
+                        match m {
+                            Msg::Input(i) => inputs.push(i),
+                            Msg::Query(q) => q(&engine, mono_ms(epoch)),
+                        }
+                    }
+                    inputs
+                }
+                _ = tick.tick() => vec![Input::Tick],
+                changed = metrics.changed() => {
+                    if changed.is_err() { break; }
+                    let m = metrics.borrow_and_update().clone();
+                    let leading = m.current_leader == Some(node) && m.state.is_leader();
+                    match (leading, leader_term) {
+                        (true, Some(t)) if t == m.current_term => vec![],
+                        (true, _) => {
+                            leader_term = Some(m.current_term);
+                            info!(term = m.current_term, "this monitor is the leader");
+                            vec![Input::BecameLeader { term: m.current_term, node }]
+                        }
+                        (false, Some(_)) => {
+                            leader_term = None;
+                            info!("this monitor is no longer the leader");
+                            vec![Input::LostLeadership]
+                        }
+                        (false, None) => vec![],
+                    }
+                }
+                _ = stop.changed() => break,
+            };
+            for input in inputs {
+                let now = mono_ms(epoch);
+                let wall = vigil_common::unix_ms();
+                let actions = raft.read(|state| engine.handle(input, now, wall, state));
+                for action in actions {
+                    match action {
+                        Action::Propose(cmd) => {
+                            let _ = ptx.send(cmd);
+                        }
+                    }
+                }
+            }
+        }
+        debug!("engine task stopped");
+    });
+    EngineHandle { tx }
+}
+
+/// Writes proposals through Raft one at a time, in the order the engine made them.
+async fn proposer(raft: Arc<RaftNode>, mut rx: mpsc::UnboundedReceiver<StateCommand>) {
+    while let Some(cmd) = rx.recv().await {
+        match raft.write(cmd.clone()).await {
+            Ok(resp) => debug!(?resp, "proposal applied"),
+            // A proposal made as leader that fails because leadership moved is dropped: the
+            // new leader's engine re-derives what matters from its own inputs.
+            Err(WriteError::NotLeader(nl)) => debug!(%nl, "proposal dropped"),
+            Err(e) => warn!(error = %e, ?cmd, "proposal failed"),
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The replicated cluster state: everything durable the monitor knows.
+//!
+//! This module is pure. `ClusterState` changes only through [`ClusterState::apply`], which
+//! the Raft state machine calls for every committed [`StateCommand`], in log order, on every
+//! monitor. `apply` must therefore be deterministic: it takes time from the command (the
+//! leader stamps it before proposing), never from a clock, and it never fails halfway: a
+//! command that does not fit the current state is rejected whole with a [`StateResponse`]
+//! error and changes nothing.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// How many events the replicated log keeps; the oldest are dropped first.
+pub const EVENT_LOG_CAPACITY: usize = 10_000;
+
+/// A hypervisor host as the cluster remembers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    /// The host's identity: the common name of its agent certificate.
+    pub name: String,
+    /// Availability zone. HA never crosses zones.
+    pub zone: String,
+    /// Cluster inside the zone. Recovery prefers the same cluster.
+    pub cluster: String,
+    /// Operator tags (for example the `ha_tag` of dedicated HA hosts).
+    pub tags: BTreeSet<String>,
+    /// When the host first registered (Unix ms, leader's clock).
+    pub registered_at_ms: u64,
+    /// Last agent version that registered for this host.
+    pub agent_version: String,
+}
+
+/// Severity of an event, for operators' eyes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl std::fmt::Display for Severity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        })
+    }
+}
+
+/// What happened, as a machine-readable kind. The human explanation is in `Event::message`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum EventKind {
+    HostRegistered,
+    HostLocationChanged,
+    HostTagAdded {
+        tag: String,
+    },
+    HostTagRemoved {
+        tag: String,
+    },
+    /// The failure detector moved a host between liveness states.
+    HostLiveness {
+        from: String,
+        to: String,
+    },
+    /// A monitor became leader (term given).
+    LeaderElected {
+        term: u64,
+        node: u64,
+    },
+}
+
+/// One entry of the replicated event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Monotonic id, assigned at apply time.
+    pub id: u64,
+    /// Unix ms, stamped by the leader that proposed it.
+    pub at_ms: u64,
+    pub severity: Severity,
+    pub host: Option<String>,
+    #[serde(flatten)]
+    pub kind: EventKind,
+    pub message: String,
+}
+
+/// A change to the replicated state. Every variant carries the leader's wall-clock time so
+/// that applying it is deterministic on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub enum StateCommand {
+    /// An agent with a valid certificate connected. Creates the host, or updates its zone,
+    /// cluster and agent version.
+    RegisterHost {
+        at_ms: u64,
+        name: String,
+        zone: String,
+        cluster: String,
+        agent_version: String,
+    },
+    AddTag {
+        at_ms: u64,
+        host: String,
+        tag: String,
+    },
+    RemoveTag {
+        at_ms: u64,
+        host: String,
+        tag: String,
+    },
+    /// Record an event that is not a side effect of another command (liveness changes,
+    /// leadership changes).
+    RecordEvent {
+        at_ms: u64,
+        severity: Severity,
+        host: Option<String>,
+        kind: EventKind,
+        message: String,
+    },
+}
+
+/// Outcome of applying one command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum StateResponse {
+    Ok,
+    /// Nothing changed (for example the tag was already there).
+    Unchanged,
+    UnknownHost {
+        host: String,
+    },
+    Invalid {
+        reason: String,
+    },
+}
+
+impl StateResponse {
+    /// Turns the rejections into an error message for callers.
+    pub fn into_result(self) -> Result<StateResponse, String> {
+        match self {
+            StateResponse::UnknownHost { host } => Err(format!("unknown host {host:?}")),
+            StateResponse::Invalid { reason } => Err(reason),
+            ok => Ok(ok),
+        }
+    }
+}
+
+use vigil_common::names::validate as validate_name;
+
+/// The whole replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub hosts: BTreeMap<String, HostRecord>,
+    pub events: VecDeque<Event>,
+    pub next_event_id: u64,
+}
+
+impl ClusterState {
+    /// Applies one committed command. Deterministic; rejects invalid commands whole.
+    pub fn apply(&mut self, cmd: &StateCommand) -> StateResponse {
+        match cmd {
+            StateCommand::RegisterHost {
+                at_ms,
+                name,
+                zone,
+                cluster,
+                agent_version,
+            } => {
+                for (what, v) in [("host name", name), ("zone", zone), ("cluster", cluster)] {
+                    if let Err(reason) = validate_name(what, v) {
+                        return StateResponse::Invalid { reason };
+                    }
+                }
+                match self.hosts.get_mut(name) {
+                    None => {
+                        self.hosts.insert(
+                            name.clone(),
+                            HostRecord {
+                                name: name.clone(),
+                                zone: zone.clone(),
+                                cluster: cluster.clone(),
+                                tags: BTreeSet::new(),
+                                registered_at_ms: *at_ms,
+                                agent_version: agent_version.clone(),
+                            },
+                        );
+                        self.push_event(
+                            *at_ms,
+                            Severity::Info,
+                            Some(name.clone()),
+                            EventKind::HostRegistered,
+                            format!("host {name} registered in zone {zone}, cluster {cluster}"),
+                        );
+                        StateResponse::Ok
+                    }
+                    Some(h) => {
+                        let moved = h.zone != *zone || h.cluster != *cluster;
+                        let changed = moved || h.agent_version != *agent_version;
+                        if !changed {
+                            return StateResponse::Unchanged;
+                        }
+                        let old = format!("{}/{}", h.zone, h.cluster);
+                        h.zone = zone.clone();
+                        h.cluster = cluster.clone();
+                        h.agent_version = agent_version.clone();
+                        if moved {
+                            self.push_event(
+                                *at_ms,
+                                Severity::Warning,
+                                Some(name.clone()),
+                                EventKind::HostLocationChanged,
+                                format!("host {name} moved from {old} to {zone}/{cluster}"),
+                            );
+                        }
+                        StateResponse::Ok
+                    }
+                }
+            }
+            StateCommand::AddTag { at_ms, host, tag } => {
+                if let Err(reason) = validate_name("tag", tag) {
+                    return StateResponse::Invalid { reason };
+                }
+                let Some(h) = self.hosts.get_mut(host) else {
+                    return StateResponse::UnknownHost { host: host.clone() };
+                };
+                if !h.tags.insert(tag.clone()) {
+                    return StateResponse::Unchanged;
+                }
+                self.push_event(
+                    *at_ms,
+                    Severity::Info,
+                    Some(host.clone()),
+                    EventKind::HostTagAdded { tag: tag.clone() },
+                    format!("tag {tag} added to host {host}"),
+                );
+                StateResponse::Ok
+            }
+            StateCommand::RemoveTag { at_ms, host, tag } => {
+                let Some(h) = self.hosts.get_mut(host) else {
+                    return StateResponse::UnknownHost { host: host.clone() };
+                };
+                if !h.tags.remove(tag) {
+                    return StateResponse::Unchanged;
+                }
+                self.push_event(
+                    *at_ms,
+                    Severity::Info,
+                    Some(host.clone()),
+                    EventKind::HostTagRemoved { tag: tag.clone() },
+                    format!("tag {tag} removed from host {host}"),
+                );
+                StateResponse::Ok
+            }
+            StateCommand::RecordEvent {
+                at_ms,
+                severity,
+                host,
+                kind,
+                message,
+            } => {
+                self.push_event(
+                    *at_ms,
+                    *severity,
+                    host.clone(),
+                    kind.clone(),
+                    message.clone(),
+                );
+                StateResponse::Ok
+            }
+        }
+    }
+
+    fn push_event(
+        &mut self,
+        at_ms: u64,
+        severity: Severity,
+        host: Option<String>,
+        kind: EventKind,
+        message: String,
+    ) {
+        let id = self.next_event_id;
+        self.next_event_id += 1;
+        self.events.push_back(Event {
+            id,
+            at_ms,
+            severity,
+            host,
+            kind,
+            message,
+        });
+        while self.events.len() > EVENT_LOG_CAPACITY {
+            self.events.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn register(name: &str) -> StateCommand {
+        StateCommand::RegisterHost {
+            at_ms: 1,
+            name: name.into(),
+            zone: "z1".into(),
+            cluster: "c1".into(),
+            agent_version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn register_then_tag_then_untag() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&register("hv1")), StateResponse::Ok);
+        assert_eq!(s.apply(&register("hv1")), StateResponse::Unchanged);
+        let add = StateCommand::AddTag {
+            at_ms: 2,
+            host: "hv1".into(),
+            tag: "ha".into(),
+        };
+        assert_eq!(s.apply(&add), StateResponse::Ok);
+        assert_eq!(s.apply(&add), StateResponse::Unchanged);
+        assert!(s.hosts["hv1"].tags.contains("ha"));
+        let rm = StateCommand::RemoveTag {
+            at_ms: 3,
+            host: "hv1".into(),
+            tag: "ha".into(),
+        };
+        assert_eq!(s.apply(&rm), StateResponse::Ok);
+        assert!(s.hosts["hv1"].tags.is_empty());
+        let kinds: Vec<_> = s.events.iter().map(|e| e.kind.clone()).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                EventKind::HostRegistered,
+                EventKind::HostTagAdded { tag: "ha".into() },
+                EventKind::HostTagRemoved { tag: "ha".into() },
+            ]
+        );
+        assert_eq!(s.events.iter().map(|e| e.id).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn rejected_commands_change_nothing() {
+        let mut s = ClusterState::default();
+        s.apply(&register("hv1"));
+        let before = s.clone();
+        let bad_tag = StateCommand::AddTag {
+            at_ms: 2,
+            host: "hv1".into(),
+            tag: "has space".into(),
+        };
+        assert!(matches!(s.apply(&bad_tag), StateResponse::Invalid { .. }));
+        let unknown = StateCommand::AddTag {
+            at_ms: 2,
+            host: "nope".into(),
+            tag: "ha".into(),
+        };
+        assert_eq!(
+            s.apply(&unknown),
+            StateResponse::UnknownHost {
+                host: "nope".into()
+            }
+        );
+        let mut bad_host = register("");
+        if let StateCommand::RegisterHost { name, .. } = &mut bad_host {
+            *name = "a/b".into();
+        }
+        assert!(matches!(s.apply(&bad_host), StateResponse::Invalid { .. }));
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn moving_a_host_is_recorded() {
+        let mut s = ClusterState::default();
+        s.apply(&register("hv1"));
+        let moved = StateCommand::RegisterHost {
+            at_ms: 5,
+            name: "hv1".into(),
+            zone: "z2".into(),
+            cluster: "c1".into(),
+            agent_version: "0.1.0".into(),
+        };
+        assert_eq!(s.apply(&moved), StateResponse::Ok);
+        assert_eq!(s.hosts["hv1"].zone, "z2");
+        assert_eq!(
+            s.events.back().map(|e| e.kind.clone()),
+            Some(EventKind::HostLocationChanged)
+        );
+    }
+
+    #[test]
+    fn event_log_is_bounded() {
+        let mut s = ClusterState::default();
+        for i in 0..(EVENT_LOG_CAPACITY as u64 + 10) {
+            s.apply(&StateCommand::RecordEvent {
+                at_ms: i,
+                severity: Severity::Info,
+                host: None,
+                kind: EventKind::LeaderElected { term: i, node: 1 },
+                message: String::new(),
+            });
+        }
+        assert_eq!(s.events.len(), EVENT_LOG_CAPACITY);
+        assert_eq!(s.events.front().map(|e| e.id), Some(10));
+    }
+
+    #[test]
+    fn serde_roundtrip_is_lossless() {
+        let mut s = ClusterState::default();
+        s.apply(&register("hv1"));
+        let json = serde_json::to_string(&s).expect("serialize");
+        let back: ClusterState = serde_json::from_str(&json).expect("deserialize");
+        assert_eq!(s, back);
+    }
+}

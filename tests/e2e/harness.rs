@@ -1,0 +1,329 @@
+#![allow(dead_code)]
+//! Test harness (included by every test and bench of this crate with `#[path]`): a throwaway PKI, and monitors, agents and vigilctl as real processes.
+//!
+//! Every process is our own child, ended by its PID when its handle drops (also when a test
+//! fails), and everything lives in a temporary directory on loopback.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vigil_common::tls::{self, Role, TlsPaths};
+
+/// Paths of the binaries under test.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = match name {
+        "monitor" => env!("CARGO_BIN_EXE_e2e-vigil-monitor"),
+        "agent" => env!("CARGO_BIN_EXE_e2e-vigil-agent"),
+        "vigilctl" => env!("CARGO_BIN_EXE_e2e-vigilctl"),
+        other => panic!("no binary {other}"),
+    };
+    PathBuf::from(exe)
+}
+
+/// A free UDP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    let s = UdpSocket::bind("127.0.0.1:0").expect("bind a free port");
+    s.local_addr().expect("local addr").port()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or gives up after `timeout`.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A cluster CA and certificates in a temporary directory.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        tls::init_ca(&dir.path().join("ca"), "test").expect("init CA");
+        Pki { dir }
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// Issues (once) and returns the TLS paths of `name` with `role`.
+    pub fn issue(&self, role: Role, name: &str) -> TlsPaths {
+        let out = self.dir.path().join("certs");
+        let cert = out.join(format!("{name}.crt"));
+        if !cert.exists() {
+            tls::issue_cert(&self.ca_dir(), role, name, &out, &[], 30).expect("issue cert");
+        }
+        TlsPaths {
+            ca: out.join("ca.crt"),
+            cert,
+            key: out.join(format!("{name}.key")),
+        }
+    }
+}
+
+impl Default for Pki {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Fast detector settings for tests.
+pub const DETECTOR_TOML: &str =
+    "[detector]\nheartbeat_interval_ms = 100\nsuspect_after_ms = 300\ndown_after_ms = 600\n";
+
+fn toml_tls(t: &TlsPaths) -> String {
+    format!(
+        "[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        t.ca.display().to_string(),
+        t.cert.display().to_string(),
+        t.key.display().to_string()
+    )
+}
+
+/// A child process ended (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(mut cmd: Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log).expect("log file");
+        let f2 = f.try_clone().expect("clone log");
+        cmd.stdout(Stdio::from(f))
+            .stderr(Stdio::from(f2))
+            .stdin(Stdio::null());
+        let child = cmd.spawn().expect("spawn");
+        Proc {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL, like a crash, and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM (graceful) and wait up to 10 s, then SIGKILL.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Whether it already exited, and how.
+    pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A monitor process with its own data directory.
+pub struct MonitorProc {
+    pub proc_: Proc,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    pub config: PathBuf,
+}
+
+impl MonitorProc {
+    /// Writes a config into `dir` and starts the monitor.
+    pub fn start(pki: &Pki, dir: &Path, extra_toml: &str) -> MonitorProc {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_at(pki, dir, addr, extra_toml)
+    }
+
+    pub fn start_at(pki: &Pki, dir: &Path, addr: SocketAddr, extra_toml: &str) -> MonitorProc {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let t = pki.issue(Role::Monitor, "mon1");
+        let data_dir = dir.join("data");
+        let config = dir.join("monitor.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = 1\ndata_dir = {:?}\nlisten = \"{addr}\"\n{extra_toml}\n{}",
+                data_dir.display().to_string(),
+                toml_tls(&t)
+            ),
+        )
+        .expect("write config");
+        Self::spawn_with(config, addr, data_dir, dir)
+    }
+
+    fn spawn_with(config: PathBuf, addr: SocketAddr, data_dir: PathBuf, dir: &Path) -> MonitorProc {
+        let mut cmd = Command::new(bin("monitor"));
+        cmd.arg("--config").arg(&config);
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let proc_ = Proc::spawn(cmd, dir.join(format!("monitor-{n}.log")));
+        MonitorProc {
+            proc_,
+            addr,
+            data_dir,
+            config,
+        }
+    }
+
+    /// Starts the same monitor again (same config and data directory).
+    pub fn restart(&mut self, crash: bool) {
+        if crash {
+            self.proc_.kill();
+        } else {
+            self.proc_.terminate();
+        }
+        let dir = self.config.parent().expect("config dir").to_path_buf();
+        let fresh = Self::spawn_with(self.config.clone(), self.addr, self.data_dir.clone(), &dir);
+        *self = fresh;
+    }
+}
+
+/// An agent process.
+pub struct AgentProc {
+    pub proc_: Proc,
+    pub host: String,
+}
+
+impl AgentProc {
+    pub fn start(pki: &Pki, dir: &Path, host: &str, monitor: SocketAddr, extra: &str) -> AgentProc {
+        let t = pki.issue(Role::Agent, host);
+        Self::start_with_tls(&t, dir, host, monitor, extra)
+    }
+
+    pub fn start_with_tls(
+        t: &TlsPaths,
+        dir: &Path,
+        host: &str,
+        monitor: SocketAddr,
+        extra: &str,
+    ) -> AgentProc {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let config = dir.join(format!("agent-{host}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "monitors = [\"{monitor}\"]\nreconnect_ms = 100\n{extra}\n{}",
+                toml_tls(t)
+            ),
+        )
+        .expect("write agent config");
+        let mut cmd = Command::new(bin("agent"));
+        cmd.arg("--config").arg(&config);
+        AgentProc {
+            proc_: Proc::spawn(cmd, dir.join(format!("agent-{host}.log"))),
+            host: host.to_string(),
+        }
+    }
+}
+
+/// Runs vigilctl against a monitor with an admin certificate.
+pub struct Ctl {
+    pub tls: TlsPaths,
+    pub monitors: Vec<SocketAddr>,
+}
+
+impl Ctl {
+    pub fn new(pki: &Pki, monitors: Vec<SocketAddr>) -> Ctl {
+        Ctl {
+            tls: pki.issue(Role::Admin, "operator"),
+            monitors,
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let list: Vec<String> = self.monitors.iter().map(|m| m.to_string()).collect();
+        Command::new(bin("vigilctl"))
+            .arg("--monitor")
+            .arg(list.join(","))
+            .arg("--ca")
+            .arg(&self.tls.ca)
+            .arg("--cert")
+            .arg(&self.tls.cert)
+            .arg("--key")
+            .arg(&self.tls.key)
+            .arg("--timeout")
+            .arg("3")
+            .args(args)
+            .output()
+            .expect("run vigilctl")
+    }
+
+    /// Runs with `--json` and parses the answer; `Err(stderr)` if the command failed.
+    pub fn json(&self, args: &[&str]) -> Result<Value, String> {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let out = self.run(&a);
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| format!("bad json: {e}"))
+    }
+
+    /// Waits until the monitor answers `status`.
+    pub fn wait_ready(&self, timeout: Duration) -> Value {
+        let mut last = String::new();
+        wait_for(timeout, || match self.json(&["status"]) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                last = e;
+                None
+            }
+        })
+        .unwrap_or_else(|| panic!("monitor not ready within {timeout:?}: {last}"))
+    }
+
+    /// The liveness of `host`, if the monitor knows it.
+    pub fn liveness(&self, host: &str) -> Option<String> {
+        let v = self.json(&["host", "show", host]).ok()?;
+        v.get("liveness")?.as_str().map(String::from)
+    }
+
+    /// Events as (host, message) pairs.
+    pub fn events(&self) -> Vec<Value> {
+        self.json(&["events", "--limit", "1000"])
+            .ok()
+            .and_then(|v| v.get("events").and_then(|e| e.as_array().cloned()))
+            .unwrap_or_default()
+    }
+}

@@ -1,0 +1,103 @@
+//! The monitor's state lives in Raft on disk: a monitor restarted from its data directory,
+//! after a clean stop or a crash, still knows its hosts, their tags and the event log.
+
+#[path = "../harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use harness::*;
+
+fn restart_keeps_hosts_tags_and_events(crash: bool) {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mut mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let mut a1 = AgentProc::start(
+        &pki,
+        &dir,
+        "hv1",
+        mon.addr,
+        "zone = \"z1\"\ncluster = \"c1\"",
+    );
+    let mut a2 = AgentProc::start(
+        &pki,
+        &dir,
+        "hv2",
+        mon.addr,
+        "zone = \"z1\"\ncluster = \"c2\"",
+    );
+    for h in ["hv1", "hv2"] {
+        wait_for(Duration::from_secs(10), || {
+            (ctl.liveness(h).as_deref() == Some("up")).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{h} never came up"));
+    }
+    ctl.json(&["host", "tag", "add", "hv1", "ha"]).expect("tag");
+    ctl.json(&["host", "tag", "add", "hv1", "rack-7"])
+        .expect("tag");
+    ctl.json(&["host", "tag", "add", "hv2", "ha"]).expect("tag");
+    ctl.json(&["host", "tag", "rm", "hv2", "ha"])
+        .expect("untag");
+    let events_before = ctl.events();
+    assert!(events_before.len() >= 6, "{events_before:#?}");
+
+    // Agents gone too, so nothing can re-register the hosts after the restart.
+    a1.proc_.kill();
+    a2.proc_.kill();
+    mon.restart(crash);
+    ctl.wait_ready(Duration::from_secs(20));
+
+    let hv1 = ctl
+        .json(&["host", "show", "hv1"])
+        .expect("hv1 after restart");
+    assert_eq!(hv1["zone"], "z1");
+    assert_eq!(hv1["cluster"], "c1");
+    assert_eq!(hv1["tags"], serde_json::json!(["ha", "rack-7"]));
+    let hv2 = ctl
+        .json(&["host", "show", "hv2"])
+        .expect("hv2 after restart");
+    assert_eq!(hv2["cluster"], "c2");
+    assert_eq!(hv2["tags"], serde_json::json!([]));
+    // The restarted monitor has not heard from them: never "up" without a heartbeat.
+    assert_ne!(hv1["liveness"], "up");
+
+    let events_after = ctl.events();
+    assert!(
+        events_after.len() > events_before.len(),
+        "the log survives and grows (a new leader term is recorded)"
+    );
+    assert_eq!(
+        &events_after[..events_before.len()],
+        &events_before[..],
+        "old events are unchanged"
+    );
+    // With no agent back, the hosts are declared down once the grace period passes.
+    wait_for(Duration::from_secs(10), || {
+        (ctl.liveness("hv1").as_deref() == Some("down")).then_some(())
+    })
+    .expect("hv1 down after restart without agent");
+    let status = ctl.json(&["status"]).expect("status");
+    assert_eq!(status["servers"][0]["state"], "leader", "{status}");
+    // openraft lets a lone voter resume leadership in its stored term; the restart is
+    // still visible in the event log.
+    let new_events = &ctl.events()[events_before.len()..];
+    assert!(
+        new_events.iter().any(|e| e["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("became leader")),
+        "{new_events:#?}"
+    );
+}
+
+#[test]
+fn restart_after_clean_stop_keeps_state() {
+    restart_keeps_hosts_tags_and_events(false);
+}
+
+#[test]
+fn restart_after_kill_9_keeps_state() {
+    restart_keeps_hosts_tags_and_events(true);
+}
