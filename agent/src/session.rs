@@ -8,8 +8,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use vigil_common::codec::{self, CodecError};
 use vigil_common::wire::{
-    self, AgentCommand, AgentToMonitor, CommandOutcome, Heartbeat, Hello, MonitorToAgent, Preamble,
-    Welcome,
+    self, AgentCommand, AgentToMonitor, CommandOutcome, Heartbeat, Hello, HostFacts,
+    MonitorToAgent, Preamble, Welcome,
 };
 
 use crate::facts::FactsCollector;
@@ -143,6 +143,15 @@ impl Session {
     pub async fn run(
         self,
         facts: &mut FactsCollector,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), SessionError> {
+        self.run_with(&mut || facts.collect(), stop).await
+    }
+
+    /// Like [`Session::run`], with facts from `facts` (load generators use fixed facts).
+    pub async fn run_with(
+        self,
+        facts: &mut (dyn FnMut() -> HostFacts + Send),
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
         let Session {
@@ -165,7 +174,7 @@ impl Session {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    let beat = AgentToMonitor::Heartbeat(Heartbeat { seq, facts: facts.collect() });
+                    let beat = AgentToMonitor::Heartbeat(Heartbeat { seq, facts: facts() });
                     if let Err(e) = codec::write_frame(&mut send, &beat).await {
                         break Err(codec_err(&conn, addr, e));
                     }

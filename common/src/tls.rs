@@ -236,6 +236,88 @@ pub struct IssuedFiles {
     pub ca: PathBuf,
 }
 
+/// A CA loaded for signing.
+pub struct CaSigner {
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate, PEM.
+    pub cert_pem: String,
+    pub cert_path: PathBuf,
+}
+
+impl CaSigner {
+    /// Loads `ca.crt` and `ca.key` from `ca_dir`.
+    pub fn load(ca_dir: &Path) -> Result<CaSigner, TlsError> {
+        let cert_path = ca_dir.join(CA_CERT_FILE);
+        let key_path = ca_dir.join(CA_KEY_FILE);
+        let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
+        let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| TlsError::BadPem {
+            path: key_path.clone(),
+            message: e.to_string(),
+        })?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| TlsError::BadPem {
+            path: cert_path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(CaSigner {
+            issuer,
+            cert_pem,
+            cert_path,
+        })
+    }
+
+    /// Issues a certificate in memory: returns (certificate PEM, private key PEM).
+    pub fn issue(
+        &self,
+        role: Role,
+        name: &str,
+        extra_sans: &[String],
+        valid_days: u32,
+    ) -> Result<(String, String), TlsError> {
+        validate_cert_name(name)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationalUnitName, role.as_ou());
+        dn.push(DnType::OrganizationName, "Vigil");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = match role {
+            Role::Monitor => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Role::Agent | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
+        let dns = |s: &str| -> Result<SanType, TlsError> {
+            Ok(SanType::DnsName(s.try_into().map_err(
+                |e: rcgen::Error| TlsError::BadName {
+                    name: s.to_string(),
+                    reason: e.to_string(),
+                },
+            )?))
+        };
+        let mut sans = vec![dns(name)?];
+        if role == Role::Monitor {
+            sans.push(dns(MONITOR_SERVER_NAME)?);
+        }
+        for s in extra_sans {
+            match s.parse::<std::net::IpAddr>() {
+                Ok(ip) => sans.push(SanType::IpAddress(ip)),
+                Err(_) => sans.push(dns(s)?),
+            }
+        }
+        params.subject_alt_names = sans;
+        let now = time_now();
+        params.not_before = now - Duration::from_secs(3600);
+        params.not_after = now + Duration::from_secs(u64::from(valid_days.max(1)) * 24 * 3600);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
 /// Issues a certificate for `name` with `role`, signed by the CA in `ca_dir`, into `out_dir`
 /// as `NAME.crt`, `NAME.key` and a copy of `ca.crt`. `extra_sans` adds DNS names or IP
 /// addresses (monitors: the addresses peers use). Refuses to overwrite existing files.
@@ -248,19 +330,7 @@ pub fn issue_cert(
     valid_days: u32,
 ) -> Result<IssuedFiles, TlsError> {
     validate_cert_name(name)?;
-    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
-    let ca_key_path = ca_dir.join(CA_KEY_FILE);
-    let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io_err(&ca_cert_path))?;
-    let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::BadPem {
-        path: ca_key_path.clone(),
-        message: e.to_string(),
-    })?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).map_err(|e| TlsError::BadPem {
-        path: ca_cert_path.clone(),
-        message: e.to_string(),
-    })?;
-
+    let ca = CaSigner::load(ca_dir)?;
     fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let cert_path = out_dir.join(format!("{name}.crt"));
     let key_path = out_dir.join(format!("{name}.key"));
@@ -269,61 +339,20 @@ pub fn issue_cert(
             return Err(TlsError::AlreadyExists { path: p.clone() });
         }
     }
-
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, name);
-    dn.push(DnType::OrganizationalUnitName, role.as_ou());
-    dn.push(DnType::OrganizationName, "Vigil");
-    params.distinguished_name = dn;
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = match role {
-        Role::Monitor => vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
-        Role::Agent | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
-    };
-    let mut sans = vec![];
-    let dns = |s: &str| -> Result<SanType, TlsError> {
-        Ok(SanType::DnsName(s.try_into().map_err(
-            |e: rcgen::Error| TlsError::BadName {
-                name: s.to_string(),
-                reason: e.to_string(),
-            },
-        )?))
-    };
-    sans.push(dns(name)?);
-    if role == Role::Monitor {
-        sans.push(dns(MONITOR_SERVER_NAME)?);
-    }
-    for s in extra_sans {
-        match s.parse::<std::net::IpAddr>() {
-            Ok(ip) => sans.push(SanType::IpAddress(ip)),
-            Err(_) => sans.push(dns(s)?),
-        }
-    }
-    params.subject_alt_names = sans;
-    let now = time_now();
-    params.not_before = now - Duration::from_secs(3600);
-    params.not_after = now + Duration::from_secs(u64::from(valid_days.max(1)) * 24 * 3600);
-    let cert = params.signed_by(&key, &issuer)?;
-
-    write_new(&key_path, &key.serialize_pem(), true)?;
-    write_new(&cert_path, &cert.pem(), false)?;
+    let (cert_pem, key_pem) = ca.issue(role, name, extra_sans, valid_days)?;
+    write_new(&key_path, &key_pem, true)?;
+    write_new(&cert_path, &cert_pem, false)?;
     let ca_copy = out_dir.join(CA_CERT_FILE);
-    if ca_copy != ca_cert_path {
+    if ca_copy != ca.cert_path {
         match fs::read_to_string(&ca_copy) {
-            Ok(existing) if existing == ca_pem => {}
+            Ok(existing) if existing == ca.cert_pem => {}
             Ok(_) => {
                 return Err(TlsError::BadPem {
                     path: ca_copy,
                     message: "holds a different CA certificate; refusing to overwrite it".into(),
                 })
             }
-            Err(_) => write_new(&ca_copy, &ca_pem, false)?,
+            Err(_) => write_new(&ca_copy, &ca.cert_pem, false)?,
         }
     }
     Ok(IssuedFiles {
@@ -350,6 +379,30 @@ pub struct TlsMaterial {
     pub roots: RootCertStore,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+}
+
+impl TlsMaterial {
+    /// Material from PEM text already in memory (CA, certificate, key).
+    pub fn from_pem(ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        use rustls_pki_types::pem::PemObject;
+        let mem = PathBuf::from("<memory>");
+        let bad = |m: String| TlsError::BadPem {
+            path: mem.clone(),
+            message: m,
+        };
+        let mut roots = RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+            roots
+                .add(c.map_err(|e| bad(e.to_string()))?)
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(e.to_string()))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
+        Ok(TlsMaterial { roots, chain, key })
+    }
 }
 
 impl TlsPaths {

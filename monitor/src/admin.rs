@@ -235,6 +235,8 @@ async fn status(ctx: &AdminContext) -> StatusView {
         hosts_suspect: count(Liveness::Suspect),
         hosts_down: count(Liveness::Down),
         hosts_unknown: count(Liveness::Unknown),
+        agents_connected: ctx.sessions.connected_hosts().len(),
+        heartbeats_total: ctx.sessions.heartbeats_total(),
         version: vigil_common::VERSION.to_string(),
     }
 }

@@ -36,6 +36,7 @@ pub struct Sessions {
     by_host: Mutex<HashMap<String, SessionEntry>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<CommandOutcome>>>,
     next_id: AtomicU64,
+    heartbeats: AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,11 @@ impl Sessions {
                 Err(CommandError::Timeout(host.to_string(), timeout))
             }
         }
+    }
+
+    /// Heartbeats received since the monitor started.
+    pub fn heartbeats_total(&self) -> u64 {
+        self.heartbeats.load(Ordering::Relaxed)
     }
 
     pub fn connected_hosts(&self) -> Vec<String> {
@@ -186,6 +192,7 @@ pub async fn serve(
         loop {
             match codec::read_frame::<_, AgentToMonitor>(&mut recv).await {
                 Ok(Some(AgentToMonitor::Heartbeat(hb))) => {
+                    sessions.heartbeats.fetch_add(1, Ordering::Relaxed);
                     engine
                         .input(Input::Heartbeat {
                             host: host.clone(),

@@ -37,6 +37,10 @@ pub struct StatusView {
     pub hosts_suspect: usize,
     pub hosts_down: usize,
     pub hosts_unknown: usize,
+    /// Agents connected to the answering monitor.
+    pub agents_connected: usize,
+    /// Heartbeats the answering monitor received since it started.
+    pub heartbeats_total: u64,
     pub version: String,
 }
 

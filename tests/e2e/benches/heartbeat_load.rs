@@ -1,0 +1,275 @@
+//! Heartbeat load: N simulated agents, each with its own certificate and its own QUIC
+//! connection with mutual TLS, heartbeat against one real `vigil-monitor` process on loopback.
+//! Prints heartbeats/s ingested by the monitor, the monitor's CPU and RSS, and then the real
+//! agent binary's own RSS and CPU at idle heartbeat.
+//!
+//! Run: `cargo bench -p vigil-e2e --bench heartbeat_load`
+//! Env: VIGIL_BENCH_AGENTS (default "100,1000,5000,10000"), VIGIL_BENCH_SECONDS (default 20),
+//!      VIGIL_BENCH_INTERVAL_MS (default 500, i.e. 2 beats/s per agent).
+
+#[path = "../harness.rs"]
+mod harness;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::*;
+use vigil_agent::session::Session;
+use vigil_common::tls::{self, CaSigner, Role, TlsMaterial, TransportTuning};
+use vigil_common::wire::{self, AdminRequest, Hello, HostFacts};
+use vigil_monitor::api::StatusView;
+use vigil_monitor::ctl::client::AdminClient;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// CPU seconds (user + system) and RSS bytes of a process, from /proc.
+fn proc_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let after = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime is field 14, stime 15 (1-based); after ')' field 3 is index 0.
+    let cpu_ticks = ticks(11) + ticks(12);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    (cpu_ticks as f64 / 100.0, rss_kb * 1024)
+}
+
+async fn status(c: &mut AdminClient) -> StatusView {
+    c.call::<StatusView>(&AdminRequest::Status)
+        .await
+        .expect("status")
+        .0
+}
+
+struct Row {
+    agents: usize,
+    connected: usize,
+    up: usize,
+    beats_per_s: f64,
+    expected_per_s: f64,
+    cpu_pct: f64,
+    rss_mib: f64,
+    connect_s: f64,
+}
+
+fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
+    let dir = pki.dir.path().join(format!("level-{n}"));
+    // Generous detector thresholds: the load generator shares the 2 cores with the monitor,
+    // and we measure ingestion here, not detection.
+    let mon = MonitorProc::start(
+        pki,
+        &dir,
+        &format!(
+            "[detector]\nheartbeat_interval_ms = {interval_ms}\nsuspect_after_ms = {}\ndown_after_ms = {}\n",
+            interval_ms * 6,
+            interval_ms * 12
+        ),
+    );
+    let ctl = Ctl::new(pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(30));
+    let pid = mon.proc_.pid();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let ca = CaSigner::load(&pki.ca_dir()).expect("ca");
+        let t0 = Instant::now();
+        let mut configs = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = format!("sim{i:05}");
+            let (cert, key) = ca.issue(Role::Agent, &name, &[], 2).expect("issue");
+            let material = TlsMaterial::from_pem(&ca.cert_pem, &cert, &key).expect("material");
+            let cfg = tls::client_config(
+                material,
+                wire::ALPN_AGENT,
+                TransportTuning {
+                    idle_timeout: Duration::from_secs(30),
+                    keep_alive: None,
+                },
+            )
+            .expect("client config");
+            configs.push((name, cfg));
+        }
+        eprintln!(
+            "  issued {n} certificates in {:.1}s",
+            t0.elapsed().as_secs_f64()
+        );
+
+        // Spread agents over several UDP sockets, like separate hosts would be.
+        let endpoints: Vec<quinn::Endpoint> = (0..16)
+            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("ep"))
+            .collect();
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let connected = Arc::new(AtomicU64::new(0));
+        let sem = Arc::new(tokio::sync::Semaphore::new(64));
+        let t_connect = Instant::now();
+        let addr: SocketAddr = mon.addr;
+        for (i, (name, cfg)) in configs.into_iter().enumerate() {
+            let ep = endpoints[i % endpoints.len()].clone();
+            let stop = stop_rx.clone();
+            let connected = connected.clone();
+            let sem = sem.clone();
+            tokio::spawn(async move {
+                let facts = HostFacts {
+                    hostname: name.clone(),
+                    cpus: 64,
+                    memory_total_bytes: 512 << 30,
+                    memory_available_bytes: 300 << 30,
+                    load_avg: [1.0, 1.0, 1.0],
+                    uptime_s: 100_000,
+                    boot_id: "00000000-0000-0000-0000-000000000000".into(),
+                };
+                let hello = Hello {
+                    host: name.clone(),
+                    agent_version: "bench".into(),
+                    zone: "z".into(),
+                    cluster: "c".into(),
+                    facts: facts.clone(),
+                };
+                let session = {
+                    let _permit = sem.acquire().await;
+                    match Session::open(&ep, cfg, addr, hello).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            eprintln!("  {name}: {e}");
+                            return;
+                        }
+                    }
+                };
+                connected.fetch_add(1, Ordering::Relaxed);
+                let mut f = move || facts.clone();
+                let _ = session.run_with(&mut f, stop).await;
+            });
+        }
+        // Wait for the ramp to finish (or stall).
+        let mut last = 0;
+        let mut stalled = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let c = connected.load(Ordering::Relaxed) as usize;
+            if c >= n {
+                break;
+            }
+            if c != last {
+                last = c;
+                stalled = Instant::now();
+            } else if stalled.elapsed() > Duration::from_secs(15) {
+                eprintln!("  ramp stalled at {c}/{n}");
+                break;
+            }
+        }
+        let connect_s = t_connect.elapsed().as_secs_f64();
+        eprintln!(
+            "  {} agents connected in {connect_s:.1}s",
+            connected.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        let mut admin = AdminClient::new(
+            &pki.issue(Role::Admin, "bench-admin"),
+            vec![addr],
+            Duration::from_secs(30),
+        )
+        .expect("admin");
+        let s0 = status(&mut admin).await;
+        let (cpu0, _) = proc_usage(pid);
+        let w0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let s1 = status(&mut admin).await;
+        let (cpu1, rss) = proc_usage(pid);
+        let dt = w0.elapsed().as_secs_f64();
+        admin.close();
+        let _ = stop_tx.send(true);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for ep in &endpoints {
+            ep.close(0u32.into(), b"bench done");
+        }
+        let c = connected.load(Ordering::Relaxed) as usize;
+        Row {
+            agents: n,
+            connected: c,
+            up: s1.hosts_up,
+            beats_per_s: (s1.heartbeats_total - s0.heartbeats_total) as f64 / dt,
+            expected_per_s: c as f64 * 1000.0 / interval_ms as f64,
+            cpu_pct: (cpu1 - cpu0) / dt * 100.0,
+            rss_mib: rss as f64 / (1024.0 * 1024.0),
+            connect_s,
+        }
+    })
+}
+
+fn agent_footprint(pki: &Pki, seconds: u64) -> (f64, f64) {
+    let dir = pki.dir.path().join("footprint");
+    let mon = MonitorProc::start(pki, &dir, "");
+    let ctl = Ctl::new(pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(30));
+    let agent = AgentProc::start(pki, &dir, "real-agent", mon.addr, "");
+    wait_for(Duration::from_secs(20), || {
+        (ctl.liveness("real-agent").as_deref() == Some("up")).then_some(())
+    })
+    .expect("agent up");
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = agent.proc_.pid();
+    let (c0, _) = proc_usage(pid);
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let (c1, rss) = proc_usage(pid);
+    (
+        (c1 - c0) / t.elapsed().as_secs_f64() * 100.0,
+        rss as f64 / (1024.0 * 1024.0),
+    )
+}
+
+fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` would pass nothing useful. Only
+    // run the load when invoked as a benchmark.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("heartbeat_load: run with `cargo bench -p vigil-e2e --bench heartbeat_load`");
+        return;
+    }
+    let levels: Vec<usize> = env_or("VIGIL_BENCH_AGENTS", "100,1000,5000,10000")
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let seconds: u64 = env_or("VIGIL_BENCH_SECONDS", "20").parse().unwrap_or(20);
+    let interval: u64 = env_or("VIGIL_BENCH_INTERVAL_MS", "500")
+        .parse()
+        .unwrap_or(500);
+    let pki = Pki::new();
+    println!("heartbeat load: 1 monitor, N agents on loopback, one QUIC+mTLS connection each, a beat every {interval} ms, {seconds} s window, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    println!();
+    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for n in levels {
+        eprintln!("level {n}:");
+        let r = run_level(&pki, n, seconds, interval);
+        println!(
+            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB |",
+            r.agents,
+            r.connected,
+            r.up,
+            r.connect_s,
+            r.beats_per_s,
+            r.expected_per_s,
+            r.cpu_pct,
+            r.rss_mib
+        );
+    }
+    let (cpu, rss) = agent_footprint(&pki, seconds.max(10));
+    println!();
+    println!("agent at idle heartbeat (real vigil-agent binary, 500 ms interval): CPU {cpu:.2} % of a core, RSS {rss:.1} MiB");
+}
