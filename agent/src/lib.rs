@@ -5,10 +5,17 @@
 //! - [`facts`]: what the agent reports about its host;
 //! - [`session`]: one authenticated connection to a monitor (handshake, heartbeats, commands);
 //! - [`runner`]: keeps a session up, moving between monitors when one fails;
+//! - [`libvirt`]: the hypervisor backend (a dedicated thread with deadlines, lifecycle events);
+//! - [`watch`]: watches the hypervisor (events, inventory, definitions, stale generations);
+//! - [`executor`]: carries out the monitor's orders, guarded by [`generations`];
 //! - [`cli`]: the `vigil-agent` command line.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod cli;
+pub mod executor;
 pub mod facts;
+pub mod generations;
+pub mod libvirt;
 pub mod runner;
 pub mod session;
+pub mod watch;

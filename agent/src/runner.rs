@@ -12,8 +12,12 @@ use vigil_common::config::AgentConfig;
 use vigil_common::tls::{self, Role, TlsPaths, TransportTuning};
 use vigil_common::wire::{self, Hello};
 
+use crate::executor::Executor;
 use crate::facts::FactsCollector;
-use crate::session::Session;
+use crate::generations::Generations;
+use crate::libvirt::Hypervisor;
+use crate::session::{Session, SessionIo};
+use crate::watch;
 
 /// The host name this agent speaks for: the common name of its certificate. A configured
 /// `host` that differs is an error: the monitor would refuse every hello anyway.
@@ -59,6 +63,8 @@ pub struct AgentRunner {
     pub reconnect: Duration,
     client: quinn::ClientConfig,
     endpoint: quinn::Endpoint,
+    executor: Executor,
+    poll: Duration,
 }
 
 impl AgentRunner {
@@ -66,6 +72,14 @@ impl AgentRunner {
         let client = client_config(&cfg.tls)?;
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .context("opening the agent's UDP socket")?;
+        let gens = Generations::load(&cfg.state_dir)
+            .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
+        let hv = cfg.libvirt_enabled.then(|| {
+            Hypervisor::open(
+                &cfg.libvirt_uri,
+                Duration::from_millis(cfg.libvirt_deadline_ms),
+            )
+        });
         Ok(AgentRunner {
             host,
             zone: cfg.zone.clone(),
@@ -74,12 +88,16 @@ impl AgentRunner {
             reconnect: Duration::from_millis(cfg.reconnect_ms),
             client,
             endpoint,
+            executor: Executor::new(hv, gens),
+            poll: Duration::from_millis(cfg.poll_interval_ms),
         })
     }
 
     /// Runs until `stop` becomes true.
     pub async fn run(self, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut facts = FactsCollector::new();
+        let (reports_tx, mut reports) = tokio::sync::mpsc::channel(1024);
+        let latest = watch::spawn(self.executor.clone(), self.poll, reports_tx);
         let mut backoff = self.reconnect;
         let max_backoff = self.reconnect * 8;
         let mut next = 0usize;
@@ -99,7 +117,12 @@ impl AgentRunner {
             match Session::open(&self.endpoint, self.client.clone(), addr, hello).await {
                 Ok(session) => {
                     backoff = self.reconnect;
-                    match session.run(&mut facts, stop.clone()).await {
+                    let io = SessionIo {
+                        reports: Some(&mut reports),
+                        latest: Some(latest.clone()),
+                        executor: Some(self.executor.clone()),
+                    };
+                    match session.run(&mut facts, io, stop.clone()).await {
                         Ok(()) => break,
                         Err(e) => warn!(%addr, error = %e, "lost the monitor"),
                     }

@@ -138,20 +138,22 @@ impl Session {
         }
     }
 
-    /// Heartbeats every `welcome.heartbeat_interval_ms` and answers commands until the
-    /// connection fails or `stop` fires. Returns why it ended.
+    /// Heartbeats every `welcome.heartbeat_interval_ms`, forwards the host watcher's reports,
+    /// and carries out commands, until the connection fails or `stop` fires.
     pub async fn run(
         self,
         facts: &mut FactsCollector,
+        io: SessionIo<'_>,
         stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
-        self.run_with(&mut || facts.collect(), stop).await
+        self.run_with(&mut || facts.collect(), io, stop).await
     }
 
     /// Like [`Session::run`], with facts from `facts` (load generators use fixed facts).
     pub async fn run_with(
         self,
         facts: &mut (dyn FnMut() -> HostFacts + Send),
+        mut io: SessionIo<'_>,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) -> Result<(), SessionError> {
         let Session {
@@ -170,6 +172,20 @@ impl Session {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        // Commands run in their own tasks (a domain start takes seconds; heartbeats must not
+        // wait); their answers come back here.
+        let (done_tx, mut done_rx) = mpsc::channel::<(u64, CommandOutcome)>(64);
+        // The current inventory first, so the monitor knows this host's domains at once.
+        if let Some(latest) = &io.latest {
+            let current = latest.borrow().clone();
+            if let Some((domains, health)) = current {
+                let inv = AgentToMonitor::Inventory { domains, health };
+                if let Err(e) = codec::write_frame(&mut send, &inv).await {
+                    reader.abort();
+                    return Err(codec_err(&conn, addr, e));
+                }
+            }
+        }
         let result = loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -179,12 +195,44 @@ impl Session {
                         break Err(codec_err(&conn, addr, e));
                     }
                 }
+                report = async {
+                    match io.reports.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let Some(report) = report else {
+                        io.reports = None;
+                        continue;
+                    };
+                    if let Err(e) = codec::write_frame(&mut send, &report).await {
+                        break Err(codec_err(&conn, addr, e));
+                    }
+                }
+                Some((id, outcome)) = done_rx.recv() => {
+                    let reply = AgentToMonitor::CommandResult { id, outcome };
+                    if let Err(e) = codec::write_frame(&mut send, &reply).await {
+                        break Err(codec_err(&conn, addr, e));
+                    }
+                }
                 msg = rx.recv() => match msg {
                     Some(Ok(MonitorToAgent::Command { id, command })) => {
-                        let outcome = execute(command);
-                        let reply = AgentToMonitor::CommandResult { id, outcome };
-                        if let Err(e) = codec::write_frame(&mut send, &reply).await {
-                            break Err(codec_err(&conn, addr, e));
+                        let done = done_tx.clone();
+                        match io.executor.clone() {
+                            Some(exec) => {
+                                tokio::spawn(async move {
+                                    let outcome = exec.execute(command).await;
+                                    let _ = done.send((id, outcome)).await;
+                                });
+                            }
+                            None => {
+                                let _ = done.send((id, execute_without_backend(command))).await;
+                            }
+                        }
+                    }
+                    Some(Ok(MonitorToAgent::Generations { entries, full })) => {
+                        if let Some(exec) = &io.executor {
+                            exec.merge_generations(&entries, full);
                         }
                     }
                     Some(Ok(MonitorToAgent::Welcome(_))) => {
@@ -222,14 +270,28 @@ async fn read_loop(
     }
 }
 
-/// Runs one command from the monitor.
-fn execute(command: AgentCommand) -> CommandOutcome {
+/// Answers commands when the agent has no executor (load generators).
+fn execute_without_backend(command: AgentCommand) -> CommandOutcome {
     match command {
         AgentCommand::Ping { nonce } => {
             debug!(nonce, "ping");
             CommandOutcome::Pong { nonce }
         }
+        other => CommandOutcome::Failed {
+            reason: format!("this agent has no hypervisor backend: cannot {other:?}"),
+        },
     }
+}
+
+/// What a session exchanges besides heartbeats.
+#[derive(Default)]
+pub struct SessionIo<'a> {
+    /// Reports of the host watcher (events, inventory, definitions), forwarded as they come.
+    pub reports: Option<&'a mut mpsc::Receiver<AgentToMonitor>>,
+    /// The latest inventory, sent right after the handshake.
+    pub latest: Option<crate::watch::Latest>,
+    /// Carries out commands; `None` answers everything but pings with a failure.
+    pub executor: Option<crate::executor::Executor>,
 }
 
 fn closed_or(conn: &quinn::Connection, addr: SocketAddr, fallback: String) -> SessionError {

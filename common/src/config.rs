@@ -89,6 +89,51 @@ impl Default for DetectorConfig {
     }
 }
 
+/// Restart budget and backoff of HA VMs (monitor side, `[recovery]`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecoveryConfig {
+    /// Failures restarted on the same host within the window.
+    pub max_restarts_in_place: u32,
+    /// Further failures relocated to another host of the same cluster within the window.
+    pub max_relocations: u32,
+    /// The budget window.
+    pub window_ms: u64,
+    /// Delay before the second attempt; doubles for each further one. The first restart
+    /// after a failure is immediate.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RecoveryConfig {
+    fn default() -> Self {
+        RecoveryConfig {
+            max_restarts_in_place: 3,
+            max_relocations: 2,
+            window_ms: 10 * 60 * 1000,
+            backoff_initial_ms: 1_000,
+            backoff_max_ms: 60_000,
+        }
+    }
+}
+
+impl RecoveryConfig {
+    /// Backoff before attempt number `n` (1-based) within the window.
+    pub fn backoff_ms(&self, n: u32) -> u64 {
+        if n <= 1 {
+            return 0;
+        }
+        let shift = (n - 2).min(32);
+        self.backoff_initial_ms
+            .saturating_mul(1u64 << shift)
+            .min(self.backoff_max_ms)
+    }
+
+    pub fn budget(&self) -> u32 {
+        self.max_restarts_in_place + self.max_relocations
+    }
+}
+
 /// `monitor.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -103,6 +148,7 @@ pub struct MonitorConfig {
     pub advertise: Option<SocketAddr>,
     pub tls: TlsPaths,
     pub detector: DetectorConfig,
+    pub recovery: RecoveryConfig,
     pub log_format: LogFormat,
 }
 
@@ -115,6 +161,7 @@ impl Default for MonitorConfig {
             advertise: None,
             tls: default_tls("monitor"),
             detector: DetectorConfig::default(),
+            recovery: RecoveryConfig::default(),
             log_format: LogFormat::Plain,
         }
     }
@@ -167,6 +214,28 @@ impl MonitorConfig {
                 ),
             ));
         }
+        let r = &self.recovery;
+        if r.max_restarts_in_place + r.max_relocations == 0 {
+            return Err(invalid(
+                "recovery.max_restarts_in_place",
+                "recovery.max_restarts_in_place and recovery.max_relocations cannot both be 0 (HA would never restart anything)".into(),
+            ));
+        }
+        if r.window_ms < 1_000 {
+            return Err(invalid(
+                "recovery.window_ms",
+                format!("{} is shorter than 1000 ms", r.window_ms),
+            ));
+        }
+        if r.backoff_max_ms < r.backoff_initial_ms {
+            return Err(invalid(
+                "recovery.backoff_max_ms",
+                format!(
+                    "{} is smaller than recovery.backoff_initial_ms ({})",
+                    r.backoff_max_ms, r.backoff_initial_ms
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -191,6 +260,16 @@ pub struct AgentConfig {
     pub tls: TlsPaths,
     /// Wait this long before reconnecting after a lost connection (doubles up to 8x).
     pub reconnect_ms: u64,
+    /// Talk to the local libvirt (off: an agent that only heartbeats).
+    pub libvirt_enabled: bool,
+    pub libvirt_uri: String,
+    /// Longest a libvirt call may take before the hypervisor counts as unhealthy. Above the
+    /// slowest normal call (a domain start under QEMU TCG takes seconds).
+    pub libvirt_deadline_ms: u64,
+    /// Full inventory poll, the backstop for lifecycle events.
+    pub poll_interval_ms: u64,
+    /// Durable agent state (the activation generations it has seen).
+    pub state_dir: PathBuf,
     pub log_format: LogFormat,
 }
 
@@ -203,6 +282,11 @@ impl Default for AgentConfig {
             monitors: vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_MONITOR_PORT))],
             tls: default_tls("agent"),
             reconnect_ms: 200,
+            libvirt_enabled: true,
+            libvirt_uri: "qemu:///system".into(),
+            libvirt_deadline_ms: 20_000,
+            poll_interval_ms: 2_000,
+            state_dir: PathBuf::from("/var/lib/vigil/agent"),
             log_format: LogFormat::Plain,
         }
     }
@@ -242,6 +326,24 @@ impl AgentConfig {
             if let Err(m) = crate::names::validate("host", h) {
                 return Err(invalid("host", m));
             }
+        }
+        if !(100..=600_000).contains(&self.libvirt_deadline_ms) {
+            return Err(invalid(
+                "libvirt_deadline_ms",
+                format!("{} is out of range 100..=600000", self.libvirt_deadline_ms),
+            ));
+        }
+        if !(50..=60_000).contains(&self.poll_interval_ms) {
+            return Err(invalid(
+                "poll_interval_ms",
+                format!("{} is out of range 50..=60000", self.poll_interval_ms),
+            ));
+        }
+        if self.libvirt_enabled && self.libvirt_uri.trim().is_empty() {
+            return Err(invalid(
+                "libvirt_uri",
+                "must not be empty while libvirt_enabled is true".into(),
+            ));
         }
         if self.reconnect_ms == 0 || self.reconnect_ms > 60_000 {
             return Err(invalid(

@@ -13,6 +13,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::domain::{DomainEvent, DomainInfo, HypervisorHealth};
+
 /// Version of the agent and admin protocols. Bump on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -142,13 +144,32 @@ pub struct Heartbeat {
 pub enum AgentCommand {
     /// Round-trip check; the agent answers with [`CommandOutcome::Pong`].
     Ping { nonce: u64 },
+    /// Start a domain with an activation generation that the monitor committed first. The
+    /// agent refuses a generation older than the newest it has seen for that VM, records
+    /// the generation durably before starting, defines the domain from `definition` if this
+    /// host does not have it, and answers only once libvirt reports it running.
+    StartDomain {
+        uuid: String,
+        generation: u64,
+        definition: Option<String>,
+    },
+    /// Destroy (hard stop) a domain.
+    DestroyDomain { uuid: String },
 }
 
 /// An agent's answer to an [`AgentCommand`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandOutcome {
-    Pong { nonce: u64 },
-    Failed { reason: String },
+    Pong {
+        nonce: u64,
+    },
+    /// Done; the text says what happened.
+    Done {
+        detail: String,
+    },
+    Failed {
+        reason: String,
+    },
 }
 
 /// Frames an agent sends.
@@ -156,7 +177,34 @@ pub enum CommandOutcome {
 pub enum AgentToMonitor {
     Hello(Hello),
     Heartbeat(Heartbeat),
-    CommandResult { id: u64, outcome: CommandOutcome },
+    CommandResult {
+        id: u64,
+        outcome: CommandOutcome,
+    },
+    /// Every domain on the host, with the hypervisor's health: sent on connect, on change,
+    /// and periodically as a backstop.
+    Inventory {
+        domains: Vec<DomainInfo>,
+        health: HypervisorHealth,
+    },
+    /// A lifecycle event, forwarded as soon as libvirt delivers it. `generation` is the
+    /// activation generation the domain was running with, as far as the agent knows.
+    DomainEvent {
+        event: DomainEvent,
+        generation: Option<u64>,
+    },
+    /// The inactive XML of an HA domain, when it changed.
+    Definition {
+        uuid: String,
+        xml: String,
+    },
+    /// The agent destroyed a domain that ran with a generation older than the newest.
+    StaleDestroyed {
+        uuid: String,
+        name: String,
+        found: Option<u64>,
+        newest: u64,
+    },
 }
 
 /// The monitor's answer to a [`Hello`].
@@ -174,7 +222,16 @@ pub struct Welcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MonitorToAgent {
     Welcome(Welcome),
-    Command { id: u64, command: AgentCommand },
+    Command {
+        id: u64,
+        command: AgentCommand,
+    },
+    /// The HA VMs and their current activation generations (committed). `full`: this is the
+    /// whole table (agents forget HA VMs not in it); otherwise an update of some entries.
+    Generations {
+        entries: Vec<(String, u64)>,
+        full: bool,
+    },
 }
 
 /// A request from `vigilctl`.
@@ -197,10 +254,28 @@ pub enum AdminRequest {
     Events {
         limit: u32,
         host: Option<String>,
+        /// Only events about this VM (uuid).
+        vm: Option<String>,
     },
     /// Round trip through a host's agent (checks the command path).
     HostPing {
         host: String,
+    },
+    /// Every domain the agents report, merged with the HA records.
+    VmList,
+    /// One VM (uuid or name) with its recovery history.
+    VmShow {
+        vm: String,
+    },
+    /// Enable or disable HA for a VM (uuid or name), with an optional priority.
+    VmHa {
+        vm: String,
+        enable: bool,
+        priority: Option<i32>,
+    },
+    /// Stop a VM on purpose through Vigil (destroy; Vigil will not restart it).
+    VmStop {
+        vm: String,
     },
 }
 

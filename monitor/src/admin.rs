@@ -19,11 +19,15 @@ use vigil_common::wire::{
 };
 
 use crate::agent_link::Sessions;
-use crate::api::{EventsView, HostView, PingView, ServerView, StatusView, WriteView};
+use std::collections::BTreeMap;
+
+use vigil_common::domain::{DomainInfo, DomainState};
+
+use crate::api::{EventsView, HostView, PingView, ServerView, StatusView, VmView, WriteView};
 use crate::detector::Liveness;
 use crate::raft::{RaftNode, WriteError};
 use crate::service::EngineHandle;
-use crate::state::{StateCommand, StateResponse};
+use crate::state::{StateCommand, StateResponse, VmRecord};
 
 /// Everything the admin API reads from.
 #[derive(Clone)]
@@ -123,7 +127,7 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
             )
             .await
         }
-        AdminRequest::Events { limit, host } => {
+        AdminRequest::Events { limit, host, vm } => {
             let limit = limit.clamp(1, 10_000) as usize;
             let events = ctx.raft.read(|s| {
                 let mut v: Vec<_> = s
@@ -131,6 +135,7 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                     .iter()
                     .rev()
                     .filter(|e| host.as_ref().is_none_or(|h| e.host.as_ref() == Some(h)))
+                    .filter(|e| vm.as_ref().is_none_or(|v| e.vm.as_ref() == Some(v)))
                     .take(limit)
                     .cloned()
                     .collect();
@@ -138,6 +143,83 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
                 v
             });
             json(&EventsView { events })
+        }
+        AdminRequest::VmList => json(&vms(ctx).await),
+        AdminRequest::VmShow { vm } => match resolve(ctx, &vm).await {
+            Ok(v) => json(&v),
+            Err(e) => err(e),
+        },
+        AdminRequest::VmHa {
+            vm,
+            enable,
+            priority,
+        } => {
+            let v = match resolve(ctx, &vm).await {
+                Ok(v) => v,
+                Err(e) => return err(e),
+            };
+            let Some(host) = v.host.clone() else {
+                return err(format!(
+                    "VM {vm:?} is not reported by any agent; cannot tell its host"
+                ));
+            };
+            write(
+                ctx,
+                StateCommand::SetHa {
+                    at_ms: vigil_common::unix_ms(),
+                    uuid: v.uuid,
+                    name: v.name,
+                    host,
+                    ha: enable,
+                    priority,
+                },
+            )
+            .await
+        }
+        AdminRequest::VmStop { vm } => {
+            let v = match resolve(ctx, &vm).await {
+                Ok(v) => v,
+                Err(e) => return err(e),
+            };
+            if v.ha {
+                // Commit "stopped on purpose" first, so the destroy is never mistaken for a
+                // failure to recover from.
+                let resp = write(
+                    ctx,
+                    StateCommand::OperatorStop {
+                        at_ms: vigil_common::unix_ms(),
+                        uuid: v.uuid.clone(),
+                    },
+                )
+                .await;
+                if !matches!(resp, AdminResponse::Json(_)) {
+                    return resp;
+                }
+            }
+            let Some(host) = v.host.clone() else {
+                return err(format!("VM {vm:?} is not reported by any agent"));
+            };
+            match ctx
+                .sessions
+                .command(
+                    &host,
+                    AgentCommand::DestroyDomain {
+                        uuid: v.uuid.clone(),
+                    },
+                    Duration::from_secs(30),
+                )
+                .await
+            {
+                Ok(CommandOutcome::Done { .. }) => json(&WriteView {
+                    result: "ok".into(),
+                }),
+                Ok(CommandOutcome::Failed { reason }) => err(format!(
+                    "the agent of {host} could not destroy {}: {reason}",
+                    v.name
+                )),
+                Ok(other) => err(format!("unexpected answer from {host}: {other:?}")),
+                Err(e) => err(e.to_string()),
+            }
         }
         AdminRequest::HostPing { host } => {
             let nonce = vigil_common::unix_ms();
@@ -167,7 +249,9 @@ async fn write(ctx: &AdminContext, cmd: StateCommand) -> AdminResponse {
             result: "unchanged".into(),
         }),
         Ok(StateResponse::UnknownHost { host }) => err(format!("unknown host {host:?}")),
-        Ok(StateResponse::Invalid { reason }) => err(reason),
+        Ok(StateResponse::UnknownVm { vm }) => err(format!("unknown VM {vm:?}")),
+        Ok(StateResponse::Invalid { reason }) | Ok(StateResponse::Stale { reason }) => err(reason),
+        Ok(StateResponse::Batch { .. }) => err("unexpected batch answer"),
         Err(WriteError::NotLeader(nl)) => AdminResponse::NotLeader {
             leader: nl.leader_addr,
         },
@@ -235,7 +319,7 @@ async fn status(ctx: &AdminContext) -> StatusView {
         hosts_suspect: count(Liveness::Suspect),
         hosts_down: count(Liveness::Down),
         hosts_unknown: count(Liveness::Unknown),
-        agents_connected: ctx.sessions.connected_hosts().len(),
+        agents_connected: ctx.sessions.connected_count(),
         heartbeats_total: ctx.sessions.heartbeats_total(),
         version: vigil_common::VERSION.to_string(),
     }
@@ -279,4 +363,97 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
             }
         })
         .collect()
+}
+
+/// Every VM: the agents' reports merged with the replicated HA records.
+async fn vms(ctx: &AdminContext) -> Vec<VmView> {
+    let reported: Vec<(String, DomainInfo)> = ctx
+        .engine
+        .query(|e, _| {
+            e.domains()
+                .map(|(h, d)| (h.to_string(), d.clone()))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+    let records: BTreeMap<String, VmRecord> = ctx.raft.read(|s| s.vms.clone());
+    let mut out: BTreeMap<String, VmView> = BTreeMap::new();
+    for (host, d) in reported {
+        let rec = records.get(&d.uuid);
+        // A domain defined on several hosts: show where it runs, else where Vigil placed it.
+        let running = matches!(d.state, DomainState::Running | DomainState::Paused);
+        if let Some(existing) = out.get(&d.uuid) {
+            let existing_running = matches!(
+                existing.state,
+                Some(DomainState::Running) | Some(DomainState::Paused)
+            );
+            let placed_here = rec.is_some_and(|r| r.host == host);
+            if existing_running || (!running && !placed_here) {
+                continue;
+            }
+        }
+        out.insert(d.uuid.clone(), view(Some((&host, &d)), rec));
+    }
+    for (uuid, rec) in &records {
+        out.entry(uuid.clone())
+            .or_insert_with(|| view(None, Some(rec)));
+    }
+    out.into_values().collect()
+}
+
+fn view(reported: Option<(&str, &DomainInfo)>, rec: Option<&VmRecord>) -> VmView {
+    let (uuid, name) = match (reported, rec) {
+        (Some((_, d)), _) => (d.uuid.clone(), d.name.clone()),
+        (None, Some(r)) => (r.uuid.clone(), r.name.clone()),
+        (None, None) => (String::new(), String::new()),
+    };
+    VmView {
+        uuid,
+        name,
+        host: reported
+            .map(|(h, _)| h.to_string())
+            .or_else(|| rec.map(|r| r.host.clone())),
+        state: reported.map(|(_, d)| d.state),
+        reason: reported.map(|(_, d)| d.reason),
+        vcpus: reported
+            .map(|(_, d)| d.vcpus)
+            .or(rec.map(|r| r.vcpus))
+            .unwrap_or(0),
+        memory_kib: reported
+            .map(|(_, d)| d.memory_kib)
+            .or(rec.map(|r| r.memory_kib))
+            .unwrap_or(0),
+        ha: rec.is_some_and(|r| r.ha),
+        ha_source: rec.map(|r| r.ha_source),
+        priority: rec.map(|r| r.priority).unwrap_or(0),
+        generation: rec.map(|r| r.generation).unwrap_or(0),
+        reported_generation: reported.and_then(|(_, d)| d.meta.generation),
+        phase: rec.map(|r| r.phase.name().to_string()),
+        phase_detail: rec.map(|r| r.phase.clone()),
+        definition_stored: rec.is_some_and(|r| r.definition.is_some()),
+        failures_in_window: rec.map(|r| r.failures.len()).unwrap_or(0),
+        last_recovery: rec.and_then(|r| r.last_recovery.clone()),
+    }
+}
+
+/// Finds a VM by uuid or name; a name shared by several VMs is an error listing them.
+async fn resolve(ctx: &AdminContext, vm: &str) -> Result<VmView, String> {
+    let all = vms(ctx).await;
+    if let Some(v) = all.iter().find(|v| v.uuid.eq_ignore_ascii_case(vm)) {
+        return Ok(v.clone());
+    }
+    let named: Vec<&VmView> = all.iter().filter(|v| v.name == vm).collect();
+    match named.as_slice() {
+        [] => Err(format!(
+            "unknown VM {vm:?} (no agent reports a domain with that name or uuid)"
+        )),
+        [one] => Ok((*one).clone()),
+        many => Err(format!(
+            "VM name {vm:?} is ambiguous; use one of the uuids: {}",
+            many.iter()
+                .map(|v| format!("{} on {}", v.uuid, v.host.as_deref().unwrap_or("?")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
 }

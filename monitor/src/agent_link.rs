@@ -27,7 +27,8 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 struct SessionEntry {
     conn_id: u64,
     conn: quinn::Connection,
-    commands: mpsc::Sender<(u64, AgentCommand)>,
+    /// Frames to write to this agent (commands and notifications), in order.
+    outbox: mpsc::Sender<MonitorToAgent>,
 }
 
 /// The live agent sessions, by host name.
@@ -73,11 +74,15 @@ impl Sessions {
             let entry = hosts
                 .get(host)
                 .ok_or_else(|| CommandError::NotConnected(host.to_string()))?;
-            entry.commands.clone()
+            entry.outbox.clone()
         };
         let (otx, orx) = oneshot::channel();
         self.lock_pending().insert(id, otx);
-        if tx.send((id, command)).await.is_err() {
+        if tx
+            .send(MonitorToAgent::Command { id, command })
+            .await
+            .is_err()
+        {
             self.lock_pending().remove(&id);
             return Err(CommandError::Lost(host.to_string()));
         }
@@ -89,6 +94,32 @@ impl Sessions {
                 Err(CommandError::Timeout(host.to_string(), timeout))
             }
         }
+    }
+
+    /// Queues a notification for one host's agent; `false` if it is not connected or its
+    /// queue is full (it will get the full table when it reconnects).
+    pub fn notify(&self, host: &str, message: MonitorToAgent) -> bool {
+        let hosts = self.lock_hosts();
+        hosts
+            .get(host)
+            .is_some_and(|e| e.outbox.try_send(message).is_ok())
+    }
+
+    /// Queues a notification for every connected agent.
+    pub fn broadcast(&self, message: &MonitorToAgent) {
+        let hosts = self.lock_hosts();
+        for (host, e) in hosts.iter() {
+            if e.outbox.try_send(message.clone()).is_err() {
+                warn!(%host, "agent outbox full; closing the session so it resyncs");
+                e.conn
+                    .close(close::PROTOCOL_ERROR.into(), b"outbox overflow; reconnect");
+            }
+        }
+    }
+
+    /// Agents connected now.
+    pub fn connected_count(&self) -> usize {
+        self.lock_hosts().len()
     }
 
     /// Heartbeats received since the monitor started.
@@ -145,13 +176,13 @@ pub async fn serve(
     let host = peer.name.clone();
 
     let conn_id = conn.stable_id() as u64;
-    let (cmd_tx, mut cmd_rx) = mpsc::channel::<(u64, AgentCommand)>(64);
+    let (out_tx, mut out_rx) = mpsc::channel::<MonitorToAgent>(1024);
     if let Some(old) = sessions.lock_hosts().insert(
         host.clone(),
         SessionEntry {
             conn_id,
             conn: conn.clone(),
-            commands: cmd_tx,
+            outbox: out_tx.clone(),
         },
     ) {
         old.conn.close(
@@ -174,17 +205,15 @@ pub async fn serve(
         heartbeat_interval_ms,
         host: host.clone(),
     });
+    drop(out_tx);
     if let Err(e) = codec::write_frame(&mut send, &welcome).await {
         debug!(%host, error = %e, "could not send welcome");
     } else {
         info!(%host, %remote, zone = %hello.zone, cluster = %hello.cluster, "agent connected");
         // The writer owns the send half; commands reach it through the channel.
         let writer = tokio::spawn(async move {
-            while let Some((id, command)) = cmd_rx.recv().await {
-                if codec::write_frame(&mut send, &MonitorToAgent::Command { id, command })
-                    .await
-                    .is_err()
-                {
+            while let Some(frame) = out_rx.recv().await {
+                if codec::write_frame(&mut send, &frame).await.is_err() {
                     break;
                 }
             }
@@ -198,6 +227,50 @@ pub async fn serve(
                             host: host.clone(),
                             seq: hb.seq,
                             facts: hb.facts,
+                        })
+                        .await;
+                }
+                Ok(Some(AgentToMonitor::Inventory { domains, health })) => {
+                    engine
+                        .input(Input::Inventory {
+                            host: host.clone(),
+                            domains,
+                            health,
+                        })
+                        .await;
+                }
+                Ok(Some(AgentToMonitor::DomainEvent { event, generation })) => {
+                    debug!(%host, ?event, "domain event");
+                    engine
+                        .input(Input::DomainEvent {
+                            host: host.clone(),
+                            event,
+                            generation,
+                        })
+                        .await;
+                }
+                Ok(Some(AgentToMonitor::Definition { uuid, xml })) => {
+                    engine
+                        .input(Input::Definition {
+                            host: host.clone(),
+                            uuid,
+                            xml,
+                        })
+                        .await;
+                }
+                Ok(Some(AgentToMonitor::StaleDestroyed {
+                    uuid,
+                    name,
+                    found,
+                    newest,
+                })) => {
+                    warn!(%host, %uuid, %name, ?found, newest, "agent destroyed a stale domain");
+                    engine
+                        .input(Input::StaleDestroyed {
+                            host: host.clone(),
+                            uuid,
+                            found,
+                            newest,
                         })
                         .await;
                 }
@@ -301,5 +374,9 @@ fn variant_name(m: &AgentToMonitor) -> &'static str {
         AgentToMonitor::Hello(_) => "hello",
         AgentToMonitor::Heartbeat(_) => "heartbeat",
         AgentToMonitor::CommandResult { .. } => "command result",
+        AgentToMonitor::Inventory { .. } => "inventory",
+        AgentToMonitor::DomainEvent { .. } => "domain event",
+        AgentToMonitor::Definition { .. } => "definition",
+        AgentToMonitor::StaleDestroyed { .. } => "stale destroyed",
     }
 }

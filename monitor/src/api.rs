@@ -79,3 +79,29 @@ pub struct WriteView {
     /// "ok" or "unchanged".
     pub result: String,
 }
+
+/// One VM: what its host's agent reports merged with its HA record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    pub uuid: String,
+    pub name: String,
+    /// Where it runs (reported), or where Vigil last placed it.
+    pub host: Option<String>,
+    /// libvirt state as reported, `None` if no agent reports it.
+    pub state: Option<vigil_common::domain::DomainState>,
+    pub reason: Option<vigil_common::domain::StateReason>,
+    pub vcpus: u32,
+    pub memory_kib: u64,
+    pub ha: bool,
+    pub ha_source: Option<crate::state::HaSource>,
+    pub priority: i32,
+    pub generation: u64,
+    /// Running generation as reported by the agent (domain metadata).
+    pub reported_generation: Option<u64>,
+    /// Recovery phase (HA VMs): running, stopped, backoff, recovering, gave-up.
+    pub phase: Option<String>,
+    pub phase_detail: Option<crate::state::Phase>,
+    pub definition_stored: bool,
+    pub failures_in_window: usize,
+    pub last_recovery: Option<crate::state::RecoveryRecord>,
+}

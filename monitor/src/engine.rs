@@ -3,16 +3,35 @@
 //! The edges (QUIC sessions, Raft, timers) turn what happens into [`Input`]s; [`Engine::handle`]
 //! decides, reading the replicated [`ClusterState`], and returns [`Action`]s for the edges to
 //! carry out. Everything that changes durable state leaves as [`Action::Propose`] and only
-//! takes effect once Raft has committed it, so the engine's decisions are replayable and
-//! testable without sockets (see the tests below and `tests/` for driving it in simulation).
+//! takes effect once Raft has committed it; orders to agents ([`Action::Send`]) are derived
+//! from *committed* state only (a start order is sent after its generation is committed), so
+//! a new leader re-derives the same orders and recovery is idempotent across leader changes.
+//!
+//! Who decides what:
+//! - liveness: [`crate::detector`];
+//! - what a failed VM does next (restart in place, relocate, give up, backoff):
+//!   [`crate::recovery`];
+//! - which host takes it: [`crate::placement`];
+//! - whether there is proof that the old activation is gone: here, in [`Engine::vm_failed`]
+//!   and the event/inventory handlers: only the agent of the VM's current host reporting it
+//!   stopped (an event, an inventory entry, or a refused start) counts, and only for the
+//!   VM's current generation.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use vigil_common::config::DetectorConfig;
-use vigil_common::wire::HostFacts;
+use vigil_common::domain::{
+    DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason,
+};
+use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent};
 
 use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
-use crate::state::{ClusterState, EventKind, Severity, StateCommand};
+use crate::placement::{self, HostView};
+use crate::recovery::{self, RecoveryPolicy};
+use crate::state::{
+    ClusterState, EventKind, FailureKind, Phase, Proof, Severity, StateCommand, StopReason,
+    VmRecord,
+};
 
 /// Something that happened, as seen by the edges.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,8 +52,38 @@ pub enum Input {
         seq: u64,
         facts: HostFacts,
     },
+    /// The host's full domain list and hypervisor health.
+    Inventory {
+        host: String,
+        domains: Vec<DomainInfo>,
+        health: HypervisorHealth,
+    },
+    DomainEvent {
+        host: String,
+        event: DomainEvent,
+        generation: Option<u64>,
+    },
+    Definition {
+        host: String,
+        uuid: String,
+        xml: String,
+    },
+    StaleDestroyed {
+        host: String,
+        uuid: String,
+        found: Option<u64>,
+        newest: u64,
+    },
+    /// The outcome of a command the engine sent (`Err`: it never got an answer).
+    CommandDone {
+        host: String,
+        command: AgentCommand,
+        result: Result<CommandOutcome, String>,
+    },
     /// Time passed (the edge ticks several times per heartbeat interval).
     Tick,
+    /// A proposal was committed and applied: committed state may have new work.
+    Applied,
     /// This monitor became the Raft leader.
     BecameLeader {
         term: u64,
@@ -49,23 +98,52 @@ pub enum Input {
 pub enum Action {
     /// Replicate this command through Raft.
     Propose(StateCommand),
+    /// Send a command to a host's agent; the outcome comes back as [`Input::CommandDone`].
+    Send { host: String, command: AgentCommand },
+    /// Send a notification frame to one host's agent (`Some`) or to every agent (`None`).
+    Notify {
+        host: Option<String>,
+        message: MonitorToAgent,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+struct HostInventory {
+    domains: BTreeMap<String, DomainInfo>,
+    health: HypervisorHealth,
 }
 
 /// Leader-local soft state plus the decision logic.
 #[derive(Debug, Clone)]
 pub struct Engine {
     detector: FailureDetector,
+    policy: RecoveryPolicy,
     facts: BTreeMap<String, HostFacts>,
     connected: BTreeSet<String>,
+    inventory: BTreeMap<String, HostInventory>,
+    /// Starts proposed (uuid → generation) and not yet seen committed.
+    proposed_start: BTreeMap<String, u64>,
+    /// Failures proposed (uuid → generation) and not yet seen committed.
+    proposed_failure: BTreeMap<String, u64>,
+    /// Start orders sent by this leader (uuid → generation).
+    dispatched: BTreeMap<String, u64>,
+    /// Generations announced to agents (uuid → generation).
+    announced: BTreeMap<String, u64>,
     leader: bool,
 }
 
 impl Engine {
-    pub fn new(cfg: DetectorConfig, now_ms: u64) -> Self {
+    pub fn new(cfg: DetectorConfig, policy: RecoveryPolicy, now_ms: u64) -> Self {
         Engine {
             detector: FailureDetector::new(cfg, now_ms),
+            policy,
             facts: BTreeMap::new(),
             connected: BTreeSet::new(),
+            inventory: BTreeMap::new(),
+            proposed_start: BTreeMap::new(),
+            proposed_failure: BTreeMap::new(),
+            dispatched: BTreeMap::new(),
+            announced: BTreeMap::new(),
             leader: false,
         }
     }
@@ -110,16 +188,72 @@ impl Engine {
                 if let Some(t) = self.detector.heartbeat(&host, now_ms) {
                     self.transition_event(t, wall_ms, &mut out);
                 }
+                // A fresh session: it needs the whole generation table, and any start order
+                // for this host that was in flight must be sent again.
+                out.push(Action::Notify {
+                    host: Some(host.clone()),
+                    message: generation_table(state),
+                });
+                self.dispatched
+                    .retain(|uuid, _| state.vms.get(uuid).is_none_or(|v| v.host != host));
             }
             Input::AgentDisconnected { host } => {
                 // Not evidence of death by itself: the detector decides on silence alone.
                 self.connected.remove(&host);
+                self.dispatched
+                    .retain(|uuid, _| state.vms.get(uuid).is_none_or(|v| v.host != host));
             }
             Input::Heartbeat { host, facts, .. } => {
                 self.facts.insert(host.clone(), facts);
                 if let Some(t) = self.detector.heartbeat(&host, now_ms) {
                     self.transition_event(t, wall_ms, &mut out);
                 }
+            }
+            Input::Inventory {
+                host,
+                domains,
+                health,
+            } => {
+                self.on_inventory(&host, domains, health, wall_ms, state, &mut out);
+            }
+            Input::DomainEvent {
+                host,
+                event,
+                generation,
+            } => {
+                self.on_domain_event(&host, &event, generation, wall_ms, state, &mut out);
+            }
+            Input::Definition { host, uuid, xml } => {
+                if let Some(vm) = state.vms.get(&uuid) {
+                    if vm.host == host && vm.definition.as_deref() != Some(xml.as_str()) {
+                        out.push(Action::Propose(StateCommand::StoreDefinition {
+                            at_ms: wall_ms,
+                            uuid,
+                            xml,
+                        }));
+                    }
+                }
+            }
+            Input::StaleDestroyed {
+                host,
+                uuid,
+                found,
+                newest,
+            } => {
+                out.push(Action::Propose(StateCommand::StaleDestroyed {
+                    at_ms: wall_ms,
+                    uuid,
+                    host,
+                    found,
+                    newest,
+                }));
+            }
+            Input::CommandDone {
+                host,
+                command,
+                result,
+            } => {
+                self.on_command_done(&host, command, result, wall_ms, state, &mut out);
             }
             Input::Tick => {
                 for name in state.hosts.keys() {
@@ -128,6 +262,10 @@ impl Engine {
                 for t in self.detector.tick(now_ms) {
                     self.transition_event(t, wall_ms, &mut out);
                 }
+                self.reconcile(wall_ms, state, &mut out);
+            }
+            Input::Applied => {
+                self.reconcile(wall_ms, state, &mut out);
             }
             Input::BecameLeader { term, node } => {
                 self.leader = true;
@@ -141,6 +279,10 @@ impl Engine {
                 for name in self.connected.clone() {
                     self.detector.heartbeat(&name, now_ms);
                 }
+                self.proposed_start.clear();
+                self.proposed_failure.clear();
+                self.dispatched.clear();
+                self.announced.clear();
                 out.push(Action::Propose(StateCommand::RecordEvent {
                     at_ms: wall_ms,
                     severity: Severity::Info,
@@ -155,9 +297,326 @@ impl Engine {
         }
         if !self.leader {
             // Only the leader records or acts; followers keep soft state for a fast takeover.
-            out.retain(|a| !matches!(a, Action::Propose(_)));
+            out.clear();
         }
         out
+    }
+
+    fn on_inventory(
+        &mut self,
+        host: &str,
+        domains: Vec<DomainInfo>,
+        health: HypervisorHealth,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        for d in &domains {
+            let running = d.state == DomainState::Running || d.state == DomainState::Paused;
+            match state.vms.get(&d.uuid) {
+                None => {
+                    if d.meta.ha == Some(true) {
+                        out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
+                    }
+                }
+                Some(vm) => {
+                    let differs = vm.name != d.name
+                        || vm.vcpus != d.vcpus
+                        || vm.memory_kib != d.memory_kib
+                        || vm.disks != d.disks;
+                    let resumed =
+                        running && matches!(vm.phase, Phase::Stopped { .. } | Phase::GaveUp { .. });
+                    let moved = running && vm.phase == Phase::Running && vm.host != host;
+                    if differs || resumed || moved {
+                        out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
+                    }
+                    // Backstop for a lost start answer: the target reports it running with
+                    // the ordered generation.
+                    if let Phase::Recovering { host: target, .. } = &vm.phase {
+                        if target == host && running && d.meta.generation == Some(vm.generation) {
+                            out.push(Action::Propose(StateCommand::VmStarted {
+                                at_ms: wall_ms,
+                                uuid: vm.uuid.clone(),
+                                host: host.to_string(),
+                                generation: vm.generation,
+                            }));
+                        }
+                    }
+                    // Backstop for a lost crash event: shut off as crashed, on its host,
+                    // with the current generation.
+                    let crashed = d.state == DomainState::Shutoff
+                        && matches!(d.reason, StateReason::Crashed | StateReason::Failed)
+                        || d.state == DomainState::Crashed;
+                    if crashed
+                        && vm.ha
+                        && vm.phase == Phase::Running
+                        && vm.host == host
+                        && d.meta.generation.unwrap_or(0) == vm.generation
+                    {
+                        let proof = Proof::AgentReportedStopped {
+                            host: host.to_string(),
+                            detail: format!("inventory: shut off ({:?})", d.reason).to_lowercase(),
+                        };
+                        self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
+                    }
+                }
+            }
+        }
+        self.inventory.insert(
+            host.to_string(),
+            HostInventory {
+                domains: domains.into_iter().map(|d| (d.uuid.clone(), d)).collect(),
+                health,
+            },
+        );
+    }
+
+    fn on_domain_event(
+        &mut self,
+        host: &str,
+        event: &DomainEvent,
+        generation: Option<u64>,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(vm) = state.vms.get(&event.uuid) else {
+            return;
+        };
+        if !vm.ha || vm.host != host || vm.phase != Phase::Running {
+            return;
+        }
+        if generation.is_some_and(|g| g != vm.generation) {
+            // An event about another activation (older, or a stale copy): not this one.
+            return;
+        }
+        match event.kind {
+            LifecycleKind::Crashed => {
+                let proof = Proof::AgentReportedStopped {
+                    host: host.to_string(),
+                    detail: format!(
+                        "libvirt lifecycle event {}/{}",
+                        event.raw_event, event.raw_detail
+                    ),
+                };
+                self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
+            }
+            LifecycleKind::GuestShutdown | LifecycleKind::Destroyed => {
+                let reason = if event.kind == LifecycleKind::GuestShutdown {
+                    StopReason::GuestShutdown
+                } else {
+                    StopReason::OperatorDestroy
+                };
+                out.push(Action::Propose(StateCommand::VmStopped {
+                    at_ms: wall_ms,
+                    uuid: vm.uuid.clone(),
+                    host: host.to_string(),
+                    reason,
+                }));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_command_done(
+        &mut self,
+        host: &str,
+        command: AgentCommand,
+        result: Result<CommandOutcome, String>,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let AgentCommand::StartDomain {
+            uuid, generation, ..
+        } = command
+        else {
+            return;
+        };
+        let Some(vm) = state.vms.get(&uuid) else {
+            return;
+        };
+        let current = matches!(&vm.phase, Phase::Recovering { host: t, .. } if t == host)
+            && vm.generation == generation;
+        match result {
+            Ok(CommandOutcome::Done { .. }) if current => {
+                out.push(Action::Propose(StateCommand::VmStarted {
+                    at_ms: wall_ms,
+                    uuid,
+                    host: host.to_string(),
+                    generation,
+                }));
+            }
+            Ok(CommandOutcome::Failed { reason }) if current => {
+                let proof = Proof::StartRefused {
+                    host: host.to_string(),
+                    detail: reason,
+                };
+                self.vm_failed(
+                    vm,
+                    host,
+                    FailureKind::StartFailed,
+                    proof,
+                    wall_ms,
+                    state,
+                    out,
+                );
+            }
+            Err(_) => {
+                // No answer: the start may or may not have happened, so this is no proof of
+                // anything. Send the same order (same generation: idempotent) again later.
+                if self.dispatched.get(&uuid) == Some(&generation) {
+                    self.dispatched.remove(&uuid);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A failure with proof: ask the policy what to do and propose it.
+    #[allow(clippy::too_many_arguments)]
+    fn vm_failed(
+        &mut self,
+        vm: &VmRecord,
+        host: &str,
+        failure: FailureKind,
+        proof: Proof,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        if self.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
+            return;
+        }
+        let views = self.host_views(state);
+        let decision = recovery::decide(vm, host, wall_ms, &self.policy, || {
+            placement::relocation_target(&state.hosts, &views, host, vm.memory_kib)
+        });
+        self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
+        out.push(Action::Propose(StateCommand::VmFailed {
+            at_ms: wall_ms,
+            uuid: vm.uuid.clone(),
+            generation: vm.generation,
+            failure,
+            proof,
+            decision,
+            window_ms: self.policy.window_ms,
+        }));
+    }
+
+    /// Work derived from committed state: due restarts, start orders to send, generations to
+    /// announce.
+    fn reconcile(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+        let mut changed_generations = Vec::new();
+        // Highest priority first.
+        let mut order: Vec<&VmRecord> = state
+            .vms
+            .values()
+            .filter(|v| {
+                !matches!(
+                    v.phase,
+                    Phase::Running | Phase::Stopped { .. } | Phase::GaveUp { .. }
+                )
+            })
+            .collect();
+        order.sort_by_key(|v| std::cmp::Reverse(v.priority));
+        for vm in order {
+            match &vm.phase {
+                Phase::Backoff {
+                    host,
+                    not_before_ms,
+                    ..
+                } => {
+                    let next = vm.generation + 1;
+                    if wall_ms >= *not_before_ms
+                        && self.host_usable(host)
+                        && self.proposed_start.get(&vm.uuid) != Some(&next)
+                    {
+                        self.proposed_start.insert(vm.uuid.clone(), next);
+                        out.push(Action::Propose(StateCommand::OrderStart {
+                            at_ms: wall_ms,
+                            uuid: vm.uuid.clone(),
+                            host: host.clone(),
+                            generation: next,
+                        }));
+                    }
+                }
+                Phase::Recovering { host, .. } => {
+                    if self.dispatched.get(&vm.uuid) != Some(&vm.generation)
+                        && self.connected.contains(host)
+                    {
+                        self.dispatched.insert(vm.uuid.clone(), vm.generation);
+                        out.push(Action::Send {
+                            host: host.clone(),
+                            command: AgentCommand::StartDomain {
+                                uuid: vm.uuid.clone(),
+                                generation: vm.generation,
+                                definition: vm.definition.clone(),
+                            },
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        for vm in state.vms.values() {
+            if vm.ha && self.announced.get(&vm.uuid) != Some(&vm.generation) {
+                self.announced.insert(vm.uuid.clone(), vm.generation);
+                changed_generations.push((vm.uuid.clone(), vm.generation));
+            }
+        }
+        // Forget proposals that committed state has overtaken.
+        self.proposed_start
+            .retain(|u, g| state.vms.get(u).is_some_and(|v| v.generation < *g));
+        self.proposed_failure.retain(|u, g| {
+            state.vms.get(u).is_some_and(|v| {
+                v.generation == *g && matches!(v.phase, Phase::Running | Phase::Recovering { .. })
+            })
+        });
+        if !changed_generations.is_empty() {
+            // Announced to every agent *before* any start of that generation is dispatched
+            // (dispatch happens on a later pass), so a host holding an older copy learns it
+            // is stale.
+            out.insert(
+                0,
+                Action::Notify {
+                    host: None,
+                    message: MonitorToAgent::Generations {
+                        entries: changed_generations,
+                        full: false,
+                    },
+                },
+            );
+        }
+    }
+
+    fn host_usable(&self, host: &str) -> bool {
+        self.connected.contains(host)
+            && self.detector.state(host) == Some(Liveness::Up)
+            && self
+                .inventory
+                .get(host)
+                .is_none_or(|i| i.health == HypervisorHealth::Healthy)
+    }
+
+    fn host_views(&self, state: &ClusterState) -> BTreeMap<String, HostView> {
+        state
+            .hosts
+            .keys()
+            .map(|h| {
+                (
+                    h.clone(),
+                    HostView {
+                        usable: self.host_usable(h),
+                        memory_available_bytes: self
+                            .facts
+                            .get(h)
+                            .map(|f| f.memory_available_bytes)
+                            .unwrap_or(0),
+                    },
+                )
+            })
+            .collect()
     }
 
     fn transition_event(&self, t: Transition, wall_ms: u64, out: &mut Vec<Action>) {
@@ -205,11 +664,52 @@ impl Engine {
     pub fn is_connected(&self, host: &str) -> bool {
         self.connected.contains(host)
     }
+
+    /// Every domain reported by every connected agent, by host.
+    pub fn domains(&self) -> impl Iterator<Item = (&str, &DomainInfo)> {
+        self.inventory
+            .iter()
+            .flat_map(|(h, inv)| inv.domains.values().map(move |d| (h.as_str(), d)))
+    }
+
+    pub fn hypervisor_health(&self, host: &str) -> Option<&HypervisorHealth> {
+        self.inventory.get(host).map(|i| &i.health)
+    }
+}
+
+fn vm_seen(wall_ms: u64, host: &str, d: &DomainInfo, running: bool) -> StateCommand {
+    StateCommand::VmSeen {
+        at_ms: wall_ms,
+        uuid: d.uuid.clone(),
+        name: d.name.clone(),
+        host: host.to_string(),
+        vcpus: d.vcpus,
+        memory_kib: d.memory_kib,
+        disks: d.disks.clone(),
+        meta_ha: d.meta.ha,
+        meta_priority: d.meta.priority,
+        generation: d.meta.generation,
+        running,
+    }
+}
+
+/// The whole table of HA VMs and their generations.
+pub fn generation_table(state: &ClusterState) -> MonitorToAgent {
+    MonitorToAgent::Generations {
+        entries: state
+            .vms
+            .values()
+            .filter(|v| v.ha)
+            .map(|v| (v.uuid.clone(), v.generation))
+            .collect(),
+        full: true,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vigil_common::domain::VigilMeta;
 
     fn cfg() -> DetectorConfig {
         DetectorConfig {
@@ -223,21 +723,35 @@ mod tests {
     struct Sim {
         engine: Engine,
         state: ClusterState,
+        sent: Vec<Action>,
     }
 
     impl Sim {
         fn new() -> Self {
             let mut s = Sim {
-                engine: Engine::new(cfg(), 0),
+                engine: Engine::new(cfg(), RecoveryPolicy::default(), 0),
                 state: ClusterState::default(),
+                sent: Vec::new(),
             };
             s.input(Input::BecameLeader { term: 1, node: 1 }, 0);
             s
         }
         fn input(&mut self, input: Input, now: u64) {
-            for a in self.engine.handle(input, now, 1_000_000 + now, &self.state) {
-                let Action::Propose(cmd) = a;
-                self.state.apply(&cmd);
+            let mut queue = vec![input];
+            while let Some(input) = queue.pop() {
+                let mut applied = false;
+                for a in self.engine.handle(input, now, 1_000_000 + now, &self.state) {
+                    match a {
+                        Action::Propose(cmd) => {
+                            self.state.apply(&cmd);
+                            applied = true;
+                        }
+                        other => self.sent.push(other),
+                    }
+                }
+                if applied {
+                    queue.push(Input::Applied);
+                }
             }
         }
         fn connect(&mut self, host: &str, now: u64) {
@@ -312,7 +826,7 @@ mod tests {
 
     #[test]
     fn followers_propose_nothing() {
-        let mut e = Engine::new(cfg(), 0);
+        let mut e = Engine::new(cfg(), RecoveryPolicy::default(), 0);
         let state = ClusterState::default();
         let actions = e.handle(
             Input::AgentConnected {
@@ -340,16 +854,327 @@ mod tests {
         s.input(Input::BecameLeader { term: 2, node: 1 }, 10_000);
         let n = s.state.events.len();
         s.input(Input::Tick, 10_400);
-        assert_eq!(
-            s.state.events.len(),
-            n,
-            "nobody condemned inside the grace period"
+        assert!(
+            !s.log()[n..].iter().any(|m| m.contains("is down")),
+            "nobody condemned inside the grace period: {:#?}",
+            s.log()
         );
         s.beat("hv1", 10_450);
         s.input(Input::Tick, 10_501);
         assert_eq!(
             s.log().last().map(String::as_str),
             Some("host hv2 is down: no heartbeat for 501 ms")
+        );
+    }
+
+    fn domain(
+        uuid: &str,
+        state: DomainState,
+        reason: StateReason,
+        generation: Option<u64>,
+        ha: bool,
+    ) -> DomainInfo {
+        DomainInfo {
+            uuid: uuid.into(),
+            name: format!("vm-{uuid}"),
+            state,
+            reason,
+            vcpus: 1,
+            memory_kib: 65536,
+            disks: vec![],
+            meta: VigilMeta {
+                ha: Some(ha),
+                priority: None,
+                generation,
+            },
+            persistent: true,
+        }
+    }
+
+    impl Sim {
+        fn inventory(&mut self, host: &str, domains: Vec<DomainInfo>, now: u64) {
+            self.input(
+                Input::Inventory {
+                    host: host.into(),
+                    domains,
+                    health: HypervisorHealth::Healthy,
+                },
+                now,
+            );
+        }
+        fn event(
+            &mut self,
+            host: &str,
+            uuid: &str,
+            kind: LifecycleKind,
+            generation: Option<u64>,
+            now: u64,
+        ) {
+            self.input(
+                Input::DomainEvent {
+                    host: host.into(),
+                    event: DomainEvent {
+                        uuid: uuid.into(),
+                        name: format!("vm-{uuid}"),
+                        kind,
+                        raw_event: 5,
+                        raw_detail: 5,
+                        at_ms: now,
+                    },
+                    generation,
+                },
+                now,
+            );
+        }
+        /// Start orders sent so far, as (host, uuid, generation).
+        fn starts(&self) -> Vec<(String, String, u64)> {
+            self.sent
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Send {
+                        host,
+                        command:
+                            AgentCommand::StartDomain {
+                                uuid, generation, ..
+                            },
+                    } => Some((host.clone(), uuid.clone(), *generation)),
+                    _ => None,
+                })
+                .collect()
+        }
+        fn answer_start(&mut self, host: &str, uuid: &str, generation: u64, ok: bool, now: u64) {
+            self.input(
+                Input::CommandDone {
+                    host: host.into(),
+                    command: AgentCommand::StartDomain {
+                        uuid: uuid.into(),
+                        generation,
+                        definition: None,
+                    },
+                    result: Ok(if ok {
+                        CommandOutcome::Done {
+                            detail: "running".into(),
+                        }
+                    } else {
+                        CommandOutcome::Failed {
+                            reason: "boom".into(),
+                        }
+                    }),
+                },
+                now,
+            );
+        }
+        /// A tick with hv1 alive (it heartbeats).
+        fn live_tick(&mut self, now: u64) {
+            self.beat("hv1", now);
+            self.input(Input::Tick, now);
+        }
+        fn phase(&self, uuid: &str) -> String {
+            self.state
+                .vms
+                .get(uuid)
+                .map(|v| v.phase.name().to_string())
+                .unwrap_or_default()
+        }
+    }
+
+    fn sim_with_ha_vm() -> Sim {
+        let mut s = Sim::new();
+        s.connect("hv1", 0);
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Running,
+                StateReason::Booted,
+                None,
+                true,
+            )],
+            10,
+        );
+        assert_eq!(s.phase("u1"), "running");
+        s
+    }
+
+    #[test]
+    fn crash_is_restarted_in_place_with_the_next_generation() {
+        let mut s = sim_with_ha_vm();
+        s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
+        assert_eq!(s.starts(), vec![("hv1".to_string(), "u1".to_string(), 1)]);
+        assert_eq!(
+            s.state.vms["u1"].generation, 1,
+            "generation committed before the order"
+        );
+        assert_eq!(s.phase("u1"), "recovering");
+        // The inventory that still shows the crashed copy (generation 0) changes nothing.
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Failed,
+                Some(0),
+                true,
+            )],
+            120,
+        );
+        assert_eq!(s.starts().len(), 1);
+        s.answer_start("hv1", "u1", 1, true, 900);
+        assert_eq!(s.phase("u1"), "running");
+        let rec = s.state.vms["u1"].last_recovery.clone().expect("recorded");
+        assert_eq!(
+            (rec.from_host.as_str(), rec.to_host.as_str(), rec.generation),
+            ("hv1", "hv1", 1)
+        );
+        assert!(
+            rec.proof.contains("the agent of hv1 reported it stopped"),
+            "{rec:?}"
+        );
+        let log = s.log();
+        assert!(
+            log.iter()
+                .any(|m| m.contains("crashed on hv1 (generation 0)")
+                    && m.contains("restarting in place")),
+            "{log:#?}"
+        );
+        assert!(
+            log.iter()
+                .any(|m| m.contains("ordered start of VM vm-u1 on hv1 with generation 1")),
+            "{log:#?}"
+        );
+        assert!(
+            log.iter()
+                .any(|m| m.contains("running on hv1 with generation 1")),
+            "{log:#?}"
+        );
+    }
+
+    #[test]
+    fn guest_shutdown_and_operator_destroy_are_respected() {
+        for kind in [LifecycleKind::GuestShutdown, LifecycleKind::Destroyed] {
+            let mut s = sim_with_ha_vm();
+            s.event("hv1", "u1", kind, Some(0), 100);
+            assert_eq!(s.phase("u1"), "stopped");
+            for t in (200..5_000).step_by(100) {
+                s.input(Input::Tick, t);
+            }
+            assert!(s.starts().is_empty(), "{kind:?} must not be restarted");
+            // Seen running again (an operator started it): protected again.
+            s.inventory(
+                "hv1",
+                vec![domain(
+                    "u1",
+                    DomainState::Running,
+                    StateReason::Booted,
+                    Some(0),
+                    true,
+                )],
+                6_000,
+            );
+            assert_eq!(s.phase("u1"), "running");
+        }
+    }
+
+    #[test]
+    fn events_of_another_generation_or_host_are_not_proof() {
+        let mut s = sim_with_ha_vm();
+        s.event("hv1", "u1", LifecycleKind::Crashed, Some(7), 100);
+        s.event("hv2", "u1", LifecycleKind::Crashed, Some(0), 100);
+        assert!(s.starts().is_empty());
+        assert_eq!(s.phase("u1"), "running");
+    }
+
+    #[test]
+    fn a_vm_that_crashes_on_every_start_backs_off_then_gives_up() {
+        let mut s = sim_with_ha_vm();
+        let mut now = 100;
+        s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), now);
+        let mut times = vec![];
+        for _ in 0..20 {
+            let Some((_, _, g)) = s.starts().last().cloned() else {
+                break;
+            };
+            if s.phase("u1") != "recovering" {
+                break;
+            }
+            times.push(now);
+            s.answer_start("hv1", "u1", g, true, now + 50);
+            s.event("hv1", "u1", LifecycleKind::Crashed, Some(g), now + 100);
+            // Let backoff timers run.
+            for _ in 0..1000 {
+                now += 100;
+                s.live_tick(now);
+                if s.phase("u1") != "backoff" {
+                    break;
+                }
+            }
+        }
+        let budget = RecoveryPolicy::default().budget() as usize;
+        assert_eq!(s.starts().len(), budget, "exactly the budget of restarts");
+        assert_eq!(s.phase("u1"), "gave-up");
+        assert!(
+            s.log().iter().any(|m| m.contains("giving up")),
+            "{:#?}",
+            s.log()
+        );
+        // Gaps between attempts grow (backoff).
+        let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "{gaps:?}");
+        // And nothing more happens afterwards.
+        for t in 0..100 {
+            s.live_tick(now + 100 * t);
+        }
+        assert_eq!(s.starts().len(), budget);
+    }
+
+    #[test]
+    fn a_failed_start_is_retried_and_no_answer_is_not_a_failure() {
+        let mut s = sim_with_ha_vm();
+        s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
+        s.input(
+            Input::CommandDone {
+                host: "hv1".into(),
+                command: AgentCommand::StartDomain {
+                    uuid: "u1".into(),
+                    generation: 1,
+                    definition: None,
+                },
+                result: Err("timed out".into()),
+            },
+            200,
+        );
+        assert_eq!(s.phase("u1"), "recovering", "no answer proves nothing");
+        s.live_tick(300);
+        assert_eq!(
+            s.starts(),
+            vec![
+                ("hv1".into(), "u1".into(), 1),
+                ("hv1".into(), "u1".into(), 1)
+            ],
+            "same order again"
+        );
+        s.answer_start("hv1", "u1", 1, false, 400);
+        assert_eq!(s.phase("u1"), "backoff");
+        for t in (500..3_000).step_by(100) {
+            s.live_tick(t);
+        }
+        assert_eq!(
+            s.starts().last(),
+            Some(&("hv1".to_string(), "u1".to_string(), 2))
+        );
+    }
+
+    #[test]
+    fn generations_are_announced_before_the_start_is_sent() {
+        let mut s = sim_with_ha_vm();
+        s.sent.clear();
+        s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
+        let notify = s.sent.iter().position(|a| matches!(a, Action::Notify { host: None, message: MonitorToAgent::Generations { entries, .. } } if entries.contains(&("u1".to_string(), 1))));
+        let start = s.sent.iter().position(|a| matches!(a, Action::Send { .. }));
+        assert!(
+            notify.is_some() && start.is_some() && notify < start,
+            "{:#?}",
+            s.sent
         );
     }
 }

@@ -63,8 +63,15 @@ impl Monitor {
 
         let (stop, stop_rx) = watch::channel(false);
         let epoch = Instant::now();
-        let engine = service::spawn(raft.clone(), cfg.detector.clone(), epoch, stop_rx.clone());
         let sessions = Arc::new(Sessions::default());
+        let engine = service::spawn(
+            raft.clone(),
+            sessions.clone(),
+            cfg.detector.clone(),
+            cfg.recovery.clone(),
+            epoch,
+            stop_rx.clone(),
+        );
         let ctx = AdminContext {
             raft: raft.clone(),
             engine: engine.clone(),

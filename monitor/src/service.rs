@@ -8,10 +8,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::agent_link::Sessions;
 use crate::engine::{Action, Engine, Input};
 use crate::raft::{RaftNode, WriteError};
-use crate::state::StateCommand;
+use crate::recovery::RecoveryPolicy;
+use crate::state::{StateCommand, StateResponse};
 use vigil_common::config::DetectorConfig;
+
+/// How long an agent may take to carry out a command (a domain start under TCG can take
+/// seconds on a loaded host).
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Most commands the proposer puts into one Raft entry.
+pub const MAX_BATCH: usize = 512;
 
 /// A read of the engine's soft state, answered on the engine task.
 pub type Query = Box<dyn FnOnce(&Engine, u64) + Send>;
@@ -55,16 +64,20 @@ pub fn mono_ms(epoch: Instant) -> u64 {
 /// Starts the engine and proposer tasks.
 pub fn spawn(
     raft: Arc<RaftNode>,
+    sessions: Arc<Sessions>,
     cfg: DetectorConfig,
+    policy: RecoveryPolicy,
     epoch: Instant,
     mut stop: watch::Receiver<bool>,
 ) -> EngineHandle {
     let (tx, mut rx) = mpsc::channel::<Msg>(65_536);
+    let handle = EngineHandle { tx: tx.clone() };
     let (ptx, prx) = mpsc::unbounded_channel::<StateCommand>();
-    tokio::spawn(proposer(raft.clone(), prx));
+    tokio::spawn(proposer(raft.clone(), prx, handle.clone()));
 
-    let tick_every = Duration::from_millis((cfg.heartbeat_interval_ms / 5).clamp(10, 200));
-    let mut engine = Engine::new(cfg, mono_ms(epoch));
+    let tick_every = Duration::from_millis((cfg.heartbeat_interval_ms / 5).clamp(10, 100));
+    let mut engine = Engine::new(cfg, policy, mono_ms(epoch));
+    let self_handle = handle.clone();
     let mut metrics = raft.metrics_watch();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(tick_every);
@@ -116,24 +129,84 @@ pub fn spawn(
                         Action::Propose(cmd) => {
                             let _ = ptx.send(cmd);
                         }
+                        Action::Send { host, command } => {
+                            let sessions = sessions.clone();
+                            let back = self_handle.clone();
+                            tokio::spawn(async move {
+                                let result = sessions
+                                    .command(&host, command.clone(), COMMAND_TIMEOUT)
+                                    .await
+                                    .map_err(|e| e.to_string());
+                                debug!(%host, ?command, ?result, "command done");
+                                back.input(Input::CommandDone {
+                                    host,
+                                    command,
+                                    result,
+                                })
+                                .await;
+                            });
+                        }
+                        Action::Notify {
+                            host: Some(h),
+                            message,
+                        } => {
+                            sessions.notify(&h, message);
+                        }
+                        Action::Notify {
+                            host: None,
+                            message,
+                        } => {
+                            sessions.broadcast(&message);
+                        }
                     }
                 }
             }
         }
         debug!("engine task stopped");
     });
-    EngineHandle { tx }
+    handle
 }
 
-/// Writes proposals through Raft one at a time, in the order the engine made them.
-async fn proposer(raft: Arc<RaftNode>, mut rx: mpsc::UnboundedReceiver<StateCommand>) {
-    while let Some(cmd) = rx.recv().await {
-        match raft.write(cmd.clone()).await {
-            Ok(resp) => debug!(?resp, "proposal applied"),
+/// Writes proposals through Raft in the order the engine made them. Whatever queued up while
+/// the previous write was in flight goes into one `Batch` entry, so a burst (ten thousand
+/// agents registering) costs a few Raft entries, not ten thousand. After each write the
+/// engine is told, so work that depends on the committed result happens at once.
+async fn proposer(
+    raft: Arc<RaftNode>,
+    mut rx: mpsc::UnboundedReceiver<StateCommand>,
+    engine: EngineHandle,
+) {
+    let mut buf = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut buf, MAX_BATCH).await > 0 {
+        let cmd = if buf.len() == 1 {
+            buf.pop()
+                .unwrap_or(StateCommand::Batch { commands: vec![] })
+        } else {
+            StateCommand::Batch {
+                commands: std::mem::take(&mut buf),
+            }
+        };
+        buf.clear();
+        match raft.write(cmd).await {
+            Ok(resp) => {
+                log_rejections(&resp);
+                engine.input(Input::Applied).await;
+            }
             // A proposal made as leader that fails because leadership moved is dropped: the
-            // new leader's engine re-derives what matters from its own inputs.
+            // new leader's engine re-derives what matters from committed state.
             Err(WriteError::NotLeader(nl)) => debug!(%nl, "proposal dropped"),
-            Err(e) => warn!(error = %e, ?cmd, "proposal failed"),
+            Err(e) => warn!(error = %e, "proposal failed"),
         }
+    }
+}
+
+fn log_rejections(resp: &StateResponse) {
+    match resp {
+        StateResponse::Batch { results } => results.iter().for_each(log_rejections),
+        StateResponse::Stale { reason } => debug!(%reason, "stale proposal ignored"),
+        StateResponse::Invalid { reason } => warn!(%reason, "proposal rejected"),
+        StateResponse::UnknownHost { host } => warn!(%host, "proposal for an unknown host"),
+        StateResponse::UnknownVm { vm } => warn!(%vm, "proposal for an unknown VM"),
+        StateResponse::Ok | StateResponse::Unchanged => {}
     }
 }

@@ -243,7 +243,15 @@ impl AgentProc {
         std::fs::write(
             &config,
             format!(
-                "monitors = [\"{monitor}\"]\nreconnect_ms = 100\n{extra}\n{}",
+                "monitors = [\"{monitor}\"]\nreconnect_ms = 100\nstate_dir = {:?}\n{}\n{extra}\n{}",
+                dir.join(format!("agent-{host}-state"))
+                    .display()
+                    .to_string(),
+                if extra.contains("libvirt_") {
+                    ""
+                } else {
+                    "libvirt_enabled = false"
+                },
                 toml_tls(t)
             ),
         )

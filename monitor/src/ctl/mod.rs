@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 use vigil_common::tls::{self, Role, TlsPaths};
 use vigil_common::wire::AdminRequest;
 
-use crate::api::{EventsView, HostView, PingView, StatusView, WriteView};
+use crate::api::{EventsView, HostView, PingView, StatusView, VmView, WriteView};
 use client::AdminClient;
 
 #[derive(Debug, Parser)]
@@ -77,6 +77,9 @@ pub enum Command {
     /// Hypervisor hosts.
     #[command(subcommand)]
     Host(HostCmd),
+    /// Virtual machines: inventory, HA flag, recovery state.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// The replicated event log, oldest first.
     Events {
         /// How many of the newest events to show.
@@ -85,6 +88,9 @@ pub enum Command {
         /// Only events about this host.
         #[arg(long)]
         host: Option<String>,
+        /// Only events about this VM (name or uuid).
+        #[arg(long)]
+        vm: Option<String>,
     },
     /// The cluster certificate authority.
     #[command(subcommand)]
@@ -105,6 +111,32 @@ pub enum HostCmd {
     Tag(TagCmd),
     /// Round trip through the host's agent.
     Ping { host: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCmd {
+    /// Every VM the agents report, with HA state.
+    List,
+    /// One VM (name or uuid): host, state, HA, generation, last recovery and why.
+    Show { vm: String },
+    /// Turn HA on or off for a VM.
+    #[command(subcommand)]
+    Ha(HaCmd),
+    /// Stop (destroy) a VM through Vigil; Vigil will not restart it.
+    Stop { vm: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HaCmd {
+    Enable {
+        vm: String,
+        /// Restart priority: higher first.
+        #[arg(long)]
+        priority: Option<i32>,
+    },
+    Disable {
+        vm: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -325,11 +357,86 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Events { limit, host } => {
+        Command::Vm(VmCmd::List) => {
+            let (v, raw) = c.call::<Vec<VmView>>(&AdminRequest::VmList).await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                print!("{}", render::vm_list(&v))
+            }
+        }
+        Command::Vm(VmCmd::Show { vm }) => {
+            let (v, raw) = c
+                .call::<VmView>(&AdminRequest::VmShow { vm: vm.clone() })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                print!("{}", render::vm_show(&v));
+                let (ev, _) = c
+                    .call::<EventsView>(&AdminRequest::Events {
+                        limit: 10,
+                        host: None,
+                        vm: Some(v.uuid.clone()),
+                    })
+                    .await?;
+                if !ev.events.is_empty() {
+                    println!("\nRECENT EVENTS");
+                    print!("{}", render::events(&ev));
+                }
+            }
+        }
+        Command::Vm(VmCmd::Ha(h)) => {
+            let (vm, enable, priority) = match h {
+                HaCmd::Enable { vm, priority } => (vm, true, *priority),
+                HaCmd::Disable { vm } => (vm, false, None),
+            };
+            let (v, raw) = c
+                .call::<WriteView>(&AdminRequest::VmHa {
+                    vm: vm.clone(),
+                    enable,
+                    priority,
+                })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else if v.result == "unchanged" {
+                println!(
+                    "nothing to do: HA already {} for {vm}",
+                    if enable { "enabled" } else { "disabled" }
+                );
+            } else {
+                println!(
+                    "HA {} for {vm}",
+                    if enable { "enabled" } else { "disabled" }
+                );
+            }
+        }
+        Command::Vm(VmCmd::Stop { vm }) => {
+            let (_, raw) = c
+                .call::<WriteView>(&AdminRequest::VmStop { vm: vm.clone() })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                println!("{vm} stopped; Vigil will not restart it");
+            }
+        }
+        Command::Events { limit, host, vm } => {
+            let vm_uuid = match vm {
+                Some(v) => Some(
+                    c.call::<VmView>(&AdminRequest::VmShow { vm: v.clone() })
+                        .await?
+                        .0
+                        .uuid,
+                ),
+                None => None,
+            };
             let (v, raw) = c
                 .call::<EventsView>(&AdminRequest::Events {
                     limit: *limit,
                     host: host.clone(),
+                    vm: vm_uuid,
                 })
                 .await?;
             if args.json {

@@ -1,6 +1,6 @@
 //! Human-readable tables for `vigilctl`.
 
-use crate::api::{EventsView, HostView, StatusView};
+use crate::api::{EventsView, HostView, StatusView, VmView};
 
 /// A plain text table with aligned columns.
 pub struct Table {
@@ -209,6 +209,110 @@ pub fn events(e: &EventsView) -> String {
             ev.host.clone().unwrap_or_else(|| "-".into()),
             ev.message.clone(),
         ]);
+    }
+    t.render()
+}
+
+fn json_word<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn vm_list(vms: &[VmView]) -> String {
+    let mut t = Table::new(&[
+        "NAME",
+        "UUID",
+        "HOST",
+        "STATE",
+        "HA",
+        "PRIO",
+        "GEN",
+        "PHASE",
+        "LAST RECOVERY",
+    ]);
+    for v in vms {
+        let state = match (v.state, v.reason) {
+            (Some(s), Some(r)) => format!("{} ({})", json_word(&s), json_word(&r)),
+            (Some(s), None) => json_word(&s),
+            _ => "unreported".into(),
+        };
+        t.row(vec![
+            v.name.clone(),
+            v.uuid.clone(),
+            v.host.clone().unwrap_or_else(|| "-".into()),
+            state,
+            if v.ha { "yes" } else { "no" }.into(),
+            v.priority.to_string(),
+            v.generation.to_string(),
+            v.phase.clone().unwrap_or_else(|| "-".into()),
+            v.last_recovery
+                .as_ref()
+                .map(|r| format!("{} → {} ({})", r.from_host, r.to_host, timestamp(r.at_ms)))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    t.render()
+}
+
+pub fn vm_show(v: &VmView) -> String {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    let mut kv = |k: &str, val: String| t.row(vec![k.to_string(), val]);
+    kv("name", v.name.clone());
+    kv("uuid", v.uuid.clone());
+    kv("host", v.host.clone().unwrap_or_else(|| "-".into()));
+    kv(
+        "state",
+        match (v.state, v.reason) {
+            (Some(s), Some(r)) => format!("{} ({})", json_word(&s), json_word(&r)),
+            _ => "unreported".into(),
+        },
+    );
+    kv("vcpus", v.vcpus.to_string());
+    kv("memory", format!("{} MiB", v.memory_kib / 1024));
+    kv(
+        "ha",
+        match (v.ha, v.ha_source) {
+            (true, Some(src)) => format!("yes (set by {})", json_word(&src)),
+            (false, Some(_)) => "no (disabled)".into(),
+            _ => "no".into(),
+        },
+    );
+    kv("priority", v.priority.to_string());
+    kv(
+        "generation",
+        format!(
+            "{} (running copy reports {})",
+            v.generation,
+            v.reported_generation
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "none".into())
+        ),
+    );
+    kv(
+        "phase",
+        match &v.phase_detail {
+            Some(p) => serde_json::to_string(p).unwrap_or_default(),
+            None => "-".into(),
+        },
+    );
+    kv("failures in window", v.failures_in_window.to_string());
+    kv("definition stored", v.definition_stored.to_string());
+    match &v.last_recovery {
+        Some(r) => {
+            kv("last recovery", timestamp(r.at_ms));
+            kv(
+                "  from → to",
+                format!(
+                    "{} → {} (generation {})",
+                    r.from_host, r.to_host, r.generation
+                ),
+            );
+            kv("  cause", r.cause.clone());
+            kv("  proof", r.proof.clone());
+        }
+        None => kv("last recovery", "never".into()),
     }
     t.render()
 }

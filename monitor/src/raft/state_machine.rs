@@ -1,18 +1,37 @@
-//! The Raft state machine: applies committed [`StateCommand`]s to the shared [`ClusterState`]
-//! and persists the result in redb.
+//! The Raft state machine: applies committed [`StateCommand`]s to the shared in-memory
+//! [`ClusterState`]; durability comes from the Raft log plus snapshots.
 //!
 //! Layout (table [`SM_TABLE`] in the shared `raft.redb`, values are JSON):
-//! - `"last_applied"`: `Option<LogId>` of the last applied entry,
-//! - `"membership"`: the last applied `StoredMembership`,
-//! - `"state"`: the whole `ClusterState`,
-//! - `"snapshot_meta"` / `"snapshot_data"`: the current snapshot.
+//! - `"snapshot_meta"` / `"snapshot_data"`: the current snapshot (a [`SnapshotPayload`]),
+//!   written in one transaction.
 //!
-//! The first three are written in one transaction per `apply` batch, so they always agree on
-//! disk and a restarted monitor has its state back without replaying the log. Snapshots are
-//! built from that on-disk triple (one read transaction), never from the in-memory state, so a
-//! snapshot can never be ahead of the persisted applied state.
+//! `apply` only changes memory: the state, the last applied log id and the last membership.
+//! Nothing about the state is written per entry, so an apply costs O(entry), not O(state).
+//! The entries themselves are already durable in the log, and the log store persists the
+//! committed log id before openraft applies anything.
+//!
+//! Snapshots (every [`SNAPSHOT_EVERY_LOGS`] entries, see [`super::RaftTuning::to_config`]):
+//! [`RaftStateMachine::get_snapshot_builder`] runs on openraft's state machine worker between
+//! two applies and clones the in-memory state there; openraft then runs
+//! [`RaftSnapshotBuilder::build_snapshot`] in a separate task, concurrently with later
+//! applies, which is why it works on that clone. It serializes the clone and persists it
+//! before returning, and openraft purges only log entries covered by a snapshot it got from
+//! `build_snapshot`, `install_snapshot` or `get_current_snapshot`, all persisted here first:
+//! no entry is purged that the persisted snapshot does not cover.
+//!
+//! On open, the state is the persisted snapshot (or empty) and `applied_state` reports the
+//! snapshot's last log id and membership. openraft's startup (`Raft::new`) then re-applies the
+//! log from there up to the persisted committed log id, so the full committed state is back
+//! when [`super::RaftNode::open`] returns. Entries that were appended but not known committed
+//! are applied once a leader commits them again (a single node does so right after its
+//! election). Startup work is therefore proportional to the log since the last snapshot.
+//!
+//! Earlier versions also wrote `"last_applied"`, `"membership"` and `"state"` (the whole
+//! state) on every apply. Those keys are removed on open: the snapshot plus the log, which
+//! that format kept as well, rebuild the same state.
 //!
 //! [`StateCommand`]: crate::state::StateCommand
+//! [`SNAPSHOT_EVERY_LOGS`]: super::SNAPSHOT_EVERY_LOGS
 
 use std::io::Cursor;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -29,14 +48,13 @@ use serde::{Deserialize, Serialize};
 use super::{run_blocking, OrStorage, RaftDb, TypeConfig};
 use crate::state::{ClusterState, StateResponse};
 
-/// State machine data and the current snapshot.
+/// The current snapshot (and, in old files, the applied state; see the module docs).
 pub(crate) const SM_TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("state_machine");
 
-const KEY_LAST_APPLIED: &str = "last_applied";
-const KEY_MEMBERSHIP: &str = "membership";
-const KEY_STATE: &str = "state";
 const KEY_SNAPSHOT_META: &str = "snapshot_meta";
 const KEY_SNAPSHOT_DATA: &str = "snapshot_data";
+/// Keys of the old per-apply format, removed on open.
+const LEGACY_KEYS: [&str; 3] = ["last_applied", "membership", "state"];
 
 type Entry = openraft::Entry<TypeConfig>;
 type StoreResult<T> = Result<T, StorageError<u64>>;
@@ -44,22 +62,19 @@ type Membership = StoredMembership<u64, BasicNode>;
 type Meta = SnapshotMeta<u64, BasicNode>;
 
 /// What a snapshot's bytes contain (JSON).
-#[derive(Debug, Serialize, Deserialize)]
+/// Its `membership` (see [`SnapshotPayloadRef`]) is not read back: the metadata has it.
+#[derive(Debug, Deserialize)]
 struct SnapshotPayload {
     last_applied: Option<LogId<u64>>,
-    membership: Membership,
     state: ClusterState,
 }
 
-/// The applied-state triple as persisted.
-struct Persisted {
-    last_applied: Option<LogId<u64>>,
-    membership: Membership,
-    state: Option<ClusterState>,
-}
-
-fn sm_read_err(e: &(impl std::error::Error + 'static)) -> StorageError<u64> {
-    StorageIOError::read_state_machine(e).into()
+/// What [`SnapshotPayload`] is written from, without copying the state.
+#[derive(Serialize)]
+struct SnapshotPayloadRef<'a> {
+    last_applied: &'a Option<LogId<u64>>,
+    membership: &'a Membership,
+    state: &'a ClusterState,
 }
 
 fn sm_write_err(e: &(impl std::error::Error + 'static)) -> StorageError<u64> {
@@ -77,18 +92,6 @@ where
             serde_json::from_slice(raw.value()).or_sto(subject, ErrorVerb::Read)?,
         )),
     }
-}
-
-fn read_persisted(db: &Database) -> StoreResult<Persisted> {
-    let subject = ErrorSubject::StateMachine;
-    let txn = db.begin_read().map_err(|e| sm_read_err(&e))?;
-    let table = txn.open_table(SM_TABLE).map_err(|e| sm_read_err(&e))?;
-    Ok(Persisted {
-        last_applied: get_json::<Option<LogId<u64>>, _>(&table, KEY_LAST_APPLIED, &subject)?
-            .flatten(),
-        membership: get_json(&table, KEY_MEMBERSHIP, &subject)?.unwrap_or_default(),
-        state: get_json(&table, KEY_STATE, &subject)?,
-    })
 }
 
 fn read_snapshot(db: &Database) -> StoreResult<Option<(Meta, Vec<u8>)>> {
@@ -113,9 +116,21 @@ fn read_snapshot(db: &Database) -> StoreResult<Option<(Meta, Vec<u8>)>> {
     }
 }
 
+/// Decodes snapshot bytes and checks they are at the log id their metadata says.
 fn decode_snapshot(meta: &Meta, data: &[u8]) -> StoreResult<SnapshotPayload> {
-    serde_json::from_slice(data)
-        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e).into())
+    let payload: SnapshotPayload = serde_json::from_slice(data)
+        .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+    if payload.last_applied != meta.last_log_id {
+        return Err(StorageIOError::read_snapshot(
+            Some(meta.signature()),
+            openraft::AnyError::error(format!(
+                "snapshot data is at {:?} but its metadata says {:?}",
+                payload.last_applied, meta.last_log_id
+            )),
+        )
+        .into());
+    }
+    Ok(payload)
 }
 
 fn snapshot_id(last: Option<&LogId<u64>>) -> String {
@@ -141,33 +156,34 @@ pub struct StateMachineStore {
 }
 
 impl StateMachineStore {
-    /// Wraps `db`, creating the tables if needed, and loads the persisted state into `state`
-    /// (replacing what it held).
+    /// Wraps `db`, creating the table if needed (and dropping the old format's keys), and
+    /// loads the persisted snapshot into `state` (replacing what it held; empty without a
+    /// snapshot). openraft re-applies the committed log after it on startup.
     pub fn new(db: Arc<RaftDb>, state: Arc<RwLock<ClusterState>>) -> StoreResult<Self> {
         let txn = db.begin_write().map_err(|e| sm_write_err(&e))?;
-        txn.open_table(SM_TABLE).map_err(|e| sm_write_err(&e))?;
-        txn.commit().map_err(|e| sm_write_err(&e))?;
-
-        let mut persisted = read_persisted(&db)?;
-        // Defensive: the snapshot is never written ahead of the applied state, but if it ever
-        // is, start from it rather than lose data.
-        if let Some((meta, data)) = read_snapshot(&db)? {
-            if meta.last_log_id > persisted.last_applied {
-                let payload = decode_snapshot(&meta, &data)?;
-                persisted = Persisted {
-                    last_applied: meta.last_log_id,
-                    membership: meta.last_membership.clone(),
-                    state: Some(payload.state),
-                };
+        {
+            let mut table = txn.open_table(SM_TABLE).map_err(|e| sm_write_err(&e))?;
+            for key in LEGACY_KEYS {
+                if table.remove(key).map_err(|e| sm_write_err(&e))?.is_some() {
+                    tracing::info!(key, "removed the old state machine format's key");
+                }
             }
         }
-        *state.write().unwrap_or_else(PoisonError::into_inner) =
-            persisted.state.unwrap_or_default();
+        txn.commit().map_err(|e| sm_write_err(&e))?;
+
+        let (last_applied, membership, loaded) = match read_snapshot(&db)? {
+            Some((meta, data)) => {
+                let payload = decode_snapshot(&meta, &data)?;
+                (meta.last_log_id, meta.last_membership, payload.state)
+            }
+            None => (None, Membership::default(), ClusterState::default()),
+        };
+        *state.write().unwrap_or_else(PoisonError::into_inner) = loaded;
         Ok(Self {
             db,
             state,
-            last_applied: persisted.last_applied,
-            membership: persisted.membership,
+            last_applied,
+            membership,
         })
     }
 
@@ -175,55 +191,6 @@ impl StateMachineStore {
     pub fn state(&self) -> Arc<RwLock<ClusterState>> {
         self.state.clone()
     }
-
-    fn serialize_state(&self) -> StoreResult<Vec<u8>> {
-        let guard = self.state.read().unwrap_or_else(PoisonError::into_inner);
-        serde_json::to_vec(&*guard).map_err(|e| sm_write_err(&e))
-    }
-}
-
-/// Writes the applied-state triple (and optionally a snapshot) in one durable transaction.
-async fn persist(
-    db: Arc<RaftDb>,
-    last_applied: Option<LogId<u64>>,
-    membership: &Membership,
-    state: Vec<u8>,
-    snapshot: Option<(&Meta, Vec<u8>)>,
-) -> StoreResult<()> {
-    let last_applied = serde_json::to_vec(&last_applied).map_err(|e| sm_write_err(&e))?;
-    let membership = serde_json::to_vec(membership).map_err(|e| sm_write_err(&e))?;
-    let snapshot = match snapshot {
-        Some((meta, data)) => Some((
-            serde_json::to_vec(meta).map_err(|e| sm_write_err(&e))?,
-            data,
-        )),
-        None => None,
-    };
-    run_blocking(ErrorSubject::StateMachine, move || {
-        let txn = db.begin_write().map_err(|e| sm_write_err(&e))?;
-        {
-            let mut table = txn.open_table(SM_TABLE).map_err(|e| sm_write_err(&e))?;
-            table
-                .insert(KEY_LAST_APPLIED, last_applied.as_slice())
-                .map_err(|e| sm_write_err(&e))?;
-            table
-                .insert(KEY_MEMBERSHIP, membership.as_slice())
-                .map_err(|e| sm_write_err(&e))?;
-            table
-                .insert(KEY_STATE, state.as_slice())
-                .map_err(|e| sm_write_err(&e))?;
-            if let Some((meta, data)) = &snapshot {
-                table
-                    .insert(KEY_SNAPSHOT_META, meta.as_slice())
-                    .map_err(|e| sm_write_err(&e))?;
-                table
-                    .insert(KEY_SNAPSHOT_DATA, data.as_slice())
-                    .map_err(|e| sm_write_err(&e))?;
-            }
-        }
-        txn.commit().map_err(|e| sm_write_err(&e))
-    })
-    .await
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -233,47 +200,42 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok((self.last_applied, self.membership.clone()))
     }
 
+    /// In memory only; see the module docs for durability.
     async fn apply<I>(&mut self, entries: I) -> StoreResult<Vec<StateResponse>>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
         let mut responses = Vec::new();
-        {
-            let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            for entry in entries {
-                self.last_applied = Some(entry.log_id);
-                let response = match entry.payload {
-                    EntryPayload::Blank => StateResponse::Ok,
-                    EntryPayload::Normal(cmd) => state.apply(&cmd),
-                    EntryPayload::Membership(m) => {
-                        self.membership = StoredMembership::new(Some(entry.log_id), m);
-                        StateResponse::Ok
-                    }
-                };
-                responses.push(response);
-            }
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            let response = match entry.payload {
+                EntryPayload::Blank => StateResponse::Ok,
+                EntryPayload::Normal(cmd) => state.apply(&cmd),
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    StateResponse::Ok
+                }
+            };
+            responses.push(response);
         }
-        if responses.is_empty() {
-            return Ok(responses);
-        }
-        // Only this worker mutates the state, so serializing under a read lock (readers keep
-        // going) captures exactly the state after this batch.
-        let bytes = self.serialize_state()?;
-        persist(
-            self.db.clone(),
-            self.last_applied,
-            &self.membership,
-            bytes,
-            None,
-        )
-        .await?;
         Ok(responses)
     }
 
+    /// Captures the state as of now (openraft calls this between applies, then builds the
+    /// snapshot concurrently with later applies). Costs one in-memory copy of the state.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let state = self
+            .state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         SnapshotBuilder {
             db: self.db.clone(),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            state: Arc::new(state),
         }
     }
 
@@ -288,25 +250,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> StoreResult<()> {
         let data = snapshot.into_inner();
         let payload = decode_snapshot(meta, &data)?;
-        if payload.last_applied != meta.last_log_id {
-            return Err(StorageIOError::read_snapshot(
-                Some(meta.signature()),
-                openraft::AnyError::error(format!(
-                    "snapshot data is at {:?} but its metadata says {:?}",
-                    payload.last_applied, meta.last_log_id
-                )),
-            )
-            .into());
-        }
-        let state_bytes = serde_json::to_vec(&payload.state)
+        let meta_bytes = serde_json::to_vec(meta)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        persist(
-            self.db.clone(),
-            meta.last_log_id,
-            &meta.last_membership,
-            state_bytes,
-            Some((meta, data)),
-        )
+        let db = self.db.clone();
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        run_blocking(subject.clone(), move || {
+            let verb = ErrorVerb::Write;
+            let txn = db.begin_write().or_sto(&subject, verb)?;
+            {
+                let mut table = txn.open_table(SM_TABLE).or_sto(&subject, verb)?;
+                table
+                    .insert(KEY_SNAPSHOT_META, meta_bytes.as_slice())
+                    .or_sto(&subject, verb)?;
+                table
+                    .insert(KEY_SNAPSHOT_DATA, data.as_slice())
+                    .or_sto(&subject, verb)?;
+            }
+            txn.commit().or_sto(&subject, verb)
+        })
         .await?;
         *self.state.write().unwrap_or_else(PoisonError::into_inner) = payload.state;
         self.last_applied = meta.last_log_id;
@@ -322,50 +283,56 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
-/// Builds snapshots from the persisted applied state; runs concurrently with `apply`.
+/// Builds a snapshot of the state as it was when the builder was made; runs concurrently
+/// with `apply`.
 pub struct SnapshotBuilder {
     db: Arc<RaftDb>,
+    last_applied: Option<LogId<u64>>,
+    membership: Membership,
+    state: Arc<ClusterState>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    /// Serializes the captured state and persists it as the current snapshot before
+    /// returning, unless a newer snapshot was installed meanwhile.
     async fn build_snapshot(&mut self) -> StoreResult<Snapshot<TypeConfig>> {
-        let persisted = read_persisted(&self.db)?;
-        let payload = SnapshotPayload {
-            last_applied: persisted.last_applied,
-            membership: persisted.membership,
-            state: persisted.state.unwrap_or_default(),
-        };
         let meta = Meta {
-            last_log_id: payload.last_applied,
-            last_membership: payload.membership.clone(),
-            snapshot_id: snapshot_id(payload.last_applied.as_ref()),
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: snapshot_id(self.last_applied.as_ref()),
         };
-        let data = serde_json::to_vec(&payload)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let meta_bytes = serde_json::to_vec(&meta)
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
 
         let db = self.db.clone();
-        let stored = data.clone();
-        let new_last = meta.last_log_id;
+        let state = self.state.clone();
+        let (last_applied, membership) = (self.last_applied, self.membership.clone());
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
-        run_blocking(subject.clone(), move || {
+        // Serializing a large state takes a while: keep it off the runtime's workers too.
+        let data = run_blocking(subject.clone(), move || {
+            let data = serde_json::to_vec(&SnapshotPayloadRef {
+                last_applied: &last_applied,
+                membership: &membership,
+                state: &state,
+            })
+            .or_sto(&subject, ErrorVerb::Write)?;
             let verb = ErrorVerb::Write;
             let txn = db.begin_write().or_sto(&subject, verb)?;
             {
                 let mut table = txn.open_table(SM_TABLE).or_sto(&subject, verb)?;
                 // A snapshot installed from the leader meanwhile may be newer: keep it.
                 let current: Option<Meta> = get_json(&table, KEY_SNAPSHOT_META, &subject)?;
-                if current.is_none_or(|c| c.last_log_id <= new_last) {
+                if current.is_none_or(|c| c.last_log_id <= last_applied) {
                     table
                         .insert(KEY_SNAPSHOT_META, meta_bytes.as_slice())
                         .or_sto(&subject, verb)?;
                     table
-                        .insert(KEY_SNAPSHOT_DATA, stored.as_slice())
+                        .insert(KEY_SNAPSHOT_DATA, data.as_slice())
                         .or_sto(&subject, verb)?;
                 }
             }
-            txn.commit().or_sto(&subject, verb)
+            txn.commit().or_sto(&subject, verb)?;
+            Ok(data)
         })
         .await?;
 
@@ -408,13 +375,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn applied_state_survives_reopen_and_snapshots_transfer() {
+    async fn snapshots_capture_their_moment_survive_reopen_and_transfer() {
         let dir = tempfile::tempdir().expect("tempdir");
         let members = RaftMembership::new(
             vec![[1u64].into_iter().collect()],
             std::collections::BTreeMap::from([(1u64, BasicNode::new("a:1"))]),
         );
-        let expected = {
+        let (expected, built) = {
             let mut sm = open(dir.path()).await;
             let responses = sm
                 .apply([
@@ -432,26 +399,40 @@ mod tests {
             assert_eq!(responses[1], StateResponse::Ok);
             assert_eq!(responses[2], StateResponse::Unchanged);
             assert!(matches!(responses[3], StateResponse::Invalid { .. }));
-            let state = sm.state();
-            let snapshot = state.read().expect("lock").clone();
-            assert!(snapshot.hosts.contains_key("hv1"));
-            snapshot
+            let expected = sm.state().read().expect("lock").clone();
+            assert!(expected.hosts.contains_key("hv1"));
+            // Applies are in memory only: nothing is persisted before a snapshot.
+            assert!(sm.get_current_snapshot().await.expect("snapshot").is_none());
+
+            // The builder captures the state now; applies that follow (openraft runs them
+            // concurrently with the build) do not leak into the snapshot.
+            let mut builder = sm.get_snapshot_builder().await;
+            sm.apply([register(5, "hv2")]).await.expect("apply");
+            assert!(sm.state().read().expect("lock").hosts.contains_key("hv2"));
+            let built = builder.build_snapshot().await.expect("build");
+            assert_eq!(built.meta.last_log_id, Some(lid(1, 4)));
+            assert_eq!(
+                built.meta.last_membership,
+                StoredMembership::new(Some(lid(1, 1)), members.clone())
+            );
+            let payload = decode_snapshot(&built.meta, built.snapshot.get_ref()).expect("decode");
+            assert_eq!(payload.state, expected);
+            let current = sm
+                .get_current_snapshot()
+                .await
+                .expect("snapshot")
+                .expect("some snapshot");
+            assert_eq!(current.meta, built.meta);
+            assert_eq!(current.snapshot.get_ref(), built.snapshot.get_ref());
+            (expected, built)
         };
 
+        // Reopened: the snapshot's state and position (openraft re-applies the log after it).
         let mut sm = open(dir.path()).await;
         assert_eq!(*sm.state().read().expect("lock"), expected);
         let (applied, membership) = sm.applied_state().await.expect("applied");
         assert_eq!(applied, Some(lid(1, 4)));
         assert_eq!(membership, StoredMembership::new(Some(lid(1, 1)), members));
-        assert!(sm.get_current_snapshot().await.expect("snapshot").is_none());
-
-        let built = sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .expect("build");
-        assert_eq!(built.meta.last_log_id, Some(lid(1, 4)));
         let current = sm
             .get_current_snapshot()
             .await
@@ -483,5 +464,52 @@ mod tests {
             .expect("snapshot")
             .expect("some snapshot");
         assert_eq!(installed.meta, built.meta);
+
+        // A build older than the current snapshot does not replace it.
+        let fresh_dir = tempfile::tempdir().expect("tempdir");
+        let mut fresh = open(fresh_dir.path()).await;
+        let mut stale = fresh.get_snapshot_builder().await;
+        stale.db = other.db.clone();
+        stale.build_snapshot().await.expect("build");
+        let kept = other
+            .get_current_snapshot()
+            .await
+            .expect("snapshot")
+            .expect("some snapshot");
+        assert_eq!(kept.meta, built.meta);
+    }
+
+    #[tokio::test]
+    async fn old_format_keys_are_dropped_on_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let db = open_database(&dir.path().join("raft.redb")).expect("open database");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut table = txn.open_table(SM_TABLE).expect("table");
+                let last = serde_json::to_vec(&Some(lid(1, 7))).expect("json");
+                table
+                    .insert("last_applied", last.as_slice())
+                    .expect("insert");
+                table
+                    .insert("membership", b"{\"not\": \"a membership\"}".as_slice())
+                    .expect("insert");
+                table
+                    .insert("state", b"\x00garbage".as_slice())
+                    .expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        let mut sm = open(dir.path()).await;
+        assert_eq!(*sm.state().read().expect("lock"), ClusterState::default());
+        assert_eq!(
+            sm.applied_state().await.expect("applied"),
+            (None, Membership::default())
+        );
+        let txn = sm.db.begin_read().expect("read");
+        let table = txn.open_table(SM_TABLE).expect("table");
+        for key in LEGACY_KEYS {
+            assert!(table.get(key).expect("get").is_none(), "{key} still there");
+        }
     }
 }

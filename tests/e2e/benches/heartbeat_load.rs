@@ -152,7 +152,9 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
                 };
                 connected.fetch_add(1, Ordering::Relaxed);
                 let mut f = move || facts.clone();
-                let _ = session.run_with(&mut f, stop).await;
+                let _ = session
+                    .run_with(&mut f, vigil_agent::session::SessionIo::default(), stop)
+                    .await;
             });
         }
         // Wait for the ramp to finish (or stall).

@@ -7,9 +7,16 @@
 //! command that does not fit the current state is rejected whole with a [`StateResponse`]
 //! error and changes nothing.
 
+pub mod vm;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+pub use vm::{
+    Decision, FailureKind, HaSource, Phase, Proof, RecoveryRecord, StopReason, VmRecord,
+    MAX_DEFINITION_LEN,
+};
 
 /// How many events the replicated log keeps; the oldest are dropped first.
 pub const EVENT_LOG_CAPACITY: usize = 10_000;
@@ -72,6 +79,32 @@ pub enum EventKind {
         term: u64,
         node: u64,
     },
+    VmRegistered,
+    VmHaChanged {
+        ha: bool,
+    },
+    VmDefinitionStored,
+    /// The VM failed; the message says what Vigil does about it.
+    VmFailed {
+        generation: u64,
+        failure: FailureKind,
+    },
+    VmRestartOrdered {
+        generation: u64,
+        target: String,
+    },
+    VmRecovered {
+        generation: u64,
+    },
+    VmStopped,
+    VmRunningAgain,
+    VmGaveUp,
+    VmMoved,
+    /// A domain running with an older generation than the newest was destroyed.
+    VmStaleDestroyed {
+        found: Option<u64>,
+        newest: u64,
+    },
 }
 
 /// One entry of the replicated event log.
@@ -83,6 +116,9 @@ pub struct Event {
     pub at_ms: u64,
     pub severity: Severity,
     pub host: Option<String>,
+    /// The VM (uuid) the event is about, if any.
+    #[serde(default)]
+    pub vm: Option<String>,
     #[serde(flatten)]
     pub kind: EventKind,
     pub message: String,
@@ -112,6 +148,79 @@ pub enum StateCommand {
         host: String,
         tag: String,
     },
+    /// Several commands in one Raft entry, applied in order (the proposer batches).
+    Batch { commands: Vec<StateCommand> },
+    /// An agent reports a domain: registers HA VMs marked in their XML metadata, and keeps
+    /// known VMs' facts and host current.
+    VmSeen {
+        at_ms: u64,
+        uuid: String,
+        name: String,
+        host: String,
+        vcpus: u32,
+        memory_kib: u64,
+        disks: Vec<String>,
+        meta_ha: Option<bool>,
+        meta_priority: Option<i32>,
+        generation: Option<u64>,
+        running: bool,
+    },
+    /// `vigilctl vm ha enable|disable`.
+    SetHa {
+        at_ms: u64,
+        uuid: String,
+        name: String,
+        host: String,
+        ha: bool,
+        priority: Option<i32>,
+    },
+    /// The inactive XML of an HA VM, sent by its agent when it changes.
+    StoreDefinition {
+        at_ms: u64,
+        uuid: String,
+        xml: String,
+    },
+    /// A VM failed (with proof that nothing runs); records the engine's decision.
+    VmFailed {
+        at_ms: u64,
+        uuid: String,
+        generation: u64,
+        failure: FailureKind,
+        proof: Proof,
+        decision: Decision,
+        window_ms: u64,
+    },
+    /// Raise the generation and order a start on `host`. Only from `Backoff`.
+    OrderStart {
+        at_ms: u64,
+        uuid: String,
+        host: String,
+        generation: u64,
+    },
+    /// The agent of `host` reports the VM running with `generation`.
+    VmStarted {
+        at_ms: u64,
+        uuid: String,
+        host: String,
+        generation: u64,
+    },
+    /// The guest shut down or an operator destroyed it: respected.
+    VmStopped {
+        at_ms: u64,
+        uuid: String,
+        host: String,
+        reason: StopReason,
+    },
+    /// An operator stops an HA VM through Vigil: recovery stops, the VM is left alone.
+    OperatorStop { at_ms: u64, uuid: String },
+    /// An agent destroyed a domain running with a stale generation.
+    StaleDestroyed {
+        at_ms: u64,
+        uuid: String,
+        host: String,
+        found: Option<u64>,
+        newest: u64,
+    },
     /// Record an event that is not a side effect of another command (liveness changes,
     /// leadership changes).
     RecordEvent {
@@ -133,8 +242,19 @@ pub enum StateResponse {
     UnknownHost {
         host: String,
     },
+    UnknownVm {
+        vm: String,
+    },
+    /// The command was made against an older state (another decision came first); nothing
+    /// changed. This is what makes recovery idempotent across leaders.
+    Stale {
+        reason: String,
+    },
     Invalid {
         reason: String,
+    },
+    Batch {
+        results: Vec<StateResponse>,
     },
 }
 
@@ -143,6 +263,8 @@ impl StateResponse {
     pub fn into_result(self) -> Result<StateResponse, String> {
         match self {
             StateResponse::UnknownHost { host } => Err(format!("unknown host {host:?}")),
+            StateResponse::UnknownVm { vm } => Err(format!("unknown VM {vm:?}")),
+            StateResponse::Stale { reason } => Err(reason),
             StateResponse::Invalid { reason } => Err(reason),
             ok => Ok(ok),
         }
@@ -155,6 +277,9 @@ use vigil_common::names::validate as validate_name;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub hosts: BTreeMap<String, HostRecord>,
+    /// HA VMs by uuid.
+    #[serde(default)]
+    pub vms: BTreeMap<String, VmRecord>,
     pub events: VecDeque<Event>,
     pub next_event_id: u64,
 }
@@ -271,6 +396,18 @@ impl ClusterState {
                 );
                 StateResponse::Ok
             }
+            StateCommand::Batch { commands } => StateResponse::Batch {
+                results: commands.iter().map(|c| self.apply(c)).collect(),
+            },
+            StateCommand::VmSeen { .. }
+            | StateCommand::SetHa { .. }
+            | StateCommand::StoreDefinition { .. }
+            | StateCommand::VmFailed { .. }
+            | StateCommand::OrderStart { .. }
+            | StateCommand::VmStarted { .. }
+            | StateCommand::VmStopped { .. }
+            | StateCommand::OperatorStop { .. }
+            | StateCommand::StaleDestroyed { .. } => vm::apply(self, cmd),
         }
     }
 
@@ -282,6 +419,18 @@ impl ClusterState {
         kind: EventKind,
         message: String,
     ) {
+        self.push_vm_event(at_ms, severity, host, None, kind, message);
+    }
+
+    pub(crate) fn push_vm_event(
+        &mut self,
+        at_ms: u64,
+        severity: Severity,
+        host: Option<String>,
+        vm: Option<String>,
+        kind: EventKind,
+        message: String,
+    ) {
         let id = self.next_event_id;
         self.next_event_id += 1;
         self.events.push_back(Event {
@@ -289,6 +438,7 @@ impl ClusterState {
             at_ms,
             severity,
             host,
+            vm,
             kind,
             message,
         });

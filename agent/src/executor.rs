@@ -1,0 +1,150 @@
+//! Carries out the monitor's orders on this host, guarded by activation generations.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tracing::{info, warn};
+use vigil_common::domain::DomainState;
+use vigil_common::wire::{AgentCommand, CommandOutcome};
+
+use crate::generations::Generations;
+use crate::libvirt::Hypervisor;
+
+/// Shared by the session (commands) and the host watcher (stale checks).
+#[derive(Clone)]
+pub struct Executor {
+    pub hv: Option<Hypervisor>,
+    pub gens: Arc<Mutex<Generations>>,
+}
+
+fn failed(reason: String) -> CommandOutcome {
+    warn!("{reason}");
+    CommandOutcome::Failed { reason }
+}
+
+impl Executor {
+    pub fn new(hv: Option<Hypervisor>, gens: Generations) -> Self {
+        Executor {
+            hv,
+            gens: Arc::new(Mutex::new(gens)),
+        }
+    }
+
+    fn gens(&self) -> std::sync::MutexGuard<'_, Generations> {
+        self.gens.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Applies a generation table from the monitor.
+    pub fn merge_generations(&self, entries: &[(String, u64)], full: bool) {
+        if let Err(e) = self.gens().merge(entries, full) {
+            warn!(error = %e, "cannot record generations");
+        }
+    }
+
+    /// Runs one command.
+    pub async fn execute(&self, command: AgentCommand) -> CommandOutcome {
+        match command {
+            AgentCommand::Ping { nonce } => CommandOutcome::Pong { nonce },
+            AgentCommand::StartDomain {
+                uuid,
+                generation,
+                definition,
+            } => self.start(&uuid, generation, definition).await,
+            AgentCommand::DestroyDomain { uuid } => {
+                let Some(hv) = &self.hv else {
+                    return failed("this agent has no hypervisor backend".into());
+                };
+                match hv.destroy(&uuid).await {
+                    Ok(()) => {
+                        info!(%uuid, "destroyed on the monitor's order");
+                        CommandOutcome::Done {
+                            detail: format!("{uuid} destroyed"),
+                        }
+                    }
+                    Err(e) => failed(e.to_string()),
+                }
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        uuid: &str,
+        generation: u64,
+        definition: Option<String>,
+    ) -> CommandOutcome {
+        let Some(hv) = &self.hv else {
+            return failed("this agent has no hypervisor backend".into());
+        };
+        // 1. Never go back in time, and remember the new generation before acting on it.
+        {
+            let mut gens = self.gens();
+            if let Some(newest) = gens.newest(uuid) {
+                if generation < newest {
+                    return failed(format!(
+                        "refusing to start {uuid} with generation {generation}: generation {newest} is newer (stale order)"
+                    ));
+                }
+            }
+            if let Err(e) = gens.raise(uuid, generation) {
+                return failed(format!(
+                    "cannot record generation {generation} of {uuid}: {e}"
+                ));
+            }
+        }
+        // 2. Define it here if this host does not have it.
+        let current = match hv.get(uuid).await {
+            Ok(c) => c,
+            Err(e) => return failed(e.to_string()),
+        };
+        let current = match current {
+            Some(d) => d,
+            None => {
+                let Some(xml) = definition else {
+                    return failed(format!(
+                        "{uuid} is not defined on this host and the order carries no definition"
+                    ));
+                };
+                match hv.define(xml).await {
+                    Ok(defined) if defined.eq_ignore_ascii_case(uuid) => {}
+                    Ok(other) => {
+                        return failed(format!(
+                            "the definition sent for {uuid} defines {other} instead"
+                        ))
+                    }
+                    Err(e) => return failed(e.to_string()),
+                }
+                match hv.get(uuid).await {
+                    Ok(Some(d)) => d,
+                    Ok(None) => return failed(format!("{uuid} vanished right after define")),
+                    Err(e) => return failed(e.to_string()),
+                }
+            }
+        };
+        // 3. Already running: fine if it is this very activation, never a second copy.
+        if matches!(current.state, DomainState::Running | DomainState::Paused) {
+            return if current.meta.generation == Some(generation) {
+                CommandOutcome::Done {
+                    detail: format!("{uuid} already running with generation {generation}"),
+                }
+            } else {
+                failed(format!(
+                    "{uuid} is already running here with generation {:?}; refusing a second start",
+                    current.meta.generation
+                ))
+            };
+        }
+        // 4. Stamp the generation into the domain, then start it.
+        if let Err(e) = hv.set_generation(uuid, generation).await {
+            return failed(e.to_string());
+        }
+        match hv.start(uuid).await {
+            Ok(()) => {
+                info!(%uuid, generation, "started on the monitor's order");
+                CommandOutcome::Done {
+                    detail: format!("{uuid} started with generation {generation}"),
+                }
+            }
+            Err(e) => failed(e.to_string()),
+        }
+    }
+}

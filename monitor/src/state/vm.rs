@@ -1,0 +1,705 @@
+//! HA virtual machines in the replicated state: the record, its recovery phase (an explicit
+//! state machine), and the budget that stops restart storms.
+//!
+//! ```text
+//!             crash proven (agent reported it stopped)          start ordered (generation+1)
+//!  Running ─────────────────────────────────────▶ Backoff ─────────────────────────▶ Recovering
+//!     ▲  ▲                                          │ ▲                                 │  │
+//!     │  │ seen running again                       │ └──── start failed / timed out ───┘  │
+//!     │  └────────────── Stopped ◀── guest shutdown │                                      │
+//!     │                  (respected)   or operator  ▼ budget spent                         │
+//!     │                                          GaveUp                                    │
+//!     └────────────────────────────── agent reports it running with that generation ───────┘
+//! ```
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// Longest domain definition stored (the inactive XML of one VM).
+pub const MAX_DEFINITION_LEN: usize = 256 * 1024;
+
+/// Who marked a VM HA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HaSource {
+    /// `vigilctl vm ha enable|disable`: wins over the domain XML.
+    Operator,
+    /// The `<vigil:vm ha="true"/>` element in the domain's metadata.
+    Metadata,
+}
+
+/// Why a VM stopped on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    GuestShutdown,
+    OperatorDestroy,
+}
+
+/// What failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// qemu died or the guest crashed.
+    Crashed,
+    /// The agent could not start it.
+    StartFailed,
+    /// The start order got no answer in time.
+    OrderTimedOut,
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FailureKind::Crashed => "crashed",
+            FailureKind::StartFailed => "failed to start",
+            FailureKind::OrderTimedOut => "start order timed out",
+        })
+    }
+}
+
+/// The proof that the previous activation is gone (design brief, "The one rule").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "proof")]
+pub enum Proof {
+    /// 1. The agent on the old host reported the domain stopped.
+    AgentReportedStopped { host: String, detail: String },
+    /// The agent answered a start order with a failure: nothing runs.
+    StartRefused { host: String, detail: String },
+}
+
+impl std::fmt::Display for Proof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Proof::AgentReportedStopped { host, detail } => {
+                write!(f, "the agent of {host} reported it stopped ({detail})")
+            }
+            Proof::StartRefused { host, detail } => {
+                write!(f, "the agent of {host} could not start it ({detail})")
+            }
+        }
+    }
+}
+
+/// Where a recovery goes next, decided by the engine's recovery policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "decision")]
+pub enum Decision {
+    /// Start it again on `host` (the same host: in place; another: relocation) not before
+    /// `not_before_ms` (Unix ms; backoff).
+    Restart {
+        host: String,
+        relocate: bool,
+        not_before_ms: u64,
+    },
+    /// The restart budget is spent; an operator must look.
+    GiveUp { reason: String },
+}
+
+/// A VM's recovery phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum Phase {
+    /// Running (or presumed running) on its host with its current generation.
+    Running,
+    /// Stopped on purpose; Vigil leaves it alone until it is seen running again.
+    Stopped { reason: StopReason, at_ms: u64 },
+    /// Waiting to (re)start on `host` not before `not_before_ms`.
+    Backoff {
+        host: String,
+        relocate: bool,
+        not_before_ms: u64,
+    },
+    /// A start with `generation` was ordered on `host` at `ordered_at_ms`.
+    Recovering { host: String, ordered_at_ms: u64 },
+    /// Budget spent: no more automatic restarts until an operator acts.
+    GaveUp { reason: String, at_ms: u64 },
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Stopped { .. } => "stopped",
+            Phase::Backoff { .. } => "backoff",
+            Phase::Recovering { .. } => "recovering",
+            Phase::GaveUp { .. } => "gave-up",
+        }
+    }
+}
+
+/// The last completed recovery, for "why did this VM move?".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    pub at_ms: u64,
+    pub from_host: String,
+    pub to_host: String,
+    pub generation: u64,
+    pub cause: String,
+    pub proof: String,
+}
+
+/// Why a recovery under way started.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PendingCause {
+    pub from_host: String,
+    pub cause: String,
+    pub proof: String,
+}
+
+/// One HA VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub uuid: String,
+    pub name: String,
+    pub ha: bool,
+    pub ha_source: HaSource,
+    /// Higher restarts first.
+    pub priority: i32,
+    /// The host it runs on, or was last ordered to run on.
+    pub host: String,
+    /// Activation generation: raised, and committed, before every start Vigil orders.
+    pub generation: u64,
+    pub vcpus: u32,
+    pub memory_kib: u64,
+    pub disks: Vec<String>,
+    /// Inactive domain XML, so the VM can be started on another host.
+    pub definition: Option<String>,
+    pub phase: Phase,
+    /// Failure times (Unix ms) inside the budget window, oldest first.
+    pub failures: VecDeque<u64>,
+    /// Relocation times (Unix ms) inside the budget window.
+    pub relocations: VecDeque<u64>,
+    /// Why the current recovery started, while one is under way.
+    pub pending_cause: Option<PendingCause>,
+    pub last_recovery: Option<RecoveryRecord>,
+}
+
+use super::{ClusterState, EventKind, Severity, StateCommand, StateResponse};
+
+fn stale(reason: String) -> StateResponse {
+    StateResponse::Stale { reason }
+}
+
+fn prune(times: &mut VecDeque<u64>, now_ms: u64, window_ms: u64) {
+    while times
+        .front()
+        .is_some_and(|t| now_ms.saturating_sub(*t) > window_ms)
+    {
+        times.pop_front();
+    }
+}
+
+/// Applies the VM commands. Every precondition that fails returns `Stale` or an error and
+/// changes nothing.
+pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
+    match cmd {
+        StateCommand::VmSeen {
+            at_ms,
+            uuid,
+            name,
+            host,
+            vcpus,
+            memory_kib,
+            disks,
+            meta_ha,
+            meta_priority,
+            generation,
+            running,
+        } => {
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                if *meta_ha != Some(true) {
+                    return StateResponse::Unchanged;
+                }
+                s.vms.insert(
+                    uuid.clone(),
+                    VmRecord {
+                        uuid: uuid.clone(),
+                        name: name.clone(),
+                        ha: true,
+                        ha_source: HaSource::Metadata,
+                        priority: meta_priority.unwrap_or(0),
+                        host: host.clone(),
+                        generation: generation.unwrap_or(0),
+                        vcpus: *vcpus,
+                        memory_kib: *memory_kib,
+                        disks: disks.clone(),
+                        definition: None,
+                        phase: if *running {
+                            Phase::Running
+                        } else {
+                            Phase::Stopped {
+                                reason: StopReason::OperatorDestroy,
+                                at_ms: *at_ms,
+                            }
+                        },
+                        failures: VecDeque::new(),
+                        relocations: VecDeque::new(),
+                        pending_cause: None,
+                        last_recovery: None,
+                    },
+                );
+                s.push_vm_event(
+                    *at_ms,
+                    Severity::Info,
+                    Some(host.clone()),
+                    Some(uuid.clone()),
+                    EventKind::VmRegistered,
+                    format!("VM {name} ({uuid}) on {host} is HA (marked in its domain XML)"),
+                );
+                return StateResponse::Ok;
+            };
+            let mut changed = false;
+            if rec.name != *name
+                || rec.vcpus != *vcpus
+                || rec.memory_kib != *memory_kib
+                || rec.disks != *disks
+            {
+                rec.name = name.clone();
+                rec.vcpus = *vcpus;
+                rec.memory_kib = *memory_kib;
+                rec.disks = disks.clone();
+                changed = true;
+            }
+            if rec.ha_source == HaSource::Metadata {
+                if let Some(p) = meta_priority {
+                    if rec.priority != *p {
+                        rec.priority = *p;
+                        changed = true;
+                    }
+                }
+            }
+            if let Some(g) = generation {
+                if *g > rec.generation && *running {
+                    rec.generation = *g;
+                    changed = true;
+                }
+            }
+            let event = match (&rec.phase, *running) {
+                (Phase::Stopped { .. } | Phase::GaveUp { .. }, true) => {
+                    rec.phase = Phase::Running;
+                    rec.host = host.clone();
+                    rec.failures.clear();
+                    rec.relocations.clear();
+                    Some((
+                        EventKind::VmRunningAgain,
+                        Severity::Info,
+                        format!("VM {name} is running again on {host} (started outside Vigil's recovery); HA protection resumes"),
+                    ))
+                }
+                (Phase::Running, true) if rec.host != *host => {
+                    let from = std::mem::replace(&mut rec.host, host.clone());
+                    Some((
+                        EventKind::VmMoved,
+                        Severity::Info,
+                        format!("VM {name} now runs on {host} (was on {from})"),
+                    ))
+                }
+                _ => None,
+            };
+            if let Some((kind, sev, msg)) = event {
+                s.push_vm_event(
+                    *at_ms,
+                    sev,
+                    Some(host.clone()),
+                    Some(uuid.clone()),
+                    kind,
+                    msg,
+                );
+                return StateResponse::Ok;
+            }
+            if changed {
+                StateResponse::Ok
+            } else {
+                StateResponse::Unchanged
+            }
+        }
+        StateCommand::SetHa {
+            at_ms,
+            uuid,
+            name,
+            host,
+            ha,
+            priority,
+        } => {
+            let rec = s.vms.entry(uuid.clone()).or_insert_with(|| VmRecord {
+                uuid: uuid.clone(),
+                name: name.clone(),
+                ha: *ha,
+                ha_source: HaSource::Operator,
+                priority: priority.unwrap_or(0),
+                host: host.clone(),
+                generation: 0,
+                vcpus: 0,
+                memory_kib: 0,
+                disks: vec![],
+                definition: None,
+                phase: Phase::Running,
+                failures: VecDeque::new(),
+                relocations: VecDeque::new(),
+                pending_cause: None,
+                last_recovery: None,
+            });
+            if rec.ha == *ha
+                && rec.ha_source == HaSource::Operator
+                && priority.is_none_or(|p| p == rec.priority)
+            {
+                return StateResponse::Unchanged;
+            }
+            rec.ha = *ha;
+            rec.ha_source = HaSource::Operator;
+            if let Some(p) = priority {
+                rec.priority = *p;
+            }
+            if *ha && matches!(rec.phase, Phase::GaveUp { .. }) {
+                // Re-enabling is how an operator hands a given-up VM back to Vigil.
+                rec.phase = Phase::Stopped {
+                    reason: StopReason::OperatorDestroy,
+                    at_ms: *at_ms,
+                };
+                rec.failures.clear();
+                rec.relocations.clear();
+            }
+            let prio = rec.priority;
+            let rname = rec.name.clone();
+            s.push_vm_event(
+                *at_ms,
+                Severity::Info,
+                Some(host.clone()),
+                Some(uuid.clone()),
+                EventKind::VmHaChanged { ha: *ha },
+                format!(
+                    "HA {} for VM {rname} by an operator (priority {prio})",
+                    if *ha { "enabled" } else { "disabled" }
+                ),
+            );
+            StateResponse::Ok
+        }
+        StateCommand::StoreDefinition { at_ms, uuid, xml } => {
+            if xml.len() > MAX_DEFINITION_LEN {
+                return StateResponse::Invalid {
+                    reason: format!(
+                        "definition of {uuid} is {} bytes; at most {MAX_DEFINITION_LEN} are stored",
+                        xml.len()
+                    ),
+                };
+            }
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            if rec.definition.as_deref() == Some(xml.as_str()) {
+                return StateResponse::Unchanged;
+            }
+            let first = rec.definition.is_none();
+            rec.definition = Some(xml.clone());
+            let (name, host) = (rec.name.clone(), rec.host.clone());
+            s.push_vm_event(
+                *at_ms,
+                Severity::Info,
+                Some(host),
+                Some(uuid.clone()),
+                EventKind::VmDefinitionStored,
+                format!(
+                    "{} definition of VM {name} stored ({} bytes)",
+                    if first { "first" } else { "new" },
+                    xml.len()
+                ),
+            );
+            StateResponse::Ok
+        }
+        StateCommand::VmFailed {
+            at_ms,
+            uuid,
+            generation,
+            failure,
+            proof,
+            decision,
+            window_ms,
+        } => {
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            if rec.generation != *generation {
+                return stale(format!(
+                    "failure of generation {generation} of {uuid}, but generation {} is current",
+                    rec.generation
+                ));
+            }
+            if !matches!(rec.phase, Phase::Running | Phase::Recovering { .. }) {
+                return stale(format!(
+                    "failure of {uuid} reported while it is {}",
+                    rec.phase.name()
+                ));
+            }
+            rec.failures.push_back(*at_ms);
+            prune(&mut rec.failures, *at_ms, *window_ms);
+            prune(&mut rec.relocations, *at_ms, *window_ms);
+            let failed_on = match &rec.phase {
+                Phase::Recovering { host, .. } => host.clone(),
+                _ => rec.host.clone(),
+            };
+            let cause = format!("{failure} on {failed_on} (generation {generation})");
+            let name = rec.name.clone();
+            let n = rec.failures.len();
+            let (sev, kind, msg) = match decision {
+                Decision::Restart {
+                    host,
+                    relocate,
+                    not_before_ms,
+                } => {
+                    rec.phase = Phase::Backoff {
+                        host: host.clone(),
+                        relocate: *relocate,
+                        not_before_ms: *not_before_ms,
+                    };
+                    if rec.pending_cause.is_none() {
+                        rec.pending_cause = Some(PendingCause {
+                            from_host: failed_on.clone(),
+                            cause: cause.clone(),
+                            proof: proof.to_string(),
+                        });
+                    }
+                    let wait = not_before_ms.saturating_sub(*at_ms);
+                    let plan = if *relocate {
+                        format!("relocating to {host}")
+                    } else {
+                        format!("restarting in place on {host}")
+                    };
+                    (
+                        Severity::Warning,
+                        EventKind::VmFailed {
+                            generation: *generation,
+                            failure: *failure,
+                        },
+                        format!(
+                            "VM {name} {cause}; proof: {proof}; failure {n} in the budget window; {plan}{}",
+                            if wait > 0 { format!(" after {wait} ms backoff") } else { String::new() }
+                        ),
+                    )
+                }
+                Decision::GiveUp { reason } => {
+                    rec.phase = Phase::GaveUp {
+                        reason: reason.clone(),
+                        at_ms: *at_ms,
+                    };
+                    rec.pending_cause = None;
+                    (
+                        Severity::Critical,
+                        EventKind::VmGaveUp,
+                        format!(
+                            "VM {name} {cause}; proof: {proof}; giving up: {reason}. Re-enable HA or start it by hand once fixed"
+                        ),
+                    )
+                }
+            };
+            s.push_vm_event(*at_ms, sev, Some(failed_on), Some(uuid.clone()), kind, msg);
+            StateResponse::Ok
+        }
+        StateCommand::OrderStart {
+            at_ms,
+            uuid,
+            host,
+            generation,
+        } => {
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            if !matches!(rec.phase, Phase::Backoff { .. }) {
+                return stale(format!(
+                    "start of {uuid} ordered while it is {}",
+                    rec.phase.name()
+                ));
+            }
+            if *generation != rec.generation + 1 {
+                return stale(format!(
+                    "start of {uuid} with generation {generation}, expected {}",
+                    rec.generation + 1
+                ));
+            }
+            let relocate = matches!(&rec.phase, Phase::Backoff { relocate: true, .. });
+            if relocate {
+                rec.relocations.push_back(*at_ms);
+            }
+            rec.generation = *generation;
+            let from = std::mem::replace(&mut rec.host, host.clone());
+            rec.phase = Phase::Recovering {
+                host: host.clone(),
+                ordered_at_ms: *at_ms,
+            };
+            let name = rec.name.clone();
+            let why = rec
+                .pending_cause
+                .as_ref()
+                .map(|c| format!("{}; proof: {}", c.cause, c.proof))
+                .unwrap_or_default();
+            s.push_vm_event(
+                *at_ms,
+                Severity::Info,
+                Some(host.clone()),
+                Some(uuid.clone()),
+                EventKind::VmRestartOrdered {
+                    generation: *generation,
+                    target: host.clone(),
+                },
+                format!(
+                    "ordered start of VM {name} on {host} with generation {generation} (was on {from}; {why})"
+                ),
+            );
+            StateResponse::Ok
+        }
+        StateCommand::VmStarted {
+            at_ms,
+            uuid,
+            host,
+            generation,
+        } => {
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            let Phase::Recovering {
+                host: target,
+                ordered_at_ms,
+            } = &rec.phase
+            else {
+                return stale(format!(
+                    "{uuid} reported started while {}",
+                    rec.phase.name()
+                ));
+            };
+            if target != host || rec.generation != *generation {
+                return stale(format!(
+                    "{uuid} reported started on {host} with generation {generation}, expected {target} with {}",
+                    rec.generation
+                ));
+            }
+            let took = at_ms.saturating_sub(*ordered_at_ms);
+            let pc = rec.pending_cause.take().unwrap_or_default();
+            let cause = pc.cause.clone();
+            rec.last_recovery = Some(RecoveryRecord {
+                at_ms: *at_ms,
+                from_host: pc.from_host,
+                to_host: host.clone(),
+                generation: *generation,
+                cause: pc.cause,
+                proof: pc.proof,
+            });
+            rec.phase = Phase::Running;
+            let name = rec.name.clone();
+            s.push_vm_event(
+                *at_ms,
+                Severity::Info,
+                Some(host.clone()),
+                Some(uuid.clone()),
+                EventKind::VmRecovered {
+                    generation: *generation,
+                },
+                format!(
+                    "VM {name} running on {host} with generation {generation}, {took} ms after the order (cause: {cause})"
+                ),
+            );
+            StateResponse::Ok
+        }
+        StateCommand::VmStopped {
+            at_ms,
+            uuid,
+            host,
+            reason,
+        } => {
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            if rec.phase != Phase::Running || rec.host != *host {
+                return stale(format!(
+                    "{uuid} reported stopped on {host} while {} on {}",
+                    rec.phase.name(),
+                    rec.host
+                ));
+            }
+            rec.phase = Phase::Stopped {
+                reason: *reason,
+                at_ms: *at_ms,
+            };
+            let name = rec.name.clone();
+            let why = match reason {
+                StopReason::GuestShutdown => "the guest shut itself down",
+                StopReason::OperatorDestroy => "an operator destroyed it",
+            };
+            s.push_vm_event(
+                *at_ms,
+                Severity::Info,
+                Some(host.clone()),
+                Some(uuid.clone()),
+                EventKind::VmStopped,
+                format!("VM {name} stopped on {host}: {why}; not restarting (respected)"),
+            );
+            StateResponse::Ok
+        }
+        StateCommand::OperatorStop { at_ms, uuid } => {
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            match rec.phase {
+                Phase::Recovering { .. } => {
+                    return stale(format!(
+                        "a start of {} is in flight; stop it again once it has finished",
+                        rec.name
+                    ))
+                }
+                Phase::Stopped {
+                    reason: StopReason::OperatorDestroy,
+                    ..
+                } => return StateResponse::Unchanged,
+                _ => {}
+            }
+            rec.phase = Phase::Stopped {
+                reason: StopReason::OperatorDestroy,
+                at_ms: *at_ms,
+            };
+            rec.pending_cause = None;
+            let (name, host) = (rec.name.clone(), rec.host.clone());
+            s.push_vm_event(
+                *at_ms,
+                Severity::Info,
+                Some(host.clone()),
+                Some(uuid.clone()),
+                EventKind::VmStopped,
+                format!("VM {name} on {host} stopped by an operator through Vigil; not restarting"),
+            );
+            StateResponse::Ok
+        }
+        StateCommand::StaleDestroyed {
+            at_ms,
+            uuid,
+            host,
+            found,
+            newest,
+        } => {
+            let name = s
+                .vms
+                .get(uuid)
+                .map(|r| r.name.clone())
+                .unwrap_or_else(|| uuid.clone());
+            let found_s = found
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "none".into());
+            s.push_vm_event(
+                *at_ms,
+                Severity::Critical,
+                Some(host.clone()),
+                Some(uuid.clone()),
+                EventKind::VmStaleDestroyed {
+                    found: *found,
+                    newest: *newest,
+                },
+                format!(
+                    "the agent of {host} destroyed VM {name}: it was running with generation {found_s}, older than the newest generation {newest} (started outside Vigil?)"
+                ),
+            );
+            StateResponse::Ok
+        }
+        _ => StateResponse::Invalid {
+            reason: "not a VM command".into(),
+        },
+    }
+}
