@@ -324,9 +324,13 @@ impl Engine {
                         || vm.vcpus != d.vcpus
                         || vm.memory_kib != d.memory_kib
                         || vm.disks != d.disks;
-                    let resumed =
-                        running && matches!(vm.phase, Phase::Stopped { .. } | Phase::GaveUp { .. });
-                    let moved = running && vm.phase == Phase::Running && vm.host != host;
+                    // A copy running with an older generation is stale (its agent destroys
+                    // it): it neither resumes protection nor moves the VM.
+                    let current = d.meta.generation.unwrap_or(0) >= vm.generation;
+                    let resumed = running
+                        && current
+                        && matches!(vm.phase, Phase::Stopped { .. } | Phase::GaveUp { .. });
+                    let moved = running && current && vm.phase == Phase::Running && vm.host != host;
                     if differs || resumed || moved {
                         out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
                     }

@@ -66,8 +66,11 @@ impl EventSink {
         match self.tx.try_send(ev) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(ev)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(uuid = %ev.uuid, kind = ?ev.kind, "domain event channel full; event dropped");
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // Rate-limited: a receiver that is never taken fills up and stays full.
+                if n == 1 || n % 1000 == 0 {
+                    tracing::warn!(uuid = %ev.uuid, kind = ?ev.kind, dropped = n, "domain event channel full; events dropped");
+                }
             }
             // Nobody listens (the receiver was never taken or was dropped): nothing to do.
             Err(mpsc::error::TrySendError::Closed(_)) => {}

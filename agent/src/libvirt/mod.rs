@@ -556,7 +556,13 @@ fn domain_info(dom: &Domain) -> Result<DomainInfo, OpErr> {
     let (state, reason) = dom.get_state()?;
     let info = dom.get_info()?;
     let persistent = dom.is_persistent()?;
-    let parsed = parse_xml(&dom.get_xml_desc(0)?, &uuid)?;
+    // Disks from the live definition (hot-plugged disks count); Vigil's metadata from the
+    // persistent config when there is one, as `update_meta` reads and writes it (an operator's
+    // `virsh edit` changes only the config).
+    let mut parsed = parse_xml(&dom.get_xml_desc(0)?, &uuid)?;
+    if persistent && dom.is_active()? {
+        parsed.meta = parse_xml(&dom.get_xml_desc(sys::VIR_DOMAIN_XML_INACTIVE)?, &uuid)?.meta;
+    }
     let state_mapped = events::map_state(state);
     let mut reason_mapped = events::map_reason(state, reason);
     // SHUTOFF_UNKNOWN is also what libvirt reports for a domain that ran before libvirtd
