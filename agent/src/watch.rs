@@ -52,7 +52,8 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
                             .copied()
                             .flatten()
                             .or_else(|| exec.gens.lock().ok().and_then(|g| g.newest(&ev.uuid)));
-                        relist = matches!(ev.kind, LifecycleKind::Started | LifecycleKind::Resumed | LifecycleKind::Defined);
+                        // Any change of state: list again, so the inventory follows at once.
+                        relist = !matches!(ev.kind, LifecycleKind::Other);
                         let _ = reports.try_send(AgentToMonitor::DomainEvent { event: ev, generation });
                     }
                     None => events = None,
@@ -168,16 +169,15 @@ async fn ship_definitions(
     for d in ha {
         match hv.inactive_xml(&d.uuid).await {
             Ok(xml) => {
-                if seen.get(&d.uuid) != Some(&xml) {
-                    if reports
+                if seen.get(&d.uuid) != Some(&xml)
+                    && reports
                         .try_send(AgentToMonitor::Definition {
                             uuid: d.uuid.clone(),
                             xml: xml.clone(),
                         })
                         .is_ok()
-                    {
-                        seen.insert(d.uuid.clone(), xml);
-                    }
+                {
+                    seen.insert(d.uuid.clone(), xml);
                 }
             }
             Err(e) => warn!(uuid = %d.uuid, error = %e, "cannot read definition"),

@@ -107,6 +107,11 @@ pub enum LifecycleKind {
     Other,
 }
 
+/// libvirt's `VIR_DOMAIN_EVENT_STOPPED`: the only event that says qemu is gone. (A
+/// `VIR_DOMAIN_EVENT_CRASHED` guest panic can leave qemu running, e.g. with
+/// `on_crash=preserve`.)
+pub const RAW_EVENT_STOPPED: i32 = 5;
+
 /// A lifecycle event, as the agent forwards it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DomainEvent {
@@ -129,4 +134,19 @@ pub enum HypervisorHealth {
     Unhealthy { reason: String, since_ms: u64 },
     /// This agent runs without a hypervisor backend.
     Disabled,
+}
+
+impl DomainEvent {
+    /// Whether this event proves that the domain's qemu is gone.
+    pub fn proves_stopped(&self) -> bool {
+        self.raw_event == RAW_EVENT_STOPPED
+    }
+}
+
+impl DomainInfo {
+    /// Whether libvirt reports the domain shut off (qemu gone), as opposed to running,
+    /// paused, crashed-but-preserved and so on.
+    pub fn is_shut_off(&self) -> bool {
+        self.state == DomainState::Shutoff
+    }
 }

@@ -348,9 +348,10 @@ impl Engine {
                     }
                     // Backstop for a lost crash event: shut off as crashed, on its host,
                     // with the current generation.
-                    let crashed = d.state == DomainState::Shutoff
-                        && matches!(d.reason, StateReason::Crashed | StateReason::Failed)
-                        || d.state == DomainState::Crashed;
+                    // Only "shut off" proves qemu is gone; a crashed-but-preserved domain
+                    // (state Crashed) still has its qemu.
+                    let crashed = d.is_shut_off()
+                        && matches!(d.reason, StateReason::Crashed | StateReason::Failed);
                     if crashed
                         && vm.ha
                         && vm.phase == Phase::Running
@@ -360,6 +361,7 @@ impl Engine {
                         let proof = Proof::AgentReportedStopped {
                             host: host.to_string(),
                             detail: format!("inventory: shut off ({:?})", d.reason).to_lowercase(),
+                            observed_at_ms: None,
                         };
                         self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
                     }
@@ -395,17 +397,18 @@ impl Engine {
             return;
         }
         match event.kind {
-            LifecycleKind::Crashed => {
+            LifecycleKind::Crashed if event.proves_stopped() => {
                 let proof = Proof::AgentReportedStopped {
                     host: host.to_string(),
                     detail: format!(
                         "libvirt lifecycle event {}/{}",
                         event.raw_event, event.raw_detail
                     ),
+                    observed_at_ms: Some(event.at_ms),
                 };
                 self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
             }
-            LifecycleKind::GuestShutdown | LifecycleKind::Destroyed => {
+            LifecycleKind::GuestShutdown | LifecycleKind::Destroyed if event.proves_stopped() => {
                 let reason = if event.kind == LifecycleKind::GuestShutdown {
                     StopReason::GuestShutdown
                 } else {
@@ -466,12 +469,10 @@ impl Engine {
                     out,
                 );
             }
-            Err(_) => {
-                // No answer: the start may or may not have happened, so this is no proof of
-                // anything. Send the same order (same generation: idempotent) again later.
-                if self.dispatched.get(&uuid) == Some(&generation) {
-                    self.dispatched.remove(&uuid);
-                }
+            // No answer: the start may or may not have happened, so this is no proof of
+            // anything. Send the same order (same generation: idempotent) again later.
+            Err(_) if self.dispatched.get(&uuid) == Some(&generation) => {
+                self.dispatched.remove(&uuid);
             }
             _ => {}
         }
@@ -493,7 +494,13 @@ impl Engine {
             return;
         }
         let views = self.host_views(state);
+        // Relocating starts a copy elsewhere: only when this host's own inventory shows the
+        // domain shut off (a refused start, say because it still runs, is no such proof).
+        let gone_here = self.shut_off_on(host, &vm.uuid);
         let decision = recovery::decide(vm, host, wall_ms, &self.policy, || {
+            if !gone_here {
+                return None;
+            }
             placement::relocation_target(&state.hosts, &views, host, vm.memory_kib)
         });
         self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
@@ -529,10 +536,13 @@ impl Engine {
                 Phase::Backoff {
                     host,
                     not_before_ms,
-                    ..
+                    relocate,
                 } => {
                     let next = vm.generation + 1;
+                    // Re-check at order time: the old copy must still be shut off.
+                    let safe = !*relocate || self.shut_off_on(&vm.host, &vm.uuid);
                     if wall_ms >= *not_before_ms
+                        && safe
                         && self.host_usable(host)
                         && self.proposed_start.get(&vm.uuid) != Some(&next)
                     {
@@ -545,20 +555,19 @@ impl Engine {
                         }));
                     }
                 }
-                Phase::Recovering { host, .. } => {
+                Phase::Recovering { host, .. }
                     if self.dispatched.get(&vm.uuid) != Some(&vm.generation)
-                        && self.connected.contains(host)
-                    {
-                        self.dispatched.insert(vm.uuid.clone(), vm.generation);
-                        out.push(Action::Send {
-                            host: host.clone(),
-                            command: AgentCommand::StartDomain {
-                                uuid: vm.uuid.clone(),
-                                generation: vm.generation,
-                                definition: vm.definition.clone(),
-                            },
-                        });
-                    }
+                        && self.connected.contains(host) =>
+                {
+                    self.dispatched.insert(vm.uuid.clone(), vm.generation);
+                    out.push(Action::Send {
+                        host: host.clone(),
+                        command: AgentCommand::StartDomain {
+                            uuid: vm.uuid.clone(),
+                            generation: vm.generation,
+                            definition: vm.definition.clone(),
+                        },
+                    });
                 }
                 _ => {}
             }
@@ -592,6 +601,15 @@ impl Engine {
                 },
             );
         }
+    }
+
+    /// Whether `host`'s latest inventory, from a healthy hypervisor, shows `uuid` shut off
+    /// or not defined at all.
+    fn shut_off_on(&self, host: &str, uuid: &str) -> bool {
+        self.inventory.get(host).is_some_and(|inv| {
+            inv.health == HypervisorHealth::Healthy
+                && inv.domains.get(uuid).is_none_or(DomainInfo::is_shut_off)
+        })
     }
 
     fn host_usable(&self, host: &str) -> bool {
@@ -765,7 +783,10 @@ mod tests {
                     zone: "z".into(),
                     cluster: "c".into(),
                     agent_version: "1".into(),
-                    facts: HostFacts::default(),
+                    facts: HostFacts {
+                        memory_available_bytes: 8 << 30,
+                        ..HostFacts::default()
+                    },
                 },
                 now,
             );
@@ -775,7 +796,10 @@ mod tests {
                 Input::Heartbeat {
                     host: host.into(),
                     seq: 0,
-                    facts: HostFacts::default(),
+                    facts: HostFacts {
+                        memory_available_bytes: 8 << 30,
+                        ..HostFacts::default()
+                    },
                 },
                 now,
             );
@@ -1179,6 +1203,108 @@ mod tests {
             notify.is_some() && start.is_some() && notify < start,
             "{:#?}",
             s.sent
+        );
+    }
+
+    #[test]
+    fn a_guest_panic_that_leaves_qemu_running_is_not_proof() {
+        let mut s = sim_with_ha_vm();
+        // VIR_DOMAIN_EVENT_CRASHED (8): the guest panicked, qemu may still be there.
+        s.input(
+            Input::DomainEvent {
+                host: "hv1".into(),
+                event: DomainEvent {
+                    uuid: "u1".into(),
+                    name: "vm-u1".into(),
+                    kind: LifecycleKind::Crashed,
+                    raw_event: 8,
+                    raw_detail: 0,
+                    at_ms: 100,
+                },
+                generation: Some(0),
+            },
+            100,
+        );
+        // Nor is a "crashed" state with qemu preserved.
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Crashed,
+                StateReason::Crashed,
+                Some(0),
+                true,
+            )],
+            150,
+        );
+        assert!(s.starts().is_empty());
+        assert_eq!(s.phase("u1"), "running");
+    }
+
+    #[test]
+    fn never_relocates_while_the_old_host_may_still_run_it() {
+        let mut s = Sim::new();
+        s.engine.policy.max_restarts_in_place = 1;
+        s.connect("hv1", 0);
+        s.connect("hv2", 0);
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Running,
+                StateReason::Booted,
+                None,
+                true,
+            )],
+            10,
+        );
+        s.inventory("hv2", vec![], 10);
+        s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
+        assert_eq!(s.starts(), vec![("hv1".to_string(), "u1".to_string(), 1)]);
+        // The in-place start is refused because, as far as hv1 knows, it runs again.
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Running,
+                StateReason::Booted,
+                Some(0),
+                true,
+            )],
+            150,
+        );
+        s.answer_start("hv1", "u1", 1, false, 200);
+        for t in (300..5_000).step_by(100) {
+            s.beat("hv2", t);
+            s.live_tick(t);
+        }
+        assert!(
+            s.starts().iter().all(|(h, _, _)| h == "hv1"),
+            "relocated without proof: {:?}",
+            s.starts()
+        );
+        // Once hv1 reports it shut off, relocation to hv2 may proceed.
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Failed,
+                Some(1),
+                true,
+            )],
+            5_000,
+        );
+        s.answer_start("hv1", "u1", 2, false, 5_050);
+        for t in (5_100..20_000).step_by(100) {
+            s.beat("hv2", t);
+            s.live_tick(t);
+        }
+        assert!(
+            s.starts().iter().any(|(h, _, _)| h == "hv2"),
+            "{:?} {:#?}",
+            s.starts(),
+            s.log()
         );
     }
 }

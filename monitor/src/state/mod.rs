@@ -88,6 +88,9 @@ pub enum EventKind {
     VmFailed {
         generation: u64,
         failure: FailureKind,
+        /// When the failure was observed where it happened (agent clock), if known.
+        #[serde(default)]
+        observed_at_ms: Option<u64>,
     },
     VmRestartOrdered {
         generation: u64,

@@ -64,15 +64,31 @@ impl std::fmt::Display for FailureKind {
 #[serde(rename_all = "snake_case", tag = "proof")]
 pub enum Proof {
     /// 1. The agent on the old host reported the domain stopped.
-    AgentReportedStopped { host: String, detail: String },
+    AgentReportedStopped {
+        host: String,
+        detail: String,
+        /// When the agent observed it (Unix ms, the agent's clock), if known.
+        #[serde(default)]
+        observed_at_ms: Option<u64>,
+    },
     /// The agent answered a start order with a failure: nothing runs.
     StartRefused { host: String, detail: String },
+}
+
+impl Proof {
+    /// When the fact behind the proof was observed, if known.
+    pub fn observed_at_ms(&self) -> Option<u64> {
+        match self {
+            Proof::AgentReportedStopped { observed_at_ms, .. } => *observed_at_ms,
+            Proof::StartRefused { .. } => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Proof {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Proof::AgentReportedStopped { host, detail } => {
+            Proof::AgentReportedStopped { host, detail, .. } => {
                 write!(f, "the agent of {host} reported it stopped ({detail})")
             }
             Proof::StartRefused { host, detail } => {
@@ -471,6 +487,7 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                         EventKind::VmFailed {
                             generation: *generation,
                             failure: *failure,
+                            observed_at_ms: proof.observed_at_ms(),
                         },
                         format!(
                             "VM {name} {cause}; proof: {proof}; failure {n} in the budget window; {plan}{}",
