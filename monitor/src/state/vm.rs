@@ -339,6 +339,7 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             ha,
             priority,
         } => {
+            let created = !s.vms.contains_key(uuid);
             let rec = s.vms.entry(uuid.clone()).or_insert_with(|| VmRecord {
                 uuid: uuid.clone(),
                 name: name.clone(),
@@ -357,7 +358,8 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 pending_cause: None,
                 last_recovery: None,
             });
-            if rec.ha == *ha
+            if !created
+                && rec.ha == *ha
                 && rec.ha_source == HaSource::Operator
                 && priority.is_none_or(|p| p == rec.priority)
             {
@@ -718,5 +720,62 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
         _ => StateResponse::Invalid {
             reason: "not a VM command".into(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set_ha(ha: bool, priority: Option<i32>) -> StateCommand {
+        StateCommand::SetHa {
+            at_ms: 1,
+            uuid: "u1".into(),
+            name: "web1".into(),
+            host: "hv1".into(),
+            ha,
+            priority,
+        }
+    }
+
+    #[test]
+    fn enabling_ha_is_recorded_and_idempotent() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(&set_ha(true, Some(5))), StateResponse::Ok);
+        assert_eq!(s.events.len(), 1, "enabling HA is an event");
+        assert_eq!(s.vms["u1"].priority, 5);
+        assert_eq!(s.apply(&set_ha(true, None)), StateResponse::Unchanged);
+        assert_eq!(s.apply(&set_ha(false, None)), StateResponse::Ok);
+        assert!(!s.vms["u1"].ha);
+    }
+
+    #[test]
+    fn stale_recovery_commands_change_nothing() {
+        let mut s = ClusterState::default();
+        s.apply(&set_ha(true, None));
+        let before = s.clone();
+        // A start ordered without a failure first, or with a wrong generation, is stale.
+        let order = StateCommand::OrderStart {
+            at_ms: 2,
+            uuid: "u1".into(),
+            host: "hv1".into(),
+            generation: 1,
+        };
+        assert!(matches!(s.apply(&order), StateResponse::Stale { .. }));
+        let failed = StateCommand::VmFailed {
+            at_ms: 3,
+            uuid: "u1".into(),
+            generation: 7,
+            failure: FailureKind::Crashed,
+            proof: Proof::AgentReportedStopped {
+                host: "hv1".into(),
+                detail: "x".into(),
+                observed_at_ms: None,
+            },
+            decision: Decision::GiveUp { reason: "x".into() },
+            window_ms: 1000,
+        };
+        assert!(matches!(s.apply(&failed), StateResponse::Stale { .. }));
+        assert_eq!(s, before);
     }
 }
