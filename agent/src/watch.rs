@@ -47,11 +47,15 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
                     }
                 } => match ev {
                     Some(ev) => {
-                        let generation = running_gen
-                            .get(&ev.uuid)
-                            .copied()
-                            .flatten()
-                            .or_else(|| exec.gens.lock().ok().and_then(|g| g.newest(&ev.uuid)));
+                        // Label the event with the generation of the copy it is about: the
+                        // domain's own metadata (set before every start Vigil orders), else
+                        // what the last listing saw running.
+                        let from_meta = match hv.get(&ev.uuid).await {
+                            Ok(Some(d)) => d.meta.generation,
+                            _ => None,
+                        };
+                        let generation = from_meta
+                            .or_else(|| running_gen.get(&ev.uuid).copied().flatten());
                         // Any change of state: list again, so the inventory follows at once.
                         relist = !matches!(ev.kind, LifecycleKind::Other);
                         let _ = reports.try_send(AgentToMonitor::DomainEvent { event: ev, generation });

@@ -2,7 +2,7 @@
 //! [`ClusterState`]; durability comes from the Raft log plus snapshots.
 //!
 //! Layout (table [`SM_TABLE`] in the shared `raft.redb`, values are JSON):
-//! - `"snapshot_meta"` / `"snapshot_data"`: the current snapshot (a [`SnapshotPayload`]),
+//! - `"snapshot_meta"` / `"snapshot_data"`: the current snapshot (JSON of `SnapshotPayload`),
 //!   written in one transaction.
 //!
 //! `apply` only changes memory: the state, the last applied log id and the last membership.

@@ -136,12 +136,18 @@ fn main() {
         })
         .expect("events of this run");
         let ms = |v: &serde_json::Value| v.as_u64().unwrap_or(0) as f64;
-        let n = ms(&evs.0["observed_at_ms"]) - t0 as f64;
+        // Without an agent timestamp the failure was caught by the inventory backstop.
+        let n = evs.0["observed_at_ms"]
+            .as_u64()
+            .map(|v| v as f64 - t0 as f64)
+            .unwrap_or(f64::NAN);
         let d = ms(&evs.0["at_ms"]) - t0 as f64;
         let o = ms(&evs.1["at_ms"]) - t0 as f64;
         let r = t_running as f64 - t0 as f64;
         println!("| {run} | {n:.0} ms | {d:.0} ms | {o:.0} ms | {r:.0} ms |");
-        notice.push(n);
+        if n.is_finite() {
+            notice.push(n);
+        }
         decide.push(d);
         order.push(o);
         running.push(r);
