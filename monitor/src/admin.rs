@@ -339,7 +339,14 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
         .query(move |e, now| {
             names
                 .iter()
-                .map(|n| (e.liveness(n, now), e.is_connected(n), e.facts(n).cloned()))
+                .map(|n| {
+                    (
+                        e.liveness(n, now),
+                        e.is_connected(n),
+                        e.facts(n).cloned(),
+                        e.hypervisor_health(n).cloned(),
+                    )
+                })
                 .collect::<Vec<_>>()
         })
         .await
@@ -348,7 +355,8 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let (live, connected, facts) = soft.get(i).cloned().unwrap_or((None, false, None));
+            let (live, connected, facts, hypervisor) =
+                soft.get(i).cloned().unwrap_or((None, false, None, None));
             HostView {
                 name: r.name,
                 zone: r.zone,
@@ -360,6 +368,7 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
                 agent_version: r.agent_version,
                 registered_at_ms: r.registered_at_ms,
                 facts,
+                hypervisor,
             }
         })
         .collect()

@@ -58,6 +58,9 @@ pub struct HostView {
     pub agent_version: String,
     pub registered_at_ms: u64,
     pub facts: Option<HostFacts>,
+    /// The agent's view of its hypervisor (`None`: no inventory received yet).
+    #[serde(default)]
+    pub hypervisor: Option<vigil_common::domain::HypervisorHealth>,
 }
 
 /// `vigilctl events`.

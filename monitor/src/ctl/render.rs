@@ -122,6 +122,18 @@ pub fn status(s: &StatusView) -> String {
     out
 }
 
+fn hypervisor(h: &HostView) -> String {
+    use vigil_common::domain::HypervisorHealth;
+    match &h.hypervisor {
+        None => "-".into(),
+        Some(HypervisorHealth::Healthy) => "ok".into(),
+        Some(HypervisorHealth::Disabled) => "none".into(),
+        Some(HypervisorHealth::Unhealthy { reason, since_ms }) => {
+            format!("UNHEALTHY since {}: {reason}", timestamp(*since_ms))
+        }
+    }
+}
+
 pub fn host_list(hosts: &[HostView]) -> String {
     let mut t = Table::new(&[
         "NAME",
@@ -129,6 +141,7 @@ pub fn host_list(hosts: &[HostView]) -> String {
         "CLUSTER",
         "STATE",
         "LAST BEAT",
+        "HYPERVISOR",
         "CPUS",
         "MEM FREE/TOTAL",
         "LOAD",
@@ -153,6 +166,12 @@ pub fn host_list(hosts: &[HostView]) -> String {
             h.cluster.clone(),
             h.liveness.to_string(),
             ago(h.last_heartbeat_ms_ago),
+            match &h.hypervisor {
+                Some(vigil_common::domain::HypervisorHealth::Unhealthy { .. }) => {
+                    "UNHEALTHY".into()
+                }
+                _ => hypervisor(h),
+            },
             cpus,
             mem,
             load,
@@ -179,6 +198,7 @@ pub fn host_show(h: &HostView) -> String {
         "tags",
         h.tags.iter().cloned().collect::<Vec<_>>().join(", "),
     );
+    kv("hypervisor", hypervisor(h));
     kv("agent version", h.agent_version.clone());
     kv("registered", timestamp(h.registered_at_ms));
     if let Some(f) = &h.facts {

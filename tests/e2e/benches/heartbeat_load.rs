@@ -214,7 +214,22 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
     })
 }
 
-fn agent_footprint(pki: &Pki, seconds: u64) -> (f64, f64) {
+/// (PSS, anonymous RSS) in bytes, from /proc/PID/smaps_rollup and status.
+fn proc_memory_detail(pid: u32) -> (u64, u64) {
+    let kb = |text: &str, key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    (kb(&rollup, "Pss:"), kb(&status, "RssAnon:"))
+}
+
+fn agent_footprint(pki: &Pki, seconds: u64) -> (f64, f64, f64, f64) {
     let dir = pki.dir.path().join("footprint");
     let mon = MonitorProc::start(pki, &dir, "");
     let ctl = Ctl::new(pki, vec![mon.addr]);
@@ -230,9 +245,13 @@ fn agent_footprint(pki: &Pki, seconds: u64) -> (f64, f64) {
     let t = Instant::now();
     std::thread::sleep(Duration::from_secs(seconds));
     let (c1, rss) = proc_usage(pid);
+    let (pss, anon) = proc_memory_detail(pid);
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     (
         (c1 - c0) / t.elapsed().as_secs_f64() * 100.0,
-        rss as f64 / (1024.0 * 1024.0),
+        mib(rss),
+        mib(pss),
+        mib(anon),
     )
 }
 
@@ -271,7 +290,11 @@ fn main() {
             r.rss_mib
         );
     }
-    let (cpu, rss) = agent_footprint(&pki, seconds.max(10));
+    let (cpu, rss, pss, anon) = agent_footprint(&pki, seconds.max(10));
     println!();
-    println!("agent at idle heartbeat (real vigil-agent binary, 500 ms interval): CPU {cpu:.2} % of a core, RSS {rss:.1} MiB");
+    println!(
+        "agent at idle heartbeat (real vigil-agent binary, 500 ms interval, libvirt backend off): \
+         CPU {cpu:.2} % of a core; RSS {rss:.1} MiB (PSS {pss:.1} MiB, anonymous {anon:.1} MiB; \
+         the rest is file-backed pages of libvirt's client library and its dependencies)"
+    );
 }

@@ -144,7 +144,12 @@ fn main() {
         let d = ms(&evs.0["at_ms"]) - t0 as f64;
         let o = ms(&evs.1["at_ms"]) - t0 as f64;
         let r = t_running as f64 - t0 as f64;
-        println!("| {run} | {n:.0} ms | {d:.0} ms | {o:.0} ms | {r:.0} ms |");
+        let n_text = if n.is_finite() {
+            format!("{n:.0} ms")
+        } else {
+            "– (inventory backstop)".to_string()
+        };
+        println!("| {run} | {n_text} | {d:.0} ms | {o:.0} ms | {r:.0} ms |");
         if n.is_finite() {
             notice.push(n);
         }

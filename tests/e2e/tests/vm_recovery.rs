@@ -179,6 +179,14 @@ fn killed_qemu_is_restarted_with_the_next_generation() {
         "{rec:#}"
     );
 
+    // The agent shipped the HA VM's definition, so it could be started elsewhere.
+    c.wait_vm(
+        "crashy",
+        "definition stored",
+        Duration::from_secs(30),
+        |v| v["definition_stored"] == true,
+    );
+
     let log = c.messages(&uuid);
     let has = |s: &str| log.iter().any(|m| m.contains(s));
     assert!(has("crashed on hv1 (generation 0)"), "{log:#?}");
@@ -371,4 +379,78 @@ fn start_orders_are_guarded_by_generations_on_the_agent() {
         assert!(matches!(again, CommandOutcome::Done { ref detail } if detail.contains("already running")), "{again:?}");
         hv.destroy(&uuid).await.expect("destroy");
     });
+}
+
+#[test]
+fn a_hung_libvirtd_is_reported_and_never_stalls_heartbeats() {
+    let Some(sb) = sandbox() else { return };
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let _agent = AgentProc::start(
+        &pki,
+        &dir,
+        "hv1",
+        mon.addr,
+        &format!(
+            "libvirt_uri = {:?}\npoll_interval_ms = 200\nlibvirt_deadline_ms = 1000",
+            sb.uri
+        ),
+    );
+    let hv_state = |h: &Value| h["hypervisor"].clone();
+    wait_for(Duration::from_secs(20), || {
+        let h = ctl.json(&["host", "show", "hv1"]).ok()?;
+        (h["liveness"] == "up" && hv_state(&h) == "Healthy").then_some(())
+    })
+    .expect("hv1 up with a healthy hypervisor");
+
+    // Freeze libvirtd (SIGSTOP): every libvirt call now hangs.
+    let pid = sb
+        .recorded_pids()
+        .into_iter()
+        .find(|(n, _)| n == "libvirtd")
+        .map(|(_, p)| p)
+        .expect("libvirtd pid");
+    let signal = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+    };
+    assert!(signal("-STOP").success());
+    let unhealthy = wait_for(Duration::from_secs(20), || {
+        let h = ctl.json(&["host", "show", "hv1"]).ok()?;
+        hv_state(&h).get("Unhealthy").cloned().map(|u| (h, u))
+    });
+    // Let libvirtd go again before asserting, so a failure cannot leave it frozen.
+    let (during, reason) = {
+        let r = unhealthy;
+        assert!(signal("-CONT").success());
+        r.expect("hypervisor reported unhealthy while libvirtd hangs")
+    };
+    assert!(
+        ["no answer after", "stuck on"]
+            .iter()
+            .any(|w| reason["reason"].as_str().unwrap_or("").contains(w)),
+        "the reason names the hang: {reason}"
+    );
+    // Heartbeats went on: the host never left "up".
+    assert_eq!(during["liveness"], "up", "{during}");
+    let events: Vec<String> = ctl
+        .events()
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(String::from))
+        .collect();
+    assert!(
+        !events.iter().any(|m| m.contains("hv1 is suspect")),
+        "{events:#?}"
+    );
+    // And it recovers once libvirtd answers again.
+    wait_for(Duration::from_secs(30), || {
+        let h = ctl.json(&["host", "show", "hv1"]).ok()?;
+        (hv_state(&h) == "Healthy").then_some(())
+    })
+    .expect("healthy again");
 }
