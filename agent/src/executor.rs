@@ -133,6 +133,21 @@ impl Executor {
                 ))
             };
         }
+        // A generation activates at most once: if it already ran here and stopped, this is a
+        // late duplicate of an old order (the monitor needs a new generation to start it).
+        {
+            let mut gens = self.gens();
+            if gens.started(uuid).is_some_and(|s| s >= generation) {
+                return failed(format!(
+                    "generation {generation} of {uuid} already ran on this host and stopped; a new start needs a new generation"
+                ));
+            }
+            if let Err(e) = gens.mark_started(uuid, generation) {
+                return failed(format!(
+                    "cannot record the start of generation {generation} of {uuid}: {e}"
+                ));
+            }
+        }
         // 4. Stamp the generation into the domain, then start it.
         if let Err(e) = hv.set_generation(uuid, generation).await {
             return failed(e.to_string());

@@ -27,6 +27,10 @@ pub enum GenerationsError {
 struct OnDisk {
     newest: BTreeMap<String, u64>,
     ha: BTreeSet<String>,
+    /// The highest generation this agent has started, per VM: a generation activates at
+    /// most once, so a late duplicate of an old order can never start it again.
+    #[serde(default)]
+    started: BTreeMap<String, u64>,
 }
 
 /// The table, backed by a file (or only in memory when `path` is `None`).
@@ -70,6 +74,25 @@ impl Generations {
 
     pub fn newest(&self, uuid: &str) -> Option<u64> {
         self.data.newest.get(uuid).copied()
+    }
+
+    /// The highest generation this agent has started for `uuid`.
+    pub fn started(&self, uuid: &str) -> Option<u64> {
+        self.data.started.get(uuid).copied()
+    }
+
+    /// Records, durably and before the start, that `generation` of `uuid` is being started.
+    pub fn mark_started(&mut self, uuid: &str, generation: u64) -> Result<(), GenerationsError> {
+        let mut next = self.data.clone();
+        let e = next.started.entry(uuid.to_string()).or_insert(generation);
+        *e = (*e).max(generation);
+        let n = next.newest.entry(uuid.to_string()).or_insert(generation);
+        *n = (*n).max(generation);
+        if next != self.data {
+            self.persist(&next)?;
+            self.data = next;
+        }
+        Ok(())
     }
 
     pub fn is_ha(&self, uuid: &str) -> bool {

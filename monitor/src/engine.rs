@@ -352,6 +352,29 @@ impl Engine {
                     // (state Crashed) still has its qemu.
                     let crashed = d.is_shut_off()
                         && matches!(d.reason, StateReason::Crashed | StateReason::Failed);
+                    // Backstop for a lost stop event: shut down by its guest or destroyed by
+                    // an operator while nobody was listening. Respected, as the event would be.
+                    let stopped_on_purpose = d.is_shut_off()
+                        && matches!(
+                            d.reason,
+                            StateReason::GuestShutdown | StateReason::Destroyed
+                        );
+                    if stopped_on_purpose
+                        && vm.phase == Phase::Running
+                        && vm.host == host
+                        && d.meta.generation.unwrap_or(0) == vm.generation
+                    {
+                        out.push(Action::Propose(StateCommand::VmStopped {
+                            at_ms: wall_ms,
+                            uuid: vm.uuid.clone(),
+                            host: host.to_string(),
+                            reason: if d.reason == StateReason::GuestShutdown {
+                                StopReason::GuestShutdown
+                            } else {
+                                StopReason::OperatorDestroy
+                            },
+                        }));
+                    }
                     if crashed
                         && vm.ha
                         && vm.phase == Phase::Running

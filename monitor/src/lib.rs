@@ -21,4 +21,5 @@ pub mod raft;
 pub mod recovery;
 pub mod server;
 pub mod service;
+pub mod sim;
 pub mod state;

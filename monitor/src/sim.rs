@@ -1,0 +1,766 @@
+//! A deterministic simulator of a Vigil cluster around the *real* decision core.
+//!
+//! Compare Proxmox's pve-ha-manager `src/test/`: a scenario is a timed list of faults, the
+//! output is the replicated event log, and a golden file says what it must be. The simulator
+//! runs [`Engine`] and [`ClusterState`] exactly as the monitor does (proposals are applied in
+//! order, as Raft would commit them, followed by an `Applied` input), with simulated agents
+//! that heartbeat, report inventories and lifecycle events, and carry out start orders with
+//! the same generation guard as the real agent. Time is simulated, so thousands of seeded
+//! random runs are cheap; after every step the simulator checks the one rule: no VM ever runs
+//! on two hosts at once.
+//!
+//! Scenario files (`monitor/tests/scenarios/*.scn`), one directive a line, `#` comments:
+//!
+//! ```text
+//! policy max_restarts_in_place=3 max_relocations=2 window_ms=600000 backoff_initial_ms=1000
+//! host hv1 cluster=c1 zone=z1
+//! vm u1 host=hv1 priority=5          # an HA VM running on hv1
+//! at 1000 crash-vm u1                # qemu dies: the agent reports STOPPED (crashed)
+//! at 2000 crash-on-start u1 on       # from now on every start of u1 dies at once
+//! at 3000 guest-shutdown u1
+//! at 4000 destroy u1                 # an operator's virsh destroy
+//! at 5000 kill-agent hv1             # the agent process dies (guests keep running)
+//! at 6000 start-agent hv1
+//! at 7000 start-fails hv1 on         # libvirt refuses starts on hv1
+//! at 8000 drop-answers hv1 on        # start answers from hv1 are lost
+//! at 9000 new-leader                 # leadership moves: fresh soft state, same log
+//! run 20000                          # simulate until this time
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use vigil_common::config::{DetectorConfig, RecoveryConfig};
+use vigil_common::domain::{
+    DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason, VigilMeta,
+    RAW_EVENT_STOPPED,
+};
+use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts};
+
+use crate::engine::{Action, Engine, Input};
+use crate::state::ClusterState;
+
+/// Wall-clock offset: simulated time 0 is this Unix ms (keeps timestamps plausible).
+const WALL0: u64 = 1_800_000_000_000;
+/// Simulation step.
+const STEP_MS: u64 = 10;
+/// Time a simulated domain start takes.
+const START_MS: u64 = 200;
+
+#[derive(Debug, Clone)]
+struct SimDomain {
+    running: bool,
+    generation: u64,
+    reason: StateReason,
+}
+
+#[derive(Debug, Clone)]
+struct SimHost {
+    zone: String,
+    cluster: String,
+    agent_alive: bool,
+    start_fails: bool,
+    drop_answers: bool,
+    domains: BTreeMap<String, SimDomain>,
+    /// Newest generation per VM the agent has seen (the agent's durable table).
+    newest: BTreeMap<String, u64>,
+    /// Highest generation per VM the agent has started (each activates at most once).
+    started: BTreeMap<String, u64>,
+    connected_to_engine: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Fault {
+    CrashVm(String),
+    CrashOnStart(String, bool),
+    GuestShutdown(String),
+    Destroy(String),
+    KillAgent(String),
+    StartAgent(String),
+    StartFails(String, bool),
+    DropAnswers(String, bool),
+    NewLeader,
+}
+
+/// A parsed scenario.
+#[derive(Debug, Clone, Default)]
+pub struct Scenario {
+    policy: RecoveryConfig,
+    hosts: Vec<(String, String, String)>,
+    vms: Vec<(String, String, i32)>,
+    faults: Vec<(u64, Fault)>,
+    until: u64,
+}
+
+/// A scenario file that does not parse; names the line.
+#[derive(Debug, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ScenarioError {
+    pub line: usize,
+    pub message: String,
+}
+
+fn kv(words: &[&str]) -> BTreeMap<String, String> {
+    words
+        .iter()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Scenario {
+    pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+        let mut sc = Scenario {
+            until: 10_000,
+            ..Scenario::default()
+        };
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let err = |m: String| ScenarioError {
+                line: i + 1,
+                message: m,
+            };
+            let w: Vec<&str> = line.split_whitespace().collect();
+            let num = |s: &str| -> Result<u64, ScenarioError> {
+                s.parse().map_err(|_| err(format!("{s:?} is not a number")))
+            };
+            match w.as_slice() {
+                ["policy", rest @ ..] => {
+                    for (k, v) in kv(rest) {
+                        let n = num(&v)?;
+                        match k.as_str() {
+                            "max_restarts_in_place" => sc.policy.max_restarts_in_place = n as u32,
+                            "max_relocations" => sc.policy.max_relocations = n as u32,
+                            "window_ms" => sc.policy.window_ms = n,
+                            "backoff_initial_ms" => sc.policy.backoff_initial_ms = n,
+                            "backoff_max_ms" => sc.policy.backoff_max_ms = n,
+                            other => return Err(err(format!("unknown policy field {other:?}"))),
+                        }
+                    }
+                }
+                ["host", name, rest @ ..] => {
+                    let m = kv(rest);
+                    sc.hosts.push((
+                        name.to_string(),
+                        m.get("zone").cloned().unwrap_or_else(|| "z1".into()),
+                        m.get("cluster").cloned().unwrap_or_else(|| "c1".into()),
+                    ));
+                }
+                ["vm", uuid, rest @ ..] => {
+                    let m = kv(rest);
+                    let host = m
+                        .get("host")
+                        .cloned()
+                        .ok_or_else(|| err("vm needs host=".into()))?;
+                    let prio = m.get("priority").map(|p| num(p)).transpose()?.unwrap_or(0);
+                    sc.vms.push((uuid.to_string(), host, prio as i32));
+                }
+                ["at", t, verb, args @ ..] => {
+                    let t = num(t)?;
+                    let arg = |n: usize| -> Result<String, ScenarioError> {
+                        args.get(n)
+                            .map(|s| s.to_string())
+                            .ok_or_else(|| err(format!("{verb} needs an argument")))
+                    };
+                    let on = |n: usize| -> Result<bool, ScenarioError> {
+                        match args.get(n).copied() {
+                            Some("on") => Ok(true),
+                            Some("off") => Ok(false),
+                            other => Err(err(format!("expected on|off, got {other:?}"))),
+                        }
+                    };
+                    let f = match *verb {
+                        "crash-vm" => Fault::CrashVm(arg(0)?),
+                        "crash-on-start" => Fault::CrashOnStart(arg(0)?, on(1)?),
+                        "guest-shutdown" => Fault::GuestShutdown(arg(0)?),
+                        "destroy" => Fault::Destroy(arg(0)?),
+                        "kill-agent" => Fault::KillAgent(arg(0)?),
+                        "start-agent" => Fault::StartAgent(arg(0)?),
+                        "start-fails" => Fault::StartFails(arg(0)?, on(1)?),
+                        "drop-answers" => Fault::DropAnswers(arg(0)?, on(1)?),
+                        "new-leader" => Fault::NewLeader,
+                        other => return Err(err(format!("unknown fault {other:?}"))),
+                    };
+                    sc.faults.push((t, f));
+                }
+                ["run", t] => sc.until = num(t)?,
+                other => return Err(err(format!("cannot read {other:?}"))),
+            }
+        }
+        sc.faults.sort_by_key(|(t, _)| *t);
+        Ok(sc)
+    }
+}
+
+/// A safety violation found by the simulator.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    #[error("at {at_ms} ms VM {uuid} runs on {hosts:?} at once")]
+    RunsTwice {
+        at_ms: u64,
+        uuid: String,
+        hosts: Vec<String>,
+    },
+    #[error("at {at_ms} ms host {host} runs VM {uuid} with generation {found}, older than {newest} it had already seen")]
+    StaleRuns {
+        at_ms: u64,
+        host: String,
+        uuid: String,
+        found: u64,
+        newest: u64,
+    },
+}
+
+/// The simulated cluster.
+pub struct Sim {
+    engine: Engine,
+    state: ClusterState,
+    hosts: BTreeMap<String, SimHost>,
+    crash_on_start: BTreeSet<String>,
+    /// Commands in flight: (due, host, command, outcome).
+    pending: Vec<(u64, String, AgentCommand)>,
+    /// Domains that die right after their start: (due, host, uuid).
+    pending_crash: Vec<(u64, String, String)>,
+    /// HA VMs (marked in their XML) and their priorities.
+    ha: BTreeMap<String, i32>,
+    policy: RecoveryConfig,
+    now: u64,
+    term: u64,
+    log: Vec<String>,
+}
+
+impl Sim {
+    pub fn new(sc: &Scenario) -> Sim {
+        let detector = DetectorConfig {
+            heartbeat_interval_ms: 100,
+            suspect_after_ms: 300,
+            down_after_ms: 600,
+        };
+        let mut sim = Sim {
+            engine: Engine::new(detector, sc.policy.clone(), 0),
+            state: ClusterState::default(),
+            hosts: BTreeMap::new(),
+            crash_on_start: BTreeSet::new(),
+            pending: Vec::new(),
+            pending_crash: Vec::new(),
+            ha: sc.vms.iter().map(|(u, _, p)| (u.clone(), *p)).collect(),
+            policy: sc.policy.clone(),
+            now: 0,
+            term: 1,
+            log: Vec::new(),
+        };
+        for (name, zone, cluster) in &sc.hosts {
+            sim.hosts.insert(
+                name.clone(),
+                SimHost {
+                    zone: zone.clone(),
+                    cluster: cluster.clone(),
+                    agent_alive: true,
+                    start_fails: false,
+                    drop_answers: false,
+                    domains: BTreeMap::new(),
+                    newest: BTreeMap::new(),
+                    started: BTreeMap::new(),
+                    connected_to_engine: false,
+                },
+            );
+        }
+        for (uuid, host, _) in &sc.vms {
+            if let Some(h) = sim.hosts.get_mut(host) {
+                h.domains.insert(
+                    uuid.clone(),
+                    SimDomain {
+                        running: true,
+                        generation: 0,
+                        reason: StateReason::Booted,
+                    },
+                );
+            }
+        }
+        sim.input(Input::BecameLeader { term: 1, node: 1 });
+        sim
+    }
+
+    fn wall(&self) -> u64 {
+        WALL0 + self.now
+    }
+
+    /// Feeds one input and carries out the actions, as the service task does.
+    fn input(&mut self, input: Input) {
+        let mut queue = vec![input];
+        while let Some(input) = queue.pop() {
+            let actions = self
+                .engine
+                .handle(input, self.now, self.wall(), &self.state);
+            let mut applied = false;
+            for a in actions {
+                match a {
+                    Action::Propose(cmd) => {
+                        self.state.apply(&cmd);
+                        applied = true;
+                    }
+                    Action::Send { host, command } => {
+                        self.pending.push((self.now + START_MS, host, command));
+                    }
+                    Action::Notify { host, message } => {
+                        if let vigil_common::wire::MonitorToAgent::Generations { entries, .. } =
+                            message
+                        {
+                            let targets: Vec<String> = match host {
+                                Some(h) => vec![h],
+                                None => self.hosts.keys().cloned().collect(),
+                            };
+                            for t in targets {
+                                if let Some(h) = self.hosts.get_mut(&t) {
+                                    if h.agent_alive {
+                                        for (u, g) in &entries {
+                                            let e = h.newest.entry(u.clone()).or_insert(*g);
+                                            *e = (*e).max(*g);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if applied {
+                queue.push(Input::Applied);
+            }
+        }
+    }
+
+    fn domain_infos(&self, host: &str) -> Vec<DomainInfo> {
+        let Some(h) = self.hosts.get(host) else {
+            return vec![];
+        };
+        h.domains
+            .iter()
+            .map(|(u, d)| DomainInfo {
+                uuid: u.clone(),
+                name: format!("vm-{u}"),
+                state: if d.running {
+                    DomainState::Running
+                } else {
+                    DomainState::Shutoff
+                },
+                reason: d.reason,
+                vcpus: 1,
+                memory_kib: 65_536,
+                disks: vec![],
+                meta: VigilMeta {
+                    ha: self.ha.contains_key(u).then_some(true),
+                    priority: self.ha.get(u).copied(),
+                    generation: Some(d.generation),
+                },
+                persistent: true,
+            })
+            .collect()
+    }
+
+    fn stop_event(&mut self, host: &str, uuid: &str, kind: LifecycleKind, reason: StateReason) {
+        let Some(h) = self.hosts.get_mut(host) else {
+            return;
+        };
+        let Some(d) = h.domains.get_mut(uuid) else {
+            return;
+        };
+        if !d.running {
+            return;
+        }
+        d.running = false;
+        d.reason = reason;
+        let generation = Some(d.generation);
+        if h.agent_alive {
+            let ev = DomainEvent {
+                uuid: uuid.to_string(),
+                name: format!("vm-{uuid}"),
+                kind,
+                raw_event: RAW_EVENT_STOPPED,
+                raw_detail: 0,
+                at_ms: self.wall(),
+            };
+            self.input(Input::DomainEvent {
+                host: host.to_string(),
+                event: ev,
+                generation,
+            });
+        }
+    }
+
+    fn host_of(&self, uuid: &str) -> Option<String> {
+        self.hosts
+            .iter()
+            .find(|(_, h)| h.domains.get(uuid).is_some_and(|d| d.running))
+            .map(|(n, _)| n.clone())
+    }
+
+    fn apply_fault(&mut self, f: Fault) {
+        self.log.push(format!("{:>6} FAULT {f:?}", self.now));
+        match f {
+            Fault::CrashVm(u) => {
+                if let Some(h) = self.host_of(&u) {
+                    self.stop_event(&h, &u, LifecycleKind::Crashed, StateReason::Crashed);
+                }
+            }
+            Fault::CrashOnStart(u, on) => {
+                if on {
+                    self.crash_on_start.insert(u);
+                } else {
+                    self.crash_on_start.remove(&u);
+                }
+            }
+            Fault::GuestShutdown(u) => {
+                if let Some(h) = self.host_of(&u) {
+                    self.stop_event(
+                        &h,
+                        &u,
+                        LifecycleKind::GuestShutdown,
+                        StateReason::GuestShutdown,
+                    );
+                }
+            }
+            Fault::Destroy(u) => {
+                if let Some(h) = self.host_of(&u) {
+                    self.stop_event(&h, &u, LifecycleKind::Destroyed, StateReason::Destroyed);
+                }
+            }
+            Fault::KillAgent(h) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.agent_alive = false;
+                }
+            }
+            Fault::StartAgent(h) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.agent_alive = true;
+                }
+            }
+            Fault::StartFails(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.start_fails = on;
+                }
+            }
+            Fault::DropAnswers(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.drop_answers = on;
+                }
+            }
+            Fault::NewLeader => {
+                // A new leader: same replicated state (the log), fresh soft state.
+                self.term += 1;
+                let detector = DetectorConfig {
+                    heartbeat_interval_ms: 100,
+                    suspect_after_ms: 300,
+                    down_after_ms: 600,
+                };
+                let policy = self.engine_policy();
+                self.engine = Engine::new(detector, policy, self.now);
+                for h in self.hosts.values_mut() {
+                    h.connected_to_engine = false;
+                }
+                self.input(Input::BecameLeader {
+                    term: self.term,
+                    node: self.term,
+                });
+            }
+        }
+    }
+
+    fn engine_policy(&self) -> RecoveryConfig {
+        self.policy.clone()
+    }
+
+    /// Carries out a start order the way the real agent does.
+    fn agent_start(&mut self, host: &str, uuid: &str, generation: u64) -> CommandOutcome {
+        let crash = self.crash_on_start.contains(uuid);
+        let Some(h) = self.hosts.get_mut(host) else {
+            return CommandOutcome::Failed {
+                reason: "no such host".into(),
+            };
+        };
+        if h.newest.get(uuid).is_some_and(|n| generation < *n) {
+            return CommandOutcome::Failed {
+                reason: format!("stale generation {generation}"),
+            };
+        }
+        h.newest.insert(uuid.to_string(), generation);
+        if h.start_fails {
+            return CommandOutcome::Failed {
+                reason: "libvirt refused".into(),
+            };
+        }
+        let d = h.domains.entry(uuid.to_string()).or_insert(SimDomain {
+            running: false,
+            generation,
+            reason: StateReason::NeverStarted,
+        });
+        if d.running {
+            return if d.generation == generation {
+                CommandOutcome::Done {
+                    detail: "already running".into(),
+                }
+            } else {
+                CommandOutcome::Failed {
+                    reason: "already running with another generation".into(),
+                }
+            };
+        }
+        if h.started.get(uuid).is_some_and(|s| *s >= generation) {
+            return CommandOutcome::Failed {
+                reason: format!("generation {generation} already ran here and stopped"),
+            };
+        }
+        h.started.insert(uuid.to_string(), generation);
+        let Some(d) = h.domains.get_mut(uuid) else {
+            return CommandOutcome::Failed {
+                reason: "vanished".into(),
+            };
+        };
+        d.running = true;
+        d.generation = generation;
+        d.reason = StateReason::Booted;
+        if crash {
+            // Reports success, then dies right away.
+            self.pending_crash
+                .push((self.now + 50, host.to_string(), uuid.to_string()));
+        }
+        CommandOutcome::Done {
+            detail: "started".into(),
+        }
+    }
+
+    /// Advances to `until`, applying faults at their times. Returns the first violation.
+    pub fn run(&mut self, sc: &Scenario) -> Result<(), Violation> {
+        let mut faults = sc.faults.clone().into_iter().peekable();
+        while self.now <= sc.until {
+            while faults.peek().is_some_and(|(t, _)| *t <= self.now) {
+                if let Some((_, f)) = faults.next() {
+                    self.apply_fault(f);
+                }
+            }
+            self.step();
+            self.check()?;
+            self.now += STEP_MS;
+        }
+        Ok(())
+    }
+
+    fn step(&mut self) {
+        // Crashes right after start.
+        let due: Vec<(u64, String, String)> = self
+            .pending_crash
+            .iter()
+            .filter(|(t, _, _)| *t <= self.now)
+            .cloned()
+            .collect();
+        self.pending_crash.retain(|(t, _, _)| *t > self.now);
+        for (_, h, u) in due {
+            self.stop_event(&h, &u, LifecycleKind::Crashed, StateReason::Crashed);
+        }
+        // Agents: (re)connect, heartbeat, inventory.
+        let names: Vec<String> = self.hosts.keys().cloned().collect();
+        for name in &names {
+            let Some(h) = self.hosts.get(name).cloned() else {
+                continue;
+            };
+            if !h.agent_alive {
+                if h.connected_to_engine {
+                    if let Some(hm) = self.hosts.get_mut(name) {
+                        hm.connected_to_engine = false;
+                    }
+                    self.input(Input::AgentDisconnected { host: name.clone() });
+                }
+                continue;
+            }
+            let facts = HostFacts {
+                memory_available_bytes: 16 << 30,
+                ..HostFacts::default()
+            };
+            if !h.connected_to_engine {
+                if let Some(hm) = self.hosts.get_mut(name) {
+                    hm.connected_to_engine = true;
+                }
+                self.input(Input::AgentConnected {
+                    host: name.clone(),
+                    zone: h.zone.clone(),
+                    cluster: h.cluster.clone(),
+                    agent_version: "sim".into(),
+                    facts: facts.clone(),
+                });
+                let domains = self.domain_infos(name);
+                self.input(Input::Inventory {
+                    host: name.clone(),
+                    domains,
+                    health: HypervisorHealth::Healthy,
+                });
+            }
+            if self.now % 100 == 0 {
+                self.input(Input::Heartbeat {
+                    host: name.clone(),
+                    seq: self.now,
+                    facts,
+                });
+            }
+            if self.now % 500 == 0 {
+                let domains = self.domain_infos(name);
+                self.input(Input::Inventory {
+                    host: name.clone(),
+                    domains,
+                    health: HypervisorHealth::Healthy,
+                });
+            }
+        }
+        // The agents' own stale check (the real agent destroys stale copies on each poll).
+        for name in &names {
+            let stale: Vec<(String, u64, u64)> = self
+                .hosts
+                .get(name)
+                .filter(|h| h.agent_alive)
+                .map(|h| {
+                    h.domains
+                        .iter()
+                        .filter(|(_, d)| d.running)
+                        .filter_map(|(u, d)| {
+                            let n = *h.newest.get(u)?;
+                            (d.generation < n).then(|| (u.clone(), d.generation, n))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (u, found, newest) in stale {
+                if let Some(d) = self.hosts.get_mut(name).and_then(|h| h.domains.get_mut(&u)) {
+                    d.running = false;
+                    d.reason = StateReason::Destroyed;
+                }
+                self.input(Input::StaleDestroyed {
+                    host: name.clone(),
+                    uuid: u,
+                    found: Some(found),
+                    newest,
+                });
+            }
+        }
+        // Commands that are due.
+        let due: Vec<(u64, String, AgentCommand)> = self
+            .pending
+            .iter()
+            .filter(|(t, _, _)| *t <= self.now)
+            .cloned()
+            .collect();
+        self.pending.retain(|(t, _, _)| *t > self.now);
+        for (_, host, command) in due {
+            let alive = self.hosts.get(&host).is_some_and(|h| h.agent_alive);
+            let result = if !alive {
+                Err(format!("host {host} has no agent connected"))
+            } else {
+                match &command {
+                    AgentCommand::StartDomain {
+                        uuid, generation, ..
+                    } => {
+                        let (u, g) = (uuid.clone(), *generation);
+                        let outcome = self.agent_start(&host, &u, g);
+                        if self.hosts.get(&host).is_some_and(|h| h.drop_answers) {
+                            Err("answer lost".into())
+                        } else {
+                            Ok(outcome)
+                        }
+                    }
+                    AgentCommand::DestroyDomain { uuid } => {
+                        let u = uuid.clone();
+                        self.stop_event(
+                            &host,
+                            &u,
+                            LifecycleKind::Destroyed,
+                            StateReason::Destroyed,
+                        );
+                        Ok(CommandOutcome::Done {
+                            detail: "destroyed".into(),
+                        })
+                    }
+                    AgentCommand::Ping { nonce } => Ok(CommandOutcome::Pong { nonce: *nonce }),
+                }
+            };
+            self.input(Input::CommandDone {
+                host,
+                command,
+                result,
+            });
+        }
+        self.input(Input::Tick);
+    }
+
+    /// The one rule, checked after every step.
+    fn check(&self) -> Result<(), Violation> {
+        let mut running: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for (hn, h) in &self.hosts {
+            for (u, d) in &h.domains {
+                if d.running {
+                    running.entry(u.as_str()).or_default().push(hn.clone());
+                    // A live agent destroys stale copies within the same step.
+                    if let Some(n) = h.newest.get(u) {
+                        if d.generation < *n && h.agent_alive {
+                            return Err(Violation::StaleRuns {
+                                at_ms: self.now,
+                                host: hn.clone(),
+                                uuid: u.clone(),
+                                found: d.generation,
+                                newest: *n,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for (u, hosts) in running {
+            if hosts.len() > 1 {
+                return Err(Violation::RunsTwice {
+                    at_ms: self.now,
+                    uuid: u.to_string(),
+                    hosts,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The replicated event log, with times relative to the start.
+    pub fn event_log(&self) -> String {
+        let mut out = String::new();
+        for e in &self.state.events {
+            out.push_str(&format!(
+                "{:>6} {:<8} {}\n",
+                e.at_ms.saturating_sub(WALL0),
+                e.severity,
+                e.message.replace(&WALL0.to_string(), "T0")
+            ));
+        }
+        out
+    }
+
+    /// Faults applied, for the golden file's header.
+    pub fn fault_log(&self) -> &[String] {
+        &self.log
+    }
+
+    pub fn state(&self) -> &ClusterState {
+        &self.state
+    }
+
+    /// Whether every VM is running somewhere, or deliberately not (stopped / gave up).
+    pub fn settled(&self) -> Vec<String> {
+        let mut unsettled = Vec::new();
+        for (u, vm) in &self.state.vms {
+            use crate::state::Phase;
+            let ok = match vm.phase {
+                Phase::Stopped { .. } | Phase::GaveUp { .. } => true,
+                _ => self.host_of(u).is_some(),
+            };
+            if !ok {
+                unsettled.push(format!("{u}: {} on {}", vm.phase.name(), vm.host));
+            }
+        }
+        unsettled
+    }
+}

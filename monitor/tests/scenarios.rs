@@ -1,0 +1,177 @@
+//! Scenario files drive the real decision core through the simulator: timed faults in, the
+//! replicated event log out, compared with a golden file (`VIGIL_BLESS=1` rewrites them).
+//! A seeded random-fault runner checks the one rule on every simulated step.
+
+use std::path::{Path, PathBuf};
+
+use vigil_monitor::sim::{Scenario, Sim};
+
+fn scenario_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios")
+}
+
+fn render(sim: &Sim) -> String {
+    let mut out = String::from("# faults\n");
+    for f in sim.fault_log() {
+        out.push_str(f);
+        out.push('\n');
+    }
+    out.push_str("# replicated event log\n");
+    out.push_str(&sim.event_log());
+    out
+}
+
+#[test]
+fn scenarios_match_their_golden_logs() {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(scenario_dir())
+        .expect("scenario dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "scn"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 8, "scenarios missing: {files:?}");
+    let bless = std::env::var_os("VIGIL_BLESS").is_some();
+    let mut failures = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).expect("read scenario");
+        let sc = Scenario::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        let mut sim = Sim::new(&sc);
+        if let Err(v) = sim.run(&sc) {
+            failures.push(format!("{}: SAFETY VIOLATION: {v}", f.display()));
+            continue;
+        }
+        let got = render(&sim);
+        let golden = f.with_extension("expected");
+        if bless {
+            std::fs::write(&golden, &got).expect("write golden");
+            continue;
+        }
+        match std::fs::read_to_string(&golden) {
+            Ok(want) if want == got => {}
+            Ok(want) => failures.push(format!(
+                "{}: log differs from {}\n--- want\n{want}\n--- got\n{got}",
+                f.display(),
+                golden.display()
+            )),
+            Err(_) => failures.push(format!(
+                "{}: no golden file {} (run with VIGIL_BLESS=1)\n{got}",
+                f.display(),
+                golden.display()
+            )),
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn bad_scenarios_name_the_line() {
+    let err = Scenario::parse("host hv1\nat x crash-vm u1\n").expect_err("bad");
+    assert_eq!(err.line, 2);
+    let err = Scenario::parse("vm u1\n").expect_err("no host");
+    assert!(err.to_string().contains("host="), "{err}");
+    let err = Scenario::parse("at 10 explode hv1\n").expect_err("unknown fault");
+    assert!(err.to_string().contains("explode"), "{err}");
+}
+
+/// A tiny deterministic generator (splitmix64), so runs are reproducible from their seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A random scenario: faults for 20 s, then everything healed for 40 s.
+fn random_scenario(seed: u64) -> String {
+    let mut r = Rng(seed);
+    let hosts = 2 + r.below(3);
+    let vms = 1 + r.below(4);
+    let mut s = String::from(
+        "policy max_restarts_in_place=2 max_relocations=2 window_ms=600000 backoff_initial_ms=200 backoff_max_ms=1000\n",
+    );
+    for h in 1..=hosts {
+        s.push_str(&format!("host hv{h}\n"));
+    }
+    for v in 1..=vms {
+        s.push_str(&format!(
+            "vm u{v} host=hv{} priority={}\n",
+            1 + r.below(hosts),
+            r.below(3)
+        ));
+    }
+    let mut t = 500;
+    while t < 20_000 {
+        t += 50 + r.below(1_500);
+        let h = 1 + r.below(hosts);
+        let v = 1 + r.below(vms);
+        let onoff = if r.below(2) == 0 { "on" } else { "off" };
+        let f = match r.below(10) {
+            0 | 1 | 2 => format!("crash-vm u{v}"),
+            3 => format!("crash-on-start u{v} {onoff}"),
+            4 => format!("kill-agent hv{h}"),
+            5 => format!("start-agent hv{h}"),
+            6 => format!("start-fails hv{h} {onoff}"),
+            7 => format!("drop-answers hv{h} {onoff}"),
+            8 => "new-leader".to_string(),
+            _ => format!("guest-shutdown u{v}"),
+        };
+        s.push_str(&format!("at {t} {f}\n"));
+    }
+    // Heal everything.
+    t += 100;
+    for h in 1..=hosts {
+        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\n"));
+    }
+    for v in 1..=vms {
+        s.push_str(&format!("at {t} crash-on-start u{v} off\n"));
+    }
+    s.push_str(&format!("run {}\n", t + 40_000));
+    s
+}
+
+#[test]
+fn seeded_random_faults_never_run_a_vm_twice() {
+    let runs: u64 = std::env::var("VIGIL_SIM_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let base: u64 = std::env::var("VIGIL_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut unsettled_runs = Vec::new();
+    for seed in base..base + runs {
+        let text = random_scenario(seed);
+        let sc = Scenario::parse(&text).expect("generated scenario parses");
+        let mut sim = Sim::new(&sc);
+        if let Err(v) = sim.run(&sc) {
+            panic!(
+                "seed {seed}: {v}\nreproduce: VIGIL_SIM_SEED={seed} VIGIL_SIM_RUNS=1 cargo test -p vigil-monitor --test scenarios seeded\n--- scenario\n{text}\n--- log\n{}",
+                sim.event_log()
+            );
+        }
+        let unsettled = sim.settled();
+        if !unsettled.is_empty() {
+            if runs == 1 {
+                eprintln!("--- scenario\n{text}\n--- log\n{}", sim.event_log());
+            }
+            unsettled_runs.push(format!("seed {seed}: {unsettled:?}"));
+        }
+    }
+    // Liveness: once every fault is healed, every HA VM runs again or is deliberately left
+    // alone (stopped by its guest or an operator, or given up after its budget).
+    assert!(
+        unsettled_runs.is_empty(),
+        "{} of {runs} runs left VMs neither running nor deliberately stopped:\n{}",
+        unsettled_runs.len(),
+        unsettled_runs.join("\n")
+    );
+}
