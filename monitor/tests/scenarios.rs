@@ -114,7 +114,7 @@ fn random_scenario(seed: u64) -> String {
         let v = 1 + r.below(vms);
         let onoff = if r.below(2) == 0 { "on" } else { "off" };
         let f = match r.below(10) {
-            0 | 1 | 2 => format!("crash-vm u{v}"),
+            0..=2 => format!("crash-vm u{v}"),
             3 => format!("crash-on-start u{v} {onoff}"),
             4 => format!("kill-agent hv{h}"),
             5 => format!("start-agent hv{h}"),
