@@ -114,7 +114,13 @@ impl AgentRunner {
                 cluster: self.cluster.clone(),
                 facts: facts.collect(),
             };
-            match Session::open(&self.endpoint, self.client.clone(), addr, hello).await {
+            // A shutdown must not wait for a connection attempt to time out.
+            let mut stop_open = stop.clone();
+            let opened = tokio::select! {
+                r = Session::open(&self.endpoint, self.client.clone(), addr, hello) => r,
+                _ = stop_open.changed() => break,
+            };
+            match opened {
                 Ok(session) => {
                     backoff = self.reconnect;
                     let io = SessionIo {

@@ -1,0 +1,224 @@
+//! The lab network: a "switch" namespace with a bridge, one namespace per machine with a veth to
+//! it, and partitions.
+//!
+//! Nothing is created in the root namespace: veth pairs are created inside the switch namespace
+//! with their other end moved straight into the machine's namespace. IPv6 is disabled in every
+//! lab namespace, so the only addresses in use are the lab's own from 198.18.0.0/15.
+//!
+//! Partitions (no nftables/iptables needed, both are absent here):
+//! - `--from monitors`: permanent neighbour entries with an unused, locally administered MAC, in
+//!   the host's namespace for every monitor address and in every monitor's namespace for the
+//!   host's address. Frames still leave, but nobody accepts them: a *silent* drop in both
+//!   directions, exactly what a broken path looks like (no local error, no ICMP). Received ARP
+//!   cannot override a permanent entry. The host still reaches the other hosts.
+//! - `--from all`: the host's port on the switch goes down (a pulled cable): the host's own
+//!   interface loses carrier and nothing gets in or out.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::cmd::{ip, run};
+use crate::layout::PREFIX_LEN;
+use crate::state::{LabState, Node};
+
+/// Nobody in the lab has this MAC (locally administered, unicast).
+pub const BLACKHOLE_MAC: &str = "02:00:00:de:ad:01";
+/// Name of the machine end of every veth.
+pub const NODE_IF: &str = "eth0";
+/// Name of the bridge in the switch namespace.
+pub const BRIDGE: &str = "br0";
+
+pub fn ns_exists(name: &str) -> bool {
+    std::path::Path::new("/run/netns").join(name).exists()
+}
+
+fn disable_ipv6(ns: &str) {
+    // Best effort: a kernel without IPv6 has nothing to disable.
+    let _ = run(
+        &[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sh",
+            "-c",
+            "for f in /proc/sys/net/ipv6/conf/all/disable_ipv6 /proc/sys/net/ipv6/conf/default/disable_ipv6; do [ -e $f ] && echo 1 > $f; done; true",
+        ],
+        Duration::from_secs(10),
+    );
+}
+
+pub fn create_switch(ns: &str) -> anyhow::Result<()> {
+    ip(&["netns", "add", ns]).with_context(|| format!("creating namespace {ns}"))?;
+    disable_ipv6(ns);
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&["-n", ns, "link", "add", BRIDGE, "type", "bridge"])?;
+    ip(&["-n", ns, "link", "set", BRIDGE, "up"])?;
+    Ok(())
+}
+
+/// A machine's namespace, its veth to the switch, its address.
+pub fn create_node(switch_ns: &str, node: &Node) -> anyhow::Result<()> {
+    let ns = node.netns.as_str();
+    ip(&["netns", "add", ns]).with_context(|| format!("creating namespace {ns}"))?;
+    disable_ipv6(ns);
+    ip(&["-n", ns, "link", "set", "lo", "up"])?;
+    ip(&[
+        "-n",
+        switch_ns,
+        "link",
+        "add",
+        &node.switch_port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        NODE_IF,
+        "netns",
+        ns,
+    ])?;
+    ip(&[
+        "-n",
+        switch_ns,
+        "link",
+        "set",
+        &node.switch_port,
+        "master",
+        BRIDGE,
+        "up",
+    ])?;
+    let cidr = format!("{}/{}", node.addr, PREFIX_LEN);
+    ip(&["-n", ns, "addr", "add", &cidr, "dev", NODE_IF])?;
+    ip(&["-n", ns, "link", "set", NODE_IF, "up"])?;
+    Ok(())
+}
+
+/// `ip netns del`, when the namespace exists.
+pub fn delete_ns(name: &str) -> anyhow::Result<()> {
+    if ns_exists(name) {
+        ip(&["netns", "del", name]).with_context(|| format!("deleting namespace {name}"))?;
+    }
+    Ok(())
+}
+
+fn blackhole(ns: &str, addr: &std::net::Ipv4Addr) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "replace",
+        &addr.to_string(),
+        "lladdr",
+        BLACKHOLE_MAC,
+        "nud",
+        "permanent",
+        "dev",
+        NODE_IF,
+    ])?;
+    Ok(())
+}
+
+fn unblackhole(ns: &str, addr: &std::net::Ipv4Addr) {
+    if !ns_exists(ns) {
+        return;
+    }
+    // Only our own entries: a permanent entry with the blackhole MAC.
+    if neigh_blackholed(ns).contains(&addr.to_string()) {
+        let _ = ip(&["-n", ns, "neigh", "del", &addr.to_string(), "dev", NODE_IF]);
+    }
+}
+
+/// Addresses that namespace `ns` has blackholed.
+fn neigh_blackholed(ns: &str) -> Vec<String> {
+    let Ok(out) = ip(&["-j", "-n", ns, "neigh", "show", "nud", "permanent"]) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e.get("lladdr").and_then(|m| m.as_str()) == Some(BLACKHOLE_MAC))
+                .filter_map(|e| e.get("dst").and_then(|d| d.as_str()).map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Cuts `host` off the monitors (both directions, silently).
+pub fn partition_from_monitors(st: &LabState, host: &Node) -> anyhow::Result<()> {
+    for m in &st.monitors {
+        blackhole(&host.netns, &m.addr)?;
+        blackhole(&m.netns, &host.addr)?;
+    }
+    Ok(())
+}
+
+/// Cuts `host` off everything: its switch port goes down.
+pub fn partition_from_all(st: &LabState, host: &Node) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        &st.switch_ns,
+        "link",
+        "set",
+        &host.switch_port,
+        "down",
+    ])?;
+    Ok(())
+}
+
+/// Undoes every partition of `host`. Idempotent.
+pub fn heal(st: &LabState, host: &Node) -> anyhow::Result<()> {
+    if ns_exists(&st.switch_ns) {
+        ip(&["-n", &st.switch_ns, "link", "set", &host.switch_port, "up"])?;
+    }
+    for m in &st.monitors {
+        unblackhole(&host.netns, &m.addr);
+        unblackhole(&m.netns, &host.addr);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Partition {
+    None,
+    FromMonitors,
+    FromAll,
+    /// Some monitors only (an incomplete partition or heal).
+    Partial,
+}
+
+/// What the namespaces say about `host`'s partition state.
+pub fn partition_state(st: &LabState, host: &Node) -> Partition {
+    if !ns_exists(&st.switch_ns) {
+        return Partition::None;
+    }
+    let port_up = ip(&["-j", "-n", &st.switch_ns, "link", "show", &host.switch_port])
+        .ok()
+        .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+        .and_then(|v| {
+            v.get(0)?
+                .get("flags")?
+                .as_array()
+                .map(|f| f.iter().any(|x| x.as_str() == Some("UP")))
+        })
+        .unwrap_or(true);
+    if !port_up {
+        return Partition::FromAll;
+    }
+    let holes = neigh_blackholed(&host.netns);
+    let n = st
+        .monitors
+        .iter()
+        .filter(|m| holes.contains(&m.addr.to_string()))
+        .count();
+    if n == 0 {
+        Partition::None
+    } else if n == st.monitors.len() {
+        Partition::FromMonitors
+    } else {
+        Partition::Partial
+    }
+}
