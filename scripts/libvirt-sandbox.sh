@@ -10,8 +10,9 @@
 #                                       SIGTERM/SIGINT/SIGHUP or when its own parent dies (tests use this)
 #   libvirt-sandbox.sh stop DIR         destroy all domains, end every process of the sandbox, unmount;
 #                                       idempotent, also safe after a crash of start/run
-#   libvirt-sandbox.sh domain-xml NAME [MEMORY_MIB]
-#                                       print a minimal diskless type='qemu' test domain (64 MiB default)
+#   libvirt-sandbox.sh domain-xml NAME [MEMORY_MIB] [DISK]
+#                                       print a minimal type='qemu' test domain (64 MiB default);
+#                                       diskless, or with DISK (a qcow2 file) as virtio vda
 #
 # The URI is  qemu+unix:///system?socket=DIR/run/libvirt/libvirt-sock  (also written to DIR/uri).
 # Layout of DIR: run/ (bound on /run inside), lib/ (/var/lib/libvirt), log/ (/var/log/libvirt),
@@ -32,6 +33,10 @@
 #                          rejected and regenerated the seeded files (QEMU or libvirt changed)
 #   VIGIL_SANDBOX_TIMEOUT  seconds to wait for libvirtd to answer (default 180)
 #   VIGIL_SANDBOX_STOP_TIMEOUT  seconds to wait after SIGTERM before SIGKILL (default 10)
+#   VIGIL_SANDBOX_BIND     "SRC:DST" (start/run): inside the private mount namespace, before
+#                          libvirtd starts, bind-mount SRC onto DST (an existing directory or
+#                          file). The bind exists only in that namespace and goes away with it.
+#                          E.g. each host's own view of shared storage at one common path.
 set -euo pipefail
 
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
@@ -46,7 +51,7 @@ die() {
 }
 
 usage() {
-  sed -n '5,16s/^# \{0,1\}//p' "$SELF" >&2
+  sed -n '5,17s/^# \{0,1\}//p' "$SELF" >&2
   exit 2
 }
 
@@ -204,6 +209,19 @@ tail_logs() {
   done
 }
 
+# VIGIL_SANDBOX_BIND="SRC:DST": both absolute paths without ':'; DST must exist (SRC is only
+# looked at by the mount itself: it may be a FUSE mount that hangs or fails on purpose).
+check_bind() {
+  local b=${VIGIL_SANDBOX_BIND:-} src dst
+  [[ -n "$b" ]] || return 0
+  [[ "$b" == *:* && "$b" != *:*:* ]] || die "VIGIL_SANDBOX_BIND must be SRC:DST: '$b'"
+  src=${b%%:*}
+  dst=${b#*:}
+  [[ "$src" == /* && "$dst" == /* ]] || die "VIGIL_SANDBOX_BIND needs absolute paths: '$b'"
+  [[ -e "$dst" ]] || die "VIGIL_SANDBOX_BIND: the mount point $dst does not exist (create it first)"
+  return 0
+}
+
 # ---------------------------------------------------------------------------------------------
 # The keeper: runs inside `unshare --mount`, as a child subreaper, and owns the daemons.
 keeper() {
@@ -221,6 +239,16 @@ keeper() {
       exit 1
     }
   done
+  if [[ -n "${VIGIL_SANDBOX_BIND:-}" ]]; then
+    src=${VIGIL_SANDBOX_BIND%%:*}
+    dst=${VIGIL_SANDBOX_BIND#*:}
+    # Bounded: SRC may be a FUSE mount whose server is switched to "hang".
+    timeout -s KILL 20 mount --bind "$src" "$dst" || {
+      echo "keeper: VIGIL_SANDBOX_BIND: mount --bind $src $dst failed"
+      exit 1
+    }
+    echo "keeper $$: bound $src on $dst"
+  fi
   readlink /proc/$$/ns/mnt >"$d/mntns.tmp" && mv -f "$d/mntns.tmp" "$d/mntns"
 
   local vl ld
@@ -295,6 +323,7 @@ launch() {
   bin virsh >/dev/null || die "virsh not found (run scripts/setup.sh)"
   bin unshare >/dev/null || die "unshare not found"
   [[ $EUID -eq 0 ]] || die "must run as root (mount namespaces, QEMU as root)"
+  check_bind
 
   local ns
   ns=$(ns_of "$d")
@@ -412,10 +441,22 @@ stop_sandbox() {
 }
 
 domain_xml() {
-  local name=${1:-} mem=${2:-64}
+  local name=${1:-} mem=${2:-64} disk=${3:-}
   [[ "$name" =~ ^[A-Za-z0-9_.-]+$ ]] || die "domain name must match [A-Za-z0-9_.-]+: '$name'"
   if ! [[ "$mem" =~ ^[0-9]+$ ]] || ((mem < 16)); then
     die "MEMORY_MIB must be a number >= 16: '$mem'"
+  fi
+  local disk_xml=""
+  if [[ -n "$disk" ]]; then
+    [[ "$disk" =~ ^/[A-Za-z0-9._/+-]+$ ]] || die "DISK must be an absolute path of [A-Za-z0-9._/+-]: '$disk'"
+    # cache='none' (O_DIRECT) works through vigil-faultfs; error_policy='stop' pauses the
+    # guest on an I/O error instead of passing it on.
+    disk_xml="
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none' error_policy='stop'/>
+      <source file='$disk'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>"
   fi
   cat <<EOF
 <domain type='qemu'>
@@ -433,7 +474,7 @@ domain_xml() {
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>restart</on_reboot>
   <on_crash>destroy</on_crash>
-  <devices>
+  <devices>${disk_xml}
     <controller type='usb' model='none'/>
     <serial type='pty'>
       <target port='0'/>
@@ -486,8 +527,8 @@ case "$cmd" in
     stop_sandbox "$d"
     ;;
   domain-xml)
-    [[ $# -ge 2 && $# -le 3 ]] || usage
-    domain_xml "$2" "${3:-64}"
+    [[ $# -ge 2 && $# -le 4 ]] || usage
+    domain_xml "$2" "${3:-64}" "${4:-}"
     ;;
   __keeper)
     keeper "$2"

@@ -56,11 +56,21 @@ pub fn crash_host(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report>
         .into_iter()
         .filter(|(_, p)| pids.contains(p))
         .collect();
+    // A QEMU whose I/O request the host's faultfs holds ("hang") cannot die of SIGKILL until
+    // the request is answered: such a host's view goes to "eio" right after the kill (nothing
+    // of the host is alive to see it) and back to "hang" once the host is gone.
+    let hung = st.components.faultfs && storage_mode(lab, host).as_deref() == Some("hang");
     let ts = now_ms();
     for p in &pids {
         let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
     }
     set_power(lab, host, false);
+    if hung {
+        if let Err(e) = set_storage_mode(lab, host, "eio") {
+            eprintln!("vigil-lab: warning: releasing {host}'s hung storage: {e:#}");
+        }
+    }
+    let released = hung;
     // Until nothing of the host is left alive (the supervisor reaps them).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -72,12 +82,19 @@ pub fn crash_host(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report>
             break;
         }
         if Instant::now() >= deadline {
+            if released {
+                let _ = set_storage_mode(lab, host, "hang");
+            }
             bail!("processes of {host} survived SIGKILL: {left:?}");
         }
         for p in &left {
             let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if released {
+        set_storage_mode(lab, host, "hang")
+            .with_context(|| format!("restoring {host}'s storage fault (hang)"))?;
     }
     forget_sandbox_namespace(lab, host);
     Ok(fault(
@@ -97,6 +114,52 @@ pub fn crash_host(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report>
         ),
         json!({"pids": pids, "qemu": qemu, "source": source}),
     ))
+}
+
+/// The mode (`ok`, `eio`, `hang`) of a host's faultfs instance, if it answers.
+fn storage_mode(lab: &Lab, host: &str) -> Option<String> {
+    let bin = Program::Faultfs.find()?;
+    let o = run(
+        &[
+            bin.to_string_lossy().into_owned(),
+            "ctl".into(),
+            "--control".into(),
+            lab.host_faultfs_socket(host).to_string_lossy().into_owned(),
+            "status".into(),
+        ],
+        Duration::from_secs(5),
+    )
+    .ok()?;
+    if !o.ok() {
+        return None;
+    }
+    o.stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("mode="))
+        .map(String::from)
+}
+
+/// Switches a host's faultfs instance to `mode`.
+fn set_storage_mode(lab: &Lab, host: &str, mode: &str) -> anyhow::Result<()> {
+    let bin = Program::Faultfs.require()?;
+    let o = run(
+        &[
+            bin.to_string_lossy().into_owned(),
+            "ctl".into(),
+            "--control".into(),
+            lab.host_faultfs_socket(host).to_string_lossy().into_owned(),
+            mode.into(),
+        ],
+        Duration::from_secs(10),
+    )?;
+    if !o.ok() {
+        bail!(
+            "vigil-faultfs ctl {mode} for {host} failed: {}{}",
+            o.stdout.trim(),
+            o.stderr.trim()
+        );
+    }
+    Ok(())
 }
 
 /// A power loss wipes /run; here it must at least wipe the sandbox's record of its mount

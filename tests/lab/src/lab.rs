@@ -110,6 +110,18 @@ fn path_str(p: &Path) -> String {
 
 pub fn sandbox_spec(lab: &Lab, st: &LabState, host: &Node) -> anyhow::Result<SpawnSpec> {
     let name = proc_name(&host.name, "libvirt");
+    let mut env = lab_env(st);
+    if st.components.faultfs {
+        // This host's own faultfs view, at the path common to every host.
+        env.push((
+            "VIGIL_SANDBOX_BIND".into(),
+            format!(
+                "{}:{}",
+                path_str(&lab.host_storage_mount(&host.name)),
+                path_str(&lab.storage_shared())
+            ),
+        ));
+    }
     Ok(SpawnSpec {
         log: lab.log_file(&name),
         name,
@@ -122,7 +134,7 @@ pub fn sandbox_spec(lab: &Lab, st: &LabState, host: &Node) -> anyhow::Result<Spa
             path_str(&lab.libvirt_dir(&host.name)),
         ],
         netns: Some(host.netns.clone()),
-        env: lab_env(st),
+        env,
         stop_order: ORDER_LIBVIRT,
     })
 }

@@ -17,6 +17,8 @@ pub const ZONE: &str = "z1";
 pub const CLUSTER: &str = "c1";
 /// Memory of each lab VM.
 pub const VM_MEMORY_MIB: u32 = 64;
+/// Size of each VM's qcow2 disk on the shared storage.
+pub const VM_DISK_SIZE: &str = "16M";
 /// UDP port of each host's BMC (IPMI over LAN).
 pub const BMC_PORT: u16 = 623;
 /// Name of the environment variable that marks every process the lab starts (value: lab id).
@@ -99,6 +101,19 @@ impl Lab {
     }
     pub fn storage_backing(&self) -> PathBuf {
         self.root.join("storage").join("backing")
+    }
+    /// The common mount point of the shared storage: empty in the root namespace; inside each
+    /// host's libvirt sandbox its own faultfs view is bound here (`VIGIL_SANDBOX_BIND`), so a
+    /// VM's disk has the same path on every host.
+    pub fn storage_shared(&self) -> PathBuf {
+        self.root.join("storage").join("shared")
+    }
+    /// A VM's disk: created in the backing directory, used by QEMU through the shared path.
+    pub fn vm_disk_backing(&self, vm: &str) -> PathBuf {
+        self.storage_backing().join(format!("{vm}.qcow2"))
+    }
+    pub fn vm_disk_shared(&self, vm: &str) -> PathBuf {
+        self.storage_shared().join(format!("{vm}.qcow2"))
     }
     pub fn host_dir(&self, host: &str) -> PathBuf {
         self.root.join("hosts").join(host)

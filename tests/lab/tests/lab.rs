@@ -201,6 +201,22 @@ fn processes_of_lab(id: &str) -> Vec<i32> {
         .unwrap_or_default()
 }
 
+/// `virsh -c URI ARGS` (of host `h` in up's JSON); its stdout, or None on failure.
+fn virsh(up: &Value, h: &str, args: &[&str]) -> Option<String> {
+    let uri = up["hosts"].as_array()?.iter().find(|x| x["name"] == h)?["libvirt_uri"]
+        .as_str()?
+        .to_string();
+    let o = Command::new("virsh")
+        .args(["-q", "-c", &uri])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    o.status
+        .success()
+        .then(|| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
 fn mounts_under_root() -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
@@ -311,6 +327,30 @@ fn lab_up_faults_down() {
         );
     }
 
+    // With the shared storage, each VM's qcow2 disk has the same path on every host (each host's
+    // own faultfs view is bound there inside its sandbox only).
+    let shared = PathBuf::from(ROOT).join("storage/shared");
+    if up["components"]["faultfs"] == true {
+        for h in ["hv1", "hv2", "hv3"] {
+            let vm = format!("{h}-vm1");
+            let blk = virsh(&up, h, &["domblklist", &vm]).expect("domblklist");
+            let disk = shared.join(format!("{vm}.qcow2"));
+            assert!(
+                blk.split_whitespace()
+                    .any(|w| Path::new(w) == disk.as_path()),
+                "{vm}'s disk must be {}: {blk}",
+                disk.display()
+            );
+            let state = virsh(&up, h, &["domstate", &vm]).expect("domstate");
+            assert_eq!(state.trim(), "running", "{vm}");
+        }
+        let shared_s = shared.to_string_lossy().into_owned();
+        assert!(
+            !mounts_under_root().contains(&shared_s),
+            "the common path is bound only inside the sandboxes"
+        );
+    }
+
     // partition hv2 from the monitors: unreachable from mon1, still reachable from hv1, its
     // agent still runs, and the monitor stops hearing it.
     lab_json(&["partition", "hv2"]);
@@ -367,6 +407,11 @@ fn lab_up_faults_down() {
         assert!(std::fs::read(other.join("probe")).is_ok(), "hv2 unaffected");
         lab_json(&["storage", "heal"]);
         assert_eq!(std::fs::read(mp.join("probe")).expect("healed"), b"x");
+        let names = virsh(&up, "hv1", &["list", "--all", "--name"]).expect("virsh list");
+        assert!(
+            names.lines().any(|l| l.trim() == "hv1-vm1"),
+            "hv1's VM is still defined after the storage fault: {names:?}"
+        );
     } else {
         let o = lab(&["storage", "fail"]);
         assert!(!o.status.success());

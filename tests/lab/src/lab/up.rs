@@ -15,7 +15,7 @@ use super::*;
 use crate::cmd::run_ok;
 use crate::layout::{
     self, bmc_addr, bmc_name, host_addr, host_name, monitor_addr, monitor_name, now_ms, Lab,
-    Program, BMC_PORT, CLUSTER, MONITOR_PORT, VM_MEMORY_MIB, ZONE,
+    Program, BMC_PORT, CLUSTER, MONITOR_PORT, VM_DISK_SIZE, VM_MEMORY_MIB, ZONE,
 };
 use crate::net;
 use crate::procfs;
@@ -221,6 +221,9 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
             && which("fence_ipmilan").is_some()
             && !o.without.iter().any(|w| w == "bmc"),
     };
+    if components.faultfs && which("qemu-img").is_none() {
+        bail!("qemu-img not found (package qemu-utils; run scripts/setup.sh): VM disks on the shared storage need it");
+    }
     if components.faultfs && which("fusermount3").is_none() && which("fusermount").is_none() {
         // fuser mounts through /dev/fuse directly as root; only note it.
     }
@@ -559,9 +562,10 @@ fn up_inner(
             .map(|h| {
                 let mine: Vec<&VmSpec> = vms.iter().filter(|v| v.host == h.name).collect();
                 let script = &script;
+                let disks = st.components.faultfs;
                 s.spawn(move || -> anyhow::Result<()> {
                     for vm in mine {
-                        define_and_start_vm(lab, script, &h.name, &vm.name)?;
+                        define_and_start_vm(lab, script, &h.name, &vm.name, disks)?;
                     }
                     Ok(())
                 })
@@ -639,17 +643,41 @@ fn write_agent_config(lab: &Lab, st: &LabState, h: &Node) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn define_and_start_vm(lab: &Lab, script: &Path, host: &str, vm: &str) -> anyhow::Result<()> {
-    let xml = run_ok(
-        &[
-            "bash".to_string(),
-            path_str(script),
-            "domain-xml".into(),
-            vm.into(),
-            VM_MEMORY_MIB.to_string(),
-        ],
-        Duration::from_secs(10),
-    )?;
+/// Defines and starts a VM; with `disk`, on a new qcow2 on the shared storage (created in the
+/// backing directory, used by QEMU through the host's faultfs view at the common path).
+fn define_and_start_vm(
+    lab: &Lab,
+    script: &Path,
+    host: &str,
+    vm: &str,
+    disk: bool,
+) -> anyhow::Result<()> {
+    let mut argv = vec![
+        "bash".to_string(),
+        path_str(script),
+        "domain-xml".into(),
+        vm.into(),
+        VM_MEMORY_MIB.to_string(),
+    ];
+    if disk {
+        let image = lab.vm_disk_backing(vm);
+        let _ = fs::remove_file(&image);
+        run_ok(
+            &[
+                "qemu-img".to_string(),
+                "create".into(),
+                "-q".into(),
+                "-f".into(),
+                "qcow2".into(),
+                path_str(&image),
+                VM_DISK_SIZE.into(),
+            ],
+            Duration::from_secs(30),
+        )
+        .with_context(|| format!("creating the disk of {vm}"))?;
+        argv.push(path_str(&lab.vm_disk_shared(vm)));
+    }
+    let xml = run_ok(&argv, Duration::from_secs(10))?;
     let file = lab.host_dir(host).join("vms").join(format!("{vm}.xml"));
     fs::write(&file, xml)?;
     let uri = lab.libvirt_uri(host);
@@ -706,6 +734,8 @@ fn start_faultfs(lab: &Lab, st: &mut LabState) -> anyhow::Result<()> {
     let bin = Program::Faultfs.require()?;
     let backing = lab.storage_backing();
     fs::create_dir_all(&backing)?;
+    // The common mount point: stays empty here; each sandbox binds its host's view on it.
+    fs::create_dir_all(lab.storage_shared())?;
     for h in st.hosts.clone() {
         let mp = lab.host_storage_mount(&h.name);
         fs::create_dir_all(&mp)?;
