@@ -4,6 +4,7 @@
 //! layout under `/etc/vigil/tls/`. Unknown fields are errors (a typo must not silently fall
 //! back to a default), and every error names the file and the field.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -103,6 +104,20 @@ pub struct RecoveryConfig {
     /// after a failure is immediate.
     pub backoff_initial_ms: u64,
     pub backoff_max_ms: u64,
+    /// VMs recovering from a host failure go to hosts carrying this tag first.
+    pub ha_tag: Option<String>,
+    /// When no live host carries `ha_tag`: "any" (use another host, loudly) or "wait"
+    /// (queue the VM, loudly).
+    pub ha_tag_fallback: TagFallbackConfig,
+}
+
+/// `recovery.ha_tag_fallback`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TagFallbackConfig {
+    #[default]
+    Any,
+    Wait,
 }
 
 impl Default for RecoveryConfig {
@@ -113,6 +128,8 @@ impl Default for RecoveryConfig {
             window_ms: 10 * 60 * 1000,
             backoff_initial_ms: 1_000,
             backoff_max_ms: 60_000,
+            ha_tag: None,
+            ha_tag_fallback: TagFallbackConfig::Any,
         }
     }
 }
@@ -150,6 +167,8 @@ pub struct MonitorConfig {
     pub detector: DetectorConfig,
     pub recovery: RecoveryConfig,
     pub log_format: LogFormat,
+    /// Power fencing of hypervisor hosts through ClusterLabs fence agents (`[fencing]`).
+    pub fencing: FencingConfig,
 }
 
 impl Default for MonitorConfig {
@@ -163,6 +182,7 @@ impl Default for MonitorConfig {
             detector: DetectorConfig::default(),
             recovery: RecoveryConfig::default(),
             log_format: LogFormat::Plain,
+            fencing: FencingConfig::default(),
         }
     }
 }
@@ -236,12 +256,216 @@ impl MonitorConfig {
                 ),
             ));
         }
+        self.fencing
+            .validate()
+            .map_err(|(field, m)| invalid(field, m))?;
         Ok(())
     }
 
     /// The address advertised to peers.
     pub fn advertise_addr(&self) -> SocketAddr {
         self.advertise.unwrap_or(self.listen)
+    }
+}
+
+/// Power fencing (monitor side, `[fencing]`): how the monitor reaches each hypervisor host's
+/// BMC through a ClusterLabs fence agent (`fence_ipmilan`, `fence_redfish`, ...). A fence agent
+/// that exits 0 for `off` is proof 2 of design.md "The one rule".
+///
+/// ```toml
+/// [fencing]
+/// timeout_ms = 20000          # per fence-agent call (a host's own timeout_ms wins)
+/// mass_failure_percent = 30   # hold automatic fencing above this share of a cluster's hosts
+/// [[fencing.hosts]]
+/// host = "hv1"
+/// agent = "fence_ipmilan"     # program name (PATH, then /usr/sbin, /sbin) or absolute path
+/// [fencing.hosts.options]     # key=value lines on the agent's stdin
+/// ip = "198.18.2.1"
+/// username = "admin"
+/// password = "vigil"
+/// lanplus = "1"
+/// cipher = "3"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FencingConfig {
+    /// Longest a fence-agent call may take before its process group is killed.
+    pub timeout_ms: u64,
+    /// Percent (1..=100) of a cluster's hosts above which automatic fencing is held (a mass
+    /// failure is more likely the monitors' own network than dead hosts). An integer percent
+    /// rather than a ratio so that the configuration stays `Eq`.
+    pub mass_failure_percent: u32,
+    /// One entry per fenceable hypervisor host.
+    pub hosts: Vec<FenceHostConfig>,
+}
+
+impl Default for FencingConfig {
+    fn default() -> Self {
+        FencingConfig {
+            timeout_ms: 20_000,
+            mass_failure_percent: 30,
+            hosts: Vec::new(),
+        }
+    }
+}
+
+/// Option keys whose values are secrets: never shown by `Debug` nor in fencing errors.
+pub fn is_secret_fence_option(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    k.contains("passw") || k.contains("secret") || k.contains("token")
+}
+
+/// How to fence one host (`[[fencing.hosts]]`).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FenceHostConfig {
+    /// The host's name, as its agent reports it.
+    pub host: String,
+    /// The fence agent: a program name (searched in PATH, then /usr/sbin and /sbin) or an
+    /// absolute path.
+    pub agent: String,
+    /// Written to the agent's stdin as `key=value` lines, after `action=...`.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Overrides `fencing.timeout_ms` for this host.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Run the agent inside this network namespace (`ip netns exec NETNS AGENT`): for the lab and
+    /// tests, where BMCs live in namespaces. Leave unset in production.
+    #[serde(default)]
+    pub netns: Option<String>,
+}
+
+impl std::fmt::Debug for FenceHostConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: BTreeMap<&str, &str> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_fence_option(k) {
+                    "****"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("FenceHostConfig")
+            .field("host", &self.host)
+            .field("agent", &self.agent)
+            .field("options", &options)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("netns", &self.netns)
+            .finish()
+    }
+}
+
+impl FencingConfig {
+    /// The fencing configuration of `host`, if any.
+    pub fn host(&self, host: &str) -> Option<&FenceHostConfig> {
+        self.hosts.iter().find(|h| h.host == host)
+    }
+
+    /// Checks the section; the error names the field (`fencing.…`).
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=100).contains(&self.mass_failure_percent) {
+            return Err((
+                "fencing.mass_failure_percent",
+                format!("{} is out of range 1..=100", self.mass_failure_percent),
+            ));
+        }
+        if !(100..=600_000).contains(&self.timeout_ms) {
+            return Err((
+                "fencing.timeout_ms",
+                format!("{} is out of range 100..=600000", self.timeout_ms),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for h in &self.hosts {
+            crate::names::validate("host", &h.host).map_err(|m| ("fencing.hosts.host", m))?;
+            if !seen.insert(h.host.as_str()) {
+                return Err((
+                    "fencing.hosts.host",
+                    format!("host {:?} is listed twice", h.host),
+                ));
+            }
+            let agent = h.agent.trim();
+            if agent.is_empty() || agent != h.agent || h.agent.chars().any(char::is_control) {
+                return Err((
+                    "fencing.hosts.agent",
+                    format!(
+                        "host {:?}: agent {:?} is not a program name or path",
+                        h.host, h.agent
+                    ),
+                ));
+            }
+            if h.agent.contains('/') && !h.agent.starts_with('/') {
+                return Err((
+                    "fencing.hosts.agent",
+                    format!(
+                        "host {:?}: agent {:?} must be a bare program name or an absolute path",
+                        h.host, h.agent
+                    ),
+                ));
+            }
+            if let Some(t) = h.timeout_ms {
+                if !(100..=600_000).contains(&t) {
+                    return Err((
+                        "fencing.hosts.timeout_ms",
+                        format!("host {:?}: {t} is out of range 100..=600000", h.host),
+                    ));
+                }
+            }
+            if let Some(ns) = &h.netns {
+                if ns.is_empty()
+                    || ns.len() > 64
+                    || !ns
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+                {
+                    return Err((
+                        "fencing.hosts.netns",
+                        format!(
+                            "host {:?}: netns {ns:?} must match [A-Za-z0-9_.-]{{1,64}}",
+                            h.host
+                        ),
+                    ));
+                }
+            }
+            for (k, v) in &h.options {
+                let bad_key = k.is_empty()
+                    || k.contains('=')
+                    || k.trim() != k
+                    || k.starts_with('#')
+                    || k.chars().any(char::is_control);
+                if bad_key {
+                    return Err((
+                        "fencing.hosts.options",
+                        format!("host {:?}: option key {k:?} must be non-empty, without '=', leading '#', spaces at either end or control characters", h.host),
+                    ));
+                }
+                if k == "action" {
+                    return Err((
+                        "fencing.hosts.options",
+                        format!(
+                            "host {:?}: option `action` is set by the monitor on each call",
+                            h.host
+                        ),
+                    ));
+                }
+                if v.contains(['\n', '\r', '\0']) {
+                    // Never echo the value: it may be a password.
+                    return Err((
+                        "fencing.hosts.options",
+                        format!(
+                            "host {:?}: the value of option {k:?} contains a line break or NUL",
+                            h.host
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -422,6 +646,97 @@ mod tests {
         assert!(err.to_string().contains("field `zone`"), "{err}");
         let err = AgentConfig::from_toml_str("monitors = []\n", &p()).expect_err("monitors");
         assert!(err.to_string().contains("field `monitors`"), "{err}");
+    }
+
+    #[test]
+    fn a_fencing_section_parses_and_hides_the_password() {
+        let cfg = MonitorConfig::from_toml_str(
+            r#"
+[fencing]
+timeout_ms = 20000
+mass_failure_percent = 30
+[[fencing.hosts]]
+host = "hv1"
+agent = "fence_ipmilan"
+[fencing.hosts.options]
+ip = "198.18.2.1"
+ipport = "623"
+username = "admin"
+password = "s3cret-pw"
+lanplus = "1"
+cipher = "3"
+power_wait = "0"
+[[fencing.hosts]]
+host = "hv2"
+agent = "/usr/sbin/fence_redfish"
+timeout_ms = 5000
+netns = "lab-hv2"
+"#,
+            &p(),
+        )
+        .expect("parse");
+        assert_eq!(cfg.fencing.hosts.len(), 2);
+        let hv1 = cfg.fencing.host("hv1").expect("hv1");
+        assert_eq!(hv1.options["ipport"], "623");
+        assert_eq!(hv1.timeout_ms, None);
+        assert_eq!(cfg.fencing.host("hv2").expect("hv2").timeout_ms, Some(5000));
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(shown.contains("****"), "{shown}");
+    }
+
+    #[test]
+    fn fencing_errors_name_the_field() {
+        let cases = [
+            ("[fencing]\nmass_failure_percent = 0\n", "fencing.mass_failure_percent"),
+            ("[fencing]\nmass_failure_percent = 101\n", "fencing.mass_failure_percent"),
+            ("[fencing]\ntimeout_ms = 99\n", "fencing.timeout_ms"),
+            ("[fencing]\ntimeout_ms = 600001\n", "fencing.timeout_ms"),
+            (
+                "[[fencing.hosts]]\nhost = \"a b\"\nagent = \"fence_ipmilan\"\n",
+                "fencing.hosts.host",
+            ),
+            (
+                "[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"x\"\n[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"x\"\n",
+                "fencing.hosts.host",
+            ),
+            ("[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"\"\n", "fencing.hosts.agent"),
+            (
+                "[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"bin/fence\"\n",
+                "fencing.hosts.agent",
+            ),
+            (
+                "[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"x\"\ntimeout_ms = 1\n",
+                "fencing.hosts.timeout_ms",
+            ),
+            (
+                "[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"x\"\nnetns = \"a/b\"\n",
+                "fencing.hosts.netns",
+            ),
+            (
+                "[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"x\"\n[fencing.hosts.options]\n\"a=b\" = \"1\"\n",
+                "fencing.hosts.options",
+            ),
+            (
+                "[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"x\"\n[fencing.hosts.options]\naction = \"off\"\n",
+                "fencing.hosts.options",
+            ),
+            (
+                "[[fencing.hosts]]\nhost = \"hv1\"\nagent = \"x\"\n[fencing.hosts.options]\npassword = \"pw\\nip=1\"\n",
+                "fencing.hosts.options",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = MonitorConfig::from_toml_str(text, &p()).expect_err(text);
+            let shown = err.to_string();
+            assert!(
+                shown.contains(&format!("field `{field}`")),
+                "{text}: {shown}"
+            );
+            assert!(!shown.contains("pw\nip"), "{shown}");
+        }
+        let err = MonitorConfig::from_toml_str("[fencing]\nratio = 0.3\n", &p()).expect_err("typo");
+        assert!(err.to_string().contains("ratio"), "{err}");
     }
 
     #[test]

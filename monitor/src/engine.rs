@@ -29,8 +29,8 @@ use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
 use crate::placement::{self, HostView};
 use crate::recovery::{self, RecoveryPolicy};
 use crate::state::{
-    ClusterState, EventKind, FailureKind, Phase, Proof, Severity, StateCommand, StopReason,
-    VmRecord,
+    ClusterState, EventKind, FailureKind, HostPhase, Phase, Proof, Severity, StateCommand,
+    StopReason, VmRecord,
 };
 
 /// Something that happened, as seen by the edges.
@@ -80,6 +80,11 @@ pub enum Input {
         command: AgentCommand,
         result: Result<CommandOutcome, String>,
     },
+    /// A fence agent finished: `Ok(detail)` only when it confirmed the host powered off.
+    FenceDone {
+        host: String,
+        result: Result<String, String>,
+    },
     /// Time passed (the edge ticks several times per heartbeat interval).
     Tick,
     /// A proposal was committed and applied: committed state may have new work.
@@ -100,6 +105,9 @@ pub enum Action {
     Propose(StateCommand),
     /// Send a command to a host's agent; the outcome comes back as [`Input::CommandDone`].
     Send { host: String, command: AgentCommand },
+    /// Power a host off through its fence agent; the verdict comes back as
+    /// [`Input::FenceDone`].
+    Fence { host: String },
     /// Send a notification frame to one host's agent (`Some`) or to every agent (`None`).
     Notify {
         host: Option<String>,
@@ -112,6 +120,22 @@ struct HostInventory {
     domains: BTreeMap<String, DomainInfo>,
     health: HypervisorHealth,
 }
+
+/// How host failures are handled.
+#[derive(Debug, Clone, Default)]
+pub struct FailoverConfig {
+    /// Hosts with a fence agent configured.
+    pub fence_hosts: BTreeSet<String>,
+    /// Hold automatic fencing when more than this share (percent) of a cluster's hosts are
+    /// down at once (and at least two are): more likely the monitors' own network.
+    pub mass_failure_percent: u32,
+    /// Prefer hosts carrying this tag for VMs recovering from a host failure.
+    pub ha_tag: Option<String>,
+    pub ha_tag_fallback: placement::TagFallback,
+}
+
+/// Wait this long before retrying a failed fence.
+pub const FENCE_RETRY_MS: u64 = 5_000;
 
 /// Leader-local soft state plus the decision logic.
 #[derive(Debug, Clone)]
@@ -129,6 +153,15 @@ pub struct Engine {
     dispatched: BTreeMap<String, u64>,
     /// Generations announced to agents (uuid → generation).
     announced: BTreeMap<String, u64>,
+    failover: FailoverConfig,
+    /// Fence calls in flight.
+    fencing: BTreeSet<String>,
+    /// Earliest time (wall ms) for the next fence attempt of a host.
+    fence_retry_at: BTreeMap<String, u64>,
+    /// Clusters whose automatic fencing is held (mass failure), to say so once.
+    held: BTreeSet<String>,
+    /// VMs already told about a missing ha_tag host, to say so once per episode.
+    tag_warned: BTreeSet<String>,
     leader: bool,
 }
 
@@ -144,8 +177,19 @@ impl Engine {
             proposed_failure: BTreeMap::new(),
             dispatched: BTreeMap::new(),
             announced: BTreeMap::new(),
+            failover: FailoverConfig::default(),
+            fencing: BTreeSet::new(),
+            fence_retry_at: BTreeMap::new(),
+            held: BTreeSet::new(),
+            tag_warned: BTreeSet::new(),
             leader: false,
         }
+    }
+
+    /// Configures host-failure handling (fence agents, mass-failure guard, ha_tag).
+    pub fn with_failover(mut self, failover: FailoverConfig) -> Self {
+        self.failover = failover;
+        self
     }
 
     pub fn is_leader(&self) -> bool {
@@ -181,6 +225,16 @@ impl Engine {
                         zone,
                         cluster,
                         agent_version,
+                    }));
+                }
+                if state
+                    .hosts
+                    .get(&host)
+                    .is_some_and(|h| h.phase != HostPhase::Active)
+                {
+                    out.push(Action::Propose(StateCommand::HostRejoined {
+                        at_ms: wall_ms,
+                        host: host.clone(),
                     }));
                 }
                 self.connected.insert(host.clone());
@@ -255,6 +309,23 @@ impl Engine {
             } => {
                 self.on_command_done(&host, command, result, wall_ms, state, &mut out);
             }
+            Input::FenceDone { host, result } => {
+                self.fencing.remove(&host);
+                let (ok, detail) = match result {
+                    Ok(d) => (true, d),
+                    Err(e) => {
+                        self.fence_retry_at
+                            .insert(host.clone(), wall_ms + FENCE_RETRY_MS);
+                        (false, e)
+                    }
+                };
+                out.push(Action::Propose(StateCommand::FenceResult {
+                    at_ms: wall_ms,
+                    host,
+                    ok,
+                    detail,
+                }));
+            }
             Input::Tick => {
                 for name in state.hosts.keys() {
                     self.detector.track(name);
@@ -262,6 +333,7 @@ impl Engine {
                 for t in self.detector.tick(now_ms) {
                     self.transition_event(t, wall_ms, &mut out);
                 }
+                self.reconcile_hosts(wall_ms, state, &mut out);
                 self.reconcile(wall_ms, state, &mut out);
             }
             Input::Applied => {
@@ -283,6 +355,10 @@ impl Engine {
                 self.proposed_failure.clear();
                 self.dispatched.clear();
                 self.announced.clear();
+                self.fencing.clear();
+                self.fence_retry_at.clear();
+                self.held.clear();
+                self.tag_warned.clear();
                 out.push(Action::Propose(StateCommand::RecordEvent {
                     at_ms: wall_ms,
                     severity: Severity::Info,
@@ -350,8 +426,16 @@ impl Engine {
                     // with the current generation.
                     // Only "shut off" proves qemu is gone; a crashed-but-preserved domain
                     // (state Crashed) still has its qemu.
+                    // Also "shut off for an unknown reason": after a host restart libvirt no
+                    // longer knows why; the domain is not running, reported by its own agent.
                     let crashed = d.is_shut_off()
-                        && matches!(d.reason, StateReason::Crashed | StateReason::Failed);
+                        && matches!(
+                            d.reason,
+                            StateReason::Crashed
+                                | StateReason::Failed
+                                | StateReason::Other
+                                | StateReason::NeverStarted
+                        );
                     // Backstop for a lost stop event: shut down by its guest or destroyed by
                     // an operator while nobody was listening. Respected, as the event would be.
                     let stopped_on_purpose = d.is_shut_off()
@@ -562,20 +646,49 @@ impl Engine {
                     relocate,
                 } => {
                     let next = vm.generation + 1;
-                    // Re-check at order time: the old copy must still be shut off.
-                    let safe = !*relocate || self.shut_off_on(&vm.host, &vm.uuid);
-                    if wall_ms >= *not_before_ms
-                        && safe
-                        && self.host_usable(host)
-                        && self.proposed_start.get(&vm.uuid) != Some(&next)
-                    {
-                        self.proposed_start.insert(vm.uuid.clone(), next);
-                        out.push(Action::Propose(StateCommand::OrderStart {
-                            at_ms: wall_ms,
-                            uuid: vm.uuid.clone(),
-                            host: host.clone(),
-                            generation: next,
-                        }));
+                    let old_fenced = state
+                        .hosts
+                        .get(&vm.host)
+                        .is_some_and(|h| matches!(h.phase, HostPhase::Fenced { .. }));
+                    // Re-check at order time: the old copy must still be shut off, or its
+                    // host proven powered off.
+                    let safe = !*relocate || old_fenced || self.shut_off_on(&vm.host, &vm.uuid);
+                    // A relocation whose target is gone (or that had none) is placed again;
+                    // so is a restart in place whose host has since been fenced.
+                    let target_fenced = state
+                        .hosts
+                        .get(host)
+                        .is_some_and(|h| matches!(h.phase, HostPhase::Fenced { .. }));
+                    let relocate = &(*relocate || target_fenced);
+                    let target = if *relocate && !self.host_usable(host) {
+                        let views = self.host_views(state);
+                        let (t, warning) = placement::failover_target(
+                            &state.hosts,
+                            &views,
+                            &vm.host,
+                            vm.memory_kib,
+                            self.failover.ha_tag.as_deref(),
+                            self.failover.ha_tag_fallback,
+                        );
+                        self.warn_tag(vm, warning, wall_ms, out);
+                        t
+                    } else {
+                        Some(host.clone())
+                    };
+                    if let Some(target) = target {
+                        if wall_ms >= *not_before_ms
+                            && safe
+                            && self.host_usable(&target)
+                            && self.proposed_start.get(&vm.uuid) != Some(&next)
+                        {
+                            self.proposed_start.insert(vm.uuid.clone(), next);
+                            out.push(Action::Propose(StateCommand::OrderStart {
+                                at_ms: wall_ms,
+                                uuid: vm.uuid.clone(),
+                                host: target,
+                                generation: next,
+                            }));
+                        }
                     }
                 }
                 Phase::Recovering { host, .. }
@@ -623,6 +736,161 @@ impl Engine {
                     },
                 },
             );
+        }
+    }
+
+    /// Host failures: fence hosts that are down and hold HA VMs (unless a mass failure holds
+    /// fencing), retry failed fences, and move the VMs of fenced hosts.
+    fn reconcile_hosts(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+        for (name, h) in &state.hosts {
+            let down = self.detector.state(name) == Some(Liveness::Down);
+            let has_ha = state.vms.values().any(|v| {
+                v.ha && v.host == *name
+                    && !matches!(v.phase, Phase::Stopped { .. } | Phase::GaveUp { .. })
+            });
+            match &h.phase {
+                HostPhase::Active if down && has_ha => {
+                    if !self.failover.fence_hosts.contains(name) {
+                        continue;
+                    }
+                    if let Some(why) = self.mass_failure(name, state) {
+                        if self.held.insert(h.cluster.clone()) {
+                            out.push(Action::Propose(StateCommand::RecordEvent {
+                                at_ms: wall_ms,
+                                severity: Severity::Critical,
+                                host: Some(name.clone()),
+                                kind: EventKind::FencingHeld,
+                                message: why,
+                            }));
+                        }
+                        continue;
+                    }
+                    if self.fencing.insert(name.clone()) {
+                        out.push(Action::Propose(StateCommand::FenceStarted {
+                            at_ms: wall_ms,
+                            host: name.clone(),
+                            reason: "down (no heartbeat), holds HA VMs, fence agent configured"
+                                .to_string(),
+                        }));
+                        out.push(Action::Fence { host: name.clone() });
+                    }
+                }
+                HostPhase::Fencing { .. } => {
+                    if !down {
+                        continue;
+                    }
+                    let due = self.fence_retry_at.get(name).is_none_or(|t| wall_ms >= *t);
+                    if due && !self.fencing.contains(name) {
+                        self.fencing.insert(name.clone());
+                        self.fence_retry_at.remove(name);
+                        out.push(Action::Propose(StateCommand::FenceStarted {
+                            at_ms: wall_ms,
+                            host: name.clone(),
+                            reason: "retrying after a failed attempt".into(),
+                        }));
+                        out.push(Action::Fence { host: name.clone() });
+                    }
+                }
+                HostPhase::Fenced { proof, .. } => {
+                    let vms: Vec<&VmRecord> = state
+                        .vms
+                        .values()
+                        .filter(|v| v.ha && v.host == *name)
+                        .filter(|v| matches!(v.phase, Phase::Running | Phase::Recovering { .. }))
+                        .collect();
+                    for vm in vms {
+                        if self.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
+                            continue;
+                        }
+                        let views = self.host_views(state);
+                        let (target, warning) = placement::failover_target(
+                            &state.hosts,
+                            &views,
+                            name,
+                            vm.memory_kib,
+                            self.failover.ha_tag.as_deref(),
+                            self.failover.ha_tag_fallback,
+                        );
+                        self.warn_tag(vm, warning, wall_ms, out);
+                        let decision =
+                            recovery::decide_host_failure(vm, wall_ms, &self.policy, target);
+                        self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
+                        out.push(Action::Propose(StateCommand::VmFailed {
+                            at_ms: wall_ms,
+                            uuid: vm.uuid.clone(),
+                            generation: vm.generation,
+                            failure: FailureKind::HostFailed,
+                            proof: Proof::HostFenced {
+                                host: name.clone(),
+                                detail: proof.clone(),
+                            },
+                            decision,
+                            window_ms: self.policy.window_ms,
+                        }));
+                    }
+                }
+                _ => {}
+            }
+        }
+        // A cluster whose hosts are back below the threshold may be fenced again.
+        let still_held: BTreeSet<String> = self
+            .held
+            .iter()
+            .filter(|c| {
+                state
+                    .hosts
+                    .iter()
+                    .find(|(_, h)| &h.cluster == *c)
+                    .is_some_and(|(n, _)| self.mass_failure(n, state).is_some())
+            })
+            .cloned()
+            .collect();
+        self.held = still_held;
+    }
+
+    /// `Some(explanation)` when too many hosts of `host`'s cluster are down at once.
+    fn mass_failure(&self, host: &str, state: &ClusterState) -> Option<String> {
+        let cluster = &state.hosts.get(host)?.cluster;
+        let members: Vec<&String> = state
+            .hosts
+            .iter()
+            .filter(|(_, h)| &h.cluster == cluster)
+            .map(|(n, _)| n)
+            .collect();
+        let down = members
+            .iter()
+            .filter(|n| self.detector.state(n) == Some(Liveness::Down))
+            .count();
+        let total = members.len();
+        let pct = self.failover.mass_failure_percent.max(1) as usize;
+        (down >= 2 && down * 100 > total * pct).then(|| {
+            format!(
+                "mass failure in cluster {cluster}: {down} of {total} hosts down at once (more than {pct} %); automatic fencing is held — more likely a network fault on the monitors' side. Check, then fence by hand"
+            )
+        })
+    }
+
+    fn warn_tag(
+        &mut self,
+        vm: &VmRecord,
+        warning: Option<String>,
+        wall_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        match warning {
+            Some(w) if self.tag_warned.insert(vm.uuid.clone()) => {
+                out.push(Action::Propose(StateCommand::RecordEvent {
+                    at_ms: wall_ms,
+                    severity: Severity::Critical,
+                    host: None,
+                    kind: EventKind::NoTaggedHost,
+                    message: format!("VM {}: {w}", vm.name),
+                }));
+            }
+            Some(_) => {}
+            None => {
+                self.tag_warned.remove(&vm.uuid);
+            }
         }
     }
 

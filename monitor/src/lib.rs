@@ -16,6 +16,7 @@ pub mod cli;
 pub mod ctl;
 pub mod detector;
 pub mod engine;
+pub mod fencing;
 pub mod placement;
 pub mod raft;
 pub mod recovery;

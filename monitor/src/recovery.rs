@@ -60,6 +60,38 @@ pub fn decide(
     }
 }
 
+/// Decides what follows the loss of `vm` with its (fenced) host: always a relocation, at once,
+/// to `target` (or queued with no target, placed again as hosts come back), unless the VM's
+/// budget is spent.
+pub fn decide_host_failure(
+    vm: &VmRecord,
+    now_ms: u64,
+    policy: &RecoveryPolicy,
+    target: Option<String>,
+) -> Decision {
+    let recent = vm
+        .failures
+        .iter()
+        .filter(|t| now_ms.saturating_sub(**t) <= policy.window_ms)
+        .count() as u32;
+    if recent + 1 > policy.budget() {
+        return Decision::GiveUp {
+            reason: format!(
+                "{} failures within {} s; the budget is {} restarts in place and {} relocations",
+                recent + 1,
+                policy.window_ms / 1000,
+                policy.max_restarts_in_place,
+                policy.max_relocations
+            ),
+        };
+    }
+    Decision::Restart {
+        host: target.unwrap_or_default(),
+        relocate: true,
+        not_before_ms: now_ms,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

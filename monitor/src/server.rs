@@ -69,6 +69,7 @@ impl Monitor {
             sessions.clone(),
             cfg.detector.clone(),
             cfg.recovery.clone(),
+            cfg.fencing.clone(),
             epoch,
             stop_rx.clone(),
         );

@@ -8,8 +8,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use std::collections::BTreeMap;
+
+use vigil_common::config::{FenceHostConfig, FencingConfig, TagFallbackConfig};
+
 use crate::agent_link::Sessions;
+use crate::engine::FailoverConfig;
 use crate::engine::{Action, Engine, Input};
+use crate::fencing::{self, FenceAction};
+use crate::placement::TagFallback;
 use crate::raft::{RaftNode, WriteError};
 use crate::recovery::RecoveryPolicy;
 use crate::state::{StateCommand, StateResponse};
@@ -62,11 +69,13 @@ pub fn mono_ms(epoch: Instant) -> u64 {
 }
 
 /// Starts the engine and proposer tasks.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     raft: Arc<RaftNode>,
     sessions: Arc<Sessions>,
     cfg: DetectorConfig,
     policy: RecoveryPolicy,
+    fencing: FencingConfig,
     epoch: Instant,
     mut stop: watch::Receiver<bool>,
 ) -> EngineHandle {
@@ -76,7 +85,24 @@ pub fn spawn(
     tokio::spawn(proposer(raft.clone(), prx, handle.clone()));
 
     let tick_every = Duration::from_millis((cfg.heartbeat_interval_ms / 5).clamp(10, 100));
-    let mut engine = Engine::new(cfg, policy, mono_ms(epoch));
+    let failover = FailoverConfig {
+        fence_hosts: fencing.hosts.iter().map(|h| h.host.clone()).collect(),
+        mass_failure_percent: fencing.mass_failure_percent,
+        ha_tag: policy.ha_tag.clone(),
+        ha_tag_fallback: match policy.ha_tag_fallback {
+            TagFallbackConfig::Any => TagFallback::Any,
+            TagFallbackConfig::Wait => TagFallback::Wait,
+        },
+    };
+    let fence_timeout = Duration::from_millis(fencing.timeout_ms);
+    let fence_hosts: Arc<BTreeMap<String, FenceHostConfig>> = Arc::new(
+        fencing
+            .hosts
+            .iter()
+            .map(|h| (h.host.clone(), h.clone()))
+            .collect(),
+    );
+    let mut engine = Engine::new(cfg, policy, mono_ms(epoch)).with_failover(failover);
     let self_handle = handle.clone();
     let mut metrics = raft.metrics_watch();
     tokio::spawn(async move {
@@ -144,6 +170,30 @@ pub fn spawn(
                                     result,
                                 })
                                 .await;
+                            });
+                        }
+                        Action::Fence { host } => {
+                            let back = self_handle.clone();
+                            let hosts = fence_hosts.clone();
+                            tokio::spawn(async move {
+                                let result = match hosts.get(&host) {
+                                    None => Err(format!("no fence agent configured for {host}")),
+                                    Some(cfg) => {
+                                        warn!(%host, agent = %cfg.agent, "fencing: powering the host off");
+                                        match fencing::fence(cfg, FenceAction::Off, fence_timeout)
+                                            .await
+                                        {
+                                            Ok(o) => Ok(format!(
+                                                "{} confirmed power off (exit 0) in {} ms",
+                                                cfg.agent,
+                                                o.took.as_millis()
+                                            )),
+                                            Err(e) => Err(e.to_string()),
+                                        }
+                                    }
+                                };
+                                info!(%host, ?result, "fencing done");
+                                back.input(Input::FenceDone { host, result }).await;
                             });
                         }
                         Action::Notify {

@@ -24,7 +24,16 @@
 //! at 7000 start-fails hv1 on         # libvirt refuses starts on hv1
 //! at 8000 drop-answers hv1 on        # start answers from hv1 are lost
 //! at 9000 new-leader                 # leadership moves: fresh soft state, same log
+//! at 9500 crash-host hv2             # power loss: agent and every domain of hv2 gone
+//! at 9600 partition hv2              # hv2 cut from the monitor; its domains keep running
+//! at 9700 heal hv2
+//! at 9800 power-on hv2               # back, empty (no domain running)
+//! at 9900 fence-fails hv2 on         # its BMC does not answer
 //! run 20000                          # simulate until this time
+//!
+//! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no]` declares a host (fence agent
+//! configured by default); `failover ha_tag=T fallback=any|wait mass_failure_percent=P` sets
+//! host-failure handling.
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -36,7 +45,8 @@ use vigil_common::domain::{
 };
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts};
 
-use crate::engine::{Action, Engine, Input};
+use crate::engine::{Action, Engine, FailoverConfig, Input};
+use crate::placement::TagFallback;
 use crate::state::ClusterState;
 
 /// Wall-clock offset: simulated time 0 is this Unix ms (keeps timestamps plausible).
@@ -57,6 +67,11 @@ struct SimDomain {
 struct SimHost {
     zone: String,
     cluster: String,
+    /// Powered on (a crash or a fence turns it off).
+    powered: bool,
+    /// Cut from the monitor (processes keep running).
+    partitioned: bool,
+    fence_fails: bool,
     agent_alive: bool,
     start_fails: bool,
     drop_answers: bool,
@@ -79,13 +94,20 @@ enum Fault {
     StartFails(String, bool),
     DropAnswers(String, bool),
     NewLeader,
+    CrashHost(String),
+    PowerOn(String),
+    Partition(String),
+    Heal(String),
+    FenceFails(String, bool),
 }
 
 /// A parsed scenario.
 #[derive(Debug, Clone, Default)]
 pub struct Scenario {
     policy: RecoveryConfig,
-    hosts: Vec<(String, String, String)>,
+    failover: FailoverConfig,
+    /// name, zone, cluster, tags, fence configured
+    hosts: Vec<(String, String, String, Vec<String>, bool)>,
     vms: Vec<(String, String, i32)>,
     faults: Vec<(u64, Fault)>,
     until: u64,
@@ -113,6 +135,7 @@ impl Scenario {
             until: 10_000,
             ..Scenario::default()
         };
+        sc.failover.mass_failure_percent = 30;
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -142,11 +165,37 @@ impl Scenario {
                 }
                 ["host", name, rest @ ..] => {
                     let m = kv(rest);
+                    let fence = m.get("fence").is_none_or(|v| v != "no");
+                    if fence {
+                        sc.failover.fence_hosts.insert(name.to_string());
+                    }
                     sc.hosts.push((
                         name.to_string(),
                         m.get("zone").cloned().unwrap_or_else(|| "z1".into()),
                         m.get("cluster").cloned().unwrap_or_else(|| "c1".into()),
+                        m.get("tags")
+                            .map(|t| t.split(',').map(String::from).collect())
+                            .unwrap_or_default(),
+                        fence,
                     ));
+                }
+                ["failover", rest @ ..] => {
+                    for (k, v) in kv(rest) {
+                        match k.as_str() {
+                            "ha_tag" => sc.failover.ha_tag = Some(v),
+                            "fallback" => {
+                                sc.failover.ha_tag_fallback = match v.as_str() {
+                                    "any" => TagFallback::Any,
+                                    "wait" => TagFallback::Wait,
+                                    o => return Err(err(format!("fallback {o:?}: any or wait"))),
+                                }
+                            }
+                            "mass_failure_percent" => {
+                                sc.failover.mass_failure_percent = num(&v)? as u32
+                            }
+                            other => return Err(err(format!("unknown failover field {other:?}"))),
+                        }
+                    }
                 }
                 ["vm", uuid, rest @ ..] => {
                     let m = kv(rest);
@@ -181,6 +230,11 @@ impl Scenario {
                         "start-fails" => Fault::StartFails(arg(0)?, on(1)?),
                         "drop-answers" => Fault::DropAnswers(arg(0)?, on(1)?),
                         "new-leader" => Fault::NewLeader,
+                        "crash-host" => Fault::CrashHost(arg(0)?),
+                        "power-on" => Fault::PowerOn(arg(0)?),
+                        "partition" => Fault::Partition(arg(0)?),
+                        "heal" => Fault::Heal(arg(0)?),
+                        "fence-fails" => Fault::FenceFails(arg(0)?, on(1)?),
                         other => return Err(err(format!("unknown fault {other:?}"))),
                     };
                     sc.faults.push((t, f));
@@ -191,6 +245,25 @@ impl Scenario {
         }
         sc.faults.sort_by_key(|(t, _)| *t);
         Ok(sc)
+    }
+}
+
+impl SimHost {
+    /// The agent can talk to the monitor.
+    fn reachable(&self) -> bool {
+        self.agent_alive && self.powered && !self.partitioned
+    }
+
+    /// Power loss: the agent and every domain are gone at once, silently.
+    fn power_off(&mut self) {
+        self.powered = false;
+        self.agent_alive = false;
+        for d in self.domains.values_mut() {
+            if d.running {
+                d.running = false;
+                d.reason = StateReason::Other;
+            }
+        }
     }
 }
 
@@ -226,6 +299,11 @@ pub struct Sim {
     /// HA VMs (marked in their XML) and their priorities.
     ha: BTreeMap<String, i32>,
     policy: RecoveryConfig,
+    failover: FailoverConfig,
+    /// Fence calls in flight: (due, host).
+    pending_fence: Vec<(u64, String)>,
+    /// Host tags to set once the hosts registered.
+    tags: Vec<(String, String)>,
     now: u64,
     term: u64,
     log: Vec<String>,
@@ -239,7 +317,7 @@ impl Sim {
             down_after_ms: 600,
         };
         let mut sim = Sim {
-            engine: Engine::new(detector, sc.policy.clone(), 0),
+            engine: Engine::new(detector, sc.policy.clone(), 0).with_failover(sc.failover.clone()),
             state: ClusterState::default(),
             hosts: BTreeMap::new(),
             crash_on_start: BTreeSet::new(),
@@ -247,16 +325,26 @@ impl Sim {
             pending_crash: Vec::new(),
             ha: sc.vms.iter().map(|(u, _, p)| (u.clone(), *p)).collect(),
             policy: sc.policy.clone(),
+            failover: sc.failover.clone(),
+            pending_fence: Vec::new(),
+            tags: sc
+                .hosts
+                .iter()
+                .flat_map(|(n, _, _, tags, _)| tags.iter().map(move |t| (n.clone(), t.clone())))
+                .collect(),
             now: 0,
             term: 1,
             log: Vec::new(),
         };
-        for (name, zone, cluster) in &sc.hosts {
+        for (name, zone, cluster, _, _) in &sc.hosts {
             sim.hosts.insert(
                 name.clone(),
                 SimHost {
                     zone: zone.clone(),
                     cluster: cluster.clone(),
+                    powered: true,
+                    partitioned: false,
+                    fence_fails: false,
                     agent_alive: true,
                     start_fails: false,
                     drop_answers: false,
@@ -304,6 +392,9 @@ impl Sim {
                     Action::Send { host, command } => {
                         self.pending.push((self.now + START_MS, host, command));
                     }
+                    Action::Fence { host } => {
+                        self.pending_fence.push((self.now + 300, host));
+                    }
                     Action::Notify { host, message } => {
                         if let vigil_common::wire::MonitorToAgent::Generations { entries, .. } =
                             message
@@ -314,7 +405,7 @@ impl Sim {
                             };
                             for t in targets {
                                 if let Some(h) = self.hosts.get_mut(&t) {
-                                    if h.agent_alive {
+                                    if h.reachable() {
                                         for (u, g) in &entries {
                                             let e = h.newest.entry(u.clone()).or_insert(*g);
                                             *e = (*e).max(*g);
@@ -373,7 +464,7 @@ impl Sim {
         d.running = false;
         d.reason = reason;
         let generation = Some(d.generation);
-        if h.agent_alive {
+        if h.reachable() {
             let ev = DomainEvent {
                 uuid: uuid.to_string(),
                 name: format!("vm-{uuid}"),
@@ -447,6 +538,34 @@ impl Sim {
                     host.drop_answers = on;
                 }
             }
+            Fault::CrashHost(h) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.power_off();
+                }
+            }
+            Fault::PowerOn(h) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    if !host.powered {
+                        host.powered = true;
+                        host.agent_alive = true;
+                    }
+                }
+            }
+            Fault::Partition(h) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.partitioned = true;
+                }
+            }
+            Fault::Heal(h) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.partitioned = false;
+                }
+            }
+            Fault::FenceFails(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.fence_fails = on;
+                }
+            }
             Fault::NewLeader => {
                 // A new leader: same replicated state (the log), fresh soft state.
                 self.term += 1;
@@ -456,7 +575,8 @@ impl Sim {
                     down_after_ms: 600,
                 };
                 let policy = self.engine_policy();
-                self.engine = Engine::new(detector, policy, self.now);
+                self.engine =
+                    Engine::new(detector, policy, self.now).with_failover(self.failover.clone());
                 for h in self.hosts.values_mut() {
                     h.connected_to_engine = false;
                 }
@@ -565,7 +685,7 @@ impl Sim {
             let Some(h) = self.hosts.get(name).cloned() else {
                 continue;
             };
-            if !h.agent_alive {
+            if !h.reachable() {
                 if h.connected_to_engine {
                     if let Some(hm) = self.hosts.get_mut(name) {
                         hm.connected_to_engine = false;
@@ -617,7 +737,7 @@ impl Sim {
             let stale: Vec<(String, u64, u64)> = self
                 .hosts
                 .get(name)
-                .filter(|h| h.agent_alive)
+                .filter(|h| h.agent_alive && h.powered)
                 .map(|h| {
                     h.domains
                         .iter()
@@ -633,6 +753,9 @@ impl Sim {
                 if let Some(d) = self.hosts.get_mut(name).and_then(|h| h.domains.get_mut(&u)) {
                     d.running = false;
                     d.reason = StateReason::Destroyed;
+                }
+                if !self.hosts.get(name).is_some_and(SimHost::reachable) {
+                    continue;
                 }
                 self.input(Input::StaleDestroyed {
                     host: name.clone(),
@@ -651,7 +774,7 @@ impl Sim {
             .collect();
         self.pending.retain(|(t, _, _)| *t > self.now);
         for (_, host, command) in due {
-            let alive = self.hosts.get(&host).is_some_and(|h| h.agent_alive);
+            let alive = self.hosts.get(&host).is_some_and(SimHost::reachable);
             let result = if !alive {
                 Err(format!("host {host} has no agent connected"))
             } else {
@@ -687,6 +810,41 @@ impl Sim {
                 command,
                 result,
             });
+        }
+        // Fence agents that are due.
+        let fences: Vec<(u64, String)> = self
+            .pending_fence
+            .iter()
+            .filter(|(t, _)| *t <= self.now)
+            .cloned()
+            .collect();
+        self.pending_fence.retain(|(t, _)| *t > self.now);
+        for (_, host) in fences {
+            let result = match self.hosts.get_mut(&host) {
+                Some(h) if !h.fence_fails => {
+                    h.power_off();
+                    Ok("simulated BMC confirmed power off".to_string())
+                }
+                _ => Err("simulated BMC does not answer".to_string()),
+            };
+            self.log
+                .push(format!("{:>6} FENCE {host}: {result:?}", self.now));
+            self.input(Input::FenceDone { host, result });
+        }
+        // Host tags, once the hosts are registered.
+        if !self.tags.is_empty()
+            && self
+                .tags
+                .iter()
+                .all(|(h, _)| self.state.hosts.contains_key(h))
+        {
+            for (host, tag) in std::mem::take(&mut self.tags) {
+                self.state.apply(&crate::state::StateCommand::AddTag {
+                    at_ms: self.wall(),
+                    host,
+                    tag,
+                });
+            }
         }
         self.input(Input::Tick);
     }

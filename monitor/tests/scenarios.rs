@@ -113,7 +113,11 @@ fn random_scenario(seed: u64) -> String {
         let h = 1 + r.below(hosts);
         let v = 1 + r.below(vms);
         let onoff = if r.below(2) == 0 { "on" } else { "off" };
-        let f = match r.below(10) {
+        let f = match r.below(14) {
+            10 => format!("crash-host hv{h}"),
+            11 => format!("power-on hv{h}"),
+            12 => format!("partition hv{h}"),
+            13 => format!("fence-fails hv{h} {onoff}"),
             0..=2 => format!("crash-vm u{v}"),
             3 => format!("crash-on-start u{v} {onoff}"),
             4 => format!("kill-agent hv{h}"),
@@ -128,7 +132,7 @@ fn random_scenario(seed: u64) -> String {
     // Heal everything.
     t += 100;
     for h in 1..=hosts {
-        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\n"));
+        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\nat {t} heal hv{h}\nat {t} fence-fails hv{h} off\nat {t} power-on hv{h}\n"));
     }
     for v in 1..=vms {
         s.push_str(&format!("at {t} crash-on-start u{v} off\n"));

@@ -7,12 +7,14 @@
 //! command that does not fit the current state is rejected whole with a [`StateResponse`]
 //! error and changes nothing.
 
+pub mod host;
 pub mod vm;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use host::HostPhase;
 pub use vm::{
     Decision, FailureKind, HaSource, Phase, Proof, RecoveryRecord, StopReason, VmRecord,
     MAX_DEFINITION_LEN,
@@ -36,6 +38,9 @@ pub struct HostRecord {
     pub registered_at_ms: u64,
     /// Last agent version that registered for this host.
     pub agent_version: String,
+    /// Fencing phase (host failure handling).
+    #[serde(default)]
+    pub phase: HostPhase,
 }
 
 /// Severity of an event, for operators' eyes.
@@ -79,6 +84,18 @@ pub enum EventKind {
         term: u64,
         node: u64,
     },
+    HostFencing {
+        attempt: u32,
+    },
+    HostFenced,
+    HostFenceFailed {
+        attempt: u32,
+    },
+    HostRejoined,
+    /// Automatic fencing held: too many hosts of a cluster failed at once.
+    FencingHeld,
+    /// No live host carries the ha_tag for a recovering VM.
+    NoTaggedHost,
     VmRegistered,
     VmHaChanged {
         ha: bool,
@@ -214,6 +231,21 @@ pub enum StateCommand {
         host: String,
         reason: StopReason,
     },
+    /// The leader starts fencing a host (proof 2 of the one rule).
+    FenceStarted {
+        at_ms: u64,
+        host: String,
+        reason: String,
+    },
+    /// The fence agent's verdict; `ok` only when it confirmed the host powered off.
+    FenceResult {
+        at_ms: u64,
+        host: String,
+        ok: bool,
+        detail: String,
+    },
+    /// A fenced (or fencing) host's agent is connected again.
+    HostRejoined { at_ms: u64, host: String },
     /// An operator stops an HA VM through Vigil: recovery stops, the VM is left alone.
     OperatorStop { at_ms: u64, uuid: String },
     /// An agent destroyed a domain running with a stale generation.
@@ -314,6 +346,7 @@ impl ClusterState {
                                 tags: BTreeSet::new(),
                                 registered_at_ms: *at_ms,
                                 agent_version: agent_version.clone(),
+                                phase: HostPhase::Active,
                             },
                         );
                         self.push_event(
@@ -411,6 +444,9 @@ impl ClusterState {
             | StateCommand::VmStopped { .. }
             | StateCommand::OperatorStop { .. }
             | StateCommand::StaleDestroyed { .. } => vm::apply(self, cmd),
+            StateCommand::FenceStarted { .. }
+            | StateCommand::FenceResult { .. }
+            | StateCommand::HostRejoined { .. } => host::apply(self, cmd),
         }
     }
 

@@ -47,6 +47,8 @@ pub enum FailureKind {
     StartFailed,
     /// The start order got no answer in time.
     OrderTimedOut,
+    /// Its host failed and was fenced.
+    HostFailed,
 }
 
 impl std::fmt::Display for FailureKind {
@@ -55,6 +57,7 @@ impl std::fmt::Display for FailureKind {
             FailureKind::Crashed => "crashed",
             FailureKind::StartFailed => "failed to start",
             FailureKind::OrderTimedOut => "start order timed out",
+            FailureKind::HostFailed => "lost with its host",
         })
     }
 }
@@ -73,6 +76,8 @@ pub enum Proof {
     },
     /// The agent answered a start order with a failure: nothing runs.
     StartRefused { host: String, detail: String },
+    /// 2. A fence agent confirmed the old host powered off.
+    HostFenced { host: String, detail: String },
 }
 
 impl Proof {
@@ -80,7 +85,7 @@ impl Proof {
     pub fn observed_at_ms(&self) -> Option<u64> {
         match self {
             Proof::AgentReportedStopped { observed_at_ms, .. } => *observed_at_ms,
-            Proof::StartRefused { .. } => None,
+            Proof::StartRefused { .. } | Proof::HostFenced { .. } => None,
         }
     }
 }
@@ -94,6 +99,7 @@ impl std::fmt::Display for Proof {
             Proof::StartRefused { host, detail } => {
                 write!(f, "the agent of {host} could not start it ({detail})")
             }
+            Proof::HostFenced { host, detail } => write!(f, "host {host} was fenced: {detail}"),
         }
     }
 }

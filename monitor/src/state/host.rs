@@ -1,0 +1,138 @@
+//! Host failure handling in the replicated state: a host's fencing phase.
+//!
+//! ```text
+//!          Down, HA VMs, fence agent configured        fence agent "off" exit 0
+//!  Active ─────────────────────────────────▶ Fencing ─────────────────────────▶ Fenced
+//!    ▲                                        │   ▲ failed: retried                │
+//!    └──────────── its agent connects again ──┴───┴────────────────────────────────┘
+//! ```
+//!
+//! `Fenced` is proof 2 of the design brief ("a fence agent confirmed the old host powered
+//! off"): it is what allows the VMs of that host to start elsewhere.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ClusterState, EventKind, Severity, StateCommand, StateResponse};
+
+/// A host's fencing phase.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "phase")]
+pub enum HostPhase {
+    #[default]
+    Active,
+    /// Fencing ordered; `attempts` so far.
+    Fencing { since_ms: u64, attempts: u32 },
+    /// Proven powered off.
+    Fenced { at_ms: u64, proof: String },
+}
+
+impl HostPhase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            HostPhase::Active => "active",
+            HostPhase::Fencing { .. } => "fencing",
+            HostPhase::Fenced { .. } => "fenced",
+        }
+    }
+}
+
+pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
+    match cmd {
+        StateCommand::FenceStarted {
+            at_ms,
+            host,
+            reason,
+        } => {
+            let Some(h) = s.hosts.get_mut(host) else {
+                return StateResponse::UnknownHost { host: host.clone() };
+            };
+            let attempts = match &h.phase {
+                HostPhase::Active => 1,
+                HostPhase::Fencing { attempts, .. } => attempts + 1,
+                HostPhase::Fenced { .. } => {
+                    return StateResponse::Stale {
+                        reason: format!("{host} is already fenced"),
+                    }
+                }
+            };
+            let since_ms = match &h.phase {
+                HostPhase::Fencing { since_ms, .. } => *since_ms,
+                _ => *at_ms,
+            };
+            h.phase = HostPhase::Fencing { since_ms, attempts };
+            s.push_vm_event(
+                *at_ms,
+                Severity::Critical,
+                Some(host.clone()),
+                None,
+                EventKind::HostFencing { attempt: attempts },
+                format!("fencing host {host} (attempt {attempts}): {reason}"),
+            );
+            StateResponse::Ok
+        }
+        StateCommand::FenceResult {
+            at_ms,
+            host,
+            ok,
+            detail,
+        } => {
+            let Some(h) = s.hosts.get_mut(host) else {
+                return StateResponse::UnknownHost { host: host.clone() };
+            };
+            let HostPhase::Fencing { since_ms, attempts } = h.phase.clone() else {
+                return StateResponse::Stale {
+                    reason: format!("fence result for {host} while it is {}", h.phase.name()),
+                };
+            };
+            if *ok {
+                h.phase = HostPhase::Fenced {
+                    at_ms: *at_ms,
+                    proof: detail.clone(),
+                };
+                s.push_vm_event(
+                    *at_ms,
+                    Severity::Critical,
+                    Some(host.clone()),
+                    None,
+                    EventKind::HostFenced,
+                    format!(
+                        "host {host} fenced: {detail} ({} ms after fencing started); its HA VMs may now start elsewhere",
+                        at_ms.saturating_sub(since_ms)
+                    ),
+                );
+            } else {
+                s.push_vm_event(
+                    *at_ms,
+                    Severity::Critical,
+                    Some(host.clone()),
+                    None,
+                    EventKind::HostFenceFailed { attempt: attempts },
+                    format!("fencing host {host} failed (attempt {attempts}): {detail}; its HA VMs wait for proof"),
+                );
+            }
+            StateResponse::Ok
+        }
+        StateCommand::HostRejoined { at_ms, host } => {
+            let Some(h) = s.hosts.get_mut(host) else {
+                return StateResponse::UnknownHost { host: host.clone() };
+            };
+            if h.phase == HostPhase::Active {
+                return StateResponse::Unchanged;
+            }
+            let was = h.phase.name();
+            h.phase = HostPhase::Active;
+            s.push_vm_event(
+                *at_ms,
+                Severity::Info,
+                Some(host.clone()),
+                None,
+                EventKind::HostRejoined,
+                format!("host {host} rejoined (was {was}); its agent is connected again"),
+            );
+            StateResponse::Ok
+        }
+        _ => StateResponse::Invalid {
+            reason: "not a host command".into(),
+        },
+    }
+}
