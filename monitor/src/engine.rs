@@ -162,6 +162,8 @@ pub struct Engine {
     held: BTreeSet<String>,
     /// VMs already told about a missing ha_tag host, to say so once per episode.
     tag_warned: BTreeSet<String>,
+    /// VMs already reported as lacking a stored definition.
+    def_warned: BTreeSet<String>,
     leader: bool,
 }
 
@@ -182,6 +184,7 @@ impl Engine {
             fence_retry_at: BTreeMap::new(),
             held: BTreeSet::new(),
             tag_warned: BTreeSet::new(),
+            def_warned: BTreeSet::new(),
             leader: false,
         }
     }
@@ -359,6 +362,7 @@ impl Engine {
                 self.fence_retry_at.clear();
                 self.held.clear();
                 self.tag_warned.clear();
+                self.def_warned.clear();
                 out.push(Action::Propose(StateCommand::RecordEvent {
                     at_ms: wall_ms,
                     severity: Severity::Info,
@@ -674,6 +678,25 @@ impl Engine {
                         t
                     } else {
                         Some(host.clone())
+                    };
+                    // Another host can only start it from the stored definition.
+                    let target = match target {
+                        Some(t) if t != vm.host && vm.definition.is_none() => {
+                            if self.def_warned.insert(vm.uuid.clone()) {
+                                out.push(Action::Propose(StateCommand::RecordEvent {
+                                    at_ms: wall_ms,
+                                    severity: Severity::Critical,
+                                    host: Some(vm.host.clone()),
+                                    kind: EventKind::NoDefinition,
+                                    message: format!(
+                                        "cannot start VM {} on {t}: its definition never reached the monitor (its agent ships it within a poll of HA being enabled); queued",
+                                        vm.name
+                                    ),
+                                }));
+                            }
+                            None
+                        }
+                        other => other,
                     };
                     if let Some(target) = target {
                         if wall_ms >= *not_before_ms

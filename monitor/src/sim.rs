@@ -725,6 +725,16 @@ impl Sim {
             }
             if self.now % 500 == 0 {
                 let domains = self.domain_infos(name);
+                // Like the real agent: the definitions of HA domains, shipped on polls.
+                for d in &domains {
+                    if self.ha.contains_key(&d.uuid) {
+                        self.input(Input::Definition {
+                            host: name.clone(),
+                            uuid: d.uuid.clone(),
+                            xml: format!("<domain><uuid>{}</uuid></domain>", d.uuid),
+                        });
+                    }
+                }
                 self.input(Input::Inventory {
                     host: name.clone(),
                     domains,

@@ -96,6 +96,8 @@ pub enum EventKind {
     FencingHeld,
     /// No live host carries the ha_tag for a recovering VM.
     NoTaggedHost,
+    /// A VM cannot be started on another host: no stored definition.
+    NoDefinition,
     VmRegistered,
     VmHaChanged {
         ha: bool,

@@ -55,6 +55,10 @@ enum Cmd {
         /// Do not start these optional parts even if present: faultfs, observer, bmc.
         #[arg(long, value_delimiter = ',')]
         without: Vec<String>,
+        /// Give the monitor a fence agent per host (fence_ipmilan against the lab's BMCs), so
+        /// that a failed host is fenced and its HA VMs move (ha_tag hosts first).
+        #[arg(long)]
+        fencing: bool,
     },
     /// Remove every namespace, process and mount of the lab (also after a crash of the lab
     /// itself); idempotent.
@@ -180,6 +184,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             tagged_hosts,
             keep_on_failure,
             without,
+            fencing,
         } => {
             for w in &without {
                 if !["faultfs", "observer", "bmc"].contains(&w.as_str()) {
@@ -196,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     tagged_hosts,
                     keep_on_failure,
                     without,
+                    fencing,
                 },
             )?)
         }

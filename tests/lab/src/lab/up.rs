@@ -32,6 +32,8 @@ pub struct UpOpts {
     pub keep_on_failure: bool,
     /// Optional components not to start even if present: faultfs, observer, bmc.
     pub without: Vec<String>,
+    /// Configure the monitor with a fence agent per host (the lab's BMCs).
+    pub fencing: bool,
 }
 
 /// Checks the machine has what the lab needs.
@@ -483,7 +485,7 @@ fn up_inner(
             &[m.addr.to_string()],
             30,
         )?;
-        write_monitor_config(lab, m)?;
+        write_monitor_config(lab, m, st, o)?;
     }
     for h in &st.hosts {
         tls::issue_cert(&ca, Role::Agent, &h.name, &tls_dir, &[], 30)?;
@@ -602,7 +604,7 @@ fn up_inner(
     Ok(cold)
 }
 
-fn write_monitor_config(lab: &Lab, m: &Node) -> anyhow::Result<()> {
+fn write_monitor_config(lab: &Lab, m: &Node, st: &LabState, o: &UpOpts) -> anyhow::Result<()> {
     let dir = lab.monitor_dir(&m.name);
     fs::create_dir_all(&dir)?;
     let tls_dir = lab.tls_dir();
@@ -616,6 +618,23 @@ fn write_monitor_config(lab: &Lab, m: &Node) -> anyhow::Result<()> {
         cert = tls_dir.join(format!("{}.crt", m.name)).display(),
         key = tls_dir.join(format!("{}.key", m.name)).display(),
     );
+    let mut text = text;
+    if let Some(tag) = &o.ha_tag {
+        text.push_str(&format!("\n[recovery]\nha_tag = \"{tag}\"\n"));
+    }
+    if o.fencing {
+        // fence_ipmilan runs in the monitor's own namespace, which reaches every BMC on the
+        // lab bridge; power_wait=0: ipmi_sim powers off at once (the agent still reads the
+        // state back before it exits 0).
+        text.push_str("\n[fencing]\ntimeout_ms = 15000\n");
+        for h in &st.hosts {
+            text.push_str(&format!(
+                "\n[[fencing.hosts]]\nhost = \"{name}\"\nagent = \"fence_ipmilan\"\n[fencing.hosts.options]\nip = \"{ip}\"\nipport = \"{BMC_PORT}\"\nusername = \"admin\"\npassword = \"vigil\"\nlanplus = \"1\"\ncipher = \"3\"\npower_wait = \"0\"\n",
+                name = h.name,
+                ip = crate::layout::bmc_addr(h.index),
+            ));
+        }
+    }
     fs::write(dir.join("monitor.toml"), text)?;
     Ok(())
 }

@@ -1,0 +1,252 @@
+//! Host failure in the lab, end to end, with real fencing: the monitor powers a failed host off
+//! through its BMC (fence_ipmilan against ipmi_sim) and only then starts the host's HA VM on
+//! the ha_tag host; the lab's independent observer confirms no VM ever ran twice.
+//!
+//! Needs root, iproute2, libvirt, QEMU, ipmi_sim and fence_ipmilan. Skipped (with a message)
+//! without them, except under `CI`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const LAB: &str = env!("CARGO_BIN_EXE_vigil-lab");
+/// Its own root and prefix: never the lab test's, nor a person's lab.
+const ROOT: &str = "/var/lib/vigil-lab-failover";
+const PREFIX: &str = "vlf";
+
+fn lab_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(LAB);
+    c.args(args)
+        .env("VIGIL_LAB_DIR", ROOT)
+        .env("VIGIL_LAB_PREFIX", PREFIX)
+        .env("VIGIL_AGENT_BIN", env!("CARGO_BIN_EXE_lab-vigil-agent"))
+        .env("VIGIL_MONITOR_BIN", env!("CARGO_BIN_EXE_lab-vigil-monitor"))
+        .env("VIGILCTL_BIN", env!("CARGO_BIN_EXE_lab-vigilctl"))
+        .stdin(Stdio::null());
+    c
+}
+
+fn lab(args: &[&str]) -> Output {
+    let o = lab_cmd(args).output().expect("run vigil-lab");
+    eprintln!(
+        "$ vigil-lab {} -> {}\n{}{}",
+        args.join(" "),
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn ctl_json(args: &[&str]) -> Option<Value> {
+    let mut a = vec!["ctl", "--", "--json", "--timeout", "2"];
+    a.extend_from_slice(args);
+    let o = lab_cmd(&a).output().ok()?;
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+fn which(prog: &str) -> bool {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .any(|d| Path::new(d).join(prog).is_file());
+    found
+}
+
+fn missing_prerequisite() -> Option<String> {
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1);
+    if uid != 0 {
+        return Some("not root".into());
+    }
+    for p in [
+        "ip",
+        "libvirtd",
+        "virsh",
+        "qemu-system-x86_64",
+        "ipmi_sim",
+        "fence_ipmilan",
+    ] {
+        if !which(p) {
+            return Some(format!("{p} not found"));
+        }
+    }
+    None
+}
+
+/// Runs `down` when dropped (also on panic), then waits for the supervisor this test owns.
+struct Guard {
+    supervisor: Option<Child>,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = lab(&["down"]);
+        if let Some(mut c) = self.supervisor.take() {
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(60) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Waits until `vm` runs on `host` with `generation`; returns how long it took.
+fn wait_vm_on(vm: &str, host: &str, generation: u64, since: Instant) -> Duration {
+    let end = Instant::now() + Duration::from_secs(90);
+    let mut last = None;
+    while Instant::now() < end {
+        if let Some(v) = ctl_json(&["vm", "show", vm]) {
+            if v["host"] == host && v["state"] == "running" && v["generation"] == generation {
+                return since.elapsed();
+            }
+            last = Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let events = ctl_json(&["events", "--limit", "60"]);
+    panic!("{vm} never ran on {host} with generation {generation}; last view {last:#?}\nevents {events:#?}");
+}
+
+fn event_messages() -> Vec<String> {
+    ctl_json(&["events", "--limit", "500"])
+        .and_then(|v| v["events"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e["message"].as_str().map(String::from))
+        .collect()
+}
+
+#[test]
+fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
+    if let Some(why) = missing_prerequisite() {
+        if std::env::var_os("CI").is_some() {
+            panic!("the failover test cannot run under CI: {why}");
+        }
+        eprintln!("skipping the failover test: {why}");
+        return;
+    }
+    let _ = lab(&["down"]);
+    std::fs::create_dir_all(ROOT).expect("lab root");
+    let log = std::fs::File::create(PathBuf::from(ROOT).join("test-supervisor.log"))
+        .expect("supervisor log");
+    let sup = lab_cmd(&["supervise"])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start the supervisor");
+    let _guard = Guard {
+        supervisor: Some(sup),
+    };
+    let sock = PathBuf::from(ROOT).join("supervisor.sock");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no supervisor socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let up = lab(&[
+        "up",
+        "--hosts",
+        "3",
+        "--monitors",
+        "1",
+        "--vms-per-host",
+        "1",
+        "--ha-tag",
+        "ha",
+        "--tagged-hosts",
+        "1",
+        "--fencing",
+    ]);
+    assert!(up.status.success(), "lab up failed");
+    // Relocation needs each HA VM's definition on the monitor (the agents ship it within a
+    // poll of HA being enabled).
+    let end = Instant::now() + Duration::from_secs(30);
+    for vm in ["hv1-vm1", "hv2-vm1", "hv3-vm1"] {
+        while !ctl_json(&["vm", "show", vm]).is_some_and(|v| v["definition_stored"] == true) {
+            assert!(Instant::now() < end, "definition of {vm} never stored");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    // 1. Power loss of hv2: fenced through its BMC, its VM starts on hv1 (ha_tag).
+    let t_crash = Instant::now();
+    assert!(lab(&["crash-host", "hv2"]).status.success());
+    let took = wait_vm_on("hv2-vm1", "hv1", 1, t_crash);
+    eprintln!(
+        "FIGURE crash-host hv2 -> hv2-vm1 running on hv1: {} ms",
+        took.as_millis()
+    );
+    let msgs = event_messages();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("host hv2 fenced") && m.contains("fence_ipmilan")),
+        "{msgs:#?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("VM hv2-vm1 lost with its host on hv2")
+                && m.contains("relocating to hv1")),
+        "{msgs:#?}"
+    );
+    // The BMC says hv2 is off (fence_ipmilan status: "Status: OFF", exit 2).
+    let st = lab(&["bmc", "hv2", "status"]);
+    let text =
+        String::from_utf8_lossy(&st.stdout).into_owned() + &String::from_utf8_lossy(&st.stderr);
+    assert!(
+        text.contains("Status: OFF"),
+        "hv2 should be powered off: {text}"
+    );
+
+    // 2. The fenced host powers on empty and rejoins; nothing starts there.
+    assert!(lab(&["power-on", "hv2"]).status.success());
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = ctl_json(&["host", "show", "hv2"]);
+        if h.as_ref().is_some_and(|h| h["liveness"] == "up") {
+            break;
+        }
+        assert!(Instant::now() < end, "hv2 did not rejoin: {h:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let msgs = event_messages();
+    assert!(
+        msgs.iter().any(|m| m.contains("host hv2 rejoined")),
+        "{msgs:#?}"
+    );
+    let v = ctl_json(&["vm", "show", "hv2-vm1"]).expect("vm");
+    assert_eq!(v["host"], "hv1", "{v:#}");
+    assert_eq!(v["state"], "running", "{v:#}");
+
+    // 3. hv3 is cut from the monitor but alive, its VM running: it is powered off first, then
+    //    its VM moves. Never two copies (checked by the observer below). (Done after hv2 is
+    //    back: two of three hosts down at once would trip the mass-failure guard.)
+    let t_part = Instant::now();
+    assert!(lab(&["partition", "hv3"]).status.success());
+    let took = wait_vm_on("hv3-vm1", "hv1", 1, t_part);
+    eprintln!(
+        "FIGURE partition hv3 -> hv3-vm1 running on hv1: {} ms",
+        took.as_millis()
+    );
+
+    // 4. The independent observer: no VM ever ran on two hosts at once.
+    let check = lab(&["check"]);
+    assert!(check.status.success(), "duplicate detected by the observer");
+    assert!(String::from_utf8_lossy(&check.stdout).contains("duplicates: none"));
+}
