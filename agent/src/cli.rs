@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing::{error, info};
+use tracing::info;
 use vigil_common::config::{AgentConfig, LogFormat, DEFAULT_AGENT_CONFIG};
 
 use crate::runner::{resolve_identity, AgentRunner};
@@ -17,28 +17,16 @@ pub struct Args {
     #[arg(long, short, default_value = DEFAULT_AGENT_CONFIG, env = "VIGIL_AGENT_CONFIG")]
     pub config: PathBuf,
     /// Log format (overrides the file's `log_format`).
-    #[arg(long, value_parser = parse_log_format)]
+    #[arg(long, value_parser = str::parse::<LogFormat>)]
     pub log_format: Option<LogFormat>,
     /// Check the configuration and certificate, print the identity, and exit.
     #[arg(long)]
     pub check: bool,
 }
 
-fn parse_log_format(s: &str) -> Result<LogFormat, String> {
-    s.parse()
-}
-
 /// Entry point of the `vigil-agent` binary.
 pub fn main() -> ExitCode {
-    let args = Args::parse();
-    match run(args) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e:#}");
-            eprintln!("vigil-agent: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    vigil_common::process::exit_code("vigil-agent", run(Args::parse()))
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -63,24 +51,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         let runner = AgentRunner::new(&cfg, host.clone())?;
         info!(%host, zone = %cfg.zone, cluster = %cfg.cluster, "vigil-agent {} starting", vigil_common::VERSION);
         let task = tokio::spawn(runner.run(stop_rx));
-        shutdown_signal().await;
+        vigil_common::process::shutdown_signal().await;
         info!("shutdown requested");
         let _ = stop_tx.send(true);
         task.await.context("agent task panicked")?
     })
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -12,6 +12,7 @@ pub mod pem {
     pub use rustls_pki_types::CertificateDer;
 }
 pub mod names;
+pub mod process;
 pub mod tls;
 pub mod wire;
 
