@@ -16,7 +16,7 @@ fn vigilctl_errors_name_the_problem() {
     let ctl = Ctl::new(&pki, vec![mon.addr]);
     ctl.wait_ready(Duration::from_secs(20));
     let _a = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(30), || {
         (ctl.liveness("hv1").as_deref() == Some("up")).then_some(())
     })
     .expect("hv1 up");

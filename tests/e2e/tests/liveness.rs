@@ -23,7 +23,7 @@ fn agent_heartbeats_and_appears_up_with_its_facts() {
         "zone = \"z1\"\ncluster = \"c1\"",
     );
 
-    let host = wait_for(Duration::from_secs(10), || {
+    let host = wait_for(Duration::from_secs(30), || {
         let h = ctl.json(&["host", "show", "hv1"]).ok()?;
         (h["liveness"] == "up").then_some(h)
     })
@@ -75,7 +75,7 @@ fn killed_agent_turns_its_host_down_within_the_timeout() {
     let mut agent = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
     let _other = AgentProc::start(&pki, &dir, "hv2", mon.addr, "");
     for h in ["hv1", "hv2"] {
-        wait_for(Duration::from_secs(10), || {
+        wait_for(Duration::from_secs(30), || {
             (ctl.liveness(h).as_deref() == Some("up")).then_some(())
         })
         .unwrap_or_else(|| panic!("{h} never came up"));
@@ -85,7 +85,7 @@ fn killed_agent_turns_its_host_down_within_the_timeout() {
     agent.proc_.kill();
     // down_after_ms = 600; allow generous slack for a loaded CI machine. The figure that
     // matters is measured by the benchmarks, not asserted here.
-    let down = wait_for(Duration::from_secs(10), || {
+    let down = wait_for(Duration::from_secs(30), || {
         (ctl.liveness("hv1").as_deref() == Some("down")).then_some(killed.elapsed())
     });
     let down = down.unwrap_or_else(|| panic!("hv1 never went down: {:?}", ctl.liveness("hv1")));
@@ -121,7 +121,7 @@ fn killed_agent_turns_its_host_down_within_the_timeout() {
 
     // An agent that comes back brings its host back up.
     let _again = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(30), || {
         (ctl.liveness("hv1").as_deref() == Some("up")).then_some(())
     })
     .expect("hv1 back up");

@@ -29,7 +29,7 @@ fn restart_keeps_hosts_tags_and_events(crash: bool) {
         "zone = \"z1\"\ncluster = \"c2\"",
     );
     for h in ["hv1", "hv2"] {
-        wait_for(Duration::from_secs(10), || {
+        wait_for(Duration::from_secs(30), || {
             (ctl.liveness(h).as_deref() == Some("up")).then_some(())
         })
         .unwrap_or_else(|| panic!("{h} never came up"));
@@ -74,7 +74,7 @@ fn restart_keeps_hosts_tags_and_events(crash: bool) {
         "old events are unchanged"
     );
     // With no agent back, the hosts are declared down once the grace period passes.
-    wait_for(Duration::from_secs(10), || {
+    wait_for(Duration::from_secs(30), || {
         (ctl.liveness("hv1").as_deref() == Some("down")).then_some(())
     })
     .expect("hv1 down after restart without agent");
