@@ -1573,6 +1573,15 @@ mod tests {
             10,
         );
         s.inventory("hv2", vec![], 10);
+        // Another host can only start it from its stored definition.
+        s.input(
+            Input::Definition {
+                host: "hv1".into(),
+                uuid: "u1".into(),
+                xml: "<domain/>".into(),
+            },
+            20,
+        );
         s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
         assert_eq!(s.starts(), vec![("hv1".to_string(), "u1".to_string(), 1)]);
         // The in-place start is refused because, as far as hv1 knows, it runs again.
@@ -1618,6 +1627,55 @@ mod tests {
             s.starts().iter().any(|(h, _, _)| h == "hv2"),
             "{:?} {:#?}",
             s.starts(),
+            s.log()
+        );
+    }
+
+    #[test]
+    fn a_relocation_without_a_stored_definition_waits_loudly() {
+        let mut s = Sim::new();
+        s.engine.policy.max_restarts_in_place = 1;
+        s.connect("hv1", 0);
+        s.connect("hv2", 0);
+        s.inventory("hv2", vec![], 10);
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Running,
+                StateReason::Booted,
+                None,
+                true,
+            )],
+            10,
+        );
+        s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Failed,
+                Some(1),
+                true,
+            )],
+            150,
+        );
+        s.answer_start("hv1", "u1", 1, false, 200);
+        for t in (300..10_000).step_by(100) {
+            s.beat("hv2", t);
+            s.live_tick(t);
+        }
+        assert!(
+            s.starts().iter().all(|(h, _, _)| h == "hv1"),
+            "{:?}",
+            s.starts()
+        );
+        assert!(
+            s.log()
+                .iter()
+                .any(|m| m.contains("its definition never reached the monitor")),
+            "{:#?}",
             s.log()
         );
     }
