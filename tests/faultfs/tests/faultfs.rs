@@ -504,6 +504,33 @@ fn cleanup_aborts_a_frozen_server_so_waiters_are_freed() {
     let pid = nix::unistd::Pid::from_raw(i32::try_from(lab.h(0).server.pid()).expect("pid"));
     // A stopped server still holds /dev/fuse: requests wait, and the kernel will not abort.
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    // kill() returns before every thread has stopped: wait until all of them are in state T,
+    // or a request could still be served in that window.
+    let deadline = std::time::Instant::now() + 5 * SEC;
+    loop {
+        let all_stopped = fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks.filter_map(|t| t.ok()).all(|t| {
+                    fs::read_to_string(t.path().join("stat"))
+                        .ok()
+                        .and_then(|st| {
+                            st.rsplit(')')
+                                .next()
+                                .map(|r| r.trim_start().starts_with('T'))
+                        })
+                        .unwrap_or(false)
+                })
+            })
+            .unwrap_or(false);
+        if all_stopped {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server threads never stopped"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let p = mnt.join("f");
     let hung = start(move || fs::read(&p));
     assert!(hung.wait(Duration::from_millis(500)).is_none());
