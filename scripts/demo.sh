@@ -10,8 +10,11 @@
 #  4. hv3 is cut from the monitor but alive (partition): powered off first, then its VM moves;
 #  5. the replicated event log, and the lab's independent duplicate checker.
 #
-# Usage: sudo ./scripts/demo.sh        (installs what is missing, builds, runs; ~1 min warm)
+# Usage: ./scripts/demo.sh        (as root; installs what is missing, builds, runs; ~1 min warm)
 set -euo pipefail
+if [[ $EUID -ne 0 ]]; then
+  exec sudo -E "$0" "$@"
+fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 

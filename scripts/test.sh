@@ -2,8 +2,11 @@
 # Installs what is needed (idempotent) and runs the whole test suite: formatting, lints,
 # unit, property and end-to-end tests.
 #
-# Usage: sudo ./scripts/test.sh
+# Usage: ./scripts/test.sh        (as root: the lab and libvirt tests need it)
 set -euo pipefail
+if [[ $EUID -ne 0 ]]; then
+  exec sudo -E "$0" "$@"
+fi
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh

@@ -1555,24 +1555,50 @@ mod tests {
         assert_eq!(s.phase("u1"), "running");
     }
 
-    #[test]
-    fn never_relocates_while_the_old_host_may_still_run_it() {
+    fn running(uuid: &str, generation: Option<u64>) -> DomainInfo {
+        domain(
+            uuid,
+            DomainState::Running,
+            StateReason::Booted,
+            generation,
+            true,
+        )
+    }
+
+    fn shut_off(uuid: &str, generation: u64) -> DomainInfo {
+        domain(
+            uuid,
+            DomainState::Shutoff,
+            StateReason::Failed,
+            Some(generation),
+            true,
+        )
+    }
+
+    /// hv1 runs HA VM u1, hv2 is empty; one restart in place, then relocation.
+    fn two_hosts_one_vm() -> Sim {
         let mut s = Sim::new();
         s.engine.policy.max_restarts_in_place = 1;
         s.connect("hv1", 0);
         s.connect("hv2", 0);
-        s.inventory(
-            "hv1",
-            vec![domain(
-                "u1",
-                DomainState::Running,
-                StateReason::Booted,
-                None,
-                true,
-            )],
-            10,
-        );
         s.inventory("hv2", vec![], 10);
+        s.inventory("hv1", vec![running("u1", None)], 10);
+        s
+    }
+
+    impl Sim {
+        /// Ticks every 100 ms over `range` with both hosts heartbeating.
+        fn live_ticks_both(&mut self, range: std::ops::Range<u64>) {
+            for t in range.step_by(100) {
+                self.beat("hv2", t);
+                self.live_tick(t);
+            }
+        }
+    }
+
+    #[test]
+    fn never_relocates_while_the_old_host_may_still_run_it() {
+        let mut s = two_hosts_one_vm();
         // Another host can only start it from its stored definition.
         s.input(
             Input::Definition {
@@ -1585,44 +1611,18 @@ mod tests {
         s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
         assert_eq!(s.starts(), vec![("hv1".to_string(), "u1".to_string(), 1)]);
         // The in-place start is refused because, as far as hv1 knows, it runs again.
-        s.inventory(
-            "hv1",
-            vec![domain(
-                "u1",
-                DomainState::Running,
-                StateReason::Booted,
-                Some(0),
-                true,
-            )],
-            150,
-        );
+        s.inventory("hv1", vec![running("u1", Some(0))], 150);
         s.answer_start("hv1", "u1", 1, false, 200);
-        for t in (300..5_000).step_by(100) {
-            s.beat("hv2", t);
-            s.live_tick(t);
-        }
+        s.live_ticks_both(300..5_000);
         assert!(
             s.starts().iter().all(|(h, _, _)| h == "hv1"),
             "relocated without proof: {:?}",
             s.starts()
         );
         // Once hv1 reports it shut off, relocation to hv2 may proceed.
-        s.inventory(
-            "hv1",
-            vec![domain(
-                "u1",
-                DomainState::Shutoff,
-                StateReason::Failed,
-                Some(1),
-                true,
-            )],
-            5_000,
-        );
+        s.inventory("hv1", vec![shut_off("u1", 1)], 5_000);
         s.answer_start("hv1", "u1", 2, false, 5_050);
-        for t in (5_100..20_000).step_by(100) {
-            s.beat("hv2", t);
-            s.live_tick(t);
-        }
+        s.live_ticks_both(5_100..20_000);
         assert!(
             s.starts().iter().any(|(h, _, _)| h == "hv2"),
             "{:?} {:#?}",
@@ -1633,39 +1633,11 @@ mod tests {
 
     #[test]
     fn a_relocation_without_a_stored_definition_waits_loudly() {
-        let mut s = Sim::new();
-        s.engine.policy.max_restarts_in_place = 1;
-        s.connect("hv1", 0);
-        s.connect("hv2", 0);
-        s.inventory("hv2", vec![], 10);
-        s.inventory(
-            "hv1",
-            vec![domain(
-                "u1",
-                DomainState::Running,
-                StateReason::Booted,
-                None,
-                true,
-            )],
-            10,
-        );
+        let mut s = two_hosts_one_vm();
         s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
-        s.inventory(
-            "hv1",
-            vec![domain(
-                "u1",
-                DomainState::Shutoff,
-                StateReason::Failed,
-                Some(1),
-                true,
-            )],
-            150,
-        );
+        s.inventory("hv1", vec![shut_off("u1", 1)], 150);
         s.answer_start("hv1", "u1", 1, false, 200);
-        for t in (300..10_000).step_by(100) {
-            s.beat("hv2", t);
-            s.live_tick(t);
-        }
+        s.live_ticks_both(300..10_000);
         assert!(
             s.starts().iter().all(|(h, _, _)| h == "hv1"),
             "{:?}",

@@ -5,12 +5,12 @@
 //! Needs root, iproute2, libvirt, QEMU, ipmi_sim and fence_ipmilan. Skipped (with a message)
 //! without them, except under `CI`.
 
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod support;
 
 const LAB: &str = env!("CARGO_BIN_EXE_vigil-lab");
 /// Its own root and prefix: never the lab test's, nor a person's lab.
@@ -51,59 +51,6 @@ fn ctl_json(args: &[&str]) -> Option<Value> {
     serde_json::from_slice(&o.stdout).ok()
 }
 
-fn which(prog: &str) -> bool {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .any(|d| Path::new(d).join(prog).is_file());
-    found
-}
-
-fn missing_prerequisite() -> Option<String> {
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(1);
-    if uid != 0 {
-        return Some("not root".into());
-    }
-    for p in [
-        "ip",
-        "libvirtd",
-        "virsh",
-        "qemu-system-x86_64",
-        "ipmi_sim",
-        "fence_ipmilan",
-    ] {
-        if !which(p) {
-            return Some(format!("{p} not found"));
-        }
-    }
-    None
-}
-
-/// Runs `down` when dropped (also on panic), then waits for the supervisor this test owns.
-struct Guard {
-    supervisor: Option<Child>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = lab(&["down"]);
-        if let Some(mut c) = self.supervisor.take() {
-            let t0 = Instant::now();
-            while t0.elapsed() < Duration::from_secs(60) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Waits until `vm` runs on `host` with `generation`; returns how long it took.
 fn wait_vm_on(vm: &str, host: &str, generation: u64, since: Instant) -> Duration {
     let end = Instant::now() + Duration::from_secs(90);
@@ -132,34 +79,21 @@ fn event_messages() -> Vec<String> {
 
 #[test]
 fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
-    if let Some(why) = missing_prerequisite() {
-        if std::env::var_os("CI").is_some() {
-            panic!("the failover test cannot run under CI: {why}");
-        }
-        eprintln!("skipping the failover test: {why}");
+    if support::skip(
+        "the failover test",
+        &[
+            "ip",
+            "libvirtd",
+            "virsh",
+            "qemu-system-x86_64",
+            "ipmi_sim",
+            "fence_ipmilan",
+        ],
+    ) {
         return;
     }
     let _ = lab(&["down"]);
-    std::fs::create_dir_all(ROOT).expect("lab root");
-    let log = std::fs::File::create(PathBuf::from(ROOT).join("test-supervisor.log"))
-        .expect("supervisor log");
-    let sup = lab_cmd(&["supervise"])
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start the supervisor");
-    let _guard = Guard {
-        supervisor: Some(sup),
-    };
-    let sock = PathBuf::from(ROOT).join("supervisor.sock");
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no supervisor socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let _guard = support::start_supervisor(ROOT, lab_cmd, || lab(&["down"]));
     let up = lab(&[
         "up",
         "--hosts",

@@ -4,12 +4,13 @@
 //! Needs root, iproute2, libvirt and QEMU. Skipped (with a message) without them, except under
 //! `CI`, where a missing prerequisite is a failure.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod support;
 
 const LAB: &str = env!("CARGO_BIN_EXE_vigil-lab");
 /// Not the default root or prefix: a person's lab on the same machine is left alone.
@@ -114,65 +115,6 @@ fn pid_alive(pid: i64) -> bool {
         .unwrap_or(false)
 }
 
-fn which(prog: &str) -> bool {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .any(|d| Path::new(d).join(prog).is_file());
-    found
-}
-
-/// Why this test cannot run here, if it cannot.
-fn missing_prerequisite() -> Option<String> {
-    let uid = std::fs::metadata("/proc/self")
-        .map(|m| m.uid())
-        .unwrap_or(1);
-    if uid != 0 {
-        return Some("not root".into());
-    }
-    for p in ["ip", "libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"] {
-        if !which(p) {
-            return Some(format!("{p} not found (libvirt/QEMU/iproute2 missing)"));
-        }
-    }
-    None
-}
-
-/// Runs `down` when dropped (also on panic), then waits for the supervisor this test owns.
-struct Guard {
-    supervisor: Option<Child>,
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let o = lab(&["down"]);
-        if !o.status.success() {
-            eprintln!("guard: down failed");
-        }
-        if let Some(mut c) = self.supervisor.take() {
-            let t0 = Instant::now();
-            loop {
-                match c.try_wait() {
-                    Ok(Some(st)) => {
-                        eprintln!("guard: supervisor exited: {st}");
-                        break;
-                    }
-                    Ok(None) if t0.elapsed() < Duration::from_secs(60) => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
-                    _ => {
-                        eprintln!("guard: the supervisor did not exit: killing it");
-                        let _ = c.kill();
-                        let _ = c.wait();
-                        break;
-                    }
-                }
-            }
-        }
-    }
-}
-
 fn lab_namespaces() -> Vec<String> {
     std::fs::read_dir("/run/netns")
         .map(|d| {
@@ -229,11 +171,10 @@ fn mounts_under_root() -> Vec<String> {
 
 #[test]
 fn lab_up_faults_down() {
-    if let Some(why) = missing_prerequisite() {
-        if std::env::var_os("CI").is_some() {
-            panic!("the lab test cannot run under CI: {why}");
-        }
-        eprintln!("skipping the lab test: {why}");
+    if support::skip(
+        "the lab test",
+        &["ip", "libvirtd", "virtlogd", "virsh", "qemu-system-x86_64"],
+    ) {
         return;
     }
     let t_test = Instant::now();
@@ -246,26 +187,7 @@ fn lab_up_faults_down() {
     );
 
     // This test owns the supervisor (its child), so nothing is left as a zombie.
-    std::fs::create_dir_all(ROOT).expect("lab root");
-    let log = std::fs::File::create(PathBuf::from(ROOT).join("test-supervisor.log"))
-        .expect("supervisor log");
-    let sup = lab_cmd(&["supervise"])
-        .stdout(log.try_clone().expect("log"))
-        .stderr(log)
-        .spawn()
-        .expect("start the supervisor");
-    let mut guard = Guard {
-        supervisor: Some(sup),
-    };
-    let sock = PathBuf::from(ROOT).join("supervisor.sock");
-    let t0 = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "no supervisor socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut guard = support::start_supervisor(ROOT, lab_cmd, || lab(&["down"]));
 
     // up: 3 hosts, 1 monitor, 1 VM per host, hv1 tagged.
     let up = lab_json(&[
