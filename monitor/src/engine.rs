@@ -765,12 +765,16 @@ impl Engine {
     /// Host failures: fence hosts that are down and hold HA VMs (unless a mass failure holds
     /// fencing), retry failed fences, and move the VMs of fenced hosts.
     fn reconcile_hosts(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+        // Hosts holding protected VMs, computed once (not once per host: this runs every tick).
+        let hosts_with_ha: BTreeSet<&str> = state
+            .vms
+            .values()
+            .filter(|v| v.ha && !matches!(v.phase, Phase::Stopped { .. } | Phase::GaveUp { .. }))
+            .map(|v| v.host.as_str())
+            .collect();
         for (name, h) in &state.hosts {
             let down = self.detector.state(name) == Some(Liveness::Down);
-            let has_ha = state.vms.values().any(|v| {
-                v.ha && v.host == *name
-                    && !matches!(v.phase, Phase::Stopped { .. } | Phase::GaveUp { .. })
-            });
+            let has_ha = hosts_with_ha.contains(name.as_str());
             match &h.phase {
                 HostPhase::Active if down && has_ha => {
                     if !self.failover.fence_hosts.contains(name) {
