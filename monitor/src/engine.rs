@@ -164,6 +164,9 @@ pub struct Engine {
     tag_warned: BTreeSet<String>,
     /// VMs already reported as lacking a stored definition.
     def_warned: BTreeSet<String>,
+    /// What each connected agent said in its hello (zone, cluster, agent version), so a
+    /// monitor that becomes leader after the agent connected still registers the host.
+    hellos: BTreeMap<String, (String, String, String)>,
     leader: bool,
 }
 
@@ -185,6 +188,7 @@ impl Engine {
             held: BTreeSet::new(),
             tag_warned: BTreeSet::new(),
             def_warned: BTreeSet::new(),
+            hellos: BTreeMap::new(),
             leader: false,
         }
     }
@@ -217,6 +221,10 @@ impl Engine {
                 agent_version,
                 facts,
             } => {
+                self.hellos.insert(
+                    host.clone(),
+                    (zone.clone(), cluster.clone(), agent_version.clone()),
+                );
                 let known = state.hosts.get(&host);
                 let changed = known.is_none_or(|h| {
                     h.zone != zone || h.cluster != cluster || h.agent_version != agent_version
@@ -257,6 +265,7 @@ impl Engine {
             Input::AgentDisconnected { host } => {
                 // Not evidence of death by itself: the detector decides on silence alone.
                 self.connected.remove(&host);
+                self.hellos.remove(&host);
                 self.dispatched
                     .retain(|uuid, _| state.vms.get(uuid).is_none_or(|v| v.host != host));
             }
@@ -353,6 +362,23 @@ impl Engine {
                 }
                 for name in self.connected.clone() {
                     self.detector.heartbeat(&name, now_ms);
+                    // An agent that connected before this monitor led was never registered.
+                    if let Some((zone, cluster, agent_version)) = self.hellos.get(&name) {
+                        let changed = state.hosts.get(&name).is_none_or(|h| {
+                            h.zone != *zone
+                                || h.cluster != *cluster
+                                || h.agent_version != *agent_version
+                        });
+                        if changed {
+                            out.push(Action::Propose(StateCommand::RegisterHost {
+                                at_ms: wall_ms,
+                                name: name.clone(),
+                                zone: zone.clone(),
+                                cluster: cluster.clone(),
+                                agent_version: agent_version.clone(),
+                            }));
+                        }
+                    }
                 }
                 self.proposed_start.clear();
                 self.proposed_failure.clear();
@@ -1654,5 +1680,18 @@ mod tests {
             "{:#?}",
             s.log()
         );
+    }
+
+    #[test]
+    fn an_agent_connected_before_leadership_is_registered_when_it_comes() {
+        let mut s = Sim {
+            engine: Engine::new(cfg(), RecoveryPolicy::default(), 0),
+            state: ClusterState::default(),
+            sent: Vec::new(),
+        };
+        s.connect("hv1", 0);
+        assert!(s.state.hosts.is_empty(), "a follower registers nothing");
+        s.input(Input::BecameLeader { term: 1, node: 1 }, 50);
+        assert!(s.state.hosts.contains_key("hv1"), "{:#?}", s.log());
     }
 }
