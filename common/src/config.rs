@@ -151,6 +151,126 @@ impl RecoveryConfig {
     }
 }
 
+/// Shared primary storage pools (`[storage]`, in both `agent.toml` and `monitor.toml`).
+///
+/// ```toml
+/// [storage]
+/// interval_ms = 500
+/// deadline_ms = 2000
+/// [[storage.pools]]
+/// name = "primary"
+/// path = "/mnt/primary"
+/// ```
+///
+/// Agents write their storage heartbeat on every pool and read their fence slot and the
+/// leader record there; the leader writes the leader record and fence requests. A pool whose
+/// write or read fails, or takes longer than `deadline_ms`, is down on that host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub pools: Vec<PoolConfig>,
+    /// One heartbeat write + slot read per pool this often.
+    pub interval_ms: u64,
+    /// A pool I/O cycle slower than this marks the pool down (the storage thread may hang;
+    /// nothing else waits for it).
+    pub deadline_ms: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            pools: Vec::new(),
+            interval_ms: 500,
+            deadline_ms: 2_000,
+        }
+    }
+}
+
+/// One primary storage pool (`[[storage.pools]]`). The same `name` must mean the same
+/// storage on every host and monitor; `path` is where this machine mounts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if !(50..=60_000).contains(&self.interval_ms) {
+            return Err((
+                "storage.interval_ms",
+                format!("{} is out of range 50..=60000", self.interval_ms),
+            ));
+        }
+        if self.deadline_ms <= self.interval_ms || self.deadline_ms > 600_000 {
+            return Err((
+                "storage.deadline_ms",
+                format!(
+                    "{} must be greater than storage.interval_ms ({}) and at most 600000",
+                    self.deadline_ms, self.interval_ms
+                ),
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for p in &self.pools {
+            crate::names::validate("pool", &p.name).map_err(|m| ("storage.pools.name", m))?;
+            if !seen.insert(p.name.as_str()) {
+                return Err((
+                    "storage.pools.name",
+                    format!("pool {:?} is listed twice", p.name),
+                ));
+            }
+            if !p.path.is_absolute() {
+                return Err((
+                    "storage.pools.path",
+                    format!(
+                        "pool {:?}: {} is not an absolute path",
+                        p.name,
+                        p.path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What an agent does when its lease runs out while the monitors are alive without it
+/// (`[lease] isolation_response`), as vSphere HA's isolation response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationResponse {
+    /// Destroy the host's HA domains (then lease expiry is proof for the monitors).
+    #[default]
+    SelfFence,
+    /// Keep them running and wait to be power-fenced (lease expiry is then no proof).
+    KeepRunning,
+}
+
+/// Agent leases (`[lease]` in `monitor.toml`; agents learn it from the monitor).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaseConfig {
+    /// How long a renewal keeps an agent's lease valid, counted by the agent from when it
+    /// *sent* the heartbeat that was granted.
+    pub duration_ms: u64,
+    /// The monitor waits `duration_ms + drift_margin_ms` after the last grant before it takes
+    /// lease expiry as proof (covers clock-rate drift and the agent's self-fence time).
+    pub drift_margin_ms: u64,
+    pub isolation_response: IsolationResponse,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            duration_ms: 5_000,
+            drift_margin_ms: 1_000,
+            isolation_response: IsolationResponse::SelfFence,
+        }
+    }
+}
+
 /// `monitor.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -169,6 +289,10 @@ pub struct MonitorConfig {
     pub log_format: LogFormat,
     /// Power fencing of hypervisor hosts through ClusterLabs fence agents (`[fencing]`).
     pub fencing: FencingConfig,
+    /// Agent leases and the isolation response (`[lease]`).
+    pub lease: LeaseConfig,
+    /// Shared primary storage pools as mounted on this monitor (`[storage]`).
+    pub storage: StorageConfig,
 }
 
 impl Default for MonitorConfig {
@@ -183,6 +307,8 @@ impl Default for MonitorConfig {
             recovery: RecoveryConfig::default(),
             log_format: LogFormat::Plain,
             fencing: FencingConfig::default(),
+            lease: LeaseConfig::default(),
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -259,6 +385,31 @@ impl MonitorConfig {
         self.fencing
             .validate()
             .map_err(|(field, m)| invalid(field, m))?;
+        self.storage
+            .validate()
+            .map_err(|(field, m)| invalid(field, m))?;
+        let l = &self.lease;
+        if !(1_000..=600_000).contains(&l.duration_ms) {
+            return Err(invalid(
+                "lease.duration_ms",
+                format!("{} is out of range 1000..=600000", l.duration_ms),
+            ));
+        }
+        if l.duration_ms <= d.down_after_ms {
+            return Err(invalid(
+                "lease.duration_ms",
+                format!(
+                    "{} must be longer than detector.down_after_ms ({}): a lease shorter than detection would fence hosts the monitor still counts as alive",
+                    l.duration_ms, d.down_after_ms
+                ),
+            ));
+        }
+        if !(100..=600_000).contains(&l.drift_margin_ms) {
+            return Err(invalid(
+                "lease.drift_margin_ms",
+                format!("{} is out of range 100..=600000", l.drift_margin_ms),
+            ));
+        }
         Ok(())
     }
 
@@ -297,6 +448,9 @@ pub struct FencingConfig {
     pub mass_failure_percent: u32,
     /// One entry per fenceable hypervisor host.
     pub hosts: Vec<FenceHostConfig>,
+    /// Ask a host that is cut from the monitors but still alive on storage to fence itself
+    /// through its slot on shared storage (sbd's poison pill). Needs `[storage]` pools.
+    pub storage_slot: bool,
 }
 
 impl Default for FencingConfig {
@@ -305,6 +459,7 @@ impl Default for FencingConfig {
             timeout_ms: 20_000,
             mass_failure_percent: 30,
             hosts: Vec::new(),
+            storage_slot: true,
         }
     }
 }
@@ -495,6 +650,12 @@ pub struct AgentConfig {
     /// Durable agent state (the activation generations it has seen).
     pub state_dir: PathBuf,
     pub log_format: LogFormat,
+    /// Shared primary storage pools as mounted on this host (`[storage]`).
+    pub storage: StorageConfig,
+    /// Feed the systemd watchdog (`WatchdogSec=` in the unit) from the agent's main loop, so
+    /// that a hung agent gets the host reset by systemd's hardware watchdog. Only has an effect
+    /// under systemd with `WATCHDOG_USEC` set.
+    pub systemd_watchdog: bool,
 }
 
 impl Default for AgentConfig {
@@ -512,6 +673,8 @@ impl Default for AgentConfig {
             poll_interval_ms: 2_000,
             state_dir: PathBuf::from("/var/lib/vigil/agent"),
             log_format: LogFormat::Plain,
+            storage: StorageConfig::default(),
+            systemd_watchdog: true,
         }
     }
 }
@@ -575,6 +738,9 @@ impl AgentConfig {
                 format!("{} is out of range 1..=60000", self.reconnect_ms),
             ));
         }
+        self.storage
+            .validate()
+            .map_err(|(field, m)| invalid(field, m))?;
         Ok(())
     }
 }

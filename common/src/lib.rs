@@ -13,6 +13,7 @@ pub mod pem {
 }
 pub mod names;
 pub mod process;
+pub mod storage;
 pub mod tls;
 pub mod wire;
 
