@@ -40,6 +40,11 @@ impl Executor {
         }
     }
 
+    /// Whether the monitor's generation table marks `uuid` as an HA VM.
+    pub fn is_ha(&self, uuid: &str) -> bool {
+        self.gens().is_ha(uuid)
+    }
+
     /// Runs one command.
     pub async fn execute(&self, command: AgentCommand) -> CommandOutcome {
         match command {
@@ -63,6 +68,11 @@ impl Executor {
                     Err(e) => failed(e.to_string()),
                 }
             }
+            AgentCommand::ProbeHost {
+                host,
+                addr,
+                timeout_ms,
+            } => probe_host(&host, addr, timeout_ms).await,
         }
     }
 
@@ -162,4 +172,20 @@ impl Executor {
             Err(e) => failed(e.to_string()),
         }
     }
+}
+
+/// Whether `host`'s kernel answers at `addr`: a TCP handshake or a refusal (RST) both prove
+/// it alive; silence or "unreachable" until the timeout does not.
+pub async fn probe_host(host: &str, addr: std::net::SocketAddr, timeout_ms: u64) -> CommandOutcome {
+    let timeout = std::time::Duration::from_millis(timeout_ms.clamp(10, 10_000));
+    let detail = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => "reachable: connection accepted".to_string(),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            "reachable: connection refused by its kernel".to_string()
+        }
+        Ok(Err(e)) => format!("unreachable: {e}"),
+        Err(_) => format!("unreachable: no answer within {} ms", timeout.as_millis()),
+    };
+    info!(%host, %addr, %detail, "peer probe");
+    CommandOutcome::Done { detail }
 }

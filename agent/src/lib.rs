@@ -8,6 +8,9 @@
 //! - [`libvirt`]: the hypervisor backend (a dedicated thread with deadlines, lifecycle events);
 //! - [`watch`]: watches the hypervisor (events, inventory, definitions, stale generations);
 //! - [`executor`]: carries out the monitor's orders, guarded by [`generations`];
+//! - [`lease`]: how long the agent may keep its HA guests without the monitors;
+//! - [`storage`]: the storage heartbeat, fence slot and leader record on shared pools;
+//! - [`isolation`]: when to self-fence (lease, leader record, fence requests);
 //! - [`cli`]: the `vigil-agent` command line.
 #![deny(unsafe_code)]
 
@@ -15,7 +18,10 @@ pub mod cli;
 pub mod executor;
 pub mod facts;
 pub mod generations;
+pub mod isolation;
+pub mod lease;
 pub mod libvirt;
 pub mod runner;
 pub mod session;
+pub mod storage;
 pub mod watch;

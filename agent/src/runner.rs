@@ -4,20 +4,22 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tracing::{error, info, warn};
-use vigil_common::config::AgentConfig;
+use vigil_common::config::{AgentConfig, StorageConfig};
 use vigil_common::tls::{self, Role, TlsPaths, TransportTuning};
 use vigil_common::wire::{self, Hello};
 
 use crate::executor::Executor;
 use crate::facts::FactsCollector;
 use crate::generations::Generations;
+use crate::lease::Lease;
 use crate::libvirt::Hypervisor;
 use crate::session::{Session, SessionIo};
-use crate::watch;
+use crate::storage::StorageWorker;
+use crate::{isolation, watch};
 
 /// The host name this agent speaks for: the common name of its certificate. A configured
 /// `host` that differs is an error: the monitor would refuse every hello anyway.
@@ -65,6 +67,11 @@ pub struct AgentRunner {
     endpoint: quinn::Endpoint,
     executor: Executor,
     poll: Duration,
+    lease: Lease,
+    storage_cfg: StorageConfig,
+    watchdog: bool,
+    instance: u64,
+    started: Instant,
 }
 
 impl AgentRunner {
@@ -90,6 +97,11 @@ impl AgentRunner {
             endpoint,
             executor: Executor::new(hv, gens),
             poll: Duration::from_millis(cfg.poll_interval_ms),
+            lease: Lease::load(&cfg.state_dir, Instant::now()),
+            storage_cfg: cfg.storage.clone(),
+            watchdog: cfg.systemd_watchdog,
+            instance: rand::random::<u64>().max(1),
+            started: Instant::now(),
         })
     }
 
@@ -97,7 +109,23 @@ impl AgentRunner {
     pub async fn run(self, stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
         let mut facts = FactsCollector::new();
         let (reports_tx, mut reports) = tokio::sync::mpsc::channel(1024);
-        let latest = watch::spawn(self.executor.clone(), self.poll, reports_tx);
+        let latest = watch::spawn(self.executor.clone(), self.poll, reports_tx.clone());
+        let storage =
+            StorageWorker::spawn(&self.storage_cfg, &self.host, self.instance, self.started);
+        let guard = isolation::spawn(
+            self.lease.clone(),
+            storage.clone(),
+            self.executor.clone(),
+            latest.clone(),
+            self.host.clone(),
+            self.instance,
+            reports_tx,
+            self.watchdog,
+            stop.clone(),
+        );
+        if self.watchdog {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        }
         let mut backoff = self.reconnect;
         let max_backoff = self.reconnect * 8;
         let mut next = 0usize;
@@ -113,6 +141,13 @@ impl AgentRunner {
                 zone: self.zone.clone(),
                 cluster: self.cluster.clone(),
                 facts: facts.collect(),
+                instance: self.instance,
+                pools: self
+                    .storage_cfg
+                    .pools
+                    .iter()
+                    .map(|p| p.name.clone())
+                    .collect(),
             };
             // A shutdown must not wait for a connection attempt to time out.
             let mut stop_open = stop.clone();
@@ -127,6 +162,9 @@ impl AgentRunner {
                         reports: Some(&mut reports),
                         latest: Some(latest.clone()),
                         executor: Some(self.executor.clone()),
+                        lease: Some(self.lease.clone()),
+                        storage: Some(storage.clone()),
+                        started: self.started,
                     };
                     match session.run(&mut facts, io, stop.clone()).await {
                         Ok(()) => break,
@@ -149,6 +187,8 @@ impl AgentRunner {
                 backoff = (backoff * 2).min(max_backoff);
             }
         }
+        storage.stop();
+        guard.abort();
         self.endpoint
             .close(wire::close::NORMAL.into(), b"agent shutting down");
         info!("agent stopped");

@@ -1,15 +1,16 @@
 //! One authenticated session with a monitor: QUIC + mutual TLS, the versioned handshake,
 //! then heartbeats out and commands in, on one control stream.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use vigil_common::codec::{self, CodecError};
 use vigil_common::wire::{
     self, AgentCommand, AgentToMonitor, CommandOutcome, Heartbeat, Hello, HostFacts,
-    MonitorToAgent, Preamble, Welcome,
+    MonitorToAgent, PoolStatus, Preamble, Welcome,
 };
 
 use crate::facts::FactsCollector;
@@ -172,6 +173,12 @@ impl Session {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        // When each recent heartbeat was sent: a lease runs from the send time of the beat
+        // it was granted for.
+        let mut sent: VecDeque<(u64, Instant)> = VecDeque::with_capacity(64);
+        if let Some(lease) = &io.lease {
+            lease.set_isolation_response(welcome.isolation_response);
+        }
         // Commands run in their own tasks (a domain start takes seconds; heartbeats must not
         // wait); their answers come back here.
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, CommandOutcome)>(64);
@@ -190,7 +197,22 @@ impl Session {
             tokio::select! {
                 _ = tick.tick() => {
                     seq += 1;
-                    let beat = AgentToMonitor::Heartbeat(Heartbeat { seq, facts: facts() });
+                    let now = Instant::now();
+                    if sent.len() == 64 {
+                        sent.pop_front();
+                    }
+                    sent.push_back((seq, now));
+                    let pools = match &io.storage {
+                        Some(st) => st
+                            .view()
+                            .pools
+                            .into_iter()
+                            .map(|p| PoolStatus { name: p.name, ok: p.ok, detail: p.detail })
+                            .collect(),
+                        None => Vec::new(),
+                    };
+                    let mono_ms = now.saturating_duration_since(io.started).as_millis() as u64;
+                    let beat = AgentToMonitor::Heartbeat(Heartbeat { seq, facts: facts(), mono_ms, pools });
                     if let Err(e) = codec::write_frame(&mut send, &beat).await {
                         break Err(codec_err(&conn, addr, e));
                     }
@@ -235,6 +257,13 @@ impl Session {
                             exec.merge_generations(&entries, full);
                         }
                     }
+                    Some(Ok(MonitorToAgent::LeaseGrant { seq: granted, lease_ms })) => {
+                        if let (Some(lease), Some((_, at))) =
+                            (&io.lease, sent.iter().find(|(s, _)| *s == granted))
+                        {
+                            lease.renew(*at, lease_ms);
+                        }
+                    }
                     Some(Ok(MonitorToAgent::Welcome(_))) => {
                         break Err(SessionError::Protocol { addr, message: "unexpected second welcome".into() });
                     }
@@ -277,6 +306,9 @@ fn execute_without_backend(command: AgentCommand) -> CommandOutcome {
             debug!(nonce, "ping");
             CommandOutcome::Pong { nonce }
         }
+        AgentCommand::ProbeHost { .. } => CommandOutcome::Failed {
+            reason: "this agent has no executor: cannot probe peers".into(),
+        },
         other => CommandOutcome::Failed {
             reason: format!("this agent has no hypervisor backend: cannot {other:?}"),
         },
@@ -284,7 +316,6 @@ fn execute_without_backend(command: AgentCommand) -> CommandOutcome {
 }
 
 /// What a session exchanges besides heartbeats.
-#[derive(Default)]
 pub struct SessionIo<'a> {
     /// Reports of the host watcher (events, inventory, definitions), forwarded as they come.
     pub reports: Option<&'a mut mpsc::Receiver<AgentToMonitor>>,
@@ -292,6 +323,25 @@ pub struct SessionIo<'a> {
     pub latest: Option<crate::watch::Latest>,
     /// Carries out commands; `None` answers everything but pings with a failure.
     pub executor: Option<crate::executor::Executor>,
+    /// Renewed by the leader's grants.
+    pub lease: Option<crate::lease::Lease>,
+    /// Pool states for the heartbeats.
+    pub storage: Option<crate::storage::StorageWorker>,
+    /// When this agent process started (heartbeats carry the time since).
+    pub started: Instant,
+}
+
+impl Default for SessionIo<'_> {
+    fn default() -> Self {
+        SessionIo {
+            reports: None,
+            latest: None,
+            executor: None,
+            lease: None,
+            storage: None,
+            started: Instant::now(),
+        }
+    }
 }
 
 fn closed_or(conn: &quinn::Connection, addr: SocketAddr, fallback: String) -> SessionError {

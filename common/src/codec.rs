@@ -197,6 +197,12 @@ mod tests {
                 uptime_s: 1234,
                 boot_id: "b00t".into(),
             },
+            mono_ms: 5_000,
+            pools: vec![crate::wire::PoolStatus {
+                name: "primary".into(),
+                ok: true,
+                detail: String::new(),
+            }],
         })
     }
 

@@ -13,10 +13,11 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::IsolationResponse;
 use crate::domain::{DomainEvent, DomainInfo, HypervisorHealth};
 
 /// Version of the agent and admin protocols. Bump on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// ALPN token of the agent protocol.
 pub const ALPN_AGENT: &[u8] = b"vigil-agent/1";
@@ -129,14 +130,33 @@ pub struct Hello {
     pub zone: String,
     pub cluster: String,
     pub facts: HostFacts,
+    /// Random per agent process (also written in its storage heartbeats).
+    pub instance: u64,
+    /// Names of the primary storage pools this host mounts.
+    pub pools: Vec<String>,
 }
 
-/// A periodic liveness report with fresh facts.
+/// One storage pool as this host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub name: String,
+    pub ok: bool,
+    /// Why it is down (empty when ok).
+    pub detail: String,
+}
+
+/// A periodic liveness report with fresh facts. Each one also asks for a lease renewal:
+/// the leader answers with [`MonitorToAgent::LeaseGrant`] for the same `seq`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     /// Increases by one per beat on one connection; lets the monitor see lost beats.
     pub seq: u64,
     pub facts: HostFacts,
+    /// Milliseconds since this agent process started, when the beat was sent (comparable
+    /// with the `agent_mono_ms` of its storage heartbeats).
+    pub mono_ms: u64,
+    /// Each storage pool's state on this host.
+    pub pools: Vec<PoolStatus>,
 }
 
 /// An order from the monitor to an agent.
@@ -155,6 +175,14 @@ pub enum AgentCommand {
     },
     /// Destroy (hard stop) a domain.
     DestroyDomain { uuid: String },
+    /// Check whether another host's kernel answers at `addr` (a TCP connection attempt: an
+    /// accept or a refusal both prove the host alive), within `timeout_ms`. The answer is
+    /// `Done` with detail `reachable` or `unreachable: ...`.
+    ProbeHost {
+        host: String,
+        addr: std::net::SocketAddr,
+        timeout_ms: u64,
+    },
 }
 
 /// An agent's answer to an [`AgentCommand`].
@@ -205,6 +233,14 @@ pub enum AgentToMonitor {
         found: Option<u64>,
         newest: u64,
     },
+    /// The agent fenced itself (destroyed its HA domains) while cut from the monitors;
+    /// reported once it is connected again.
+    SelfFenced {
+        reason: String,
+        destroyed: Vec<String>,
+        /// Unix ms when it happened (for the event log).
+        wall_ms: u64,
+    },
 }
 
 /// The monitor's answer to a [`Hello`].
@@ -216,6 +252,8 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u64,
     /// The identity the monitor recorded (from the certificate).
     pub host: String,
+    /// What the agent does when its lease runs out while the monitors are alive.
+    pub isolation_response: IsolationResponse,
 }
 
 /// Frames a monitor sends to an agent.
@@ -231,6 +269,13 @@ pub enum MonitorToAgent {
     Generations {
         entries: Vec<(String, u64)>,
         full: bool,
+    },
+    /// The leader renews the agent's lease: valid for `lease_ms` from when the agent *sent*
+    /// heartbeat `seq` (on the agent's own monotonic clock, so it ends before the monitor's
+    /// copy does).
+    LeaseGrant {
+        seq: u64,
+        lease_ms: u64,
     },
 }
 

@@ -139,15 +139,27 @@ impl Sessions {
     }
 }
 
+/// What every agent session needs to know about this monitor.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkSettings {
+    pub node_id: u64,
+    pub heartbeat_interval_ms: u64,
+    pub isolation_response: vigil_common::config::IsolationResponse,
+}
+
 /// Serves one agent connection until it ends.
 pub async fn serve(
     conn: quinn::Connection,
     peer: PeerIdentity,
     engine: EngineHandle,
     sessions: Arc<Sessions>,
-    node_id: u64,
-    heartbeat_interval_ms: u64,
+    link: LinkSettings,
 ) {
+    let LinkSettings {
+        node_id,
+        heartbeat_interval_ms,
+        isolation_response,
+    } = link;
     let remote = conn.remote_address();
     if peer.role != Role::Agent {
         let msg = format!(
@@ -198,12 +210,16 @@ pub async fn serve(
             cluster: hello.cluster.clone(),
             agent_version: hello.agent_version.clone(),
             facts: hello.facts.clone(),
+            instance: hello.instance,
+            pools: hello.pools.clone(),
+            addr: Some(remote.ip()),
         })
         .await;
     let welcome = MonitorToAgent::Welcome(Welcome {
         monitor_node: node_id,
         heartbeat_interval_ms,
         host: host.clone(),
+        isolation_response,
     });
     drop(out_tx);
     if let Err(e) = codec::write_frame(&mut send, &welcome).await {
@@ -227,6 +243,22 @@ pub async fn serve(
                             host: host.clone(),
                             seq: hb.seq,
                             facts: hb.facts,
+                            mono_ms: hb.mono_ms,
+                            pools: hb.pools,
+                        })
+                        .await;
+                }
+                Ok(Some(AgentToMonitor::SelfFenced {
+                    reason,
+                    destroyed,
+                    wall_ms,
+                })) => {
+                    warn!(%host, %reason, ?destroyed, wall_ms, "agent reports it fenced itself");
+                    engine
+                        .input(Input::SelfFenced {
+                            host: host.clone(),
+                            reason,
+                            destroyed,
                         })
                         .await;
                 }
@@ -378,5 +410,6 @@ fn variant_name(m: &AgentToMonitor) -> &'static str {
         AgentToMonitor::DomainEvent { .. } => "domain event",
         AgentToMonitor::Definition { .. } => "definition",
         AgentToMonitor::StaleDestroyed { .. } => "stale destroyed",
+        AgentToMonitor::SelfFenced { .. } => "self fenced",
     }
 }

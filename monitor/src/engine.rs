@@ -18,14 +18,18 @@
 //!   VM's current generation.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 
-use vigil_common::config::DetectorConfig;
+use vigil_common::config::{DetectorConfig, LeaseConfig};
 use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason,
 };
-use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent};
+use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
+use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
 use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
+use crate::investigation::{self, Condition, Evidence};
+use crate::lease::LeaseBook;
 use crate::placement::{self, HostView};
 use crate::recovery::{self, RecoveryPolicy};
 use crate::state::{
@@ -43,6 +47,12 @@ pub enum Input {
         cluster: String,
         agent_version: String,
         facts: HostFacts,
+        /// Random per agent process.
+        instance: u64,
+        /// Storage pools the host mounts.
+        pools: Vec<String>,
+        /// The address the agent connects from (peers probe it).
+        addr: Option<IpAddr>,
     },
     AgentDisconnected {
         host: String,
@@ -51,6 +61,21 @@ pub enum Input {
         host: String,
         seq: u64,
         facts: HostFacts,
+        /// The agent's clock when it sent the beat (ms since its process started).
+        mono_ms: u64,
+        pools: Vec<PoolStatus>,
+    },
+    /// The agent fenced itself while cut from the monitors (reported once reconnected); it
+    /// is about to destroy, or has destroyed, `destroyed`.
+    SelfFenced {
+        host: String,
+        reason: String,
+        destroyed: Vec<String>,
+    },
+    /// One I/O cycle of this monitor on a storage pool.
+    Storage {
+        pool: String,
+        result: Result<StorageCycle, String>,
     },
     /// The host's full domain list and hypervisor health.
     Inventory {
@@ -98,6 +123,15 @@ pub enum Input {
     LostLeadership,
 }
 
+/// What one storage cycle of the leader found on a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StorageCycle {
+    /// The leader record was written in this cycle.
+    pub leader_written: bool,
+    pub heartbeats: Vec<StorageHeartbeat>,
+    pub acks: Vec<FenceAck>,
+}
+
 /// What the edges must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -113,6 +147,10 @@ pub enum Action {
         host: Option<String>,
         message: MonitorToAgent,
     },
+    /// Write a fence request in the host's slot on every storage pool.
+    RequestFence(FenceRequest),
+    /// Remove the host's fence request (and acknowledgement) from every pool.
+    ClearFence { host: String },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -132,6 +170,10 @@ pub struct FailoverConfig {
     /// Prefer hosts carrying this tag for VMs recovering from a host failure.
     pub ha_tag: Option<String>,
     pub ha_tag_fallback: placement::TagFallback,
+    /// Ask isolated hosts to fence themselves through their storage slot.
+    pub storage_slot: bool,
+    /// TCP port peers knock on to see whether a silent host's kernel answers.
+    pub probe_port: u16,
 }
 
 /// Wait this long before retrying a failed fence.
@@ -168,6 +210,36 @@ pub struct Engine {
     /// monitor that becomes leader after the agent connected still registers the host.
     hellos: BTreeMap<String, (String, String, String)>,
     leader: bool,
+    /// What silent hosts' silence means (storage heartbeats, peer probes).
+    evidence: Evidence,
+    /// Leases granted and when their expiry is proof.
+    leases: LeaseBook,
+    /// The last condition recorded per host (events on change).
+    conditions: BTreeMap<String, Condition>,
+    /// Agent process of each host (from its hello).
+    instances: BTreeMap<String, u64>,
+    /// Storage pools of each host (from its hello), and their state there.
+    host_pools: BTreeMap<String, Vec<String>>,
+    pool_status: BTreeMap<(String, String), PoolStatus>,
+    /// Fence requests written to storage slots by this leader.
+    slot_requests: BTreeMap<String, FenceRequest>,
+    /// Hosts whose proof (slot or lease) was proposed.
+    proof_proposed: BTreeSet<String>,
+    /// Earliest time (monotonic ms) to power-fence a host in Fencing.
+    power_after: BTreeMap<String, u64>,
+    /// Whether the host's fencing may use lease expiry (not when only its agent is down).
+    lease_usable: BTreeMap<String, bool>,
+    /// Hosts already reported as unfenceable (no method), to say so once.
+    unfenceable: BTreeSet<String>,
+    /// HA domains an agent said it destroyed when fencing itself: their stop is a failure
+    /// to recover from, not an operator's decision.
+    self_fenced: BTreeSet<String>,
+    /// Raft term and node id while leader (stamped into fence requests).
+    term_node: (u64, u64),
+    /// HA VMs destroyed on purpose because their host alone lost their storage.
+    evacuating: BTreeSet<String>,
+    /// Pools whose outage was already reported (pool-wide or one host), to say so once.
+    outages: BTreeMap<String, String>,
 }
 
 impl Engine {
@@ -190,7 +262,51 @@ impl Engine {
             def_warned: BTreeSet::new(),
             hellos: BTreeMap::new(),
             leader: false,
+            evidence: Evidence::default(),
+            leases: LeaseBook::new(LeaseConfig::default(), 500),
+            conditions: BTreeMap::new(),
+            instances: BTreeMap::new(),
+            host_pools: BTreeMap::new(),
+            pool_status: BTreeMap::new(),
+            slot_requests: BTreeMap::new(),
+            proof_proposed: BTreeSet::new(),
+            power_after: BTreeMap::new(),
+            lease_usable: BTreeMap::new(),
+            unfenceable: BTreeSet::new(),
+            self_fenced: BTreeSet::new(),
+            term_node: (0, 0),
+            evacuating: BTreeSet::new(),
+            outages: BTreeMap::new(),
         }
+    }
+
+    /// Configures leases (duration, drift margin, isolation response) and the storage
+    /// interval agents read the leader record at.
+    pub fn with_leases(mut self, cfg: LeaseConfig, storage_interval_ms: u64) -> Self {
+        self.leases = LeaseBook::new(cfg, storage_interval_ms);
+        self.evidence = Evidence::new(
+            self.detector.config().heartbeat_interval_ms,
+            storage_interval_ms,
+        );
+        self
+    }
+
+    pub fn lease_config(&self) -> &LeaseConfig {
+        self.leases.config()
+    }
+
+    /// The host's condition as last recorded.
+    pub fn condition(&self, host: &str) -> Option<&Condition> {
+        self.conditions.get(host)
+    }
+
+    /// Each storage pool's state as the host last reported it.
+    pub fn pools_of(&self, host: &str) -> Vec<PoolStatus> {
+        self.pool_status
+            .iter()
+            .filter(|((h, _), _)| h == host)
+            .map(|(_, p)| p.clone())
+            .collect()
     }
 
     /// Configures host-failure handling (fence agents, mass-failure guard, ha_tag).
@@ -220,7 +336,30 @@ impl Engine {
                 cluster,
                 agent_version,
                 facts,
+                instance,
+                pools,
+                addr,
             } => {
+                self.instances.insert(host.clone(), instance);
+                self.host_pools.insert(host.clone(), pools);
+                if let Some(ip) = addr {
+                    self.evidence.address(&host, ip);
+                }
+                self.evidence.beat(&host, instance, 0, now_ms);
+                if state
+                    .hosts
+                    .get(&host)
+                    .is_some_and(|h| h.phase != HostPhase::Active)
+                    || self.slot_requests.contains_key(&host)
+                {
+                    // Back: a fence request left in its slot must not kill what it runs next.
+                    self.slot_requests.remove(&host);
+                    out.push(Action::ClearFence { host: host.clone() });
+                }
+                self.proof_proposed.remove(&host);
+                self.power_after.remove(&host);
+                self.lease_usable.remove(&host);
+                self.unfenceable.remove(&host);
                 self.hellos.insert(
                     host.clone(),
                     (zone.clone(), cluster.clone(), agent_version.clone()),
@@ -269,11 +408,108 @@ impl Engine {
                 self.dispatched
                     .retain(|uuid, _| state.vms.get(uuid).is_none_or(|v| v.host != host));
             }
-            Input::Heartbeat { host, facts, .. } => {
+            Input::Heartbeat {
+                host,
+                seq,
+                facts,
+                mono_ms,
+                pools,
+            } => {
                 self.facts.insert(host.clone(), facts);
+                let instance = self.instances.get(&host).copied().unwrap_or(0);
+                self.evidence.beat(&host, instance, mono_ms, now_ms);
+                for p in pools {
+                    let key = (host.clone(), p.name.clone());
+                    if self.pool_status.get(&key) != Some(&p) {
+                        if self.pool_status.get(&key).is_none_or(|o| o.ok != p.ok) {
+                            out.push(Action::Propose(StateCommand::RecordEvent {
+                                at_ms: wall_ms,
+                                severity: if p.ok {
+                                    Severity::Info
+                                } else {
+                                    Severity::Warning
+                                },
+                                host: Some(host.clone()),
+                                kind: EventKind::PoolState {
+                                    pool: p.name.clone(),
+                                    ok: p.ok,
+                                },
+                                message: if p.ok {
+                                    format!("storage pool {} is up on {host}", p.name)
+                                } else {
+                                    format!(
+                                        "storage pool {} is down on {host}: {}",
+                                        p.name, p.detail
+                                    )
+                                },
+                            }));
+                        }
+                        self.pool_status.insert(key, p);
+                    }
+                }
                 if let Some(t) = self.detector.heartbeat(&host, now_ms) {
                     self.transition_event(t, wall_ms, &mut out);
                 }
+                // Only a leader grants leases (followers' output is dropped below).
+                if self.leader {
+                    self.leases.grant(&host, now_ms);
+                    out.push(Action::Notify {
+                        host: Some(host),
+                        message: MonitorToAgent::LeaseGrant {
+                            seq,
+                            lease_ms: self.leases.config().duration_ms,
+                        },
+                    });
+                }
+            }
+            Input::SelfFenced {
+                host,
+                reason,
+                destroyed,
+            } => {
+                for uuid in &destroyed {
+                    self.self_fenced.insert(uuid.clone());
+                }
+                out.push(Action::Propose(StateCommand::RecordEvent {
+                    at_ms: wall_ms,
+                    severity: Severity::Critical,
+                    host: Some(host.clone()),
+                    kind: EventKind::HostSelfFenced,
+                    message: format!(
+                        "host {host} fenced itself ({} HA domain(s) destroyed): {reason}",
+                        destroyed.len()
+                    ),
+                }));
+                // Stops that its agent reported before this message are failures too.
+                for uuid in destroyed {
+                    if let Some(vm) = state.vms.get(&uuid) {
+                        if vm.ha
+                            && vm.host == host
+                            && vm.phase == Phase::Running
+                            && self.shut_off_on(&host, &uuid)
+                        {
+                            let proof = Proof::AgentReportedStopped {
+                                host: host.clone(),
+                                detail: format!(
+                                    "its agent destroyed it when fencing itself: {reason}"
+                                ),
+                                observed_at_ms: None,
+                            };
+                            self.vm_failed(
+                                vm,
+                                &host,
+                                FailureKind::Crashed,
+                                proof,
+                                wall_ms,
+                                state,
+                                &mut out,
+                            );
+                        }
+                    }
+                }
+            }
+            Input::Storage { pool, result } => {
+                self.on_storage(&pool, result, now_ms, wall_ms, state, &mut out);
             }
             Input::Inventory {
                 host,
@@ -324,7 +560,7 @@ impl Engine {
             Input::FenceDone { host, result } => {
                 self.fencing.remove(&host);
                 let (ok, detail) = match result {
-                    Ok(d) => (true, d),
+                    Ok(d) => (true, format!("power: {d}")),
                     Err(e) => {
                         self.fence_retry_at
                             .insert(host.clone(), wall_ms + FENCE_RETRY_MS);
@@ -345,7 +581,8 @@ impl Engine {
                 for t in self.detector.tick(now_ms) {
                     self.transition_event(t, wall_ms, &mut out);
                 }
-                self.reconcile_hosts(wall_ms, state, &mut out);
+                self.reconcile_hosts(now_ms, wall_ms, state, &mut out);
+                self.reconcile_storage(wall_ms, state, &mut out);
                 self.reconcile(wall_ms, state, &mut out);
             }
             Input::Applied => {
@@ -353,6 +590,14 @@ impl Engine {
             }
             Input::BecameLeader { term, node } => {
                 self.leader = true;
+                self.term_node = (term, node);
+                self.leases.became_leader(now_ms);
+                self.slot_requests.clear();
+                self.proof_proposed.clear();
+                self.power_after.clear();
+                self.lease_usable.clear();
+                self.unfenceable.clear();
+                self.conditions.clear();
                 // A new leader knows nothing fresh: every host gets the full grace period
                 // from now, and agents reconnecting will bring it up to date.
                 let cfg = self.detector.config().clone();
@@ -399,6 +644,7 @@ impl Engine {
             }
             Input::LostLeadership => {
                 self.leader = false;
+                self.leases.lost_leadership();
             }
         }
         if !self.leader {
@@ -473,7 +719,10 @@ impl Engine {
                             d.reason,
                             StateReason::GuestShutdown | StateReason::Destroyed
                         );
+                    let self_fenced =
+                        self.self_fenced.contains(&d.uuid) || self.evacuating.contains(&d.uuid);
                     if stopped_on_purpose
+                        && !self_fenced
                         && vm.phase == Phase::Running
                         && vm.host == host
                         && d.meta.generation.unwrap_or(0) == vm.generation
@@ -489,7 +738,7 @@ impl Engine {
                             },
                         }));
                     }
-                    if crashed
+                    if (crashed || (stopped_on_purpose && self_fenced))
                         && vm.ha
                         && vm.phase == Phase::Running
                         && vm.host == host
@@ -545,6 +794,37 @@ impl Engine {
                 };
                 self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
             }
+            LifecycleKind::Destroyed
+                if event.proves_stopped() && self.evacuating.contains(&event.uuid) =>
+            {
+                let proof = Proof::AgentReportedStopped {
+                    host: host.to_string(),
+                    detail:
+                        "destroyed on the monitor's order: its storage is down on this host only"
+                            .into(),
+                    observed_at_ms: Some(event.at_ms),
+                };
+                self.evacuating.remove(&event.uuid);
+                self.vm_failed(
+                    vm,
+                    host,
+                    FailureKind::StorageLost,
+                    proof,
+                    wall_ms,
+                    state,
+                    out,
+                );
+            }
+            LifecycleKind::Destroyed
+                if event.proves_stopped() && self.self_fenced.contains(&event.uuid) =>
+            {
+                let proof = Proof::AgentReportedStopped {
+                    host: host.to_string(),
+                    detail: "destroyed by its own agent when it fenced itself".into(),
+                    observed_at_ms: Some(event.at_ms),
+                };
+                self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
+            }
             LifecycleKind::GuestShutdown | LifecycleKind::Destroyed if event.proves_stopped() => {
                 let reason = if event.kind == LifecycleKind::GuestShutdown {
                     StopReason::GuestShutdown
@@ -571,6 +851,11 @@ impl Engine {
         state: &ClusterState,
         out: &mut Vec<Action>,
     ) {
+        if let AgentCommand::ProbeHost { host: target, .. } = &command {
+            let reachable = matches!(&result, Ok(CommandOutcome::Done { detail }) if detail.starts_with("reachable"));
+            self.evidence.probe_answer(target, host, reachable);
+            return;
+        }
         let AgentCommand::StartDomain {
             uuid, generation, ..
         } = command
@@ -634,13 +919,20 @@ impl Engine {
         // Relocating starts a copy elsewhere: only when this host's own inventory shows the
         // domain shut off (a refused start, say because it still runs, is no such proof).
         let gone_here = self.shut_off_on(host, &vm.uuid);
-        let decision = recovery::decide(vm, host, wall_ms, &self.policy, || {
-            if !gone_here {
-                return None;
-            }
-            placement::relocation_target(&state.hosts, &views, host, vm.memory_kib)
-        });
+        let decision = if failure == FailureKind::StorageLost {
+            // Its host lost the VM's storage: restarting it there is pointless.
+            let target = placement::relocation_target(&state.hosts, &views, host, vm.memory_kib);
+            recovery::decide_host_failure(vm, wall_ms, &self.policy, target)
+        } else {
+            recovery::decide(vm, host, wall_ms, &self.policy, || {
+                if !gone_here {
+                    return None;
+                }
+                placement::relocation_target(&state.hosts, &views, host, vm.memory_kib)
+            })
+        };
         self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
+        self.self_fenced.remove(&vm.uuid);
         out.push(Action::Propose(StateCommand::VmFailed {
             at_ms: wall_ms,
             uuid: vm.uuid.clone(),
@@ -650,6 +942,55 @@ impl Engine {
             decision,
             window_ms: self.policy.window_ms,
         }));
+    }
+
+    /// A storage cycle: the leader record's health (for lease proofs), storage heartbeats
+    /// (for investigation) and fence acknowledgements (proof 4).
+    fn on_storage(
+        &mut self,
+        pool: &str,
+        result: Result<StorageCycle, String>,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let cycle = match result {
+            Ok(c) => c,
+            Err(_) => {
+                self.leases.record_written(pool, false, now_ms);
+                return;
+            }
+        };
+        if self.leader {
+            self.leases
+                .record_written(pool, cycle.leader_written, now_ms);
+        }
+        for hb in cycle.heartbeats {
+            self.evidence.storage_beat(pool, hb, now_ms);
+        }
+        for ack in cycle.acks {
+            let Some(req) = self.slot_requests.get(&ack.host) else {
+                continue;
+            };
+            let fencing = state
+                .hosts
+                .get(&ack.host)
+                .is_some_and(|h| matches!(h.phase, HostPhase::Fencing { .. }));
+            if req.id != ack.id || !fencing || !self.proof_proposed.insert(ack.host.clone()) {
+                continue;
+            }
+            out.push(Action::Propose(StateCommand::FenceResult {
+                at_ms: wall_ms,
+                host: ack.host.clone(),
+                ok: true,
+                detail: format!(
+                    "storage slot: fence request {} acknowledged on pool {pool} by its agent, which destroyed {} HA domain(s)",
+                    ack.id,
+                    ack.destroyed.len()
+                ),
+            }));
+        }
     }
 
     /// Work derived from committed state: due restarts, start orders to send, generations to
@@ -788,9 +1129,22 @@ impl Engine {
         }
     }
 
-    /// Host failures: fence hosts that are down and hold HA VMs (unless a mass failure holds
-    /// fencing), retry failed fences, and move the VMs of fenced hosts.
-    fn reconcile_hosts(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+    /// Host failures: investigate silent hosts, fence the ones that are down and hold HA
+    /// VMs (unless a mass failure holds fencing) by every method that can prove something
+    /// for their condition, and move the VMs of fenced hosts.
+    ///
+    /// | condition | power (BMC) | storage slot | lease expiry |
+    /// | --- | --- | --- | --- |
+    /// | dead | at once | asked (harmless) | proof after lease + margin |
+    /// | isolated | only once the lease has run out without proof (or keep-running) | asked at once | proof after lease + margin |
+    /// | agent down | after one lease (systemd restarts agents) | asked | never (no agent to fence itself) |
+    fn reconcile_hosts(
+        &mut self,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
         // Hosts holding protected VMs, computed once (not once per host: this runs every tick).
         let hosts_with_ha: BTreeSet<&str> = state
             .vms
@@ -799,11 +1153,60 @@ impl Engine {
             .map(|v| v.host.as_str())
             .collect();
         for (name, h) in &state.hosts {
-            let down = self.detector.state(name) == Some(Liveness::Down);
+            let live = self.detector.state(name);
+            let down = live == Some(Liveness::Down);
+            let silent = down || live == Some(Liveness::Suspect);
+            if silent {
+                self.probe(name, &h.cluster, now_ms, state, out);
+            }
+            let has_pools = self.host_pools.get(name).is_some_and(|p| !p.is_empty());
+            let condition = self
+                .evidence
+                .condition(name, silent, down, has_pools, now_ms);
+            self.record_condition(name, &condition, wall_ms, out);
             let has_ha = hosts_with_ha.contains(name.as_str());
+            let pools = self.host_pools.get(name).cloned().unwrap_or_default();
+            let slot = self.failover.storage_slot && !pools.is_empty();
+            let power = self.failover.fence_hosts.contains(name);
             match &h.phase {
                 HostPhase::Active if down && has_ha => {
-                    if !self.failover.fence_hosts.contains(name) {
+                    let (lease_usable, power_at) = match &condition {
+                        Condition::Dead { .. } => (true, now_ms),
+                        Condition::Isolated { .. } => {
+                            let lease_ok = self.leases.proof(name, &pools, u64::MAX).is_ok();
+                            let at = if lease_ok || slot {
+                                self.leases.expires_at(name).unwrap_or(now_ms)
+                            } else {
+                                now_ms
+                            };
+                            (true, at)
+                        }
+                        Condition::AgentDown { .. } => {
+                            // Give the agent one lease to come back before fencing at all.
+                            if self.leases.expires_at(name).is_some_and(|t| now_ms < t) {
+                                continue;
+                            }
+                            (false, now_ms)
+                        }
+                        Condition::Alive | Condition::Investigating => continue,
+                    };
+                    let lease_possible =
+                        lease_usable && self.leases.proof(name, &pools, u64::MAX).is_ok();
+                    if !power && !slot && !lease_possible {
+                        if self.unfenceable.insert(name.clone()) {
+                            out.push(Action::Propose(StateCommand::RecordEvent {
+                                at_ms: wall_ms,
+                                severity: Severity::Critical,
+                                host: Some(name.clone()),
+                                kind: EventKind::HostUnfenceable,
+                                message: format!(
+                                    "host {name} is {} ({}) and holds HA VMs, but nothing can prove it fenced: no fence agent configured, no storage slot, and lease expiry proves nothing here ({}). Its HA VMs wait; fence it by hand",
+                                    condition.name(),
+                                    condition_evidence(&condition),
+                                    self.leases.proof(name, &pools, u64::MAX).err().unwrap_or_default()
+                                ),
+                            }));
+                        }
                         continue;
                     }
                     if let Some(why) = self.mass_failure(name, state) {
@@ -818,13 +1221,38 @@ impl Engine {
                         }
                         continue;
                     }
-                    if self.fencing.insert(name.clone()) {
-                        out.push(Action::Propose(StateCommand::FenceStarted {
-                            at_ms: wall_ms,
-                            host: name.clone(),
-                            reason: "down (no heartbeat), holds HA VMs, fence agent configured"
-                                .to_string(),
-                        }));
+                    let mut methods = Vec::new();
+                    if power {
+                        methods.push(if power_at <= now_ms {
+                            "power (now)"
+                        } else {
+                            "power (if no other proof before the lease ends)"
+                        });
+                    }
+                    if slot {
+                        methods.push("storage slot");
+                    }
+                    if lease_possible {
+                        methods.push("lease expiry");
+                    }
+                    out.push(Action::Propose(StateCommand::FenceStarted {
+                        at_ms: wall_ms,
+                        host: name.clone(),
+                        reason: format!(
+                            "{} ({}), holds HA VMs; proof by {}",
+                            condition.name(),
+                            condition_evidence(&condition),
+                            methods.join(", ")
+                        ),
+                    }));
+                    self.lease_usable.insert(name.clone(), lease_usable);
+                    if power {
+                        self.power_after.insert(name.clone(), power_at);
+                    }
+                    if slot {
+                        self.request_fence(name, &condition, wall_ms, out);
+                    }
+                    if power && power_at <= now_ms && self.fencing.insert(name.clone()) {
                         out.push(Action::Fence { host: name.clone() });
                     }
                 }
@@ -832,14 +1260,39 @@ impl Engine {
                     if !down {
                         continue;
                     }
-                    let due = self.fence_retry_at.get(name).is_none_or(|t| wall_ms >= *t);
+                    if slot && !self.slot_requests.contains_key(name) {
+                        // A new leader asks again (its predecessor's request may be gone).
+                        self.request_fence(name, &condition, wall_ms, out);
+                    }
+                    let lease_usable = *self
+                        .lease_usable
+                        .entry(name.clone())
+                        .or_insert(!matches!(condition, Condition::AgentDown { .. }));
+                    if lease_usable && !self.proof_proposed.contains(name) {
+                        if let Ok(detail) = self.leases.proof(name, &pools, now_ms) {
+                            self.proof_proposed.insert(name.clone());
+                            out.push(Action::Propose(StateCommand::FenceResult {
+                                at_ms: wall_ms,
+                                host: name.clone(),
+                                ok: true,
+                                detail,
+                            }));
+                            continue;
+                        }
+                    }
+                    if !power {
+                        continue;
+                    }
+                    let power_at = *self.power_after.entry(name.clone()).or_insert(now_ms);
+                    let due = now_ms >= power_at
+                        && self.fence_retry_at.get(name).is_none_or(|t| wall_ms >= *t);
                     if due && !self.fencing.contains(name) {
                         self.fencing.insert(name.clone());
                         self.fence_retry_at.remove(name);
                         out.push(Action::Propose(StateCommand::FenceStarted {
                             at_ms: wall_ms,
                             host: name.clone(),
-                            reason: "retrying after a failed attempt".into(),
+                            reason: "power fencing (no other proof yet, or retrying after a failed attempt)".into(),
                         }));
                         out.push(Action::Fence { host: name.clone() });
                     }
@@ -901,6 +1354,179 @@ impl Engine {
         self.held = still_held;
     }
 
+    /// Primary-storage outages. A pool down on *every* connected host that mounts it is a
+    /// pool-wide outage: nobody is fenced or moved for it (moving cannot help; fencing a
+    /// host for a storage hiccup is what made CloudStack users turn its NFS heartbeat off);
+    /// its VMs wait, and those it stopped restart as soon as it is back (placement skips
+    /// hosts with a pool down). A pool down on *some* hosts only: the HA VMs running there
+    /// are destroyed through their agent (which proves them stopped) and start elsewhere.
+    fn reconcile_storage(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+        let mut by_pool: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
+        for ((host, pool), st) in &self.pool_status {
+            if !self.connected.contains(host) {
+                continue;
+            }
+            let e = by_pool.entry(pool.as_str()).or_default();
+            if st.ok {
+                e.0.push(host.as_str());
+            } else {
+                e.1.push(host.as_str());
+            }
+        }
+        let mut outages = BTreeMap::new();
+        for (pool, (up, down)) in by_pool {
+            if down.is_empty() {
+                continue;
+            }
+            let (scope, message) = if up.is_empty() {
+                (
+                    format!("pool-wide:{}", down.join(",")),
+                    format!(
+                        "storage pool {pool} is down on every host that mounts it ({}): a pool-wide outage. No host is fenced for it; its HA VMs wait and restart when it is back",
+                        down.join(", ")
+                    ),
+                )
+            } else {
+                (
+                    format!("hosts:{}", down.join(",")),
+                    format!(
+                        "storage pool {pool} is down on {} only (up on {}): moving the HA VMs there to hosts that reach it",
+                        down.join(", "),
+                        up.join(", ")
+                    ),
+                )
+            };
+            if self.outages.get(pool) != Some(&scope) {
+                out.push(Action::Propose(StateCommand::RecordEvent {
+                    at_ms: wall_ms,
+                    severity: Severity::Critical,
+                    host: None,
+                    kind: EventKind::StorageOutage {
+                        pool: pool.to_string(),
+                        pool_wide: up.is_empty(),
+                    },
+                    message,
+                }));
+            }
+            outages.insert(pool.to_string(), scope);
+            if up.is_empty() {
+                continue;
+            }
+            for vm in state.vms.values() {
+                if vm.ha
+                    && vm.phase == Phase::Running
+                    && down.contains(&vm.host.as_str())
+                    && !self.evacuating.contains(&vm.uuid)
+                {
+                    self.evacuating.insert(vm.uuid.clone());
+                    out.push(Action::Send {
+                        host: vm.host.clone(),
+                        command: AgentCommand::DestroyDomain {
+                            uuid: vm.uuid.clone(),
+                        },
+                    });
+                }
+            }
+        }
+        self.outages = outages;
+    }
+
+    /// Asks up to three live peers of the same cluster whether `host`'s kernel answers.
+    fn probe(
+        &mut self,
+        host: &str,
+        cluster: &str,
+        now_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(ip) = self.evidence.addr_of(host) else {
+            return;
+        };
+        let peers: Vec<String> = state
+            .hosts
+            .iter()
+            .filter(|(n, h)| *n != host && h.cluster == cluster && self.host_usable(n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for peer in self.evidence.start_probe(host, peers, now_ms) {
+            out.push(Action::Send {
+                host: peer,
+                command: AgentCommand::ProbeHost {
+                    host: host.to_string(),
+                    addr: SocketAddr::new(ip, self.failover.probe_port),
+                    timeout_ms: investigation::PROBE_TIMEOUT_MS,
+                },
+            });
+        }
+    }
+
+    /// Records a change of a host's condition (a replicated event).
+    fn record_condition(
+        &mut self,
+        host: &str,
+        condition: &Condition,
+        wall_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let before = self.conditions.get(host).map(Condition::name);
+        if before == Some(condition.name()) || (before.is_none() && *condition == Condition::Alive)
+        {
+            return;
+        }
+        self.conditions.insert(host.to_string(), condition.clone());
+        let (severity, message) = match condition {
+            Condition::Alive => (Severity::Info, format!("host {host}: alive again")),
+            Condition::Investigating => (
+                Severity::Warning,
+                format!("host {host}: silent; investigating (storage heartbeat, peers)"),
+            ),
+            other => (
+                Severity::Critical,
+                format!(
+                    "host {host}: {}: {}",
+                    other.name(),
+                    condition_evidence(other)
+                ),
+            ),
+        };
+        out.push(Action::Propose(StateCommand::RecordEvent {
+            at_ms: wall_ms,
+            severity,
+            host: Some(host.to_string()),
+            kind: EventKind::HostCondition {
+                condition: condition.name().to_string(),
+            },
+            message,
+        }));
+    }
+
+    /// Writes a fence request into `host`'s storage slot.
+    fn request_fence(
+        &mut self,
+        host: &str,
+        condition: &Condition,
+        wall_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let last = self.slot_requests.values().map(|r| r.id).max().unwrap_or(0);
+        let req = FenceRequest {
+            id: wall_ms.max(last + 1),
+            host: host.to_string(),
+            instance: self.instances.get(host).copied().unwrap_or(0),
+            term: self.term_node.0,
+            node: self.term_node.1,
+            wall_ms,
+            reason: format!(
+                "{} to the monitors ({})",
+                condition.name(),
+                condition_evidence(condition)
+            ),
+        };
+        self.slot_requests.insert(host.to_string(), req.clone());
+        out.push(Action::RequestFence(req));
+    }
+
     /// `Some(explanation)` when too many hosts of `host`'s cluster are down at once.
     fn mass_failure(&self, host: &str, state: &ClusterState) -> Option<String> {
         let cluster = &state.hosts.get(host)?.cluster;
@@ -956,8 +1582,14 @@ impl Engine {
         })
     }
 
+    /// Whether `host` can take a VM now: connected, up, a healthy hypervisor, and every
+    /// storage pool it mounts up there (nothing is placed on a pool that is down).
     fn host_usable(&self, host: &str) -> bool {
-        self.connected.contains(host)
+        self.pool_status
+            .range((host.to_string(), String::new())..)
+            .take_while(|((h, _), _)| h == host)
+            .all(|(_, p)| p.ok)
+            && self.connected.contains(host)
             && self.detector.state(host) == Some(Liveness::Up)
             && self
                 .inventory
@@ -1072,6 +1704,16 @@ pub fn generation_table(state: &ClusterState) -> MonitorToAgent {
     }
 }
 
+fn condition_evidence(c: &Condition) -> &str {
+    match c {
+        Condition::Isolated { evidence }
+        | Condition::AgentDown { evidence }
+        | Condition::Dead { evidence } => evidence,
+        Condition::Alive => "heartbeats arrive",
+        Condition::Investigating => "evidence still coming in",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1131,6 +1773,9 @@ mod tests {
                         memory_available_bytes: 8 << 30,
                         ..HostFacts::default()
                     },
+                    instance: 1,
+                    pools: vec![],
+                    addr: None,
                 },
                 now,
             );
@@ -1144,6 +1789,8 @@ mod tests {
                         memory_available_bytes: 8 << 30,
                         ..HostFacts::default()
                     },
+                    mono_ms: 0,
+                    pools: vec![],
                 },
                 now,
             );
@@ -1176,7 +1823,9 @@ mod tests {
                 "host hv1 registered in zone z, cluster c",
                 "host hv1 is up (was unknown)",
                 "host hv1 is suspect: no heartbeat for 300 ms",
+                "host hv1: silent; investigating (storage heartbeat, peers)",
                 "host hv1 is down: no heartbeat for 550 ms",
+                "host hv1: dead: no storage heartbeat and no peer to ask",
             ]
         );
         s.beat("hv1", 1_100);
@@ -1207,6 +1856,9 @@ mod tests {
                 cluster: "c".into(),
                 agent_version: "1".into(),
                 facts: HostFacts::default(),
+                instance: 1,
+                pools: vec![],
+                addr: None,
             },
             0,
             0,
@@ -1233,9 +1885,12 @@ mod tests {
         );
         s.beat("hv1", 10_450);
         s.input(Input::Tick, 10_501);
-        assert_eq!(
-            s.log().last().map(String::as_str),
-            Some("host hv2 is down: no heartbeat for 501 ms")
+        let log = s.log();
+        assert!(
+            log[n..]
+                .iter()
+                .any(|m| m == "host hv2 is down: no heartbeat for 501 ms"),
+            "{log:#?}"
         );
     }
 

@@ -14,7 +14,7 @@ use vigil_common::tls::{self, TransportTuning};
 use vigil_common::wire::{self, close};
 
 use crate::admin::{self, AdminContext};
-use crate::agent_link::{self, Sessions};
+use crate::agent_link::{self, LinkSettings, Sessions};
 use crate::raft::{RaftNode, RaftTuning};
 use crate::service::{self, EngineHandle};
 
@@ -64,15 +64,7 @@ impl Monitor {
         let (stop, stop_rx) = watch::channel(false);
         let epoch = Instant::now();
         let sessions = Arc::new(Sessions::default());
-        let engine = service::spawn(
-            raft.clone(),
-            sessions.clone(),
-            cfg.detector.clone(),
-            cfg.recovery.clone(),
-            cfg.fencing.clone(),
-            epoch,
-            stop_rx.clone(),
-        );
+        let engine = service::spawn(raft.clone(), sessions.clone(), &cfg, epoch, stop_rx.clone());
         let ctx = AdminContext {
             raft: raft.clone(),
             engine: engine.clone(),
@@ -81,8 +73,11 @@ impl Monitor {
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
             ctx,
-            cfg.node_id,
-            cfg.detector.heartbeat_interval_ms,
+            LinkSettings {
+                node_id: cfg.node_id,
+                heartbeat_interval_ms: cfg.detector.heartbeat_interval_ms,
+                isolation_response: cfg.lease.isolation_response,
+            },
             stop_rx,
         ));
         info!(
@@ -119,8 +114,7 @@ impl Monitor {
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     ctx: AdminContext,
-    node_id: u64,
-    heartbeat_interval_ms: u64,
+    link: LinkSettings,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -151,15 +145,8 @@ async fn accept_loop(
             };
             match tls::negotiated_alpn(&conn).as_deref() {
                 Some(wire::ALPN_AGENT) => {
-                    agent_link::serve(
-                        conn,
-                        peer,
-                        ctx.engine.clone(),
-                        ctx.sessions.clone(),
-                        node_id,
-                        heartbeat_interval_ms,
-                    )
-                    .await
+                    agent_link::serve(conn, peer, ctx.engine.clone(), ctx.sessions.clone(), link)
+                        .await
                 }
                 Some(wire::ALPN_ADMIN) => admin::serve(conn, peer, ctx).await,
                 other => {

@@ -10,17 +10,18 @@ use tracing::{debug, info, warn};
 
 use std::collections::BTreeMap;
 
-use vigil_common::config::{FenceHostConfig, FencingConfig, TagFallbackConfig};
+use vigil_common::config::{FenceHostConfig, MonitorConfig, TagFallbackConfig};
+use vigil_common::wire::MonitorToAgent;
 
 use crate::agent_link::Sessions;
 use crate::engine::FailoverConfig;
-use crate::engine::{Action, Engine, Input};
+use crate::engine::{Action, Engine, Input, StorageCycle};
 use crate::fencing::{self, FenceAction};
 use crate::placement::TagFallback;
 use crate::raft::{RaftNode, WriteError};
 use crate::recovery::RecoveryPolicy;
 use crate::state::{StateCommand, StateResponse};
-use vigil_common::config::DetectorConfig;
+use crate::storage::{PoolReport, StorageWorker};
 
 /// How long an agent may take to carry out a command (a domain start under TCG can take
 /// seconds on a loaded host).
@@ -33,7 +34,7 @@ pub const MAX_BATCH: usize = 512;
 pub type Query = Box<dyn FnOnce(&Engine, u64) + Send>;
 
 enum Msg {
-    Input(Input),
+    Input(Box<Input>),
     Query(Query),
 }
 
@@ -46,7 +47,7 @@ pub struct EngineHandle {
 impl EngineHandle {
     /// Delivers an input; waits if the engine is busy (back-pressure on agent sessions).
     pub async fn input(&self, input: Input) {
-        let _ = self.tx.send(Msg::Input(input)).await;
+        let _ = self.tx.send(Msg::Input(Box::new(input))).await;
     }
 
     /// Runs `f` against the engine's current soft state and returns its result.
@@ -68,17 +69,21 @@ pub fn mono_ms(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
 }
 
-/// Starts the engine and proposer tasks.
-#[allow(clippy::too_many_arguments)]
+/// TCP port peers knock on when probing a silent host (ssh: open or refused, either way the
+/// host's kernel answers).
+pub const PROBE_PORT: u16 = 22;
+
+/// Starts the engine and proposer tasks, and the storage worker.
 pub fn spawn(
     raft: Arc<RaftNode>,
     sessions: Arc<Sessions>,
-    cfg: DetectorConfig,
-    policy: RecoveryPolicy,
-    fencing: FencingConfig,
+    monitor: &MonitorConfig,
     epoch: Instant,
     mut stop: watch::Receiver<bool>,
 ) -> EngineHandle {
+    let cfg = monitor.detector.clone();
+    let policy: RecoveryPolicy = monitor.recovery.clone();
+    let fencing = monitor.fencing.clone();
     let (tx, mut rx) = mpsc::channel::<Msg>(65_536);
     let handle = EngineHandle { tx: tx.clone() };
     let (ptx, prx) = mpsc::unbounded_channel::<StateCommand>();
@@ -93,6 +98,8 @@ pub fn spawn(
             TagFallbackConfig::Any => TagFallback::Any,
             TagFallbackConfig::Wait => TagFallback::Wait,
         },
+        storage_slot: fencing.storage_slot,
+        probe_port: PROBE_PORT,
     };
     let fence_timeout = Duration::from_millis(fencing.timeout_ms);
     let fence_hosts: Arc<BTreeMap<String, FenceHostConfig>> = Arc::new(
@@ -102,7 +109,15 @@ pub fn spawn(
             .map(|h| (h.host.clone(), h.clone()))
             .collect(),
     );
-    let mut engine = Engine::new(cfg, policy, mono_ms(epoch)).with_failover(failover);
+    let mut engine = Engine::new(cfg, policy, mono_ms(epoch))
+        .with_failover(failover)
+        .with_leases(monitor.lease.clone(), monitor.storage.interval_ms);
+    // The leader's I/O on shared storage runs on its own threads; its reports come back here.
+    let (storage_tx, mut storage_rx) = mpsc::unbounded_channel::<PoolReport>();
+    let storage = StorageWorker::spawn(&monitor.storage, storage_tx);
+    // A leader grants leases only while a quorum acknowledged it recently: a deposed leader
+    // that has not noticed yet must not extend leases the new leader counts as expired.
+    let quorum_fresh_ms = raft.election_timeout_min_ms();
     let self_handle = handle.clone();
     let mut metrics = raft.metrics_watch();
     tokio::spawn(async move {
@@ -111,6 +126,7 @@ pub fn spawn(
         let mut leader_term: Option<u64> = None;
         let mut batch = Vec::with_capacity(256);
         let node = raft.node_id();
+        let mut quorum_ok = false;
         loop {
             let inputs: Vec<Input> = tokio::select! {
                 n = rx.recv_many(&mut batch, 256) => {
@@ -118,26 +134,38 @@ pub fn spawn(
                     let mut inputs = Vec::with_capacity(n);
                     for m in batch.drain(..) {
                         match m {
-                            Msg::Input(i) => inputs.push(i),
+                            Msg::Input(i) => inputs.push(*i),
                             Msg::Query(q) => q(&engine, mono_ms(epoch)),
                         }
                     }
                     inputs
                 }
                 _ = tick.tick() => vec![Input::Tick],
+                Some(report) = storage_rx.recv() => vec![Input::Storage {
+                    pool: report.pool,
+                    result: report.result.map(|c| StorageCycle {
+                        leader_written: c.leader_written.is_some(),
+                        heartbeats: c.heartbeats,
+                        acks: c.acks,
+                    }),
+                }],
                 changed = metrics.changed() => {
                     if changed.is_err() { break; }
                     let m = metrics.borrow_and_update().clone();
                     let leading = m.current_leader == Some(node) && m.state.is_leader();
+                    quorum_ok = leading
+                        && m.millis_since_quorum_ack.is_some_and(|ms| ms < quorum_fresh_ms);
                     match (leading, leader_term) {
                         (true, Some(t)) if t == m.current_term => vec![],
                         (true, _) => {
                             leader_term = Some(m.current_term);
                             info!(term = m.current_term, "this monitor is the leader");
+                            storage.set_leader(Some((m.current_term, node)));
                             vec![Input::BecameLeader { term: m.current_term, node }]
                         }
                         (false, Some(_)) => {
                             leader_term = None;
+                            storage.set_leader(None);
                             info!("this monitor is no longer the leader");
                             vec![Input::LostLeadership]
                         }
@@ -146,6 +174,10 @@ pub fn spawn(
                 }
                 _ = stop.changed() => break,
             };
+            if raft.is_single_node() && leader_term.is_some() {
+                // A single monitor is its own quorum.
+                quorum_ok = true;
+            }
             for input in inputs {
                 let now = mono_ms(epoch);
                 let wall = vigil_common::unix_ms();
@@ -197,6 +229,12 @@ pub fn spawn(
                             });
                         }
                         Action::Notify {
+                            message: MonitorToAgent::LeaseGrant { .. },
+                            ..
+                        } if !quorum_ok => {
+                            debug!("lease grant withheld: no recent quorum acknowledgement");
+                        }
+                        Action::Notify {
                             host: Some(h),
                             message,
                         } => {
@@ -208,10 +246,16 @@ pub fn spawn(
                         } => {
                             sessions.broadcast(&message);
                         }
+                        Action::RequestFence(req) => {
+                            warn!(host = %req.host, id = req.id, "writing a fence request into the host's storage slot");
+                            storage.request_fence(req);
+                        }
+                        Action::ClearFence { host } => storage.clear_fence(&host),
                     }
                 }
             }
         }
+        storage.stop();
         debug!("engine task stopped");
     });
     handle

@@ -29,23 +29,35 @@
 //! at 9700 heal hv2
 //! at 9800 power-on hv2               # back, empty (no domain running)
 //! at 9900 fence-fails hv2 on         # its BMC does not answer
+//! at 9950 storage-fault hv2 on       # hv2 loses the shared pool (others keep it)
+//! at 9960 storage-outage on          # the pool fails for every host and the monitor
+//! at 9970 monitors-down              # every monitor stops (agents keep running)
+//! at 9980 monitors-up                # they come back (a new leader)
 //! run 20000                          # simulate until this time
 //!
 //! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no]` declares a host (fence agent
-//! configured by default); `failover ha_tag=T fallback=any|wait mass_failure_percent=P` sets
-//! host-failure handling.
+//! configured by default); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
+//! storage_slot=yes|no` sets host-failure handling; `storage pool=NAME` gives every host
+//! and the monitor one shared pool (default: none); `lease duration_ms=N margin_ms=N
+//! response=self-fence|keep-running` sets the leases.
 //! ```
+//!
+//! Simulated agents follow the real agent's rules: they hold a lease renewed by the
+//! leader's grants, write a storage heartbeat, obey fence requests in their storage slot,
+//! and fence themselves when their lease runs out while the leader record is fresh or the
+//! storage is unreachable (see `vigil_agent::isolation`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use vigil_common::config::{DetectorConfig, RecoveryConfig};
+use vigil_common::config::{DetectorConfig, IsolationResponse, LeaseConfig, RecoveryConfig};
 use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason, VigilMeta,
     RAW_EVENT_STOPPED,
 };
-use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts};
+use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
+use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
-use crate::engine::{Action, Engine, FailoverConfig, Input};
+use crate::engine::{Action, Engine, FailoverConfig, Input, StorageCycle};
 use crate::placement::TagFallback;
 use crate::state::ClusterState;
 
@@ -81,6 +93,23 @@ struct SimHost {
     /// Highest generation per VM the agent has started (each activates at most once).
     started: BTreeMap<String, u64>,
     connected_to_engine: bool,
+    /// Agent process id (changes on every agent start) and when it started.
+    instance: u64,
+    agent_started_at: u64,
+    /// End of the agent's lease (sim ms) and when it last got a grant.
+    lease_until: u64,
+    last_grant: Option<u64>,
+    /// This host's view of the shared pool.
+    storage_ok: bool,
+    /// The latest storage heartbeat it wrote.
+    storage_hb: Option<StorageHeartbeat>,
+    /// Fence request in its slot, and the acknowledgement it wrote.
+    slot: Option<FenceRequest>,
+    ack: Option<FenceAck>,
+    /// Reports queued while it was cut off (delivered on reconnect, before the inventory).
+    queued: Vec<Input>,
+    /// The last self-fence reason (to report once per episode).
+    fenced_reason: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -99,6 +128,10 @@ enum Fault {
     Partition(String),
     Heal(String),
     FenceFails(String, bool),
+    HostStorage(String, bool),
+    StorageOutage(bool),
+    MonitorsDown,
+    MonitorsUp,
 }
 
 /// A parsed scenario.
@@ -111,6 +144,8 @@ pub struct Scenario {
     vms: Vec<(String, String, i32)>,
     faults: Vec<(u64, Fault)>,
     until: u64,
+    pool: Option<String>,
+    lease: LeaseConfig,
 }
 
 /// A scenario file that does not parse; names the line.
@@ -136,6 +171,14 @@ impl Scenario {
             ..Scenario::default()
         };
         sc.failover.mass_failure_percent = 30;
+        sc.failover.storage_slot = true;
+        sc.failover.probe_port = 22;
+        // Scaled to the simulator's fast detector (down after 600 ms).
+        sc.lease = LeaseConfig {
+            duration_ms: 2_000,
+            drift_margin_ms: 500,
+            isolation_response: IsolationResponse::SelfFence,
+        };
         for (i, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();
             if line.is_empty() {
@@ -193,7 +236,36 @@ impl Scenario {
                             "mass_failure_percent" => {
                                 sc.failover.mass_failure_percent = num(&v)? as u32
                             }
+                            "storage_slot" => sc.failover.storage_slot = v == "yes",
                             other => return Err(err(format!("unknown failover field {other:?}"))),
+                        }
+                    }
+                }
+                ["storage", rest @ ..] => {
+                    for (k, v) in kv(rest) {
+                        match k.as_str() {
+                            "pool" => sc.pool = Some(v),
+                            other => return Err(err(format!("unknown storage field {other:?}"))),
+                        }
+                    }
+                }
+                ["lease", rest @ ..] => {
+                    for (k, v) in kv(rest) {
+                        match k.as_str() {
+                            "duration_ms" => sc.lease.duration_ms = num(&v)?,
+                            "margin_ms" => sc.lease.drift_margin_ms = num(&v)?,
+                            "response" => {
+                                sc.lease.isolation_response = match v.as_str() {
+                                    "self-fence" => IsolationResponse::SelfFence,
+                                    "keep-running" => IsolationResponse::KeepRunning,
+                                    o => {
+                                        return Err(err(format!(
+                                            "response {o:?}: self-fence or keep-running"
+                                        )))
+                                    }
+                                }
+                            }
+                            other => return Err(err(format!("unknown lease field {other:?}"))),
                         }
                     }
                 }
@@ -235,6 +307,10 @@ impl Scenario {
                         "partition" => Fault::Partition(arg(0)?),
                         "heal" => Fault::Heal(arg(0)?),
                         "fence-fails" => Fault::FenceFails(arg(0)?, on(1)?),
+                        "storage-fault" => Fault::HostStorage(arg(0)?, on(1)?),
+                        "storage-outage" => Fault::StorageOutage(on(0)?),
+                        "monitors-down" => Fault::MonitorsDown,
+                        "monitors-up" => Fault::MonitorsUp,
                         other => return Err(err(format!("unknown fault {other:?}"))),
                     };
                     sc.faults.push((t, f));
@@ -258,6 +334,8 @@ impl SimHost {
     fn power_off(&mut self) {
         self.powered = false;
         self.agent_alive = false;
+        self.queued.clear();
+        self.fenced_reason = None;
         for d in self.domains.values_mut() {
             if d.running {
                 d.running = false;
@@ -307,17 +385,31 @@ pub struct Sim {
     now: u64,
     term: u64,
     log: Vec<String>,
+    pool: Option<String>,
+    lease: LeaseConfig,
+    /// Every monitor is down: no inputs, no leader record.
+    monitors_down: bool,
+    /// The monitor's own view of the pool.
+    monitor_storage_ok: bool,
+    /// When the leader record last changed on the pool (sim ms).
+    leader_record_at: Option<u64>,
+    next_instance: u64,
+}
+
+fn detector() -> DetectorConfig {
+    DetectorConfig {
+        heartbeat_interval_ms: 100,
+        suspect_after_ms: 300,
+        down_after_ms: 600,
+    }
 }
 
 impl Sim {
     pub fn new(sc: &Scenario) -> Sim {
-        let detector = DetectorConfig {
-            heartbeat_interval_ms: 100,
-            suspect_after_ms: 300,
-            down_after_ms: 600,
-        };
         let mut sim = Sim {
-            engine: Engine::new(detector, sc.policy.clone(), 0).with_failover(sc.failover.clone()),
+            engine: Engine::new(detector(), sc.policy.clone(), 0)
+                .with_failover(sc.failover.clone())
+                .with_leases(sc.lease.clone(), 500),
             state: ClusterState::default(),
             hosts: BTreeMap::new(),
             crash_on_start: BTreeSet::new(),
@@ -335,6 +427,12 @@ impl Sim {
             now: 0,
             term: 1,
             log: Vec::new(),
+            pool: sc.pool.clone(),
+            lease: sc.lease.clone(),
+            monitors_down: false,
+            monitor_storage_ok: true,
+            leader_record_at: None,
+            next_instance: 100,
         };
         for (name, zone, cluster, _, _) in &sc.hosts {
             sim.hosts.insert(
@@ -352,6 +450,16 @@ impl Sim {
                     newest: BTreeMap::new(),
                     started: BTreeMap::new(),
                     connected_to_engine: false,
+                    instance: 1,
+                    agent_started_at: 0,
+                    lease_until: sc.lease.duration_ms,
+                    last_grant: None,
+                    storage_ok: true,
+                    storage_hb: None,
+                    slot: None,
+                    ack: None,
+                    queued: Vec::new(),
+                    fenced_reason: None,
                 },
             );
         }
@@ -377,6 +485,9 @@ impl Sim {
 
     /// Feeds one input and carries out the actions, as the service task does.
     fn input(&mut self, input: Input) {
+        if self.monitors_down {
+            return;
+        }
         let mut queue = vec![input];
         while let Some(input) = queue.pop() {
             let actions = self
@@ -395,10 +506,36 @@ impl Sim {
                     Action::Fence { host } => {
                         self.pending_fence.push((self.now + 300, host));
                     }
+                    Action::RequestFence(req) => {
+                        if self.monitor_storage_ok {
+                            if let Some(h) = self.hosts.get_mut(&req.host) {
+                                h.slot = Some(req);
+                            }
+                        }
+                    }
+                    Action::ClearFence { host } => {
+                        if self.monitor_storage_ok {
+                            if let Some(h) = self.hosts.get_mut(&host) {
+                                h.slot = None;
+                                h.ack = None;
+                            }
+                        }
+                    }
+                    Action::Notify {
+                        host: Some(h),
+                        message: MonitorToAgent::LeaseGrant { lease_ms, .. },
+                    } => {
+                        let now = self.now;
+                        if let Some(host) = self.hosts.get_mut(&h) {
+                            if host.reachable() {
+                                // Granted for the beat sent this very step.
+                                host.lease_until = host.lease_until.max(now + lease_ms);
+                                host.last_grant = Some(now);
+                            }
+                        }
+                    }
                     Action::Notify { host, message } => {
-                        if let vigil_common::wire::MonitorToAgent::Generations { entries, .. } =
-                            message
-                        {
+                        if let MonitorToAgent::Generations { entries, .. } = message {
                             let targets: Vec<String> = match host {
                                 Some(h) => vec![h],
                                 None => self.hosts.keys().cloned().collect(),
@@ -524,8 +661,14 @@ impl Sim {
                 }
             }
             Fault::StartAgent(h) => {
+                let instance = self.new_instance();
+                let now = self.now;
                 if let Some(host) = self.hosts.get_mut(&h) {
-                    host.agent_alive = true;
+                    if !host.agent_alive {
+                        host.agent_alive = true;
+                        host.instance = instance;
+                        host.agent_started_at = now;
+                    }
                 }
             }
             Fault::StartFails(h, on) => {
@@ -544,12 +687,39 @@ impl Sim {
                 }
             }
             Fault::PowerOn(h) => {
+                let instance = self.new_instance();
+                let now = self.now;
                 if let Some(host) = self.hosts.get_mut(&h) {
                     if !host.powered {
                         host.powered = true;
                         host.agent_alive = true;
+                        host.instance = instance;
+                        host.agent_started_at = now;
+                        // A fresh boot: no lease file survives on the sim's boot clock.
+                        host.lease_until = now;
                     }
                 }
+            }
+            Fault::HostStorage(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.storage_ok = !on;
+                }
+            }
+            Fault::StorageOutage(on) => {
+                self.monitor_storage_ok = !on;
+                for h in self.hosts.values_mut() {
+                    h.storage_ok = !on;
+                }
+            }
+            Fault::MonitorsDown => {
+                self.monitors_down = true;
+                for h in self.hosts.values_mut() {
+                    h.connected_to_engine = false;
+                }
+            }
+            Fault::MonitorsUp => {
+                self.monitors_down = false;
+                self.new_leader();
             }
             Fault::Partition(h) => {
                 if let Some(host) = self.hosts.get_mut(&h) {
@@ -566,26 +736,180 @@ impl Sim {
                     host.fence_fails = on;
                 }
             }
-            Fault::NewLeader => {
-                // A new leader: same replicated state (the log), fresh soft state.
-                self.term += 1;
-                let detector = DetectorConfig {
-                    heartbeat_interval_ms: 100,
-                    suspect_after_ms: 300,
-                    down_after_ms: 600,
-                };
-                let policy = self.engine_policy();
-                self.engine =
-                    Engine::new(detector, policy, self.now).with_failover(self.failover.clone());
-                for h in self.hosts.values_mut() {
-                    h.connected_to_engine = false;
+            Fault::NewLeader => self.new_leader(),
+        }
+    }
+
+    fn new_instance(&mut self) -> u64 {
+        self.next_instance += 1;
+        self.next_instance
+    }
+
+    /// A new leader: same replicated state (the log), fresh soft state.
+    fn new_leader(&mut self) {
+        self.term += 1;
+        let policy = self.engine_policy();
+        self.engine = Engine::new(detector(), policy, self.now)
+            .with_failover(self.failover.clone())
+            .with_leases(self.lease.clone(), 500);
+        for h in self.hosts.values_mut() {
+            h.connected_to_engine = false;
+        }
+        self.input(Input::BecameLeader {
+            term: self.term,
+            node: self.term,
+        });
+    }
+
+    /// Each agent's isolation guard (the rules of `vigil_agent::isolation::decide`): obey a
+    /// fence request in its slot while no grant arrives, and fence itself when its lease has
+    /// run out while the leader record is fresh or the storage is unreachable.
+    fn isolation_guards(&mut self) {
+        let now = self.now;
+        let has_pool = self.pool.is_some();
+        let lease = self.lease.clone();
+        let leader_at = self.leader_record_at;
+        let ha = self.ha.clone();
+        let names: Vec<String> = self.hosts.keys().cloned().collect();
+        for name in names {
+            let Some(h) = self.hosts.get_mut(&name) else {
+                continue;
+            };
+            if !(h.powered && h.agent_alive) {
+                continue;
+            }
+            let connected_recently = h.last_grant.is_some_and(|t| now.saturating_sub(t) < 1_000);
+            let request = h
+                .slot
+                .clone()
+                .filter(|r| {
+                    h.storage_ok
+                        && (r.instance == 0 || r.instance == h.instance)
+                        && h.ack.as_ref().is_none_or(|a| a.id != r.id)
+                })
+                .filter(|_| !connected_recently);
+            let expired = now >= h.lease_until;
+            let reason = if let Some(r) = &request {
+                Some(format!("fence request {} in its storage slot", r.id))
+            } else if !expired
+                || lease.isolation_response == IsolationResponse::KeepRunning
+                || !has_pool
+            {
+                None
+            } else if !h.storage_ok {
+                Some("lease expired, storage unreachable".to_string())
+            } else if leader_at.is_some_and(|t| now.saturating_sub(t) <= lease.duration_ms) {
+                Some("lease expired, leader record fresh".to_string())
+            } else {
+                None
+            };
+            let Some(reason) = reason else {
+                if !expired {
+                    h.fenced_reason = None;
                 }
-                self.input(Input::BecameLeader {
-                    term: self.term,
-                    node: self.term,
+                continue;
+            };
+            let victims: Vec<String> = h
+                .domains
+                .iter()
+                .filter(|(u, d)| d.running && ha.contains_key(*u))
+                .map(|(u, _)| u.clone())
+                .collect();
+            if victims.is_empty() && h.fenced_reason.as_deref() == Some(reason.as_str()) {
+                continue;
+            }
+            if !victims.is_empty() {
+                // Reported before the destroys, as the real agent does.
+                h.queued.push(Input::SelfFenced {
+                    host: name.clone(),
+                    reason: reason.clone(),
+                    destroyed: victims.clone(),
+                });
+            }
+            for u in &victims {
+                if let Some(d) = h.domains.get_mut(u) {
+                    d.running = false;
+                    d.reason = StateReason::Destroyed;
+                    h.queued.push(Input::DomainEvent {
+                        host: name.clone(),
+                        event: DomainEvent {
+                            uuid: u.clone(),
+                            name: format!("vm-{u}"),
+                            kind: LifecycleKind::Destroyed,
+                            raw_event: RAW_EVENT_STOPPED,
+                            raw_detail: 0,
+                            at_ms: WALL0 + now,
+                        },
+                        generation: Some(d.generation),
+                    });
+                }
+            }
+            if let Some(r) = request {
+                h.ack = Some(FenceAck {
+                    id: r.id,
+                    host: name.clone(),
+                    instance: h.instance,
+                    destroyed: victims.clone(),
+                    wall_ms: WALL0 + now,
+                });
+            }
+            self.log.push(format!(
+                "{now:>6} SELF-FENCE {name}: {reason} ({} destroyed)",
+                victims.len()
+            ));
+            h.fenced_reason = Some(reason);
+        }
+    }
+
+    /// Storage: agents write their heartbeats; the leader writes its record and reads the
+    /// heartbeats and acknowledgements (every 500 ms).
+    fn storage_cycle(&mut self) {
+        let Some(pool) = self.pool.clone() else {
+            return;
+        };
+        let now = self.now;
+        for h in self.hosts.values_mut() {
+            if h.powered && h.agent_alive && h.storage_ok {
+                let seq = h.storage_hb.as_ref().map(|s| s.seq + 1).unwrap_or(1);
+                h.storage_hb = Some(StorageHeartbeat {
+                    host: String::new(),
+                    instance: h.instance,
+                    agent_mono_ms: now - h.agent_started_at,
+                    seq,
+                    wall_ms: WALL0 + now,
                 });
             }
         }
+        if self.monitors_down {
+            return;
+        }
+        if !self.monitor_storage_ok {
+            self.input(Input::Storage {
+                pool,
+                result: Err("simulated outage".into()),
+            });
+            return;
+        }
+        self.leader_record_at = Some(now);
+        let heartbeats = self
+            .hosts
+            .iter()
+            .filter_map(|(n, h)| {
+                h.storage_hb.clone().map(|mut hb| {
+                    hb.host = n.clone();
+                    hb
+                })
+            })
+            .collect();
+        let acks = self.hosts.values().filter_map(|h| h.ack.clone()).collect();
+        self.input(Input::Storage {
+            pool,
+            result: Ok(StorageCycle {
+                leader_written: true,
+                heartbeats,
+                acks,
+            }),
+        });
     }
 
     fn engine_policy(&self) -> RecoveryConfig {
@@ -668,6 +992,10 @@ impl Sim {
     }
 
     fn step(&mut self) {
+        self.isolation_guards();
+        if self.now % 500 == 0 {
+            self.storage_cycle();
+        }
         // Crashes right after start.
         let due: Vec<(u64, String, String)> = self
             .pending_crash
@@ -708,7 +1036,19 @@ impl Sim {
                     cluster: h.cluster.clone(),
                     agent_version: "sim".into(),
                     facts: facts.clone(),
+                    instance: h.instance,
+                    pools: self.pool.iter().cloned().collect(),
+                    addr: Some(std::net::IpAddr::from([198, 18, 0, 1])),
                 });
+                // What happened while cut off, then the current inventory (as the session).
+                let queued = self
+                    .hosts
+                    .get_mut(name)
+                    .map(|hm| std::mem::take(&mut hm.queued))
+                    .unwrap_or_default();
+                for q in queued {
+                    self.input(q);
+                }
                 let domains = self.domain_infos(name);
                 self.input(Input::Inventory {
                     host: name.clone(),
@@ -717,10 +1057,25 @@ impl Sim {
                 });
             }
             if self.now % 100 == 0 {
+                let pools = self
+                    .pool
+                    .iter()
+                    .map(|p| PoolStatus {
+                        name: p.clone(),
+                        ok: h.storage_ok,
+                        detail: if h.storage_ok {
+                            String::new()
+                        } else {
+                            "simulated I/O error".into()
+                        },
+                    })
+                    .collect();
                 self.input(Input::Heartbeat {
                     host: name.clone(),
                     seq: self.now,
                     facts,
+                    mono_ms: self.now - h.agent_started_at,
+                    pools,
                 });
             }
             if self.now % 500 == 0 {
@@ -813,6 +1168,20 @@ impl Sim {
                         })
                     }
                     AgentCommand::Ping { nonce } => Ok(CommandOutcome::Pong { nonce: *nonce }),
+                    AgentCommand::ProbeHost { host: target, .. } => {
+                        // A partition cuts the host's network: peers do not reach it either.
+                        let up = self
+                            .hosts
+                            .get(target)
+                            .is_some_and(|t| t.powered && !t.partitioned);
+                        Ok(CommandOutcome::Done {
+                            detail: if up {
+                                "reachable: connection refused by its kernel".into()
+                            } else {
+                                "unreachable: no answer".into()
+                            },
+                        })
+                    }
                 }
             };
             self.input(Input::CommandDone {

@@ -396,6 +396,19 @@ impl RaftNode {
             .and_then(|m| m.current_leader)
     }
 
+    /// The shortest election timeout: a leader whose quorum acknowledged it longer ago than
+    /// this may already have been replaced.
+    pub fn election_timeout_min_ms(&self) -> u64 {
+        self.raft.config().election_timeout_min
+    }
+
+    /// Whether the membership has a single voter (a single monitor is its own quorum).
+    pub fn is_single_node(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().voter_ids().count() <= 1
+    }
+
     /// This node's Raft id.
     pub fn node_id(&self) -> u64 {
         self.node_id

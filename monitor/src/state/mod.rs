@@ -92,6 +92,25 @@ pub enum EventKind {
         attempt: u32,
     },
     HostRejoined,
+    /// The leader's reading of a silent host changed (alive, investigating, isolated,
+    /// agent-down, dead).
+    HostCondition {
+        condition: String,
+    },
+    /// A host holds HA VMs that nothing can prove stopped.
+    HostUnfenceable,
+    /// A host's agent fenced itself (destroyed its HA domains).
+    HostSelfFenced,
+    /// A storage pool is down: on every host (pool-wide) or on some.
+    StorageOutage {
+        pool: String,
+        pool_wide: bool,
+    },
+    /// A storage pool went down or came back on a host.
+    PoolState {
+        pool: String,
+        ok: bool,
+    },
     /// Automatic fencing held: too many hosts of a cluster failed at once.
     FencingHeld,
     /// No live host carries the ha_tag for a recovering VM.

@@ -49,6 +49,8 @@ pub enum FailureKind {
     OrderTimedOut,
     /// Its host failed and was fenced.
     HostFailed,
+    /// Its host alone lost the VM's storage; destroyed there to start elsewhere.
+    StorageLost,
 }
 
 impl std::fmt::Display for FailureKind {
@@ -58,6 +60,7 @@ impl std::fmt::Display for FailureKind {
             FailureKind::StartFailed => "failed to start",
             FailureKind::OrderTimedOut => "start order timed out",
             FailureKind::HostFailed => "lost with its host",
+            FailureKind::StorageLost => "lost its storage on its host",
         })
     }
 }

@@ -139,6 +139,8 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
                     zone: "z".into(),
                     cluster: "c".into(),
                     facts: facts.clone(),
+                    instance: 1,
+                    pools: vec![],
                 };
                 let session = {
                     let _permit = sem.acquire().await;

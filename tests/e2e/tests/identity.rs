@@ -19,6 +19,8 @@ fn hello(host: &str) -> Hello {
         zone: "default".into(),
         cluster: "default".into(),
         facts: HostFacts::default(),
+        instance: 1,
+        pools: vec![],
     }
 }
 

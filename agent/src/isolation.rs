@@ -1,0 +1,419 @@
+//! Self-fencing: when this host must destroy its own HA guests.
+//!
+//! [`decide`] is the whole policy, pure, so every case is a unit test. The rules (design.md,
+//! "The one rule"):
+//!
+//! - a fence request for this agent in its slot on shared storage (sbd's poison pill): obey at
+//!   once, whatever the lease says, and acknowledge it; unless the leader granted a renewal
+//!   within the last second (a request left behind from before a heal must not kill the
+//!   guests of a host the monitors hear again; the monitors only ask hosts they cannot hear);
+//! - lease valid: nothing to do;
+//! - lease expired, isolation response `keep-running`: keep the guests, wait to be
+//!   power-fenced (the monitors do not count lease expiry as proof then);
+//! - lease expired and no storage pool configured: keep the guests, because nothing tells an
+//!   isolated host from an outage of every monitor (and the monitors never count lease
+//!   expiry as proof for such a host);
+//! - lease expired and no configured pool reachable: self-fence (cut from the monitors *and*
+//!   the storage: the guests cannot do I/O anyway);
+//! - lease expired and the leader record on some reachable pool changed within the last lease:
+//!   self-fence (the monitors are alive without this host and will restart its guests);
+//! - lease expired and the leader record stale on every reachable pool: keep the guests (every
+//!   monitor is down; nobody can restart anything elsewhere). **All monitors down is not
+//!   isolation.**
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+use vigil_common::config::IsolationResponse;
+use vigil_common::domain::DomainState;
+use vigil_common::storage::{FenceAck, FenceRequest};
+use vigil_common::wire::{AgentCommand, AgentToMonitor, CommandOutcome};
+
+use crate::executor::Executor;
+use crate::lease::{Lease, LeaseStatus};
+use crate::storage::StorageWorker;
+use crate::watch::Latest;
+
+/// What the guard knows about one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolEvidence {
+    pub name: String,
+    pub ok: bool,
+    /// When the leader record there was last seen to change (our clock).
+    pub leader_changed_at: Option<Instant>,
+    pub fence_request: Option<FenceRequest>,
+}
+
+/// The guard's verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Keep the guests running; the text says why (for the log).
+    Keep(String),
+    /// Destroy the HA guests now.
+    SelfFence {
+        reason: String,
+        /// The fence request to acknowledge, if one asked for it.
+        request: Option<FenceRequest>,
+    },
+}
+
+/// The self-fencing policy (see the module docs).
+pub fn decide(
+    now: Instant,
+    granted_recently: bool,
+    lease: LeaseStatus,
+    lease_ms: u64,
+    response: IsolationResponse,
+    pools: &[PoolEvidence],
+) -> Verdict {
+    if let Some((pool, req)) = pools
+        .iter()
+        .filter(|_| !granted_recently)
+        .find_map(|p| p.fence_request.as_ref().map(|r| (&p.name, r)))
+    {
+        return Verdict::SelfFence {
+            reason: format!(
+                "fence request {} from monitor node {} (term {}) in storage pool {pool}: {}",
+                req.id, req.node, req.term, req.reason
+            ),
+            request: Some(req.clone()),
+        };
+    }
+    let LeaseStatus::Expired { ago } = lease else {
+        return Verdict::Keep("lease valid".into());
+    };
+    let ago = ago.as_millis();
+    if response == IsolationResponse::KeepRunning {
+        return Verdict::Keep(format!(
+            "lease expired {ago} ms ago; isolation response is keep-running: waiting to be power-fenced"
+        ));
+    }
+    if pools.is_empty() {
+        return Verdict::Keep(format!(
+            "lease expired {ago} ms ago, but no storage pool is configured: an isolated host cannot be told from a monitor outage, so the guests keep running"
+        ));
+    }
+    let reachable: Vec<&PoolEvidence> = pools.iter().filter(|p| p.ok).collect();
+    if reachable.is_empty() {
+        return Verdict::SelfFence {
+            reason: format!(
+                "lease expired {ago} ms ago and no storage pool is reachable: cut from the monitors and from storage"
+            ),
+            request: None,
+        };
+    }
+    let fresh_within = Duration::from_millis(lease_ms);
+    if let Some(p) = reachable.iter().find(|p| {
+        p.leader_changed_at
+            .is_some_and(|t| now.saturating_duration_since(t) <= fresh_within)
+    }) {
+        return Verdict::SelfFence {
+            reason: format!(
+                "lease expired {ago} ms ago while the leader record on storage pool {} is fresh: the monitors are alive without this host",
+                p.name
+            ),
+            request: None,
+        };
+    }
+    Verdict::Keep(format!(
+        "lease expired {ago} ms ago, but the leader record is stale on every reachable pool: every monitor seems down, so the guests keep running"
+    ))
+}
+
+/// How often the guard looks.
+const GUARD_EVERY: Duration = Duration::from_millis(100);
+
+/// Runs the guard until `stop`: evaluates [`decide`] every 100 ms (and on every storage
+/// cycle), destroys the HA domains when told to, acknowledges fence requests, reports what it
+/// did to the monitor once connected, and feeds the systemd watchdog from this loop (so a
+/// hung agent stops feeding it and systemd resets the host).
+#[allow(clippy::too_many_arguments)]
+pub fn spawn(
+    lease: Lease,
+    storage: StorageWorker,
+    exec: Executor,
+    latest: Latest,
+    host: String,
+    instance: u64,
+    reports: mpsc::Sender<AgentToMonitor>,
+    watchdog: bool,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let mut changes = storage.changes();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(GUARD_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_reason = String::new();
+        let mut acked: BTreeSet<u64> = BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = changes.changed() => {}
+                _ = stop.changed() => break,
+            }
+            if watchdog {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+            let now = Instant::now();
+            let pools: Vec<PoolEvidence> = storage
+                .view()
+                .pools
+                .into_iter()
+                .map(|p| PoolEvidence {
+                    name: p.name,
+                    ok: p.ok,
+                    leader_changed_at: p.leader.and_then(|(_, changed)| changed),
+                    fence_request: p.fence_request.filter(|r| !acked.contains(&r.id)),
+                })
+                .collect();
+            let verdict = decide(
+                now,
+                lease.granted_within(now, Duration::from_secs(1)),
+                lease.status(now),
+                lease.lease_ms(),
+                lease.isolation_response(),
+                &pools,
+            );
+            match verdict {
+                Verdict::Keep(reason) => {
+                    if reason != last_reason {
+                        if reason == "lease valid" {
+                            if !last_reason.is_empty() {
+                                info!("lease valid again");
+                            }
+                        } else {
+                            warn!(%reason, "keeping the guests running");
+                        }
+                        last_reason = reason;
+                    }
+                }
+                Verdict::SelfFence { reason, request } => {
+                    let running = running_ha_domains(&exec, &latest);
+                    let fresh_episode = reason != last_reason || request.is_some();
+                    if running.is_empty() && !fresh_episode {
+                        continue;
+                    }
+                    if fresh_episode {
+                        error!(%reason, domains = ?running, "self-fencing: destroying this host's HA domains");
+                    }
+                    let mut destroyed = Vec::new();
+                    for uuid in &running {
+                        let outcome = exec
+                            .execute(AgentCommand::DestroyDomain { uuid: uuid.clone() })
+                            .await;
+                        match outcome {
+                            CommandOutcome::Failed { reason } => {
+                                error!(%uuid, %reason, "self-fence: destroy failed; retrying")
+                            }
+                            _ => destroyed.push(uuid.clone()),
+                        }
+                    }
+                    if let Some(req) = &request {
+                        if destroyed.len() == running.len() {
+                            storage.acknowledge(FenceAck {
+                                id: req.id,
+                                host: host.clone(),
+                                instance,
+                                destroyed: destroyed.clone(),
+                                wall_ms: vigil_common::unix_ms(),
+                            });
+                            acked.insert(req.id);
+                        }
+                    }
+                    if !destroyed.is_empty() || fresh_episode {
+                        let _ = reports.try_send(AgentToMonitor::SelfFenced {
+                            reason: reason.clone(),
+                            destroyed,
+                            wall_ms: vigil_common::unix_ms(),
+                        });
+                    }
+                    last_reason = reason;
+                }
+            }
+        }
+    })
+}
+
+/// HA domains that are running (or paused) here, per the latest inventory.
+fn running_ha_domains(exec: &Executor, latest: &Latest) -> Vec<String> {
+    let inventory = latest.borrow().clone();
+    let Some((domains, _)) = inventory else {
+        return Vec::new();
+    };
+    domains
+        .into_iter()
+        .filter(|d| !matches!(d.state, DomainState::Shutoff | DomainState::Crashed))
+        .filter(|d| d.meta.ha == Some(true) || exec.is_ha(&d.uuid))
+        .map(|d| d.uuid)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(ok: bool, leader_changed_at: Option<Instant>) -> PoolEvidence {
+        PoolEvidence {
+            name: "primary".into(),
+            ok,
+            leader_changed_at,
+            fence_request: None,
+        }
+    }
+
+    fn expired() -> LeaseStatus {
+        LeaseStatus::Expired {
+            ago: Duration::from_millis(10),
+        }
+    }
+
+    fn is_fence(v: &Verdict) -> bool {
+        matches!(v, Verdict::SelfFence { .. })
+    }
+
+    #[test]
+    fn a_valid_lease_keeps_the_guests() {
+        let now = Instant::now();
+        let v = decide(
+            now,
+            false,
+            LeaseStatus::Valid {
+                remaining: Duration::from_secs(1),
+            },
+            5_000,
+            IsolationResponse::SelfFence,
+            &[pool(true, Some(now))],
+        );
+        assert!(!is_fence(&v), "{v:?}");
+    }
+
+    #[test]
+    fn expired_with_a_fresh_leader_record_self_fences() {
+        let now = Instant::now();
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            &[pool(true, Some(now - Duration::from_millis(600)))],
+        );
+        assert!(is_fence(&v), "{v:?}");
+    }
+
+    #[test]
+    fn all_monitors_down_is_not_isolation() {
+        let now = Instant::now();
+        // The record stopped changing more than a lease ago: the monitors are gone.
+        let stale = Some(now - Duration::from_millis(5_001));
+        for leader in [stale, None] {
+            let v = decide(
+                now,
+                false,
+                expired(),
+                5_000,
+                IsolationResponse::SelfFence,
+                &[pool(true, leader)],
+            );
+            assert!(!is_fence(&v), "{v:?}");
+        }
+        // And without pools, nothing can tell: keep.
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            &[],
+        );
+        assert!(!is_fence(&v), "{v:?}");
+    }
+
+    #[test]
+    fn cut_from_monitors_and_storage_self_fences() {
+        let now = Instant::now();
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            &[pool(false, Some(now))],
+        );
+        assert!(is_fence(&v), "{v:?}");
+    }
+
+    #[test]
+    fn keep_running_response_waits_for_power_fencing() {
+        let now = Instant::now();
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::KeepRunning,
+            &[pool(true, Some(now))],
+        );
+        assert!(!is_fence(&v), "{v:?}");
+    }
+
+    #[test]
+    fn a_fence_request_is_obeyed_even_with_a_valid_lease() {
+        let now = Instant::now();
+        let mut p = pool(true, Some(now));
+        p.fence_request = Some(FenceRequest {
+            id: 42,
+            host: "hv1".into(),
+            instance: 7,
+            term: 3,
+            node: 1,
+            wall_ms: 0,
+            reason: "cut from the monitors".into(),
+        });
+        let v = decide(
+            now,
+            false,
+            LeaseStatus::Valid {
+                remaining: Duration::from_secs(4),
+            },
+            5_000,
+            IsolationResponse::KeepRunning,
+            &[p],
+        );
+        match v {
+            Verdict::SelfFence { request, reason } => {
+                assert_eq!(request.map(|r| r.id), Some(42));
+                assert!(reason.contains("fence request 42"), "{reason}");
+            }
+            other => panic!("expected a self-fence, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_fence_request_is_ignored_while_the_leader_renews_the_lease() {
+        let now = Instant::now();
+        let mut p = pool(true, Some(now));
+        p.fence_request = Some(FenceRequest {
+            id: 43,
+            host: "hv1".into(),
+            instance: 0,
+            term: 3,
+            node: 1,
+            wall_ms: 0,
+            reason: "left behind".into(),
+        });
+        let v = decide(
+            now,
+            true,
+            LeaseStatus::Valid {
+                remaining: Duration::from_secs(4),
+            },
+            5_000,
+            IsolationResponse::SelfFence,
+            &[p],
+        );
+        assert!(!is_fence(&v), "{v:?}");
+    }
+}
