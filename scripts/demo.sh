@@ -7,7 +7,8 @@
 #  2. hv1's VM: its qemu is killed with SIGKILL; Vigil restarts it with the next generation;
 #  3. hv2 loses power (crash-host): Down, fenced through its BMC (fence_ipmilan against
 #     ipmi_sim: the proof), and its VM starts on the ha_tag host hv1; hv2 powers on, rejoins;
-#  4. hv3 is cut from the monitor but alive (partition): powered off first, then its VM moves;
+#  4. hv3 is cut from the monitor but alive on storage (partition): it fences itself through
+#     its storage slot (sbd-style), then its VM moves;
 #  5. the replicated event log, and the lab's independent duplicate checker.
 #
 # Usage: ./scripts/demo.sh        (as root; installs what is missing, builds, runs; ~1 min warm)
@@ -91,7 +92,7 @@ say "partitioning hv3 from the monitor (its processes and VM keep running)"
 T0=$(ms)
 lab partition hv3
 wait_for 60 "hv3-vm1 running on hv1" on_host hv3-vm1 hv1
-echo "hv3-vm1 running on hv1 $(($(ms) - T0)) ms after the partition: Vigil powered hv3 off first, then started the VM"
+echo "hv3-vm1 running on hv1 $(($(ms) - T0)) ms after the partition: hv3 fenced itself through its storage slot first (see the events), then Vigil started the VM"
 
 say "vigilctl host list"
 ctl host list

@@ -168,9 +168,12 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
     assert_eq!(v["host"], "hv1", "{v:#}");
     assert_eq!(v["state"], "running", "{v:#}");
 
-    // 3. hv3 is cut from the monitor but alive, its VM running: it is powered off first, then
-    //    its VM moves. Never two copies (checked by the observer below). (Done after hv2 is
-    //    back: two of three hosts down at once would trip the mass-failure guard.)
+    // 3. hv3 is cut from the monitor but alive and still writing its storage heartbeat: it
+    //    is isolated, not dead. The leader writes a fence request into hv3's storage slot,
+    //    hv3's agent destroys its HA domain and acknowledges (proof 4), and only then the VM
+    //    starts on hv1; hv3 itself keeps running (no power fencing). Never two copies
+    //    (checked by the observer below). (Done after hv2 is back: two of three hosts down
+    //    at once would trip the mass-failure guard.)
     let t_part = Instant::now();
     assert!(lab(&["partition", "hv3"]).status.success());
     let took = wait_vm_on("hv3-vm1", "hv1", 1, t_part);
@@ -178,6 +181,37 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
         "FIGURE partition hv3 -> hv3-vm1 running on hv1: {} ms",
         took.as_millis()
     );
+    let msgs = event_messages();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("host hv3: isolated: storage heartbeat")),
+        "hv3 must be recognised as isolated, not dead: {msgs:#?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("host hv3 fenced: storage slot: fence request")),
+        "hv3 must be fenced through its storage slot: {msgs:#?}"
+    );
+    assert!(
+        !msgs.iter().any(|m| m.contains("host hv3 fenced: power")),
+        "hv3 was powered off although its storage slot answered: {msgs:#?}"
+    );
+
+    // Healed, hv3 rejoins and starts nothing: its VM stays on hv1.
+    assert!(lab(&["heal", "hv3"]).status.success());
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = ctl_json(&["host", "show", "hv3"]);
+        if h.as_ref().is_some_and(|h| h["liveness"] == "up") {
+            break;
+        }
+        assert!(Instant::now() < end, "hv3 did not rejoin: {h:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let v = ctl_json(&["vm", "show", "hv3-vm1"]).expect("vm");
+    assert_eq!(v["host"], "hv1", "{v:#}");
+    assert_eq!(v["state"], "running", "{v:#}");
 
     // 4. The independent observer: no VM ever ran on two hosts at once.
     let check = lab(&["check"]);

@@ -635,9 +635,20 @@ fn write_monitor_config(lab: &Lab, m: &Node, st: &LabState, o: &UpOpts) -> anyho
             ));
         }
     }
+    if st.components.faultfs {
+        // The leader's record and the fence slots go straight to the backing directory: the
+        // monitor is not a hypervisor, and storage faults are injected per host.
+        text.push_str(&format!(
+            "\n[storage]\n[[storage.pools]]\nname = \"{POOL}\"\npath = \"{}\"\n",
+            lab.storage_backing().display()
+        ));
+    }
     fs::write(dir.join("monitor.toml"), text)?;
     Ok(())
 }
+
+/// The name of the lab's shared primary storage pool.
+pub const POOL: &str = "primary";
 
 fn write_agent_config(lab: &Lab, st: &LabState, h: &Node) -> anyhow::Result<()> {
     let dir = lab.host_dir(&h.name);
@@ -658,6 +669,14 @@ fn write_agent_config(lab: &Lab, st: &LabState, h: &Node) -> anyhow::Result<()> 
         cert = tls_dir.join(format!("{}.crt", h.name)).display(),
         key = tls_dir.join(format!("{}.key", h.name)).display(),
     );
+    let mut text = text;
+    if st.components.faultfs {
+        // Each host reaches the pool through its own faultfs view (faults are per host).
+        text.push_str(&format!(
+            "\n[storage]\n[[storage.pools]]\nname = \"{POOL}\"\npath = \"{}\"\n",
+            lab.host_storage_mount(&h.name).display()
+        ));
+    }
     fs::write(dir.join("agent.toml"), text)?;
     Ok(())
 }
