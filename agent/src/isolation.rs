@@ -15,8 +15,11 @@
 //!   expiry as proof for such a host);
 //! - lease expired and no configured pool reachable: self-fence (cut from the monitors *and*
 //!   the storage: the guests cannot do I/O anyway);
-//! - lease expired and the leader record on some reachable pool changed within the last lease:
-//!   self-fence (the monitors are alive without this host and will restart its guests);
+//! - lease expired and the leader record on some reachable pool changed within the last lease
+//!   *and* well after the last renewal this agent received (more than two storage intervals
+//!   plus one heartbeat interval after it, so that the last write of monitors that all died
+//!   right after renewing cannot count): self-fence (the monitors are alive without this
+//!   host and will restart its guests);
 //! - lease expired and the leader record stale on every reachable pool: keep the guests (every
 //!   monitor is down; nobody can restart anything elsewhere). **All monitors down is not
 //!   isolation.**
@@ -59,6 +62,14 @@ pub enum Verdict {
     },
 }
 
+/// When the leader record counts as fresh: it changed within the last lease, and more than
+/// `after` past `renewed_at` (the last renewal received, or the agent's start).
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    pub renewed_at: Instant,
+    pub after: Duration,
+}
+
 /// The self-fencing policy (see the module docs).
 pub fn decide(
     now: Instant,
@@ -66,6 +77,7 @@ pub fn decide(
     lease: LeaseStatus,
     lease_ms: u64,
     response: IsolationResponse,
+    fresh: Freshness,
     pools: &[PoolEvidence],
 ) -> Verdict {
     if let Some((pool, req)) = pools
@@ -106,8 +118,9 @@ pub fn decide(
     }
     let fresh_within = Duration::from_millis(lease_ms);
     if let Some(p) = reachable.iter().find(|p| {
-        p.leader_changed_at
-            .is_some_and(|t| now.saturating_duration_since(t) <= fresh_within)
+        p.leader_changed_at.is_some_and(|t| {
+            now.saturating_duration_since(t) <= fresh_within && t > fresh.renewed_at + fresh.after
+        })
     }) {
         return Verdict::SelfFence {
             reason: format!(
@@ -122,6 +135,23 @@ pub fn decide(
     ))
 }
 
+/// What the guard works with.
+pub struct Guard {
+    pub lease: Lease,
+    pub storage: StorageWorker,
+    pub exec: Executor,
+    pub latest: Latest,
+    pub host: String,
+    pub instance: u64,
+    pub reports: mpsc::Sender<AgentToMonitor>,
+    /// Feed the systemd watchdog.
+    pub watchdog: bool,
+    /// How often the storage threads read the leader record.
+    pub storage_interval: Duration,
+    /// When this agent process started.
+    pub started: Instant,
+}
+
 /// How often the guard looks.
 const GUARD_EVERY: Duration = Duration::from_millis(100);
 
@@ -129,18 +159,22 @@ const GUARD_EVERY: Duration = Duration::from_millis(100);
 /// cycle), destroys the HA domains when told to, acknowledges fence requests, reports what it
 /// did to the monitor once connected, and feeds the systemd watchdog from this loop (so a
 /// hung agent stops feeding it and systemd resets the host).
-#[allow(clippy::too_many_arguments)]
 pub fn spawn(
-    lease: Lease,
-    storage: StorageWorker,
-    exec: Executor,
-    latest: Latest,
-    host: String,
-    instance: u64,
-    reports: mpsc::Sender<AgentToMonitor>,
-    watchdog: bool,
+    g: Guard,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
+    let Guard {
+        lease,
+        storage,
+        exec,
+        latest,
+        host,
+        instance,
+        reports,
+        watchdog,
+        storage_interval,
+        started,
+    } = g;
     let mut changes = storage.changes();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(GUARD_EVERY);
@@ -174,6 +208,11 @@ pub fn spawn(
                 lease.status(now),
                 lease.lease_ms(),
                 lease.isolation_response(),
+                Freshness {
+                    renewed_at: lease.last_grant().unwrap_or(started),
+                    after: storage_interval * 2
+                        + Duration::from_millis(lease.heartbeat_interval_ms()),
+                },
                 &pools,
             );
             match verdict {
@@ -263,6 +302,14 @@ mod tests {
         }
     }
 
+    /// The last renewal was long before any leader record change in these tests.
+    fn long_ago(now: Instant) -> Freshness {
+        Freshness {
+            renewed_at: now - Duration::from_secs(60),
+            after: Duration::from_millis(1_500),
+        }
+    }
+
     fn expired() -> LeaseStatus {
         LeaseStatus::Expired {
             ago: Duration::from_millis(10),
@@ -284,6 +331,7 @@ mod tests {
             },
             5_000,
             IsolationResponse::SelfFence,
+            long_ago(now),
             &[pool(true, Some(now))],
         );
         assert!(!is_fence(&v), "{v:?}");
@@ -298,6 +346,7 @@ mod tests {
             expired(),
             5_000,
             IsolationResponse::SelfFence,
+            long_ago(now),
             &[pool(true, Some(now - Duration::from_millis(600)))],
         );
         assert!(is_fence(&v), "{v:?}");
@@ -315,6 +364,7 @@ mod tests {
                 expired(),
                 5_000,
                 IsolationResponse::SelfFence,
+                long_ago(now),
                 &[pool(true, leader)],
             );
             assert!(!is_fence(&v), "{v:?}");
@@ -326,9 +376,42 @@ mod tests {
             expired(),
             5_000,
             IsolationResponse::SelfFence,
+            long_ago(now),
             &[],
         );
         assert!(!is_fence(&v), "{v:?}");
+    }
+
+    #[test]
+    fn the_last_write_of_monitors_that_died_after_renewing_is_not_fresh() {
+        let now = Instant::now();
+        // Renewed at now-5.2 s; the monitors' last leader record write was seen at now-4.5 s
+        // (0.7 s after the renewal: a write in flight when they died), within the lease.
+        let fresh = Freshness {
+            renewed_at: now - Duration::from_millis(5_200),
+            after: Duration::from_millis(1_500),
+        };
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            fresh,
+            &[pool(true, Some(now - Duration::from_millis(4_500)))],
+        );
+        assert!(!is_fence(&v), "{v:?}");
+        // Alive monitors keep changing it well after the renewal: isolated.
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            fresh,
+            &[pool(true, Some(now - Duration::from_millis(300)))],
+        );
+        assert!(is_fence(&v), "{v:?}");
     }
 
     #[test]
@@ -340,6 +423,7 @@ mod tests {
             expired(),
             5_000,
             IsolationResponse::SelfFence,
+            long_ago(now),
             &[pool(false, Some(now))],
         );
         assert!(is_fence(&v), "{v:?}");
@@ -354,6 +438,7 @@ mod tests {
             expired(),
             5_000,
             IsolationResponse::KeepRunning,
+            long_ago(now),
             &[pool(true, Some(now))],
         );
         assert!(!is_fence(&v), "{v:?}");
@@ -380,6 +465,7 @@ mod tests {
             },
             5_000,
             IsolationResponse::KeepRunning,
+            long_ago(now),
             &[p],
         );
         match v {
@@ -412,6 +498,7 @@ mod tests {
             },
             5_000,
             IsolationResponse::SelfFence,
+            long_ago(now),
             &[p],
         );
         assert!(!is_fence(&v), "{v:?}");

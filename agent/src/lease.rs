@@ -50,6 +50,7 @@ struct Inner {
     granted_once: bool,
     last_grant: Option<Instant>,
     persisted_at: Option<Instant>,
+    heartbeat_interval_ms: u64,
 }
 
 /// Shared between the session (renewals) and the isolation guard (expiry).
@@ -80,6 +81,7 @@ impl Lease {
             granted_once: false,
             last_grant: None,
             persisted_at: None,
+            heartbeat_interval_ms: 500,
         };
         match std::fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
@@ -117,6 +119,7 @@ impl Lease {
                 granted_once: false,
                 last_grant: None,
                 persisted_at: None,
+                heartbeat_interval_ms: 500,
             })),
             path: None,
         }
@@ -188,6 +191,20 @@ impl Lease {
     /// Whether this process has been granted a lease at least once.
     pub fn granted_once(&self) -> bool {
         self.lock().granted_once
+    }
+
+    /// The heartbeat interval the monitor asked for (learned at each welcome).
+    pub fn set_heartbeat_interval_ms(&self, ms: u64) {
+        self.lock().heartbeat_interval_ms = ms;
+    }
+
+    pub fn heartbeat_interval_ms(&self) -> u64 {
+        self.lock().heartbeat_interval_ms
+    }
+
+    /// When the last grant arrived.
+    pub fn last_grant(&self) -> Option<Instant> {
+        self.lock().last_grant
     }
 
     /// Whether a grant arrived within `window` before `now`.

@@ -113,14 +113,18 @@ impl AgentRunner {
         let storage =
             StorageWorker::spawn(&self.storage_cfg, &self.host, self.instance, self.started);
         let guard = isolation::spawn(
-            self.lease.clone(),
-            storage.clone(),
-            self.executor.clone(),
-            latest.clone(),
-            self.host.clone(),
-            self.instance,
-            reports_tx,
-            self.watchdog,
+            isolation::Guard {
+                lease: self.lease.clone(),
+                storage: storage.clone(),
+                exec: self.executor.clone(),
+                latest: latest.clone(),
+                host: self.host.clone(),
+                instance: self.instance,
+                reports: reports_tx,
+                watchdog: self.watchdog,
+                storage_interval: Duration::from_millis(self.storage_cfg.interval_ms),
+                started: self.started,
+            },
             stop.clone(),
         );
         if self.watchdog {

@@ -178,11 +178,23 @@ impl Session {
         let mut sent: VecDeque<(u64, Instant)> = VecDeque::with_capacity(64);
         if let Some(lease) = &io.lease {
             lease.set_isolation_response(welcome.isolation_response);
+            lease.set_heartbeat_interval_ms(welcome.heartbeat_interval_ms);
         }
         // Commands run in their own tasks (a domain start takes seconds; heartbeats must not
         // wait); their answers come back here.
         let (done_tx, mut done_rx) = mpsc::channel::<(u64, CommandOutcome)>(64);
-        // The current inventory first, so the monitor knows this host's domains at once.
+        // What happened while no monitor was reachable (a self-fence, lifecycle events), in
+        // order, then the current inventory, so the monitor reads the history before the
+        // state it led to (a domain the agent destroyed when fencing itself must not look
+        // like an operator's `virsh destroy`).
+        if let Some(reports) = io.reports.as_mut() {
+            while let Ok(report) = reports.try_recv() {
+                if let Err(e) = codec::write_frame(&mut send, &report).await {
+                    reader.abort();
+                    return Err(codec_err(&conn, addr, e));
+                }
+            }
+        }
         if let Some(latest) = &io.latest {
             let current = latest.borrow().clone();
             if let Some((domains, health)) = current {

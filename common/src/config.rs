@@ -404,6 +404,16 @@ impl MonitorConfig {
                 ),
             ));
         }
+        let fresh_after = 2 * self.storage.interval_ms + d.heartbeat_interval_ms;
+        if l.duration_ms <= fresh_after + 1_000 {
+            return Err(invalid(
+                "lease.duration_ms",
+                format!(
+                    "{} is too short: an isolated agent needs to see the leader record change more than {fresh_after} ms (two storage.interval_ms plus detector.heartbeat_interval_ms) after its last renewal, and a second to spare",
+                    l.duration_ms
+                ),
+            ));
+        }
         if !(100..=600_000).contains(&l.drift_margin_ms) {
             return Err(invalid(
                 "lease.drift_margin_ms",

@@ -345,6 +345,8 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
                         e.is_connected(n),
                         e.facts(n).cloned(),
                         e.hypervisor_health(n).cloned(),
+                        e.condition(n).cloned(),
+                        e.pools_of(n),
                     )
                 })
                 .collect::<Vec<_>>()
@@ -355,8 +357,10 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
         .into_iter()
         .enumerate()
         .map(|(i, r)| {
-            let (live, connected, facts, hypervisor) =
-                soft.get(i).cloned().unwrap_or((None, false, None, None));
+            let (live, connected, facts, hypervisor, condition, pools) = soft
+                .get(i)
+                .cloned()
+                .unwrap_or((None, false, None, None, None, Vec::new()));
             HostView {
                 name: r.name,
                 zone: r.zone,
@@ -369,6 +373,9 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
                 registered_at_ms: r.registered_at_ms,
                 facts,
                 hypervisor,
+                phase: r.phase,
+                condition,
+                pools,
             }
         })
         .collect()

@@ -61,6 +61,15 @@ pub struct HostView {
     /// The agent's view of its hypervisor (`None`: no inventory received yet).
     #[serde(default)]
     pub hypervisor: Option<vigil_common::domain::HypervisorHealth>,
+    /// Fencing phase (replicated): active, fencing, fenced (with the proof).
+    #[serde(default)]
+    pub phase: crate::state::HostPhase,
+    /// The leader's reading of the host (alive, investigating, isolated, agent-down, dead).
+    #[serde(default)]
+    pub condition: Option<crate::investigation::Condition>,
+    /// Each storage pool's state as the host last reported it.
+    #[serde(default)]
+    pub pools: Vec<vigil_common::wire::PoolStatus>,
 }
 
 /// `vigilctl events`.

@@ -798,7 +798,12 @@ impl Sim {
                 None
             } else if !h.storage_ok {
                 Some("lease expired, storage unreachable".to_string())
-            } else if leader_at.is_some_and(|t| now.saturating_sub(t) <= lease.duration_ms) {
+            } else if leader_at.is_some_and(|t| {
+                // Changed within the lease, and well after the last renewal (two storage
+                // intervals plus a heartbeat interval), as the real agent requires.
+                now.saturating_sub(t) <= lease.duration_ms
+                    && t > h.last_grant.unwrap_or(h.agent_started_at) + 2 * 500 + 100
+            }) {
                 Some("lease expired, leader record fresh".to_string())
             } else {
                 None

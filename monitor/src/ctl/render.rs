@@ -140,6 +140,8 @@ pub fn host_list(hosts: &[HostView]) -> String {
         "ZONE",
         "CLUSTER",
         "STATE",
+        "CONDITION",
+        "PHASE",
         "LAST BEAT",
         "HYPERVISOR",
         "CPUS",
@@ -165,6 +167,11 @@ pub fn host_list(hosts: &[HostView]) -> String {
             h.zone.clone(),
             h.cluster.clone(),
             h.liveness.to_string(),
+            h.condition
+                .as_ref()
+                .map(|c| c.name().to_string())
+                .unwrap_or_else(|| "-".into()),
+            h.phase.name().to_string(),
             ago(h.last_heartbeat_ms_ago),
             match &h.hypervisor {
                 Some(vigil_common::domain::HypervisorHealth::Unhealthy { .. }) => {
@@ -192,6 +199,44 @@ pub fn host_show(h: &HostView) -> String {
     kv("zone", h.zone.clone());
     kv("cluster", h.cluster.clone());
     kv("state", h.liveness.to_string());
+    kv(
+        "condition",
+        match &h.condition {
+            Some(crate::investigation::Condition::Isolated { evidence })
+            | Some(crate::investigation::Condition::AgentDown { evidence })
+            | Some(crate::investigation::Condition::Dead { evidence }) => format!(
+                "{}: {evidence}",
+                h.condition.as_ref().map(|c| c.name()).unwrap_or_default()
+            ),
+            Some(c) => c.name().to_string(),
+            None => "-".into(),
+        },
+    );
+    kv(
+        "phase",
+        match &h.phase {
+            crate::state::HostPhase::Fenced { proof, .. } => format!("fenced ({proof})"),
+            other => other.name().to_string(),
+        },
+    );
+    kv(
+        "storage",
+        if h.pools.is_empty() {
+            "-".into()
+        } else {
+            h.pools
+                .iter()
+                .map(|p| {
+                    if p.ok {
+                        format!("{} up", p.name)
+                    } else {
+                        format!("{} DOWN ({})", p.name, p.detail)
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+    );
     kv("connected", h.connected.to_string());
     kv("last heartbeat", ago(h.last_heartbeat_ms_ago));
     kv(

@@ -65,6 +65,9 @@ pub fn crash_host(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report>
         let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
     }
     set_power(lab, host, false);
+    if let Err(e) = crate::net::set_nic(&h, false) {
+        eprintln!("vigil-lab: warning: taking {host}'s NIC down: {e:#}");
+    }
     if hung {
         if let Err(e) = set_storage_mode(lab, host, "eio") {
             eprintln!("vigil-lab: warning: releasing {host}'s hung storage: {e:#}");
@@ -188,6 +191,7 @@ pub fn power_on(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report> {
     }
     let t0 = Instant::now();
     let ts = now_ms();
+    crate::net::set_nic(&h, true).with_context(|| format!("bringing {host}'s NIC up"))?;
     forget_sandbox_namespace(lab, host);
     start_sandbox(lab, &st, &h)?;
     wait_sandbox(lab, &h, sandbox_timeout())?;

@@ -168,6 +168,20 @@ pub fn partition_from_all(st: &LabState, host: &Node) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A machine's NIC loses or regains power with the machine: a powered-off host answers
+/// nothing (no ARP, no TCP reset), which is what peers probing it must see.
+pub fn set_nic(host: &Node, up: bool) -> anyhow::Result<()> {
+    ip(&[
+        "-n",
+        &host.netns,
+        "link",
+        "set",
+        NODE_IF,
+        if up { "up" } else { "down" },
+    ])?;
+    Ok(())
+}
+
 /// Undoes every partition of `host`. Idempotent.
 pub fn heal(st: &LabState, host: &Node) -> anyhow::Result<()> {
     if ns_exists(&st.switch_ns) {

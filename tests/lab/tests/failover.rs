@@ -5,76 +5,30 @@
 //! Needs root, iproute2, libvirt, QEMU, ipmi_sim and fence_ipmilan. Skipped (with a message)
 //! without them, except under `CI`.
 
-use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-use serde_json::Value;
 
 mod support;
 
-const LAB: &str = env!("CARGO_BIN_EXE_vigil-lab");
 /// Its own root and prefix: never the lab test's, nor a person's lab.
-const ROOT: &str = "/var/lib/vigil-lab-failover";
-const PREFIX: &str = "vlf";
+const LAB: support::LabCli = support::LabCli {
+    root: "/var/lib/vigil-lab-failover",
+    prefix: "vlf",
+};
 
-fn lab_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(LAB);
-    c.args(args)
-        .env("VIGIL_LAB_DIR", ROOT)
-        .env("VIGIL_LAB_PREFIX", PREFIX)
-        .env("VIGIL_AGENT_BIN", env!("CARGO_BIN_EXE_lab-vigil-agent"))
-        .env("VIGIL_MONITOR_BIN", env!("CARGO_BIN_EXE_lab-vigil-monitor"))
-        .env("VIGILCTL_BIN", env!("CARGO_BIN_EXE_lab-vigilctl"))
-        .stdin(Stdio::null());
-    c
+fn lab(args: &[&str]) -> std::process::Output {
+    LAB.run(args)
 }
 
-fn lab(args: &[&str]) -> Output {
-    let o = lab_cmd(args).output().expect("run vigil-lab");
-    eprintln!(
-        "$ vigil-lab {} -> {}\n{}{}",
-        args.join(" "),
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
+fn ctl_json(args: &[&str]) -> Option<serde_json::Value> {
+    LAB.ctl_json(args)
 }
 
-fn ctl_json(args: &[&str]) -> Option<Value> {
-    let mut a = vec!["ctl", "--", "--json", "--timeout", "2"];
-    a.extend_from_slice(args);
-    let o = lab_cmd(&a).output().ok()?;
-    if !o.status.success() {
-        return None;
-    }
-    serde_json::from_slice(&o.stdout).ok()
-}
-
-/// Waits until `vm` runs on `host` with `generation`; returns how long it took.
 fn wait_vm_on(vm: &str, host: &str, generation: u64, since: Instant) -> Duration {
-    let end = Instant::now() + Duration::from_secs(90);
-    let mut last = None;
-    while Instant::now() < end {
-        if let Some(v) = ctl_json(&["vm", "show", vm]) {
-            if v["host"] == host && v["state"] == "running" && v["generation"] == generation {
-                return since.elapsed();
-            }
-            last = Some(v);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let events = ctl_json(&["events", "--limit", "60"]);
-    panic!("{vm} never ran on {host} with generation {generation}; last view {last:#?}\nevents {events:#?}");
+    LAB.wait_vm_on(vm, host, generation, since)
 }
 
 fn event_messages() -> Vec<String> {
-    ctl_json(&["events", "--limit", "500"])
-        .and_then(|v| v["events"].as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| e["message"].as_str().map(String::from))
-        .collect()
+    LAB.event_messages()
 }
 
 #[test]
@@ -93,7 +47,7 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
         return;
     }
     let _ = lab(&["down"]);
-    let _guard = support::start_supervisor(ROOT, lab_cmd, || lab(&["down"]));
+    let _guard = support::start_supervisor(LAB.root, |a| LAB.cmd(a), || lab(&["down"]));
     let up = lab(&[
         "up",
         "--hosts",
@@ -111,13 +65,7 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
     assert!(up.status.success(), "lab up failed");
     // Relocation needs each HA VM's definition on the monitor (the agents ship it within a
     // poll of HA being enabled).
-    let end = Instant::now() + Duration::from_secs(30);
-    for vm in ["hv1-vm1", "hv2-vm1", "hv3-vm1"] {
-        while !ctl_json(&["vm", "show", vm]).is_some_and(|v| v["definition_stored"] == true) {
-            assert!(Instant::now() < end, "definition of {vm} never stored");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    LAB.wait_definitions(&["hv1-vm1", "hv2-vm1", "hv3-vm1"]);
 
     // 1. Power loss of hv2: fenced through its BMC, its VM starts on hv1 (ha_tag).
     let t_crash = Instant::now();
@@ -214,7 +162,5 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
     assert_eq!(v["state"], "running", "{v:#}");
 
     // 4. The independent observer: no VM ever ran on two hosts at once.
-    let check = lab(&["check"]);
-    assert!(check.status.success(), "duplicate detected by the observer");
-    assert!(String::from_utf8_lossy(&check.stdout).contains("duplicates: none"));
+    LAB.assert_no_duplicates();
 }

@@ -108,3 +108,115 @@ pub fn start_supervisor(
     }
     guard
 }
+
+/// `vigil-lab` for one test's lab (its own root and prefix), with the helpers every failover
+/// test needs: vigilctl through the lab, VM placement waits, the event log.
+#[derive(Clone, Copy)]
+pub struct LabCli {
+    pub root: &'static str,
+    pub prefix: &'static str,
+}
+
+impl LabCli {
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_vigil-lab"));
+        c.args(args)
+            .env("VIGIL_LAB_DIR", self.root)
+            .env("VIGIL_LAB_PREFIX", self.prefix)
+            .env("VIGIL_AGENT_BIN", env!("CARGO_BIN_EXE_lab-vigil-agent"))
+            .env("VIGIL_MONITOR_BIN", env!("CARGO_BIN_EXE_lab-vigil-monitor"))
+            .env("VIGILCTL_BIN", env!("CARGO_BIN_EXE_lab-vigilctl"))
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// Runs a verb, echoing it and its output to the test log.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let o = self.cmd(args).output().expect("run vigil-lab");
+        eprintln!(
+            "$ vigil-lab {} -> {}\n{}{}",
+            args.join(" "),
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    }
+
+    /// Runs a verb that must succeed.
+    pub fn ok(&self, args: &[&str]) {
+        assert!(self.run(args).status.success(), "vigil-lab {args:?} failed");
+    }
+
+    /// `vigilctl --json ARGS` inside the lab; `None` if it fails.
+    pub fn ctl_json(&self, args: &[&str]) -> Option<serde_json::Value> {
+        let mut a = vec!["ctl", "--", "--json", "--timeout", "2"];
+        a.extend_from_slice(args);
+        let o = self.cmd(&a).output().ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Waits until `vm` runs on `host` with `generation`; returns how long since `since`.
+    pub fn wait_vm_on(&self, vm: &str, host: &str, generation: u64, since: Instant) -> Duration {
+        let end = Instant::now() + Duration::from_secs(90);
+        let mut last = None;
+        while Instant::now() < end {
+            if let Some(v) = self.ctl_json(&["vm", "show", vm]) {
+                if v["host"] == host && v["state"] == "running" && v["generation"] == generation {
+                    return since.elapsed();
+                }
+                last = Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let events = self.ctl_json(&["events", "--limit", "60"]);
+        panic!("{vm} never ran on {host} with generation {generation}; last view {last:#?}\nevents {events:#?}");
+    }
+
+    /// The replicated event log's messages, oldest first.
+    pub fn event_messages(&self) -> Vec<String> {
+        self.ctl_json(&["events", "--limit", "1000"])
+            .and_then(|v| v["events"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|e| e["message"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// Waits until `host` is up again in the monitor's view.
+    pub fn wait_host_up(&self, host: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let h = self.ctl_json(&["host", "show", host]);
+            if h.as_ref().is_some_and(|h| h["liveness"] == "up") {
+                return;
+            }
+            assert!(Instant::now() < end, "{host} did not come up: {h:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until every HA VM's definition is stored (relocation needs it).
+    pub fn wait_definitions(&self, vms: &[&str]) {
+        let end = Instant::now() + Duration::from_secs(30);
+        for vm in vms {
+            while !self
+                .ctl_json(&["vm", "show", vm])
+                .is_some_and(|v| v["definition_stored"] == true)
+            {
+                assert!(Instant::now() < end, "definition of {vm} never stored");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The independent observer found no VM running twice.
+    pub fn assert_no_duplicates(&self) {
+        let check = self.run(&["check"]);
+        assert!(check.status.success(), "duplicate detected by the observer");
+        assert!(String::from_utf8_lossy(&check.stdout).contains("duplicates: none"));
+    }
+}
