@@ -329,9 +329,9 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     LAB.ok(&["heal", "hv2"]);
     LAB.wait_host_up("hv2");
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(
-        placement(&name).0 != "hv2",
-        true,
+    assert_ne!(
+        placement(&name).0,
+        "hv2",
         "healed hv2 must not take its VM back"
     );
 
