@@ -43,6 +43,8 @@ use crate::watch::Latest;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolEvidence {
     pub name: String,
+    /// Whether its first I/O cycle has finished (or overrun): unknown is not down.
+    pub checked: bool,
     pub ok: bool,
     /// When the leader record there was last seen to change (our clock).
     pub leader_changed_at: Option<Instant>,
@@ -108,6 +110,11 @@ pub fn decide(
         ));
     }
     let reachable: Vec<&PoolEvidence> = pools.iter().filter(|p| p.ok).collect();
+    if reachable.is_empty() && pools.iter().any(|p| !p.checked) {
+        return Verdict::Keep(format!(
+            "lease expired {ago} ms ago; storage not checked yet (the agent just started)"
+        ));
+    }
     if reachable.is_empty() {
         return Verdict::SelfFence {
             reason: format!(
@@ -197,6 +204,7 @@ pub fn spawn(
                 .into_iter()
                 .map(|p| PoolEvidence {
                     name: p.name,
+                    checked: p.checked,
                     ok: p.ok,
                     leader_changed_at: p.leader.and_then(|(_, changed)| changed),
                     fence_request: p.fence_request.filter(|r| !acked.contains(&r.id)),
@@ -296,6 +304,7 @@ mod tests {
     fn pool(ok: bool, leader_changed_at: Option<Instant>) -> PoolEvidence {
         PoolEvidence {
             name: "primary".into(),
+            checked: true,
             ok,
             leader_changed_at,
             fence_request: None,
@@ -412,6 +421,23 @@ mod tests {
             &[pool(true, Some(now - Duration::from_millis(300)))],
         );
         assert!(is_fence(&v), "{v:?}");
+    }
+
+    #[test]
+    fn storage_not_checked_yet_is_not_storage_down() {
+        let now = Instant::now();
+        let mut p = pool(false, None);
+        p.checked = false;
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            long_ago(now),
+            &[p],
+        );
+        assert!(!is_fence(&v), "{v:?}");
     }
 
     #[test]

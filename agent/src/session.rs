@@ -219,6 +219,8 @@ impl Session {
                             .view()
                             .pools
                             .into_iter()
+                            // Unknown yet is not down: report it once something is known.
+                            .filter(|p| p.checked)
                             .map(|p| PoolStatus { name: p.name, ok: p.ok, detail: p.detail })
                             .collect(),
                         None => Vec::new(),

@@ -53,10 +53,16 @@ use vigil_common::storage::{
 /// How many acknowledged request ids each pool remembers having written.
 const ACKS_REMEMBERED: usize = 16;
 
+/// The detail of a pool whose first I/O cycle has not finished yet.
+const NOT_CHECKED: &str = "not checked yet";
+
 /// What one pool looks like right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolView {
     pub name: String,
+    /// Whether anything is known yet: false until the first I/O cycle completed or overran
+    /// its deadline (an agent that just started must not take "not checked yet" for "down").
+    pub checked: bool,
     /// Up: the last I/O cycle succeeded and finished within `deadline_ms`, it finished within
     /// the last `deadline_ms + interval_ms`, and no cycle has been running longer than
     /// `deadline_ms`.
@@ -251,6 +257,7 @@ impl StorageWorker {
                     .cloned();
                 PoolView {
                     name: pool.name.clone(),
+                    checked: ok || st.last.is_some() || detail != NOT_CHECKED,
                     ok,
                     detail,
                     leader: st.leader.clone(),
@@ -318,7 +325,7 @@ fn judge(st: &PoolState, now: Instant, interval: Duration, deadline: Duration) -
         }
     }
     match &st.last {
-        None => (false, "not checked yet".to_string()),
+        None => (false, NOT_CHECKED.to_string()),
         Some(Err(why)) => (false, why.clone()),
         Some(Ok(())) => {
             let since = st

@@ -240,7 +240,13 @@ pub struct Engine {
     evacuating: BTreeSet<String>,
     /// Pools whose outage was already reported (pool-wide or one host), to say so once.
     outages: BTreeMap<String, String>,
+    /// Since when (monotonic ms) each (host, pool) has been reported down.
+    pool_down_since: BTreeMap<(String, String), u64>,
 }
+
+/// A pool must be down on a host for this long before that host's HA VMs are moved off it:
+/// a storage hiccup must not cost a guest its run.
+pub const STORAGE_FAULT_GRACE_MS: u64 = 5_000;
 
 impl Engine {
     pub fn new(cfg: DetectorConfig, policy: RecoveryPolicy, now_ms: u64) -> Self {
@@ -277,6 +283,7 @@ impl Engine {
             term_node: (0, 0),
             evacuating: BTreeSet::new(),
             outages: BTreeMap::new(),
+            pool_down_since: BTreeMap::new(),
         }
     }
 
@@ -444,6 +451,11 @@ impl Engine {
                                 },
                             }));
                         }
+                        if p.ok {
+                            self.pool_down_since.remove(&key);
+                        } else {
+                            self.pool_down_since.entry(key.clone()).or_insert(now_ms);
+                        }
                         self.pool_status.insert(key, p);
                     }
                 }
@@ -582,7 +594,7 @@ impl Engine {
                     self.transition_event(t, wall_ms, &mut out);
                 }
                 self.reconcile_hosts(now_ms, wall_ms, state, &mut out);
-                self.reconcile_storage(wall_ms, state, &mut out);
+                self.reconcile_storage(now_ms, wall_ms, state, &mut out);
                 self.reconcile(wall_ms, state, &mut out);
             }
             Input::Applied => {
@@ -1360,7 +1372,13 @@ impl Engine {
     /// its VMs wait, and those it stopped restart as soon as it is back (placement skips
     /// hosts with a pool down). A pool down on *some* hosts only: the HA VMs running there
     /// are destroyed through their agent (which proves them stopped) and start elsewhere.
-    fn reconcile_storage(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+    fn reconcile_storage(
+        &mut self,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
         let mut by_pool: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
         for ((host, pool), st) in &self.pool_status {
             if !self.connected.contains(host) {
@@ -1390,9 +1408,10 @@ impl Engine {
                 (
                     format!("hosts:{}", down.join(",")),
                     format!(
-                        "storage pool {pool} is down on {} only (up on {}): moving the HA VMs there to hosts that reach it",
+                        "storage pool {pool} is down on {} only (up on {}): their HA VMs move to hosts that reach it if it stays down for {} s",
                         down.join(", "),
-                        up.join(", ")
+                        up.join(", "),
+                        STORAGE_FAULT_GRACE_MS / 1000
                     ),
                 )
             };
@@ -1412,10 +1431,19 @@ impl Engine {
             if up.is_empty() {
                 continue;
             }
+            let lasting: Vec<&str> = down
+                .iter()
+                .copied()
+                .filter(|h| {
+                    self.pool_down_since
+                        .get(&(h.to_string(), pool.to_string()))
+                        .is_some_and(|t| now_ms.saturating_sub(*t) >= STORAGE_FAULT_GRACE_MS)
+                })
+                .collect();
             for vm in state.vms.values() {
                 if vm.ha
                     && vm.phase == Phase::Running
-                    && down.contains(&vm.host.as_str())
+                    && lasting.contains(&vm.host.as_str())
                     && !self.evacuating.contains(&vm.uuid)
                 {
                     self.evacuating.insert(vm.uuid.clone());
