@@ -18,13 +18,17 @@
 //! - lease expired and the leader record on some reachable pool changed within the last lease
 //!   *and* well after the last renewal this agent received (more than two storage intervals
 //!   plus one heartbeat interval after it, so that the last write of monitors that all died
-//!   right after renewing cannot count): self-fence (the monitors are alive without this
-//!   host and will restart its guests);
+//!   right after renewing cannot count), and the record has been changing again for at least
+//!   half a lease since it last stopped for longer than a lease (monitors that come back
+//!   after an outage start writing it before the agents have reconnected and been renewed;
+//!   the new leader counts every lease as granted at its election, so it cannot take lease
+//!   expiry as proof before a full lease has passed): self-fence (the monitors are alive
+//!   without this host and will restart its guests);
 //! - lease expired and the leader record stale on every reachable pool: keep the guests (every
 //!   monitor is down; nobody can restart anything elsewhere). **All monitors down is not
 //!   isolation.**
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -48,6 +52,9 @@ pub struct PoolEvidence {
     pub ok: bool,
     /// When the leader record there was last seen to change (our clock).
     pub leader_changed_at: Option<Instant>,
+    /// When the leader record started changing again after a pause longer than a lease (or
+    /// was first seen changing).
+    pub leader_epoch_since: Option<Instant>,
     pub fence_request: Option<FenceRequest>,
 }
 
@@ -127,7 +134,9 @@ pub fn decide(
     if let Some(p) = reachable.iter().find(|p| {
         p.leader_changed_at.is_some_and(|t| {
             now.saturating_duration_since(t) <= fresh_within && t > fresh.renewed_at + fresh.after
-        })
+        }) && p
+            .leader_epoch_since
+            .is_some_and(|e| now.saturating_duration_since(e) >= fresh_within / 2)
     }) {
         return Verdict::SelfFence {
             reason: format!(
@@ -188,6 +197,8 @@ pub fn spawn(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reason = String::new();
         let mut acked: BTreeSet<u64> = BTreeSet::new();
+        // Per pool: the last change time seen, and when the current run of changes began.
+        let mut epochs: BTreeMap<String, (Instant, Instant)> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -198,11 +209,22 @@ pub fn spawn(
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
             }
             let now = Instant::now();
+            let lease_span = Duration::from_millis(lease.lease_ms());
             let pools: Vec<PoolEvidence> = storage
                 .view()
                 .pools
                 .into_iter()
                 .map(|p| PoolEvidence {
+                    leader_epoch_since: p.leader.as_ref().and_then(|(_, c)| *c).map(|changed| {
+                        let e = epochs.entry(p.name.clone()).or_insert((changed, changed));
+                        if changed != e.0 {
+                            if changed.saturating_duration_since(e.0) > lease_span {
+                                e.1 = changed;
+                            }
+                            e.0 = changed;
+                        }
+                        e.1
+                    }),
                     name: p.name,
                     checked: p.checked,
                     ok: p.ok,
@@ -307,6 +329,7 @@ mod tests {
             checked: true,
             ok,
             leader_changed_at,
+            leader_epoch_since: leader_changed_at.map(|t| t - Duration::from_secs(30)),
             fence_request: None,
         }
     }
@@ -419,6 +442,37 @@ mod tests {
             IsolationResponse::SelfFence,
             fresh,
             &[pool(true, Some(now - Duration::from_millis(300)))],
+        );
+        assert!(is_fence(&v), "{v:?}");
+    }
+
+    #[test]
+    fn monitors_back_from_an_outage_do_not_make_agents_fence_before_renewing() {
+        let now = Instant::now();
+        // The record changes again, but only for a second after a long pause: the agents
+        // get time to reconnect and be renewed.
+        let mut p = pool(true, Some(now - Duration::from_millis(100)));
+        p.leader_epoch_since = Some(now - Duration::from_millis(1_000));
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            long_ago(now),
+            &[p.clone()],
+        );
+        assert!(!is_fence(&v), "{v:?}");
+        // Half a lease later without a renewal: isolated after all.
+        p.leader_epoch_since = Some(now - Duration::from_millis(2_600));
+        let v = decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            long_ago(now),
+            &[p],
         );
         assert!(is_fence(&v), "{v:?}");
     }

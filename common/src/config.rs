@@ -109,6 +109,8 @@ pub struct RecoveryConfig {
     /// When no live host carries `ha_tag`: "any" (use another host, loudly) or "wait"
     /// (queue the VM, loudly).
     pub ha_tag_fallback: TagFallbackConfig,
+    /// Placement puts at most a host's CPUs times this many vCPUs on it (0: not checked).
+    pub vcpu_overcommit: u32,
 }
 
 /// `recovery.ha_tag_fallback`.
@@ -130,6 +132,7 @@ impl Default for RecoveryConfig {
             backoff_max_ms: 60_000,
             ha_tag: None,
             ha_tag_fallback: TagFallbackConfig::Any,
+            vcpu_overcommit: 4,
         }
     }
 }
@@ -365,6 +368,12 @@ impl MonitorConfig {
             return Err(invalid(
                 "recovery.max_restarts_in_place",
                 "recovery.max_restarts_in_place and recovery.max_relocations cannot both be 0 (HA would never restart anything)".into(),
+            ));
+        }
+        if r.vcpu_overcommit > 64 {
+            return Err(invalid(
+                "recovery.vcpu_overcommit",
+                format!("{} is out of range 0..=64", r.vcpu_overcommit),
             ));
         }
         if r.window_ms < 1_000 {

@@ -30,7 +30,7 @@ use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent
 use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
 use crate::investigation::{self, Condition, Evidence};
 use crate::lease::LeaseBook;
-use crate::placement::{self, HostView};
+use crate::placement::{self, HostView, Need};
 use crate::recovery::{self, RecoveryPolicy};
 use crate::state::{
     ClusterState, EventKind, FailureKind, HostPhase, Phase, Proof, Severity, StateCommand,
@@ -172,6 +172,8 @@ pub struct FailoverConfig {
     pub ha_tag_fallback: placement::TagFallback,
     /// Ask isolated hosts to fence themselves through their storage slot.
     pub storage_slot: bool,
+    /// A host takes VMs up to its CPUs times this many vCPUs (0: vCPUs are not checked).
+    pub vcpu_overcommit: u32,
     /// TCP port peers knock on to see whether a silent host's kernel answers.
     pub probe_port: u16,
 }
@@ -236,8 +238,14 @@ pub struct Engine {
     self_fenced: BTreeSet<String>,
     /// Raft term and node id while leader (stamped into fence requests).
     term_node: (u64, u64),
-    /// HA VMs destroyed on purpose because their host alone lost their storage.
-    evacuating: BTreeSet<String>,
+    /// HA VMs destroyed on the monitor's order so that they start elsewhere: their host alone
+    /// lost their storage, or it is in maintenance. Their stop is a move, not a decision of
+    /// an operator.
+    forced_stops: BTreeMap<String, FailureKind>,
+    /// Hosts in maintenance (mirrored from the replicated state on each tick and apply).
+    maintenance: BTreeSet<String>,
+    /// Host views for placement, built once per input and reserved as VMs are placed.
+    views: Option<BTreeMap<String, HostView>>,
     /// Pools whose outage was already reported (pool-wide or one host), to say so once.
     outages: BTreeMap<String, String>,
     /// Since when (monotonic ms) each (host, pool) has been reported down.
@@ -281,7 +289,9 @@ impl Engine {
             unfenceable: BTreeSet::new(),
             self_fenced: BTreeSet::new(),
             term_node: (0, 0),
-            evacuating: BTreeSet::new(),
+            forced_stops: BTreeMap::new(),
+            maintenance: BTreeSet::new(),
+            views: None,
             outages: BTreeMap::new(),
             pool_down_since: BTreeMap::new(),
         }
@@ -336,6 +346,7 @@ impl Engine {
         state: &ClusterState,
     ) -> Vec<Action> {
         let mut out = Vec::new();
+        self.views = None;
         match input {
             Input::AgentConnected {
                 host,
@@ -382,6 +393,22 @@ impl Engine {
                         zone,
                         cluster,
                         agent_version,
+                    }));
+                }
+                let pools = self.host_pools.get(&host).cloned().unwrap_or_default();
+                if state
+                    .hosts
+                    .get(&host)
+                    .is_none_or(|h| h.pools != pools || (addr.is_some() && h.addr != addr))
+                {
+                    // Replicated, so a new leader knows which hosts have storage (and so
+                    // which proofs can exist) and where peers can check them, before their
+                    // agents reconnect.
+                    out.push(Action::Propose(StateCommand::SetHostInfo {
+                        at_ms: wall_ms,
+                        host: host.clone(),
+                        pools,
+                        addr,
                     }));
                 }
                 if state
@@ -590,6 +617,8 @@ impl Engine {
                 for name in state.hosts.keys() {
                     self.detector.track(name);
                 }
+                self.mirror_maintenance(state);
+                self.reconcile_maintenance(wall_ms, state, &mut out);
                 for t in self.detector.tick(now_ms) {
                     self.transition_event(t, wall_ms, &mut out);
                 }
@@ -598,6 +627,7 @@ impl Engine {
                 self.reconcile(wall_ms, state, &mut out);
             }
             Input::Applied => {
+                self.mirror_maintenance(state);
                 self.reconcile(wall_ms, state, &mut out);
             }
             Input::BecameLeader { term, node } => {
@@ -633,6 +663,20 @@ impl Engine {
                                 zone: zone.clone(),
                                 cluster: cluster.clone(),
                                 agent_version: agent_version.clone(),
+                            }));
+                        }
+                        let pools = self.host_pools.get(&name).cloned().unwrap_or_default();
+                        let addr = self.evidence.addr_of(&name);
+                        if state
+                            .hosts
+                            .get(&name)
+                            .is_none_or(|h| h.pools != pools || (addr.is_some() && h.addr != addr))
+                        {
+                            out.push(Action::Propose(StateCommand::SetHostInfo {
+                                at_ms: wall_ms,
+                                host: name.clone(),
+                                pools,
+                                addr,
                             }));
                         }
                     }
@@ -731,8 +775,8 @@ impl Engine {
                             d.reason,
                             StateReason::GuestShutdown | StateReason::Destroyed
                         );
-                    let self_fenced =
-                        self.self_fenced.contains(&d.uuid) || self.evacuating.contains(&d.uuid);
+                    let forced = self.forced_stops.get(&d.uuid).copied();
+                    let self_fenced = self.self_fenced.contains(&d.uuid) || forced.is_some();
                     if stopped_on_purpose
                         && !self_fenced
                         && vm.phase == Phase::Running
@@ -750,7 +794,22 @@ impl Engine {
                             },
                         }));
                     }
-                    if (crashed || (stopped_on_purpose && self_fenced))
+                    if stopped_on_purpose
+                        && forced.is_some()
+                        && vm.ha
+                        && vm.phase == Phase::Running
+                        && vm.host == host
+                        && d.meta.generation.unwrap_or(0) == vm.generation
+                    {
+                        let kind = forced.unwrap_or(FailureKind::StorageLost);
+                        self.forced_stops.remove(&d.uuid);
+                        let proof = Proof::AgentReportedStopped {
+                            host: host.to_string(),
+                            detail: format!("inventory: destroyed on the monitor's order ({kind})"),
+                            observed_at_ms: None,
+                        };
+                        self.vm_failed(vm, host, kind, proof, wall_ms, state, out);
+                    } else if (crashed || (stopped_on_purpose && self_fenced))
                         && vm.ha
                         && vm.phase == Phase::Running
                         && vm.host == host
@@ -807,25 +866,18 @@ impl Engine {
                 self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
             }
             LifecycleKind::Destroyed
-                if event.proves_stopped() && self.evacuating.contains(&event.uuid) =>
+                if event.proves_stopped() && self.forced_stops.contains_key(&event.uuid) =>
             {
+                let kind = self
+                    .forced_stops
+                    .remove(&event.uuid)
+                    .unwrap_or(FailureKind::StorageLost);
                 let proof = Proof::AgentReportedStopped {
                     host: host.to_string(),
-                    detail:
-                        "destroyed on the monitor's order: its storage is down on this host only"
-                            .into(),
+                    detail: format!("destroyed on the monitor's order ({kind})"),
                     observed_at_ms: Some(event.at_ms),
                 };
-                self.evacuating.remove(&event.uuid);
-                self.vm_failed(
-                    vm,
-                    host,
-                    FailureKind::StorageLost,
-                    proof,
-                    wall_ms,
-                    state,
-                    out,
-                );
+                self.vm_failed(vm, host, kind, proof, wall_ms, state, out);
             }
             LifecycleKind::Destroyed
                 if event.proves_stopped() && self.self_fenced.contains(&event.uuid) =>
@@ -927,20 +979,21 @@ impl Engine {
         if self.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
             return;
         }
-        let views = self.host_views(state);
+        let need = need_of(vm);
+        let views = self.views(state).clone();
         // Relocating starts a copy elsewhere: only when this host's own inventory shows the
         // domain shut off (a refused start, say because it still runs, is no such proof).
         let gone_here = self.shut_off_on(host, &vm.uuid);
-        let decision = if failure == FailureKind::StorageLost {
-            // Its host lost the VM's storage: restarting it there is pointless.
-            let target = placement::relocation_target(&state.hosts, &views, host, vm.memory_kib);
+        let decision = if matches!(failure, FailureKind::StorageLost | FailureKind::Maintenance) {
+            // Its host lost the VM's storage, or is being drained: not back there.
+            let target = placement::relocation_target(&state.hosts, &views, host, &need);
             recovery::decide_host_failure(vm, wall_ms, &self.policy, target)
         } else {
             recovery::decide(vm, host, wall_ms, &self.policy, || {
                 if !gone_here {
                     return None;
                 }
-                placement::relocation_target(&state.hosts, &views, host, vm.memory_kib)
+                placement::relocation_target(&state.hosts, &views, host, &need)
             })
         };
         self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
@@ -1042,19 +1095,31 @@ impl Engine {
                         .hosts
                         .get(host)
                         .is_some_and(|h| matches!(h.phase, HostPhase::Fenced { .. }));
-                    let relocate = &(*relocate || target_fenced);
+                    let relocate = &(*relocate || target_fenced || self.maintenance.contains(host));
+                    let need = need_of(vm);
                     let target = if *relocate && !self.host_usable(host) {
-                        let views = self.host_views(state);
+                        let (tag, fallback) =
+                            (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
+                        let views = self.views(state);
                         let (t, warning) = placement::failover_target(
                             &state.hosts,
-                            &views,
+                            views,
                             &vm.host,
-                            vm.memory_kib,
-                            self.failover.ha_tag.as_deref(),
-                            self.failover.ha_tag_fallback,
+                            &need,
+                            tag.as_deref(),
+                            fallback,
                         );
                         self.warn_tag(vm, warning, wall_ms, out);
-                        t
+                        // Nowhere else, but its own host is back (rejoined after fencing, or
+                        // storage healed): it may start there again; the proof check below
+                        // still applies.
+                        t.or_else(|| {
+                            let home_ok = state
+                                .hosts
+                                .get(&vm.host)
+                                .is_some_and(|h| h.phase == HostPhase::Active);
+                            (home_ok && self.host_usable(&vm.host)).then(|| vm.host.clone())
+                        })
                     } else {
                         Some(host.clone())
                     };
@@ -1084,6 +1149,7 @@ impl Engine {
                             && self.proposed_start.get(&vm.uuid) != Some(&next)
                         {
                             self.proposed_start.insert(vm.uuid.clone(), next);
+                            self.place(vm, &target, &need, wall_ms, state, out);
                             out.push(Action::Propose(StateCommand::OrderStart {
                                 at_ms: wall_ms,
                                 uuid: vm.uuid.clone(),
@@ -1171,19 +1237,25 @@ impl Engine {
             if silent {
                 self.probe(name, &h.cluster, now_ms, state, out);
             }
-            let has_pools = self.host_pools.get(name).is_some_and(|p| !p.is_empty());
+            let pools = if h.pools.is_empty() {
+                self.host_pools.get(name).cloned().unwrap_or_default()
+            } else {
+                h.pools.clone()
+            };
+            let has_pools = !pools.is_empty();
             let condition = self
                 .evidence
                 .condition(name, silent, down, has_pools, now_ms);
             self.record_condition(name, &condition, wall_ms, out);
             let has_ha = hosts_with_ha.contains(name.as_str());
-            let pools = self.host_pools.get(name).cloned().unwrap_or_default();
             let slot = self.failover.storage_slot && !pools.is_empty();
             let power = self.failover.fence_hosts.contains(name);
             match &h.phase {
                 HostPhase::Active if down && has_ha => {
                     let (lease_usable, power_at) = match &condition {
-                        Condition::Dead { .. } => (true, now_ms),
+                        // Lease expiry proves nothing about a host that may be alive with a
+                        // dead agent: only when peers confirmed it unreachable.
+                        Condition::Dead { confirmed, .. } => (*confirmed, now_ms),
                         Condition::Isolated { .. } => {
                             let lease_ok = self.leases.proof(name, &pools, u64::MAX).is_ok();
                             let at = if lease_ok || slot {
@@ -1320,16 +1392,25 @@ impl Engine {
                         if self.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
                             continue;
                         }
-                        let views = self.host_views(state);
+                        let need = need_of(vm);
+                        let (tag, fallback) =
+                            (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
+                        let views = self.views(state);
                         let (target, warning) = placement::failover_target(
                             &state.hosts,
-                            &views,
+                            views,
                             name,
-                            vm.memory_kib,
-                            self.failover.ha_tag.as_deref(),
-                            self.failover.ha_tag_fallback,
+                            &need,
+                            tag.as_deref(),
+                            fallback,
                         );
                         self.warn_tag(vm, warning, wall_ms, out);
+                        if let Some(t) = &target {
+                            // Reserved now: the next VM of this host must see it taken.
+                            if let Some(v) = self.views(state).get_mut(t) {
+                                v.reserve(&need);
+                            }
+                        }
                         let decision =
                             recovery::decide_host_failure(vm, wall_ms, &self.policy, target);
                         self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
@@ -1444,9 +1525,10 @@ impl Engine {
                 if vm.ha
                     && vm.phase == Phase::Running
                     && lasting.contains(&vm.host.as_str())
-                    && !self.evacuating.contains(&vm.uuid)
+                    && !self.forced_stops.contains_key(&vm.uuid)
                 {
-                    self.evacuating.insert(vm.uuid.clone());
+                    self.forced_stops
+                        .insert(vm.uuid.clone(), FailureKind::StorageLost);
                     out.push(Action::Send {
                         host: vm.host.clone(),
                         command: AgentCommand::DestroyDomain {
@@ -1468,9 +1550,16 @@ impl Engine {
         state: &ClusterState,
         out: &mut Vec<Action>,
     ) {
-        let Some(ip) = self.evidence.addr_of(host) else {
+        // Learned from its connection; a new leader that has not seen it connect yet uses
+        // the replicated address.
+        let Some(ip) = self
+            .evidence
+            .addr_of(host)
+            .or_else(|| state.hosts.get(host).and_then(|h| h.addr))
+        else {
             return;
         };
+        self.evidence.address(host, ip);
         let peers: Vec<String> = state
             .hosts
             .iter()
@@ -1613,10 +1702,12 @@ impl Engine {
     /// Whether `host` can take a VM now: connected, up, a healthy hypervisor, and every
     /// storage pool it mounts up there (nothing is placed on a pool that is down).
     fn host_usable(&self, host: &str) -> bool {
-        self.pool_status
-            .range((host.to_string(), String::new())..)
-            .take_while(|((h, _), _)| h == host)
-            .all(|(_, p)| p.ok)
+        !self.maintenance.contains(host)
+            && self
+                .pool_status
+                .range((host.to_string(), String::new())..)
+                .take_while(|((h, _), _)| h == host)
+                .all(|(_, p)| p.ok)
             && self.connected.contains(host)
             && self.detector.state(host) == Some(Liveness::Up)
             && self
@@ -1625,24 +1716,163 @@ impl Engine {
                 .is_none_or(|i| i.health == HypervisorHealth::Healthy)
     }
 
+    /// Host views for placement, built once per input (`views` is reset by `handle`), so
+    /// that reservations made while placing several VMs are seen by the next one.
+    fn views(&mut self, state: &ClusterState) -> &mut BTreeMap<String, HostView> {
+        if self.views.is_none() {
+            self.views = Some(self.host_views(state));
+        }
+        self.views.get_or_insert_with(BTreeMap::new)
+    }
+
+    /// What each host can take now: its reported free memory and vCPUs, minus the starts
+    /// ordered there that its agent does not report running yet (their memory is not in its
+    /// facts yet), and the anti-affinity groups running or starting there.
     fn host_views(&self, state: &ClusterState) -> BTreeMap<String, HostView> {
-        state
+        let mut views: BTreeMap<String, HostView> = state
             .hosts
             .keys()
             .map(|h| {
+                let facts = self.facts.get(h);
+                let running_vcpus: u64 = self
+                    .inventory
+                    .get(h)
+                    .map(|inv| {
+                        inv.domains
+                            .values()
+                            .filter(|d| !d.is_shut_off())
+                            .map(|d| u64::from(d.vcpus))
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                let cpus = facts.map(|f| u64::from(f.cpus)).unwrap_or(0);
+                let vcpus_available = if self.failover.vcpu_overcommit == 0 || cpus == 0 {
+                    u64::MAX
+                } else {
+                    (cpus * u64::from(self.failover.vcpu_overcommit)).saturating_sub(running_vcpus)
+                };
                 (
                     h.clone(),
                     HostView {
                         usable: self.host_usable(h),
-                        memory_available_bytes: self
-                            .facts
-                            .get(h)
+                        memory_available_bytes: facts
                             .map(|f| f.memory_available_bytes)
                             .unwrap_or(0),
+                        vcpus_available,
+                        groups: Default::default(),
                     },
                 )
             })
-            .collect()
+            .collect();
+        for vm in state.vms.values() {
+            match &vm.phase {
+                Phase::Running => {
+                    if let (Some(v), Some(g)) = (views.get_mut(&vm.host), &vm.anti_affinity) {
+                        v.groups.insert(g.clone());
+                    }
+                }
+                Phase::Recovering { host, .. } => {
+                    let started = self
+                        .inventory
+                        .get(host)
+                        .and_then(|inv| inv.domains.get(&vm.uuid))
+                        .is_some_and(|d| !d.is_shut_off());
+                    if let Some(v) = views.get_mut(host) {
+                        if started {
+                            if let Some(g) = &vm.anti_affinity {
+                                v.groups.insert(g.clone());
+                            }
+                        } else {
+                            v.reserve(&need_of(vm));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        views
+    }
+
+    /// Records a start placed on `target`: reserves its capacity for the rest of this pass,
+    /// and says so when anti-affinity could not be honoured.
+    fn place(
+        &mut self,
+        vm: &VmRecord,
+        target: &str,
+        need: &Need,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let views = self.views(state);
+        let shared = need.group.is_some() && placement::shares_group(views, target, need);
+        if let Some(v) = views.get_mut(target) {
+            v.reserve(need);
+        }
+        if shared {
+            out.push(Action::Propose(StateCommand::RecordEvent {
+                at_ms: wall_ms,
+                severity: Severity::Warning,
+                host: Some(target.to_string()),
+                kind: EventKind::AntiAffinityBroken,
+                message: format!(
+                    "VM {} starts on {target} next to another member of anti-affinity group {}: no other host with room",
+                    vm.name,
+                    need.group.unwrap_or_default()
+                ),
+            }));
+        }
+    }
+
+    fn mirror_maintenance(&mut self, state: &ClusterState) {
+        self.maintenance = state
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.maintenance)
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.views = None;
+    }
+
+    /// Drains hosts in maintenance: each HA VM running there is destroyed through its agent
+    /// (which proves it stopped) and started on another host. A cold move: live migration is
+    /// not built yet (docs/architecture.md).
+    fn reconcile_maintenance(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+        if self.maintenance.is_empty() {
+            return;
+        }
+        for vm in state.vms.values() {
+            if !(vm.ha && vm.phase == Phase::Running && self.maintenance.contains(&vm.host)) {
+                continue;
+            }
+            if self.forced_stops.contains_key(&vm.uuid) || !self.connected.contains(&vm.host) {
+                continue;
+            }
+            // Only when it has somewhere to go: a drain must not leave a VM down.
+            let need = need_of(vm);
+            let views = self.views(state);
+            if placement::relocation_target(&state.hosts, views, &vm.host, &need).is_none() {
+                continue;
+            }
+            self.forced_stops
+                .insert(vm.uuid.clone(), FailureKind::Maintenance);
+            out.push(Action::Propose(StateCommand::RecordEvent {
+                at_ms: wall_ms,
+                severity: Severity::Info,
+                host: Some(vm.host.clone()),
+                kind: EventKind::VmDraining,
+                message: format!(
+                    "moving VM {} off {} (maintenance): stopping it there, then starting it elsewhere",
+                    vm.name, vm.host
+                ),
+            }));
+            out.push(Action::Send {
+                host: vm.host.clone(),
+                command: AgentCommand::DestroyDomain {
+                    uuid: vm.uuid.clone(),
+                },
+            });
+        }
     }
 
     fn transition_event(&self, t: Transition, wall_ms: u64, out: &mut Vec<Action>) {
@@ -1732,11 +1962,20 @@ pub fn generation_table(state: &ClusterState) -> MonitorToAgent {
     }
 }
 
+/// What a VM needs from a host it is placed on.
+fn need_of(vm: &VmRecord) -> Need<'_> {
+    Need {
+        memory_kib: vm.memory_kib,
+        vcpus: vm.vcpus,
+        group: vm.anti_affinity.as_deref(),
+    }
+}
+
 fn condition_evidence(c: &Condition) -> &str {
     match c {
         Condition::Isolated { evidence }
         | Condition::AgentDown { evidence }
-        | Condition::Dead { evidence } => evidence,
+        | Condition::Dead { evidence, .. } => evidence,
         Condition::Alive => "heartbeats arrive",
         Condition::Investigating => "evidence still coming in",
     }
@@ -1853,7 +2092,7 @@ mod tests {
                 "host hv1 is suspect: no heartbeat for 300 ms",
                 "host hv1: silent; investigating (storage heartbeat, peers)",
                 "host hv1 is down: no heartbeat for 550 ms",
-                "host hv1: dead: no storage heartbeat and no peer to ask",
+                "host hv1: dead: no storage heartbeat; its address is unknown, so no peer could check it",
             ]
         );
         s.beat("hv1", 1_100);

@@ -42,8 +42,10 @@ pub enum Condition {
     Isolated { evidence: String },
     /// Its kernel answers peers, but neither its agent nor its storage heartbeat does.
     AgentDown { evidence: String },
-    /// No sign of life anywhere.
-    Dead { evidence: String },
+    /// No sign of life anywhere. `confirmed`: peers were asked and none reaches it; without
+    /// that (no peer, no known address) an agent that died on a live host looks the same, so
+    /// lease expiry proves nothing (power fencing still does).
+    Dead { evidence: String, confirmed: bool },
 }
 
 impl Condition {
@@ -252,21 +254,36 @@ impl Evidence {
         if !down || storage_pending {
             return Condition::Investigating;
         }
-        let evidence = match probe {
-            Some(p) if p.asked.is_empty() => "no storage heartbeat and no peer to ask".to_string(),
-            Some(p) if p.answers.len() == p.asked.len() => format!(
-                "no storage heartbeat, and no peer reaches it ({} asked)",
-                p.asked.len()
+        let (evidence, confirmed) = match probe {
+            Some(p) if p.asked.is_empty() => {
+                ("no storage heartbeat and no peer to ask".to_string(), false)
+            }
+            Some(p) if p.answers.len() == p.asked.len() => (
+                format!(
+                    "no storage heartbeat, and no peer reaches it ({} asked)",
+                    p.asked.len()
+                ),
+                true,
             ),
-            Some(p) if now_ms.saturating_sub(p.started_ms) >= PROBE_TIMEOUT_MS * 2 => format!(
-                "no storage heartbeat; {} of {} peers answered, none reaches it",
-                p.answers.len(),
-                p.asked.len()
+            Some(p) if now_ms.saturating_sub(p.started_ms) >= PROBE_TIMEOUT_MS * 2 => (
+                format!(
+                    "no storage heartbeat; {} of {} peers answered, none reaches it",
+                    p.answers.len(),
+                    p.asked.len()
+                ),
+                !p.answers.is_empty(),
             ),
             Some(_) => return Condition::Investigating,
-            None => "no storage heartbeat and no peer to ask".to_string(),
+            None => (
+                "no storage heartbeat; its address is unknown, so no peer could check it"
+                    .to_string(),
+                false,
+            ),
         };
-        Condition::Dead { evidence }
+        Condition::Dead {
+            evidence,
+            confirmed,
+        }
     }
 
     /// Forgets a host (removed).

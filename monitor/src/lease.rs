@@ -32,8 +32,10 @@ pub struct LeaseBook {
     leader_since_ms: Option<u64>,
     /// Last grant per host.
     granted: BTreeMap<String, u64>,
-    /// Per pool: since when the leader record has been written without a failure.
+    /// Per pool: since when the leader record has been written without a failure or a
+    /// pause, and when it was last written.
     record_ok_since: BTreeMap<String, u64>,
+    record_last_ok: BTreeMap<String, u64>,
 }
 
 impl LeaseBook {
@@ -44,6 +46,7 @@ impl LeaseBook {
             leader_since_ms: None,
             granted: BTreeMap::new(),
             record_ok_since: BTreeMap::new(),
+            record_last_ok: BTreeMap::new(),
         }
     }
 
@@ -56,12 +59,14 @@ impl LeaseBook {
         self.leader_since_ms = Some(now_ms);
         self.granted.clear();
         self.record_ok_since.clear();
+        self.record_last_ok.clear();
     }
 
     pub fn lost_leadership(&mut self) {
         self.leader_since_ms = None;
         self.granted.clear();
         self.record_ok_since.clear();
+        self.record_last_ok.clear();
     }
 
     /// A renewal granted to `host` now.
@@ -69,15 +74,28 @@ impl LeaseBook {
         self.granted.insert(host.to_string(), now_ms);
     }
 
-    /// The leader record was written on `pool` (`ok`), or the attempt failed.
+    /// The leader record was written on `pool` (`ok`), or the attempt failed. A pause of
+    /// more than three storage intervals (this monitor was stopped, or its storage thread
+    /// stalled) starts the count again: agents that saw the record stop treat its return as a
+    /// new start too.
     pub fn record_written(&mut self, pool: &str, ok: bool, now_ms: u64) {
-        if ok {
+        if !ok {
+            self.record_ok_since.remove(pool);
+            self.record_last_ok.remove(pool);
+            return;
+        }
+        let paused = self
+            .record_last_ok
+            .get(pool)
+            .is_some_and(|t| now_ms.saturating_sub(*t) > 3 * self.storage_interval_ms);
+        if paused {
+            self.record_ok_since.insert(pool.to_string(), now_ms);
+        } else {
             self.record_ok_since
                 .entry(pool.to_string())
                 .or_insert(now_ms);
-        } else {
-            self.record_ok_since.remove(pool);
         }
+        self.record_last_ok.insert(pool.to_string(), now_ms);
     }
 
     /// When `host`'s lease ends as far as this leader knows (grant + lease + margin).
@@ -184,6 +202,20 @@ mod tests {
         assert!(b.proof("hv1", &pools, 63_500).is_ok());
         b.record_written("p", false, 63_600);
         assert!(b.proof("hv1", &pools, 63_700).is_err(), "p failed");
+    }
+
+    #[test]
+    fn a_pause_in_writing_the_record_starts_the_count_again() {
+        let mut b = book();
+        let pools = vec!["p".to_string()];
+        for t in (0..=10_000).step_by(500) {
+            b.record_written("p", true, t);
+        }
+        assert!(b.proof("hv1", &pools, 10_000).is_ok());
+        // Stopped for a minute (a paused monitor), then writing again.
+        b.record_written("p", true, 70_000);
+        let err = b.proof("hv1", &pools, 70_100).expect_err("pause");
+        assert!(err.contains("for 100 ms only"), "{err}");
     }
 
     #[test]

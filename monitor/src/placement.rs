@@ -1,49 +1,116 @@
-//! Where a VM may run: same zone always, same cluster first, live hosts with room.
+//! Where a VM may run: same zone always, live hosts with room (memory and vCPUs), never a host
+//! in maintenance; `ha_tag` hosts first for VMs of a failed host; then hosts without another
+//! VM of the same anti-affinity group; then the same cluster; then the most free memory.
 //!
 //! Pure: it reads the replicated hosts and a view of each host's liveness and capacity that
-//! the engine supplies. (`ha_tag` preference and anti-affinity come with host-failure
-//! recovery.)
+//! the engine supplies (free memory and vCPUs already net of the starts it ordered and that
+//! have not shown up in the host's facts yet, see `Engine::host_views`).
+//!
+//! Anti-affinity is a preference, not a refusal: when every host with room already runs a
+//! member of the group, the VM still starts (an HA VM down is worse than two members sharing
+//! a host), and the engine says so in the event log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::state::HostRecord;
 
 /// What the engine knows about a host right now.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HostView {
+    /// Connected, up, healthy hypervisor, its storage up, not in maintenance.
     pub usable: bool,
     pub memory_available_bytes: u64,
+    /// vCPUs it can still take (its CPUs times the overcommit ratio, minus what runs there).
+    pub vcpus_available: u64,
+    /// Anti-affinity groups of the VMs running or starting there.
+    pub groups: BTreeSet<String>,
 }
 
-/// Picks a host for a VM of `memory_kib` leaving `from_host`: same zone only; same cluster
-/// preferred; most free memory first; never `from_host`. `None` if no host qualifies.
+/// What a VM needs from a host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Need<'a> {
+    pub memory_kib: u64,
+    pub vcpus: u32,
+    pub group: Option<&'a str>,
+}
+
+impl HostView {
+    fn fits(&self, need: &Need) -> bool {
+        self.usable
+            && self.memory_available_bytes >= need.memory_kib.saturating_mul(1024)
+            && self.vcpus_available >= u64::from(need.vcpus)
+    }
+
+    fn conflicts(&self, need: &Need) -> bool {
+        need.group.is_some_and(|g| self.groups.contains(g))
+    }
+
+    /// Takes what `need` uses (several VMs placed in one pass must not all land on the host
+    /// that had room for one).
+    pub fn reserve(&mut self, need: &Need) {
+        self.memory_available_bytes = self
+            .memory_available_bytes
+            .saturating_sub(need.memory_kib.saturating_mul(1024));
+        self.vcpus_available = self.vcpus_available.saturating_sub(u64::from(need.vcpus));
+        if let Some(g) = need.group {
+            self.groups.insert(g.to_string());
+        }
+    }
+}
+
+/// Candidates in the zone of `from_host` (never `from_host`) that fit `need`.
+fn candidates<'h>(
+    hosts: &'h BTreeMap<String, HostRecord>,
+    views: &'h BTreeMap<String, HostView>,
+    from: &HostRecord,
+    from_host: &str,
+    need: &Need,
+) -> Vec<(&'h String, &'h HostRecord, &'h HostView)> {
+    hosts
+        .iter()
+        .filter(|(n, h)| n.as_str() != from_host && h.zone == from.zone && !h.maintenance)
+        .filter_map(|(n, h)| {
+            let v = views.get(n)?;
+            v.fits(need).then_some((n, h, v))
+        })
+        .collect()
+}
+
+/// The best of `c`: no anti-affinity conflict, then same cluster, then most free memory,
+/// then the name (deterministic).
+fn best(
+    c: &[&(&String, &HostRecord, &HostView)],
+    from: &HostRecord,
+    need: &Need,
+) -> Option<String> {
+    c.iter()
+        .max_by_key(|(n, h, v)| {
+            (
+                !v.conflicts(need),
+                h.cluster == from.cluster,
+                v.memory_available_bytes,
+                std::cmp::Reverse((*n).clone()),
+            )
+        })
+        .map(|(n, _, _)| (*n).clone())
+}
+
+/// Picks a host for a VM leaving `from_host` (see the module docs). `None` if no host
+/// qualifies.
 pub fn relocation_target(
     hosts: &BTreeMap<String, HostRecord>,
     views: &BTreeMap<String, HostView>,
     from_host: &str,
-    memory_kib: u64,
+    need: &Need,
 ) -> Option<String> {
     let from = hosts.get(from_host)?;
-    let need = memory_kib.saturating_mul(1024);
-    let mut best: Option<(bool, u64, &str)> = None;
-    for (name, h) in hosts {
-        if name == from_host || h.zone != from.zone {
-            continue;
-        }
-        let Some(v) = views.get(name) else { continue };
-        if !v.usable || v.memory_available_bytes < need {
-            continue;
-        }
-        let key = (
-            h.cluster == from.cluster,
-            v.memory_available_bytes,
-            name.as_str(),
-        );
-        if best.is_none_or(|b| (key.0, key.1) > (b.0, b.1)) {
-            best = Some(key);
-        }
-    }
-    best.map(|b| b.2.to_string())
+    let c = candidates(hosts, views, from, from_host, need);
+    best(&c.iter().collect::<Vec<_>>(), from, need)
+}
+
+/// Whether placing `need` on `host` puts two members of its anti-affinity group together.
+pub fn shares_group(views: &BTreeMap<String, HostView>, host: &str, need: &Need) -> bool {
+    views.get(host).is_some_and(|v| v.conflicts(need))
 }
 
 /// What to do when no live host carries the `ha_tag`.
@@ -57,52 +124,25 @@ pub enum TagFallback {
 }
 
 /// The host a VM of a failed host goes to, and a warning when the `ha_tag` could not be
-/// honoured. Same zone only; hosts carrying `ha_tag` first; then same cluster; then most
-/// free memory.
+/// honoured. Same zone only; hosts carrying `ha_tag` first; then as [`relocation_target`].
 pub fn failover_target(
     hosts: &BTreeMap<String, HostRecord>,
     views: &BTreeMap<String, HostView>,
     from_host: &str,
-    memory_kib: u64,
+    need: &Need,
     ha_tag: Option<&str>,
     fallback: TagFallback,
 ) -> (Option<String>, Option<String>) {
     let Some(from) = hosts.get(from_host) else {
         return (None, None);
     };
-    let need = memory_kib.saturating_mul(1024);
-    let candidates: Vec<(&String, &HostRecord, u64)> = hosts
-        .iter()
-        .filter(|(n, h)| n.as_str() != from_host && h.zone == from.zone)
-        .filter_map(|(n, h)| {
-            let v = views.get(n)?;
-            (v.usable && v.memory_available_bytes >= need).then_some((
-                n,
-                h,
-                v.memory_available_bytes,
-            ))
-        })
-        .collect();
-    let best = |c: &[&(&String, &HostRecord, u64)]| {
-        c.iter()
-            .max_by_key(|(n, h, mem)| {
-                (
-                    h.cluster == from.cluster,
-                    *mem,
-                    std::cmp::Reverse((*n).clone()),
-                )
-            })
-            .map(|(n, _, _)| (*n).clone())
-    };
-    let all: Vec<&(&String, &HostRecord, u64)> = candidates.iter().collect();
+    let c = candidates(hosts, views, from, from_host, need);
+    let all: Vec<_> = c.iter().collect();
     let Some(tag) = ha_tag else {
-        return (best(&all), None);
+        return (best(&all, from, need), None);
     };
-    let tagged: Vec<&(&String, &HostRecord, u64)> = candidates
-        .iter()
-        .filter(|(_, h, _)| h.tags.contains(tag))
-        .collect();
-    if let Some(t) = best(&tagged) {
+    let tagged: Vec<_> = c.iter().filter(|(_, h, _)| h.tags.contains(tag)).collect();
+    if let Some(t) = best(&tagged, from, need) {
         return (Some(t), None);
     }
     let warning = format!(
@@ -111,7 +151,7 @@ pub fn failover_target(
     );
     match fallback {
         TagFallback::Any => (
-            best(&all),
+            best(&all, from, need),
             Some(format!("{warning}; falling back to any host")),
         ),
         TagFallback::Wait => (None, Some(format!("{warning}; queued until one is"))),
@@ -134,6 +174,9 @@ mod tests {
                 registered_at_ms: 0,
                 agent_version: String::new(),
                 phase: Default::default(),
+                maintenance: false,
+                pools: vec![],
+                addr: None,
             },
         )
     }
@@ -142,6 +185,16 @@ mod tests {
         HostView {
             usable,
             memory_available_bytes: gib << 30,
+            vcpus_available: 64,
+            groups: BTreeSet::new(),
+        }
+    }
+
+    fn mem(kib: u64) -> Need<'static> {
+        Need {
+            memory_kib: kib,
+            vcpus: 1,
+            group: None,
         }
     }
 
@@ -165,13 +218,34 @@ mod tests {
         .into_iter()
         .collect();
         // The tagged host wins even from another cluster and with less memory.
-        let (t, w) = failover_target(&hosts, &views, "a1", 1 << 20, Some("ha"), TagFallback::Any);
+        let (t, w) = failover_target(
+            &hosts,
+            &views,
+            "a1",
+            &mem(1 << 20),
+            Some("ha"),
+            TagFallback::Any,
+        );
         assert_eq!((t.as_deref(), w), (Some("a3"), None));
         views.insert("a3".into(), view(false, 2));
-        let (t, w) = failover_target(&hosts, &views, "a1", 1 << 20, Some("ha"), TagFallback::Any);
+        let (t, w) = failover_target(
+            &hosts,
+            &views,
+            "a1",
+            &mem(1 << 20),
+            Some("ha"),
+            TagFallback::Any,
+        );
         assert_eq!(t.as_deref(), Some("a2"));
         assert!(w.is_some_and(|w| w.contains("ha_tag")));
-        let (t, w) = failover_target(&hosts, &views, "a1", 1 << 20, Some("ha"), TagFallback::Wait);
+        let (t, w) = failover_target(
+            &hosts,
+            &views,
+            "a1",
+            &mem(1 << 20),
+            Some("ha"),
+            TagFallback::Wait,
+        );
         assert_eq!(t, None);
         assert!(w.is_some_and(|w| w.contains("queued")));
     }
@@ -195,15 +269,91 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", 1 << 20).as_deref(),
+            relocation_target(&hosts, &views, "a1", &mem(1 << 20)).as_deref(),
             Some("a2")
         );
         // a2 lacks room for 4 GiB: the other cluster of the same zone, never zone z2.
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", 4 << 20).as_deref(),
+            relocation_target(&hosts, &views, "a1", &mem(4 << 20)).as_deref(),
             Some("a3")
         );
         views.insert("a3".into(), view(false, 64));
-        assert_eq!(relocation_target(&hosts, &views, "a1", 4 << 20), None);
+        assert_eq!(relocation_target(&hosts, &views, "a1", &mem(4 << 20)), None);
+    }
+
+    #[test]
+    fn anti_affinity_maintenance_vcpus_and_reservations() {
+        let mut hosts: BTreeMap<_, _> = [
+            host("a1", "z1", "c1"),
+            host("a2", "z1", "c1"),
+            host("a3", "z1", "c1"),
+        ]
+        .into_iter()
+        .collect();
+        let mut views: BTreeMap<String, HostView> = [
+            ("a1".to_string(), view(true, 8)),
+            ("a2".to_string(), view(true, 64)),
+            ("a3".to_string(), view(true, 32)),
+        ]
+        .into_iter()
+        .collect();
+        let db = Need {
+            memory_kib: 1 << 20,
+            vcpus: 2,
+            group: Some("db"),
+        };
+        // a2 has the most memory but already runs a member of "db": a3 wins.
+        if let Some(v) = views.get_mut("a2") {
+            v.groups.insert("db".into());
+        }
+        assert_eq!(
+            relocation_target(&hosts, &views, "a1", &db).as_deref(),
+            Some("a3")
+        );
+        // Every host with room shares the group: placed anyway (a preference).
+        if let Some(v) = views.get_mut("a3") {
+            v.groups.insert("db".into());
+        }
+        assert_eq!(
+            relocation_target(&hosts, &views, "a1", &db).as_deref(),
+            Some("a2")
+        );
+        assert!(shares_group(&views, "a2", &db));
+        // A host in maintenance takes nothing.
+        if let Some(h) = hosts.get_mut("a2") {
+            h.maintenance = true;
+        }
+        assert_eq!(
+            relocation_target(&hosts, &views, "a1", &db).as_deref(),
+            Some("a3")
+        );
+        // Too few vCPUs left: not a candidate.
+        if let Some(v) = views.get_mut("a3") {
+            v.vcpus_available = 1;
+        }
+        assert_eq!(relocation_target(&hosts, &views, "a1", &db), None);
+        // Reservations: two 20 GiB VMs from one pass do not both land on a3 (32 GiB).
+        if let Some(v) = views.get_mut("a3") {
+            v.vcpus_available = 64;
+        }
+        if let Some(h) = hosts.get_mut("a2") {
+            h.maintenance = false;
+        }
+        // a2 24 GiB, a3 32 GiB free.
+        if let Some(v) = views.get_mut("a2") {
+            v.memory_available_bytes = 24 << 30;
+        }
+        let big = mem(20 << 20);
+        let first = relocation_target(&hosts, &views, "a1", &big).expect("room");
+        assert_eq!(first, "a3");
+        if let Some(v) = views.get_mut(&first) {
+            v.reserve(&big);
+        }
+        let second = relocation_target(&hosts, &views, "a1", &big).expect("room");
+        assert_eq!(second, "a2");
+        if let Some(v) = views.get_mut(&second) {
+            v.reserve(&big);
+        }
+        assert_eq!(relocation_target(&hosts, &views, "a1", &big), None);
     }
 }

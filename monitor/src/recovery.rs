@@ -116,6 +116,7 @@ mod tests {
             relocations: VecDeque::new(),
             pending_cause: None,
             last_recovery: None,
+            anti_affinity: None,
         }
     }
 

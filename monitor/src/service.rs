@@ -99,6 +99,7 @@ pub fn spawn(
             TagFallbackConfig::Wait => TagFallback::Wait,
         },
         storage_slot: fencing.storage_slot,
+        vcpu_overcommit: monitor.recovery.vcpu_overcommit,
         probe_port: PROBE_PORT,
     };
     let fence_timeout = Duration::from_millis(fencing.timeout_ms);

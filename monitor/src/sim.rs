@@ -33,11 +33,13 @@
 //! at 9960 storage-outage on          # the pool fails for every host and the monitor
 //! at 9970 monitors-down              # every monitor stops (agents keep running)
 //! at 9980 monitors-up                # they come back (a new leader)
+//! at 9990 maintenance hv1 on         # an operator puts hv1 in maintenance (drain)
 //! run 20000                          # simulate until this time
 //!
 //! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no]` declares a host (fence agent
 //! configured by default); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
-//! storage_slot=yes|no` sets host-failure handling; `storage pool=NAME` gives every host
+//! storage_slot=yes|no` sets host-failure handling; `vm U host=H group=G` puts a VM in an
+//! anti-affinity group; `storage pool=NAME` gives every host
 //! and the monitor one shared pool (default: none); `lease duration_ms=N margin_ms=N
 //! response=self-fence|keep-running` sets the leases.
 //! ```
@@ -110,6 +112,8 @@ struct SimHost {
     queued: Vec<Input>,
     /// The last self-fence reason (to report once per episode).
     fenced_reason: Option<String>,
+    /// The agent does not try to connect before this time (its reconnect backoff).
+    reconnect_after: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +136,7 @@ enum Fault {
     StorageOutage(bool),
     MonitorsDown,
     MonitorsUp,
+    Maintenance(String, bool),
 }
 
 /// A parsed scenario.
@@ -142,6 +147,8 @@ pub struct Scenario {
     /// name, zone, cluster, tags, fence configured
     hosts: Vec<(String, String, String, Vec<String>, bool)>,
     vms: Vec<(String, String, i32)>,
+    /// Anti-affinity groups of VMs.
+    groups: Vec<(String, String)>,
     faults: Vec<(u64, Fault)>,
     until: u64,
     pool: Option<String>,
@@ -172,6 +179,7 @@ impl Scenario {
         };
         sc.failover.mass_failure_percent = 30;
         sc.failover.storage_slot = true;
+        sc.failover.vcpu_overcommit = 4;
         sc.failover.probe_port = 22;
         // Scaled to the simulator's fast detector (down after 600 ms).
         sc.lease = LeaseConfig {
@@ -276,6 +284,9 @@ impl Scenario {
                         .cloned()
                         .ok_or_else(|| err("vm needs host=".into()))?;
                     let prio = m.get("priority").map(|p| num(p)).transpose()?.unwrap_or(0);
+                    if let Some(g) = m.get("group") {
+                        sc.groups.push((uuid.to_string(), g.clone()));
+                    }
                     sc.vms.push((uuid.to_string(), host, prio as i32));
                 }
                 ["at", t, verb, args @ ..] => {
@@ -311,6 +322,7 @@ impl Scenario {
                         "storage-outage" => Fault::StorageOutage(on(0)?),
                         "monitors-down" => Fault::MonitorsDown,
                         "monitors-up" => Fault::MonitorsUp,
+                        "maintenance" => Fault::Maintenance(arg(0)?, on(1)?),
                         other => return Err(err(format!("unknown fault {other:?}"))),
                     };
                     sc.faults.push((t, f));
@@ -382,6 +394,8 @@ pub struct Sim {
     pending_fence: Vec<(u64, String)>,
     /// Host tags to set once the hosts registered.
     tags: Vec<(String, String)>,
+    /// Anti-affinity groups to set once the VMs registered.
+    groups: Vec<(String, String)>,
     now: u64,
     term: u64,
     log: Vec<String>,
@@ -391,8 +405,10 @@ pub struct Sim {
     monitors_down: bool,
     /// The monitor's own view of the pool.
     monitor_storage_ok: bool,
-    /// When the leader record last changed on the pool (sim ms).
+    /// When the leader record last changed on the pool (sim ms), and when its current run
+    /// of changes began (after a pause longer than a lease).
     leader_record_at: Option<u64>,
+    leader_epoch_at: Option<u64>,
     next_instance: u64,
 }
 
@@ -424,6 +440,7 @@ impl Sim {
                 .iter()
                 .flat_map(|(n, _, _, tags, _)| tags.iter().map(move |t| (n.clone(), t.clone())))
                 .collect(),
+            groups: sc.groups.clone(),
             now: 0,
             term: 1,
             log: Vec::new(),
@@ -432,6 +449,7 @@ impl Sim {
             monitors_down: false,
             monitor_storage_ok: true,
             leader_record_at: None,
+            leader_epoch_at: None,
             next_instance: 100,
         };
         for (name, zone, cluster, _, _) in &sc.hosts {
@@ -460,6 +478,7 @@ impl Sim {
                     ack: None,
                     queued: Vec::new(),
                     fenced_reason: None,
+                    reconnect_after: 0,
                 },
             );
         }
@@ -717,8 +736,15 @@ impl Sim {
                     h.connected_to_engine = false;
                 }
             }
+            Fault::MonitorsUp if !self.monitors_down => {}
             Fault::MonitorsUp => {
                 self.monitors_down = false;
+                // Agents back off while no monitor answers: they come back over a couple of
+                // seconds, after the new leader already writes its record.
+                let now = self.now;
+                for (i, h) in self.hosts.values_mut().enumerate() {
+                    h.reconnect_after = now + 300 + 100 * i as u64;
+                }
                 self.new_leader();
             }
             Fault::Partition(h) => {
@@ -737,6 +763,18 @@ impl Sim {
                 }
             }
             Fault::NewLeader => self.new_leader(),
+            Fault::Maintenance(h, on) => {
+                // An operator's command, committed through Raft like any other.
+                if !self.monitors_down {
+                    self.state
+                        .apply(&crate::state::StateCommand::SetMaintenance {
+                            at_ms: self.wall(),
+                            host: h,
+                            on,
+                        });
+                    self.input(Input::Applied);
+                }
+            }
         }
     }
 
@@ -769,6 +807,7 @@ impl Sim {
         let has_pool = self.pool.is_some();
         let lease = self.lease.clone();
         let leader_at = self.leader_record_at;
+        let epoch_at = self.leader_epoch_at;
         let ha = self.ha.clone();
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in names {
@@ -803,6 +842,7 @@ impl Sim {
                 // intervals plus a heartbeat interval), as the real agent requires.
                 now.saturating_sub(t) <= lease.duration_ms
                     && t > h.last_grant.unwrap_or(h.agent_started_at) + 2 * 500 + 100
+                    && epoch_at.is_some_and(|e| now.saturating_sub(e) >= lease.duration_ms / 2)
             }) {
                 Some("lease expired, leader record fresh".to_string())
             } else {
@@ -894,6 +934,12 @@ impl Sim {
                 result: Err("simulated outage".into()),
             });
             return;
+        }
+        if self
+            .leader_record_at
+            .is_none_or(|t| now.saturating_sub(t) > self.lease.duration_ms)
+        {
+            self.leader_epoch_at = Some(now);
         }
         self.leader_record_at = Some(now);
         let heartbeats = self
@@ -1031,6 +1077,9 @@ impl Sim {
                 memory_available_bytes: 16 << 30,
                 ..HostFacts::default()
             };
+            if !h.connected_to_engine && self.now < h.reconnect_after {
+                continue;
+            }
             if !h.connected_to_engine {
                 if let Some(hm) = self.hosts.get_mut(name) {
                     hm.connected_to_engine = true;
@@ -1214,6 +1263,22 @@ impl Sim {
             self.log
                 .push(format!("{:>6} FENCE {host}: {result:?}", self.now));
             self.input(Input::FenceDone { host, result });
+        }
+        // Anti-affinity groups, once the VMs are registered.
+        if !self.groups.is_empty()
+            && self
+                .groups
+                .iter()
+                .all(|(u, _)| self.state.vms.contains_key(u))
+        {
+            for (uuid, group) in std::mem::take(&mut self.groups) {
+                self.state
+                    .apply(&crate::state::StateCommand::SetAntiAffinity {
+                        at_ms: self.wall(),
+                        uuid,
+                        group: Some(group),
+                    });
+            }
         }
         // Host tags, once the hosts are registered.
         if !self.tags.is_empty()

@@ -97,14 +97,27 @@ fn random_scenario(seed: u64) -> String {
     let mut s = String::from(
         "policy max_restarts_in_place=2 max_relocations=2 window_ms=600000 backoff_initial_ms=200 backoff_max_ms=1000\n",
     );
+    // Half the runs have shared storage (storage heartbeats, slot fencing, leases); some
+    // without the slot, some with the keep-running isolation response.
+    let storage = r.below(2) == 0;
+    if storage {
+        s.push_str("storage pool=primary\n");
+        if r.below(3) == 0 {
+            s.push_str("failover storage_slot=no\n");
+        }
+        if r.below(4) == 0 {
+            s.push_str("lease response=keep-running\n");
+        }
+    }
     for h in 1..=hosts {
         s.push_str(&format!("host hv{h}\n"));
     }
     for v in 1..=vms {
         s.push_str(&format!(
-            "vm u{v} host=hv{} priority={}\n",
+            "vm u{v} host=hv{} priority={}{}\n",
             1 + r.below(hosts),
-            r.below(3)
+            r.below(3),
+            if r.below(2) == 0 { " group=g1" } else { "" }
         ));
     }
     let mut t = 500;
@@ -113,7 +126,16 @@ fn random_scenario(seed: u64) -> String {
         let h = 1 + r.below(hosts);
         let v = 1 + r.below(vms);
         let onoff = if r.below(2) == 0 { "on" } else { "off" };
-        let f = match r.below(14) {
+        let f = match r.below(if storage { 19 } else { 16 }) {
+            14 => format!("maintenance hv{h} {onoff}"),
+            15 => {
+                // Every monitor down for a while, then back.
+                let back = t + 500 + r.below(8_000);
+                s.push_str(&format!("at {back} monitors-up\n"));
+                "monitors-down".to_string()
+            }
+            16 | 17 => format!("storage-fault hv{h} {onoff}"),
+            18 => format!("storage-outage {onoff}"),
             10 => format!("crash-host hv{h}"),
             11 => format!("power-on hv{h}"),
             12 => format!("partition hv{h}"),
@@ -129,13 +151,21 @@ fn random_scenario(seed: u64) -> String {
         };
         s.push_str(&format!("at {t} {f}\n"));
     }
-    // Heal everything.
+    // Heal everything (the monitors first: operators' commands need them).
+    t += 100;
+    s.push_str(&format!("at {t} monitors-up\n"));
     t += 100;
     for h in 1..=hosts {
-        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\nat {t} heal hv{h}\nat {t} fence-fails hv{h} off\nat {t} power-on hv{h}\n"));
+        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\nat {t} heal hv{h}\nat {t} fence-fails hv{h} off\nat {t} power-on hv{h}\nat {t} maintenance hv{h} off\n"));
+        if storage {
+            s.push_str(&format!("at {t} storage-fault hv{h} off\n"));
+        }
     }
     for v in 1..=vms {
         s.push_str(&format!("at {t} crash-on-start u{v} off\n"));
+    }
+    if storage {
+        s.push_str(&format!("at {t} storage-outage off\n"));
     }
     s.push_str(&format!("run {}\n", t + 40_000));
     s

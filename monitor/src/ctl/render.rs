@@ -204,7 +204,7 @@ pub fn host_show(h: &HostView) -> String {
         match &h.condition {
             Some(crate::investigation::Condition::Isolated { evidence })
             | Some(crate::investigation::Condition::AgentDown { evidence })
-            | Some(crate::investigation::Condition::Dead { evidence }) => format!(
+            | Some(crate::investigation::Condition::Dead { evidence, .. }) => format!(
                 "{}: {evidence}",
                 h.condition.as_ref().map(|c| c.name()).unwrap_or_default()
             ),

@@ -112,6 +112,42 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             }
             StateResponse::Ok
         }
+        StateCommand::SetHostInfo {
+            host, pools, addr, ..
+        } => {
+            let Some(h) = s.hosts.get_mut(host) else {
+                return StateResponse::UnknownHost { host: host.clone() };
+            };
+            let addr = addr.or(h.addr);
+            if h.pools == *pools && h.addr == addr {
+                return StateResponse::Unchanged;
+            }
+            h.pools = pools.clone();
+            h.addr = addr;
+            StateResponse::Ok
+        }
+        StateCommand::SetMaintenance { at_ms, host, on } => {
+            let Some(h) = s.hosts.get_mut(host) else {
+                return StateResponse::UnknownHost { host: host.clone() };
+            };
+            if h.maintenance == *on {
+                return StateResponse::Unchanged;
+            }
+            h.maintenance = *on;
+            s.push_vm_event(
+                *at_ms,
+                Severity::Warning,
+                Some(host.clone()),
+                None,
+                EventKind::HostMaintenance { on: *on },
+                if *on {
+                    format!("host {host} entered maintenance (operator): its HA VMs move to other hosts, nothing new is placed on it")
+                } else {
+                    format!("host {host} left maintenance (operator): it takes VMs again")
+                },
+            );
+            StateResponse::Ok
+        }
         StateCommand::HostRejoined { at_ms, host } => {
             let Some(h) = s.hosts.get_mut(host) else {
                 return StateResponse::UnknownHost { host: host.clone() };

@@ -41,6 +41,15 @@ pub struct HostRecord {
     /// Fencing phase (host failure handling).
     #[serde(default)]
     pub phase: HostPhase,
+    /// In maintenance: its HA VMs are moved off it and nothing new is placed on it.
+    #[serde(default)]
+    pub maintenance: bool,
+    /// Shared storage pools it mounts (from its agent's hello).
+    #[serde(default)]
+    pub pools: Vec<String>,
+    /// The address its agent connects from (peers probe it when it goes silent).
+    #[serde(default)]
+    pub addr: Option<std::net::IpAddr>,
 }
 
 /// Severity of an event, for operators' eyes.
@@ -101,6 +110,18 @@ pub enum EventKind {
     HostUnfenceable,
     /// A host's agent fenced itself (destroyed its HA domains).
     HostSelfFenced,
+    /// A host entered or left maintenance.
+    HostMaintenance {
+        on: bool,
+    },
+    /// A VM placed next to a member of its anti-affinity group (no other host had room).
+    AntiAffinityBroken,
+    /// A VM is being moved off a host in maintenance.
+    VmDraining,
+    /// A VM joined or left an anti-affinity group.
+    VmAntiAffinity {
+        group: Option<String>,
+    },
     /// A storage pool is down: on every host (pool-wide) or on some.
     StorageOutage {
         pool: String,
@@ -277,6 +298,22 @@ pub enum StateCommand {
         found: Option<u64>,
         newest: u64,
     },
+    /// The storage pools a host's agent says it mounts, and the address it connects from.
+    SetHostInfo {
+        at_ms: u64,
+        host: String,
+        pools: Vec<String>,
+        addr: Option<std::net::IpAddr>,
+    },
+    /// `vigilctl host maintenance on|off`.
+    SetMaintenance { at_ms: u64, host: String, on: bool },
+    /// `vigilctl vm anti-affinity VM GROUP|--none`: VMs of one group are kept on different
+    /// hosts where placement can.
+    SetAntiAffinity {
+        at_ms: u64,
+        uuid: String,
+        group: Option<String>,
+    },
     /// Record an event that is not a side effect of another command (liveness changes,
     /// leadership changes).
     RecordEvent {
@@ -368,6 +405,9 @@ impl ClusterState {
                                 registered_at_ms: *at_ms,
                                 agent_version: agent_version.clone(),
                                 phase: HostPhase::Active,
+                                maintenance: false,
+                                pools: Vec::new(),
+                                addr: None,
                             },
                         );
                         self.push_event(
@@ -464,9 +504,12 @@ impl ClusterState {
             | StateCommand::VmStarted { .. }
             | StateCommand::VmStopped { .. }
             | StateCommand::OperatorStop { .. }
+            | StateCommand::SetAntiAffinity { .. }
             | StateCommand::StaleDestroyed { .. } => vm::apply(self, cmd),
             StateCommand::FenceStarted { .. }
             | StateCommand::FenceResult { .. }
+            | StateCommand::SetMaintenance { .. }
+            | StateCommand::SetHostInfo { .. }
             | StateCommand::HostRejoined { .. } => host::apply(self, cmd),
         }
     }

@@ -51,6 +51,8 @@ pub enum FailureKind {
     HostFailed,
     /// Its host alone lost the VM's storage; destroyed there to start elsewhere.
     StorageLost,
+    /// Moved off a host in maintenance (not a failure: not counted in the budget).
+    Maintenance,
 }
 
 impl std::fmt::Display for FailureKind {
@@ -61,6 +63,7 @@ impl std::fmt::Display for FailureKind {
             FailureKind::OrderTimedOut => "start order timed out",
             FailureKind::HostFailed => "lost with its host",
             FailureKind::StorageLost => "lost its storage on its host",
+            FailureKind::Maintenance => "stopped to leave a host in maintenance",
         })
     }
 }
@@ -199,9 +202,13 @@ pub struct VmRecord {
     /// Why the current recovery started, while one is under way.
     pub pending_cause: Option<PendingCause>,
     pub last_recovery: Option<RecoveryRecord>,
+    /// Anti-affinity group: placement keeps VMs of one group on different hosts where it can.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
 }
 
 use super::{ClusterState, EventKind, Severity, StateCommand, StateResponse};
+use vigil_common::names::validate as validate_name;
 
 fn stale(reason: String) -> StateResponse {
     StateResponse::Stale { reason }
@@ -263,6 +270,7 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                         relocations: VecDeque::new(),
                         pending_cause: None,
                         last_recovery: None,
+                        anti_affinity: None,
                     },
                 );
                 s.push_vm_event(
@@ -366,6 +374,7 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 relocations: VecDeque::new(),
                 pending_cause: None,
                 last_recovery: None,
+                anti_affinity: None,
             });
             if !created
                 && rec.ha == *ha
@@ -459,7 +468,9 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                     rec.phase.name()
                 ));
             }
-            rec.failures.push_back(*at_ms);
+            if *failure != FailureKind::Maintenance {
+                rec.failures.push_back(*at_ms);
+            }
             prune(&mut rec.failures, *at_ms, *window_ms);
             prune(&mut rec.relocations, *at_ms, *window_ms);
             let failed_on = match &rec.phase {
@@ -660,6 +671,36 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 Some(uuid.clone()),
                 EventKind::VmStopped,
                 format!("VM {name} stopped on {host}: {why}; not restarting (respected)"),
+            );
+            StateResponse::Ok
+        }
+        StateCommand::SetAntiAffinity { at_ms, uuid, group } => {
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            if let Some(g) = group {
+                if let Err(m) = validate_name("anti-affinity group", g) {
+                    return StateResponse::Invalid { reason: m };
+                }
+            }
+            if rec.anti_affinity == *group {
+                return StateResponse::Unchanged;
+            }
+            rec.anti_affinity = group.clone();
+            let name = rec.name.clone();
+            let host = rec.host.clone();
+            s.push_vm_event(
+                *at_ms,
+                Severity::Info,
+                Some(host),
+                Some(uuid.clone()),
+                EventKind::VmAntiAffinity {
+                    group: group.clone(),
+                },
+                match group {
+                    Some(g) => format!("VM {name} joined anti-affinity group {g} (operator)"),
+                    None => format!("VM {name} left its anti-affinity group (operator)"),
+                },
             );
             StateResponse::Ok
         }
