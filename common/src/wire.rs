@@ -322,6 +322,16 @@ pub enum AdminRequest {
     VmStop {
         vm: String,
     },
+    /// Put a host in maintenance (drain its HA VMs, place nothing on it) or take it out.
+    HostMaintenance {
+        host: String,
+        on: bool,
+    },
+    /// Put a VM (uuid or name) in an anti-affinity group, or take it out (`None`).
+    VmAntiAffinity {
+        vm: String,
+        group: Option<String>,
+    },
 }
 
 /// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they

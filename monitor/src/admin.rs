@@ -176,6 +176,32 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
             )
             .await
         }
+        AdminRequest::HostMaintenance { host, on } => {
+            write(
+                ctx,
+                StateCommand::SetMaintenance {
+                    at_ms: vigil_common::unix_ms(),
+                    host,
+                    on,
+                },
+            )
+            .await
+        }
+        AdminRequest::VmAntiAffinity { vm, group } => {
+            let v = match resolve(ctx, &vm).await {
+                Ok(v) => v,
+                Err(e) => return err(e),
+            };
+            write(
+                ctx,
+                StateCommand::SetAntiAffinity {
+                    at_ms: vigil_common::unix_ms(),
+                    uuid: v.uuid,
+                    group,
+                },
+            )
+            .await
+        }
         AdminRequest::VmStop { vm } => {
             let v = match resolve(ctx, &vm).await {
                 Ok(v) => v,
@@ -373,6 +399,7 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
                 registered_at_ms: r.registered_at_ms,
                 facts,
                 hypervisor,
+                maintenance: r.maintenance,
                 phase: r.phase,
                 condition,
                 pools,
@@ -449,6 +476,7 @@ fn view(reported: Option<(&str, &DomainInfo)>, rec: Option<&VmRecord>) -> VmView
         definition_stored: rec.is_some_and(|r| r.definition.is_some()),
         failures_in_window: rec.map(|r| r.failures.len()).unwrap_or(0),
         last_recovery: rec.and_then(|r| r.last_recovery.clone()),
+        anti_affinity: rec.and_then(|r| r.anti_affinity.clone()),
     }
 }
 

@@ -64,6 +64,9 @@ pub struct HostView {
     /// Fencing phase (replicated): active, fencing, fenced (with the proof).
     #[serde(default)]
     pub phase: crate::state::HostPhase,
+    /// In maintenance (drained, takes no VMs).
+    #[serde(default)]
+    pub maintenance: bool,
     /// The leader's reading of the host (alive, investigating, isolated, agent-down, dead).
     #[serde(default)]
     pub condition: Option<crate::investigation::Condition>,
@@ -116,4 +119,7 @@ pub struct VmView {
     pub definition_stored: bool,
     pub failures_in_window: usize,
     pub last_recovery: Option<crate::state::RecoveryRecord>,
+    /// Anti-affinity group, if any.
+    #[serde(default)]
+    pub anti_affinity: Option<String>,
 }

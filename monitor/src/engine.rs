@@ -250,6 +250,9 @@ pub struct Engine {
     outages: BTreeMap<String, String>,
     /// Since when (monotonic ms) each (host, pool) has been reported down.
     pool_down_since: BTreeMap<(String, String), u64>,
+    /// Per pool: the current outage scope and since when it has held (a pool-wide outage
+    /// that heals host by host passes through "some hosts only" for a moment).
+    scope_since: BTreeMap<String, (String, u64)>,
 }
 
 /// A pool must be down on a host for this long before that host's HA VMs are moved off it:
@@ -294,6 +297,7 @@ impl Engine {
             views: None,
             outages: BTreeMap::new(),
             pool_down_since: BTreeMap::new(),
+            scope_since: BTreeMap::new(),
         }
     }
 
@@ -1348,10 +1352,16 @@ impl Engine {
                         // A new leader asks again (its predecessor's request may be gone).
                         self.request_fence(name, &condition, wall_ms, out);
                     }
-                    let lease_usable = *self
-                        .lease_usable
-                        .entry(name.clone())
-                        .or_insert(!matches!(condition, Condition::AgentDown { .. }));
+                    // Lease expiry stays usable only while nothing suggests a dead agent on a
+                    // live host; once lost in an episode, it stays lost.
+                    let usable_now = match &condition {
+                        Condition::AgentDown { .. } => false,
+                        Condition::Dead { confirmed, .. } => *confirmed,
+                        _ => true,
+                    };
+                    let entry = self.lease_usable.entry(name.clone()).or_insert(usable_now);
+                    *entry = *entry && usable_now;
+                    let lease_usable = *entry;
                     if lease_usable && !self.proof_proposed.contains(name) {
                         if let Ok(detail) = self.leases.proof(name, &pools, now_ms) {
                             self.proof_proposed.insert(name.clone());
@@ -1508,8 +1518,14 @@ impl Engine {
                     message,
                 }));
             }
+            let since = match self.scope_since.get(pool) {
+                Some((s, t)) if *s == scope => *t,
+                _ => now_ms,
+            };
+            self.scope_since
+                .insert(pool.to_string(), (scope.clone(), since));
             outages.insert(pool.to_string(), scope);
-            if up.is_empty() {
+            if up.is_empty() || now_ms.saturating_sub(since) < STORAGE_FAULT_GRACE_MS {
                 continue;
             }
             let lasting: Vec<&str> = down
@@ -1538,6 +1554,7 @@ impl Engine {
                 }
             }
         }
+        self.scope_since.retain(|p, _| outages.contains_key(p));
         self.outages = outages;
     }
 

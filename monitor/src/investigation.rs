@@ -96,6 +96,8 @@ pub struct Evidence {
     storage: BTreeMap<(String, String), StorageSeen>,
     addrs: BTreeMap<String, IpAddr>,
     probes: BTreeMap<String, Probe>,
+    /// Hosts seen alive on storage during their current silence.
+    seen_isolated: BTreeSet<String>,
 }
 
 impl Default for Evidence {
@@ -113,6 +115,7 @@ impl Evidence {
             storage: BTreeMap::new(),
             addrs: BTreeMap::new(),
             probes: BTreeMap::new(),
+            seen_isolated: BTreeSet::new(),
         }
     }
 
@@ -134,6 +137,7 @@ impl Evidence {
             },
         );
         self.probes.remove(host);
+        self.seen_isolated.remove(host);
     }
 
     /// The address the host's agent connects from (peers probe it).
@@ -195,8 +199,9 @@ impl Evidence {
     }
 
     /// Evidence that the host lives on storage after it went silent.
-    fn storage_alive(&self, host: &str) -> Option<String> {
+    fn storage_alive(&self, host: &str, now_ms: u64) -> Option<String> {
         let beat = self.beats.get(host);
+        let recent = self.storage_wait_ms();
         self.storage
             .iter()
             .filter(|((h, _), _)| h == host)
@@ -209,7 +214,7 @@ impl Evidence {
                     // host went silent.
                     Some(b) => seen.changed_at_ms > b.at_ms,
                     None => seen.changed_at_ms > 0,
-                };
+                } && now_ms.saturating_sub(seen.changed_at_ms) <= recent;
                 alive.then(|| {
                     format!(
                         "storage heartbeat on pool {pool} still advancing (seq {})",
@@ -223,7 +228,7 @@ impl Evidence {
     /// whether it mounts storage pools (then "dead" waits until its storage heartbeat would
     /// have shown it alive).
     pub fn condition(
-        &self,
+        &mut self,
         host: &str,
         silent: bool,
         down: bool,
@@ -233,8 +238,18 @@ impl Evidence {
         if !silent {
             return Condition::Alive;
         }
-        if let Some(e) = self.storage_alive(host) {
+        if let Some(e) = self.storage_alive(host, now_ms) {
+            self.seen_isolated.insert(host.to_string());
             return Condition::Isolated { evidence: e };
+        }
+        if self.seen_isolated.contains(host) {
+            // Alive on storage a moment ago, silent everywhere now: it may have died, but
+            // its agent may just as well have died with its guests still running, and a dead
+            // agent fences nothing. Only power fencing proves anything now.
+            return Condition::Dead {
+                evidence: "its storage heartbeat stopped after it was seen isolated: the host or only its agent died".to_string(),
+                confirmed: false,
+            };
         }
         let probe = self.probes.get(host);
         if let Some(p) = probe {
@@ -291,6 +306,7 @@ impl Evidence {
         self.beats.remove(host);
         self.addrs.remove(host);
         self.probes.remove(host);
+        self.seen_isolated.remove(host);
         self.storage.retain(|(h, _), _| h != host);
     }
 }

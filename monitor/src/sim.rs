@@ -19,7 +19,8 @@
 //! at 2000 crash-on-start u1 on       # from now on every start of u1 dies at once
 //! at 3000 guest-shutdown u1
 //! at 4000 destroy u1                 # an operator's virsh destroy
-//! at 5000 kill-agent hv1             # the agent process dies (guests keep running)
+//! at 5000 kill-agent hv1             # the agent process dies (guests keep running); systemd
+//!                                    # restarts it 1 s later (Restart=always), as deployed
 //! at 6000 start-agent hv1
 //! at 7000 start-fails hv1 on         # libvirt refuses starts on hv1
 //! at 8000 drop-answers hv1 on        # start answers from hv1 are lost
@@ -67,6 +68,8 @@ use crate::state::ClusterState;
 const WALL0: u64 = 1_800_000_000_000;
 /// Simulation step.
 const STEP_MS: u64 = 10;
+/// systemd restarts a dead agent this long after it died (the packaged unit's `RestartSec`).
+const SYSTEMD_RESTART_MS: u64 = 1_000;
 /// Time a simulated domain start takes.
 const START_MS: u64 = 200;
 
@@ -114,6 +117,8 @@ struct SimHost {
     fenced_reason: Option<String>,
     /// The agent does not try to connect before this time (its reconnect backoff).
     reconnect_after: u64,
+    /// systemd restarts a killed agent at this time (`Restart=always`, `RestartSec=1`).
+    restart_at: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -346,6 +351,7 @@ impl SimHost {
     fn power_off(&mut self) {
         self.powered = false;
         self.agent_alive = false;
+        self.restart_at = None;
         self.queued.clear();
         self.fenced_reason = None;
         for d in self.domains.values_mut() {
@@ -479,6 +485,7 @@ impl Sim {
                     queued: Vec::new(),
                     fenced_reason: None,
                     reconnect_after: 0,
+                    restart_at: None,
                 },
             );
         }
@@ -675,8 +682,12 @@ impl Sim {
                 }
             }
             Fault::KillAgent(h) => {
+                let now = self.now;
                 if let Some(host) = self.hosts.get_mut(&h) {
-                    host.agent_alive = false;
+                    if host.agent_alive {
+                        host.agent_alive = false;
+                        host.restart_at = Some(now + SYSTEMD_RESTART_MS);
+                    }
                 }
             }
             Fault::StartAgent(h) => {
@@ -1043,6 +1054,23 @@ impl Sim {
     }
 
     fn step(&mut self) {
+        // systemd restarts killed agents; a restarted agent keeps its persisted lease.
+        let now = self.now;
+        let due: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.powered && !h.agent_alive && h.restart_at.is_some_and(|t| t <= now))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in due {
+            let instance = self.new_instance();
+            if let Some(h) = self.hosts.get_mut(&name) {
+                h.agent_alive = true;
+                h.restart_at = None;
+                h.instance = instance;
+                h.agent_started_at = now;
+            }
+        }
         self.isolation_guards();
         if self.now % 500 == 0 {
             self.storage_cycle();

@@ -111,6 +111,13 @@ pub enum HostCmd {
     Tag(TagCmd),
     /// Round trip through the host's agent.
     Ping { host: String },
+    /// Maintenance: `on` moves the host's HA VMs to other hosts (stop there, start elsewhere)
+    /// and keeps new ones off it; `off` gives it back.
+    Maintenance {
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        host: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -124,6 +131,14 @@ pub enum VmCmd {
     Ha(HaCmd),
     /// Stop (destroy) a VM through Vigil; Vigil will not restart it.
     Stop { vm: String },
+    /// Anti-affinity: VMs of one group are kept on different hosts where placement can.
+    AntiAffinity {
+        vm: String,
+        /// The group; omit with --none to take the VM out of its group.
+        group: Option<String>,
+        #[arg(long, conflicts_with = "group")]
+        none: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -307,6 +322,31 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
                 print!("{}", render::host_show(&v))
             }
         }
+        Command::Host(HostCmd::Maintenance { state, host }) => {
+            let on = state == "on";
+            let (v, raw) = c
+                .call::<WriteView>(&AdminRequest::HostMaintenance {
+                    host: host.clone(),
+                    on,
+                })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else if v.result == "unchanged" {
+                println!(
+                    "nothing to do: {host} is already {}",
+                    if on {
+                        "in maintenance"
+                    } else {
+                        "out of maintenance"
+                    }
+                );
+            } else if on {
+                println!("{host} is in maintenance: its HA VMs move to other hosts (see `vigilctl events --host {host}`)");
+            } else {
+                println!("{host} is out of maintenance");
+            }
+        }
         Command::Host(HostCmd::Tag(t)) => {
             let (req, verb) = match t {
                 TagCmd::Add { host, tag } => (
@@ -420,6 +460,25 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
                 print_json(&raw)?
             } else {
                 println!("{vm} stopped; Vigil will not restart it");
+            }
+        }
+        Command::Vm(VmCmd::AntiAffinity { vm, group, none }) => {
+            if group.is_none() && !*none {
+                anyhow::bail!("give an anti-affinity group, or --none to leave the group");
+            }
+            let (_, raw) = c
+                .call::<WriteView>(&AdminRequest::VmAntiAffinity {
+                    vm: vm.clone(),
+                    group: group.clone(),
+                })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                match group {
+                    Some(g) => println!("{vm} is in anti-affinity group {g}"),
+                    None => println!("{vm} is in no anti-affinity group"),
+                }
             }
         }
         Command::Events { limit, host, vm } => {

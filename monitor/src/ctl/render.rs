@@ -171,7 +171,11 @@ pub fn host_list(hosts: &[HostView]) -> String {
                 .as_ref()
                 .map(|c| c.name().to_string())
                 .unwrap_or_else(|| "-".into()),
-            h.phase.name().to_string(),
+            if h.maintenance {
+                format!("{} (maintenance)", h.phase.name())
+            } else {
+                h.phase.name().to_string()
+            },
             ago(h.last_heartbeat_ms_ago),
             match &h.hypervisor {
                 Some(vigil_common::domain::HypervisorHealth::Unhealthy { .. }) => {
@@ -210,6 +214,14 @@ pub fn host_show(h: &HostView) -> String {
             ),
             Some(c) => c.name().to_string(),
             None => "-".into(),
+        },
+    );
+    kv(
+        "maintenance",
+        if h.maintenance {
+            "yes".into()
+        } else {
+            "no".into()
         },
     );
     kv(
@@ -336,6 +348,10 @@ pub fn vm_show(v: &VmView) -> String {
     );
     kv("vcpus", v.vcpus.to_string());
     kv("memory", format!("{} MiB", v.memory_kib / 1024));
+    kv(
+        "anti-affinity",
+        v.anti_affinity.clone().unwrap_or_else(|| "-".into()),
+    );
     kv(
         "ha",
         match (v.ha, v.ha_source) {
