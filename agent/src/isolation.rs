@@ -246,6 +246,13 @@ pub fn spawn(
                 &pools,
             );
             match verdict {
+                Verdict::Keep(reason) if reason == "lease valid" => {
+                    storage.set_fenced(false);
+                    if !last_reason.is_empty() && last_reason != reason {
+                        info!("lease valid again");
+                    }
+                    last_reason = reason;
+                }
                 Verdict::Keep(reason) => {
                     if reason != last_reason {
                         if reason == "lease valid" {
@@ -278,6 +285,11 @@ pub fn spawn(
                             }
                             _ => destroyed.push(uuid.clone()),
                         }
+                    }
+                    if destroyed.len() == running.len() {
+                        // Every HA domain is gone: say so on storage (the leader takes lease
+                        // expiry as proof for a host it sees alive only then).
+                        storage.set_fenced(true);
                     }
                     if let Some(req) = &request {
                         if destroyed.len() == running.len() {

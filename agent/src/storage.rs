@@ -107,6 +107,8 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// Pool threads that have not exited (a hung one never does).
     alive: AtomicUsize,
+    /// Written into every heartbeat: this agent has fenced itself (see `set_fenced`).
+    fenced: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -215,6 +217,7 @@ impl StorageWorker {
             wake: Condvar::new(),
             changes,
             alive: AtomicUsize::new(0),
+            fenced: std::sync::atomic::AtomicBool::new(false),
         });
         for (index, pool) in cfg.pools.iter().enumerate() {
             let io = make_io(pool);
@@ -293,6 +296,14 @@ impl StorageWorker {
         for pool in &self.inner.pools {
             lock(&pool.state).pending_ack = Some(ack.clone());
         }
+    }
+
+    /// Says in every following heartbeat whether this agent has fenced itself (its HA domains
+    /// are destroyed because its lease ran out while isolated).
+    pub fn set_fenced(&self, fenced: bool) {
+        self.inner
+            .fenced
+            .store(fenced, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stops the pool threads at their next cycle. Does not wait: a thread hung in a syscall is
@@ -410,6 +421,7 @@ fn pool_loop(inner: Arc<Inner>, index: usize, mut io: IoFn, started: Instant) {
                 agent_mono_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
                 seq,
                 wall_ms: vigil_common::unix_ms(),
+                fenced: inner.fenced.load(std::sync::atomic::Ordering::SeqCst),
             },
             ack,
         };

@@ -45,6 +45,10 @@ pub struct StorageHeartbeat {
     pub seq: u64,
     /// Wall clock of the writer, for humans only.
     pub wall_ms: u64,
+    /// The agent fenced itself (its lease ran out while isolated) and none of its HA domains
+    /// runs: what lets the leader take lease expiry as proof for a host it sees alive.
+    #[serde(default)]
+    pub fenced: bool,
 }
 
 /// The leader record: lets an agent that lost its lease tell "the monitors are alive without
@@ -231,6 +235,7 @@ mod tests {
             agent_mono_ms: 1234,
             seq: 3,
             wall_ms: 99,
+            fenced: false,
         };
         let p = heartbeat_path(&pool, "hv1");
         assert_eq!(read_record::<StorageHeartbeat>(&p).expect("read"), None);

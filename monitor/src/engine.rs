@@ -1362,8 +1362,20 @@ impl Engine {
                     let entry = self.lease_usable.entry(name.clone()).or_insert(usable_now);
                     *entry = *entry && usable_now;
                     let lease_usable = *entry;
-                    if lease_usable && !self.proof_proposed.contains(name) {
-                        if let Ok(detail) = self.leases.proof(name, &pools, now_ms) {
+                    // A host seen alive on storage must also say there that it fenced itself:
+                    // an agent that died just before its lease ran out fences nothing.
+                    let confirmed_alive_fenced = match &condition {
+                        Condition::Isolated { .. } => self.evidence.storage_fenced(name, now_ms),
+                        _ => Some(String::new()),
+                    };
+                    if lease_usable
+                        && confirmed_alive_fenced.is_some()
+                        && !self.proof_proposed.contains(name)
+                    {
+                        if let Ok(mut detail) = self.leases.proof(name, &pools, now_ms) {
+                            if let Some(c) = confirmed_alive_fenced.filter(|c| !c.is_empty()) {
+                                detail = format!("{detail}; {c}");
+                            }
                             self.proof_proposed.insert(name.clone());
                             out.push(Action::Propose(StateCommand::FenceResult {
                                 at_ms: wall_ms,

@@ -198,6 +198,24 @@ impl Evidence {
         }
     }
 
+    /// Whether the host's agent says on storage, in a heartbeat that is still advancing, that
+    /// it has fenced itself (every HA domain destroyed).
+    pub fn storage_fenced(&self, host: &str, now_ms: u64) -> Option<String> {
+        let recent = self.storage_wait_ms();
+        self.storage
+            .iter()
+            .filter(|((h, _), s)| {
+                h == host && s.hb.fenced && now_ms.saturating_sub(s.changed_at_ms) <= recent
+            })
+            .map(|((_, pool), s)| {
+                format!(
+                    "its agent (instance {}) says on pool {pool} that it has destroyed its HA domains",
+                    s.hb.instance
+                )
+            })
+            .next()
+    }
+
     /// Evidence that the host lives on storage after it went silent.
     fn storage_alive(&self, host: &str, now_ms: u64) -> Option<String> {
         let beat = self.beats.get(host);
@@ -322,6 +340,7 @@ mod tests {
             agent_mono_ms: mono,
             seq,
             wall_ms: 0,
+            fenced: false,
         }
     }
 

@@ -119,6 +119,8 @@ struct SimHost {
     reconnect_after: u64,
     /// systemd restarts a killed agent at this time (`Restart=always`, `RestartSec=1`).
     restart_at: Option<u64>,
+    /// The agent has fenced itself and says so in its storage heartbeat.
+    self_fenced: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -352,6 +354,7 @@ impl SimHost {
         self.powered = false;
         self.agent_alive = false;
         self.restart_at = None;
+        self.self_fenced = false;
         self.queued.clear();
         self.fenced_reason = None;
         for d in self.domains.values_mut() {
@@ -486,6 +489,7 @@ impl Sim {
                     fenced_reason: None,
                     reconnect_after: 0,
                     restart_at: None,
+                    self_fenced: false,
                 },
             );
         }
@@ -698,6 +702,7 @@ impl Sim {
                         host.agent_alive = true;
                         host.instance = instance;
                         host.agent_started_at = now;
+                        host.self_fenced = false;
                     }
                 }
             }
@@ -862,6 +867,7 @@ impl Sim {
             let Some(reason) = reason else {
                 if !expired {
                     h.fenced_reason = None;
+                    h.self_fenced = false;
                 }
                 continue;
             };
@@ -909,6 +915,7 @@ impl Sim {
                     wall_ms: WALL0 + now,
                 });
             }
+            h.self_fenced = true;
             self.log.push(format!(
                 "{now:>6} SELF-FENCE {name}: {reason} ({} destroyed)",
                 victims.len()
@@ -933,6 +940,7 @@ impl Sim {
                     agent_mono_ms: now - h.agent_started_at,
                     seq,
                     wall_ms: WALL0 + now,
+                    fenced: h.self_fenced,
                 });
             }
         }
@@ -1069,6 +1077,7 @@ impl Sim {
                 h.restart_at = None;
                 h.instance = instance;
                 h.agent_started_at = now;
+                h.self_fenced = false;
             }
         }
         self.isolation_guards();

@@ -589,6 +589,7 @@ mod tests {
             agent_mono_ms: 1000 + seq,
             seq,
             wall_ms: 1,
+            fenced: false,
         }
     }
 
