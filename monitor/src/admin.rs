@@ -413,7 +413,10 @@ async fn vms(ctx: &AdminContext) -> Vec<VmView> {
     let reported: Vec<(String, DomainInfo)> = ctx
         .engine
         .query(|e, _| {
+            // Only what connected agents report now: the last inventory of a host that is
+            // cut off (or fenced) is history, not where a VM runs.
             e.domains()
+                .filter(|(h, _)| e.is_connected(h))
                 .map(|(h, d)| (h.to_string(), d.clone()))
                 .collect::<Vec<_>>()
         })

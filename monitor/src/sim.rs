@@ -37,8 +37,8 @@
 //! at 9990 maintenance hv1 on         # an operator puts hv1 in maintenance (drain)
 //! run 20000                          # simulate until this time
 //!
-//! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no]` declares a host (fence agent
-//! configured by default); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
+//! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
+//! (fence agent configured by default, 16 GiB free); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
 //! storage_slot=yes|no` sets host-failure handling; `vm U host=H group=G` puts a VM in an
 //! anti-affinity group; `storage pool=NAME` gives every host
 //! and the monitor one shared pool (default: none); `lease duration_ms=N margin_ms=N
@@ -156,6 +156,8 @@ pub struct Scenario {
     vms: Vec<(String, String, i32)>,
     /// Anti-affinity groups of VMs.
     groups: Vec<(String, String)>,
+    /// Free memory per host (GiB) when not the default 16.
+    memory_gib: BTreeMap<String, u64>,
     faults: Vec<(u64, Fault)>,
     until: u64,
     pool: Option<String>,
@@ -226,6 +228,9 @@ impl Scenario {
                     let fence = m.get("fence").is_none_or(|v| v != "no");
                     if fence {
                         sc.failover.fence_hosts.insert(name.to_string());
+                    }
+                    if let Some(g) = m.get("mem_gib") {
+                        sc.memory_gib.insert(name.to_string(), num(g)?);
                     }
                     sc.hosts.push((
                         name.to_string(),
@@ -405,6 +410,7 @@ pub struct Sim {
     tags: Vec<(String, String)>,
     /// Anti-affinity groups to set once the VMs registered.
     groups: Vec<(String, String)>,
+    memory_gib: BTreeMap<String, u64>,
     now: u64,
     term: u64,
     log: Vec<String>,
@@ -450,6 +456,7 @@ impl Sim {
                 .flat_map(|(n, _, _, tags, _)| tags.iter().map(move |t| (n.clone(), t.clone())))
                 .collect(),
             groups: sc.groups.clone(),
+            memory_gib: sc.memory_gib.clone(),
             now: 0,
             term: 1,
             log: Vec::new(),
@@ -1111,7 +1118,7 @@ impl Sim {
                 continue;
             }
             let facts = HostFacts {
-                memory_available_bytes: 16 << 30,
+                memory_available_bytes: self.memory_gib.get(name).copied().unwrap_or(16) << 30,
                 ..HostFacts::default()
             };
             if !h.connected_to_engine && self.now < h.reconnect_after {

@@ -161,6 +161,43 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
     assert_eq!(v["host"], "hv1", "{v:#}");
     assert_eq!(v["state"], "running", "{v:#}");
 
-    // 4. The independent observer: no VM ever ran on two hosts at once.
+    // 4. The only ha_tag host (hv1) loses power: no tagged host is alive, so its VMs follow
+    //    the fallback (any host), and an event says so loudly.
+    let t_crash = Instant::now();
+    assert!(lab(&["crash-host", "hv1"]).status.success());
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let placed: Vec<(String, String)> = ["hv1-vm1", "hv2-vm1", "hv3-vm1"]
+            .iter()
+            .filter_map(|v| ctl_json(&["vm", "show", v]))
+            .map(|v| {
+                (
+                    v["host"].as_str().unwrap_or_default().to_string(),
+                    v["state"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        if placed.len() == 3 && placed.iter().all(|(h, s)| h != "hv1" && s == "running") {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the tagged host's VMs never moved: {placed:?}\n{:#?}",
+            event_messages()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "FIGURE crash-host hv1 (only ha_tag host) -> its VMs running on untagged hosts: {} ms",
+        t_crash.elapsed().as_millis()
+    );
+    let msgs = event_messages();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("carrying ha_tag") && m.contains("falling back to any host")),
+        "no loud event about the missing ha_tag host: {msgs:#?}"
+    );
+
+    // 5. The independent observer: no VM ever ran on two hosts at once.
     LAB.assert_no_duplicates();
 }
