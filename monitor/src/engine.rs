@@ -244,6 +244,11 @@ pub struct Engine {
     forced_stops: BTreeMap<String, FailureKind>,
     /// Hosts in maintenance (mirrored from the replicated state on each tick and apply).
     maintenance: BTreeSet<String>,
+    /// Hosts that are fencing or fenced (mirrored like `maintenance`): nothing is placed on
+    /// them until they rejoin, so a fence's proof only ever covers what ran there before.
+    not_active: BTreeSet<String>,
+    /// Rejoins proposed for hosts heard again on a session that survived their fencing.
+    rejoining: BTreeSet<String>,
     /// Host views for placement, built once per input and reserved as VMs are placed.
     views: Option<BTreeMap<String, HostView>>,
     /// Pools whose outage was already reported (pool-wide or one host), to say so once.
@@ -294,6 +299,8 @@ impl Engine {
             term_node: (0, 0),
             forced_stops: BTreeMap::new(),
             maintenance: BTreeSet::new(),
+            not_active: BTreeSet::new(),
+            rejoining: BTreeSet::new(),
             views: None,
             outages: BTreeMap::new(),
             pool_down_since: BTreeMap::new(),
@@ -492,6 +499,24 @@ impl Engine {
                 }
                 if let Some(t) = self.detector.heartbeat(&host, now_ms) {
                     self.transition_event(t, wall_ms, &mut out);
+                }
+                // A host fenced through its storage slot or its lease keeps running, and its
+                // session may outlive a short partition: heard again, it rejoins here (a new
+                // session rejoins on connect).
+                if self.not_active.contains(&host)
+                    && self.connected.contains(&host)
+                    && self.rejoining.insert(host.clone())
+                {
+                    out.push(Action::Propose(StateCommand::HostRejoined {
+                        at_ms: wall_ms,
+                        host: host.clone(),
+                    }));
+                    self.slot_requests.remove(&host);
+                    out.push(Action::ClearFence { host: host.clone() });
+                    self.proof_proposed.remove(&host);
+                    self.power_after.remove(&host);
+                    self.lease_usable.remove(&host);
+                    self.unfenceable.remove(&host);
                 }
                 // Only a leader grants leases (followers' output is dropped below).
                 if self.leader {
@@ -1732,6 +1757,7 @@ impl Engine {
     /// storage pool it mounts up there (nothing is placed on a pool that is down).
     fn host_usable(&self, host: &str) -> bool {
         !self.maintenance.contains(host)
+            && !self.not_active.contains(host)
             && self
                 .pool_status
                 .range((host.to_string(), String::new())..)
@@ -1860,6 +1886,13 @@ impl Engine {
             .filter(|(_, h)| h.maintenance)
             .map(|(n, _)| n.clone())
             .collect();
+        self.not_active = state
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.phase != HostPhase::Active)
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.rejoining.retain(|h| self.not_active.contains(h));
         self.views = None;
     }
 

@@ -68,6 +68,8 @@ use crate::state::ClusterState;
 const WALL0: u64 = 1_800_000_000_000;
 /// Simulation step.
 const STEP_MS: u64 = 10;
+/// A QUIC session survives this long without packets (the transport's idle timeout).
+const SESSION_IDLE_MS: u64 = 1_500;
 /// systemd restarts a dead agent this long after it died (the packaged unit's `RestartSec`).
 const SYSTEMD_RESTART_MS: u64 = 1_000;
 /// Time a simulated domain start takes.
@@ -121,6 +123,8 @@ struct SimHost {
     restart_at: Option<u64>,
     /// The agent has fenced itself and says so in its storage heartbeat.
     self_fenced: bool,
+    /// When its current partition began.
+    partitioned_at: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -497,6 +501,7 @@ impl Sim {
                     reconnect_after: 0,
                     restart_at: None,
                     self_fenced: false,
+                    partitioned_at: None,
                 },
             );
         }
@@ -771,7 +776,11 @@ impl Sim {
                 self.new_leader();
             }
             Fault::Partition(h) => {
+                let now = self.now;
                 if let Some(host) = self.hosts.get_mut(&h) {
+                    if !host.partitioned {
+                        host.partitioned_at = Some(now);
+                    }
                     host.partitioned = true;
                 }
             }
@@ -1109,7 +1118,14 @@ impl Sim {
                 continue;
             };
             if !h.reachable() {
-                if h.connected_to_engine {
+                // A QUIC session outlives a short partition (until its idle timeout): the
+                // monitor hears nothing, but no disconnect either.
+                let session_survives = h.powered
+                    && h.agent_alive
+                    && h.partitioned
+                    && h.partitioned_at
+                        .is_some_and(|t| self.now < t + SESSION_IDLE_MS);
+                if h.connected_to_engine && !session_survives {
                     if let Some(hm) = self.hosts.get_mut(name) {
                         hm.connected_to_engine = false;
                     }
@@ -1123,6 +1139,17 @@ impl Sim {
             };
             if !h.connected_to_engine && self.now < h.reconnect_after {
                 continue;
+            }
+            if h.connected_to_engine && !h.queued.is_empty() {
+                // A session that survived a partition delivers what queued up meanwhile.
+                let queued = self
+                    .hosts
+                    .get_mut(name)
+                    .map(|hm| std::mem::take(&mut hm.queued))
+                    .unwrap_or_default();
+                for q in queued {
+                    self.input(q);
+                }
             }
             if !h.connected_to_engine {
                 if let Some(hm) = self.hosts.get_mut(name) {
@@ -1195,39 +1222,7 @@ impl Sim {
                 });
             }
         }
-        // The agents' own stale check (the real agent destroys stale copies on each poll).
-        for name in &names {
-            let stale: Vec<(String, u64, u64)> = self
-                .hosts
-                .get(name)
-                .filter(|h| h.agent_alive && h.powered)
-                .map(|h| {
-                    h.domains
-                        .iter()
-                        .filter(|(_, d)| d.running)
-                        .filter_map(|(u, d)| {
-                            let n = *h.newest.get(u)?;
-                            (d.generation < n).then(|| (u.clone(), d.generation, n))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            for (u, found, newest) in stale {
-                if let Some(d) = self.hosts.get_mut(name).and_then(|h| h.domains.get_mut(&u)) {
-                    d.running = false;
-                    d.reason = StateReason::Destroyed;
-                }
-                if !self.hosts.get(name).is_some_and(SimHost::reachable) {
-                    continue;
-                }
-                self.input(Input::StaleDestroyed {
-                    host: name.clone(),
-                    uuid: u,
-                    found: Some(found),
-                    newest,
-                });
-            }
-        }
+        self.stale_check();
         // Commands that are due.
         let due: Vec<(u64, String, AgentCommand)> = self
             .pending
@@ -1340,6 +1335,46 @@ impl Sim {
             }
         }
         self.input(Input::Tick);
+        self.stale_check();
+    }
+
+    /// The agents' own stale check (the real agent destroys stale copies on each poll and when
+    /// it learns a newer generation); run at the start and at the end of every step, since a
+    /// newer generation can be announced in the middle of one.
+    fn stale_check(&mut self) {
+        let names: Vec<String> = self.hosts.keys().cloned().collect();
+        for name in &names {
+            let stale: Vec<(String, u64, u64)> = self
+                .hosts
+                .get(name)
+                .filter(|h| h.agent_alive && h.powered)
+                .map(|h| {
+                    h.domains
+                        .iter()
+                        .filter(|(_, d)| d.running)
+                        .filter_map(|(u, d)| {
+                            let n = *h.newest.get(u)?;
+                            (d.generation < n).then(|| (u.clone(), d.generation, n))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for (u, found, newest) in stale {
+                if let Some(d) = self.hosts.get_mut(name).and_then(|h| h.domains.get_mut(&u)) {
+                    d.running = false;
+                    d.reason = StateReason::Destroyed;
+                }
+                if !self.hosts.get(name).is_some_and(SimHost::reachable) {
+                    continue;
+                }
+                self.input(Input::StaleDestroyed {
+                    host: name.clone(),
+                    uuid: u,
+                    found: Some(found),
+                    newest,
+                });
+            }
+        }
     }
 
     /// The one rule, checked after every step.

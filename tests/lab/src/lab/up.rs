@@ -609,7 +609,7 @@ fn write_monitor_config(lab: &Lab, m: &Node, st: &LabState, o: &UpOpts) -> anyho
     fs::create_dir_all(&dir)?;
     let tls_dir = lab.tls_dir();
     let text = format!(
-        "# written by vigil-lab up\nnode_id = {id}\ndata_dir = \"{data}\"\nlisten = \"{addr}:{port}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[detector]\nheartbeat_interval_ms = 500\nsuspect_after_ms = 1250\ndown_after_ms = 2500\n",
+        "# written by vigil-lab up\nnode_id = {id}\ndata_dir = \"{data}\"\nlisten = \"{addr}:{port}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[detector]\nheartbeat_interval_ms = 200\nsuspect_after_ms = 500\ndown_after_ms = 1000\n",
         id = m.index,
         data = dir.join("data").display(),
         addr = m.addr,
@@ -639,7 +639,7 @@ fn write_monitor_config(lab: &Lab, m: &Node, st: &LabState, o: &UpOpts) -> anyho
         // The leader's record and the fence slots go straight to the backing directory: the
         // monitor is not a hypervisor, and storage faults are injected per host.
         text.push_str(&format!(
-            "\n[storage]\n[[storage.pools]]\nname = \"{POOL}\"\npath = \"{}\"\n",
+            "\n[storage]\ninterval_ms = 250\ndeadline_ms = 1000\n[[storage.pools]]\nname = \"{POOL}\"\npath = \"{}\"\n",
             lab.storage_backing().display()
         ));
     }
@@ -673,7 +673,7 @@ fn write_agent_config(lab: &Lab, st: &LabState, h: &Node) -> anyhow::Result<()> 
     if st.components.faultfs {
         // Each host reaches the pool through its own faultfs view (faults are per host).
         text.push_str(&format!(
-            "\n[storage]\n[[storage.pools]]\nname = \"{POOL}\"\npath = \"{}\"\n",
+            "\n[storage]\ninterval_ms = 250\ndeadline_ms = 1000\n[[storage.pools]]\nname = \"{POOL}\"\npath = \"{}\"\n",
             lab.host_storage_mount(&h.name).display()
         ));
     }

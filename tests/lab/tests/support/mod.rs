@@ -216,6 +216,16 @@ impl LabCli {
     /// The independent observer found no VM running twice.
     pub fn assert_no_duplicates(&self) {
         let check = self.run(&["check"]);
+        if !check.status.success() {
+            // What Vigil decided, for the post-mortem (the lab is torn down after the panic).
+            for m in self.event_messages() {
+                eprintln!("event: {m}");
+            }
+            let log = std::path::Path::new(self.root).join("monitors/mon1/monitor.log");
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                eprintln!("--- {}\n{text}", log.display());
+            }
+        }
         assert!(check.status.success(), "duplicate detected by the observer");
         assert!(String::from_utf8_lossy(&check.stdout).contains("duplicates: none"));
     }
