@@ -381,14 +381,9 @@ impl Engine {
                     .is_some_and(|h| h.phase != HostPhase::Active)
                     || self.slot_requests.contains_key(&host)
                 {
-                    // Back: a fence request left in its slot must not kill what it runs next.
-                    self.slot_requests.remove(&host);
-                    out.push(Action::ClearFence { host: host.clone() });
+                    self.end_fencing_episode(&host, &mut out);
                 }
-                self.proof_proposed.remove(&host);
-                self.power_after.remove(&host);
-                self.lease_usable.remove(&host);
-                self.unfenceable.remove(&host);
+                self.forget_fencing(&host);
                 self.hellos.insert(
                     host.clone(),
                     (zone.clone(), cluster.clone(), agent_version.clone()),
@@ -406,21 +401,8 @@ impl Engine {
                         agent_version,
                     }));
                 }
-                let pools = self.host_pools.get(&host).cloned().unwrap_or_default();
-                if state
-                    .hosts
-                    .get(&host)
-                    .is_none_or(|h| h.pools != pools || (addr.is_some() && h.addr != addr))
-                {
-                    // Replicated, so a new leader knows which hosts have storage (and so
-                    // which proofs can exist) and where peers can check them, before their
-                    // agents reconnect.
-                    out.push(Action::Propose(StateCommand::SetHostInfo {
-                        at_ms: wall_ms,
-                        host: host.clone(),
-                        pools,
-                        addr,
-                    }));
+                if let Some(cmd) = self.host_info_update(&host, wall_ms, state) {
+                    out.push(Action::Propose(cmd));
                 }
                 if state
                     .hosts
@@ -511,12 +493,8 @@ impl Engine {
                         at_ms: wall_ms,
                         host: host.clone(),
                     }));
-                    self.slot_requests.remove(&host);
-                    out.push(Action::ClearFence { host: host.clone() });
-                    self.proof_proposed.remove(&host);
-                    self.power_after.remove(&host);
-                    self.lease_usable.remove(&host);
-                    self.unfenceable.remove(&host);
+                    self.end_fencing_episode(&host, &mut out);
+                    self.forget_fencing(&host);
                 }
                 // Only a leader grants leases (followers' output is dropped below).
                 if self.leader {
@@ -694,19 +672,8 @@ impl Engine {
                                 agent_version: agent_version.clone(),
                             }));
                         }
-                        let pools = self.host_pools.get(&name).cloned().unwrap_or_default();
-                        let addr = self.evidence.addr_of(&name);
-                        if state
-                            .hosts
-                            .get(&name)
-                            .is_none_or(|h| h.pools != pools || (addr.is_some() && h.addr != addr))
-                        {
-                            out.push(Action::Propose(StateCommand::SetHostInfo {
-                                at_ms: wall_ms,
-                                host: name.clone(),
-                                pools,
-                                addr,
-                            }));
+                        if let Some(cmd) = self.host_info_update(&name, wall_ms, state) {
+                            out.push(Action::Propose(cmd));
                         }
                     }
                 }
@@ -1593,6 +1560,46 @@ impl Engine {
         }
         self.scope_since.retain(|p, _| outages.contains_key(p));
         self.outages = outages;
+    }
+
+    /// A host is back: a fence request left in its slot must not kill what it runs next.
+    fn end_fencing_episode(&mut self, host: &str, out: &mut Vec<Action>) {
+        self.slot_requests.remove(host);
+        out.push(Action::ClearFence {
+            host: host.to_string(),
+        });
+    }
+
+    /// Forgets this leader's bookkeeping of a host's fencing (it is back).
+    fn forget_fencing(&mut self, host: &str) {
+        self.proof_proposed.remove(host);
+        self.power_after.remove(host);
+        self.lease_usable.remove(host);
+        self.unfenceable.remove(host);
+    }
+
+    /// The host's pools and address, as its agent's connection showed them, when the
+    /// replicated record differs: replicated so that a new leader knows which hosts have
+    /// storage (and so which proofs can exist) and where peers can check them, before their
+    /// agents reconnect.
+    fn host_info_update(
+        &self,
+        host: &str,
+        wall_ms: u64,
+        state: &ClusterState,
+    ) -> Option<StateCommand> {
+        let pools = self.host_pools.get(host).cloned().unwrap_or_default();
+        let addr = self.evidence.addr_of(host);
+        state
+            .hosts
+            .get(host)
+            .is_none_or(|h| h.pools != pools || (addr.is_some() && h.addr != addr))
+            .then(|| StateCommand::SetHostInfo {
+                at_ms: wall_ms,
+                host: host.to_string(),
+                pools,
+                addr,
+            })
     }
 
     /// Asks up to three live peers of the same cluster whether `host`'s kernel answers.

@@ -54,21 +54,7 @@ fn last_fault_ms() -> u64 {
 
 fn up() {
     let _ = LAB.run(&["down"]);
-    LAB.ok(&[
-        "up",
-        "--hosts",
-        "3",
-        "--monitors",
-        "1",
-        "--vms-per-host",
-        "1",
-        "--ha-tag",
-        "ha",
-        "--tagged-hosts",
-        "1",
-        "--fencing",
-    ]);
-    LAB.wait_definitions(&["hv1-vm1", "hv2-vm1", "hv3-vm1"]);
+    LAB.up_three_hosts_fenced();
 }
 
 fn reconfigure(edit: impl Fn(String) -> String) {

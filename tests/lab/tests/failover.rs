@@ -48,24 +48,7 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
     }
     let _ = lab(&["down"]);
     let _guard = support::start_supervisor(LAB.root, |a| LAB.cmd(a), || lab(&["down"]));
-    let up = lab(&[
-        "up",
-        "--hosts",
-        "3",
-        "--monitors",
-        "1",
-        "--vms-per-host",
-        "1",
-        "--ha-tag",
-        "ha",
-        "--tagged-hosts",
-        "1",
-        "--fencing",
-    ]);
-    assert!(up.status.success(), "lab up failed");
-    // Relocation needs each HA VM's definition on the monitor (the agents ship it within a
-    // poll of HA being enabled).
-    LAB.wait_definitions(&["hv1-vm1", "hv2-vm1", "hv3-vm1"]);
+    LAB.up_three_hosts_fenced();
 
     // 1. Power loss of hv2: fenced through its BMC, its VM starts on hv1 (ha_tag).
     let t_crash = Instant::now();

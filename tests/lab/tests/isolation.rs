@@ -150,22 +150,8 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     }
     let _ = LAB.run(&["down"]);
     let _guard = support::start_supervisor(LAB.root, |a| LAB.cmd(a), || LAB.run(&["down"]));
-    LAB.ok(&[
-        "up",
-        "--hosts",
-        "3",
-        "--monitors",
-        "1",
-        "--vms-per-host",
-        "1",
-        "--ha-tag",
-        "ha",
-        "--tagged-hosts",
-        "1",
-        "--fencing",
-    ]);
+    LAB.up_three_hosts_fenced();
     let vms = ["hv1-vm1", "hv2-vm1", "hv3-vm1"];
-    LAB.wait_definitions(&vms);
     // Leader record on storage for a lease and more: lease proofs are possible from here.
     std::thread::sleep(Duration::from_secs(6));
 
@@ -307,19 +293,7 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     let t_cut = Instant::now();
     LAB.ok(&["partition", "hv2", "--from", "all"]);
     LAB.ok(&["storage", "fail", "--host", "hv2"]);
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (h, g2) = placement(&name);
-        if h != "hv2" && g2 == g + 1 && vm(&name)["state"] == "running" {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "{name} never moved: {:#?}",
-            events_since(n)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    LAB.wait_moved(&name, "hv2", g + 1, t_cut);
     eprintln!(
         "FIGURE BMC dead + storage cut -> {name} running elsewhere (lease path): {} ms",
         t_cut.elapsed().as_millis()
@@ -364,19 +338,7 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     let (_, g) = placement(&name);
     let t_part = Instant::now();
     LAB.ok(&["partition", "hv1"]);
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (h, g2) = placement(&name);
-        if h != "hv1" && g2 == g + 1 && vm(&name)["state"] == "running" {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "{name} never moved: {:#?}",
-            events_since(n)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    LAB.wait_moved(&name, "hv1", g + 1, t_part);
     let took = t_part.elapsed();
     eprintln!(
         "FIGURE isolated hv1 (lease path) -> {name} running elsewhere: {} ms",

@@ -199,6 +199,46 @@ impl LabCli {
         }
     }
 
+    /// The failover tests' lab: 3 hosts with BMCs and fencing, 1 monitor, 1 HA VM per host,
+    /// hv1 carrying the ha_tag `ha`; returns once every VM's definition is stored (relocation
+    /// needs it).
+    pub fn up_three_hosts_fenced(&self) {
+        self.ok(&[
+            "up",
+            "--hosts",
+            "3",
+            "--monitors",
+            "1",
+            "--vms-per-host",
+            "1",
+            "--ha-tag",
+            "ha",
+            "--tagged-hosts",
+            "1",
+            "--fencing",
+        ]);
+        self.wait_definitions(&["hv1-vm1", "hv2-vm1", "hv3-vm1"]);
+    }
+
+    /// Waits until `vm` runs somewhere other than `from` with generation `generation`;
+    /// returns how long since `since`.
+    pub fn wait_moved(&self, vm: &str, from: &str, generation: u64, since: Instant) -> Duration {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(v) = self.ctl_json(&["vm", "show", vm]) {
+                if v["host"] != from && v["generation"] == generation && v["state"] == "running" {
+                    return since.elapsed();
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "{vm} never moved off {from}: {:#?}",
+                self.event_messages()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until every HA VM's definition is stored (relocation needs it).
     pub fn wait_definitions(&self, vms: &[&str]) {
         let end = Instant::now() + Duration::from_secs(30);
