@@ -335,6 +335,18 @@ async fn status(ctx: &AdminContext) -> StatusView {
     }
     let hosts = hosts(ctx, None).await;
     let count = |l: Liveness| hosts.iter().filter(|h| h.liveness == l).count();
+    let phases = ctx.raft.read(|s| {
+        use crate::state::Phase;
+        let ha = || s.vms.values().filter(|v| v.ha);
+        (
+            ha().filter(|v| matches!(v.phase, Phase::Backoff { .. }))
+                .count(),
+            ha().filter(|v| matches!(v.phase, Phase::Recovering { .. }))
+                .count(),
+            ha().filter(|v| matches!(v.phase, Phase::GaveUp { .. }))
+                .count(),
+        )
+    });
     StatusView {
         node: m.id,
         leader: m.current_leader,
@@ -348,6 +360,18 @@ async fn status(ctx: &AdminContext) -> StatusView {
         agents_connected: ctx.sessions.connected_count(),
         heartbeats_total: ctx.sessions.heartbeats_total(),
         version: vigil_common::VERSION.to_string(),
+        hosts_fencing: hosts
+            .iter()
+            .filter(|h| matches!(h.phase, crate::state::HostPhase::Fencing { .. }))
+            .count(),
+        hosts_fenced: hosts
+            .iter()
+            .filter(|h| matches!(h.phase, crate::state::HostPhase::Fenced { .. }))
+            .count(),
+        hosts_maintenance: hosts.iter().filter(|h| h.maintenance).count(),
+        vms_waiting: phases.0,
+        vms_recovering: phases.1,
+        vms_gave_up: phases.2,
     }
 }
 

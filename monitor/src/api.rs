@@ -42,6 +42,21 @@ pub struct StatusView {
     /// Heartbeats the answering monitor received since it started.
     pub heartbeats_total: u64,
     pub version: String,
+    /// Hosts being fenced or fenced (waiting to rejoin), and in maintenance.
+    #[serde(default)]
+    pub hosts_fencing: usize,
+    #[serde(default)]
+    pub hosts_fenced: usize,
+    #[serde(default)]
+    pub hosts_maintenance: usize,
+    /// HA VMs waiting to start (backoff: no host, no proof or no tagged host yet) or starting.
+    #[serde(default)]
+    pub vms_waiting: usize,
+    #[serde(default)]
+    pub vms_recovering: usize,
+    /// HA VMs Vigil gave up on (restart budget spent).
+    #[serde(default)]
+    pub vms_gave_up: usize,
 }
 
 /// One host, merging the replicated record with the leader's liveness view.

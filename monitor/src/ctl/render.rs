@@ -116,8 +116,26 @@ pub fn status(s: &StatusView) -> String {
     }
     out.push_str(&t.render());
     out.push_str(&format!(
-        "\nHOSTS  total {}, up {}, suspect {}, down {}, unknown {}\n",
-        s.hosts_total, s.hosts_up, s.hosts_suspect, s.hosts_down, s.hosts_unknown
+        "\nHOSTS  total {}, up {}, suspect {}, down {}, unknown {}; fencing {}, fenced {}, in maintenance {}\n",
+        s.hosts_total,
+        s.hosts_up,
+        s.hosts_suspect,
+        s.hosts_down,
+        s.hosts_unknown,
+        s.hosts_fencing,
+        s.hosts_fenced,
+        s.hosts_maintenance
+    ));
+    out.push_str(&format!(
+        "HA VMS waiting to start {}, starting {}, given up {}{}\n",
+        s.vms_waiting,
+        s.vms_recovering,
+        s.vms_gave_up,
+        if s.vms_waiting + s.vms_gave_up > 0 {
+            "  (see `vigilctl events`: why they wait)"
+        } else {
+            ""
+        }
     ));
     out
 }
