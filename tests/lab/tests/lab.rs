@@ -305,10 +305,14 @@ fn lab_up_faults_down() {
     assert!(!pid_alive(hv1_agent), "the agent is gone");
     let st = status();
     assert_eq!(host(&st, "hv1")["agent"]["alive"], false);
-    assert_eq!(
-        host(&st, "hv1")["domains_running"],
-        serde_json::json!(["hv1-vm1"]),
-        "its VM keeps running"
+    // Its VM keeps running (Vigil may have moved hv2's VM here meanwhile: hv2 was cut off
+    // above, and a host alive on storage is fenced through its slot).
+    let running = host(&st, "hv1")["domains_running"].clone();
+    assert!(
+        running
+            .as_array()
+            .is_some_and(|d| d.iter().any(|v| v == "hv1-vm1")),
+        "its VM keeps running: {running}"
     );
     lab_json(&["start-agent", "hv1"]);
     assert_eq!(host(&status(), "hv1")["agent"]["alive"], true);
