@@ -364,6 +364,19 @@ mod tests {
         matches!(v, Verdict::SelfFence { .. })
     }
 
+    /// The verdict for an expired lease, isolation response self-fence, last renewal long ago.
+    fn expired_verdict(now: Instant, pools: &[PoolEvidence]) -> Verdict {
+        decide(
+            now,
+            false,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            long_ago(now),
+            pools,
+        )
+    }
+
     #[test]
     fn a_valid_lease_keeps_the_guests() {
         let now = Instant::now();
@@ -384,15 +397,7 @@ mod tests {
     #[test]
     fn expired_with_a_fresh_leader_record_self_fences() {
         let now = Instant::now();
-        let v = decide(
-            now,
-            false,
-            expired(),
-            5_000,
-            IsolationResponse::SelfFence,
-            long_ago(now),
-            &[pool(true, Some(now - Duration::from_millis(600)))],
-        );
+        let v = expired_verdict(now, &[pool(true, Some(now - Duration::from_millis(600)))]);
         assert!(is_fence(&v), "{v:?}");
     }
 
@@ -402,27 +407,11 @@ mod tests {
         // The record stopped changing more than a lease ago: the monitors are gone.
         let stale = Some(now - Duration::from_millis(5_001));
         for leader in [stale, None] {
-            let v = decide(
-                now,
-                false,
-                expired(),
-                5_000,
-                IsolationResponse::SelfFence,
-                long_ago(now),
-                &[pool(true, leader)],
-            );
+            let v = expired_verdict(now, &[pool(true, leader)]);
             assert!(!is_fence(&v), "{v:?}");
         }
         // And without pools, nothing can tell: keep.
-        let v = decide(
-            now,
-            false,
-            expired(),
-            5_000,
-            IsolationResponse::SelfFence,
-            long_ago(now),
-            &[],
-        );
+        let v = expired_verdict(now, &[]);
         assert!(!is_fence(&v), "{v:?}");
     }
 
@@ -465,27 +454,11 @@ mod tests {
         // get time to reconnect and be renewed.
         let mut p = pool(true, Some(now - Duration::from_millis(100)));
         p.leader_epoch_since = Some(now - Duration::from_millis(1_000));
-        let v = decide(
-            now,
-            false,
-            expired(),
-            5_000,
-            IsolationResponse::SelfFence,
-            long_ago(now),
-            &[p.clone()],
-        );
+        let v = expired_verdict(now, &[p.clone()]);
         assert!(!is_fence(&v), "{v:?}");
         // Half a lease later without a renewal: isolated after all.
         p.leader_epoch_since = Some(now - Duration::from_millis(2_600));
-        let v = decide(
-            now,
-            false,
-            expired(),
-            5_000,
-            IsolationResponse::SelfFence,
-            long_ago(now),
-            &[p],
-        );
+        let v = expired_verdict(now, &[p]);
         assert!(is_fence(&v), "{v:?}");
     }
 
@@ -494,30 +467,14 @@ mod tests {
         let now = Instant::now();
         let mut p = pool(false, None);
         p.checked = false;
-        let v = decide(
-            now,
-            false,
-            expired(),
-            5_000,
-            IsolationResponse::SelfFence,
-            long_ago(now),
-            &[p],
-        );
+        let v = expired_verdict(now, &[p]);
         assert!(!is_fence(&v), "{v:?}");
     }
 
     #[test]
     fn cut_from_monitors_and_storage_self_fences() {
         let now = Instant::now();
-        let v = decide(
-            now,
-            false,
-            expired(),
-            5_000,
-            IsolationResponse::SelfFence,
-            long_ago(now),
-            &[pool(false, Some(now))],
-        );
+        let v = expired_verdict(now, &[pool(false, Some(now))]);
         assert!(is_fence(&v), "{v:?}");
     }
 
