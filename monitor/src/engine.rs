@@ -233,15 +233,13 @@ pub struct Engine {
     lease_usable: BTreeMap<String, bool>,
     /// Hosts already reported as unfenceable (no method), to say so once.
     unfenceable: BTreeSet<String>,
-    /// HA domains an agent said it destroyed when fencing itself: their stop is a failure
-    /// to recover from, not an operator's decision.
-    self_fenced: BTreeSet<String>,
     /// Raft term and node id while leader (stamped into fence requests).
     term_node: (u64, u64),
-    /// HA VMs destroyed on the monitor's order so that they start elsewhere: their host alone
-    /// lost their storage, or it is in maintenance. Their stop is a move, not a decision of
-    /// an operator.
-    forced_stops: BTreeMap<String, FailureKind>,
+    /// Stops that are failures to recover from, not an operator's decision, although libvirt
+    /// reports them as a destroy: HA domains an agent destroyed when it fenced itself, and
+    /// those destroyed on the monitor's order so that they start elsewhere (their host alone
+    /// lost their storage, or is in maintenance). uuid → (what failed, why it was destroyed).
+    expected_stops: BTreeMap<String, (FailureKind, String)>,
     /// Hosts in maintenance (mirrored from the replicated state on each tick and apply).
     maintenance: BTreeSet<String>,
     /// Hosts that are fencing or fenced (mirrored like `maintenance`): nothing is placed on
@@ -295,9 +293,8 @@ impl Engine {
             power_after: BTreeMap::new(),
             lease_usable: BTreeMap::new(),
             unfenceable: BTreeSet::new(),
-            self_fenced: BTreeSet::new(),
             term_node: (0, 0),
-            forced_stops: BTreeMap::new(),
+            expected_stops: BTreeMap::new(),
             maintenance: BTreeSet::new(),
             not_active: BTreeSet::new(),
             rejoining: BTreeSet::new(),
@@ -514,7 +511,13 @@ impl Engine {
                 destroyed,
             } => {
                 for uuid in &destroyed {
-                    self.self_fenced.insert(uuid.clone());
+                    self.expected_stops.insert(
+                        uuid.clone(),
+                        (
+                            FailureKind::Crashed,
+                            "destroyed by its own agent when it fenced itself".into(),
+                        ),
+                    );
                 }
                 out.push(Action::Propose(StateCommand::RecordEvent {
                     at_ms: wall_ms,
@@ -771,10 +774,9 @@ impl Engine {
                             d.reason,
                             StateReason::GuestShutdown | StateReason::Destroyed
                         );
-                    let forced = self.forced_stops.get(&d.uuid).copied();
-                    let self_fenced = self.self_fenced.contains(&d.uuid) || forced.is_some();
+                    let expected = self.expected_stops.get(&d.uuid).cloned();
                     if stopped_on_purpose
-                        && !self_fenced
+                        && expected.is_none()
                         && vm.phase == Phase::Running
                         && vm.host == host
                         && d.meta.generation.unwrap_or(0) == vm.generation
@@ -790,22 +792,19 @@ impl Engine {
                             },
                         }));
                     }
-                    if stopped_on_purpose
-                        && forced.is_some()
-                        && vm.ha
+                    let current = vm.ha
                         && vm.phase == Phase::Running
                         && vm.host == host
-                        && d.meta.generation.unwrap_or(0) == vm.generation
+                        && d.meta.generation.unwrap_or(0) == vm.generation;
+                    if let (true, true, Some((kind, why))) = (stopped_on_purpose, current, expected)
                     {
-                        let kind = forced.unwrap_or(FailureKind::StorageLost);
-                        self.forced_stops.remove(&d.uuid);
                         let proof = Proof::AgentReportedStopped {
                             host: host.to_string(),
-                            detail: format!("inventory: destroyed on the monitor's order ({kind})"),
+                            detail: format!("inventory: {why}"),
                             observed_at_ms: None,
                         };
                         self.vm_failed(vm, host, kind, proof, wall_ms, state, out);
-                    } else if (crashed || (stopped_on_purpose && self_fenced))
+                    } else if crashed
                         && vm.ha
                         && vm.phase == Phase::Running
                         && vm.host == host
@@ -862,28 +861,19 @@ impl Engine {
                 self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
             }
             LifecycleKind::Destroyed
-                if event.proves_stopped() && self.forced_stops.contains_key(&event.uuid) =>
+                if event.proves_stopped() && self.expected_stops.contains_key(&event.uuid) =>
             {
-                let kind = self
-                    .forced_stops
-                    .remove(&event.uuid)
-                    .unwrap_or(FailureKind::StorageLost);
+                let (kind, why) = self
+                    .expected_stops
+                    .get(&event.uuid)
+                    .cloned()
+                    .unwrap_or((FailureKind::Crashed, String::new()));
                 let proof = Proof::AgentReportedStopped {
                     host: host.to_string(),
-                    detail: format!("destroyed on the monitor's order ({kind})"),
+                    detail: why,
                     observed_at_ms: Some(event.at_ms),
                 };
                 self.vm_failed(vm, host, kind, proof, wall_ms, state, out);
-            }
-            LifecycleKind::Destroyed
-                if event.proves_stopped() && self.self_fenced.contains(&event.uuid) =>
-            {
-                let proof = Proof::AgentReportedStopped {
-                    host: host.to_string(),
-                    detail: "destroyed by its own agent when it fenced itself".into(),
-                    observed_at_ms: Some(event.at_ms),
-                };
-                self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
             }
             LifecycleKind::GuestShutdown | LifecycleKind::Destroyed if event.proves_stopped() => {
                 let reason = if event.kind == LifecycleKind::GuestShutdown {
@@ -993,7 +983,7 @@ impl Engine {
             })
         };
         self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
-        self.self_fenced.remove(&vm.uuid);
+        self.expected_stops.remove(&vm.uuid);
         out.push(Action::Propose(StateCommand::VmFailed {
             at_ms: wall_ms,
             uuid: vm.uuid.clone(),
@@ -1545,10 +1535,10 @@ impl Engine {
                 if vm.ha
                     && vm.phase == Phase::Running
                     && lasting.contains(&vm.host.as_str())
-                    && !self.forced_stops.contains_key(&vm.uuid)
+                    && !self.expected_stops.contains_key(&vm.uuid)
                 {
-                    self.forced_stops
-                        .insert(vm.uuid.clone(), FailureKind::StorageLost);
+                    self.expected_stops
+                        .insert(vm.uuid.clone(), forced_stop(FailureKind::StorageLost));
                     out.push(Action::Send {
                         host: vm.host.clone(),
                         command: AgentCommand::DestroyDomain {
@@ -1914,7 +1904,7 @@ impl Engine {
             if !(vm.ha && vm.phase == Phase::Running && self.maintenance.contains(&vm.host)) {
                 continue;
             }
-            if self.forced_stops.contains_key(&vm.uuid) || !self.connected.contains(&vm.host) {
+            if self.expected_stops.contains_key(&vm.uuid) || !self.connected.contains(&vm.host) {
                 continue;
             }
             // Only when it has somewhere to go: a drain must not leave a VM down.
@@ -1923,8 +1913,8 @@ impl Engine {
             if placement::relocation_target(&state.hosts, views, &vm.host, &need).is_none() {
                 continue;
             }
-            self.forced_stops
-                .insert(vm.uuid.clone(), FailureKind::Maintenance);
+            self.expected_stops
+                .insert(vm.uuid.clone(), forced_stop(FailureKind::Maintenance));
             out.push(Action::Propose(StateCommand::RecordEvent {
                 at_ms: wall_ms,
                 severity: Severity::Info,
@@ -2029,6 +2019,12 @@ pub fn generation_table(state: &ClusterState) -> MonitorToAgent {
             .collect(),
         full: true,
     }
+}
+
+/// The expected stop of a VM the monitor destroys through its agent so that it starts
+/// elsewhere.
+fn forced_stop(kind: FailureKind) -> (FailureKind, String) {
+    (kind, format!("destroyed on the monitor's order ({kind})"))
 }
 
 /// What a VM needs from a host it is placed on.

@@ -358,6 +358,15 @@ impl SimHost {
         self.agent_alive && self.powered && !self.partitioned
     }
 
+    /// A new agent process: a new instance, not fenced yet; its persisted lease is kept.
+    fn start_agent(&mut self, instance: u64, now: u64) {
+        self.agent_alive = true;
+        self.restart_at = None;
+        self.instance = instance;
+        self.agent_started_at = now;
+        self.self_fenced = false;
+    }
+
     /// Power loss: the agent and every domain are gone at once, silently.
     fn power_off(&mut self) {
         self.powered = false;
@@ -711,10 +720,7 @@ impl Sim {
                 let now = self.now;
                 if let Some(host) = self.hosts.get_mut(&h) {
                     if !host.agent_alive {
-                        host.agent_alive = true;
-                        host.instance = instance;
-                        host.agent_started_at = now;
-                        host.self_fenced = false;
+                        host.start_agent(instance, now);
                     }
                 }
             }
@@ -739,9 +745,7 @@ impl Sim {
                 if let Some(host) = self.hosts.get_mut(&h) {
                     if !host.powered {
                         host.powered = true;
-                        host.agent_alive = true;
-                        host.instance = instance;
-                        host.agent_started_at = now;
+                        host.start_agent(instance, now);
                         // A fresh boot: no lease file survives on the sim's boot clock.
                         host.lease_until = now;
                     }
@@ -1089,11 +1093,7 @@ impl Sim {
         for name in due {
             let instance = self.new_instance();
             if let Some(h) = self.hosts.get_mut(&name) {
-                h.agent_alive = true;
-                h.restart_at = None;
-                h.instance = instance;
-                h.agent_started_at = now;
-                h.self_fenced = false;
+                h.start_agent(instance, now);
             }
         }
         self.isolation_guards();
