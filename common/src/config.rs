@@ -675,6 +675,39 @@ pub struct AgentConfig {
     /// that a hung agent gets the host reset by systemd's hardware watchdog. Only has an effect
     /// under systemd with `WATCHDOG_USEC` set.
     pub systemd_watchdog: bool,
+    /// The host watchdog that backs lease expiry as a proof (`[watchdog]`).
+    pub watchdog: WatchdogConfig,
+}
+
+/// `[watchdog]` in `agent.toml`: the host watchdog device (design.md, proof 3).
+///
+/// The agent arms it before it starts or adopts any HA domain and feeds it while it runs and
+/// would not fence itself now; when the agent dies, hangs or decides to self-fence, feeding
+/// stops and the device resets the host within `timeout_secs`. Only a host whose agent reports
+/// an armed watchdog can be proven off by lease expiry; without one its HA VMs wait for power
+/// fencing or a storage-slot acknowledgement.
+///
+/// Off by default: opening a watchdog device arms it, and a softdog on a development machine
+/// would reset it. Packages set `device = "/dev/watchdog"` (hardware, or softdog with
+/// `nowayout`; systemd's `RuntimeWatchdogSec` must be off so the agent is the only opener).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// The device (Linux watchdog API: `WDIOC_SETTIMEOUT`, `WDIOC_KEEPALIVE`, magic close
+    /// 'V'). Absent: no watchdog.
+    pub device: Option<PathBuf>,
+    /// Timeout to program (seconds); the agent reads back what the device accepted and
+    /// reports that.
+    pub timeout_secs: u32,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        WatchdogConfig {
+            device: None,
+            timeout_secs: 10,
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -694,6 +727,7 @@ impl Default for AgentConfig {
             log_format: LogFormat::Plain,
             storage: StorageConfig::default(),
             systemd_watchdog: true,
+            watchdog: WatchdogConfig::default(),
         }
     }
 }
@@ -749,6 +783,23 @@ impl AgentConfig {
             return Err(invalid(
                 "libvirt_uri",
                 "must not be empty while libvirt_enabled is true".into(),
+            ));
+        }
+        if !(1..=600).contains(&self.watchdog.timeout_secs) {
+            return Err(invalid(
+                "watchdog.timeout_secs",
+                format!("{} is out of range 1..=600", self.watchdog.timeout_secs),
+            ));
+        }
+        if self
+            .watchdog
+            .device
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return Err(invalid(
+                "watchdog.device",
+                "must not be empty (leave it out for no watchdog)".into(),
             ));
         }
         if self.reconnect_ms == 0 || self.reconnect_ms > 60_000 {
