@@ -7,12 +7,19 @@
 //! which is later, and adds a drift margin: the agent's copy always ends first, so when the
 //! monitor takes lease expiry as proof the agent has already fenced itself.
 //!
-//! The lease survives an agent restart: its end is written to `state_dir/lease.json` as a
-//! point on the system's boot clock (`/proc/uptime`, which does not restart with the process),
-//! at most once a second. A stale file only makes the restarted agent's lease end *earlier*
-//! than the real one, which is the safe direction. A restarted agent therefore keeps the
-//! lease semantics of the process it replaces (CloudStack once restarted VMs elsewhere while
-//! only the agent had stopped).
+//! The lease survives an agent restart, and only that: its end is written to
+//! `state_dir/lease.json` (temporary file, fsync, rename, fsync of the directory) at most once
+//! a second, as a point on `CLOCK_BOOTTIME` together with the kernel's boot id
+//! (`/proc/sys/kernel/random/boot_id`). A lease written during another boot is void (a
+//! rebooted host starts with its lease expired), and a stale file only makes the restarted
+//! agent's lease end *earlier* than the real one, which is the safe direction. A restarted
+//! agent therefore keeps the lease semantics of the process it replaces (CloudStack once
+//! restarted VMs elsewhere while only the agent had stopped), and never more.
+//!
+//! A new process without a lease from this boot starts with its lease **expired**: a grace of
+//! any fixed length could outlast what the monitor counts for this host (it counts from its
+//! last grant, or from its election), and an expired lease destroys nothing by itself — the
+//! agent fences itself only when the monitors condemn it (`vigil_common::isolation`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,21 +29,45 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 use vigil_common::config::IsolationResponse;
 
+pub use vigil_common::isolation::LeaseStatus;
+
 /// Lease duration assumed before the first grant (the monitor's default).
 pub const DEFAULT_LEASE_MS: u64 = 5_000;
 
-/// The lease as the isolation guard sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseStatus {
-    /// Valid for this much longer.
-    Valid { remaining: Duration },
-    /// Ran out this long ago.
-    Expired { ago: Duration },
+/// A point on the boot clock: which boot, and how long since it (`CLOCK_BOOTTIME`, which
+/// counts suspend too and never goes back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootClock {
+    pub boot_id: String,
+    pub now_ms: u64,
 }
+
+impl BootClock {
+    /// This kernel's boot id and `CLOCK_BOOTTIME`.
+    pub fn read() -> Option<BootClock> {
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()?
+            .trim()
+            .to_string();
+        if boot_id.is_empty() {
+            return None;
+        }
+        let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+        let now_ms = u64::try_from(ts.tv_sec()).ok()? * 1000
+            + u64::try_from(ts.tv_nsec()).ok()? / 1_000_000;
+        Some(BootClock { boot_id, now_ms })
+    }
+}
+
+/// Where the boot clock comes from (injectable: the lab's hosts share one kernel).
+pub type BootSource = Arc<dyn Fn() -> Option<BootClock> + Send + Sync>;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct OnDisk {
-    /// End of the lease on the boot clock (ms since boot).
+    /// The boot the lease was written in; a lease from another boot is void.
+    #[serde(default)]
+    boot_id: String,
+    /// End of the lease on `CLOCK_BOOTTIME` (ms since that boot).
     expires_boot_ms: u64,
     lease_ms: u64,
     isolation_response: IsolationResponse,
@@ -54,28 +85,34 @@ struct Inner {
 }
 
 /// Shared between the session (renewals) and the isolation guard (expiry).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Lease {
     inner: Arc<Mutex<Inner>>,
     path: Option<PathBuf>,
+    boot: BootSource,
 }
 
-/// Milliseconds since boot, from `/proc/uptime` (10 ms resolution).
-fn boot_ms() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/uptime").ok()?;
-    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
-    Some((secs * 1000.0) as u64)
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("inner", &self.inner)
+            .field("path", &self.path)
+            .finish()
+    }
 }
 
 impl Lease {
     /// The lease of a new agent process: what the previous process persisted in `state_dir`
-    /// (if it is still running on this boot), else a startup grace of one default lease from
-    /// now, so that an agent that just started is not taken for an isolated one before its
-    /// first connection completes.
+    /// if it was written during this boot, else expired (see the module docs).
     pub fn load(state_dir: &Path, now: Instant) -> Lease {
+        Lease::load_with(state_dir, now, Arc::new(BootClock::read))
+    }
+
+    /// [`Lease::load`] with another boot clock (tests simulate a reboot with it).
+    pub fn load_with(state_dir: &Path, now: Instant, boot: BootSource) -> Lease {
         let path = state_dir.join("lease.json");
         let mut inner = Inner {
-            expires: now + Duration::from_millis(DEFAULT_LEASE_MS),
+            expires: now,
             lease_ms: DEFAULT_LEASE_MS,
             response: IsolationResponse::default(),
             granted_once: false,
@@ -89,23 +126,34 @@ impl Lease {
                     inner.lease_ms = d.lease_ms;
                     inner.response = d.isolation_response;
                     // Measured *after* reading, so the remaining time can only shrink.
-                    let remaining = boot_ms()
-                        .map(|b| d.expires_boot_ms.saturating_sub(b))
-                        .unwrap_or(0);
+                    let remaining = match boot() {
+                        Some(b) if b.boot_id == d.boot_id => {
+                            d.expires_boot_ms.saturating_sub(b.now_ms)
+                        }
+                        Some(_) => {
+                            warn!(path = %path.display(), "the persisted lease is from another boot: void, starting with an expired lease");
+                            0
+                        }
+                        None => {
+                            warn!(path = %path.display(), "cannot read the boot clock: treating the persisted lease as expired");
+                            0
+                        }
+                    };
                     inner.expires = now + Duration::from_millis(remaining);
                 }
                 Err(e) => {
-                    warn!(path = %path.display(), error = %e, "ignoring an unreadable lease file; starting with a default lease")
+                    warn!(path = %path.display(), error = %e, "ignoring an unreadable lease file; starting with an expired lease")
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot read the lease file; starting with a default lease")
+                warn!(path = %path.display(), error = %e, "cannot read the lease file; starting with an expired lease")
             }
         }
         Lease {
             inner: Arc::new(Mutex::new(inner)),
             path: Some(path),
+            boot,
         }
     }
 
@@ -122,6 +170,7 @@ impl Lease {
                 heartbeat_interval_ms: 500,
             })),
             path: None,
+            boot: Arc::new(BootClock::read),
         }
     }
 
@@ -156,20 +205,19 @@ impl Lease {
 
     fn persist(&self, now: Instant, expires: Instant, lease_ms: u64, response: IsolationResponse) {
         let Some(path) = &self.path else { return };
-        let Some(boot) = boot_ms() else { return };
+        let Some(boot) = (self.boot)() else {
+            warn!("cannot read the boot clock: the lease is not persisted (a restarted agent starts with an expired lease)");
+            return;
+        };
         let remaining = expires.saturating_duration_since(now).as_millis() as u64;
-        // /proc/uptime has 10 ms resolution: round down by two ticks.
         let d = OnDisk {
-            expires_boot_ms: (boot + remaining).saturating_sub(20),
+            boot_id: boot.boot_id,
+            // Rounded down: the clocks were read a moment apart.
+            expires_boot_ms: (boot.now_ms + remaining).saturating_sub(2),
             lease_ms,
             isolation_response: response,
         };
-        let tmp = path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            std::fs::write(&tmp, serde_json::to_vec(&d).unwrap_or_default())?;
-            std::fs::rename(&tmp, path)
-        };
-        if let Err(e) = write() {
+        if let Err(e) = write_durably(path, &serde_json::to_vec(&d).unwrap_or_default()) {
             warn!(path = %path.display(), error = %e, "cannot persist the lease");
         }
     }
@@ -224,6 +272,23 @@ impl Lease {
             LeaseStatus::Expired { ago: now - expires }
         }
     }
+}
+
+/// Temporary file, fsync, rename, fsync of the directory: after a crash the file is either
+/// the old one or the new one, never empty or torn.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -286,6 +351,7 @@ mod tests {
     fn an_expired_persisted_lease_stays_expired() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = OnDisk {
+            boot_id: BootClock::read().expect("boot clock").boot_id,
             expires_boot_ms: 1,
             lease_ms: 5_000,
             isolation_response: IsolationResponse::SelfFence,
@@ -298,5 +364,73 @@ mod tests {
         let t = Instant::now();
         let lease = Lease::load(dir.path(), t);
         assert!(matches!(lease.status(t), LeaseStatus::Expired { .. }));
+    }
+
+    fn fixed_boot(id: &'static str, offset_ms: u64) -> BootSource {
+        Arc::new(move || {
+            let real = BootClock::read()?;
+            Some(BootClock {
+                boot_id: id.to_string(),
+                now_ms: real.now_ms + offset_ms,
+            })
+        })
+    }
+
+    /// Issue 9 item 2: a lease persisted during one boot must not keep the guests of the
+    /// next boot. Before the fix, the persisted end was compared with the new boot's uptime.
+    #[test]
+    fn a_lease_that_survives_a_reboot_is_void() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t0 = Instant::now();
+        // Boot "a", an hour in: a 30 s grant is persisted.
+        let lease = Lease::load_with(dir.path(), t0, fixed_boot("boot-a", 3_600_000));
+        lease.renew(Instant::now(), 30_000);
+        // The same boot: the restarted agent keeps it.
+        let t1 = Instant::now();
+        let same = Lease::load_with(dir.path(), t1, fixed_boot("boot-a", 3_600_000));
+        assert!(
+            matches!(same.status(t1), LeaseStatus::Valid { .. }),
+            "{:?}",
+            same.status(t1)
+        );
+        // Another boot whose uptime is *smaller* than the persisted end (a quick reboot):
+        // void all the same.
+        let other = Lease::load_with(dir.path(), t1, fixed_boot("boot-b", 0));
+        assert!(
+            matches!(other.status(t1), LeaseStatus::Expired { .. }),
+            "{:?}",
+            other.status(t1)
+        );
+        // A file from before boot ids (no boot_id field) is void too.
+        std::fs::write(
+            dir.path().join("lease.json"),
+            br#"{"expires_boot_ms":99999999999,"lease_ms":5000,"isolation_response":"self-fence"}"#,
+        )
+        .expect("write");
+        let old = Lease::load_with(dir.path(), t1, fixed_boot("boot-a", 0));
+        assert!(matches!(old.status(t1), LeaseStatus::Expired { .. }));
+    }
+
+    /// Issue 9 item 7: a new agent without a lease from this boot must not grant itself a
+    /// hard-coded grace (5 s before the fix) that can outlast the lease the monitor counts.
+    #[test]
+    fn the_grace_of_a_new_agent_is_never_longer_than_its_lease() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Instant::now();
+        let fresh = Lease::load(dir.path(), t);
+        assert!(
+            matches!(fresh.status(t), LeaseStatus::Expired { .. }),
+            "{:?}",
+            fresh.status(t)
+        );
+        // With a 1 s lease persisted by the previous process, the new one has at most 1 s.
+        let prev = Lease::load(dir.path(), t);
+        prev.renew(Instant::now(), 1_000);
+        let t2 = Instant::now();
+        let next = Lease::load(dir.path(), t2);
+        assert!(matches!(
+            next.status(t2 + Duration::from_millis(1_001)),
+            LeaseStatus::Expired { .. }
+        ));
     }
 }

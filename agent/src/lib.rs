@@ -11,6 +11,7 @@
 //! - [`lease`]: how long the agent may keep its HA guests without the monitors;
 //! - [`storage`]: the storage heartbeat, fence slot and leader record on shared pools;
 //! - [`isolation`]: when to self-fence (lease, leader record, fence requests);
+//! - [`watchdog`]: the host watchdog that backs lease expiry as a proof;
 //! - [`cli`]: the `vigil-agent` command line.
 #![deny(unsafe_code)]
 
@@ -25,3 +26,4 @@ pub mod runner;
 pub mod session;
 pub mod storage;
 pub mod watch;
+pub mod watchdog;

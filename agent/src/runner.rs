@@ -16,6 +16,7 @@ use crate::executor::Executor;
 use crate::facts::FactsCollector;
 use crate::generations::Generations;
 use crate::lease::Lease;
+use crate::watchdog::Watchdog;
 use crate::libvirt::Hypervisor;
 use crate::session::{Session, SessionIo};
 use crate::storage::StorageWorker;
@@ -70,6 +71,7 @@ pub struct AgentRunner {
     lease: Lease,
     storage_cfg: StorageConfig,
     watchdog: bool,
+    watchdog_cfg: vigil_common::config::WatchdogConfig,
     instance: u64,
     started: Instant,
 }
@@ -100,6 +102,7 @@ impl AgentRunner {
             lease: Lease::load(&cfg.state_dir, Instant::now()),
             storage_cfg: cfg.storage.clone(),
             watchdog: cfg.systemd_watchdog,
+            watchdog_cfg: cfg.watchdog.clone(),
             instance: rand::random::<u64>().max(1),
             started: Instant::now(),
         })
@@ -112,6 +115,7 @@ impl AgentRunner {
         let latest = watch::spawn(self.executor.clone(), self.poll, reports_tx.clone());
         let storage =
             StorageWorker::spawn(&self.storage_cfg, &self.host, self.instance, self.started);
+        let host_watchdog = Watchdog::spawn(&self.watchdog_cfg);
         let guard = isolation::spawn(
             isolation::Guard {
                 lease: self.lease.clone(),
@@ -122,6 +126,7 @@ impl AgentRunner {
                 instance: self.instance,
                 reports: reports_tx,
                 watchdog: self.watchdog,
+                host_watchdog: host_watchdog.clone(),
                 storage_interval: Duration::from_millis(self.storage_cfg.interval_ms),
                 started: self.started,
             },
@@ -168,6 +173,7 @@ impl AgentRunner {
                         executor: Some(self.executor.clone()),
                         lease: Some(self.lease.clone()),
                         storage: Some(storage.clone()),
+                        host_watchdog: Some(host_watchdog.clone()),
                         started: self.started,
                     };
                     match session.run(&mut facts, io, stop.clone()).await {
@@ -193,6 +199,14 @@ impl AgentRunner {
         }
         storage.stop();
         guard.abort();
+        // The host watchdog stays armed if it is: HA domains that keep running on this host
+        // must stay guarded while no agent watches them (a restarted agent feeds it again
+        // within its timeout; a stopped one lets it reset the host). Drain the host first
+        // (`vigilctl host maintenance on`) to stop an agent for longer.
+        if host_watchdog.armed_ms().is_some() {
+            warn!("agent stopping with the host watchdog armed: unless an agent runs again within its timeout, the host resets");
+        }
+        host_watchdog.stop();
         self.endpoint
             .close(wire::close::NORMAL.into(), b"agent shutting down");
         info!("agent stopped");

@@ -226,7 +226,8 @@ impl Session {
                         None => Vec::new(),
                     };
                     let mono_ms = now.saturating_duration_since(io.started).as_millis() as u64;
-                    let beat = AgentToMonitor::Heartbeat(Heartbeat { seq, facts: facts(), mono_ms, pools });
+                    let watchdog_ms = io.host_watchdog.as_ref().and_then(|w| w.armed_ms());
+                    let beat = AgentToMonitor::Heartbeat(Heartbeat { seq, facts: facts(), mono_ms, pools, watchdog_ms });
                     if let Err(e) = codec::write_frame(&mut send, &beat).await {
                         break Err(codec_err(&conn, addr, e));
                     }
@@ -341,6 +342,8 @@ pub struct SessionIo<'a> {
     pub lease: Option<crate::lease::Lease>,
     /// Pool states for the heartbeats.
     pub storage: Option<crate::storage::StorageWorker>,
+    /// The host watchdog's armed timeout rides every heartbeat.
+    pub host_watchdog: Option<crate::watchdog::Watchdog>,
     /// When this agent process started (heartbeats carry the time since).
     pub started: Instant,
 }
@@ -353,6 +356,7 @@ impl Default for SessionIo<'_> {
             executor: None,
             lease: None,
             storage: None,
+            host_watchdog: None,
             started: Instant::now(),
         }
     }

@@ -662,6 +662,8 @@ mod tests {
             node: 1,
             seq: 10,
             wall_ms: 5,
+            condemned: Vec::new(),
+            hold: false,
         };
         write_record(&leader_path(dir.path()), &leader).expect("write leader");
         let cfg = config(&[("p1", dir.path())], 50, 300);

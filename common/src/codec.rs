@@ -198,6 +198,7 @@ mod tests {
                 boot_id: "b00t".into(),
             },
             mono_ms: 5_000,
+            watchdog_ms: Some(10_000),
             pools: vec![crate::wire::PoolStatus {
                 name: "primary".into(),
                 ok: true,

@@ -5,6 +5,7 @@
 pub mod codec;
 pub mod config;
 pub mod domain;
+pub mod isolation;
 pub mod logging;
 pub mod pem {
     //! Re-exports for reading PEM files without a direct dependency on rustls-pki-types.

@@ -51,8 +51,10 @@ pub struct StorageHeartbeat {
     pub fenced: bool,
 }
 
-/// The leader record: lets an agent that lost its lease tell "the monitors are alive without
-/// me" (self-fence) from "every monitor is down" (keep the guests running).
+/// The leader record: lets an agent that lost its lease tell "the monitors are alive and
+/// condemn me" (self-fence) from "every monitor is down" or "the monitors do not ask for it"
+/// (keep the guests running). It is written only while the leader's engine is deciding: a
+/// stalled engine leaves it stale, and a stale record never makes anyone fence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderRecord {
     /// Raft term and node id of the writer.
@@ -62,6 +64,22 @@ pub struct LeaderRecord {
     pub seq: u64,
     /// Wall clock of the writer, for humans only.
     pub wall_ms: u64,
+    /// The hosts this leader condemns: it is fencing them and their agents, once their lease
+    /// ran out, must destroy their HA domains. No other host ever self-fences on lease expiry
+    /// while the record is fresh.
+    #[serde(default)]
+    pub condemned: Vec<String>,
+    /// Automatic fencing is held (mass failure): nobody is condemned, whatever `condemned`
+    /// says.
+    #[serde(default)]
+    pub hold: bool,
+}
+
+impl LeaderRecord {
+    /// Whether this record asks `host` to fence itself once its lease ran out.
+    pub fn condemns(&self, host: &str) -> bool {
+        !self.hold && self.condemned.iter().any(|h| h == host)
+    }
 }
 
 /// A fence request (sbd's poison pill): the agent of `host` destroys its HA domains and answers

@@ -157,6 +157,9 @@ pub struct Heartbeat {
     pub mono_ms: u64,
     /// Each storage pool's state on this host.
     pub pools: Vec<PoolStatus>,
+    /// The host watchdog's timeout while it is armed (`None`: no watchdog backs this host's
+    /// lease, so the monitors never take its expiry as proof).
+    pub watchdog_ms: Option<u64>,
 }
 
 /// An order from the monitor to an agent.
