@@ -211,4 +211,3 @@ fn running_ha_domains(exec: &Executor, latest: &Latest) -> Vec<String> {
         .map(|d| d.uuid)
         .collect()
 }
-

@@ -53,8 +53,8 @@ impl BootClock {
             return None;
         }
         let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
-        let now_ms = u64::try_from(ts.tv_sec()).ok()? * 1000
-            + u64::try_from(ts.tv_nsec()).ok()? / 1_000_000;
+        let now_ms =
+            u64::try_from(ts.tv_sec()).ok()? * 1000 + u64::try_from(ts.tv_nsec()).ok()? / 1_000_000;
         Some(BootClock { boot_id, now_ms })
     }
 }

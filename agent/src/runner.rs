@@ -16,10 +16,10 @@ use crate::executor::Executor;
 use crate::facts::FactsCollector;
 use crate::generations::Generations;
 use crate::lease::Lease;
-use crate::watchdog::Watchdog;
 use crate::libvirt::Hypervisor;
 use crate::session::{Session, SessionIo};
 use crate::storage::StorageWorker;
+use crate::watchdog::Watchdog;
 use crate::{isolation, watch};
 
 /// The host name this agent speaks for: the common name of its certificate. A configured

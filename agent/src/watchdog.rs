@@ -95,10 +95,6 @@ impl Watchdog {
 
     /// No device: what tests and load generators use.
     pub fn none() -> Watchdog {
-        Watchdog::spawn_disabled()
-    }
-
-    fn spawn_disabled() -> Watchdog {
         Watchdog {
             inner: Arc::new(Inner {
                 cfg: WatchdogConfig::default(),
@@ -171,8 +167,12 @@ fn feeder(inner: Arc<Inner>, path: PathBuf) {
         if disarm {
             if let Some(mut f) = dev.take() {
                 match f.write_all(b"V").and_then(|_| f.flush()) {
-                    Ok(()) => info!(device = %path.display(), "host watchdog disarmed (magic close): no HA domain runs here"),
-                    Err(e) => error!(device = %path.display(), "cannot disarm the host watchdog: {e}; it will reset the host"),
+                    Ok(()) => {
+                        info!(device = %path.display(), "host watchdog disarmed (magic close): no HA domain runs here")
+                    }
+                    Err(e) => {
+                        error!(device = %path.display(), "cannot disarm the host watchdog: {e}; it will reset the host")
+                    }
                 }
                 drop(f);
             }

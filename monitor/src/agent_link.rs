@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use vigil_common::codec;
 use vigil_common::tls::{PeerIdentity, Role};
 use vigil_common::wire::{
@@ -174,6 +174,17 @@ pub async fn serve(
         Ok(Ok(parts)) => parts,
         Ok(Err((code, msg))) => {
             warn!(%remote, host = %peer.name, "agent refused: {msg}");
+            if code == close::VERSION_MISMATCH {
+                // The certificate is verified: this host is alive, only not manageable.
+                // Never fence it for that (issue 9 item 4).
+                error!(%remote, host = %peer.name, "agent speaks another protocol version: {msg}; the host is not fenced and its guests keep running unprotected");
+                engine
+                    .input(Input::AgentIncompatible {
+                        host: peer.name.clone(),
+                        detail: msg.clone(),
+                    })
+                    .await;
+            }
             conn.close(code.into(), msg.as_bytes());
             return;
         }
@@ -245,6 +256,7 @@ pub async fn serve(
                             facts: hb.facts,
                             mono_ms: hb.mono_ms,
                             pools: hb.pools,
+                            watchdog_ms: hb.watchdog_ms,
                         })
                         .await;
                 }

@@ -57,6 +57,12 @@ pub enum Input {
     AgentDisconnected {
         host: String,
     },
+    /// An agent with a verified certificate for `host` connected, but cannot be managed (its
+    /// protocol version differs): the host is alive, and must never be fenced for that.
+    AgentIncompatible {
+        host: String,
+        detail: String,
+    },
     Heartbeat {
         host: String,
         seq: u64,
@@ -64,6 +70,8 @@ pub enum Input {
         /// The agent's clock when it sent the beat (ms since its process started).
         mono_ms: u64,
         pools: Vec<PoolStatus>,
+        /// The host watchdog's timeout while armed (what lets lease expiry prove the host off).
+        watchdog_ms: Option<u64>,
     },
     /// The agent fenced itself while cut from the monitors (reported once reconnected); it
     /// is about to destroy, or has destroyed, `destroyed`.
@@ -128,6 +136,8 @@ pub enum Input {
 pub struct StorageCycle {
     /// The leader record was written in this cycle.
     pub leader_written: bool,
+    /// The hosts the record written in this cycle condemned.
+    pub condemned: Vec<String>,
     pub heartbeats: Vec<StorageHeartbeat>,
     pub acks: Vec<FenceAck>,
 }
@@ -151,6 +161,11 @@ pub enum Action {
     RequestFence(FenceRequest),
     /// Remove the host's fence request (and acknowledgement) from every pool.
     ClearFence { host: String },
+    /// What the leader record says now: the hosts this leader condemns (their agents must
+    /// fence themselves once their lease ran out) and whether fencing is held. Emitted on
+    /// every tick while leading; the storage threads write the record only while these keep
+    /// coming, so a stalled engine leaves it stale and makes nobody fence.
+    LeaderRecord { condemned: Vec<String>, hold: bool },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -230,7 +245,7 @@ pub struct Engine {
     /// Earliest time (monotonic ms) to power-fence a host in Fencing.
     power_after: BTreeMap<String, u64>,
     /// Whether the host's fencing may use lease expiry (not when only its agent is down).
-    lease_usable: BTreeMap<String, bool>,
+
     /// Hosts already reported as unfenceable (no method), to say so once.
     unfenceable: BTreeSet<String>,
     /// Raft term and node id while leader (stamped into fence requests).
@@ -240,6 +255,9 @@ pub struct Engine {
     /// those destroyed on the monitor's order so that they start elsewhere (their host alone
     /// lost their storage, or is in maintenance). uuid → (what failed, why it was destroyed).
     expected_stops: BTreeMap<String, (FailureKind, String)>,
+    /// Hosts whose agent connected with an incompatible protocol, and when it last tried
+    /// (monotonic ms): alive, not fenced, not condemned, for [`INCOMPATIBLE_ALIVE_MS`].
+    incompatible: BTreeMap<String, u64>,
     /// Hosts in maintenance (mirrored from the replicated state on each tick and apply).
     maintenance: BTreeSet<String>,
     /// Hosts that are fencing or fenced (mirrored like `maintenance`): nothing is placed on
@@ -261,6 +279,10 @@ pub struct Engine {
 /// A pool must be down on a host for this long before that host's HA VMs are moved off it:
 /// a storage hiccup must not cost a guest its run.
 pub const STORAGE_FAULT_GRACE_MS: u64 = 5_000;
+
+/// An incompatible agent's last attempt counts as a sign of life for this long (agents retry
+/// every few seconds at most).
+pub const INCOMPATIBLE_ALIVE_MS: u64 = 30_000;
 
 impl Engine {
     pub fn new(cfg: DetectorConfig, policy: RecoveryPolicy, now_ms: u64) -> Self {
@@ -291,11 +313,11 @@ impl Engine {
             slot_requests: BTreeMap::new(),
             proof_proposed: BTreeSet::new(),
             power_after: BTreeMap::new(),
-            lease_usable: BTreeMap::new(),
             unfenceable: BTreeSet::new(),
             term_node: (0, 0),
             expected_stops: BTreeMap::new(),
             maintenance: BTreeSet::new(),
+            incompatible: BTreeMap::new(),
             not_active: BTreeSet::new(),
             rejoining: BTreeSet::new(),
             views: None,
@@ -425,6 +447,24 @@ impl Engine {
                 self.dispatched
                     .retain(|uuid, _| state.vms.get(uuid).is_none_or(|v| v.host != host));
             }
+            Input::AgentIncompatible { host, detail } => {
+                let known = self
+                    .incompatible
+                    .get(&host)
+                    .is_some_and(|t| now_ms.saturating_sub(*t) < INCOMPATIBLE_ALIVE_MS);
+                self.incompatible.insert(host.clone(), now_ms);
+                if !known && self.leader {
+                    out.push(Action::Propose(StateCommand::RecordEvent {
+                        at_ms: wall_ms,
+                        severity: Severity::Critical,
+                        host: Some(host.clone()),
+                        kind: EventKind::HostIncompatible,
+                        message: format!(
+                            "host {host}'s agent cannot be managed: {detail}. The host is alive, so it is not fenced and its guests keep running, unprotected, until its agent and the monitors run compatible versions"
+                        ),
+                    }));
+                }
+            }
             Input::AgentDisconnected { host } => {
                 // Not evidence of death by itself: the detector decides on silence alone.
                 self.connected.remove(&host);
@@ -438,7 +478,9 @@ impl Engine {
                 facts,
                 mono_ms,
                 pools,
+                watchdog_ms,
             } => {
+                self.leases.watchdog(&host, watchdog_ms);
                 self.facts.insert(host.clone(), facts);
                 let instance = self.instances.get(&host).copied().unwrap_or(0);
                 self.evidence.beat(&host, instance, mono_ms, now_ms);
@@ -635,6 +677,9 @@ impl Engine {
                 self.reconcile_hosts(now_ms, wall_ms, state, &mut out);
                 self.reconcile_storage(now_ms, wall_ms, state, &mut out);
                 self.reconcile(wall_ms, state, &mut out);
+                if self.leader {
+                    out.push(self.leader_record(state, now_ms));
+                }
             }
             Input::Applied => {
                 self.mirror_maintenance(state);
@@ -647,7 +692,6 @@ impl Engine {
                 self.slot_requests.clear();
                 self.proof_proposed.clear();
                 self.power_after.clear();
-                self.lease_usable.clear();
                 self.unfenceable.clear();
                 self.conditions.clear();
                 // A new leader knows nothing fresh: every host gets the full grace period
@@ -1015,7 +1059,7 @@ impl Engine {
         };
         if self.leader {
             self.leases
-                .record_written(pool, cycle.leader_written, now_ms);
+                .record_condemning(pool, cycle.leader_written, &cycle.condemned, now_ms);
         }
         for hb in cycle.heartbeats {
             self.evidence.storage_beat(pool, hb, now_ms);
@@ -1217,6 +1261,10 @@ impl Engine {
             .map(|v| v.host.as_str())
             .collect();
         for (name, h) in &state.hosts {
+            if self.incompatible_alive(name, now_ms) {
+                // It spoke to us: alive, whatever its silence on the agent protocol says.
+                continue;
+            }
             let live = self.detector.state(name);
             let down = live == Some(Liveness::Down);
             let silent = down || live == Some(Liveness::Suspect);
@@ -1239,11 +1287,11 @@ impl Engine {
             match &h.phase {
                 HostPhase::Active if down && has_ha => {
                     let (lease_usable, power_at) = match &condition {
-                        // Lease expiry proves nothing about a host that may be alive with a
-                        // dead agent: only when peers confirmed it unreachable.
-                        Condition::Dead { confirmed, .. } => (*confirmed, now_ms),
+                        // Whether peers confirmed it unreachable or not: a dead agent on a
+                        // live host is reset by its watchdog, which `usable` requires.
+                        Condition::Dead { .. } => (true, now_ms),
                         Condition::Isolated { .. } => {
-                            let lease_ok = self.leases.proof(name, &pools, u64::MAX).is_ok();
+                            let lease_ok = self.leases.usable(name, &pools).is_ok();
                             let at = if lease_ok || slot {
                                 self.leases.expires_at(name).unwrap_or(now_ms)
                             } else {
@@ -1256,12 +1304,12 @@ impl Engine {
                             if self.leases.expires_at(name).is_some_and(|t| now_ms < t) {
                                 continue;
                             }
-                            (false, now_ms)
+                            // The agent is dead: only its host watchdog can back a lease.
+                            (true, now_ms)
                         }
                         Condition::Alive | Condition::Investigating => continue,
                     };
-                    let lease_possible =
-                        lease_usable && self.leases.proof(name, &pools, u64::MAX).is_ok();
+                    let lease_possible = lease_usable && self.leases.usable(name, &pools).is_ok();
                     if !power && !slot && !lease_possible {
                         if self.unfenceable.insert(name.clone()) {
                             out.push(Action::Propose(StateCommand::RecordEvent {
@@ -1273,7 +1321,7 @@ impl Engine {
                                     "host {name} is {} ({}) and holds HA VMs, but nothing can prove it fenced: no fence agent configured, no storage slot, and lease expiry proves nothing here ({}). Its HA VMs wait; fence it by hand",
                                     condition.name(),
                                     condition_evidence(&condition),
-                                    self.leases.proof(name, &pools, u64::MAX).err().unwrap_or_default()
+                                    self.leases.usable(name, &pools).err().unwrap_or_default()
                                 ),
                             }));
                         }
@@ -1309,13 +1357,18 @@ impl Engine {
                         at_ms: wall_ms,
                         host: name.clone(),
                         reason: format!(
-                            "{} ({}), holds HA VMs; proof by {}",
+                            "{} ({}), holds HA VMs; proof by {}{}",
                             condition.name(),
                             condition_evidence(&condition),
-                            methods.join(", ")
+                            methods.join(", "),
+                            match self.leases.usable(name, &pools) {
+                                Err(why) if lease_usable => {
+                                    format!(" (not lease expiry: {why})")
+                                }
+                                _ => String::new(),
+                            }
                         ),
                     }));
-                    self.lease_usable.insert(name.clone(), lease_usable);
                     if power {
                         self.power_after.insert(name.clone(), power_at);
                     }
@@ -1334,30 +1387,11 @@ impl Engine {
                         // A new leader asks again (its predecessor's request may be gone).
                         self.request_fence(name, &condition, wall_ms, out);
                     }
-                    // Lease expiry stays usable only while nothing suggests a dead agent on a
-                    // live host; once lost in an episode, it stays lost.
-                    let usable_now = match &condition {
-                        Condition::AgentDown { .. } => false,
-                        Condition::Dead { confirmed, .. } => *confirmed,
-                        _ => true,
-                    };
-                    let entry = self.lease_usable.entry(name.clone()).or_insert(usable_now);
-                    *entry = *entry && usable_now;
-                    let lease_usable = *entry;
-                    // A host seen alive on storage must also say there that it fenced itself:
-                    // an agent that died just before its lease ran out fences nothing.
-                    let confirmed_alive_fenced = match &condition {
-                        Condition::Isolated { .. } => self.evidence.storage_fenced(name, now_ms),
-                        _ => Some(String::new()),
-                    };
-                    if lease_usable
-                        && confirmed_alive_fenced.is_some()
-                        && !self.proof_proposed.contains(name)
-                    {
-                        if let Ok(mut detail) = self.leases.proof(name, &pools, now_ms) {
-                            if let Some(c) = confirmed_alive_fenced.filter(|c| !c.is_empty()) {
-                                detail = format!("{detail}; {c}");
-                            }
+                    // Lease expiry is proof only where the host watchdog backs it: then a
+                    // dead or hung agent cannot keep the guests past lease + W either.
+                    let lease_usable = self.leases.usable(name, &pools).is_ok();
+                    if lease_usable && !self.proof_proposed.contains(name) {
+                        if let Ok(detail) = self.leases.proof(name, &pools, now_ms) {
                             self.proof_proposed.insert(name.clone());
                             out.push(Action::Propose(StateCommand::FenceResult {
                                 at_ms: wall_ms,
@@ -1553,6 +1587,31 @@ impl Engine {
     }
 
     /// A host is back: a fence request left in its slot must not kill what it runs next.
+    /// The leader record's content: the hosts being fenced that are still silent. Only
+    /// those may fence themselves on lease expiry; a host that merely misses its grants (a
+    /// version mismatch, an expired certificate, the monitors' own network) is never named.
+    fn leader_record(&self, state: &ClusterState, now_ms: u64) -> Action {
+        let condemned = state
+            .hosts
+            .iter()
+            .filter(|(_, h)| matches!(h.phase, HostPhase::Fencing { .. }))
+            .filter(|(n, _)| self.detector.state(n) == Some(Liveness::Down))
+            .filter(|(n, _)| !self.incompatible_alive(n, now_ms))
+            .map(|(n, _)| n.clone())
+            .collect();
+        Action::LeaderRecord {
+            condemned,
+            hold: !self.held.is_empty(),
+        }
+    }
+
+    /// The host's agent tried to connect with an incompatible protocol recently.
+    fn incompatible_alive(&self, host: &str, now_ms: u64) -> bool {
+        self.incompatible
+            .get(host)
+            .is_some_and(|t| now_ms.saturating_sub(*t) < INCOMPATIBLE_ALIVE_MS)
+    }
+
     fn end_fencing_episode(&mut self, host: &str, out: &mut Vec<Action>) {
         self.slot_requests.remove(host);
         out.push(Action::ClearFence {
@@ -1564,7 +1623,6 @@ impl Engine {
     fn forget_fencing(&mut self, host: &str) {
         self.proof_proposed.remove(host);
         self.power_after.remove(host);
-        self.lease_usable.remove(host);
         self.unfenceable.remove(host);
     }
 
@@ -2123,6 +2181,7 @@ mod tests {
                     },
                     mono_ms: 0,
                     pools: vec![],
+                    watchdog_ms: None,
                 },
                 now,
             );

@@ -146,6 +146,7 @@ pub fn spawn(
                     pool: report.pool,
                     result: report.result.map(|c| StorageCycle {
                         leader_written: c.leader_written.is_some(),
+                        condemned: c.condemned,
                         heartbeats: c.heartbeats,
                         acks: c.acks,
                     }),
@@ -252,6 +253,9 @@ pub fn spawn(
                             storage.request_fence(req);
                         }
                         Action::ClearFence { host } => storage.clear_fence(&host),
+                        Action::LeaderRecord { condemned, hold } => {
+                            storage.publish_record(condemned, hold)
+                        }
                     }
                 }
             }

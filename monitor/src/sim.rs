@@ -125,6 +125,11 @@ struct SimHost {
     self_fenced: bool,
     /// When its current partition began.
     partitioned_at: Option<u64>,
+    /// The host watchdog: `Some(last feed)` while armed. Not fed for the scenario's
+    /// watchdog timeout, it powers the host off.
+    watchdog_fed: Option<u64>,
+    /// The agent speaks another protocol version: it reaches the monitor, which refuses it.
+    incompatible: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -134,6 +139,10 @@ enum Fault {
     GuestShutdown(String),
     Destroy(String),
     KillAgent(String),
+    /// The agent dies and stays dead (stopped, crash-looping, start limit hit).
+    KillAgentForGood(String),
+    /// The agent and the monitors speak different protocol versions (an upgrade).
+    VersionMismatch(String, bool),
     StartAgent(String),
     StartFails(String, bool),
     DropAnswers(String, bool),
@@ -166,6 +175,8 @@ pub struct Scenario {
     until: u64,
     pool: Option<String>,
     lease: LeaseConfig,
+    /// The agents' host watchdog timeout (`None`: no watchdog on any host).
+    watchdog_ms: Option<u64>,
 }
 
 /// A scenario file that does not parse; names the line.
@@ -191,6 +202,8 @@ impl Scenario {
             ..Scenario::default()
         };
         sc.failover.mass_failure_percent = 30;
+        // Longer than any agent absence the scenarios model (systemd restarts in 1 s).
+        sc.watchdog_ms = Some(2_500);
         sc.failover.storage_slot = true;
         sc.failover.vcpu_overcommit = 4;
         sc.failover.probe_port = 22;
@@ -293,6 +306,8 @@ impl Scenario {
                         }
                     }
                 }
+                ["watchdog", "none"] => sc.watchdog_ms = None,
+                ["watchdog", ms] => sc.watchdog_ms = Some(num(ms)?),
                 ["vm", uuid, rest @ ..] => {
                     let m = kv(rest);
                     let host = m
@@ -325,6 +340,8 @@ impl Scenario {
                         "guest-shutdown" => Fault::GuestShutdown(arg(0)?),
                         "destroy" => Fault::Destroy(arg(0)?),
                         "kill-agent" => Fault::KillAgent(arg(0)?),
+                        "kill-agent-for-good" => Fault::KillAgentForGood(arg(0)?),
+                        "version-mismatch" => Fault::VersionMismatch(arg(0)?, on(1)?),
                         "start-agent" => Fault::StartAgent(arg(0)?),
                         "start-fails" => Fault::StartFails(arg(0)?, on(1)?),
                         "drop-answers" => Fault::DropAnswers(arg(0)?, on(1)?),
@@ -355,7 +372,7 @@ impl Scenario {
 impl SimHost {
     /// The agent can talk to the monitor.
     fn reachable(&self) -> bool {
-        self.agent_alive && self.powered && !self.partitioned
+        self.agent_alive && self.powered && !self.partitioned && !self.incompatible
     }
 
     /// A new agent process: a new instance, not fenced yet; its persisted lease is kept.
@@ -375,6 +392,7 @@ impl SimHost {
         self.self_fenced = false;
         self.queued.clear();
         self.fenced_reason = None;
+        self.watchdog_fed = None;
         for d in self.domains.values_mut() {
             if d.running {
                 d.running = false;
@@ -437,6 +455,13 @@ pub struct Sim {
     /// of changes began (after a pause longer than a lease).
     leader_record_at: Option<u64>,
     leader_epoch_at: Option<u64>,
+    /// What the engine last published for the leader record, and when (sim ms); and the
+    /// hosts condemned by the record on storage.
+    record_published: Option<(u64, Vec<String>)>,
+    record_condemned: Vec<String>,
+    watchdog_ms: Option<u64>,
+    /// Sim time 0 as an `Instant`, for the shared pure decisions.
+    t0: std::time::Instant,
     next_instance: u64,
 }
 
@@ -479,6 +504,10 @@ impl Sim {
             monitor_storage_ok: true,
             leader_record_at: None,
             leader_epoch_at: None,
+            record_published: None,
+            record_condemned: Vec::new(),
+            watchdog_ms: sc.watchdog_ms,
+            t0: std::time::Instant::now(),
             next_instance: 100,
         };
         for (name, zone, cluster, _, _) in &sc.hosts {
@@ -511,6 +540,8 @@ impl Sim {
                     restart_at: None,
                     self_fenced: false,
                     partitioned_at: None,
+                    watchdog_fed: None,
+                    incompatible: false,
                 },
             );
         }
@@ -563,6 +594,9 @@ impl Sim {
                                 h.slot = Some(req);
                             }
                         }
+                    }
+                    Action::LeaderRecord { condemned, .. } => {
+                        self.record_published = Some((self.now, condemned));
                     }
                     Action::ClearFence { host } => {
                         if self.monitor_storage_ok {
@@ -715,6 +749,17 @@ impl Sim {
                     }
                 }
             }
+            Fault::KillAgentForGood(h) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.agent_alive = false;
+                    host.restart_at = None;
+                }
+            }
+            Fault::VersionMismatch(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.incompatible = on;
+                }
+            }
             Fault::StartAgent(h) => {
                 let instance = self.new_instance();
                 let now = self.now;
@@ -835,15 +880,22 @@ impl Sim {
         });
     }
 
-    /// Each agent's isolation guard (the rules of `vigil_agent::isolation::decide`): obey a
-    /// fence request in its slot while no grant arrives, and fence itself when its lease has
-    /// run out while the leader record is fresh or the storage is unreachable.
+    /// Each agent's isolation guard: the agent's own pure decision
+    /// (`vigil_common::isolation::decide`, the code that ships), fed with what the simulated
+    /// agent knows; and its host watchdog, fed exactly while that decision is "keep".
     fn isolation_guards(&mut self) {
+        use std::time::Duration;
+        use vigil_common::isolation::{
+            decide, feeds_watchdog, Freshness, LeaseStatus, PoolEvidence, Verdict,
+        };
         let now = self.now;
-        let has_pool = self.pool.is_some();
+        let at = |ms: u64| self.t0 + Duration::from_millis(ms);
+        let pool = self.pool.clone();
         let lease = self.lease.clone();
         let leader_at = self.leader_record_at;
         let epoch_at = self.leader_epoch_at;
+        let condemned = self.record_condemned.clone();
+        let watchdog = self.watchdog_ms;
         let ha = self.ha.clone();
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in names {
@@ -854,38 +906,62 @@ impl Sim {
                 continue;
             }
             let connected_recently = h.last_grant.is_some_and(|t| now.saturating_sub(t) < 1_000);
-            let request = h
-                .slot
-                .clone()
-                .filter(|r| {
-                    h.storage_ok
-                        && (r.instance == 0 || r.instance == h.instance)
-                        && h.ack.as_ref().is_none_or(|a| a.id != r.id)
+            let request = h.slot.clone().filter(|r| {
+                h.storage_ok
+                    && (r.instance == 0 || r.instance == h.instance)
+                    && h.ack.as_ref().is_none_or(|a| a.id != r.id)
+            });
+            let pools: Vec<PoolEvidence> = pool
+                .iter()
+                .map(|p| PoolEvidence {
+                    name: p.clone(),
+                    checked: true,
+                    ok: h.storage_ok,
+                    leader_changed_at: leader_at.map(at),
+                    leader_epoch_since: epoch_at.map(at),
+                    condemns_us: condemned.contains(&name),
+                    fence_request: request.clone(),
                 })
-                .filter(|_| !connected_recently);
-            let expired = now >= h.lease_until;
-            let reason = if let Some(r) = &request {
-                Some(format!("fence request {} in its storage slot", r.id))
-            } else if !expired
-                || lease.isolation_response == IsolationResponse::KeepRunning
-                || !has_pool
-            {
-                None
-            } else if !h.storage_ok {
-                Some("lease expired, storage unreachable".to_string())
-            } else if leader_at.is_some_and(|t| {
-                // Changed within the lease, and well after the last renewal (two storage
-                // intervals plus a heartbeat interval), as the real agent requires.
-                now.saturating_sub(t) <= lease.duration_ms
-                    && t > h.last_grant.unwrap_or(h.agent_started_at) + 2 * 500 + 100
-                    && epoch_at.is_some_and(|e| now.saturating_sub(e) >= lease.duration_ms / 2)
-            }) {
-                Some("lease expired, leader record fresh".to_string())
+                .collect();
+            let status = if now < h.lease_until {
+                LeaseStatus::Valid {
+                    remaining: Duration::from_millis(h.lease_until - now),
+                }
             } else {
-                None
+                LeaseStatus::Expired {
+                    ago: Duration::from_millis(now - h.lease_until),
+                }
+            };
+            let verdict = decide(
+                at(now),
+                connected_recently,
+                status,
+                lease.duration_ms,
+                lease.isolation_response,
+                Freshness {
+                    renewed_at: at(h.last_grant.unwrap_or(h.agent_started_at)),
+                    after: Duration::from_millis(2 * 500 + 100),
+                },
+                &pools,
+            );
+            if feeds_watchdog(&verdict) && watchdog.is_some() {
+                h.watchdog_fed = Some(now);
+            }
+            let request = match &verdict {
+                Verdict::SelfFence { request, .. } => request.clone(),
+                Verdict::Keep(_) => None,
+            };
+            // The simulator's log keeps short, stable labels.
+            let reason = match &verdict {
+                Verdict::Keep(_) => None,
+                Verdict::SelfFence { .. } => Some(match &request {
+                    Some(r) => format!("fence request {} in its storage slot", r.id),
+                    None if !h.storage_ok => "lease expired, storage unreachable".to_string(),
+                    None => "lease expired, leader record fresh".to_string(),
+                }),
             };
             let Some(reason) = reason else {
-                if !expired {
+                if matches!(status, LeaseStatus::Valid { .. }) {
                     h.fenced_reason = None;
                     h.self_fenced = false;
                 }
@@ -936,6 +1012,8 @@ impl Sim {
                 });
             }
             h.self_fenced = true;
+            // Every HA domain is gone: the agent disarms its watchdog (magic close).
+            h.watchdog_fed = None;
             self.log.push(format!(
                 "{now:>6} SELF-FENCE {name}: {reason} ({} destroyed)",
                 victims.len()
@@ -974,13 +1052,22 @@ impl Sim {
             });
             return;
         }
-        if self
-            .leader_record_at
-            .is_none_or(|t| now.saturating_sub(t) > self.lease.duration_ms)
-        {
-            self.leader_epoch_at = Some(now);
+        // The record is written only while the engine keeps deciding (publishing).
+        let published = self
+            .record_published
+            .as_ref()
+            .filter(|(t, _)| now.saturating_sub(*t) <= 1_000)
+            .map(|(_, c)| c.clone());
+        if let Some(c) = &published {
+            if self
+                .leader_record_at
+                .is_none_or(|t| now.saturating_sub(t) > self.lease.duration_ms)
+            {
+                self.leader_epoch_at = Some(now);
+            }
+            self.leader_record_at = Some(now);
+            self.record_condemned = c.clone();
         }
-        self.leader_record_at = Some(now);
         let heartbeats = self
             .hosts
             .iter()
@@ -995,7 +1082,8 @@ impl Sim {
         self.input(Input::Storage {
             pool,
             result: Ok(StorageCycle {
-                leader_written: true,
+                leader_written: published.is_some(),
+                condemned: published.unwrap_or_default(),
                 heartbeats,
                 acks,
             }),
@@ -1097,6 +1185,37 @@ impl Sim {
             }
         }
         self.isolation_guards();
+        if let Some(w) = self.watchdog_ms {
+            let now = self.now;
+            let expired: Vec<String> = self
+                .hosts
+                .iter()
+                .filter(|(_, h)| h.powered && h.watchdog_fed.is_some_and(|t| now >= t + w))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in expired {
+                if let Some(h) = self.hosts.get_mut(&name) {
+                    h.power_off();
+                }
+                self.log.push(format!(
+                    "{now:>6} WATCHDOG {name}: not fed for {w} ms, host reset"
+                ));
+            }
+        }
+        if self.now % 1_000 == 0 {
+            let knocking: Vec<String> = self
+                .hosts
+                .iter()
+                .filter(|(_, h)| h.incompatible && h.agent_alive && h.powered && !h.partitioned)
+                .map(|(n, _)| n.clone())
+                .collect();
+            for host in knocking {
+                self.input(Input::AgentIncompatible {
+                    host,
+                    detail: "protocol version mismatch (simulated)".into(),
+                });
+            }
+        }
         if self.now % 500 == 0 {
             self.storage_cycle();
         }
@@ -1201,6 +1320,7 @@ impl Sim {
                     facts,
                     mono_ms: self.now - h.agent_started_at,
                     pools,
+                    watchdog_ms: self.watchdog_ms.filter(|_| h.watchdog_fed.is_some()),
                 });
             }
             if self.now % 500 == 0 {

@@ -58,6 +58,8 @@ pub struct PoolReport {
 pub struct PoolCycle {
     /// `Some(seq)` if the leader record was written in this cycle.
     pub leader_written: Option<u64>,
+    /// The hosts that record condemned.
+    pub condemned: Vec<String>,
     /// Every valid heartbeat on the pool, sorted by host.
     pub heartbeats: Vec<StorageHeartbeat>,
     /// Acks that answer a pending fence request (same host and same `id`); an ack left over
@@ -86,6 +88,8 @@ impl Shared {
 #[derive(Default)]
 struct State {
     leader: Option<(u64, u64)>,
+    /// The record's content as the engine last published it, and when.
+    record: Option<(Instant, Vec<String>, bool)>,
     /// Pending fence requests, by host.
     fences: BTreeMap<String, FenceRequest>,
     /// Hosts whose fence files must be removed, with the generation of their latest clear.
@@ -100,7 +104,11 @@ struct State {
 /// The inputs of one cycle, copied out of [`State`] so that no lock is held across I/O.
 #[derive(Debug, Clone, Default)]
 struct Inputs {
+    /// Leader and the record's content (condemned hosts, hold): `None` when not leading or
+    /// when the engine stopped publishing.
     leader: Option<(u64, u64)>,
+    condemned: Vec<String>,
+    hold: bool,
     fences: Vec<FenceRequest>,
     clears: Vec<(String, u64)>,
 }
@@ -190,7 +198,19 @@ impl StorageWorker {
     /// Leadership as the service knows it: `Some((term, node))` while leader, `None` otherwise
     /// (no cycle started afterwards writes the leader record).
     pub fn set_leader(&self, leader: Option<(u64, u64)>) {
-        self.shared.lock().leader = leader;
+        let mut state = self.shared.lock();
+        state.leader = leader;
+        if leader.is_none() {
+            state.record = None;
+        }
+    }
+
+    /// The engine's latest leader record content ([`crate::engine::Action::LeaderRecord`]).
+    /// The record is written only while this keeps being called: a cycle that finds the
+    /// last publication older than [`RECORD_FRESH`] writes nothing, so a stalled engine
+    /// leaves the record stale and makes no agent fence itself.
+    pub fn publish_record(&self, condemned: Vec<String>, hold: bool) {
+        self.shared.lock().record = Some((Instant::now(), condemned, hold));
     }
 
     /// Asks every pool to carry `request` (keyed by `request.host`; replaces an older request
@@ -234,6 +254,10 @@ impl StorageWorker {
 
 /// A host name usable as a directory name under `hosts/`: a valid name, and not `.` or `..`
 /// (which the name rules allow but which would leave `hosts/`).
+/// How recent the engine's last publication must be for a cycle to write the leader record
+/// (the engine ticks every 100 ms or so).
+pub const RECORD_FRESH: Duration = Duration::from_millis(1_000);
+
 fn valid_host(host: &str) -> Result<(), String> {
     vigil_common::names::validate("host", host)?;
     if host == "." || host == ".." {
@@ -271,8 +295,14 @@ fn pool_thread(
             if let Some(slot) = state.busy_since.get_mut(index) {
                 *slot = Some(start);
             }
+            let record = state
+                .record
+                .as_ref()
+                .filter(|(at, _, _)| start.saturating_duration_since(*at) <= RECORD_FRESH);
             Inputs {
-                leader: state.leader,
+                leader: state.leader.filter(|_| record.is_some()),
+                condemned: record.map(|r| r.1.clone()).unwrap_or_default(),
+                hold: record.is_some_and(|r| r.2),
                 fences: state.fences.values().cloned().collect(),
                 clears: state.clears.iter().map(|(h, g)| (h.clone(), *g)).collect(),
             }
@@ -377,9 +407,12 @@ fn run_cycle(io: &mut PoolIo, inputs: &Inputs) -> Result<PoolCycle, String> {
             node,
             seq: io.seq,
             wall_ms: vigil_common::unix_ms(),
+            condemned: inputs.condemned.clone(),
+            hold: inputs.hold,
         };
         records::write_record(&records::leader_path(&pool), &record).map_err(|e| e.to_string())?;
         cycle.leader_written = Some(io.seq);
+        cycle.condemned = inputs.condemned.clone();
     }
 
     // 2. Fence requests: first the clears (request and ack), then the pending requests not yet
@@ -534,6 +567,28 @@ mod tests {
         assert!(idle, "a storage thread is still busy after stop");
     }
 
+    /// Publishes the engine's record content every 50 ms until dropped, like a live engine.
+    struct Publisher(Arc<std::sync::atomic::AtomicBool>);
+
+    impl Drop for Publisher {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn publishing(worker: &StorageWorker, condemned: &[&str]) -> Publisher {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (w, d) = (worker.clone(), done.clone());
+        let condemned: Vec<String> = condemned.iter().map(|h| h.to_string()).collect();
+        std::thread::spawn(move || {
+            while !d.load(std::sync::atomic::Ordering::SeqCst) {
+                w.publish_record(condemned.clone(), false);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        Publisher(done)
+    }
+
     fn leader_seq(pool: &Path) -> Option<LeaderRecord> {
         records::read_record::<LeaderRecord>(&records::leader_path(pool)).expect("leader.json")
     }
@@ -551,6 +606,7 @@ mod tests {
         assert_eq!(leader_seq(dir.path()), None);
 
         worker.set_leader(Some((3, 1)));
+        let engine = publishing(&worker, &["hv9"]);
         let written = wait_report(&mut rx, Duration::from_secs(5), |r| {
             ok(r).is_some_and(|c| c.leader_written.is_some())
         })
@@ -558,6 +614,9 @@ mod tests {
         let seq = ok(&written).and_then(|c| c.leader_written).expect("seq");
         let record = leader_seq(dir.path()).expect("leader.json exists");
         assert_eq!((record.term, record.node), (3, 1));
+        assert_eq!(record.condemned, vec!["hv9".to_string()]);
+        assert!(record.condemns("hv9") && !record.condemns("hv1"));
+        assert_eq!(ok(&written).expect("ok").condemned, vec!["hv9".to_string()]);
         assert!(record.seq >= seq);
         wait_report(&mut rx, Duration::from_secs(5), |r| {
             ok(r)
@@ -567,6 +626,19 @@ mod tests {
         .expect("seq increases");
         let later = leader_seq(dir.path()).expect("leader.json");
         assert!(later.seq > record.seq, "{later:?} vs {record:?}");
+
+        // Issue 9 item 4: a stalled engine (still leader, but deciding nothing) must leave
+        // the record stale, so that no agent fences itself on it.
+        drop(engine);
+        std::thread::sleep(RECORD_FRESH + Duration::from_millis(200));
+        let stalled = leader_seq(dir.path()).expect("leader.json").seq;
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            leader_seq(dir.path()).expect("leader.json").seq,
+            stalled,
+            "the record kept changing while the engine published nothing"
+        );
+        let _engine = publishing(&worker, &[]);
 
         worker.set_leader(None);
         wait_report(&mut rx, Duration::from_secs(5), |r| {
@@ -698,6 +770,7 @@ mod tests {
         let (tx, mut rx) = unbounded_channel();
         let worker = StorageWorker::spawn(&config(&[("bad", &bad), ("good", &good)]), tx);
         worker.set_leader(Some((1, 1)));
+        let _engine = publishing(&worker, &[]);
         let (mut oks, mut errs) = (0, 0);
         let end = Instant::now() + Duration::from_secs(10);
         while (oks < 3 || errs < 3) && Instant::now() < end {

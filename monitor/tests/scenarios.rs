@@ -109,6 +109,10 @@ fn random_scenario(seed: u64) -> String {
             s.push_str("lease response=keep-running\n");
         }
     }
+    // A quarter of the runs have no host watchdog: lease expiry then never proves anything.
+    if r.below(4) == 0 {
+        s.push_str("watchdog none\n");
+    }
     for h in 1..=hosts {
         s.push_str(&format!("host hv{h}\n"));
     }
@@ -126,7 +130,13 @@ fn random_scenario(seed: u64) -> String {
         let h = 1 + r.below(hosts);
         let v = 1 + r.below(vms);
         let onoff = if r.below(2) == 0 { "on" } else { "off" };
-        let f = match r.below(if storage { 19 } else { 16 }) {
+        // 16..=18 need storage; 19.. are for every run.
+        let k = r.below(if storage { 22 } else { 19 });
+        let k = if !storage && k >= 16 { k + 3 } else { k };
+        let f = match k {
+            19 => format!("kill-agent-for-good hv{h}"),
+            20 => format!("version-mismatch hv{h} {onoff}"),
+            21 => format!("partition hv{h}"),
             14 => format!("maintenance hv{h} {onoff}"),
             15 => {
                 // Every monitor down for a while, then back.
@@ -156,7 +166,7 @@ fn random_scenario(seed: u64) -> String {
     s.push_str(&format!("at {t} monitors-up\n"));
     t += 100;
     for h in 1..=hosts {
-        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\nat {t} heal hv{h}\nat {t} fence-fails hv{h} off\nat {t} power-on hv{h}\nat {t} maintenance hv{h} off\n"));
+        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\nat {t} heal hv{h}\nat {t} fence-fails hv{h} off\nat {t} power-on hv{h}\nat {t} maintenance hv{h} off\nat {t} version-mismatch hv{h} off\n"));
         if storage {
             s.push_str(&format!("at {t} storage-fault hv{h} off\n"));
         }

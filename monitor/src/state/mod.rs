@@ -108,6 +108,9 @@ pub enum EventKind {
     },
     /// A host holds HA VMs that nothing can prove stopped.
     HostUnfenceable,
+    /// A host's agent reached this monitor but cannot be managed (a protocol version
+    /// mismatch): alive, never fenced for it.
+    HostIncompatible,
     /// A host's agent fenced itself (destroyed its HA domains).
     HostSelfFenced,
     /// A host entered or left maintenance.
