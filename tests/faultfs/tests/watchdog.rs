@@ -381,3 +381,32 @@ fn garbage_writes_and_ioctls_do_not_crash_it() {
     assert_eq!(m.handle().status().state, State::Disarmed);
     let _ = std::io::stderr().flush();
 }
+
+#[test]
+fn an_opener_in_another_mount_namespace_arms_feeds_and_disarms_it() {
+    // The lab's agents run under `ip netns exec`, i.e. in a copy of the mount namespace taken
+    // after the watchdog was mounted: the device must work from there.
+    let f = fixture();
+    let m = f.mount(10);
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "slave", "--"])
+        .arg(BIN)
+        .arg("try")
+        .arg(f.device())
+        .args(["--timeout-secs", "4", "--feed-secs", "1", "--magic-close"])
+        .output()
+        .expect("run unshare");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("timeout 4 s"), "{text}");
+    std::thread::sleep(Duration::from_millis(200));
+    let s = m.handle().status();
+    assert_eq!(s.state, State::Disarmed, "{s:?}");
+    assert_eq!(s.opens, 1);
+    assert!(s.feeds >= 2, "{s:?}");
+    assert_eq!(f.fired(), 0);
+}
