@@ -314,22 +314,7 @@ fn a_killed_opener_does_not_disarm_it_and_off_and_reset_work_over_the_control_so
         .starts_with("error:"));
 
     // SIGTERM: unmounts and exits 0.
-    let mut server = server;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let t0 = Instant::now();
-    let st = loop {
-        if let Some(st) = server.0.try_wait().expect("try_wait") {
-            break st;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "no exit on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(st.success(), "{st}");
-    assert!(!vigil_faultfs::is_mounted(&f.mnt).expect("mountinfo"));
+    terminate(server, &f.mnt);
 }
 
 #[test]
@@ -409,4 +394,74 @@ fn an_opener_in_another_mount_namespace_arms_feeds_and_disarms_it() {
     assert_eq!(s.opens, 1);
     assert!(s.feeds >= 2, "{s:?}");
     assert_eq!(f.fired(), 0);
+}
+
+#[test]
+fn the_expiry_action_may_switch_its_own_watchdog_off() {
+    // The lab's action is `crash-host`, which switches the host's watchdog off over the
+    // control socket while the watchdog waits for it: no deadlock, and no second expiry.
+    let f = fixture();
+    let sock = f.dir.join("wd.sock");
+    let script = format!(
+        "'{BIN}' ctl --control '{}' off && echo \"$VIGIL_WATCHDOG_NAME\" >> '{}'",
+        sock.display(),
+        f.fired.display()
+    );
+    let server = Killable(
+        Command::new(BIN)
+            .arg("serve")
+            .arg("--mountpoint")
+            .arg(&f.mnt)
+            .arg("--control")
+            .arg(&sock)
+            .args(["--name", "hv9", "--timeout-secs", "1"])
+            .arg("--timeline")
+            .arg(&f.timeline)
+            .args(["--", "/bin/sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stderr(fs::File::create(f.dir.join("wd.log")).expect("log"))
+            .spawn()
+            .expect("spawn vigil-lab-watchdog serve"),
+    );
+    let t = Duration::from_secs(2);
+    let t0 = Instant::now();
+    while control::request(&sock, "status", t).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "watchdog not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(WatchdogDevice::open(&f.device()).expect("open arms it"));
+    f.wait_fired(1, Duration::from_secs(5));
+    let t0 = Instant::now();
+    let a = loop {
+        let a = control::request(&sock, "status", t).expect("status");
+        if a.contains("actions_done=1") || t0.elapsed() > Duration::from_secs(3) {
+            break a;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        a.contains("state=off") && a.contains("expiries=1") && a.contains("actions_done=1"),
+        "{a}"
+    );
+    terminate(server, &f.mnt);
+}
+
+/// SIGTERM, wait for exit 0, and check the mount is gone (a SIGKILLed server would leave a
+/// dead mount in the temp dir).
+fn terminate(mut server: Killable, mnt: &Path) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let t0 = Instant::now();
+    let st = loop {
+        if let Some(st) = server.0.try_wait().expect("try_wait") {
+            break st;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "no exit on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(st.success(), "{st}");
+    assert!(!vigil_faultfs::is_mounted(mnt).expect("mountinfo"));
 }
