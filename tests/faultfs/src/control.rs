@@ -132,6 +132,15 @@ pub struct ControlServer {
 /// Binds `path` (replacing a stale socket file there, mode 0600) and serves `ctl` on it from
 /// a background thread; each connection gets its own thread.
 pub fn serve(path: &Path, ctl: Controller) -> io::Result<ControlServer> {
+    serve_lines(path, Arc::new(move |line: &str| handle_command(&ctl, line)))
+}
+
+/// Answers one command line (without the newline) with one line (without the newline).
+pub type LineHandler = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+/// Like [`serve`], with any one-line-in, one-line-out `handler` (the lab watchdog's control
+/// socket uses it too).
+pub fn serve_lines(path: &Path, handler: LineHandler) -> io::Result<ControlServer> {
     if let Ok(md) = std::fs::symlink_metadata(path) {
         if md.file_type().is_socket() {
             std::fs::remove_file(path)?;
@@ -155,10 +164,10 @@ pub fn serve(path: &Path, ctl: Controller) -> io::Result<ControlServer> {
                 }
                 match conn {
                     Ok(stream) => {
-                        let ctl = ctl.clone();
+                        let handler = Arc::clone(&handler);
                         let spawned = std::thread::Builder::new()
                             .name("faultfs-control-conn".into())
-                            .spawn(move || serve_conn(stream, &ctl));
+                            .spawn(move || serve_conn(stream, &*handler));
                         if let Err(e) = spawned {
                             eprintln!("{} vigil-faultfs: control thread: {e}", now_ms());
                         }
@@ -177,7 +186,7 @@ pub fn serve(path: &Path, ctl: Controller) -> io::Result<ControlServer> {
     })
 }
 
-fn serve_conn(stream: UnixStream, ctl: &Controller) {
+fn serve_conn(stream: UnixStream, handler: &(dyn Fn(&str) -> String + Send + Sync)) {
     // A client that connects and says nothing must not hold a thread forever.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
@@ -192,7 +201,7 @@ fn serve_conn(stream: UnixStream, ctl: &Controller) {
         if line.trim().is_empty() {
             continue;
         }
-        let answer = handle_command(ctl, &line);
+        let answer = handler(&line);
         if (&stream)
             .write_all(format!("{answer}\n").as_bytes())
             .is_err()

@@ -17,6 +17,9 @@
 //! * [`ServerProcess`]: run the `vigil-faultfs mount` binary as a child and drive it, with a
 //!   `Drop` that always releases hung requests, unmounts and reaps the child;
 //! * [`cleanup()`]: remove a mount whose server died (`SIGKILL`).
+//!
+//! And the lab's per-host fake watchdog ([`watchdog`], binary `vigil-lab-watchdog`): a file that
+//! behaves like `/dev/watchdog` and whose expiry runs a command (the host's power loss).
 
 #![warn(missing_docs)]
 
@@ -26,6 +29,9 @@ mod fs;
 mod mode;
 mod mount;
 pub mod process;
+// Field-level docs are on the types' own doc comments and the control protocol's description.
+#[allow(missing_docs)]
+pub mod watchdog;
 
 pub use cleanup::{cleanup, is_mounted, CleanupReport};
 pub use mode::{now_ms, Controller, Mode};

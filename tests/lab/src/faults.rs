@@ -13,7 +13,8 @@ use serde_json::{json, Value};
 use crate::cmd::run;
 use crate::lab::{
     agent_spec, host_pids, load_up, monitor_spec, power_is_on, proc_name, qemu_pids, record_event,
-    sandbox_timeout, set_power, start_sandbox, wait_monitor_answers, wait_sandbox, Report,
+    sandbox_timeout, set_power, start_sandbox, wait_monitor_answers, wait_sandbox, watchdog_ctl,
+    Report,
 };
 use crate::layout::{self, now_ms, Lab, Program};
 use crate::net;
@@ -60,6 +61,19 @@ pub fn crash_host(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report>
     // the request is answered: such a host's view goes to "eio" right after the kill (nothing
     // of the host is alive to see it) and back to "hang" once the host is gone.
     let hung = st.components.faultfs && storage_mode(lab, host).as_deref() == Some("hang");
+    // A machine without power has no running watchdog either: it must not "reset" the host
+    // again later (first, so that it cannot fire between the kill and this).
+    let watchdog = if st.components.watchdog {
+        match watchdog_ctl(lab, host, "off") {
+            Ok(_) => "off",
+            Err(e) => {
+                eprintln!("vigil-lab: warning: switching {host}'s watchdog off: {e:#}");
+                "did not answer"
+            }
+        }
+    } else {
+        "none"
+    };
     let ts = now_ms();
     for p in &pids {
         let _ = kill(Pid::from_raw(*p), Signal::SIGKILL);
@@ -115,7 +129,7 @@ pub fn crash_host(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report>
                 .collect::<Vec<_>>()
                 .join(",")
         ),
-        json!({"pids": pids, "qemu": qemu, "source": source}),
+        json!({"pids": pids, "qemu": qemu, "source": source, "watchdog": watchdog}),
     ))
 }
 
@@ -192,6 +206,11 @@ pub fn power_on(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report> {
     let t0 = Instant::now();
     let ts = now_ms();
     crate::net::set_nic(&h, true).with_context(|| format!("bringing {host}'s NIC up"))?;
+    if st.components.watchdog {
+        // A fresh boot: the watchdog disarmed, back to its default timeout, for the new agent.
+        watchdog_ctl(lab, host, "reset")
+            .with_context(|| format!("resetting {host}'s watchdog for the power-on"))?;
+    }
     forget_sandbox_namespace(lab, host);
     start_sandbox(lab, &st, &h)?;
     wait_sandbox(lab, &h, sandbox_timeout())?;

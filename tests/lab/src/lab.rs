@@ -25,6 +25,9 @@ pub use up::{up, UpOpts};
 
 /// Stop order of each role at shutdown (lower first).
 pub const ORDER_AGENT: u32 = 10;
+/// After the agents (which may close it with the magic 'V'); `down` switches every watchdog
+/// off before anything stops, so none resets a host while the lab goes down.
+pub const ORDER_WATCHDOG: u32 = 15;
 pub const ORDER_BMC: u32 = 20;
 pub const ORDER_LIBVIRT: u32 = 30;
 pub const ORDER_OBSERVER: u32 = 35;
@@ -246,6 +249,63 @@ pub fn power_is_on(lab: &Lab, host: &str) -> bool {
     fs::read_to_string(lab.power_file(host))
         .map(|s| s.trim() != "off")
         .unwrap_or(true)
+}
+
+// ------------------------------------------------------------------------------------------
+// The hosts' fake watchdogs (vigil-lab-watchdog, one per host).
+
+/// Sends one command (`status`, `off`, `reset`) to a host's watchdog; returns its `ok ...`
+/// answer's fields.
+pub fn watchdog_ctl(lab: &Lab, host: &str, command: &str) -> anyhow::Result<Vec<(String, String)>> {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+    let sock = lab.host_watchdog_socket(host);
+    let s = UnixStream::connect(&sock).with_context(|| {
+        format!(
+            "the watchdog of {host} does not answer on {}",
+            sock.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    (&s).write_all(format!("{command}\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .with_context(|| format!("reading the answer of {host}'s watchdog"))?;
+    let Some(rest) = line.trim().strip_prefix("ok ") else {
+        bail!(
+            "the watchdog of {host} refused {command:?}: {}",
+            line.trim()
+        );
+    };
+    Ok(rest
+        .split_whitespace()
+        .filter_map(|f| f.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+/// A host's watchdog state as JSON (`{"state": "armed", "timeout_secs": 2, ...}`), or
+/// `{"error": ...}` when it does not answer.
+pub fn watchdog_status(lab: &Lab, host: &str) -> Value {
+    match watchdog_ctl(lab, host, "status") {
+        Ok(fields) => {
+            let mut m = serde_json::Map::new();
+            for (k, v) in fields {
+                let val = if v == "-" {
+                    Value::Null
+                } else if let Ok(n) = v.parse::<u64>() {
+                    Value::from(n)
+                } else {
+                    Value::from(v)
+                };
+                m.insert(k, val);
+            }
+            Value::Object(m)
+        }
+        Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+    }
 }
 
 // ------------------------------------------------------------------------------------------

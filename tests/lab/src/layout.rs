@@ -136,6 +136,18 @@ impl Lab {
     pub fn host_faultfs_socket(&self, host: &str) -> PathBuf {
         self.host_dir(host).join("faultfs.sock")
     }
+    /// The mount point of a host's fake watchdog (`vigil-lab-watchdog`).
+    pub fn host_watchdog_dir(&self, host: &str) -> PathBuf {
+        self.host_dir(host).join("watchdog")
+    }
+    /// The host's watchdog device, as its agent's `[watchdog] device` names it.
+    pub fn host_watchdog_device(&self, host: &str) -> PathBuf {
+        self.host_watchdog_dir(host).join("watchdog")
+    }
+    /// The control socket of a host's fake watchdog (status | off | reset).
+    pub fn host_watchdog_socket(&self, host: &str) -> PathBuf {
+        self.host_dir(host).join("watchdog.sock")
+    }
     pub fn bmc_dir(&self, host: &str) -> PathBuf {
         self.host_dir(host).join("bmc")
     }
@@ -185,6 +197,7 @@ pub enum Program {
     Vigilctl,
     Faultfs,
     Observer,
+    Watchdog,
 }
 
 impl Program {
@@ -195,6 +208,7 @@ impl Program {
             Program::Vigilctl => "vigilctl",
             Program::Faultfs => "vigil-faultfs",
             Program::Observer => "vigil-observer",
+            Program::Watchdog => "vigil-lab-watchdog",
         }
     }
     pub fn env_var(self) -> &'static str {
@@ -204,6 +218,7 @@ impl Program {
             Program::Vigilctl => "VIGILCTL_BIN",
             Program::Faultfs => "VIGIL_FAULTFS_BIN",
             Program::Observer => "VIGIL_OBSERVER_BIN",
+            Program::Watchdog => "VIGIL_WATCHDOG_BIN",
         }
     }
     /// Where the program's source lives (for "missing" messages).
@@ -211,7 +226,7 @@ impl Program {
         match self {
             Program::Agent => "agent/",
             Program::Monitor | Program::Vigilctl => "monitor/",
-            Program::Faultfs => "tests/faultfs",
+            Program::Faultfs | Program::Watchdog => "tests/faultfs",
             Program::Observer => "tests/observer",
         }
     }

@@ -52,9 +52,12 @@ enum Cmd {
         /// On failure, leave everything for inspection instead of tearing it down.
         #[arg(long)]
         keep_on_failure: bool,
-        /// Do not start these optional parts even if present: faultfs, observer, bmc.
+        /// Do not start these optional parts even if present: faultfs, observer, bmc, watchdog.
         #[arg(long, value_delimiter = ',')]
         without: Vec<String>,
+        /// Timeout of each host's fake watchdog (its agent's `[watchdog] timeout_secs`).
+        #[arg(long, default_value_t = 2)]
+        watchdog_secs: u32,
         /// Give the monitor a fence agent per host (fence_ipmilan against the lab's BMCs), so
         /// that a failed host is fenced and its HA VMs move (ha_tag hosts first).
         #[arg(long)]
@@ -72,7 +75,12 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Power loss of a host: SIGKILL to its agent, libvirtd, virtlogd and every QEMU at once.
-    CrashHost { host: String },
+    CrashHost {
+        host: String,
+        /// Who cut the power (recorded in the timeline): cli, bmc, watchdog.
+        #[arg(long, default_value = "cli", hide = true)]
+        source: String,
+    },
     /// After crash-host: start the host's libvirt and agent again, with no domain running.
     PowerOn { host: String },
     /// Cut a host's network; its processes keep running.
@@ -185,10 +193,13 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             keep_on_failure,
             without,
             fencing,
+            watchdog_secs,
         } => {
             for w in &without {
-                if !["faultfs", "observer", "bmc"].contains(&w.as_str()) {
-                    anyhow::bail!("--without: unknown part {w:?} (faultfs, observer, bmc)");
+                if !["faultfs", "observer", "bmc", "watchdog"].contains(&w.as_str()) {
+                    anyhow::bail!(
+                        "--without: unknown part {w:?} (faultfs, observer, bmc, watchdog)"
+                    );
                 }
             }
             done(lab::up(
@@ -202,13 +213,14 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     keep_on_failure,
                     without,
                     fencing,
+                    watchdog_secs,
                 },
             )?)
         }
         Cmd::Down => done(lab::down(&lab)?),
         Cmd::Status => done(lab::status(&lab)?),
         Cmd::Ctl { args } => lab::ctl_passthrough(&lab, &args, json),
-        Cmd::CrashHost { host } => done(faults::crash_host(&lab, &host, "cli")?),
+        Cmd::CrashHost { host, source } => done(faults::crash_host(&lab, &host, &source)?),
         Cmd::PowerOn { host } => done(faults::power_on(&lab, &host, "cli")?),
         Cmd::Partition { host, from } => done(faults::partition(&lab, &host, from)?),
         Cmd::Heal { host } => done(faults::heal(&lab, &host)?),

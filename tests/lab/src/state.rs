@@ -29,6 +29,9 @@ pub struct UpParams {
     pub vms_per_host: u32,
     pub ha_tag: Option<String>,
     pub tagged_hosts: u32,
+    /// The hosts' watchdog timeout (`--watchdog-secs`), when the watchdog is part of the lab.
+    #[serde(default)]
+    pub watchdog_secs: u32,
 }
 
 /// Optional parts of the lab, present when their programs exist.
@@ -37,6 +40,9 @@ pub struct Components {
     pub faultfs: bool,
     pub observer: bool,
     pub bmc: bool,
+    /// A fake watchdog per host (`vigil-lab-watchdog`), armed by its agent.
+    #[serde(default)]
+    pub watchdog: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -58,6 +58,13 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
         "FIGURE crash-host hv2 -> hv2-vm1 running on hv1: {} ms",
         took.as_millis()
     );
+    // Each affected VM started exactly once (counted in QEMU instances), on hv1; nothing on
+    // the unaffected hosts stopped.
+    let crash_ms = LAB
+        .last_event_ms("crash-host", "hv2")
+        .expect("crash-host in the timeline");
+    LAB.assert_started_exactly_once("hv2-vm1", Some("hv1"), crash_ms);
+    LAB.assert_not_stopped(&["hv1", "hv3"], crash_ms);
     let msgs = event_messages();
     assert!(
         msgs.iter()

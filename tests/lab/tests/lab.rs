@@ -372,11 +372,28 @@ fn lab_up_faults_down() {
     assert_eq!(hv3["agent"]["alive"], false);
     assert_eq!(hv3["libvirt"]["alive"], false);
     assert_eq!(hv3["power"], "off");
+    if up["components"]["watchdog"] == true {
+        // A host without power has a watchdog that resets nothing later.
+        assert_eq!(crash["event"]["detail"]["watchdog"], "off", "{crash}");
+        assert_eq!(hv3["watchdog"]["state"], "off", "{hv3}");
+    }
     wait_liveness("hv3", &["down"], Duration::from_secs(15));
     lab_json(&["power-on", "hv3"]);
     let st = status();
     let hv3 = host(&st, "hv3");
     assert_eq!(hv3["libvirt"]["answers"], true, "{hv3}");
+    if up["components"]["watchdog"] == true {
+        // Powered on: reset (disarmed, the lab's timeout) or already armed by the new agent.
+        let w = &hv3["watchdog"];
+        assert!(w["state"] == "disarmed" || w["state"] == "armed", "{hv3}");
+        assert!(
+            w["device"]
+                .as_str()
+                .is_some_and(|d| d.ends_with("hosts/hv3/watchdog/watchdog")),
+            "{hv3}"
+        );
+        assert_eq!(w["resets"], 1, "{hv3}");
+    }
     assert_eq!(
         hv3["domains_running"],
         serde_json::json!([]),

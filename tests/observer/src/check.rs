@@ -8,6 +8,12 @@
 //! intervals: a host whose libvirtd became unreachable keeps its domains running in the timeline
 //! until the watcher proved their qemu gone (see `watch`), so an overlap with such a host is a
 //! failure too, reported with a note.
+//!
+//! Each interval is one QEMU *instance* (one qemu process): a `running` line that names a
+//! different qemu PID than the open interval's ends that interval and opens another (a restart
+//! that no stop line showed), so a VM restarted in place between two looks still counts twice.
+//! [`Report::vm`], [`Report::starts_since`] and [`Report::stops_since`] answer "started exactly
+//! once after the fault, on hv1" and "nothing on the other hosts stopped".
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -16,15 +22,19 @@ use serde::Serialize;
 
 use crate::timeline::{Record, HOST_REACHABLE, HOST_UNREACHABLE, RUNNING, STOPPED};
 
-/// One stretch of time during which a VM ran on one host.
+/// One stretch of time during which a VM ran on one host: one QEMU instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Interval {
     pub host: String,
     pub start_ms: u64,
     /// The stop, or the end of the timeline when `open`.
     pub end_ms: u64,
+    /// The stop; `None` while it still runs at the end of the timeline.
+    pub stop_ms: Option<u64>,
     /// Still running when the timeline ends.
     pub open: bool,
+    /// Its qemu process, once the watcher read libvirt's pid file.
+    pub pid: Option<u32>,
     /// How the start and the stop were seen ("event started/booted", "pid ...").
     pub started_by: String,
     pub stopped_by: Option<String>,
@@ -72,12 +82,32 @@ pub struct Gap {
     pub marks: Vec<Mark>,
 }
 
-/// Per VM: its intervals.
+/// Per VM: its intervals, one per QEMU instance, by start time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VmReport {
     pub uuid: String,
     pub name: String,
+    /// How many QEMU instances (intervals) the timeline shows.
+    pub instances: usize,
     pub intervals: Vec<Interval>,
+}
+
+impl VmReport {
+    /// The instances that started at or after `t_ms`.
+    pub fn starts_since(&self, t_ms: u64) -> Vec<&Interval> {
+        self.intervals
+            .iter()
+            .filter(|i| i.start_ms >= t_ms)
+            .collect()
+    }
+
+    /// The instances that stopped at or after `t_ms` (a stop seen, not the timeline's end).
+    pub fn stops_since(&self, t_ms: u64) -> Vec<&Interval> {
+        self.intervals
+            .iter()
+            .filter(|i| i.stop_ms.is_some_and(|s| s >= t_ms))
+            .collect()
+    }
 }
 
 /// A host's unreachable spell.
@@ -104,6 +134,36 @@ pub struct Report {
     pub marks: Vec<Mark>,
     /// Lines that were not timeline records (line number: error).
     pub bad_lines: Vec<String>,
+}
+
+impl Report {
+    /// A VM by name (or uuid).
+    pub fn vm(&self, name_or_uuid: &str) -> Option<&VmReport> {
+        self.vms
+            .iter()
+            .find(|v| v.name == name_or_uuid || v.uuid == name_or_uuid)
+    }
+
+    /// The instances of `vm` that started at or after `t_ms` (empty when the VM is unknown).
+    pub fn starts_since(&self, vm: &str, t_ms: u64) -> Vec<&Interval> {
+        self.vm(vm)
+            .map(|v| v.starts_since(t_ms))
+            .unwrap_or_default()
+    }
+
+    /// Every instance on one of `hosts` (all hosts when empty) that stopped at or after
+    /// `t_ms`: (VM name, instance).
+    pub fn stops_since(&self, hosts: &[&str], t_ms: u64) -> Vec<(&str, &Interval)> {
+        self.vms
+            .iter()
+            .flat_map(|v| {
+                v.stops_since(t_ms)
+                    .into_iter()
+                    .map(move |i| (v.name.as_str(), i))
+            })
+            .filter(|(_, i)| hosts.is_empty() || hosts.contains(&i.host.as_str()))
+            .collect()
+    }
 }
 
 /// Parses timeline text (JSON lines); unparsable lines are listed, not fatal.
@@ -140,8 +200,8 @@ pub fn check(records: &[Record]) -> Report {
 
     let mut hosts = BTreeSet::new();
     let mut names: BTreeMap<String, String> = BTreeMap::new();
-    // (uuid, host) -> open interval start and how it started
-    let mut open: BTreeMap<(String, String), (u64, String)> = BTreeMap::new();
+    // (uuid, host) -> open interval: start, how it started, its qemu pid
+    let mut open: BTreeMap<(String, String), (u64, String, Option<u32>)> = BTreeMap::new();
     let mut intervals: BTreeMap<String, Vec<Interval>> = BTreeMap::new();
     let mut marks = Vec::new();
     let mut unreachable: Vec<Unreachable> = Vec::new();
@@ -166,13 +226,39 @@ pub fn check(records: &[Record]) -> Report {
                 }
                 let key = (uuid.clone(), host.clone());
                 if ev == RUNNING {
-                    open.entry(key).or_insert_with(|| (r.t_ms, how()));
-                } else if let Some((start, started_by)) = open.remove(&key) {
+                    match open.get_mut(&key) {
+                        None => {
+                            open.insert(key, (r.t_ms, how(), r.pid));
+                        }
+                        // The pid file, read after the start was seen.
+                        Some((_, _, pid @ None)) => *pid = r.pid,
+                        // Another qemu than the running one: the old instance ended unseen.
+                        Some((start, started_by, Some(old)))
+                            if r.pid.is_some_and(|p| p != *old) =>
+                        {
+                            let stopped_by = format!("qemu pid {old} replaced by {:?}", r.pid);
+                            intervals.entry(uuid.clone()).or_default().push(Interval {
+                                host: host.clone(),
+                                start_ms: *start,
+                                end_ms: r.t_ms,
+                                stop_ms: Some(r.t_ms),
+                                open: false,
+                                pid: Some(*old),
+                                started_by: std::mem::take(started_by),
+                                stopped_by: Some(stopped_by),
+                            });
+                            open.insert(key, (r.t_ms, how(), r.pid));
+                        }
+                        Some(_) => {}
+                    }
+                } else if let Some((start, started_by, pid)) = open.remove(&key) {
                     intervals.entry(uuid.clone()).or_default().push(Interval {
                         host: host.clone(),
                         start_ms: start,
                         end_ms: r.t_ms,
+                        stop_ms: Some(r.t_ms),
                         open: false,
+                        pid,
                         started_by,
                         stopped_by: Some(how()),
                     });
@@ -213,12 +299,14 @@ pub fn check(records: &[Record]) -> Report {
             _ => {}
         }
     }
-    for ((uuid, host), (start, started_by)) in open {
+    for ((uuid, host), (start, started_by, pid)) in open {
         intervals.entry(uuid).or_default().push(Interval {
             host,
             start_ms: start,
             end_ms: last_ms.max(start),
+            stop_ms: None,
             open: true,
+            pid,
             started_by,
             stopped_by: None,
         });
@@ -235,6 +323,7 @@ pub fn check(records: &[Record]) -> Report {
         vms.push(VmReport {
             uuid,
             name,
+            instances: ivs.len(),
             intervals: ivs,
         });
     }
@@ -412,15 +501,21 @@ pub fn render(r: &Report) -> String {
     }
     let _ = writeln!(s, "\nVMs:");
     for vm in &r.vms {
-        let _ = writeln!(s, "  {}", label(&vm.name, &vm.uuid));
+        let _ = writeln!(
+            s,
+            "  {}: {} qemu instance(s)",
+            label(&vm.name, &vm.uuid),
+            vm.instances
+        );
         for iv in &vm.intervals {
             let _ = writeln!(
                 s,
-                "    {:<10} running {:>9} s -> {:>9} s{}   [{} / {}]",
+                "    {:<10} running {:>9} s -> {:>9} s{} pid {}   [{} / {}]",
                 iv.host,
                 secs(iv.start_ms, t0),
                 secs(iv.end_ms, t0),
                 if iv.open { " (still running)" } else { "" },
+                iv.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()),
                 iv.started_by,
                 iv.stopped_by.as_deref().unwrap_or("-"),
             );
@@ -637,6 +732,126 @@ mod tests {
         // Both started at the very last line: still two at once.
         let r = check(&[vm(1000, "hv1", true), vm(1000, "hv2", true)]);
         assert!(!r.ok);
+    }
+
+    fn vm_pid(
+        t: u64,
+        host: &str,
+        uuid: &str,
+        name: &str,
+        running: bool,
+        pid: Option<u32>,
+    ) -> Record {
+        let mut r = Record::vm(t, host, uuid, name, running, "event", String::new());
+        r.pid = pid;
+        r
+    }
+
+    #[test]
+    fn a_restart_in_place_that_no_stop_line_showed_is_a_second_instance() {
+        // The watcher saw the VM running twice with different qemu processes and no stop in
+        // between (a restart between two looks): two instances, not one.
+        let r = check(&[
+            vm_pid(1000, "hv1", U, "web", true, Some(100)),
+            vm_pid(5000, "hv1", U, "web", true, Some(200)),
+            mark(6000, "end"),
+        ]);
+        let v = r.vm("web").expect("web");
+        assert_eq!(v.instances, 2, "{:#?}", v.intervals);
+        assert_eq!(v.intervals[0].pid, Some(100));
+        assert_eq!(v.intervals[0].stop_ms, Some(5000));
+        assert_eq!(v.intervals[1].pid, Some(200));
+        assert!(v.intervals[1].open && v.intervals[1].stop_ms.is_none());
+        assert!(r.ok, "one host: no duplicate");
+        assert_eq!(r.starts_since("web", 2000).len(), 1);
+        assert_eq!(r.stops_since(&["hv1"], 2000).len(), 1);
+    }
+
+    #[test]
+    fn a_pid_read_after_the_start_completes_the_same_instance() {
+        let r = check(&[
+            vm_pid(1000, "hv1", U, "web", true, None),
+            vm_pid(1100, "hv1", U, "web", true, Some(42)),
+            vm_pid(1200, "hv1", U, "web", true, Some(42)),
+        ]);
+        let v = r.vm("web").expect("web");
+        assert_eq!(v.instances, 1);
+        assert_eq!(v.intervals[0].pid, Some(42));
+        assert_eq!(v.intervals[0].start_ms, 1000);
+    }
+
+    #[test]
+    fn after_a_host_failure_each_instance_is_listed_with_host_times_and_pid() {
+        const U1: &str = "u-hv1-vm1";
+        const U2: &str = "u-hv2-vm1";
+        const U3: &str = "u-hv3-vm1";
+        let timeline = [
+            vm_pid(100, "hv1", U1, "hv1-vm1", true, Some(11)),
+            vm_pid(100, "hv2", U2, "hv2-vm1", true, Some(21)),
+            vm_pid(100, "hv3", U3, "hv3-vm1", true, Some(31)),
+            mark(5000, "crash-host hv2"),
+            Record::host(5001, "hv2", HOST_UNREACHABLE, "gone".into()),
+            Record::vm(
+                5100,
+                "hv2",
+                U2,
+                "hv2-vm1",
+                false,
+                "pid",
+                "qemu pid 21 gone".into(),
+            ),
+            vm_pid(7000, "hv1", U2, "hv2-vm1", true, Some(41)),
+            mark(9000, "end"),
+        ];
+        let r = check(&timeline);
+        assert!(r.ok);
+        let moved = r.starts_since("hv2-vm1", 5000);
+        assert_eq!(moved.len(), 1, "started exactly once after the fault");
+        assert_eq!(
+            (
+                moved[0].host.as_str(),
+                moved[0].start_ms,
+                moved[0].pid,
+                moved[0].open
+            ),
+            ("hv1", 7000, Some(41), true)
+        );
+        let v = r.vm("hv2-vm1").expect("hv2-vm1");
+        assert_eq!(v.instances, 2);
+        assert_eq!(
+            (
+                v.intervals[0].host.as_str(),
+                v.intervals[0].stop_ms,
+                v.intervals[0].pid
+            ),
+            ("hv2", Some(5100), Some(21))
+        );
+        // Nothing on the unaffected hosts stopped; the failed host's VM did.
+        assert!(r.stops_since(&["hv1", "hv3"], 5000).is_empty());
+        let stopped = r.stops_since(&[], 5000);
+        assert_eq!(stopped.len(), 1);
+        assert_eq!(
+            (stopped[0].0, stopped[0].1.host.as_str()),
+            ("hv2-vm1", "hv2")
+        );
+        // A second start elsewhere (even after a clean stop) is a second instance.
+        let mut twice = timeline.to_vec();
+        twice.push(vm_pid(9500, "hv1", U2, "hv2-vm1", false, None));
+        twice.push(vm_pid(9600, "hv3", U2, "hv2-vm1", true, Some(51)));
+        let r = check(&twice);
+        assert!(r.ok, "no overlap, but not exactly once");
+        assert_eq!(r.starts_since("hv2-vm1", 5000).len(), 2);
+        assert_eq!(r.stops_since(&["hv1"], 5000).len(), 1);
+        // The JSON report carries the instances.
+        let json = serde_json::to_value(&r).expect("json");
+        let vm = json["vms"]
+            .as_array()
+            .and_then(|a| a.iter().find(|v| v["name"] == "hv2-vm1"))
+            .expect("vm in json");
+        assert_eq!(vm["instances"], 3);
+        assert_eq!(vm["intervals"][1]["pid"], 41);
+        assert_eq!(vm["intervals"][1]["stop_ms"], 9500);
+        assert!(r.vm("nope").is_none() && r.starts_since("nope", 0).is_empty());
     }
 
     #[test]

@@ -442,15 +442,65 @@ impl HostWatch {
         }
     }
 
-    /// While libvirtd answers: learn the qemu of running domains whose pid file was not there yet.
+    /// While libvirtd answers: learn the qemu of running domains whose pid file was not there
+    /// yet (written to the timeline, so `check` knows each instance's pid), and notice a
+    /// running domain whose qemu is another process than the one learned (a restart that no
+    /// event or poll showed): that ends one instance and starts another.
     fn learn_qemus(&mut self) {
-        let Some(dir) = &self.spec.pid_dir else {
+        let Some(dir) = self.spec.pid_dir.clone() else {
             return;
         };
-        for d in self.doms.values_mut() {
-            if d.running && d.qemu.is_none() {
-                d.qemu = procs::qemu_of(dir, &d.name);
+        let host = self.spec.name.clone();
+        let mut recs = Vec::new();
+        for (uuid, d) in self.doms.iter_mut() {
+            if !d.running {
+                continue;
             }
+            match d.qemu {
+                None => {
+                    if let Some(q) = procs::qemu_of(&dir, &d.name) {
+                        d.qemu = Some(q);
+                        let detail = format!("qemu pid {} (pid file read after the start)", q.pid);
+                        let mut rec =
+                            Record::vm(now_ms(), &host, uuid, &d.name, true, "pid", detail);
+                        rec.pid = Some(q.pid);
+                        recs.push(rec);
+                    }
+                }
+                Some(old) if !old.alive() => {
+                    if let Some(q) = procs::qemu_of(&dir, &d.name).filter(|q| *q != old) {
+                        let t = now_ms();
+                        let mut stop = Record::vm(
+                            t,
+                            &host,
+                            uuid,
+                            &d.name,
+                            false,
+                            "pid",
+                            format!("qemu pid {} gone, replaced by pid {}", old.pid, q.pid),
+                        );
+                        stop.pid = Some(old.pid);
+                        let mut start = Record::vm(
+                            t,
+                            &host,
+                            uuid,
+                            &d.name,
+                            true,
+                            "pid",
+                            format!("qemu pid {} (replaced pid {})", q.pid, old.pid),
+                        );
+                        start.pid = Some(q.pid);
+                        recs.push(stop);
+                        recs.push(start);
+                        d.qemu = Some(q);
+                        d.changed_ms = t;
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        for r in &recs {
+            self.emit(r);
         }
     }
 }

@@ -107,8 +107,13 @@ impl Drop for Observer {
     }
 }
 
+/// A change of the VM on `host`. A "running" line from the pid source only completes an
+/// instance already seen (its qemu pid, read late), so it is not a start.
 fn is_vm(v: &Value, host: &str, event: &str) -> bool {
-    v["host"] == host && v["uuid"] == UUID && v["event"] == event
+    v["host"] == host
+        && v["uuid"] == UUID
+        && v["event"] == event
+        && !(event == "running" && v["source"] == "pid")
 }
 
 fn check(timeline: &Path, json: bool) -> Output {

@@ -94,6 +94,19 @@ pub fn down(lab: &Lab) -> anyhow::Result<Report> {
         }
     }
 
+    // Agents stopped now must not get their host "reset" by a watchdog they no longer feed.
+    if let Some(s) = st.as_ref() {
+        if s.components.watchdog {
+            for h in &s.hosts {
+                if lab.host_watchdog_socket(&h.name).exists() {
+                    if let Err(e) = watchdog_ctl(lab, &h.name, "off") {
+                        steps.push(format!("watchdog of {} did not switch off: {e:#}", h.name));
+                    }
+                }
+            }
+        }
+    }
+
     // 1. The supervisor stops everything it started, in order, and exits.
     if supervisor::answers(lab) {
         match supervisor::request(
@@ -138,9 +151,13 @@ pub fn down(lab: &Lab) -> anyhow::Result<Report> {
         steps.push(format!("killed leftover processes {killed:?}"));
     }
 
-    // 3. Mounts under the lab root (faultfs; nothing else mounts in the root namespace).
+    // 3. Mounts under the lab root (faultfs, watchdogs; nothing else mounts in the root
+    // namespace). Either binary's `cleanup` removes a dead FUSE mount.
     let mut unmounted = Vec::new();
-    if let (Some(s), Some(bin)) = (st.as_ref(), Program::Faultfs.find()) {
+    if let (Some(s), Some(bin)) = (
+        st.as_ref(),
+        Program::Faultfs.find().or(Program::Watchdog.find()),
+    ) {
         for mp in &s.mountpoints {
             if procfs::mounts_under(mp).contains(mp) {
                 let _ = run(

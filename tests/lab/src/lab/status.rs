@@ -114,14 +114,23 @@ pub fn status(lab: &Lab) -> anyhow::Result<Report> {
     let c = &st.components;
     let part = |on: bool, what: &str| format!("{what} {}", if on { "yes" } else { "missing" });
     text.push_str(&format!(
-        "optional parts: {}, {}, {}\n",
+        "optional parts: {}, {}, {}, {}\n",
         part(c.faultfs, "shared storage (faultfs)"),
         part(c.observer, "observer"),
-        part(c.bmc, "BMCs (ipmi_sim)")
+        part(c.bmc, "BMCs (ipmi_sim)"),
+        part(c.watchdog, "watchdogs")
     ));
     text.push_str(&format!(
-        "{:<6} {:<10} {:<13} {:<13} {:<13} {:<13} {:<5} {}\n",
-        "HOST", "NETNS", "ADDRESS", "PARTITION", "AGENT", "LIBVIRTD", "POWER", "RUNNING DOMAINS"
+        "{:<6} {:<10} {:<13} {:<13} {:<13} {:<13} {:<5} {:<18} {}\n",
+        "HOST",
+        "NETNS",
+        "ADDRESS",
+        "PARTITION",
+        "AGENT",
+        "LIBVIRTD",
+        "POWER",
+        "WATCHDOG",
+        "RUNNING DOMAINS"
     ));
     for h in &st.hosts {
         let ns_ok = net::ns_exists(&h.netns);
@@ -173,8 +182,20 @@ pub fn status(lab: &Lab) -> anyhow::Result<Report> {
         };
         let nprocs = host_pids(lab, &st, h).len();
         let power = power_is_on(lab, &h.name);
+        let watchdog = st
+            .components
+            .watchdog
+            .then(|| watchdog_status(lab, &h.name));
+        let watchdog_text = match &watchdog {
+            None => "-".to_string(),
+            Some(w) => match (w["state"].as_str(), w["left_ms"].as_u64()) {
+                (Some(s), Some(left)) => format!("{s} {}s {left}ms", w["timeout_secs"]),
+                (Some(s), None) => format!("{s} {}s", w["timeout_secs"]),
+                (None, _) => "no answer".into(),
+            },
+        };
         text.push_str(&format!(
-            "{:<6} {:<10} {:<13} {:<13} {:<13} {:<13} {:<5} {}\n",
+            "{:<6} {:<10} {:<13} {:<13} {:<13} {:<13} {:<5} {:<18} {}\n",
             h.name,
             if ns_ok { h.netns.as_str() } else { "(missing)" },
             h.addr.to_string(),
@@ -191,6 +212,7 @@ pub fn status(lab: &Lab) -> anyhow::Result<Report> {
                 (None, _, _) => "-".into(),
             },
             if power { "on" } else { "off" },
+            watchdog_text,
             domains
                 .as_ref()
                 .map(|d| d.join(","))
@@ -203,6 +225,10 @@ pub fn status(lab: &Lab) -> anyhow::Result<Report> {
             "addr": h.addr.to_string(),
             "partition": part,
             "power": if power { "on" } else { "off" },
+            "watchdog": watchdog.map(|mut w| {
+                w["device"] = json!(lab.host_watchdog_device(&h.name));
+                w
+            }),
             "agent": {"pid": agent.as_ref().map(|e| e.pid), "alive": agent_alive,
                       "exit": agent.as_ref().and_then(|e| e.exit.clone())},
             "libvirt": {"libvirtd_pid": ld, "alive": ld_alive, "answers": domains.is_some(),

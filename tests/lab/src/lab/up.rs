@@ -34,6 +34,8 @@ pub struct UpOpts {
     pub without: Vec<String>,
     /// Configure the monitor with a fence agent per host (the lab's BMCs).
     pub fencing: bool,
+    /// Timeout of each host's fake watchdog (`[watchdog] timeout_secs` of its agent).
+    pub watchdog_secs: u32,
 }
 
 /// Checks the machine has what the lab needs.
@@ -158,6 +160,10 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
     if o.vms_per_host > 50 {
         bail!("--vms-per-host must be at most 50");
     }
+    // The agent accepts 1..=600 (common/src/config.rs, `watchdog.timeout_secs`).
+    if !(1..=600).contains(&o.watchdog_secs) {
+        bail!("--watchdog-secs must be 1..=600");
+    }
     let tagged = match (&o.ha_tag, o.tagged_hosts) {
         (Some(tag), Some(j)) => {
             if j > o.hosts {
@@ -222,6 +228,7 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
             && which("ipmi_sim").is_some()
             && which("fence_ipmilan").is_some()
             && !o.without.iter().any(|w| w == "bmc"),
+        watchdog: Program::Watchdog.find().is_some() && !o.without.iter().any(|w| w == "watchdog"),
     };
     if components.faultfs && which("qemu-img").is_none() {
         bail!("qemu-img not found (package qemu-utils; run scripts/setup.sh): VM disks on the shared storage need it");
@@ -287,6 +294,11 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
             components.bmc,
             "scripts/lab-bmc.sh with ipmi_sim and fence_ipmilan",
         ),
+        (
+            "watchdog",
+            components.watchdog,
+            "vigil-lab-watchdog (tests/faultfs)",
+        ),
     ] {
         if !on {
             let why = if o.without.iter().any(|w| w == c) {
@@ -311,6 +323,11 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
             vms_per_host: o.vms_per_host,
             ha_tag: o.ha_tag.clone(),
             tagged_hosts: tagged,
+            watchdog_secs: if components.watchdog {
+                o.watchdog_secs
+            } else {
+                0
+            },
         },
         switch_ns,
         namespaces,
@@ -502,6 +519,14 @@ fn up_inner(
         phase("storage (faultfs)", &mut t);
     }
 
+    // The hosts' watchdogs: mounted before any agent starts (each agent's mount namespace is
+    // a copy taken when `ip netns exec` starts it).
+    if st.components.watchdog {
+        start_watchdogs(lab, st)?;
+        st.save(lab)?;
+        phase("watchdogs", &mut t);
+    }
+
     // Monitor(s).
     for name in st.monitors_started.clone() {
         let m = st.monitor(&name)?.clone();
@@ -670,6 +695,14 @@ fn write_agent_config(lab: &Lab, st: &LabState, h: &Node) -> anyhow::Result<()> 
         key = tls_dir.join(format!("{}.key", h.name)).display(),
     );
     let mut text = text;
+    if st.components.watchdog {
+        // The host's own fake watchdog; its expiry is that host's power loss (crash-host).
+        text.push_str(&format!(
+            "\n[watchdog]\ndevice = \"{}\"\ntimeout_secs = {}\n",
+            lab.host_watchdog_device(&h.name).display(),
+            st.params.watchdog_secs
+        ));
+    }
     if st.components.faultfs {
         // Each host reaches the pool through its own faultfs view (faults are per host).
         text.push_str(&format!(
@@ -817,6 +850,94 @@ fn start_faultfs(lab: &Lab, st: &mut LabState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One `vigil-lab-watchdog serve` per host, in the root namespaces (its FUSE mount must be in
+/// every copy of the mount namespace, and `crash-host`, which kills everything in the host's
+/// network namespace, must not kill it); its expiry runs `vigil-lab crash-host H --source
+/// watchdog` and records `watchdog-reset` in the timeline (and a mark in the observer's).
+fn start_watchdogs(lab: &Lab, st: &mut LabState) -> anyhow::Result<()> {
+    let bin = Program::Watchdog.require()?;
+    let exe = std::env::current_exe().context("locating vigil-lab")?;
+    for h in st.hosts.clone() {
+        let mp = lab.host_watchdog_dir(&h.name);
+        fs::create_dir_all(&mp)?;
+        st.mountpoints.push(mp.clone());
+        let name = proc_name(&h.name, "watchdog");
+        let mut argv = vec![
+            path_str(&bin),
+            "serve".into(),
+            "--mountpoint".into(),
+            path_str(&mp),
+            "--control".into(),
+            path_str(&lab.host_watchdog_socket(&h.name)),
+            "--name".into(),
+            h.name.clone(),
+            "--timeout-secs".into(),
+            st.params.watchdog_secs.to_string(),
+            "--timeline".into(),
+            path_str(&lab.timeline()),
+        ];
+        if st.components.observer {
+            if let Some(d) = lab.observer_timeline().parent() {
+                fs::create_dir_all(d)?;
+            }
+            argv.push("--mark".into());
+            argv.push(path_str(&lab.observer_timeline()));
+        }
+        argv.extend([
+            "--".into(),
+            path_str(&exe),
+            "--root".into(),
+            path_str(&lab.root),
+            "--prefix".into(),
+            lab.prefix.clone(),
+            "crash-host".into(),
+            h.name.clone(),
+            "--source".into(),
+            "watchdog".into(),
+        ]);
+        supervisor::spawn(
+            lab,
+            SpawnSpec {
+                log: lab.log_file(&name),
+                name,
+                group: h.name.clone(),
+                role: "watchdog".into(),
+                argv,
+                netns: None,
+                env: lab_env(st),
+                stop_order: ORDER_WATCHDOG,
+            },
+        )?;
+    }
+    st.save(lab)?;
+    let t0 = Instant::now();
+    for h in &st.hosts {
+        let mp = lab.host_watchdog_dir(&h.name);
+        loop {
+            let mounted = procfs::mounts_under(&mp).contains(&mp);
+            if mounted && watchdog_ctl(lab, &h.name, "status").is_ok() {
+                break;
+            }
+            let name = proc_name(&h.name, "watchdog");
+            if let Some(e) = supervisor::table(lab).and_then(|t| t.get(&name).cloned()) {
+                if !e.running() {
+                    bail!(
+                        "the watchdog of {} exited during start-up; {}:\n{}",
+                        h.name,
+                        e.log.display(),
+                        crate::cmd::tail_file(&e.log, 20)
+                    );
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("the watchdog of {} was not ready within 20 s", h.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
 fn start_bmcs(lab: &Lab, st: &LabState) -> anyhow::Result<()> {
     let script = layout::bmc_script().context("scripts/lab-bmc.sh missing")?;
     let exe = std::env::current_exe()?;
@@ -924,4 +1045,52 @@ fn start_observer(lab: &Lab, st: &LabState) -> anyhow::Result<()> {
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lab_state(lab: &Lab, watchdog: bool) -> LabState {
+        LabState {
+            root: lab.root.clone(),
+            prefix: lab.prefix.clone(),
+            params: UpParams {
+                hosts: 1,
+                monitors: 1,
+                watchdog_secs: if watchdog { 2 } else { 0 },
+                ..UpParams::default()
+            },
+            hosts: vec![node(lab, host_name(1), 1, host_addr(1))],
+            monitors: vec![node(lab, monitor_name(1), 1, monitor_addr(1))],
+            monitors_started: vec![monitor_name(1)],
+            components: Components {
+                watchdog,
+                ..Components::default()
+            },
+            ..LabState::default()
+        }
+    }
+
+    #[test]
+    fn the_agent_config_names_the_hosts_own_watchdog_and_the_lab_timeout() {
+        let root = std::env::temp_dir().join(format!("vigil-lab-unit-{}", std::process::id()));
+        let lab = Lab::new(root.clone(), "vu".into()).expect("lab");
+        for watchdog in [true, false] {
+            let st = lab_state(&lab, watchdog);
+            write_agent_config(&lab, &st, &st.hosts[0]).expect("write agent.toml");
+            let path = lab.host_dir("hv1").join("agent.toml");
+            let cfg = vigil_common::config::AgentConfig::load(&path).expect("the agent accepts it");
+            if watchdog {
+                assert_eq!(
+                    cfg.watchdog.device.as_deref(),
+                    Some(lab.host_watchdog_device("hv1").as_path())
+                );
+                assert_eq!(cfg.watchdog.timeout_secs, 2);
+            } else {
+                assert_eq!(cfg.watchdog.device, None, "--without watchdog: no device");
+            }
+        }
+        let _ = fs::remove_dir_all(&root);
+    }
 }

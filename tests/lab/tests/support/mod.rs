@@ -253,6 +253,123 @@ impl LabCli {
         }
     }
 
+    /// The lab's own timeline (`ROOT/timeline.jsonl`): faults, watchdog resets, lab events.
+    pub fn lab_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(Path::new(self.root).join("timeline.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Unix ms of the last lab event `verb` (e.g. `crash-host`, `kill-agent`,
+    /// `watchdog-reset`) aimed at `target`.
+    pub fn last_event_ms(&self, verb: &str, target: &str) -> Option<u64> {
+        self.lab_events()
+            .iter()
+            .filter(|e| e["verb"] == verb && e["target"] == target)
+            .filter_map(|e| e["ts_ms"].as_u64())
+            .max()
+    }
+
+    /// Unix ms of every watchdog reset of `host` (`vigil-lab-watchdog` expiries).
+    pub fn watchdog_resets(&self, host: &str) -> Vec<u64> {
+        self.lab_events()
+            .iter()
+            .filter(|e| e["verb"] == "watchdog-reset" && e["target"] == host)
+            .filter_map(|e| e["ts_ms"].as_u64())
+            .collect()
+    }
+
+    /// `host`'s watchdog as `vigil-lab status --json` shows it (`state`, `timeout_secs`,
+    /// `left_ms`, ...); `Null` when the lab has none.
+    pub fn watchdog_status(&self, host: &str) -> serde_json::Value {
+        let o = self
+            .cmd(&["--json", "status"])
+            .output()
+            .expect("vigil-lab status");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        v["hosts"]
+            .as_array()
+            .and_then(|a| a.iter().find(|h| h["name"] == host))
+            .map(|h| h["watchdog"].clone())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `host`'s watchdog is in `state` (`armed` once its agent opened it).
+    pub fn wait_watchdog(&self, host: &str, state: &str, within: Duration) {
+        let end = Instant::now() + within;
+        loop {
+            let w = self.watchdog_status(host);
+            if w["state"] == state {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "the watchdog of {host} is not {state} after {within:?}: {w}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The observer's check over its timeline so far (the library `vigil-observer check`
+    /// uses).
+    pub fn observer_report(&self) -> vigil_observer::check::Report {
+        let path = Path::new(self.root).join("observer/timeline.jsonl");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("no observer timeline {}: {e}", path.display()));
+        vigil_observer::check::check_text(&text)
+    }
+
+    /// The observer saw `vm` start exactly one QEMU instance at or after `after_ms` (Unix ms),
+    /// on `on` when given; returns it. Waits up to 60 s for the start, then another 2 s for a
+    /// second one that must not come.
+    pub fn assert_started_exactly_once(
+        &self,
+        vm: &str,
+        on: Option<&str>,
+        after_ms: u64,
+    ) -> vigil_observer::check::Interval {
+        let end = Instant::now() + Duration::from_secs(60);
+        while self.observer_report().starts_since(vm, after_ms).is_empty() {
+            assert!(
+                Instant::now() < end,
+                "the observer saw no start of {vm} after {after_ms}:\n{}",
+                vigil_observer::check::render(&self.observer_report())
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let r = self.observer_report();
+        let starts = r.starts_since(vm, after_ms);
+        assert_eq!(
+            starts.len(),
+            1,
+            "{vm} must start exactly once after {after_ms}: {starts:#?}\n{}",
+            vigil_observer::check::render(&r)
+        );
+        if let Some(host) = on {
+            assert_eq!(
+                starts[0].host, host,
+                "{vm} started on the wrong host: {:#?}",
+                starts[0]
+            );
+        }
+        starts[0].clone()
+    }
+
+    /// The observer saw no VM stop on any of `hosts` (every host when empty) at or after
+    /// `since_ms` (Unix ms).
+    pub fn assert_not_stopped(&self, hosts: &[&str], since_ms: u64) {
+        let r = self.observer_report();
+        let stops = r.stops_since(hosts, since_ms);
+        assert!(
+            stops.is_empty(),
+            "VMs stopped on {hosts:?} since {since_ms}: {stops:#?}\n{}",
+            vigil_observer::check::render(&r)
+        );
+    }
+
     /// The independent observer found no VM running twice.
     pub fn assert_no_duplicates(&self) {
         let check = self.run(&["check"]);
