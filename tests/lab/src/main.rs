@@ -56,7 +56,7 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         without: Vec<String>,
         /// Timeout of each host's fake watchdog (its agent's `[watchdog] timeout_secs`).
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 4)]
         watchdog_secs: u32,
         /// Give the monitor a fence agent per host (fence_ipmilan against the lab's BMCs), so
         /// that a failed host is fenced and its HA VMs move (ha_tag hosts first).

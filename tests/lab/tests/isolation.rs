@@ -150,7 +150,8 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     }
     let _ = LAB.run(&["down"]);
     let _guard = support::start_supervisor(LAB.root, |a| LAB.cmd(a), || LAB.run(&["down"]));
-    LAB.up_three_hosts_fenced();
+    // Step 1 keeps an agent dead for 4 s: the host watchdog must outlast that.
+    LAB.up_three_hosts_fenced_with(&["--watchdog-secs", "6"]);
     let vms = ["hv1-vm1", "hv2-vm1", "hv3-vm1"];
     // Leader record on storage for a lease and more: lease proofs are possible from here.
     std::thread::sleep(Duration::from_secs(6));

@@ -203,7 +203,12 @@ impl LabCli {
     /// hv1 carrying the ha_tag `ha`; returns once every VM's definition is stored (relocation
     /// needs it).
     pub fn up_three_hosts_fenced(&self) {
-        self.ok(&[
+        self.up_three_hosts_fenced_with(&[]);
+    }
+
+    /// [`Self::up_three_hosts_fenced`] with more `up` options.
+    pub fn up_three_hosts_fenced_with(&self, extra: &[&str]) {
+        let mut args = vec![
             "up",
             "--hosts",
             "3",
@@ -216,7 +221,9 @@ impl LabCli {
             "--tagged-hosts",
             "1",
             "--fencing",
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        self.ok(&args);
         self.wait_definitions(&["hv1-vm1", "hv2-vm1", "hv3-vm1"]);
     }
 
