@@ -4,9 +4,15 @@
 //! "The one rule"):
 //!
 //! - a fence request for this agent in its slot on shared storage (sbd's poison pill): obey at
-//!   once, whatever the lease says, and acknowledge it; unless the leader granted a renewal
-//!   within the last second (a request left behind from before a heal must not kill the
-//!   guests of a host the monitors hear again; the monitors only ask hosts they cannot hear);
+//!   once, whatever the lease says, and acknowledge it, but only a request bound to this
+//!   agent process and the current leader ([`vigil_common::storage::request_binds`]: it
+//!   names this instance, a term at least the newest seen in a leader record, and the
+//!   monitors have not withdrawn it), so a request left behind from before a heal, for an
+//!   earlier agent process or by a deposed leader never kills guests. The acknowledgement
+//!   (and `fenced: true` on storage, and the self-fence report's claim) is written only
+//!   once a fresh, healthy listing from libvirt, taken after the destroys, shows no HA
+//!   domain running (every VM the request names counts as HA); from the first moment of the
+//!   episode the executor refuses starts, until the monitors grant a lease again;
 //! - lease valid: nothing to do;
 //! - lease expired, isolation response `keep-running`: keep the guests, wait to be
 //!   power-fenced (the monitors do not count lease expiry as proof then);
@@ -34,14 +40,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 use vigil_common::config::IsolationResponse;
-use vigil_common::domain::DomainState;
 use vigil_common::storage::{FenceAck, FenceRequest};
 use vigil_common::wire::{AgentCommand, AgentToMonitor, CommandOutcome};
 
 use crate::executor::Executor;
+use crate::fencing::{Fencing, SelfFenceReport};
 use crate::lease::{Lease, LeaseStatus};
 use crate::storage::StorageWorker;
-use crate::watch::Latest;
 
 /// What the guard knows about one pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,16 +87,15 @@ pub struct Freshness {
 /// The self-fencing policy (see the module docs).
 pub fn decide(
     now: Instant,
-    granted_recently: bool,
     lease: LeaseStatus,
     lease_ms: u64,
     response: IsolationResponse,
     fresh: Freshness,
     pools: &[PoolEvidence],
 ) -> Verdict {
+    // `fence_request` holds only requests bound to this agent and the current leader.
     if let Some((pool, req)) = pools
         .iter()
-        .filter(|_| !granted_recently)
         .find_map(|p| p.fence_request.as_ref().map(|r| (&p.name, r)))
     {
         return Verdict::SelfFence {
@@ -156,7 +160,6 @@ pub struct Guard {
     pub lease: Lease,
     pub storage: StorageWorker,
     pub exec: Executor,
-    pub latest: Latest,
     pub host: String,
     pub instance: u64,
     pub reports: mpsc::Sender<AgentToMonitor>,
@@ -166,6 +169,22 @@ pub struct Guard {
     pub storage_interval: Duration,
     /// When this agent process started.
     pub started: Instant,
+    /// Terms, withdrawn requests, and the self-fence reports not yet noted.
+    pub fencing: Fencing,
+}
+
+/// One fencing episode: from the first self-fence verdict until the monitors grant a lease
+/// again.
+struct Episode {
+    report: SelfFenceReport,
+    started: Instant,
+    /// Whether the report was recorded (it is, before the first destroy, or once verified).
+    reported: bool,
+    /// Whether a fresh listing showed no HA domain running (logged once), and when.
+    verified: bool,
+    verified_at: Option<Instant>,
+    /// The last reason the listing could not be had (logged on change).
+    listing_error: Option<String>,
 }
 
 /// How often the guard looks.
@@ -183,13 +202,13 @@ pub fn spawn(
         lease,
         storage,
         exec,
-        latest,
         host,
         instance,
         reports,
         watchdog,
         storage_interval,
         started,
+        fencing,
     } = g;
     let mut changes = storage.changes();
     tokio::spawn(async move {
@@ -197,6 +216,9 @@ pub fn spawn(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_reason = String::new();
         let mut acked: BTreeSet<u64> = BTreeSet::new();
+        let mut episode: Option<Episode> = None;
+        // Requests ignored, and why (logged once per request).
+        let mut ignored: BTreeSet<u64> = BTreeSet::new();
         // Per pool: the last change time seen, and when the current run of changes began.
         let mut epochs: BTreeMap<String, (Instant, Instant)> = BTreeMap::new();
         loop {
@@ -210,31 +232,55 @@ pub fn spawn(
             }
             let now = Instant::now();
             let lease_span = Duration::from_millis(lease.lease_ms());
-            let pools: Vec<PoolEvidence> = storage
-                .view()
-                .pools
-                .into_iter()
-                .map(|p| PoolEvidence {
-                    leader_epoch_since: p.leader.as_ref().and_then(|(_, c)| *c).map(|changed| {
-                        let e = epochs.entry(p.name.clone()).or_insert((changed, changed));
-                        if changed != e.0 {
-                            if changed.saturating_duration_since(e.0) > lease_span {
-                                e.1 = changed;
-                            }
-                            e.0 = changed;
-                        }
-                        e.1
-                    }),
-                    name: p.name,
-                    checked: p.checked,
-                    ok: p.ok,
-                    leader_changed_at: p.leader.and_then(|(_, changed)| changed),
-                    fence_request: p.fence_request.filter(|r| !acked.contains(&r.id)),
-                })
-                .collect();
+            let view = storage.view();
+            for p in &view.pools {
+                if let Some((record, _)) = &p.leader {
+                    fencing.note_term(record.term);
+                }
+            }
+            let (newest_term, withdrawn) = (fencing.newest_term(), fencing.withdrawn());
+            let pools: Vec<PoolEvidence> =
+                view.pools
+                    .into_iter()
+                    .map(|p| PoolEvidence {
+                        // (First: it borrows the pool's name.)
+                        fence_request: p.fence_request.filter(|r| !acked.contains(&r.id)).filter(
+                            |r| match vigil_common::storage::request_binds(
+                                r,
+                                &host,
+                                instance,
+                                newest_term,
+                                &withdrawn,
+                            ) {
+                                Ok(()) => true,
+                                Err(why) => {
+                                    if ignored.insert(r.id) {
+                                        warn!(pool = %p.name, "ignoring a fence request: {why}");
+                                    }
+                                    false
+                                }
+                            },
+                        ),
+                        leader_epoch_since: p.leader.as_ref().and_then(|(_, c)| *c).map(
+                            |changed| {
+                                let e = epochs.entry(p.name.clone()).or_insert((changed, changed));
+                                if changed != e.0 {
+                                    if changed.saturating_duration_since(e.0) > lease_span {
+                                        e.1 = changed;
+                                    }
+                                    e.0 = changed;
+                                }
+                                e.1
+                            },
+                        ),
+                        name: p.name,
+                        checked: p.checked,
+                        ok: p.ok,
+                        leader_changed_at: p.leader.and_then(|(_, changed)| changed),
+                    })
+                    .collect();
             let verdict = decide(
                 now,
-                lease.granted_within(now, Duration::from_secs(1)),
                 lease.status(now),
                 lease.lease_ms(),
                 lease.isolation_response(),
@@ -245,14 +291,19 @@ pub fn spawn(
                 },
                 &pools,
             );
-            match verdict {
-                Verdict::Keep(reason) if reason == "lease valid" => {
-                    storage.set_fenced(false);
-                    if !last_reason.is_empty() && last_reason != reason {
-                        info!("lease valid again");
+            // The episode ends once the monitors granted a lease for a beat sent after it
+            // began: they hear this host again, and start orders may come back.
+            if !matches!(verdict, Verdict::SelfFence { .. }) {
+                if let Some(ep) = &episode {
+                    if lease.last_grant().is_some_and(|g| g > ep.started) {
+                        info!(id = ep.report.id, "fencing episode over: the monitors granted a lease again; starts are allowed");
+                        exec.end_fencing();
+                        storage.set_fenced(false);
+                        episode = None;
                     }
-                    last_reason = reason;
                 }
+            }
+            match verdict {
                 Verdict::Keep(reason) => {
                     if reason != last_reason {
                         if reason == "lease valid" {
@@ -266,49 +317,66 @@ pub fn spawn(
                     }
                 }
                 Verdict::SelfFence { reason, request } => {
-                    let running = running_ha_domains(&exec, &latest);
-                    let fresh_episode = reason != last_reason || request.is_some();
-                    if running.is_empty() && !fresh_episode {
+                    let ep = episode.get_or_insert_with(|| {
+                        // No start gets through from here on, also one already queued.
+                        exec.begin_fencing();
+                        error!(%reason, "self-fencing: destroying this host's HA domains");
+                        Episode {
+                            report: SelfFenceReport {
+                                id: fencing.next_id(),
+                                reason: reason.clone(),
+                                destroyed: Vec::new(),
+                                wall_ms: vigil_common::unix_ms(),
+                            },
+                            started: now,
+                            reported: false,
+                            verified: false,
+                            verified_at: None,
+                            listing_error: None,
+                        }
+                    });
+                    let named: BTreeSet<String> = request
+                        .as_ref()
+                        .map(|r| r.vms.iter().map(|u| u.to_ascii_lowercase()).collect())
+                        .unwrap_or_default();
+                    // Verified and no request to answer: look again once a second, not on
+                    // every tick (a domain started by hand meanwhile goes too).
+                    if request.is_none()
+                        && ep.verified_at.is_some_and(|t| {
+                            now.saturating_duration_since(t) < Duration::from_secs(1)
+                        })
+                    {
+                        last_reason = reason;
                         continue;
                     }
-                    if fresh_episode {
-                        error!(%reason, domains = ?running, "self-fencing: destroying this host's HA domains");
-                    }
-                    let mut destroyed = Vec::new();
-                    for uuid in &running {
-                        let outcome = exec
-                            .execute(AgentCommand::DestroyDomain { uuid: uuid.clone() })
-                            .await;
-                        match outcome {
-                            CommandOutcome::Failed { reason } => {
-                                error!(%uuid, %reason, "self-fence: destroy failed; retrying")
-                            }
-                            _ => destroyed.push(uuid.clone()),
-                        }
-                    }
-                    if destroyed.len() == running.len() {
-                        // Every HA domain is gone: say so on storage (the leader takes lease
-                        // expiry as proof for a host it sees alive only then).
+                    let verified_off = fence_pass(&exec, &named, ep, &fencing, &reports).await;
+                    ep.verified_at = verified_off.as_ref().map(|_| now);
+                    if let Some(off) = verified_off {
+                        // Every HA domain is gone, as libvirt itself says now: only now say
+                        // so on storage (the leader takes lease expiry as proof for a host it
+                        // sees alive only then) and in the slot.
                         storage.set_fenced(true);
-                    }
-                    if let Some(req) = &request {
-                        if destroyed.len() == running.len() {
+                        if !ep.reported {
+                            fencing.record(ep.report.clone());
+                            let _ = reports.try_send(ep.report.message());
+                            ep.reported = true;
+                        }
+                        if !ep.verified {
+                            info!(id = ep.report.id, destroyed = ?ep.report.destroyed, "self-fence verified: no HA domain runs");
+                            ep.verified = true;
+                        }
+                        if let Some(req) = &request {
+                            info!(id = req.id, "acknowledging the fence request");
                             storage.acknowledge(FenceAck {
                                 id: req.id,
                                 host: host.clone(),
                                 instance,
-                                destroyed: destroyed.clone(),
+                                destroyed: ep.report.destroyed.clone(),
                                 wall_ms: vigil_common::unix_ms(),
+                                verified_off: off,
                             });
                             acked.insert(req.id);
                         }
-                    }
-                    if !destroyed.is_empty() || fresh_episode {
-                        let _ = reports.try_send(AgentToMonitor::SelfFenced {
-                            reason: reason.clone(),
-                            destroyed,
-                            wall_ms: vigil_common::unix_ms(),
-                        });
                     }
                     last_reason = reason;
                 }
@@ -317,18 +385,61 @@ pub fn spawn(
     })
 }
 
-/// HA domains that are running (or paused) here, per the latest inventory.
-fn running_ha_domains(exec: &Executor, latest: &Latest) -> Vec<String> {
-    let inventory = latest.borrow().clone();
-    let Some((domains, _)) = inventory else {
-        return Vec::new();
-    };
-    domains
-        .into_iter()
-        .filter(|d| !matches!(d.state, DomainState::Shutoff | DomainState::Crashed))
-        .filter(|d| d.meta.ha == Some(true) || exec.is_ha(&d.uuid))
-        .map(|d| d.uuid)
-        .collect()
+/// One pass of a self-fence: list the HA domains afresh (through the libvirt worker, after
+/// every call queued before, starts included), destroy those that run, and list again, up to
+/// three times. Before destroying a domain not yet in the episode's report, the report is
+/// updated and persisted (so the monitor reads those stops as failures, not as an operator's
+/// `virsh destroy`). `Some(off)`: a fresh, healthy listing showed no HA domain running;
+/// `off` is what it showed not running (with every uuid in `named`).
+async fn fence_pass(
+    exec: &Executor,
+    named: &BTreeSet<String>,
+    ep: &mut Episode,
+    fencing: &Fencing,
+    reports: &mpsc::Sender<AgentToMonitor>,
+) -> Option<Vec<String>> {
+    for _ in 0..3 {
+        let listing = match exec.ha_listing(named).await {
+            Ok(l) => {
+                ep.listing_error = None;
+                l
+            }
+            Err(e) => {
+                if ep.listing_error.as_deref() != Some(e.as_str()) {
+                    error!(error = %e, "self-fence: no fresh listing from libvirt; not acknowledging until one shows no HA domain running");
+                    ep.listing_error = Some(e);
+                }
+                return None;
+            }
+        };
+        if listing.running.is_empty() {
+            return Some(listing.off);
+        }
+        let new: Vec<String> = listing
+            .running
+            .iter()
+            .filter(|u| !ep.report.destroyed.contains(u))
+            .cloned()
+            .collect();
+        if !new.is_empty() || !ep.reported {
+            ep.report.destroyed.extend(new);
+            fencing.record(ep.report.clone());
+            let _ = reports.try_send(ep.report.message());
+            ep.reported = true;
+        }
+        for uuid in &listing.running {
+            match exec
+                .execute(AgentCommand::DestroyDomain { uuid: uuid.clone() })
+                .await
+            {
+                CommandOutcome::Failed { reason } => {
+                    error!(%uuid, %reason, "self-fence: destroy failed; retrying")
+                }
+                _ => info!(%uuid, "self-fence: destroyed"),
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -368,7 +479,6 @@ mod tests {
     fn expired_verdict(now: Instant, pools: &[PoolEvidence]) -> Verdict {
         decide(
             now,
-            false,
             expired(),
             5_000,
             IsolationResponse::SelfFence,
@@ -382,7 +492,6 @@ mod tests {
         let now = Instant::now();
         let v = decide(
             now,
-            false,
             LeaseStatus::Valid {
                 remaining: Duration::from_secs(1),
             },
@@ -426,7 +535,6 @@ mod tests {
         };
         let v = decide(
             now,
-            false,
             expired(),
             5_000,
             IsolationResponse::SelfFence,
@@ -437,7 +545,6 @@ mod tests {
         // Alive monitors keep changing it well after the renewal: isolated.
         let v = decide(
             now,
-            false,
             expired(),
             5_000,
             IsolationResponse::SelfFence,
@@ -483,7 +590,6 @@ mod tests {
         let now = Instant::now();
         let v = decide(
             now,
-            false,
             expired(),
             5_000,
             IsolationResponse::KeepRunning,
@@ -505,10 +611,10 @@ mod tests {
             node: 1,
             wall_ms: 0,
             reason: "cut from the monitors".into(),
+            vms: vec![],
         });
         let v = decide(
             now,
-            false,
             LeaseStatus::Valid {
                 remaining: Duration::from_secs(4),
             },
@@ -525,31 +631,265 @@ mod tests {
             other => panic!("expected a self-fence, got {other:?}"),
         }
     }
+}
 
-    #[test]
-    fn a_fence_request_is_ignored_while_the_leader_renews_the_lease() {
-        let now = Instant::now();
-        let mut p = pool(true, Some(now));
-        p.fence_request = Some(FenceRequest {
-            id: 43,
-            host: "hv1".into(),
-            instance: 0,
-            term: 3,
-            node: 1,
-            wall_ms: 0,
-            reason: "left behind".into(),
-        });
-        let v = decide(
-            now,
-            true,
-            LeaseStatus::Valid {
-                remaining: Duration::from_secs(4),
-            },
-            5_000,
-            IsolationResponse::SelfFence,
-            long_ago(now),
-            &[p],
+/// The guard end to end against libvirt's test driver (a private driver state per test:
+/// `test:///<file>` loads its own node), a real storage worker on a temporary pool, and
+/// real records: what it destroys, acknowledges and reports.
+#[cfg(test)]
+mod guard_tests {
+    use super::*;
+    use crate::generations::Generations;
+    use crate::libvirt::Hypervisor;
+    use vigil_common::config::{PoolConfig, StorageConfig};
+    use vigil_common::domain::DomainState;
+    use vigil_common::storage::{self as records, LeaderRecord};
+
+    const INSTANCE: u64 = 7;
+
+    struct Rig {
+        dir: tempfile::TempDir,
+        pool: std::path::PathBuf,
+        hv: Hypervisor,
+        exec: Executor,
+        storage: StorageWorker,
+        reports: mpsc::Receiver<AgentToMonitor>,
+        stop: tokio::sync::watch::Sender<bool>,
+        host: String,
+    }
+
+    fn node_xml() -> String {
+        // An empty node: no domain of the default test driver.
+        "<node></node>".to_string()
+    }
+
+    fn domain_xml(name: &str) -> String {
+        format!(
+            r#"<domain type='test'>
+  <name>{name}</name>
+  <memory unit='KiB'>131072</memory>
+  <vcpu>1</vcpu>
+  <os><type>hvm</type></os>
+  <metadata><vigil:vm xmlns:vigil="urn:vigil:vm:1" ha="true"/></metadata>
+</domain>"#
+        )
+    }
+
+    /// A guard that never saw an inventory (it lists through libvirt only), the given lease,
+    /// and one pool (`bad_pool`: a path that is a regular file, so every I/O fails).
+    async fn rig(tag: &str, lease: Lease, bad_pool: bool, report_capacity: usize) -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = dir.path().join("node.xml");
+        std::fs::write(&node, node_xml()).expect("node.xml");
+        let hv = Hypervisor::open(
+            &format!("test://{}", node.display()),
+            Duration::from_secs(10),
         );
-        assert!(!is_fence(&v), "{v:?}");
+        let exec = Executor::new(Some(hv.clone()), Generations::in_memory());
+        let pool = if bad_pool {
+            let p = dir.path().join("not-a-dir");
+            std::fs::write(&p, b"a regular file").expect("file");
+            p
+        } else {
+            let p = dir.path().join("pool");
+            std::fs::create_dir(&p).expect("pool");
+            p
+        };
+        let host = format!("hv-{tag}");
+        let cfg = StorageConfig {
+            pools: vec![PoolConfig {
+                name: "primary".into(),
+                path: pool.clone(),
+            }],
+            interval_ms: 50,
+            deadline_ms: 1_000,
+        };
+        let started = Instant::now();
+        let storage = StorageWorker::spawn(&cfg, &host, INSTANCE, started);
+        let (reports_tx, reports) = mpsc::channel(report_capacity);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        spawn(
+            Guard {
+                lease,
+                storage: storage.clone(),
+                exec: exec.clone(),
+                host: host.clone(),
+                instance: INSTANCE,
+                reports: reports_tx,
+                watchdog: false,
+                storage_interval: Duration::from_millis(50),
+                started,
+                fencing: Fencing::in_memory(),
+            },
+            stop_rx,
+        );
+        Rig {
+            dir,
+            pool,
+            hv,
+            exec,
+            storage,
+            reports,
+            stop,
+            host,
+        }
+    }
+
+    impl Rig {
+        async fn running_ha_domain(&self, name: &str) -> String {
+            let uuid = self.hv.define(domain_xml(name)).await.expect("define");
+            self.hv.start(&uuid).await.expect("start");
+            uuid
+        }
+        async fn running(&self, uuid: &str) -> bool {
+            matches!(
+                self.hv.get(uuid).await.expect("get").map(|d| d.state),
+                Some(DomainState::Running | DomainState::Paused)
+            )
+        }
+        fn request(&self, id: u64, instance: u64, term: u64) {
+            let req = FenceRequest {
+                id,
+                host: self.host.clone(),
+                instance,
+                term,
+                node: 1,
+                wall_ms: 0,
+                reason: "test".into(),
+                vms: vec![],
+            };
+            records::write_record(&records::fence_request_path(&self.pool, &self.host), &req)
+                .expect("write request");
+        }
+        fn ack(&self) -> Option<FenceAck> {
+            records::read_record(&records::fence_ack_path(&self.pool, &self.host))
+                .ok()
+                .flatten()
+        }
+        fn finish(self) {
+            let _ = self.stop.send(true);
+            self.storage.stop();
+            let _ = self.dir;
+        }
+    }
+
+    async fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return Some(v);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The self-fence reports sent: (id, destroyed) of each.
+    fn self_fenced(reports: &mut mpsc::Receiver<AgentToMonitor>) -> Vec<(u64, Vec<String>)> {
+        let mut out = Vec::new();
+        while let Ok(r) = reports.try_recv() {
+            if let AgentToMonitor::SelfFenced { id, destroyed, .. } = r {
+                out.push((id, destroyed));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_fence_ack_is_not_written_before_a_fresh_listing_shows_no_ha_domain_running() {
+        let rig = rig("fresh", Lease::in_memory(Instant::now(), 60_000), false, 64).await;
+        // Running, but the agent has no inventory yet (it just started).
+        let uuid = rig.running_ha_domain("vigil-fresh-listing").await;
+        rig.request(42, INSTANCE, 1);
+        let ack = wait_for(Duration::from_secs(5), || rig.ack()).await;
+        let ack = ack.expect("the request is acknowledged");
+        assert_eq!(ack.id, 42);
+        assert!(
+            !rig.running(&uuid).await,
+            "acknowledged ({ack:?}) while an HA domain runs"
+        );
+        assert_eq!(ack.destroyed, vec![uuid.clone()]);
+        // Fencing has begun: the executor refuses to start HA domains again.
+        let outcome = rig
+            .exec
+            .execute(AgentCommand::StartDomain {
+                uuid: uuid.clone(),
+                generation: 1,
+                definition: None,
+            })
+            .await;
+        assert!(
+            matches!(&outcome, CommandOutcome::Failed { reason } if reason.contains("fenc")),
+            "{outcome:?}"
+        );
+        assert!(!rig.running(&uuid).await);
+        rig.finish();
+    }
+
+    #[tokio::test]
+    async fn a_fence_request_for_another_instance_or_an_older_term_is_not_obeyed() {
+        let rig = rig(
+            "binding",
+            Lease::in_memory(Instant::now(), 60_000),
+            false,
+            64,
+        )
+        .await;
+        let uuid = rig.running_ha_domain("vigil-binding").await;
+        records::write_record(
+            &records::leader_path(&rig.pool),
+            &LeaderRecord {
+                term: 5,
+                node: 2,
+                seq: 1,
+                wall_ms: 0,
+            },
+        )
+        .expect("leader.json");
+        // Let the worker read the leader record first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for (id, instance, term) in [(50, INSTANCE, 3), (51, 0, 5), (52, INSTANCE + 1, 5)] {
+            rig.request(id, instance, term);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(
+                rig.running(&uuid).await,
+                "obeyed request {id} (instance {instance}, term {term})"
+            );
+            assert_eq!(rig.ack(), None);
+        }
+        // The current term and this instance: obeyed.
+        rig.request(53, INSTANCE, 5);
+        let ack = wait_for(Duration::from_secs(5), || rig.ack()).await;
+        assert_eq!(ack.map(|a| a.id), Some(53));
+        assert!(!rig.running(&uuid).await);
+        rig.finish();
+    }
+
+    #[tokio::test]
+    async fn one_isolation_episode_sends_one_self_fence_report() {
+        // Lease expired and the only pool unreachable: self-fence, for as long as it lasts.
+        let lease = Lease::in_memory(Instant::now(), 0);
+        let mut rig = rig("storm", lease, true, 1024).await;
+        let uuid = rig.running_ha_domain("vigil-storm").await;
+        // 20 guard ticks and more.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        assert!(!rig.running(&uuid).await);
+        let sent = self_fenced(&mut rig.reports);
+        // One episode: one id. Sent again only when the episode's state changed (the guard
+        // may have fenced before the domain was started, then destroyed it): at most twice.
+        let ids: BTreeSet<u64> = sent.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids.len(), 1, "{sent:?}");
+        assert!(
+            sent.len() <= 2,
+            "{} reports for one episode: {sent:?}",
+            sent.len()
+        );
+        assert_eq!(
+            sent.last().map(|(_, d)| d.clone()),
+            Some(vec![uuid.clone()])
+        );
+        rig.finish();
     }
 }

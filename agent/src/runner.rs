@@ -14,6 +14,7 @@ use vigil_common::wire::{self, Hello};
 
 use crate::executor::Executor;
 use crate::facts::FactsCollector;
+use crate::fencing::Fencing;
 use crate::generations::Generations;
 use crate::lease::Lease;
 use crate::libvirt::Hypervisor;
@@ -72,6 +73,7 @@ pub struct AgentRunner {
     watchdog: bool,
     instance: u64,
     started: Instant,
+    fencing: Fencing,
 }
 
 impl AgentRunner {
@@ -98,6 +100,7 @@ impl AgentRunner {
             executor: Executor::new(hv, gens),
             poll: Duration::from_millis(cfg.poll_interval_ms),
             lease: Lease::load(&cfg.state_dir, Instant::now()),
+            fencing: Fencing::load(&cfg.state_dir),
             storage_cfg: cfg.storage.clone(),
             watchdog: cfg.systemd_watchdog,
             instance: rand::random::<u64>().max(1),
@@ -117,13 +120,13 @@ impl AgentRunner {
                 lease: self.lease.clone(),
                 storage: storage.clone(),
                 exec: self.executor.clone(),
-                latest: latest.clone(),
                 host: self.host.clone(),
                 instance: self.instance,
                 reports: reports_tx,
                 watchdog: self.watchdog,
                 storage_interval: Duration::from_millis(self.storage_cfg.interval_ms),
                 started: self.started,
+                fencing: self.fencing.clone(),
             },
             stop.clone(),
         );
@@ -169,6 +172,7 @@ impl AgentRunner {
                         lease: Some(self.lease.clone()),
                         storage: Some(storage.clone()),
                         started: self.started,
+                        fencing: Some(self.fencing.clone()),
                     };
                     match session.run(&mut facts, io, stop.clone()).await {
                         Ok(()) => break,

@@ -35,6 +35,8 @@
 //! at 9970 monitors-down              # every monitor stops (agents keep running)
 //! at 9980 monitors-up                # they come back (a new leader)
 //! at 9990 maintenance hv1 on         # an operator puts hv1 in maintenance (drain)
+//! at 9995 stale-ack hv2 on           # hv2's agent acknowledges fence requests without
+//!                                    # destroying anything (an agent trusting an empty cache)
 //! run 20000                          # simulate until this time
 //!
 //! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
@@ -125,6 +127,13 @@ struct SimHost {
     self_fenced: bool,
     /// When its current partition began.
     partitioned_at: Option<u64>,
+    /// The agent acknowledges fence requests from an empty cache: destroys nothing.
+    stale_ack: bool,
+    /// The agent's fencing episode (id, since when): it refuses starts until a grant.
+    episode: Option<(u64, u64)>,
+    /// The newest term the agent saw in a leader record, and the requests withdrawn.
+    known_term: u64,
+    withdrawn: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,6 +157,7 @@ enum Fault {
     MonitorsDown,
     MonitorsUp,
     Maintenance(String, bool),
+    StaleAck(String, bool),
 }
 
 /// A parsed scenario.
@@ -339,6 +349,7 @@ impl Scenario {
                         "monitors-down" => Fault::MonitorsDown,
                         "monitors-up" => Fault::MonitorsUp,
                         "maintenance" => Fault::Maintenance(arg(0)?, on(1)?),
+                        "stale-ack" => Fault::StaleAck(arg(0)?, on(1)?),
                         other => return Err(err(format!("unknown fault {other:?}"))),
                     };
                     sc.faults.push((t, f));
@@ -365,6 +376,9 @@ impl SimHost {
         self.instance = instance;
         self.agent_started_at = now;
         self.self_fenced = false;
+        self.episode = None;
+        self.known_term = 0;
+        self.withdrawn.clear();
     }
 
     /// Power loss: the agent and every domain are gone at once, silently.
@@ -375,6 +389,7 @@ impl SimHost {
         self.self_fenced = false;
         self.queued.clear();
         self.fenced_reason = None;
+        self.episode = None;
         for d in self.domains.values_mut() {
             if d.running {
                 d.running = false;
@@ -511,6 +526,10 @@ impl Sim {
                     restart_at: None,
                     self_fenced: false,
                     partitioned_at: None,
+                    stale_ack: false,
+                    episode: None,
+                    known_term: 0,
+                    withdrawn: BTreeSet::new(),
                 },
             );
         }
@@ -582,6 +601,16 @@ impl Sim {
                                 // Granted for the beat sent this very step.
                                 host.lease_until = host.lease_until.max(now + lease_ms);
                                 host.last_grant = Some(now);
+                            }
+                        }
+                    }
+                    Action::Notify {
+                        host: Some(h),
+                        message: MonitorToAgent::FenceWithdrawn { id },
+                    } => {
+                        if let Some(host) = self.hosts.get_mut(&h) {
+                            if host.reachable() {
+                                host.withdrawn.insert(id);
                             }
                         }
                     }
@@ -799,6 +828,11 @@ impl Sim {
                 }
             }
             Fault::NewLeader => self.new_leader(),
+            Fault::StaleAck(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.stale_ack = on;
+                }
+            }
             Fault::Maintenance(h, on) => {
                 // An operator's command, committed through Raft like any other.
                 if !self.monitors_down {
@@ -853,16 +887,27 @@ impl Sim {
             if !(h.powered && h.agent_alive) {
                 continue;
             }
-            let connected_recently = h.last_grant.is_some_and(|t| now.saturating_sub(t) < 1_000);
-            let request = h
-                .slot
-                .clone()
-                .filter(|r| {
-                    h.storage_ok
-                        && (r.instance == 0 || r.instance == h.instance)
-                        && h.ack.as_ref().is_none_or(|a| a.id != r.id)
-                })
-                .filter(|_| !connected_recently);
+            // The episode ends once a grant came for a beat sent after it began.
+            if h.episode
+                .is_some_and(|(_, since)| h.last_grant.is_some_and(|g| g > since))
+            {
+                h.episode = None;
+                h.fenced_reason = None;
+                h.self_fenced = false;
+            }
+            // The real agent's rule: bound to this instance and the current leader.
+            let request = h.slot.clone().filter(|r| {
+                h.storage_ok
+                    && vigil_common::storage::request_binds(
+                        r,
+                        &name,
+                        h.instance,
+                        h.known_term,
+                        &h.withdrawn,
+                    )
+                    .is_ok()
+                    && h.ack.as_ref().is_none_or(|a| a.id != r.id)
+            });
             let expired = now >= h.lease_until;
             let reason = if let Some(r) = &request {
                 Some(format!("fence request {} in its storage slot", r.id))
@@ -885,25 +930,33 @@ impl Sim {
                 None
             };
             let Some(reason) = reason else {
-                if !expired {
-                    h.fenced_reason = None;
-                    h.self_fenced = false;
-                }
                 continue;
             };
+            let new_episode = h.episode.is_none();
+            let episode_id = match h.episode {
+                Some((id, _)) => id,
+                None => {
+                    let id = WALL0 + now;
+                    h.episode = Some((id, now));
+                    id
+                }
+            };
+            let stale_ack = h.stale_ack && request.is_some();
             let victims: Vec<String> = h
                 .domains
                 .iter()
-                .filter(|(u, d)| d.running && ha.contains_key(*u))
+                .filter(|(u, d)| d.running && ha.contains_key(*u) && !stale_ack)
                 .map(|(u, _)| u.clone())
                 .collect();
-            if victims.is_empty() && h.fenced_reason.as_deref() == Some(reason.as_str()) {
+            if victims.is_empty() && !new_episode && request.is_none() {
                 continue;
             }
-            if !victims.is_empty() {
-                // Reported before the destroys, as the real agent does.
+            if !victims.is_empty() || new_episode {
+                // Reported before the destroys, once per episode (again if more went), as
+                // the real agent does.
                 h.queued.push(Input::SelfFenced {
                     host: name.clone(),
+                    id: episode_id,
                     reason: reason.clone(),
                     destroyed: victims.clone(),
                 });
@@ -927,12 +980,24 @@ impl Sim {
                 }
             }
             if let Some(r) = request {
+                // After the destroys nothing HA runs: every VM the request named is off
+                // (an agent trusting an empty cache claims nothing, like the old agent).
+                let verified_off = if stale_ack {
+                    Vec::new()
+                } else {
+                    r.vms
+                        .iter()
+                        .filter(|u| h.domains.get(*u).is_none_or(|d| !d.running))
+                        .cloned()
+                        .collect()
+                };
                 h.ack = Some(FenceAck {
                     id: r.id,
                     host: name.clone(),
                     instance: h.instance,
                     destroyed: victims.clone(),
                     wall_ms: WALL0 + now,
+                    verified_off,
                 });
             }
             h.self_fenced = true;
@@ -981,6 +1046,12 @@ impl Sim {
             self.leader_epoch_at = Some(now);
         }
         self.leader_record_at = Some(now);
+        let term = self.term;
+        for h in self.hosts.values_mut() {
+            if h.powered && h.agent_alive && h.storage_ok {
+                h.known_term = h.known_term.max(term);
+            }
+        }
         let heartbeats = self
             .hosts
             .iter()
@@ -1017,6 +1088,11 @@ impl Sim {
         if h.newest.get(uuid).is_some_and(|n| generation < *n) {
             return CommandOutcome::Failed {
                 reason: format!("stale generation {generation}"),
+            };
+        }
+        if h.episode.is_some() {
+            return CommandOutcome::Failed {
+                reason: "this host is fencing itself".into(),
             };
         }
         h.newest.insert(uuid.to_string(), generation);

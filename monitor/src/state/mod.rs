@@ -108,6 +108,9 @@ pub enum EventKind {
     },
     /// A host holds HA VMs that nothing can prove stopped.
     HostUnfenceable,
+    /// A fence acknowledgement through the storage slot that does not prove the host's HA
+    /// VMs stopped (it does not cover every VM the request named): not proof.
+    FenceAckRefused,
     /// A host's agent fenced itself (destroyed its HA domains).
     HostSelfFenced,
     /// A host entered or left maintenance.
