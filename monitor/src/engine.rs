@@ -2792,5 +2792,17 @@ mod tests {
             .filter(|m| m.contains("fenced itself"))
             .count();
         assert_eq!(n, 1, "{:#?}", s.log());
+        // Every delivery is answered, so the agent stops resending.
+        let noted = s
+            .sent
+            .iter()
+            .filter(|a| {
+                **a == Action::Notify {
+                    host: Some("hv1".into()),
+                    message: MonitorToAgent::SelfFenceNoted { id: 9 },
+                }
+            })
+            .count();
+        assert_eq!(noted, 5, "{:?}", s.sent);
     }
 }
