@@ -1,5 +1,7 @@
 //! Carries out the monitor's orders on this host, guarded by activation generations.
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::{info, warn};
@@ -14,6 +16,18 @@ use crate::libvirt::Hypervisor;
 pub struct Executor {
     pub hv: Option<Hypervisor>,
     pub gens: Arc<Mutex<Generations>>,
+    /// Set while this host fences itself: every start is refused, also one already queued
+    /// on the libvirt worker (checked there right before `virDomainCreate`).
+    fencing: Arc<AtomicBool>,
+}
+
+/// HA domains as a fresh listing from libvirt shows them (see [`Executor::ha_listing`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HaListing {
+    /// Running, paused, crashed with qemu kept, or in any other state but shut off.
+    pub running: Vec<String>,
+    /// Shut off, or not defined on this host at all.
+    pub off: Vec<String>,
 }
 
 fn failed(reason: String) -> CommandOutcome {
@@ -26,7 +40,56 @@ impl Executor {
         Executor {
             hv,
             gens: Arc::new(Mutex::new(gens)),
+            fencing: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// A fencing episode begins: from now on every start is refused, including those queued
+    /// or waiting on the libvirt worker.
+    pub fn begin_fencing(&self) {
+        self.fencing.store(true, Ordering::SeqCst);
+    }
+
+    /// The fencing episode is over (the monitors granted a lease again): starts are allowed.
+    pub fn end_fencing(&self) {
+        self.fencing.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether a fencing episode is under way.
+    pub fn is_fencing(&self) -> bool {
+        self.fencing.load(Ordering::SeqCst)
+    }
+
+    /// A fresh listing from libvirt, through the worker (so it runs after every call queued
+    /// before it, starts included), never from a cache: the HA domains (marked in their XML,
+    /// in the monitor's table, or in `named`) that run, and those that do not. Each uuid in
+    /// `named` is HA even if this agent never heard so; one not defined here is not
+    /// running. `Err` when libvirt did not answer (no backend, a timeout, a lost
+    /// connection): nothing is known then.
+    pub async fn ha_listing(&self, named: &BTreeSet<String>) -> Result<HaListing, String> {
+        let Some(hv) = &self.hv else {
+            return Err("this agent has no hypervisor backend: it cannot list its domains".into());
+        };
+        let domains = hv.list().await.map_err(|e| e.to_string())?;
+        let gens = self.gens();
+        let mut listing = HaListing::default();
+        let mut seen = BTreeSet::new();
+        for d in domains {
+            let uuid = d.uuid.to_ascii_lowercase();
+            if !(d.meta.ha == Some(true) || gens.is_ha(&uuid) || named.contains(&uuid)) {
+                continue;
+            }
+            seen.insert(uuid.clone());
+            if d.state == DomainState::Shutoff {
+                listing.off.push(uuid);
+            } else {
+                listing.running.push(uuid);
+            }
+        }
+        listing
+            .off
+            .extend(named.iter().filter(|u| !seen.contains(*u)).cloned());
+        Ok(listing)
     }
 
     fn gens(&self) -> std::sync::MutexGuard<'_, Generations> {
@@ -85,6 +148,11 @@ impl Executor {
         let Some(hv) = &self.hv else {
             return failed("this agent has no hypervisor backend".into());
         };
+        if self.is_fencing() {
+            return failed(format!(
+                "refusing to start {uuid}: this host is fencing itself (until the monitors grant it a lease again)"
+            ));
+        }
         // 1. Never go back in time, and remember the new generation before acting on it.
         {
             let mut gens = self.gens();
@@ -162,7 +230,7 @@ impl Executor {
         if let Err(e) = hv.set_generation(uuid, generation).await {
             return failed(e.to_string());
         }
-        match hv.start(uuid).await {
+        match hv.start_unless(uuid, self.fencing.clone()).await {
             Ok(()) => {
                 info!(%uuid, generation, "started on the monitor's order");
                 CommandOutcome::Done {

@@ -12,12 +12,14 @@
 //! - [`storage`]: the storage heartbeat, fence slot and leader record on shared pools;
 //! - [`isolation`]: when to self-fence (lease, leader record, fence requests);
 //! - [`watchdog`]: the host watchdog that backs lease expiry as a proof;
+//! - [`fencing`]: terms, withdrawn requests and the persisted self-fence reports;
 //! - [`cli`]: the `vigil-agent` command line.
 #![deny(unsafe_code)]
 
 pub mod cli;
 pub mod executor;
 pub mod facts;
+pub mod fencing;
 pub mod generations;
 pub mod isolation;
 pub mod lease;

@@ -14,6 +14,7 @@ use vigil_common::wire::{self, Hello};
 
 use crate::executor::Executor;
 use crate::facts::FactsCollector;
+use crate::fencing::Fencing;
 use crate::generations::Generations;
 use crate::lease::Lease;
 use crate::libvirt::Hypervisor;
@@ -74,6 +75,7 @@ pub struct AgentRunner {
     watchdog_cfg: vigil_common::config::WatchdogConfig,
     instance: u64,
     started: Instant,
+    fencing: Fencing,
 }
 
 impl AgentRunner {
@@ -100,6 +102,7 @@ impl AgentRunner {
             executor: Executor::new(hv, gens),
             poll: Duration::from_millis(cfg.poll_interval_ms),
             lease: Lease::load(&cfg.state_dir, Instant::now()),
+            fencing: Fencing::load(&cfg.state_dir),
             storage_cfg: cfg.storage.clone(),
             watchdog: cfg.systemd_watchdog,
             watchdog_cfg: cfg.watchdog.clone(),
@@ -121,7 +124,6 @@ impl AgentRunner {
                 lease: self.lease.clone(),
                 storage: storage.clone(),
                 exec: self.executor.clone(),
-                latest: latest.clone(),
                 host: self.host.clone(),
                 instance: self.instance,
                 reports: reports_tx,
@@ -129,6 +131,7 @@ impl AgentRunner {
                 host_watchdog: host_watchdog.clone(),
                 storage_interval: Duration::from_millis(self.storage_cfg.interval_ms),
                 started: self.started,
+                fencing: self.fencing.clone(),
             },
             stop.clone(),
         );
@@ -175,6 +178,7 @@ impl AgentRunner {
                         storage: Some(storage.clone()),
                         host_watchdog: Some(host_watchdog.clone()),
                         started: self.started,
+                        fencing: Some(self.fencing.clone()),
                     };
                     match session.run(&mut facts, io, stop.clone()).await {
                         Ok(()) => break,

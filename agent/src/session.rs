@@ -72,6 +72,9 @@ pub struct Session {
     recv: quinn::RecvStream,
 }
 
+/// How often self-fence reports not yet noted are sent again on a live session.
+const SELF_FENCE_RESEND: Duration = Duration::from_secs(5);
+
 /// How long the handshake may take before the agent tries another monitor.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -187,6 +190,16 @@ impl Session {
         // order, then the current inventory, so the monitor reads the history before the
         // state it led to (a domain the agent destroyed when fencing itself must not look
         // like an operator's `virsh destroy`).
+        // Self-fence reports not yet noted by a monitor come first (persisted: none is lost
+        // to a full channel, a lost connection or a restart).
+        let pending = io.fencing.as_ref().map(|f| f.pending()).unwrap_or_default();
+        for report in pending {
+            if let Err(e) = codec::write_frame(&mut send, &report.message()).await {
+                reader.abort();
+                return Err(codec_err(&conn, addr, e));
+            }
+        }
+        let mut resend_at = Instant::now() + SELF_FENCE_RESEND;
         if let Some(reports) = io.reports.as_mut() {
             while let Ok(report) = reports.try_recv() {
                 if let Err(e) = codec::write_frame(&mut send, &report).await {
@@ -230,6 +243,21 @@ impl Session {
                     let beat = AgentToMonitor::Heartbeat(Heartbeat { seq, facts: facts(), mono_ms, pools, watchdog_ms });
                     if let Err(e) = codec::write_frame(&mut send, &beat).await {
                         break Err(codec_err(&conn, addr, e));
+                    }
+                    // Reports still not noted (the monitor may have lost them): again.
+                    if now >= resend_at {
+                        resend_at = now + SELF_FENCE_RESEND;
+                        let pending = io.fencing.as_ref().map(|f| f.pending()).unwrap_or_default();
+                        let mut failed = None;
+                        for report in pending {
+                            if let Err(e) = codec::write_frame(&mut send, &report.message()).await {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                        if let Some(e) = failed {
+                            break Err(codec_err(&conn, addr, e));
+                        }
                     }
                 }
                 report = async {
@@ -277,6 +305,18 @@ impl Session {
                             (&io.lease, sent.iter().find(|(s, _)| *s == granted))
                         {
                             lease.renew(*at, lease_ms);
+                        }
+                    }
+                    Some(Ok(MonitorToAgent::SelfFenceNoted { id })) => {
+                        if let Some(f) = &io.fencing {
+                            info!(id, "the monitor noted the self-fence report");
+                            f.noted(id);
+                        }
+                    }
+                    Some(Ok(MonitorToAgent::FenceWithdrawn { id })) => {
+                        if let Some(f) = &io.fencing {
+                            info!(id, "the monitor withdrew its fence request");
+                            f.withdraw(id);
                         }
                     }
                     Some(Ok(MonitorToAgent::Welcome(_))) => {
@@ -346,6 +386,8 @@ pub struct SessionIo<'a> {
     pub host_watchdog: Option<crate::watchdog::Watchdog>,
     /// When this agent process started (heartbeats carry the time since).
     pub started: Instant,
+    /// Self-fence reports to deliver, fence requests the monitors withdraw.
+    pub fencing: Option<crate::fencing::Fencing>,
 }
 
 impl Default for SessionIo<'_> {
@@ -358,6 +400,7 @@ impl Default for SessionIo<'_> {
             storage: None,
             host_watchdog: None,
             started: Instant::now(),
+            fencing: None,
         }
     }
 }

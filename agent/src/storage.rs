@@ -75,7 +75,7 @@ pub struct PoolView {
     /// started watching. `None` until a record was read once. A missing or unreadable
     /// `leader.json` keeps the last record read (whose change time then only ages).
     pub leader: Option<(LeaderRecord, Option<Instant>)>,
-    /// A fence request for this host naming our instance (or instance 0) that has no
+    /// A fence request for this host naming our instance (never instance 0) that has no
     /// acknowledgement with the same id on this pool yet.
     pub fence_request: Option<FenceRequest>,
 }
@@ -253,7 +253,8 @@ impl StorageWorker {
                     .as_ref()
                     .filter(|r| {
                         r.host == inner.host
-                            && (r.instance == 0 || r.instance == inner.instance)
+                            && r.instance != 0
+                            && r.instance == inner.instance
                             && st.ack_on_disk != Some(r.id)
                             && !st.acks_written.contains(&r.id)
                     })
@@ -623,6 +624,7 @@ mod tests {
             node: 1,
             wall_ms: 1,
             reason: "test".into(),
+            vms: vec![],
         }
     }
 
@@ -735,11 +737,16 @@ mod tests {
         assert_eq!(v.fence_request, None);
         assert!(v.ok, "{v:?}");
 
-        // For any instance: reported.
-        write_record(&req_path, &request(10, 0)).expect("write");
+        // For "any instance" (0): ignored, a request must name this agent process.
+        write_record(&req_path, &request(11, 0)).expect("write");
+        wait_cycles(&w, 2);
+        assert_eq!(pool_view(&w, "p1").fence_request, None);
+
+        // For this instance: reported.
+        write_record(&req_path, &request(10, INSTANCE)).expect("write");
         assert!(
             wait_for(Duration::from_secs(1), || pool_view(&w, "p1").fence_request
-                == Some(request(10, 0))),
+                == Some(request(10, INSTANCE))),
             "{:?}",
             w.view()
         );
@@ -751,6 +758,7 @@ mod tests {
             instance: INSTANCE,
             destroyed: vec!["4dea22b3-1d52-d8f3-2516-782e98ab3fa0".into()],
             wall_ms: 2,
+            verified_off: vec![],
         };
         w.acknowledge(ack.clone());
         assert!(
@@ -817,6 +825,7 @@ mod tests {
             instance: INSTANCE,
             destroyed: vec![],
             wall_ms: 0,
+            verified_off: vec![],
         };
         w.acknowledge(ack.clone());
         assert!(wait_for(
@@ -884,6 +893,7 @@ mod tests {
             instance: INSTANCE,
             destroyed: vec![],
             wall_ms: 0,
+            verified_off: vec![],
         });
         w.stop();
         assert!(t.elapsed() < Duration::from_millis(50));
@@ -940,6 +950,7 @@ mod tests {
                 .map(|i| format!("00000000-0000-0000-0000-{i:012}"))
                 .collect(),
             wall_ms: 0,
+            verified_off: vec![],
         };
         w.acknowledge(ack);
         let path = fence_ack_path(dir.path(), HOST);

@@ -5,9 +5,9 @@
 //! [`decide`] is the whole policy. The rules (design.md, "The one rule"):
 //!
 //! - a fence request for this agent in its slot on shared storage (sbd's poison pill): obey at
-//!   once, whatever the lease says, and acknowledge it; unless the leader granted a renewal
-//!   within the last second (a request left behind from before a heal must not kill the
-//!   guests of a host the monitors hear again; the monitors only ask hosts they cannot hear);
+//!   once, whatever the lease says, and acknowledge it. `PoolEvidence::fence_request` holds
+//!   only requests that bind to this agent process and the current leader
+//!   ([`crate::storage::request_binds`]), filtered by the caller;
 //! - lease valid: nothing to do;
 //! - lease expired, isolation response `keep-running`: keep the guests, wait to be
 //!   power-fenced (the monitors do not count lease expiry as proof then);
@@ -101,7 +101,6 @@ pub fn feeds_watchdog(v: &Verdict) -> bool {
 /// The self-fencing policy (see the module docs).
 pub fn decide(
     now: Instant,
-    granted_recently: bool,
     lease: LeaseStatus,
     lease_ms: u64,
     response: IsolationResponse,
@@ -110,7 +109,6 @@ pub fn decide(
 ) -> Verdict {
     if let Some((pool, req)) = pools
         .iter()
-        .filter(|_| !granted_recently)
         .find_map(|p| p.fence_request.as_ref().map(|r| (&p.name, r)))
     {
         return Verdict::SelfFence {
@@ -215,7 +213,6 @@ mod tests {
     fn expired_verdict(now: Instant, pools: &[PoolEvidence]) -> Verdict {
         decide(
             now,
-            false,
             expired(),
             5_000,
             IsolationResponse::SelfFence,
@@ -229,7 +226,6 @@ mod tests {
         let now = Instant::now();
         let v = decide(
             now,
-            false,
             LeaseStatus::Valid {
                 remaining: Duration::from_secs(1),
             },
@@ -289,7 +285,6 @@ mod tests {
         };
         let v = decide(
             now,
-            false,
             expired(),
             5_000,
             IsolationResponse::SelfFence,
@@ -300,7 +295,6 @@ mod tests {
         // Alive monitors keep changing it well after the renewal: isolated.
         let v = decide(
             now,
-            false,
             expired(),
             5_000,
             IsolationResponse::SelfFence,
@@ -347,7 +341,6 @@ mod tests {
         let now = Instant::now();
         let v = decide(
             now,
-            false,
             expired(),
             5_000,
             IsolationResponse::KeepRunning,
@@ -369,10 +362,10 @@ mod tests {
             node: 1,
             wall_ms: 0,
             reason: "cut from the monitors".into(),
+            vms: vec![],
         });
         let v = decide(
             now,
-            false,
             LeaseStatus::Valid {
                 remaining: Duration::from_secs(4),
             },
@@ -388,32 +381,5 @@ mod tests {
             }
             other => panic!("expected a self-fence, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn a_fence_request_is_ignored_while_the_leader_renews_the_lease() {
-        let now = Instant::now();
-        let mut p = pool(true, Some(now));
-        p.fence_request = Some(FenceRequest {
-            id: 43,
-            host: "hv1".into(),
-            instance: 0,
-            term: 3,
-            node: 1,
-            wall_ms: 0,
-            reason: "left behind".into(),
-        });
-        let v = decide(
-            now,
-            true,
-            LeaseStatus::Valid {
-                remaining: Duration::from_secs(4),
-            },
-            5_000,
-            IsolationResponse::SelfFence,
-            long_ago(now),
-            &[p],
-        );
-        assert!(!is_fence(&v), "{v:?}");
     }
 }

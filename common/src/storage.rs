@@ -89,14 +89,22 @@ pub struct FenceRequest {
     /// Unique per request (the leader's wall clock in ms when it first asked, made unique).
     pub id: u64,
     pub host: String,
-    /// Only the agent process the monitor last heard may obey it (`0`: any instance). A
-    /// request left behind for an earlier instance must not kill the guests of a host that
-    /// has since rejoined.
+    /// Only the agent process the monitor last heard may obey it; never `0` (a leader that
+    /// does not know the host's agent instance does not ask through the slot). A request
+    /// left behind for an earlier instance must not kill the guests of a host that has since
+    /// rejoined.
     pub instance: u64,
+    /// The leader's Raft term: an agent obeys only a request whose term is at least the
+    /// newest term it knows (from leader records), so a request left by a deposed leader is
+    /// void.
     pub term: u64,
     pub node: u64,
     pub wall_ms: u64,
     pub reason: String,
+    /// The VMs (uuids) the leader holds as HA on this host: the agent treats each as HA even
+    /// if it never heard the flag, and the acknowledgement must show every one not running.
+    #[serde(default)]
+    pub vms: Vec<String>,
 }
 
 /// An agent's answer to a [`FenceRequest`]: its HA domains are destroyed.
@@ -109,6 +117,84 @@ pub struct FenceAck {
     /// UUIDs of the domains the agent destroyed (for the event log).
     pub destroyed: Vec<String>,
     pub wall_ms: u64,
+    /// UUIDs a fresh, healthy listing from libvirt, taken after the destroys, showed not
+    /// running (shut off, crashed, or not defined here): every VM the request named and
+    /// every HA domain of the host. The leader takes the acknowledgement as proof only if it
+    /// covers every VM the request named.
+    #[serde(default)]
+    pub verified_off: Vec<String>,
+}
+
+/// Whether the agent process `instance` may obey `req`, knowing Raft terms up to
+/// `newest_term` and the requests the monitors withdrew (`withdrawn`). The agent and the
+/// simulator both decide with this.
+pub fn request_binds(
+    req: &FenceRequest,
+    host: &str,
+    instance: u64,
+    newest_term: u64,
+    withdrawn: &std::collections::BTreeSet<u64>,
+) -> Result<(), String> {
+    if req.host != host {
+        return Err(format!(
+            "fence request {} names host {:?}, not {host:?}",
+            req.id, req.host
+        ));
+    }
+    if req.instance == 0 || req.instance != instance {
+        return Err(format!(
+            "fence request {} names agent instance {}, not this one ({instance})",
+            req.id, req.instance
+        ));
+    }
+    if req.term < newest_term {
+        return Err(format!(
+            "fence request {} comes from term {}, older than term {newest_term}: left by a deposed leader",
+            req.id, req.term
+        ));
+    }
+    if withdrawn.contains(&req.id) {
+        return Err(format!(
+            "fence request {} was withdrawn by the monitors",
+            req.id
+        ));
+    }
+    Ok(())
+}
+
+/// Whether `ack` proves what `req` asked: it answers that request, from the instance it
+/// named, and shows every VM it named not running. `Err` says why not (for the event log).
+pub fn ack_proves(req: &FenceRequest, ack: &FenceAck) -> Result<(), String> {
+    if ack.id != req.id || ack.host != req.host {
+        return Err(format!(
+            "the acknowledgement answers request {} of {}, not request {} of {}",
+            ack.id, ack.host, req.id, req.host
+        ));
+    }
+    if ack.instance != req.instance {
+        return Err(format!(
+            "acknowledged by agent instance {}, but the request named instance {}",
+            ack.instance, req.instance
+        ));
+    }
+    let missing: Vec<&str> = req
+        .vms
+        .iter()
+        .filter(|v| !ack.verified_off.contains(v))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the agent's listing does not show {} not running ({})",
+            if missing.len() == 1 {
+                "this VM"
+            } else {
+                "these VMs"
+            },
+            missing.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Why a record could not be read or written.
@@ -242,6 +328,60 @@ pub fn remove_record(path: &Path) -> Result<(), RecordError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(instance: u64, term: u64) -> FenceRequest {
+        FenceRequest {
+            id: 10,
+            host: "hv1".into(),
+            instance,
+            term,
+            node: 1,
+            wall_ms: 0,
+            reason: "isolated".into(),
+            vms: vec!["u1".into(), "u2".into()],
+        }
+    }
+
+    #[test]
+    fn a_fence_request_binds_to_the_instance_and_the_current_term() {
+        let none = std::collections::BTreeSet::new();
+        assert!(request_binds(&request(7, 3), "hv1", 7, 3, &none).is_ok());
+        assert!(request_binds(&request(7, 4), "hv1", 7, 3, &none).is_ok());
+        // Instance 0 never means "any agent"; another instance; an older term; withdrawn.
+        let e = request_binds(&request(0, 3), "hv1", 7, 3, &none).expect_err("instance 0");
+        assert!(e.contains("instance 0"), "{e}");
+        assert!(request_binds(&request(8, 3), "hv1", 7, 3, &none).is_err());
+        let e = request_binds(&request(7, 2), "hv1", 7, 3, &none).expect_err("old term");
+        assert!(e.contains("deposed"), "{e}");
+        let withdrawn = [10].into_iter().collect();
+        assert!(request_binds(&request(7, 3), "hv1", 7, 3, &withdrawn).is_err());
+        assert!(request_binds(&request(7, 3), "hv2", 7, 3, &none).is_err());
+    }
+
+    #[test]
+    fn a_fence_ack_proves_only_what_its_listing_shows_off() {
+        let req = request(7, 3);
+        let mut ack = FenceAck {
+            id: 10,
+            host: "hv1".into(),
+            instance: 7,
+            destroyed: vec!["u1".into()],
+            wall_ms: 0,
+            verified_off: vec!["u1".into()],
+        };
+        let e = ack_proves(&req, &ack).expect_err("u2 not covered");
+        assert!(e.contains("u2"), "{e}");
+        ack.verified_off.push("u2".into());
+        assert!(ack_proves(&req, &ack).is_ok());
+        ack.instance = 8;
+        assert!(ack_proves(&req, &ack).is_err());
+        // An acknowledgement from an older agent (no listing in it) proves nothing named.
+        let old: FenceAck = serde_json::from_str(
+            r#"{"id":10,"host":"hv1","instance":7,"destroyed":[],"wall_ms":0}"#,
+        )
+        .expect("old ack");
+        assert!(ack_proves(&req, &old).is_err());
+    }
 
     #[test]
     fn records_roundtrip_and_garbage_is_an_error() {

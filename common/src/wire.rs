@@ -236,9 +236,13 @@ pub enum AgentToMonitor {
         found: Option<u64>,
         newest: u64,
     },
-    /// The agent fenced itself (destroyed its HA domains) while cut from the monitors;
-    /// reported once it is connected again.
+    /// The agent fenced itself (destroyed its HA domains) while cut from the monitors. One
+    /// report per fencing episode (`id`, unique per agent): persisted by the agent and sent
+    /// on every (re)connect, before the inventory, until the monitor answers
+    /// [`MonitorToAgent::SelfFenceNoted`]; sent again with the same `id` if more domains
+    /// were destroyed in the same episode.
     SelfFenced {
+        id: u64,
         reason: String,
         destroyed: Vec<String>,
         /// Unix ms when it happened (for the event log).
@@ -279,6 +283,16 @@ pub enum MonitorToAgent {
     LeaseGrant {
         seq: u64,
         lease_ms: u64,
+    },
+    /// The leader recorded the agent's [`AgentToMonitor::SelfFenced`] report `id`: the agent
+    /// stops resending it.
+    SelfFenceNoted {
+        id: u64,
+    },
+    /// The leader withdrew its fence request `id` for this host (the host was heard again):
+    /// the agent must not obey it, even if it still finds it in its slot.
+    FenceWithdrawn {
+        id: u64,
     },
 }
 

@@ -261,14 +261,16 @@ pub async fn serve(
                         .await;
                 }
                 Ok(Some(AgentToMonitor::SelfFenced {
+                    id,
                     reason,
                     destroyed,
                     wall_ms,
                 })) => {
-                    warn!(%host, %reason, ?destroyed, wall_ms, "agent reports it fenced itself");
+                    warn!(%host, id, %reason, ?destroyed, wall_ms, "agent reports it fenced itself");
                     engine
                         .input(Input::SelfFenced {
                             host: host.clone(),
+                            id,
                             reason,
                             destroyed,
                         })

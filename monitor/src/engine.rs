@@ -74,9 +74,11 @@ pub enum Input {
         watchdog_ms: Option<u64>,
     },
     /// The agent fenced itself while cut from the monitors (reported once reconnected); it
-    /// is about to destroy, or has destroyed, `destroyed`.
+    /// is about to destroy, or has destroyed, `destroyed`. `id` names the fencing episode:
+    /// the agent resends the report until it is noted, so one episode is recorded once.
     SelfFenced {
         host: String,
+        id: u64,
         reason: String,
         destroyed: Vec<String>,
     },
@@ -242,6 +244,11 @@ pub struct Engine {
     slot_requests: BTreeMap<String, FenceRequest>,
     /// Hosts whose proof (slot or lease) was proposed.
     proof_proposed: BTreeSet<String>,
+    /// Self-fence reports already recorded, per host (episode ids), so that a resent
+    /// report is recorded once.
+    self_fence_noted: BTreeMap<String, BTreeSet<u64>>,
+    /// Fence acknowledgements already refused as proof (request ids), to say so once.
+    acks_refused: BTreeSet<u64>,
     /// Earliest time (monotonic ms) to power-fence a host in Fencing.
     power_after: BTreeMap<String, u64>,
     /// Whether the host's fencing may use lease expiry (not when only its agent is down).
@@ -312,6 +319,8 @@ impl Engine {
             pool_status: BTreeMap::new(),
             slot_requests: BTreeMap::new(),
             proof_proposed: BTreeSet::new(),
+            self_fence_noted: BTreeMap::new(),
+            acks_refused: BTreeSet::new(),
             power_after: BTreeMap::new(),
             unfenceable: BTreeSet::new(),
             term_node: (0, 0),
@@ -549,9 +558,22 @@ impl Engine {
             }
             Input::SelfFenced {
                 host,
+                id,
                 reason,
                 destroyed,
             } => {
+                // Resent until noted (also to a new leader): one event per episode.
+                let noted = self.self_fence_noted.entry(host.clone()).or_default();
+                let first = noted.insert(id);
+                if noted.len() > 64 {
+                    if let Some(oldest) = noted.iter().next().copied() {
+                        noted.remove(&oldest);
+                    }
+                }
+                out.push(Action::Notify {
+                    host: Some(host.clone()),
+                    message: MonitorToAgent::SelfFenceNoted { id },
+                });
                 for uuid in &destroyed {
                     self.expected_stops.insert(
                         uuid.clone(),
@@ -561,16 +583,18 @@ impl Engine {
                         ),
                     );
                 }
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: Some(host.clone()),
-                    kind: EventKind::HostSelfFenced,
-                    message: format!(
-                        "host {host} fenced itself ({} HA domain(s) destroyed): {reason}",
-                        destroyed.len()
-                    ),
-                }));
+                if first {
+                    out.push(Action::Propose(StateCommand::RecordEvent {
+                        at_ms: wall_ms,
+                        severity: Severity::Critical,
+                        host: Some(host.clone()),
+                        kind: EventKind::HostSelfFenced,
+                        message: format!(
+                            "host {host} fenced itself ({} HA domain(s) destroyed): {reason}",
+                            destroyed.len()
+                        ),
+                    }));
+                }
                 // Stops that its agent reported before this message are failures too.
                 for uuid in destroyed {
                     if let Some(vm) = state.vms.get(&uuid) {
@@ -690,6 +714,14 @@ impl Engine {
                 self.term_node = (term, node);
                 self.leases.became_leader(now_ms);
                 self.slot_requests.clear();
+                // A request its predecessor left in the slot of a host that is back (Active)
+                // must not kill what that host runs: clear them all (durably, by the storage
+                // worker). Hosts still fencing are asked again by this leader.
+                for (name, h) in &state.hosts {
+                    if h.phase == HostPhase::Active {
+                        out.push(Action::ClearFence { host: name.clone() });
+                    }
+                }
                 self.proof_proposed.clear();
                 self.power_after.clear();
                 self.unfenceable.clear();
@@ -1065,16 +1097,32 @@ impl Engine {
             self.evidence.storage_beat(pool, hb, now_ms);
         }
         for ack in cycle.acks {
-            let Some(req) = self.slot_requests.get(&ack.host) else {
+            let Some(req) = self.slot_requests.get(&ack.host).cloned() else {
                 continue;
             };
             let fencing = state
                 .hosts
                 .get(&ack.host)
                 .is_some_and(|h| matches!(h.phase, HostPhase::Fencing { .. }));
-            if req.id != ack.id || !fencing || !self.proof_proposed.insert(ack.host.clone()) {
+            if req.id != ack.id || !fencing || self.proof_proposed.contains(&ack.host) {
                 continue;
             }
+            if let Err(why) = vigil_common::storage::ack_proves(&req, &ack) {
+                if self.acks_refused.insert(req.id) {
+                    out.push(Action::Propose(StateCommand::RecordEvent {
+                        at_ms: wall_ms,
+                        severity: Severity::Critical,
+                        host: Some(ack.host.clone()),
+                        kind: EventKind::FenceAckRefused,
+                        message: format!(
+                            "host {}: the acknowledgement of fence request {} on pool {pool} is not proof: {why}; waiting for another proof",
+                            ack.host, ack.id
+                        ),
+                    }));
+                }
+                continue;
+            }
+            self.proof_proposed.insert(ack.host.clone());
             out.push(Action::Propose(StateCommand::FenceResult {
                 at_ms: wall_ms,
                 host: ack.host.clone(),
@@ -1282,7 +1330,11 @@ impl Engine {
                 .condition(name, silent, down, has_pools, now_ms);
             self.record_condition(name, &condition, wall_ms, out);
             let has_ha = hosts_with_ha.contains(name.as_str());
-            let slot = self.failover.storage_slot && !pools.is_empty();
+            // Through the slot only with the host's agent instance known (never instance 0: a
+            // request for "any" agent would also kill the guests of one that rejoined).
+            let slot = self.failover.storage_slot
+                && !pools.is_empty()
+                && self.instances.get(name).is_some_and(|i| *i != 0);
             let power = self.failover.fence_hosts.contains(name);
             match &h.phase {
                 HostPhase::Active if down && has_ha => {
@@ -1373,7 +1425,7 @@ impl Engine {
                         self.power_after.insert(name.clone(), power_at);
                     }
                     if slot {
-                        self.request_fence(name, &condition, wall_ms, out);
+                        self.request_fence(name, &condition, wall_ms, state, out);
                     }
                     if power && power_at <= now_ms && self.fencing.insert(name.clone()) {
                         out.push(Action::Fence { host: name.clone() });
@@ -1385,7 +1437,7 @@ impl Engine {
                     }
                     if slot && !self.slot_requests.contains_key(name) {
                         // A new leader asks again (its predecessor's request may be gone).
-                        self.request_fence(name, &condition, wall_ms, out);
+                        self.request_fence(name, &condition, wall_ms, state, out);
                     }
                     // Lease expiry is proof only where the host watchdog backs it: then a
                     // dead or hung agent cannot keep the guests past lease + W either.
@@ -1613,7 +1665,14 @@ impl Engine {
     }
 
     fn end_fencing_episode(&mut self, host: &str, out: &mut Vec<Action>) {
-        self.slot_requests.remove(host);
+        if let Some(req) = self.slot_requests.remove(host) {
+            // Void at once, even before the clear reaches storage: the agent may read its
+            // slot before the file is gone.
+            out.push(Action::Notify {
+                host: Some(host.to_string()),
+                message: MonitorToAgent::FenceWithdrawn { id: req.id },
+            });
+        }
         out.push(Action::ClearFence {
             host: host.to_string(),
         });
@@ -1733,13 +1792,26 @@ impl Engine {
         host: &str,
         condition: &Condition,
         wall_ms: u64,
+        state: &ClusterState,
         out: &mut Vec<Action>,
     ) {
+        let Some(instance) = self.instances.get(host).copied().filter(|i| *i != 0) else {
+            return;
+        };
         let last = self.slot_requests.values().map(|r| r.id).max().unwrap_or(0);
+        // Every VM the leader holds as HA on the host: the agent treats them as HA even if
+        // it never heard the flag, and must show each one not running.
+        let vms = state
+            .vms
+            .values()
+            .filter(|v| v.ha && v.host == host)
+            .map(|v| v.uuid.clone())
+            .collect();
         let req = FenceRequest {
             id: wall_ms.max(last + 1),
             host: host.to_string(),
-            instance: self.instances.get(host).copied().unwrap_or(0),
+            instance,
+            vms,
             term: self.term_node.0,
             node: self.term_node.1,
             wall_ms,
@@ -2739,5 +2811,57 @@ mod tests {
         assert!(s.state.hosts.is_empty(), "a follower registers nothing");
         s.input(Input::BecameLeader { term: 1, node: 1 }, 50);
         assert!(s.state.hosts.contains_key("hv1"), "{:#?}", s.log());
+    }
+
+    #[test]
+    fn a_new_leader_clears_the_slots_of_active_hosts() {
+        let mut s = Sim::new();
+        s.connect("hv1", 0);
+        s.input(Input::LostLeadership, 20);
+        s.sent.clear();
+        s.input(Input::BecameLeader { term: 2, node: 1 }, 10_000);
+        assert!(
+            s.sent
+                .iter()
+                .any(|a| *a == Action::ClearFence { host: "hv1".into() }),
+            "a request left by the previous leader must go: {:?}",
+            s.sent
+        );
+    }
+
+    #[test]
+    fn one_isolation_episode_records_one_self_fenced_event() {
+        let mut s = Sim::new();
+        s.connect("hv1", 0);
+        // The agent resends its report on every reconnect until the monitor notes it.
+        for t in 1..=5 {
+            s.input(
+                Input::SelfFenced {
+                    host: "hv1".into(),
+                    id: 9,
+                    reason: "lease expired and no storage pool is reachable".into(),
+                    destroyed: vec![],
+                },
+                t * 100,
+            );
+        }
+        let n = s
+            .log()
+            .iter()
+            .filter(|m| m.contains("fenced itself"))
+            .count();
+        assert_eq!(n, 1, "{:#?}", s.log());
+        // Every delivery is answered, so the agent stops resending.
+        let noted = s
+            .sent
+            .iter()
+            .filter(|a| {
+                **a == Action::Notify {
+                    host: Some("hv1".into()),
+                    message: MonitorToAgent::SelfFenceNoted { id: 9 },
+                }
+            })
+            .count();
+        assert_eq!(noted, 5, "{:?}", s.sent);
     }
 }

@@ -35,6 +35,8 @@
 //! at 9970 monitors-down              # every monitor stops (agents keep running)
 //! at 9980 monitors-up                # they come back (a new leader)
 //! at 9990 maintenance hv1 on         # an operator puts hv1 in maintenance (drain)
+//! at 9995 stale-ack hv2 on           # hv2's agent acknowledges fence requests without
+//!                                    # destroying anything (an agent trusting an empty cache)
 //! run 20000                          # simulate until this time
 //!
 //! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
@@ -130,6 +132,13 @@ struct SimHost {
     watchdog_fed: Option<u64>,
     /// The agent speaks another protocol version: it reaches the monitor, which refuses it.
     incompatible: bool,
+    /// The agent acknowledges fence requests from an empty cache: destroys nothing.
+    stale_ack: bool,
+    /// The agent's fencing episode (id, since when): it refuses starts until a grant.
+    episode: Option<(u64, u64)>,
+    /// The newest term the agent saw in a leader record, and the requests withdrawn.
+    known_term: u64,
+    withdrawn: BTreeSet<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +166,7 @@ enum Fault {
     MonitorsDown,
     MonitorsUp,
     Maintenance(String, bool),
+    StaleAck(String, bool),
 }
 
 /// A parsed scenario.
@@ -356,6 +366,7 @@ impl Scenario {
                         "monitors-down" => Fault::MonitorsDown,
                         "monitors-up" => Fault::MonitorsUp,
                         "maintenance" => Fault::Maintenance(arg(0)?, on(1)?),
+                        "stale-ack" => Fault::StaleAck(arg(0)?, on(1)?),
                         other => return Err(err(format!("unknown fault {other:?}"))),
                     };
                     sc.faults.push((t, f));
@@ -382,6 +393,9 @@ impl SimHost {
         self.instance = instance;
         self.agent_started_at = now;
         self.self_fenced = false;
+        self.episode = None;
+        self.known_term = 0;
+        self.withdrawn.clear();
     }
 
     /// Power loss: the agent and every domain are gone at once, silently.
@@ -393,6 +407,7 @@ impl SimHost {
         self.queued.clear();
         self.fenced_reason = None;
         self.watchdog_fed = None;
+        self.episode = None;
         for d in self.domains.values_mut() {
             if d.running {
                 d.running = false;
@@ -542,6 +557,10 @@ impl Sim {
                     partitioned_at: None,
                     watchdog_fed: None,
                     incompatible: false,
+                    stale_ack: false,
+                    episode: None,
+                    known_term: 0,
+                    withdrawn: BTreeSet::new(),
                 },
             );
         }
@@ -616,6 +635,16 @@ impl Sim {
                                 // Granted for the beat sent this very step.
                                 host.lease_until = host.lease_until.max(now + lease_ms);
                                 host.last_grant = Some(now);
+                            }
+                        }
+                    }
+                    Action::Notify {
+                        host: Some(h),
+                        message: MonitorToAgent::FenceWithdrawn { id },
+                    } => {
+                        if let Some(host) = self.hosts.get_mut(&h) {
+                            if host.reachable() {
+                                host.withdrawn.insert(id);
                             }
                         }
                     }
@@ -844,6 +873,11 @@ impl Sim {
                 }
             }
             Fault::NewLeader => self.new_leader(),
+            Fault::StaleAck(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.stale_ack = on;
+                }
+            }
             Fault::Maintenance(h, on) => {
                 // An operator's command, committed through Raft like any other.
                 if !self.monitors_down {
@@ -880,16 +914,19 @@ impl Sim {
         });
     }
 
-    /// Each agent's isolation guard: the agent's own pure decision
-    /// (`vigil_common::isolation::decide`, the code that ships), fed with what the simulated
-    /// agent knows; and its host watchdog, fed exactly while that decision is "keep".
+    /// Each agent's isolation guard: the agent's own pure decisions
+    /// (`vigil_common::isolation::decide` and `vigil_common::storage::request_binds`, the code
+    /// that ships), fed with what the simulated agent knows; one fencing episode at a time
+    /// (starts refused, one report), and its host watchdog, fed exactly while the decision is
+    /// "keep".
     fn isolation_guards(&mut self) {
         use std::time::Duration;
         use vigil_common::isolation::{
             decide, feeds_watchdog, Freshness, LeaseStatus, PoolEvidence, Verdict,
         };
         let now = self.now;
-        let at = |ms: u64| self.t0 + Duration::from_millis(ms);
+        let t0 = self.t0;
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
         let pool = self.pool.clone();
         let lease = self.lease.clone();
         let leader_at = self.leader_record_at;
@@ -905,10 +942,25 @@ impl Sim {
             if !(h.powered && h.agent_alive) {
                 continue;
             }
-            let connected_recently = h.last_grant.is_some_and(|t| now.saturating_sub(t) < 1_000);
+            // The episode ends once a grant came for a beat sent after it began.
+            if h.episode
+                .is_some_and(|(_, since)| h.last_grant.is_some_and(|g| g > since))
+            {
+                h.episode = None;
+                h.fenced_reason = None;
+                h.self_fenced = false;
+            }
+            // The real agent's rule: bound to this instance and the current leader.
             let request = h.slot.clone().filter(|r| {
                 h.storage_ok
-                    && (r.instance == 0 || r.instance == h.instance)
+                    && vigil_common::storage::request_binds(
+                        r,
+                        &name,
+                        h.instance,
+                        h.known_term,
+                        &h.withdrawn,
+                    )
+                    .is_ok()
                     && h.ack.as_ref().is_none_or(|a| a.id != r.id)
             });
             let pools: Vec<PoolEvidence> = pool
@@ -934,7 +986,6 @@ impl Sim {
             };
             let verdict = decide(
                 at(now),
-                connected_recently,
                 status,
                 lease.duration_ms,
                 lease.isolation_response,
@@ -961,25 +1012,33 @@ impl Sim {
                 }),
             };
             let Some(reason) = reason else {
-                if matches!(status, LeaseStatus::Valid { .. }) {
-                    h.fenced_reason = None;
-                    h.self_fenced = false;
-                }
                 continue;
             };
+            let new_episode = h.episode.is_none();
+            let episode_id = match h.episode {
+                Some((id, _)) => id,
+                None => {
+                    let id = WALL0 + now;
+                    h.episode = Some((id, now));
+                    id
+                }
+            };
+            let stale_ack = h.stale_ack && request.is_some();
             let victims: Vec<String> = h
                 .domains
                 .iter()
-                .filter(|(u, d)| d.running && ha.contains_key(*u))
+                .filter(|(u, d)| d.running && ha.contains_key(*u) && !stale_ack)
                 .map(|(u, _)| u.clone())
                 .collect();
-            if victims.is_empty() && h.fenced_reason.as_deref() == Some(reason.as_str()) {
+            if victims.is_empty() && !new_episode && request.is_none() {
                 continue;
             }
-            if !victims.is_empty() {
-                // Reported before the destroys, as the real agent does.
+            if !victims.is_empty() || new_episode {
+                // Reported before the destroys, once per episode (again if more went), as
+                // the real agent does.
                 h.queued.push(Input::SelfFenced {
                     host: name.clone(),
+                    id: episode_id,
                     reason: reason.clone(),
                     destroyed: victims.clone(),
                 });
@@ -1003,17 +1062,32 @@ impl Sim {
                 }
             }
             if let Some(r) = request {
+                // After the destroys nothing HA runs: every VM the request named is off
+                // (an agent trusting an empty cache claims nothing, like the old agent).
+                let verified_off = if stale_ack {
+                    Vec::new()
+                } else {
+                    r.vms
+                        .iter()
+                        .filter(|u| h.domains.get(*u).is_none_or(|d| !d.running))
+                        .cloned()
+                        .collect()
+                };
                 h.ack = Some(FenceAck {
                     id: r.id,
                     host: name.clone(),
                     instance: h.instance,
                     destroyed: victims.clone(),
                     wall_ms: WALL0 + now,
+                    verified_off,
                 });
             }
             h.self_fenced = true;
-            // Every HA domain is gone: the agent disarms its watchdog (magic close).
-            h.watchdog_fed = None;
+            // Every HA domain is gone (the stale-ack fault aside): the agent disarms its
+            // watchdog (magic close).
+            if !stale_ack {
+                h.watchdog_fed = None;
+            }
             self.log.push(format!(
                 "{now:>6} SELF-FENCE {name}: {reason} ({} destroyed)",
                 victims.len()
@@ -1067,6 +1141,13 @@ impl Sim {
             }
             self.leader_record_at = Some(now);
             self.record_condemned = c.clone();
+            // Agents learn the term from the record they read.
+            let term = self.term;
+            for h in self.hosts.values_mut() {
+                if h.powered && h.agent_alive && h.storage_ok {
+                    h.known_term = h.known_term.max(term);
+                }
+            }
         }
         let heartbeats = self
             .hosts
@@ -1105,6 +1186,11 @@ impl Sim {
         if h.newest.get(uuid).is_some_and(|n| generation < *n) {
             return CommandOutcome::Failed {
                 reason: format!("stale generation {generation}"),
+            };
+        }
+        if h.episode.is_some() {
+            return CommandOutcome::Failed {
+                reason: "this host is fencing itself".into(),
             };
         }
         h.newest.insert(uuid.to_string(), generation);

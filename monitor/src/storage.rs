@@ -220,14 +220,16 @@ impl StorageWorker {
             tracing::error!("fence request ignored: {e}");
             return;
         }
-        self.shared
-            .lock()
-            .fences
-            .insert(request.host.clone(), request);
+        let mut state = self.shared.lock();
+        // Asked again: the slot no longer has to stay empty.
+        state.clears.remove(&request.host);
+        state.fences.insert(request.host.clone(), request);
     }
 
     /// Withdraws the fence request for `host`: every pool removes its fence request and its
-    /// fence ack (also files left by an earlier leader).
+    /// fence ack (also files left by an earlier leader), checks that the request is gone,
+    /// and keeps it gone (a deposed leader's late write, say) until the host is asked again:
+    /// each cycle that cannot make sure of it fails, so it is retried on the next.
     pub fn clear_fence(&self, host: &str) {
         if let Err(e) = valid_host(host) {
             tracing::error!("fence clear ignored: {e}");
@@ -419,12 +421,23 @@ fn run_cycle(io: &mut PoolIo, inputs: &Inputs) -> Result<PoolCycle, String> {
     // on this pool. A host cleared and requested again gets its new request written after the
     // removal.
     for (host, generation) in &inputs.clears {
-        if io.cleared.get(host).is_some_and(|done| done >= generation) {
+        let request_path = records::fence_request_path(&pool, host);
+        let done = io.cleared.get(host).is_some_and(|done| done >= generation);
+        if done && !exists(&request_path)? {
             continue;
         }
-        records::remove_record(&records::fence_request_path(&pool, host))
-            .map_err(|e| e.to_string())?;
-        records::remove_record(&records::fence_ack_path(&pool, host)).map_err(|e| e.to_string())?;
+        records::remove_record(&request_path).map_err(|e| e.to_string())?;
+        if !done {
+            records::remove_record(&records::fence_ack_path(&pool, host))
+                .map_err(|e| e.to_string())?;
+        }
+        sync_dir(&request_path);
+        if exists(&request_path)? {
+            return Err(format!(
+                "{}: still there after removing it",
+                request_path.display()
+            ));
+        }
         io.written.remove(host);
         io.cleared.insert(host.clone(), *generation);
     }
@@ -491,6 +504,24 @@ fn run_cycle(io: &mut PoolIo, inputs: &Inputs) -> Result<PoolCycle, String> {
     // Forget complaints about files that are fine (or gone) now.
     io.complaints.retain(|path, _| complained.contains(path));
     Ok(cycle)
+}
+
+/// Whether `path` exists (an I/O error other than "not found" fails the cycle).
+fn exists(path: &Path) -> Result<bool, String> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Makes a removal in `path`'s directory durable where the file system supports it.
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
 }
 
 impl PoolIo {
@@ -716,6 +747,7 @@ mod tests {
             node: 1,
             wall_ms: 1,
             reason: "test".into(),
+            vms: vec![],
         };
         worker.request_fence(request.clone());
         let request_path = records::fence_request_path(&pool, "hv1");
@@ -734,6 +766,7 @@ mod tests {
             instance: 7,
             destroyed: vec!["uuid-1".into()],
             wall_ms: 2,
+            verified_off: vec!["uuid-1".into()],
         };
         // An ack of an earlier request is not reported.
         records::write_record(&ack_path, &ack(41)).expect("stale ack");
@@ -758,6 +791,50 @@ mod tests {
         assert_eq!(report.result.expect("ok").acks, vec![]);
         stop(&worker);
         assert!(!request_path.exists() && !ack_path.exists());
+    }
+
+    #[test]
+    fn a_fence_clear_is_verified_and_kept_until_the_slot_is_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = dir.path().to_path_buf();
+        let (tx, _rx) = unbounded_channel();
+        let worker = StorageWorker::spawn(&config(&[("p1", &pool)]), tx);
+        let request = FenceRequest {
+            id: 42,
+            host: "hv1".into(),
+            instance: 7,
+            term: 3,
+            node: 1,
+            wall_ms: 1,
+            reason: "test".into(),
+            vms: vec![],
+        };
+        let request_path = records::fence_request_path(&pool, "hv1");
+        // Left by an earlier leader: this monitor never wrote it.
+        records::write_record(&request_path, &request).expect("left-over request");
+        worker.clear_fence("hv1");
+        assert!(wait_until(Duration::from_secs(5), || !request_path.exists()));
+        // A deposed leader's late write (or a cache that showed the file again): the clear
+        // holds until the host is asked again, so it goes again.
+        records::write_record(&request_path, &request).expect("late write");
+        assert!(
+            wait_until(Duration::from_secs(5), || !request_path.exists()),
+            "a cleared slot must stay clear"
+        );
+        // Asked again: the new request stays.
+        let mut again = request.clone();
+        again.id = 43;
+        worker.request_fence(again.clone());
+        assert!(wait_until(Duration::from_secs(5), || {
+            records::read_record::<FenceRequest>(&request_path)
+                .ok()
+                .flatten()
+                .as_ref()
+                == Some(&again)
+        }));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(request_path.exists());
+        stop(&worker);
     }
 
     #[test]

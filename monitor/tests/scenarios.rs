@@ -73,6 +73,61 @@ fn bad_scenarios_name_the_line() {
     assert!(err.to_string().contains("explode"), "{err}");
 }
 
+/// Runs a scenario given inline; panics on a safety violation.
+fn run_inline(text: &str) -> Sim {
+    let sc = Scenario::parse(text).expect("scenario");
+    let mut sim = Sim::new(&sc);
+    if let Err(v) = sim.run(&sc) {
+        panic!("SAFETY VIOLATION: {v}\n{}", render(&sim));
+    }
+    sim
+}
+
+#[test]
+fn a_fence_ack_that_does_not_cover_the_named_vms_is_not_proof() {
+    // hv2's agent acknowledges from an empty cache: u1 still runs there. The leader must not
+    // take that acknowledgement as proof (it names u1, the ack does not cover it); the lease
+    // proves it later, once the agent fenced itself.
+    let sim = run_inline(
+        "storage pool=primary\nhost hv1 fence=no\nhost hv2 fence=no\nvm u1 host=hv2\n\
+         at 900 stale-ack hv2 on\nat 1000 partition hv2\nrun 8000\n",
+    );
+    let log = sim.event_log();
+    assert!(
+        log.contains("is not proof"),
+        "the refused acknowledgement is recorded:\n{}",
+        render(&sim)
+    );
+    assert!(!log.contains("fenced: storage slot"), "{}", render(&sim));
+}
+
+#[test]
+fn a_fence_request_never_uses_instance_zero() {
+    // hv2 is cut off, then leadership moves: the new leader never heard hv2's agent, so it
+    // does not know its instance and must not ask through the slot. Nor does it know hv2's
+    // watchdog, so lease expiry proves nothing either: with no BMC the VM waits, and the
+    // fencing event says why.
+    let sim = run_inline(
+        "storage pool=primary\nhost hv1 fence=no\nhost hv2 fence=no\nvm u1 host=hv2\n\
+         at 1000 partition hv2\nat 1100 new-leader\nrun 8000\n",
+    );
+    assert!(
+        !sim.fault_log().iter().any(|l| l.contains("fence request")),
+        "{}",
+        render(&sim)
+    );
+    assert!(
+        !sim.event_log().contains("host hv2 fenced"),
+        "{}",
+        render(&sim)
+    );
+    assert!(
+        sim.event_log().contains("reported no armed host watchdog"),
+        "{}",
+        render(&sim)
+    );
+}
+
 /// A tiny deterministic generator (splitmix64), so runs are reproducible from their seed.
 struct Rng(u64);
 

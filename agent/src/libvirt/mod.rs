@@ -304,6 +304,31 @@ impl Hypervisor {
         .await
     }
 
+    /// [`Hypervisor::start`], unless `refuse` is set when the worker gets to it: a start
+    /// queued behind other calls (or behind a hung one) is checked on the worker thread right
+    /// before `virDomainCreate`, so once the flag is set no later start reaches libvirt, and
+    /// a listing queued after setting it sees every start that did.
+    pub async fn start_unless(
+        &self,
+        uuid: &str,
+        refuse: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Result<(), HvError> {
+        let (op, uuid) = checked("start", uuid)?;
+        let op_refused = op.clone();
+        self.call(op, Some(uuid.clone()), false, move |conn| {
+            if refuse.load(Ordering::SeqCst) {
+                return Err(OpErr::Hv(HvError::Invalid {
+                    op: op_refused.clone(),
+                    reason: "refused: this host is fencing itself".into(),
+                }));
+            }
+            let dom = Domain::lookup_by_uuid_string(conn, &uuid)?;
+            dom.create()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Hard power-off (`virDomainDestroy`). Ok if the domain is already shut off; `NotFound` if
     /// there is no such domain (a destroyed transient domain disappears).
     pub async fn destroy(&self, uuid: &str) -> Result<(), HvError> {

@@ -111,6 +111,9 @@ pub enum EventKind {
     /// A host's agent reached this monitor but cannot be managed (a protocol version
     /// mismatch): alive, never fenced for it.
     HostIncompatible,
+    /// A fence acknowledgement through the storage slot that does not prove the host's HA
+    /// VMs stopped (it does not cover every VM the request named): not proof.
+    FenceAckRefused,
     /// A host's agent fenced itself (destroyed its HA domains).
     HostSelfFenced,
     /// A host entered or left maintenance.
