@@ -11,6 +11,7 @@
 //! - [`lease`]: how long the agent may keep its HA guests without the monitors;
 //! - [`storage`]: the storage heartbeat, fence slot and leader record on shared pools;
 //! - [`isolation`]: when to self-fence (lease, leader record, fence requests);
+//! - [`state_lock`]: one agent process per `state_dir`;
 //! - [`cli`]: the `vigil-agent` command line.
 #![deny(unsafe_code)]
 
@@ -23,5 +24,6 @@ pub mod lease;
 pub mod libvirt;
 pub mod runner;
 pub mod session;
+pub mod state_lock;
 pub mod storage;
 pub mod watch;
