@@ -1866,7 +1866,7 @@ impl Engine {
     /// `Some(what)` when `host` is connected or not (yet) silent for long.
     fn heard_recently(&self, host: &str, now_ms: u64) -> Option<String> {
         if self.connected.contains(host) {
-            return Some("its agent is connected".into());
+            return Some("its agent is still connected".into());
         }
         match self.detector.view(host, now_ms) {
             Some(v) if matches!(v.state, Liveness::Up | Liveness::Suspect) => Some(format!(
