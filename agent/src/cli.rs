@@ -40,6 +40,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    // Before anything reads or writes the state directory, and held until the process ends.
+    let _state_lock = crate::state_lock::lock_state_dir(&cfg.state_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()

@@ -13,6 +13,7 @@
 //! - [`isolation`]: when to self-fence (lease, leader record, fence requests);
 //! - [`watchdog`]: the host watchdog that backs lease expiry as a proof;
 //! - [`fencing`]: terms, withdrawn requests and the persisted self-fence reports;
+//! - [`state_lock`]: one agent process per `state_dir`;
 //! - [`cli`]: the `vigil-agent` command line.
 #![deny(unsafe_code)]
 
@@ -26,6 +27,7 @@ pub mod lease;
 pub mod libvirt;
 pub mod runner;
 pub mod session;
+pub mod state_lock;
 pub mod storage;
 pub mod watch;
 pub mod watchdog;

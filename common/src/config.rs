@@ -446,6 +446,7 @@ impl MonitorConfig {
 /// [fencing]
 /// timeout_ms = 20000          # per fence-agent call (a host's own timeout_ms wins)
 /// mass_failure_percent = 30   # hold automatic fencing above this share of a cluster's hosts
+/// mass_failure_window_ms = 60000  # ... counting hosts that went silent this close together
 /// [[fencing.hosts]]
 /// host = "hv1"
 /// agent = "fence_ipmilan"     # program name (PATH, then /usr/sbin, /sbin) or absolute path
@@ -465,6 +466,10 @@ pub struct FencingConfig {
     /// failure is more likely the monitors' own network than dead hosts). An integer percent
     /// rather than a ratio so that the configuration stays `Eq`.
     pub mass_failure_percent: u32,
+    /// Hosts count towards a mass failure only when they went silent within this many ms of
+    /// each other and are not proven off yet: a host lost (and fenced) a minute ago plus one
+    /// more now is two single failures, not "2 of 3 down at once".
+    pub mass_failure_window_ms: u64,
     /// One entry per fenceable hypervisor host.
     pub hosts: Vec<FenceHostConfig>,
     /// Ask a host that is cut from the monitors but still alive on storage to fence itself
@@ -477,6 +482,7 @@ impl Default for FencingConfig {
         FencingConfig {
             timeout_ms: 20_000,
             mass_failure_percent: 30,
+            mass_failure_window_ms: 60_000,
             hosts: Vec::new(),
             storage_slot: true,
         }
@@ -546,6 +552,15 @@ impl FencingConfig {
             return Err((
                 "fencing.mass_failure_percent",
                 format!("{} is out of range 1..=100", self.mass_failure_percent),
+            ));
+        }
+        if !(1..=3_600_000).contains(&self.mass_failure_window_ms) {
+            return Err((
+                "fencing.mass_failure_window_ms",
+                format!(
+                    "{} is out of range 1..=3600000",
+                    self.mass_failure_window_ms
+                ),
             ));
         }
         if !(100..=600_000).contains(&self.timeout_ms) {
@@ -926,6 +941,10 @@ netns = "lab-hv2"
         let cases = [
             ("[fencing]\nmass_failure_percent = 0\n", "fencing.mass_failure_percent"),
             ("[fencing]\nmass_failure_percent = 101\n", "fencing.mass_failure_percent"),
+            (
+                "[fencing]\nmass_failure_window_ms = 0\n",
+                "fencing.mass_failure_window_ms",
+            ),
             ("[fencing]\ntimeout_ms = 99\n", "fencing.timeout_ms"),
             ("[fencing]\ntimeout_ms = 600001\n", "fencing.timeout_ms"),
             (

@@ -349,6 +349,21 @@ pub enum AdminRequest {
         vm: String,
         group: Option<String>,
     },
+    /// Run the host's fence agent now (`vigilctl host fence H`, like Pacemaker's
+    /// `stonith_admin --fence`); `force`: even though the host is up.
+    HostFence {
+        host: String,
+        force: bool,
+    },
+    /// The operator's own proof that the host is powered off (`vigilctl host confirm-off H`,
+    /// like `stonith_admin --confirm`), recorded with the admin certificate's name.
+    HostConfirmOff {
+        host: String,
+    },
+    /// Lift the mass-failure hold (`vigilctl fencing release`) of one cluster, or of all.
+    FencingRelease {
+        cluster: Option<String>,
+    },
 }
 
 /// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they

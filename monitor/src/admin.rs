@@ -23,8 +23,11 @@ use std::collections::BTreeMap;
 
 use vigil_common::domain::{DomainInfo, DomainState};
 
-use crate::api::{EventsView, HostView, PingView, ServerView, StatusView, VmView, WriteView};
+use crate::api::{
+    EventsView, HostView, OperatorView, PingView, ServerView, StatusView, VmView, WriteView,
+};
 use crate::detector::Liveness;
+use crate::engine::Input;
 use crate::raft::{RaftNode, WriteError};
 use crate::service::EngineHandle;
 use crate::state::{StateCommand, StateResponse, VmRecord};
@@ -74,7 +77,7 @@ pub async fn serve(conn: quinn::Connection, peer: PeerIdentity, ctx: AdminContex
             }
         };
         debug!(admin = %peer.name, ?req, "admin request");
-        let resp = handle(&ctx, req).await;
+        let resp = handle(&ctx, &peer, req).await;
         if codec::write_frame(&mut send, &resp).await.is_err() {
             break;
         }
@@ -96,9 +99,12 @@ fn err(message: impl Into<String>) -> AdminResponse {
     }
 }
 
-/// Answers one request.
-pub async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
+/// Answers one request from `peer` (whose certificate's name is recorded as who did it).
+pub async fn handle(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> AdminResponse {
     match req {
+        AdminRequest::HostFence { host, force } => operator_fence(ctx, peer, host, force).await,
+        AdminRequest::HostConfirmOff { host } => confirm_off(ctx, peer, host).await,
+        AdminRequest::FencingRelease { cluster } => release_hold(ctx, peer, cluster).await,
         AdminRequest::Status => json(&status(ctx).await),
         AdminRequest::HostList => json(&hosts(ctx, None).await),
         AdminRequest::HostShow { host } => match hosts(ctx, Some(&host)).await.pop() {
@@ -264,6 +270,165 @@ pub async fn handle(ctx: &AdminContext, req: AdminRequest) -> AdminResponse {
             }
         }
     }
+}
+
+/// The answer of a monitor that is not the leader to a request only the leader can serve.
+fn not_leader(ctx: &AdminContext) -> AdminResponse {
+    let m = ctx.raft.metrics();
+    let leader = m.current_leader.and_then(|id| {
+        m.membership_config
+            .membership()
+            .nodes()
+            .find(|(n, _)| **n == id)
+            .map(|(_, node)| node.addr.clone())
+    });
+    AdminResponse::NotLeader { leader }
+}
+
+fn operator_view(result: &str, message: String, peer: &PeerIdentity) -> AdminResponse {
+    json(&OperatorView {
+        result: result.into(),
+        message,
+        by: peer.name.clone(),
+    })
+}
+
+/// `vigilctl host fence H [--force]`: the leader's engine runs H's fence agent now; its
+/// verdict lands in the event log (and H's phase) like any power fence.
+async fn operator_fence(
+    ctx: &AdminContext,
+    peer: &PeerIdentity,
+    host: String,
+    force: bool,
+) -> AdminResponse {
+    let phase = ctx
+        .raft
+        .read(|s| s.hosts.get(&host).map(|h| h.phase.clone()));
+    let Some(phase) = phase else {
+        return err(format!("unknown host {host:?}"));
+    };
+    if let crate::state::HostPhase::Fenced { proof, .. } = phase {
+        return operator_view(
+            "unchanged",
+            format!("{host} is already fenced ({proof})"),
+            peer,
+        );
+    }
+    let h = host.clone();
+    let Some((leader, refusal)) = ctx
+        .engine
+        .query(move |e, now| (e.is_leader(), e.fence_refusal(&h, force, now)))
+        .await
+    else {
+        return err("the monitor's engine is not running");
+    };
+    if !leader {
+        return not_leader(ctx);
+    }
+    if let Some(why) = refusal {
+        return err(why);
+    }
+    ctx.engine
+        .input(Input::OperatorFence {
+            host: host.clone(),
+            by: peer.name.clone(),
+        })
+        .await;
+    operator_view(
+        "started",
+        format!(
+            "fencing {host}: its fence agent runs now; `vigilctl host show {host}` shows its phase, `vigilctl events --host {host}` the result"
+        ),
+        peer,
+    )
+}
+
+/// `vigilctl host confirm-off H`: the operator's word that H is powered off, replicated as a
+/// proof with their name. Refused while this monitor hears H.
+async fn confirm_off(ctx: &AdminContext, peer: &PeerIdentity, host: String) -> AdminResponse {
+    let h = host.clone();
+    let Some((leader, refusal)) = ctx
+        .engine
+        .query(move |e, now| (e.is_leader(), e.confirm_off_refusal(&h, now)))
+        .await
+    else {
+        return err("the monitor's engine is not running");
+    };
+    if !leader {
+        return not_leader(ctx);
+    }
+    if let Some(why) = refusal {
+        return err(why);
+    }
+    let cmd = StateCommand::OperatorConfirmedOff {
+        at_ms: vigil_common::unix_ms(),
+        host: host.clone(),
+        by: peer.name.clone(),
+    };
+    match ctx.raft.write(cmd).await {
+        Ok(StateResponse::Ok) => operator_view(
+            "ok",
+            format!(
+                "{host} is fenced on your word (recorded as confirmed off by {}); its HA VMs start elsewhere",
+                peer.name
+            ),
+            peer,
+        ),
+        Ok(StateResponse::Unchanged) => {
+            operator_view("unchanged", format!("{host} is already fenced"), peer)
+        }
+        Ok(StateResponse::UnknownHost { host }) => err(format!("unknown host {host:?}")),
+        Ok(other) => err(format!("confirm-off of {host} rejected: {other:?}")),
+        Err(WriteError::NotLeader(nl)) => AdminResponse::NotLeader {
+            leader: nl.leader_addr,
+        },
+        Err(e) => err(e.to_string()),
+    }
+}
+
+/// `vigilctl fencing release [--cluster C]`: lifts the mass-failure hold; the hosts it held
+/// are fenced automatically.
+async fn release_hold(
+    ctx: &AdminContext,
+    peer: &PeerIdentity,
+    cluster: Option<String>,
+) -> AdminResponse {
+    let Some((leader, held)) = ctx
+        .engine
+        .query(|e, _| (e.is_leader(), e.held_clusters()))
+        .await
+    else {
+        return err("the monitor's engine is not running");
+    };
+    if !leader {
+        return not_leader(ctx);
+    }
+    let released: Vec<String> = held
+        .iter()
+        .filter(|c| cluster.as_ref().is_none_or(|w| w == *c))
+        .cloned()
+        .collect();
+    if released.is_empty() {
+        return err(match (&cluster, held.is_empty()) {
+            (_, true) => "no fencing hold is in place".to_string(),
+            (Some(c), false) => format!("cluster {c} is not held (held: {})", held.join(", ")),
+            (None, false) => "no fencing hold is in place".to_string(),
+        });
+    }
+    ctx.engine
+        .input(Input::ReleaseHold {
+            cluster,
+            by: peer.name.clone(),
+        })
+        .await;
+    operator_view(
+        "released",
+        format!(
+            "released the mass-failure hold of cluster {}: its down hosts are fenced automatically now (`vigilctl events` shows each)",
+            released.join(", ")
+        ),
+        peer,
+    )
 }
 
 async fn write(ctx: &AdminContext, cmd: StateCommand) -> AdminResponse {

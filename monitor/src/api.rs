@@ -110,6 +110,18 @@ pub struct WriteView {
     pub result: String,
 }
 
+/// The outcome of an operator's fencing command (`host fence`, `host confirm-off`,
+/// `fencing release`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperatorView {
+    /// "started" (fence agent running), "ok", "unchanged" or "released".
+    pub result: String,
+    /// What happens now, for people.
+    pub message: String,
+    /// Who did it (the admin certificate's name), as recorded in the event log.
+    pub by: String,
+}
+
 /// One VM: what its host's agent reports merged with its HA record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmView {

@@ -8,7 +8,7 @@ use clap::Parser;
 use tracing::info;
 use vigil_common::config::{LogFormat, MonitorConfig, DEFAULT_MONITOR_CONFIG};
 
-use crate::server::Monitor;
+use crate::server::{DataDirError, Monitor, StartMode, EXIT_DATA_DIR};
 
 #[derive(Debug, Parser)]
 #[command(name = "vigil-monitor", version, about = "Vigil replicated monitor")]
@@ -22,11 +22,27 @@ pub struct Args {
     /// Check the configuration and exit.
     #[arg(long)]
     pub check: bool,
+    /// Create a new, empty cluster database in `data_dir` (the first start of a new cluster
+    /// only). Without it the monitor refuses to start when it finds no database; with it, it
+    /// refuses when one exists.
+    #[arg(long)]
+    pub init: bool,
 }
 
 /// Entry point of the `vigil-monitor` binary.
 pub fn main() -> ExitCode {
-    vigil_common::process::exit_code("vigil-monitor", run(Args::parse()))
+    let result = run(Args::parse());
+    let data_dir_refusal = result
+        .as_ref()
+        .err()
+        .is_some_and(|e| e.downcast_ref::<DataDirError>().is_some());
+    let code = vigil_common::process::exit_code("vigil-monitor", result);
+    if data_dir_refusal {
+        // A distinct status: restarting cannot help until an operator acts.
+        ExitCode::from(EXIT_DATA_DIR)
+    } else {
+        code
+    }
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -42,7 +58,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let monitor = Monitor::start(cfg).await?;
+        let mode = if args.init {
+            StartMode::Init
+        } else {
+            StartMode::Existing
+        };
+        let monitor = Monitor::start(cfg, mode).await?;
         vigil_common::process::shutdown_signal().await;
         info!("shutdown requested");
         monitor.shutdown().await;

@@ -131,6 +131,19 @@ pub enum Input {
     },
     /// This monitor is no longer the leader.
     LostLeadership,
+    /// An operator asks to power `host` off through its fence agent now (`vigilctl host fence
+    /// H`, like Pacemaker's `stonith_admin --fence`); `by` is the admin certificate's name.
+    /// The admin API checks [`Engine::fence_refusal`] first.
+    OperatorFence {
+        host: String,
+        by: String,
+    },
+    /// An operator lifts the mass-failure hold (`vigilctl fencing release`) of one cluster or
+    /// of all: the hosts it holds now are fenced automatically.
+    ReleaseHold {
+        cluster: Option<String>,
+        by: String,
+    },
 }
 
 /// What one storage cycle of the leader found on a pool.
@@ -184,6 +197,9 @@ pub struct FailoverConfig {
     /// Hold automatic fencing when more than this share (percent) of a cluster's hosts are
     /// down at once (and at least two are): more likely the monitors' own network.
     pub mass_failure_percent: u32,
+    /// "At once": hosts count towards a mass failure only when they went silent within this
+    /// many ms of each other, and only until they are proven off.
+    pub mass_failure_window_ms: u64,
     /// Prefer hosts carrying this tag for VMs recovering from a host failure.
     pub ha_tag: Option<String>,
     pub ha_tag_fallback: placement::TagFallback,
@@ -221,6 +237,9 @@ pub struct Engine {
     fence_retry_at: BTreeMap<String, u64>,
     /// Clusters whose automatic fencing is held (mass failure), to say so once.
     held: BTreeSet<String>,
+    /// Hosts an operator released from a mass-failure hold (`vigilctl fencing release`): they
+    /// neither count towards nor wait for a hold until they are heard again.
+    released: BTreeSet<String>,
     /// VMs already told about a missing ha_tag host, to say so once per episode.
     tag_warned: BTreeSet<String>,
     /// VMs already reported as lacking a stored definition.
@@ -307,6 +326,7 @@ impl Engine {
             fencing: BTreeSet::new(),
             fence_retry_at: BTreeMap::new(),
             held: BTreeSet::new(),
+            released: BTreeSet::new(),
             tag_warned: BTreeSet::new(),
             def_warned: BTreeSet::new(),
             hellos: BTreeMap::new(),
@@ -763,6 +783,7 @@ impl Engine {
                 self.fencing.clear();
                 self.fence_retry_at.clear();
                 self.held.clear();
+                self.released.clear();
                 self.tag_warned.clear();
                 self.def_warned.clear();
                 out.push(Action::Propose(StateCommand::RecordEvent {
@@ -776,6 +797,67 @@ impl Engine {
             Input::LostLeadership => {
                 self.leader = false;
                 self.leases.lost_leadership();
+            }
+            Input::OperatorFence { host, by } => {
+                if self.fence_refusal(&host, true, now_ms).is_none()
+                    && state
+                        .hosts
+                        .get(&host)
+                        .is_some_and(|h| !matches!(h.phase, HostPhase::Fenced { .. }))
+                {
+                    self.fencing.insert(host.clone());
+                    self.fence_retry_at.remove(&host);
+                    // A failed attempt is retried like any power fence.
+                    self.power_after.insert(host.clone(), now_ms);
+                    out.push(Action::Propose(StateCommand::FenceStarted {
+                        at_ms: wall_ms,
+                        host: host.clone(),
+                        reason: format!(
+                            "operator {by} asked for it (vigilctl host fence): powering it off through its fence agent now"
+                        ),
+                    }));
+                    out.push(Action::Fence { host });
+                }
+            }
+            Input::ReleaseHold { cluster, by } => {
+                let clusters: Vec<String> = self
+                    .held
+                    .iter()
+                    .filter(|c| cluster.as_ref().is_none_or(|w| w == *c))
+                    .cloned()
+                    .collect();
+                for c in clusters {
+                    let hosts: Vec<String> = state
+                        .hosts
+                        .iter()
+                        .filter(|(n, h)| {
+                            h.cluster == c
+                                && self.detector.state(n) == Some(Liveness::Down)
+                                && !matches!(h.phase, HostPhase::Fenced { .. })
+                        })
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    self.released.extend(hosts.iter().cloned());
+                    self.held.remove(&c);
+                    out.push(Action::Propose(StateCommand::RecordEvent {
+                        at_ms: wall_ms,
+                        severity: Severity::Critical,
+                        host: None,
+                        kind: EventKind::FencingReleased {
+                            cluster: c.clone(),
+                            by: by.clone(),
+                        },
+                        message: format!(
+                            "operator {by} released the mass-failure hold of cluster {c} (vigilctl fencing release): {} fenced automatically now",
+                            if hosts.is_empty() {
+                                "no host is down there any more; nothing is".to_string()
+                            } else {
+                                format!("{} are", hosts.join(", "))
+                            }
+                        ),
+                    }));
+                }
+                self.reconcile_hosts(now_ms, wall_ms, state, &mut out);
             }
         }
         if !self.leader {
@@ -1379,7 +1461,7 @@ impl Engine {
                         }
                         continue;
                     }
-                    if let Some(why) = self.mass_failure(name, state) {
+                    if let Some(why) = self.mass_failure(name, state, now_ms) {
                         if self.held.insert(h.cluster.clone()) {
                             out.push(Action::Propose(StateCommand::RecordEvent {
                                 at_ms: wall_ms,
@@ -1522,19 +1604,25 @@ impl Engine {
             }
         }
         // A cluster whose hosts are back below the threshold may be fenced again.
-        let still_held: BTreeSet<String> = self
-            .held
+        let still_held: BTreeSet<String> =
+            self.held
+                .iter()
+                .filter(|c| {
+                    state.hosts.iter().any(|(n, h)| {
+                        &h.cluster == *c && self.mass_failure(n, state, now_ms).is_some()
+                    })
+                })
+                .cloned()
+                .collect();
+        self.held = still_held;
+        // A released host that is heard again starts afresh.
+        let released: BTreeSet<String> = self
+            .released
             .iter()
-            .filter(|c| {
-                state
-                    .hosts
-                    .iter()
-                    .find(|(_, h)| &h.cluster == *c)
-                    .is_some_and(|(n, _)| self.mass_failure(n, state).is_some())
-            })
+            .filter(|n| self.detector.state(n) == Some(Liveness::Down))
             .cloned()
             .collect();
-        self.held = still_held;
+        self.released = released;
     }
 
     /// Primary-storage outages. A pool down on *every* connected host that mounts it is a
@@ -1825,26 +1913,98 @@ impl Engine {
         out.push(Action::RequestFence(req));
     }
 
-    /// `Some(explanation)` when too many hosts of `host`'s cluster are down at once.
-    fn mass_failure(&self, host: &str, state: &ClusterState) -> Option<String> {
+    /// `Some(explanation)` when too many hosts of `host`'s cluster (a Down host) are down at
+    /// once. "At once": only hosts that went silent within `mass_failure_window_ms` of `host`
+    /// count, and only those not proven off yet (a host fenced a minute ago plus one more now
+    /// are two single failures), and none an operator released from the hold.
+    fn mass_failure(&self, host: &str, state: &ClusterState, now_ms: u64) -> Option<String> {
+        if self.released.contains(host) || self.detector.state(host) != Some(Liveness::Down) {
+            return None;
+        }
         let cluster = &state.hosts.get(host)?.cluster;
-        let members: Vec<&String> = state
+        // When a host went silent (monotonic ms); one not heard since this monitor's detector
+        // started went silent at its start, like every other such host.
+        let silent_since = |n: &str| -> u64 {
+            self.detector
+                .view(n, now_ms)
+                .and_then(|v| v.silent_ms)
+                .map_or(0, |s| now_ms.saturating_sub(s))
+        };
+        let own = silent_since(host);
+        let window = self.failover.mass_failure_window_ms;
+        let members: Vec<(&String, &crate::state::HostRecord)> = state
             .hosts
             .iter()
             .filter(|(_, h)| &h.cluster == cluster)
-            .map(|(n, _)| n)
             .collect();
-        let down = members
+        let counted: Vec<&str> = members
             .iter()
-            .filter(|n| self.detector.state(n) == Some(Liveness::Down))
-            .count();
+            .filter(|(n, h)| {
+                self.detector.state(n) == Some(Liveness::Down)
+                    && !matches!(h.phase, HostPhase::Fenced { .. })
+                    && !self.released.contains(*n)
+                    && silent_since(n).abs_diff(own) <= window
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let down = counted.len();
         let total = members.len();
         let pct = self.failover.mass_failure_percent.max(1) as usize;
         (down >= 2 && down * 100 > total * pct).then(|| {
             format!(
-                "mass failure in cluster {cluster}: {down} of {total} hosts down at once (more than {pct} %); automatic fencing is held — more likely a network fault on the monitors' side. Check, then fence by hand"
+                "mass failure in cluster {cluster}: {down} of {total} hosts went down within {} s of each other and are not proven off ({}; more than {pct} %); automatic fencing is held — more likely a network fault on the monitors' side. Check each host, then: `vigilctl host fence H` runs H's fence agent now; `vigilctl host confirm-off H` records that you made sure H is off (its HA VMs start elsewhere); `vigilctl fencing release` fences them all automatically",
+                window / 1000,
+                counted.join(", ")
             )
         })
+    }
+
+    /// Clusters whose automatic fencing is held now (a mass failure).
+    pub fn held_clusters(&self) -> Vec<String> {
+        self.held.iter().cloned().collect()
+    }
+
+    /// Why `vigilctl host fence H` must not run now (`None`: it may). Without `force`, a host
+    /// that is up is refused: powering it off stops its running guests.
+    pub fn fence_refusal(&self, host: &str, force: bool, now_ms: u64) -> Option<String> {
+        if !self.failover.fence_hosts.contains(host) {
+            return Some(format!(
+                "no fence agent is configured for {host} (add a [[fencing.hosts]] entry); if you made sure it is off, use `vigilctl host confirm-off {host}`"
+            ));
+        }
+        if self.fencing.contains(host) {
+            return Some(format!("a fence of {host} is already running"));
+        }
+        if !force {
+            if let Some(why) = self.heard_recently(host, now_ms) {
+                return Some(format!(
+                    "{host} is not down ({why}): fencing it powers off its running guests; add --force if that is what you want"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Why an operator may not confirm `host` powered off now (`None`: they may). A host this
+    /// monitor hears is not off, whatever anyone says: its guests would run twice.
+    pub fn confirm_off_refusal(&self, host: &str, now_ms: u64) -> Option<String> {
+        self.heard_recently(host, now_ms).map(|why| {
+            format!("{host} is not down ({why}); confirm-off is for a host you made sure is powered off")
+        })
+    }
+
+    /// `Some(what)` when `host` is connected or not (yet) silent for long.
+    fn heard_recently(&self, host: &str, now_ms: u64) -> Option<String> {
+        if self.connected.contains(host) {
+            return Some("its agent is still connected".into());
+        }
+        match self.detector.view(host, now_ms) {
+            Some(v) if matches!(v.state, Liveness::Up | Liveness::Suspect) => Some(format!(
+                "last heartbeat {} ms ago",
+                v.silent_ms.unwrap_or_default()
+            )),
+            _ => None,
+        }
     }
 
     fn warn_tag(

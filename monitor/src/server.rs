@@ -2,6 +2,7 @@
 //! one QUIC endpoint (the negotiated ALPN picks the protocol).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,8 +16,46 @@ use vigil_common::wire::{self, close};
 
 use crate::admin::{self, AdminContext};
 use crate::agent_link::{self, LinkSettings, Sessions};
-use crate::raft::{RaftNode, RaftTuning};
+use crate::raft::{RaftNode, RaftTuning, DB_FILE_NAME};
 use crate::service::{self, EngineHandle};
+
+/// Whether this start may create the cluster database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartMode {
+    /// Open the existing database; refuse to start without one (the normal start).
+    Existing,
+    /// `vigil-monitor --init`: create a new, empty cluster; refuse if `data_dir` already holds
+    /// one.
+    Init,
+}
+
+/// Exit status of a monitor that refuses to start because of its data directory
+/// (`EX_CONFIG` of sysexits.h), so that a unit can say `RestartPreventExitStatus=78`.
+pub const EXIT_DATA_DIR: u8 = 78;
+
+/// Why the monitor refuses to start on its data directory. Starting a new cluster is an
+/// explicit act: a missing or mistyped `data_dir` must not silently create an empty cluster
+/// (generations would restart at 0 and every HA flag would vanish).
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error(
+        "no monitor database at {db}: data_dir is wrong, or this monitor was never initialized \
+         there. Starting anyway would create a new, empty cluster (VM generations from 0, no HA \
+         flags). Fix data_dir if it is wrong; to create a new cluster, start once with \
+         `vigil-monitor --init`"
+    )]
+    Missing { db: PathBuf },
+    #[error(
+        "the monitor database {db} holds no cluster (an interrupted `vigil-monitor --init`?); \
+         start with `vigil-monitor --init` to create a new cluster there"
+    )]
+    Empty { db: PathBuf },
+    #[error(
+        "--init refused: {db} already holds a cluster. `--init` only creates a new one; start \
+         without --init to run this one"
+    )]
+    AlreadyInitialized { db: PathBuf },
+}
 
 /// A running monitor.
 pub struct Monitor {
@@ -30,9 +69,15 @@ pub struct Monitor {
 }
 
 impl Monitor {
-    /// Opens the data directory, starts Raft (initializing a one-node cluster on first
-    /// start), and listens for agents and admins.
-    pub async fn start(cfg: MonitorConfig) -> anyhow::Result<Monitor> {
+    /// Opens the data directory, starts Raft (initializing a one-node cluster with
+    /// [`StartMode::Init`] only), and listens for agents and admins. Fails with a
+    /// [`DataDirError`] when the database is missing without `Init`, or exists with it.
+    pub async fn start(cfg: MonitorConfig, mode: StartMode) -> anyhow::Result<Monitor> {
+        let db = cfg.data_dir.join(DB_FILE_NAME);
+        if mode == StartMode::Existing && !db.exists() {
+            // Checked before anything creates the directory or the file.
+            return Err(DataDirError::Missing { db }.into());
+        }
         let tls_material = cfg.tls.load().context("loading the monitor's TLS files")?;
         let server_cfg = tls::server_config(
             tls_material,
@@ -57,9 +102,25 @@ impl Monitor {
         .await
         .with_context(|| format!("opening Raft state in {}", cfg.data_dir.display()))?;
         let raft = Arc::new(raft);
-        raft.initialize_single_if_new()
+        let initialized = raft
+            .is_initialized()
             .await
-            .context("initializing the monitor cluster")?;
+            .context("reading the Raft state")?;
+        let refusal = match (mode, initialized) {
+            (StartMode::Existing, false) => Some(DataDirError::Empty { db: db.clone() }),
+            (StartMode::Init, true) => Some(DataDirError::AlreadyInitialized { db: db.clone() }),
+            _ => None,
+        };
+        if let Some(e) = refusal {
+            raft.shutdown().await;
+            return Err(e.into());
+        }
+        if mode == StartMode::Init {
+            raft.initialize_single_if_new()
+                .await
+                .context("initializing the monitor cluster")?;
+            info!(db = %db.display(), "created a new monitor cluster (--init)");
+        }
 
         let (stop, stop_rx) = watch::channel(false);
         let epoch = Instant::now();

@@ -93,6 +93,7 @@ pub fn spawn(
     let failover = FailoverConfig {
         fence_hosts: fencing.hosts.iter().map(|h| h.host.clone()).collect(),
         mass_failure_percent: fencing.mass_failure_percent,
+        mass_failure_window_ms: fencing.mass_failure_window_ms,
         ha_tag: policy.ha_tag.clone(),
         ha_tag_fallback: match policy.ha_tag_fallback {
             TagFallbackConfig::Any => TagFallback::Any,

@@ -37,11 +37,14 @@
 //! at 9990 maintenance hv1 on         # an operator puts hv1 in maintenance (drain)
 //! at 9995 stale-ack hv2 on           # hv2's agent acknowledges fence requests without
 //!                                    # destroying anything (an agent trusting an empty cache)
+//! at 9991 confirm-off hv2 by=alice   # vigilctl host confirm-off hv2 (admin "alice")
+//! at 9992 fence hv2 by=bob [force]   # vigilctl host fence hv2 [--force]
+//! at 9993 release-hold by=carol [cluster=c1]  # vigilctl fencing release [--cluster c1]
 //! run 20000                          # simulate until this time
 //!
 //! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
 //! (fence agent configured by default, 16 GiB free); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
-//! storage_slot=yes|no` sets host-failure handling; `vm U host=H group=G` puts a VM in an
+//! mass_failure_window_ms=N storage_slot=yes|no` sets host-failure handling; `vm U host=H group=G` puts a VM in an
 //! anti-affinity group; `storage pool=NAME` gives every host
 //! and the monitor one shared pool (default: none); `lease duration_ms=N margin_ms=N
 //! response=self-fence|keep-running` sets the leases.
@@ -167,6 +170,12 @@ enum Fault {
     MonitorsUp,
     Maintenance(String, bool),
     StaleAck(String, bool),
+    /// `vigilctl host confirm-off HOST` by an admin.
+    ConfirmOff(String, String),
+    /// `vigilctl host fence HOST [--force]` by an admin.
+    OperatorFence(String, String, bool),
+    /// `vigilctl fencing release [--cluster C]` by an admin.
+    ReleaseHold(Option<String>, String),
 }
 
 /// A parsed scenario.
@@ -214,6 +223,7 @@ impl Scenario {
         sc.failover.mass_failure_percent = 30;
         // Longer than any agent absence the scenarios model (systemd restarts in 1 s).
         sc.watchdog_ms = Some(2_500);
+        sc.failover.mass_failure_window_ms = 60_000;
         sc.failover.storage_slot = true;
         sc.failover.vcpu_overcommit = 4;
         sc.failover.probe_port = 22;
@@ -282,6 +292,9 @@ impl Scenario {
                             }
                             "mass_failure_percent" => {
                                 sc.failover.mass_failure_percent = num(&v)? as u32
+                            }
+                            "mass_failure_window_ms" => {
+                                sc.failover.mass_failure_window_ms = num(&v)?
                             }
                             "storage_slot" => sc.failover.storage_slot = v == "yes",
                             other => return Err(err(format!("unknown failover field {other:?}"))),
@@ -367,6 +380,20 @@ impl Scenario {
                         "monitors-up" => Fault::MonitorsUp,
                         "maintenance" => Fault::Maintenance(arg(0)?, on(1)?),
                         "stale-ack" => Fault::StaleAck(arg(0)?, on(1)?),
+                        "confirm-off" | "fence" | "release-hold" => {
+                            let m = kv(args);
+                            let by = m
+                                .get("by")
+                                .cloned()
+                                .ok_or_else(|| err(format!("{verb} needs by=ADMIN")))?;
+                            match *verb {
+                                "confirm-off" => Fault::ConfirmOff(arg(0)?, by),
+                                "fence" => {
+                                    Fault::OperatorFence(arg(0)?, by, args.contains(&"force"))
+                                }
+                                _ => Fault::ReleaseHold(m.get("cluster").cloned(), by),
+                            }
+                        }
                         other => return Err(err(format!("unknown fault {other:?}"))),
                     };
                     sc.faults.push((t, f));
@@ -888,6 +915,46 @@ impl Sim {
                             on,
                         });
                     self.input(Input::Applied);
+                }
+            }
+            // Operators' commands, checked the way the admin API checks them.
+            Fault::ConfirmOff(h, by) => {
+                if self.monitors_down {
+                    return;
+                }
+                match self.engine.confirm_off_refusal(&h, self.now) {
+                    Some(why) => self.log.push(format!("{:>6} REFUSED {why}", self.now)),
+                    None => {
+                        self.state
+                            .apply(&crate::state::StateCommand::OperatorConfirmedOff {
+                                at_ms: self.wall(),
+                                host: h,
+                                by,
+                            });
+                        self.input(Input::Applied);
+                    }
+                }
+            }
+            Fault::OperatorFence(h, by, force) => {
+                if self.monitors_down {
+                    return;
+                }
+                match self.engine.fence_refusal(&h, force, self.now) {
+                    Some(why) => self.log.push(format!("{:>6} REFUSED {why}", self.now)),
+                    None => self.input(Input::OperatorFence { host: h, by }),
+                }
+            }
+            Fault::ReleaseHold(cluster, by) => {
+                if self.monitors_down {
+                    return;
+                }
+                if self.engine.held_clusters().is_empty() {
+                    self.log.push(format!(
+                        "{:>6} REFUSED no fencing hold is in place",
+                        self.now
+                    ));
+                } else {
+                    self.input(Input::ReleaseHold { cluster, by });
                 }
             }
         }

@@ -176,7 +176,19 @@ impl MonitorProc {
         Self::start_at(pki, dir, addr, extra_toml)
     }
 
+    /// Writes a config into `dir` and starts the monitor with `--init` (a new cluster).
     pub fn start_at(pki: &Pki, dir: &Path, addr: SocketAddr, extra_toml: &str) -> MonitorProc {
+        let (config, data_dir) = Self::write_config(pki, dir, addr, extra_toml);
+        Self::spawn_with(config, addr, data_dir, dir, true)
+    }
+
+    /// Writes `dir/monitor.toml` (data directory `dir/data`); returns (config, data_dir).
+    pub fn write_config(
+        pki: &Pki,
+        dir: &Path,
+        addr: SocketAddr,
+        extra_toml: &str,
+    ) -> (PathBuf, PathBuf) {
         std::fs::create_dir_all(dir).expect("mkdir");
         let t = pki.issue(Role::Monitor, "mon1");
         let data_dir = dir.join("data");
@@ -190,12 +202,24 @@ impl MonitorProc {
             ),
         )
         .expect("write config");
-        Self::spawn_with(config, addr, data_dir, dir)
+        (config, data_dir)
     }
 
-    fn spawn_with(config: PathBuf, addr: SocketAddr, data_dir: PathBuf, dir: &Path) -> MonitorProc {
+    /// Starts a monitor on an existing config; `init`: with `--init` (first start of a new
+    /// cluster only: the monitor refuses it on an existing database, and refuses to start
+    /// without it on a missing one).
+    pub fn spawn_with(
+        config: PathBuf,
+        addr: SocketAddr,
+        data_dir: PathBuf,
+        dir: &Path,
+        init: bool,
+    ) -> MonitorProc {
         let mut cmd = Command::new(bin("monitor"));
         cmd.arg("--config").arg(&config);
+        if init {
+            cmd.arg("--init");
+        }
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let proc_ = Proc::spawn(cmd, dir.join(format!("monitor-{n}.log")));
         MonitorProc {
@@ -206,7 +230,7 @@ impl MonitorProc {
         }
     }
 
-    /// Starts the same monitor again (same config and data directory).
+    /// Starts the same monitor again (same config and data directory, without `--init`).
     pub fn restart(&mut self, crash: bool) {
         if crash {
             self.proc_.kill();
@@ -214,7 +238,13 @@ impl MonitorProc {
             self.proc_.terminate();
         }
         let dir = self.config.parent().expect("config dir").to_path_buf();
-        let fresh = Self::spawn_with(self.config.clone(), self.addr, self.data_dir.clone(), &dir);
+        let fresh = Self::spawn_with(
+            self.config.clone(),
+            self.addr,
+            self.data_dir.clone(),
+            &dir,
+            false,
+        );
         *self = fresh;
     }
 }

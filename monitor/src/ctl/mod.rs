@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
 use vigil_common::tls::{self, Role, TlsPaths};
 use vigil_common::wire::AdminRequest;
 
-use crate::api::{EventsView, HostView, PingView, StatusView, VmView, WriteView};
+use crate::api::{EventsView, HostView, OperatorView, PingView, StatusView, VmView, WriteView};
 use client::AdminClient;
 
 #[derive(Debug, Parser)]
@@ -98,6 +98,19 @@ pub enum Command {
     /// Certificates for agents, monitors and admins.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Automatic fencing (the mass-failure hold).
+    #[command(subcommand)]
+    Fencing(FencingCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FencingCmd {
+    /// Lift the mass-failure hold: the hosts it holds are fenced automatically now.
+    Release {
+        /// Only this cluster's hold (default: every held cluster).
+        #[arg(long)]
+        cluster: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +131,18 @@ pub enum HostCmd {
         state: String,
         host: String,
     },
+    /// Run the host's fence agent now (power it off), like `stonith_admin --fence`. A host
+    /// that is up is refused without --force.
+    Fence {
+        host: String,
+        /// Fence it even though the monitor hears it (its running guests are powered off).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Record that you made sure the host is powered off (your word is the proof, recorded
+    /// with your certificate's name): its HA VMs start elsewhere. Like `stonith_admin
+    /// --confirm` or oVirt's "confirm host has been rebooted". Only for a host that is down.
+    ConfirmOff { host: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,6 +238,17 @@ pub fn main() -> ExitCode {
             eprintln!("vigilctl: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One of the operator's fencing commands: prints what happens now.
+async fn operator(c: &mut AdminClient, args: &Args, req: &AdminRequest) -> anyhow::Result<()> {
+    let (v, raw) = c.call::<OperatorView>(req).await?;
+    if args.json {
+        print_json(&raw)
+    } else {
+        println!("{}", v.message);
+        Ok(())
     }
 }
 
@@ -503,6 +539,23 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
             } else {
                 print!("{}", render::events(&v))
             }
+        }
+        Command::Host(HostCmd::Fence { host, force }) => {
+            let req = AdminRequest::HostFence {
+                host: host.clone(),
+                force: *force,
+            };
+            operator(c, args, &req).await?
+        }
+        Command::Host(HostCmd::ConfirmOff { host }) => {
+            let req = AdminRequest::HostConfirmOff { host: host.clone() };
+            operator(c, args, &req).await?
+        }
+        Command::Fencing(FencingCmd::Release { cluster }) => {
+            let req = AdminRequest::FencingRelease {
+                cluster: cluster.clone(),
+            };
+            operator(c, args, &req).await?
         }
         Command::Ca(_) | Command::Cert(_) => unreachable!("handled locally"),
     }

@@ -300,6 +300,11 @@ impl RaftNode {
         })
     }
 
+    /// Whether this node belongs to a cluster (it has a vote or a log).
+    pub async fn is_initialized(&self) -> Result<bool, InitError> {
+        Ok(self.raft.is_initialized().await?)
+    }
+
     /// Makes this node a one-voter cluster if it has never been initialized (no vote, no log).
     /// After a restart from existing data it does nothing. Idempotent.
     pub async fn initialize_single_if_new(&self) -> Result<(), InitError> {

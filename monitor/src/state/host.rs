@@ -8,7 +8,9 @@
 //! ```
 //!
 //! `Fenced` is proof 2 of the design brief ("a fence agent confirmed the old host powered
-//! off"): it is what allows the VMs of that host to start elsewhere.
+//! off"), or another proof (storage slot, lease, or an operator's `vigilctl host
+//! confirm-off`, recorded with the operator's name): it is what allows the VMs of that host
+//! to start elsewhere.
 
 use serde::{Deserialize, Serialize};
 
@@ -145,6 +147,29 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 } else {
                     format!("host {host} left maintenance (operator): it takes VMs again")
                 },
+            );
+            StateResponse::Ok
+        }
+        StateCommand::OperatorConfirmedOff { at_ms, host, by } => {
+            let Some(h) = s.hosts.get_mut(host) else {
+                return StateResponse::UnknownHost { host: host.clone() };
+            };
+            if matches!(h.phase, HostPhase::Fenced { .. }) {
+                return StateResponse::Unchanged;
+            }
+            let proof =
+                format!("operator {by} confirmed it powered off (vigilctl host confirm-off)");
+            h.phase = HostPhase::Fenced {
+                at_ms: *at_ms,
+                proof: proof.clone(),
+            };
+            s.push_vm_event(
+                *at_ms,
+                Severity::Critical,
+                Some(host.clone()),
+                None,
+                EventKind::HostConfirmedOff { by: by.clone() },
+                format!("host {host} fenced: {proof}; its HA VMs may now start elsewhere"),
             );
             StateResponse::Ok
         }

@@ -140,6 +140,16 @@ pub enum EventKind {
     },
     /// Automatic fencing held: too many hosts of a cluster failed at once.
     FencingHeld,
+    /// An operator lifted a cluster's mass-failure hold (`vigilctl fencing release`).
+    FencingReleased {
+        cluster: String,
+        by: String,
+    },
+    /// An operator confirmed a host powered off (`vigilctl host confirm-off`): their word is
+    /// the proof that lets its HA VMs start elsewhere.
+    HostConfirmedOff {
+        by: String,
+    },
     /// No live host carries the ha_tag for a recovering VM.
     NoTaggedHost,
     /// A VM cannot be started on another host: no stored definition.
@@ -294,6 +304,14 @@ pub enum StateCommand {
     },
     /// A fenced (or fencing) host's agent is connected again.
     HostRejoined { at_ms: u64, host: String },
+    /// `vigilctl host confirm-off H`: the operator (`by`, the admin certificate's name) says H
+    /// is powered off, like Pacemaker's `stonith_admin --confirm` or oVirt's "confirm host has
+    /// been rebooted". A proof: H is fenced and its HA VMs may start elsewhere.
+    OperatorConfirmedOff {
+        at_ms: u64,
+        host: String,
+        by: String,
+    },
     /// An operator stops an HA VM through Vigil: recovery stops, the VM is left alone.
     OperatorStop { at_ms: u64, uuid: String },
     /// An agent destroyed a domain running with a stale generation.
@@ -516,7 +534,8 @@ impl ClusterState {
             | StateCommand::FenceResult { .. }
             | StateCommand::SetMaintenance { .. }
             | StateCommand::SetHostInfo { .. }
-            | StateCommand::HostRejoined { .. } => host::apply(self, cmd),
+            | StateCommand::HostRejoined { .. }
+            | StateCommand::OperatorConfirmedOff { .. } => host::apply(self, cmd),
         }
     }
 

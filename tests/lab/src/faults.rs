@@ -321,7 +321,8 @@ pub fn restart_monitor(lab: &Lab, mon: &str) -> anyhow::Result<Report> {
         }
     }
     let t0 = Instant::now();
-    let e = supervisor::spawn(lab, monitor_spec(lab, &st, &m)?)?;
+    // Never --init here: the monitor must find the cluster `up` created.
+    let e = supervisor::spawn(lab, monitor_spec(lab, &st, &m, false)?)?;
     wait_monitor_answers(lab, &st, Duration::from_secs(30))?;
     Ok(fault(
         lab,

@@ -160,18 +160,25 @@ pub fn agent_spec(lab: &Lab, st: &LabState, host: &Node) -> anyhow::Result<Spawn
     })
 }
 
-pub fn monitor_spec(lab: &Lab, st: &LabState, mon: &Node) -> anyhow::Result<SpawnSpec> {
+/// The monitor's process. `init`: start it with `--init`, which creates a new cluster and
+/// is refused on an existing database: only `up` (a fresh lab) passes it; every later start
+/// (`restart-monitor`) must open the database the first start created.
+pub fn monitor_spec(lab: &Lab, st: &LabState, mon: &Node, init: bool) -> anyhow::Result<SpawnSpec> {
     let name = proc_name(&mon.name, "monitor");
+    let mut argv = vec![
+        path_str(&Program::Monitor.require()?),
+        "--config".into(),
+        path_str(&lab.monitor_dir(&mon.name).join("monitor.toml")),
+    ];
+    if init {
+        argv.push("--init".into());
+    }
     Ok(SpawnSpec {
         log: lab.log_file(&name),
         name,
         group: mon.name.clone(),
         role: "monitor".into(),
-        argv: vec![
-            path_str(&Program::Monitor.require()?),
-            "--config".into(),
-            path_str(&lab.monitor_dir(&mon.name).join("monitor.toml")),
-        ],
+        argv,
         netns: Some(mon.netns.clone()),
         env: lab_env(st),
         stop_order: ORDER_MONITOR,

@@ -531,7 +531,8 @@ fn up_inner(
     for name in st.monitors_started.clone() {
         let m = st.monitor(&name)?.clone();
         fs::create_dir_all(lab.monitor_dir(&m.name).join("data"))?;
-        supervisor::spawn(lab, monitor_spec(lab, st, &m)?)?;
+        // A fresh lab: the first start creates the cluster.
+        supervisor::spawn(lab, monitor_spec(lab, st, &m, true)?)?;
     }
 
     // Libvirt sandboxes: with a cold capabilities cache the first one probes QEMU (~20 s) and
