@@ -320,7 +320,7 @@ pub fn spawn(
 /// HA domains that are running (or paused) here, per the latest inventory.
 fn running_ha_domains(exec: &Executor, latest: &Latest) -> Vec<String> {
     let inventory = latest.borrow().clone();
-    let Some((domains, _)) = inventory else {
+    let Some((domains, _, _)) = inventory else {
         return Vec::new();
     };
     domains
