@@ -35,7 +35,8 @@
 //! at 9970 monitors-down              # every monitor stops (agents keep running)
 //! at 9980 monitors-up                # they come back (a new leader)
 //! at 9990 maintenance hv1 on         # an operator puts hv1 in maintenance (drain)
-//! at 9995 monitor-restart 1500       # a new leader; agents reconnect only 1500 ms later
+//! at 9995 monitor-restart 1500 hv1   # a new leader; hv1's agent reconnects only 1500 ms
+//!                                    # later (every agent's when none is named)
 //! at 9996 reorder-reports hv1 on     # hv1's listings reach the monitor 400 ms late, after
 //!                                    # newer events and answers
 //! at 9997 quorum-stall on            # the leader hears no quorum ack (no lease grants)
@@ -162,7 +163,9 @@ enum Fault {
     MonitorsDown,
     MonitorsUp,
     Maintenance(String, bool),
-    MonitorRestart(u64),
+    /// A new leader; the listed agents (all when none is listed) reconnect only this many
+    /// ms later, the others after 200 ms.
+    MonitorRestart(u64, Vec<String>),
     ReorderReports(String, bool),
     QuorumStall(bool),
 }
@@ -365,7 +368,10 @@ impl Scenario {
                         "monitors-down" => Fault::MonitorsDown,
                         "monitors-up" => Fault::MonitorsUp,
                         "maintenance" => Fault::Maintenance(arg(0)?, on(1)?),
-                        "monitor-restart" => Fault::MonitorRestart(num(&arg(0)?)?),
+                        "monitor-restart" => Fault::MonitorRestart(
+                            num(&arg(0)?)?,
+                            args.iter().skip(1).map(|a| a.to_string()).collect(),
+                        ),
                         "reorder-reports" => Fault::ReorderReports(arg(0)?, on(1)?),
                         "quorum-stall" => Fault::QuorumStall(on(0)?),
                         other => return Err(err(format!("unknown fault {other:?}"))),
@@ -855,12 +861,13 @@ impl Sim {
                 }
             }
             Fault::NewLeader => self.new_leader(),
-            Fault::MonitorRestart(delay) => {
+            Fault::MonitorRestart(delay, late) => {
                 // The monitor restarts (a new leader); its agents back off and reconnect only
-                // `delay` ms later.
+                // `delay` ms later (or just the listed ones; the others within 200 ms).
                 let now = self.now;
-                for h in self.hosts.values_mut() {
-                    h.reconnect_after = now + delay;
+                for (name, h) in self.hosts.iter_mut() {
+                    let slow = late.is_empty() || late.contains(name);
+                    h.reconnect_after = now + if slow { delay } else { 200 };
                 }
                 self.new_leader();
             }
