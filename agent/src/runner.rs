@@ -86,10 +86,18 @@ impl AgentRunner {
         let gens = Generations::load(&cfg.state_dir)
             .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
         let hv = cfg.libvirt_enabled.then(|| {
-            Hypervisor::open(
+            let hv = Hypervisor::open(
                 &cfg.libvirt_uri,
                 Duration::from_millis(cfg.libvirt_deadline_ms),
-            )
+            );
+            hv.set_pools(
+                cfg.storage
+                    .pools
+                    .iter()
+                    .map(|p| (p.name.clone(), p.path.clone()))
+                    .collect(),
+            );
+            hv
         });
         Ok(AgentRunner {
             host,

@@ -185,7 +185,7 @@ impl Session {
         }
         // Commands run in their own tasks (a domain start takes seconds; heartbeats must not
         // wait); their answers come back here.
-        let (done_tx, mut done_rx) = mpsc::channel::<(u64, CommandOutcome)>(64);
+        let (done_tx, mut done_rx) = mpsc::channel::<(u64, CommandOutcome, u64)>(64);
         // What happened while no monitor was reachable (a self-fence, lifecycle events), in
         // order, then the current inventory, so the monitor reads the history before the
         // state it led to (a domain the agent destroyed when fencing itself must not look
@@ -210,8 +210,12 @@ impl Session {
         }
         if let Some(latest) = &io.latest {
             let current = latest.borrow().clone();
-            if let Some((domains, health)) = current {
-                let inv = AgentToMonitor::Inventory { domains, health };
+            if let Some((domains, health, seq)) = current {
+                let inv = AgentToMonitor::Inventory {
+                    domains,
+                    health,
+                    seq,
+                };
                 if let Err(e) = codec::write_frame(&mut send, &inv).await {
                     reader.abort();
                     return Err(codec_err(&conn, addr, e));
@@ -274,8 +278,8 @@ impl Session {
                         break Err(codec_err(&conn, addr, e));
                     }
                 }
-                Some((id, outcome)) = done_rx.recv() => {
-                    let reply = AgentToMonitor::CommandResult { id, outcome };
+                Some((id, outcome, seq)) = done_rx.recv() => {
+                    let reply = AgentToMonitor::CommandResult { id, outcome, seq };
                     if let Err(e) = codec::write_frame(&mut send, &reply).await {
                         break Err(codec_err(&conn, addr, e));
                     }
@@ -287,11 +291,14 @@ impl Session {
                             Some(exec) => {
                                 tokio::spawn(async move {
                                     let outcome = exec.execute(command).await;
-                                    let _ = done.send((id, outcome)).await;
+                                    // Stamped when the command finished (what it observed).
+                                    let seq = crate::watch::observation_seq();
+                                    let _ = done.send((id, outcome, seq)).await;
                                 });
                             }
                             None => {
-                                let _ = done.send((id, execute_without_backend(command))).await;
+                                let outcome = execute_without_backend(command);
+                                let _ = done.send((id, outcome, crate::watch::observation_seq())).await;
                             }
                         }
                     }

@@ -3,6 +3,7 @@
 //! VMs, and destroys any HA domain found running with a stale activation generation.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -12,8 +13,19 @@ use vigil_common::wire::AgentToMonitor;
 
 use crate::executor::Executor;
 
-/// The latest inventory, for a session that just connected.
-pub type Latest = watch::Receiver<Option<(Vec<DomainInfo>, HypervisorHealth)>>;
+/// The latest inventory, for a session that just connected, with the observation sequence
+/// number it was taken under (see [`observation_seq`]).
+pub type Latest = watch::Receiver<Option<(Vec<DomainInfo>, HypervisorHealth, u64)>>;
+
+/// This process's observation counter (see `vigil_common::wire::AgentToMonitor`).
+static OBSERVATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// The next observation sequence number of this agent process: call it when an observation
+/// is *taken* (before a listing starts, when an event arrives, when a command finished), so
+/// the monitor can order observations that reach it by different paths.
+pub fn observation_seq() -> u64 {
+    OBSERVATIONS.fetch_add(1, Ordering::SeqCst) + 1
+}
 
 /// Resend the inventory at least this often even if nothing changed.
 const RESEND_EVERY: Duration = Duration::from_secs(10);
@@ -23,7 +35,11 @@ const RESEND_EVERY: Duration = Duration::from_secs(10);
 pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonitor>) -> Latest {
     let (latest_tx, latest_rx) = watch::channel(None);
     let Some(hv) = exec.hv.clone() else {
-        let _ = latest_tx.send(Some((vec![], HypervisorHealth::Disabled)));
+        let _ = latest_tx.send(Some((
+            vec![],
+            HypervisorHealth::Disabled,
+            observation_seq(),
+        )));
         return latest_rx;
     };
     let mut events = hv.events();
@@ -31,6 +47,8 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
         let mut tick = tokio::time::interval(poll);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_sent: Option<(Vec<DomainInfo>, HypervisorHealth)> = None;
+        // The sequence number of the listing in `last_sent`.
+        let mut last_seq = 0u64;
         let mut last_sent_at = tokio::time::Instant::now();
         let mut xml_seen: BTreeMap<String, String> = BTreeMap::new();
         // Generation of each running domain as last listed, to label events.
@@ -47,6 +65,7 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
                     }
                 } => match ev {
                     Some(ev) => {
+                        let seq = observation_seq();
                         // Label the event with the generation of the copy it is about: the
                         // domain's own metadata (set before every start Vigil orders), else
                         // what the last listing saw running.
@@ -58,7 +77,7 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
                             .or_else(|| running_gen.get(&ev.uuid).copied().flatten());
                         // Any change of state: list again, so the inventory follows at once.
                         relist = !matches!(ev.kind, LifecycleKind::Other);
-                        let _ = reports.try_send(AgentToMonitor::DomainEvent { event: ev, generation });
+                        let _ = reports.try_send(AgentToMonitor::DomainEvent { event: ev, generation, seq });
                     }
                     None => events = None,
                 },
@@ -72,6 +91,9 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
                 // a lost one (monitor restarting) gets through eventually.
                 xml_seen.clear();
             }
+            // Stamped before listing: a start that completes while the listing runs has a
+            // higher number, so a listing that still shows it shut off is the older one.
+            let seq = observation_seq();
             let health = hv.health();
             let domains = match hv.list().await {
                 Ok(d) => d,
@@ -83,11 +105,14 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
                         h,
                     );
                     if last_sent.as_ref().map(|l| &l.1) != Some(&report.1) {
+                        // The domains are the last listing's: so is its sequence number.
                         let _ = reports.try_send(AgentToMonitor::Inventory {
                             domains: report.0.clone(),
                             health: report.1.clone(),
+                            seq: last_seq,
                         });
-                        let _ = latest_tx.send(Some(report.clone()));
+                        let _ =
+                            latest_tx.send(Some((report.0.clone(), report.1.clone(), last_seq)));
                         last_sent = Some(report);
                     }
                     continue;
@@ -106,11 +131,14 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
                 let _ = reports.try_send(AgentToMonitor::Inventory {
                     domains: report.0.clone(),
                     health: report.1.clone(),
+                    seq,
                 });
                 last_sent_at = tokio::time::Instant::now();
             }
+            // Always the newest listing (and its number), even when unchanged.
+            let _ = latest_tx.send(Some((report.0.clone(), report.1.clone(), seq)));
+            last_seq = seq;
             if changed {
-                let _ = latest_tx.send(Some(report.clone()));
                 last_sent = Some(report);
             }
         }

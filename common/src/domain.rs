@@ -81,6 +81,11 @@ pub struct DomainInfo {
     pub memory_kib: u64,
     /// Source paths of the domain's disks (files or block devices).
     pub disks: Vec<String>,
+    /// The primary storage pools (by name) its disks are on, as its agent tells from the
+    /// disks' source paths and the pools' mount paths: `Some(vec![])` when every disk is
+    /// local. `None` when the agent cannot tell (a network or volume disk, an older agent):
+    /// the monitor then treats the domain as on *every* pool, so a storage fault moves it.
+    pub pools: Option<Vec<String>>,
     pub meta: VigilMeta,
     /// Whether the domain is persistent (defined), not just transient.
     pub persistent: bool,

@@ -204,25 +204,40 @@ pub enum CommandOutcome {
 }
 
 /// Frames an agent sends.
+///
+/// Observations (inventory listings, lifecycle events, command results) carry an
+/// *observation sequence number* `seq`: one counter per agent process, increased for every
+/// observation and stamped when the observation is **taken**, not when it is sent. Reports
+/// travel on different paths inside the agent (the watcher's queue, the session's command
+/// tasks, the latest listing resent on connect), so they can reach the monitor out of order;
+/// the monitor never lets an older observation of a VM override a newer one (a listing taken
+/// before a start completed must not read as a crash after the start's "running" answer).
+/// Counters of different agent processes (see [`Hello::instance`]) are not comparable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentToMonitor {
     Hello(Hello),
     Heartbeat(Heartbeat),
+    /// `seq`: the observation sequence number (see above), stamped when the command finished.
     CommandResult {
         id: u64,
         outcome: CommandOutcome,
+        seq: u64,
     },
     /// Every domain on the host, with the hypervisor's health: sent on connect, on change,
-    /// and periodically as a backstop.
+    /// and periodically as a backstop. `seq`: stamped *before* the listing was taken, so a
+    /// listing that started before a start completed is older than that start's answer.
     Inventory {
         domains: Vec<DomainInfo>,
         health: HypervisorHealth,
+        seq: u64,
     },
     /// A lifecycle event, forwarded as soon as libvirt delivers it. `generation` is the
     /// activation generation the domain was running with, as far as the agent knows.
+    /// `seq`: stamped when the agent received the event.
     DomainEvent {
         event: DomainEvent,
         generation: Option<u64>,
+        seq: u64,
     },
     /// The inactive XML of an HA domain, when it changed.
     Definition {

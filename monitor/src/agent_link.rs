@@ -35,7 +35,8 @@ struct SessionEntry {
 #[derive(Default)]
 pub struct Sessions {
     by_host: Mutex<HashMap<String, SessionEntry>>,
-    pending: Mutex<HashMap<u64, oneshot::Sender<CommandOutcome>>>,
+    /// Commands awaiting an answer: the outcome and its observation sequence number.
+    pending: Mutex<HashMap<u64, oneshot::Sender<(CommandOutcome, u64)>>>,
     next_id: AtomicU64,
     heartbeats: AtomicU64,
 }
@@ -57,7 +58,7 @@ impl Sessions {
 
     fn lock_pending(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<CommandOutcome>>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<(CommandOutcome, u64)>>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -68,6 +69,19 @@ impl Sessions {
         command: AgentCommand,
         timeout: Duration,
     ) -> Result<CommandOutcome, CommandError> {
+        self.command_observed(host, command, timeout)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// Like [`Sessions::command`], with the agent's observation sequence number of the answer
+    /// (the engine orders it against the agent's listings and events).
+    pub async fn command_observed(
+        &self,
+        host: &str,
+        command: AgentCommand,
+        timeout: Duration,
+    ) -> Result<(CommandOutcome, u64), CommandError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let tx = {
             let hosts = self.lock_hosts();
@@ -276,22 +290,32 @@ pub async fn serve(
                         })
                         .await;
                 }
-                Ok(Some(AgentToMonitor::Inventory { domains, health })) => {
+                Ok(Some(AgentToMonitor::Inventory {
+                    domains,
+                    health,
+                    seq,
+                })) => {
                     engine
                         .input(Input::Inventory {
                             host: host.clone(),
                             domains,
                             health,
+                            seq,
                         })
                         .await;
                 }
-                Ok(Some(AgentToMonitor::DomainEvent { event, generation })) => {
-                    debug!(%host, ?event, "domain event");
+                Ok(Some(AgentToMonitor::DomainEvent {
+                    event,
+                    generation,
+                    seq,
+                })) => {
+                    debug!(%host, ?event, seq, "domain event");
                     engine
                         .input(Input::DomainEvent {
                             host: host.clone(),
                             event,
                             generation,
+                            seq,
                         })
                         .await;
                 }
@@ -320,9 +344,9 @@ pub async fn serve(
                         })
                         .await;
                 }
-                Ok(Some(AgentToMonitor::CommandResult { id, outcome })) => {
+                Ok(Some(AgentToMonitor::CommandResult { id, outcome, seq })) => {
                     if let Some(tx) = sessions.lock_pending().remove(&id) {
-                        let _ = tx.send(outcome);
+                        let _ = tx.send((outcome, seq));
                     }
                 }
                 Ok(Some(AgentToMonitor::Hello(_))) => {

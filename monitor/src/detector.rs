@@ -13,8 +13,10 @@
 //! ```
 //!
 //! A host the detector has never heard from since it started (a new leader, a restarted
-//! monitor) is `Unknown` and is given the full `down_after` from that moment before it is
-//! declared Down: a new leader must not condemn hosts whose agents have not reconnected yet.
+//! monitor) is `Unknown` and is given the longer of `down_after` and the *unknown grace*
+//! (the engine sets a full lease plus drift margin, [`FailureDetector::with_unknown_grace`])
+//! from that moment before it is declared Down: a new leader must not condemn hosts whose
+//! agents have not reconnected yet (they back off while no monitor answers).
 
 use std::collections::BTreeMap;
 
@@ -68,6 +70,8 @@ struct Entry {
 pub struct FailureDetector {
     cfg: DetectorConfig,
     started_ms: u64,
+    /// How long a host not heard since the start stays Unknown (at least `down_after_ms`).
+    unknown_down_after_ms: u64,
     hosts: BTreeMap<String, Entry>,
 }
 
@@ -83,10 +87,18 @@ pub struct LivenessView {
 impl FailureDetector {
     pub fn new(cfg: DetectorConfig, now_ms: u64) -> Self {
         FailureDetector {
+            unknown_down_after_ms: cfg.down_after_ms,
             cfg,
             started_ms: now_ms,
             hosts: BTreeMap::new(),
         }
+    }
+
+    /// A host not heard from since the detector started stays Unknown for `grace_ms` (or
+    /// `down_after_ms` if that is longer) before it is Down.
+    pub fn with_unknown_grace(mut self, grace_ms: u64) -> Self {
+        self.unknown_down_after_ms = grace_ms.max(self.cfg.down_after_ms);
+        self
     }
 
     pub fn config(&self) -> &DetectorConfig {
@@ -137,7 +149,12 @@ impl FailureDetector {
         let mut out = Vec::new();
         for (host, e) in self.hosts.iter_mut() {
             let silent_ms = now_ms.saturating_sub(e.last_ms);
-            let next = if silent_ms > self.cfg.down_after_ms {
+            let down_after = if e.state == Liveness::Unknown {
+                self.unknown_down_after_ms
+            } else {
+                self.cfg.down_after_ms
+            };
+            let next = if silent_ms > down_after {
                 Liveness::Down
             } else if silent_ms > self.cfg.suspect_after_ms && e.state == Liveness::Up {
                 Liveness::Suspect
@@ -214,6 +231,21 @@ mod tests {
         d.track("hv1");
         assert!(d.tick(1_400).is_empty(), "no suspicion before a first beat");
         let t = d.tick(1_501);
+        assert_eq!((t[0].from, t[0].to), (Liveness::Unknown, Liveness::Down));
+    }
+
+    #[test]
+    fn a_host_not_heard_since_the_start_stays_unknown_for_the_unknown_grace() {
+        let mut d = FailureDetector::new(cfg(), 1_000).with_unknown_grace(3_000);
+        d.track("hv1");
+        d.track("hv2");
+        d.heartbeat("hv2", 1_100);
+        let t = d.tick(1_700);
+        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!((t[0].host.as_str(), t[0].to), ("hv2", Liveness::Down));
+        assert!(d.tick(3_900).is_empty(), "hv1 still unknown");
+        assert_eq!(d.state("hv1"), Some(Liveness::Unknown));
+        let t = d.tick(4_001);
         assert_eq!((t[0].from, t[0].to), (Liveness::Unknown, Liveness::Down));
     }
 

@@ -87,16 +87,20 @@ pub enum Input {
         pool: String,
         result: Result<StorageCycle, String>,
     },
-    /// The host's full domain list and hypervisor health.
+    /// The host's full domain list and hypervisor health. `seq`: the agent's observation
+    /// sequence number (see `vigil_common::wire::AgentToMonitor`), stamped before listing.
     Inventory {
         host: String,
         domains: Vec<DomainInfo>,
         health: HypervisorHealth,
+        seq: u64,
     },
+    /// `seq`: the agent's observation sequence number, stamped when the event arrived.
     DomainEvent {
         host: String,
         event: DomainEvent,
         generation: Option<u64>,
+        seq: u64,
     },
     Definition {
         host: String,
@@ -109,11 +113,20 @@ pub enum Input {
         found: Option<u64>,
         newest: u64,
     },
-    /// The outcome of a command the engine sent (`Err`: it never got an answer).
+    /// The outcome of a command the engine sent (`Err`: it never got an answer). `seq`: the
+    /// agent's observation sequence number of the answer (`None` without one).
     CommandDone {
         host: String,
         command: AgentCommand,
         result: Result<CommandOutcome, String>,
+        seq: Option<u64>,
+    },
+    /// When (monotonic ms) a quorum of monitors last acknowledged this leader, as Raft
+    /// reports it (`None`: not known). A leader grants leases only while that is recent
+    /// (see [`Engine::with_quorum_check`]): a deposed leader that has not noticed yet must not
+    /// extend leases that the new leader counts as expired.
+    Quorum {
+        last_ack_ms: Option<u64>,
     },
     /// A fence agent finished: `Ok(detail)` only when it confirmed the host powered off.
     FenceDone {
@@ -187,6 +200,8 @@ pub enum Action {
 struct HostInventory {
     domains: BTreeMap<String, DomainInfo>,
     health: HypervisorHealth,
+    /// The listing's observation sequence number.
+    seq: u64,
 }
 
 /// How host failures are handled.
@@ -213,6 +228,15 @@ pub struct FailoverConfig {
 
 /// Wait this long before retrying a failed fence.
 pub const FENCE_RETRY_MS: u64 = 5_000;
+
+/// A destroy ordered so that a VM starts elsewhere (storage fault, maintenance) is expected
+/// to show as a stop for at most this long (wall ms; above the edge's command timeout): a
+/// destroy that never completes (QEMU stuck in uninterruptible I/O) must not leave the
+/// expectation behind to misread a later operator stop as a failure.
+pub const EXPECTED_STOP_TTL_MS: u64 = 120_000;
+
+/// Wait this long before ordering a destroy again after the agent said it failed.
+pub const DESTROY_RETRY_MS: u64 = 10_000;
 
 /// Leader-local soft state plus the decision logic.
 #[derive(Debug, Clone)]
@@ -300,6 +324,24 @@ pub struct Engine {
     /// Per pool: the current outage scope and since when it has held (a pool-wide outage
     /// that heals host by host passes through "some hosts only" for a moment).
     scope_since: BTreeMap<String, (String, u64)>,
+    /// The newest observation sequence number seen per (host, VM uuid), for the host's
+    /// current agent process: an older observation never overrides a newer one.
+    observed: BTreeMap<(String, String), u64>,
+    /// Per (host, VM uuid): the newest observation that says it runs there (a start's
+    /// "running" answer, a started or resumed event). A listing older than that is no proof
+    /// that the domain is shut off.
+    seen_running: BTreeMap<(String, String), u64>,
+    /// No fencing of any kind (power, slot, lease) before this time (monotonic ms): a full
+    /// lease plus drift margin after this monitor became leader.
+    fence_after_ms: u64,
+    /// Lease grants need a quorum acknowledgement younger than this (`None`: not checked).
+    quorum_fresh_ms: Option<u64>,
+    /// When a quorum last acknowledged this leader ([`Input::Quorum`]).
+    quorum_ack_ms: Option<u64>,
+    /// When (wall ms) each forced stop (`expected_stops` from [`forced_stop`]) was ordered.
+    forced_stop_at: BTreeMap<String, u64>,
+    /// VMs whose ordered destroy failed: not ordered again before this time (wall ms).
+    destroy_retry_at: BTreeMap<String, u64>,
 }
 
 /// A pool must be down on a host for this long before that host's HA VMs are moved off it:
@@ -353,7 +395,27 @@ impl Engine {
             outages: BTreeMap::new(),
             pool_down_since: BTreeMap::new(),
             scope_since: BTreeMap::new(),
+            observed: BTreeMap::new(),
+            seen_running: BTreeMap::new(),
+            fence_after_ms: 0,
+            quorum_fresh_ms: None,
+            quorum_ack_ms: None,
+            forced_stop_at: BTreeMap::new(),
+            destroy_retry_at: BTreeMap::new(),
         }
+    }
+
+    /// Grants leases only while a quorum acknowledged this leader within `fresh_ms` (fed by
+    /// [`Input::Quorum`]); without this call the engine does not check.
+    pub fn with_quorum_check(mut self, fresh_ms: u64) -> Self {
+        self.quorum_fresh_ms = Some(fresh_ms);
+        self
+    }
+
+    /// The first full lease (plus drift margin) after an election.
+    fn election_grace_ms(&self) -> u64 {
+        let l = self.leases.config();
+        l.duration_ms + l.drift_margin_ms
     }
 
     /// Configures leases (duration, drift margin, isolation response) and the storage
@@ -417,7 +479,14 @@ impl Engine {
                 pools,
                 addr,
             } => {
-                self.instances.insert(host.clone(), instance);
+                if self.instances.insert(host.clone(), instance) != Some(instance) {
+                    // A new agent process counts its observations afresh.
+                    self.observed.retain(|(h, _), _| *h != host);
+                    self.seen_running.retain(|(h, _), _| *h != host);
+                    if let Some(inv) = self.inventory.get_mut(&host) {
+                        inv.seq = 0;
+                    }
+                }
                 self.host_pools.insert(host.clone(), pools);
                 if let Some(ip) = addr {
                     self.evidence.address(&host, ip);
@@ -564,8 +633,14 @@ impl Engine {
                     self.end_fencing_episode(&host, &mut out);
                     self.forget_fencing(&host);
                 }
-                // Only a leader grants leases (followers' output is dropped below).
-                if self.leader {
+                // Only a leader grants leases (followers' output is dropped below), and only
+                // while a quorum acknowledged it recently. A grant withheld is not recorded:
+                // the lease book counts from the grants that went out.
+                let quorum_ok = self.quorum_fresh_ms.is_none_or(|fresh| {
+                    self.quorum_ack_ms
+                        .is_some_and(|t| now_ms.saturating_sub(t) < fresh)
+                });
+                if self.leader && quorum_ok {
                     self.leases.grant(&host, now_ms);
                     out.push(Action::Notify {
                         host: Some(host),
@@ -650,15 +725,24 @@ impl Engine {
                 host,
                 domains,
                 health,
+                seq,
             } => {
-                self.on_inventory(&host, domains, health, wall_ms, state, &mut out);
+                self.on_inventory(&host, domains, health, seq, wall_ms, state, &mut out);
             }
             Input::DomainEvent {
                 host,
                 event,
                 generation,
+                seq,
             } => {
-                self.on_domain_event(&host, &event, generation, wall_ms, state, &mut out);
+                // An event older than what was already seen of this VM here is history.
+                if self.observe(&host, &event.uuid, seq) {
+                    if matches!(event.kind, LifecycleKind::Started | LifecycleKind::Resumed) {
+                        self.seen_running
+                            .insert((host.clone(), event.uuid.clone()), seq);
+                    }
+                    self.on_domain_event(&host, &event, generation, wall_ms, state, &mut out);
+                }
             }
             Input::Definition { host, uuid, xml } => {
                 if let Some(vm) = state.vms.get(&uuid) {
@@ -689,8 +773,25 @@ impl Engine {
                 host,
                 command,
                 result,
+                seq,
             } => {
+                // An answer about a domain is an observation of it (a start's "running").
+                if let (
+                    Some(seq),
+                    AgentCommand::StartDomain { uuid, .. } | AgentCommand::DestroyDomain { uuid },
+                ) = (seq, &command)
+                {
+                    self.observe(&host, uuid, seq);
+                    let started = matches!(command, AgentCommand::StartDomain { .. })
+                        && matches!(result, Ok(CommandOutcome::Done { .. }));
+                    if started {
+                        self.seen_running.insert((host.clone(), uuid.clone()), seq);
+                    }
+                }
                 self.on_command_done(&host, command, result, wall_ms, state, &mut out);
+            }
+            Input::Quorum { last_ack_ms } => {
+                self.quorum_ack_ms = last_ack_ms;
             }
             Input::FenceDone { host, result } => {
                 self.fencing.remove(&host);
@@ -713,6 +814,7 @@ impl Engine {
                 for name in state.hosts.keys() {
                     self.detector.track(name);
                 }
+                self.expire_forced_stops(wall_ms);
                 self.mirror_maintenance(state);
                 self.reconcile_maintenance(wall_ms, state, &mut out);
                 for t in self.detector.tick(now_ms) {
@@ -747,9 +849,14 @@ impl Engine {
                 self.unfenceable.clear();
                 self.conditions.clear();
                 // A new leader knows nothing fresh: every host gets the full grace period
-                // from now, and agents reconnecting will bring it up to date.
+                // from now, and agents reconnecting will bring it up to date. A host not heard
+                // since the election stays Unknown (not Down) for a full lease, and nothing is
+                // fenced before that: an agent that reconnects late (its monitor restarted)
+                // must not be condemned for it.
                 let cfg = self.detector.config().clone();
-                self.detector = FailureDetector::new(cfg, now_ms);
+                let grace = self.election_grace_ms();
+                self.fence_after_ms = now_ms + grace;
+                self.detector = FailureDetector::new(cfg, now_ms).with_unknown_grace(grace);
                 for name in state.hosts.keys() {
                     self.detector.track(name);
                 }
@@ -867,16 +974,29 @@ impl Engine {
         out
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_inventory(
         &mut self,
         host: &str,
         domains: Vec<DomainInfo>,
         health: HypervisorHealth,
+        seq: u64,
         wall_ms: u64,
         state: &ClusterState,
         out: &mut Vec<Action>,
     ) {
+        // A listing older than the one held (reports reach us by different paths) is history.
+        if self.inventory.get(host).is_some_and(|inv| seq < inv.seq) {
+            return;
+        }
         for d in &domains {
+            // Taken before something newer was seen of this VM here (an event, a start's
+            // "running" answer): it must not override that. A listing taken while a start
+            // was under way shows the domain defined and shut off; read after the answer,
+            // it would look like a crash.
+            if !self.observe(host, &d.uuid, seq) {
+                continue;
+            }
             let running = d.state == DomainState::Running || d.state == DomainState::Paused;
             match state.vms.get(&d.uuid) {
                 None => {
@@ -983,8 +1103,23 @@ impl Engine {
             HostInventory {
                 domains: domains.into_iter().map(|d| (d.uuid.clone(), d)).collect(),
                 health,
+                seq,
             },
         );
+    }
+
+    /// Records an observation of `uuid` on `host` numbered `seq` by its agent. `false`: a
+    /// newer one was already seen, so this one must not override it.
+    fn observe(&mut self, host: &str, uuid: &str, seq: u64) -> bool {
+        let newest = self
+            .observed
+            .entry((host.to_string(), uuid.to_string()))
+            .or_insert(0);
+        if seq < *newest {
+            return false;
+        }
+        *newest = seq;
+        true
     }
 
     fn on_domain_event(
@@ -1062,6 +1197,33 @@ impl Engine {
         if let AgentCommand::ProbeHost { host: target, .. } = &command {
             let reachable = matches!(&result, Ok(CommandOutcome::Done { detail }) if detail.starts_with("reachable"));
             self.evidence.probe_answer(target, host, reachable);
+            return;
+        }
+        if let AgentCommand::DestroyDomain { uuid } = &command {
+            // The agent could not destroy it (QEMU stuck in I/O, say): no stop is coming, so
+            // none is expected any more; a later stop is read for what it is. Tried again
+            // after a while. (No answer at all leaves the expectation, bounded in time.)
+            if let Ok(CommandOutcome::Failed { reason }) = &result {
+                if self.forced_stop_at.remove(uuid).is_some() {
+                    self.expected_stops.remove(uuid);
+                    self.destroy_retry_at
+                        .insert(uuid.clone(), wall_ms + DESTROY_RETRY_MS);
+                    let name = state
+                        .vms
+                        .get(uuid)
+                        .map_or(uuid.as_str(), |v| v.name.as_str());
+                    out.push(Action::Propose(StateCommand::RecordEvent {
+                        at_ms: wall_ms,
+                        severity: Severity::Critical,
+                        host: Some(host.to_string()),
+                        kind: EventKind::VmStopFailed,
+                        message: format!(
+                            "could not stop VM {name} on {host} to move it: {reason}; it stays there for now (tried again in {} s)",
+                            DESTROY_RETRY_MS / 1000
+                        ),
+                    }));
+                }
+            }
             return;
         }
         let AgentCommand::StartDomain {
@@ -1419,7 +1581,8 @@ impl Engine {
                 && self.instances.get(name).is_some_and(|i| *i != 0);
             let power = self.failover.fence_hosts.contains(name);
             match &h.phase {
-                HostPhase::Active if down && has_ha => {
+                // No fencing of any kind in the first full lease after the election.
+                HostPhase::Active if down && has_ha && now_ms >= self.fence_after_ms => {
                     let (lease_usable, power_at) = match &condition {
                         // Whether peers confirmed it unreachable or not: a dead agent on a
                         // live host is reset by its watchdog, which `usable` requires.
@@ -1514,7 +1677,7 @@ impl Engine {
                     }
                 }
                 HostPhase::Fencing { .. } => {
-                    if !down {
+                    if !down || now_ms < self.fence_after_ms {
                         continue;
                     }
                     if slot && !self.slot_requests.contains_key(name) {
@@ -1706,13 +1869,17 @@ impl Engine {
                 })
                 .collect();
             for vm in state.vms.values() {
+                // Only VMs with a disk on the failed pool: the others' storage is fine.
                 if vm.ha
                     && vm.phase == Phase::Running
                     && lasting.contains(&vm.host.as_str())
                     && !self.expected_stops.contains_key(&vm.uuid)
+                    && self.uses_pool(&vm.host, &vm.uuid, pool)
+                    && !self.destroy_retry_at.contains_key(&vm.uuid)
                 {
                     self.expected_stops
                         .insert(vm.uuid.clone(), forced_stop(FailureKind::StorageLost));
+                    self.forced_stop_at.insert(vm.uuid.clone(), wall_ms);
                     out.push(Action::Send {
                         host: vm.host.clone(),
                         command: AgentCommand::DestroyDomain {
@@ -2037,7 +2204,37 @@ impl Engine {
         self.inventory.get(host).is_some_and(|inv| {
             inv.health == HypervisorHealth::Healthy
                 && inv.domains.get(uuid).is_none_or(DomainInfo::is_shut_off)
+                // Not if it was seen running there after the listing was taken.
+                && self
+                    .seen_running
+                    .get(&(host.to_string(), uuid.to_string()))
+                    .is_none_or(|s| *s <= inv.seq)
         })
+    }
+
+    /// Whether `uuid`'s disks on `host` are on `pool`, as its agent reported; a domain whose
+    /// agent could not tell (or not yet listed) counts as on every pool.
+    fn uses_pool(&self, host: &str, uuid: &str, pool: &str) -> bool {
+        self.inventory
+            .get(host)
+            .and_then(|inv| inv.domains.get(uuid))
+            .and_then(|d| d.pools.as_ref())
+            .is_none_or(|pools| pools.iter().any(|p| p == pool))
+    }
+
+    /// Forgets forced stops that were consumed, and those whose destroy never showed within
+    /// [`EXPECTED_STOP_TTL_MS`].
+    fn expire_forced_stops(&mut self, wall_ms: u64) {
+        let expected = &mut self.expected_stops;
+        self.forced_stop_at.retain(|uuid, at| {
+            let keep =
+                expected.contains_key(uuid) && wall_ms.saturating_sub(*at) < EXPECTED_STOP_TTL_MS;
+            if !keep {
+                expected.remove(uuid);
+            }
+            keep
+        });
+        self.destroy_retry_at.retain(|_, t| wall_ms < *t);
     }
 
     /// Whether `host` can take a VM now: connected, up, a healthy hypervisor, and every
@@ -2194,7 +2391,10 @@ impl Engine {
             if !(vm.ha && vm.phase == Phase::Running && self.maintenance.contains(&vm.host)) {
                 continue;
             }
-            if self.expected_stops.contains_key(&vm.uuid) || !self.connected.contains(&vm.host) {
+            if self.expected_stops.contains_key(&vm.uuid)
+                || self.destroy_retry_at.contains_key(&vm.uuid)
+                || !self.connected.contains(&vm.host)
+            {
                 continue;
             }
             // Only when it has somewhere to go: a drain must not leave a VM down.
@@ -2205,6 +2405,7 @@ impl Engine {
             }
             self.expected_stops
                 .insert(vm.uuid.clone(), forced_stop(FailureKind::Maintenance));
+            self.forced_stop_at.insert(vm.uuid.clone(), wall_ms);
             out.push(Action::Propose(StateCommand::RecordEvent {
                 at_ms: wall_ms,
                 severity: Severity::Info,
@@ -2340,6 +2541,13 @@ fn condition_evidence(c: &Condition) -> &str {
 mod tests {
     use super::*;
     use vigil_common::domain::VigilMeta;
+
+    /// The next observation sequence number of the simulated agents (one counter for all:
+    /// increasing is all that matters).
+    fn obs() -> u64 {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
+    }
 
     fn cfg() -> DetectorConfig {
         DetectorConfig {
@@ -2508,12 +2716,265 @@ mod tests {
         );
         s.beat("hv1", 10_450);
         s.input(Input::Tick, 10_501);
+        // Not heard since the election: Unknown, not Down, for a full lease plus the drift
+        // margin (5 s + 1 s by default), however long down_after is.
+        s.input(Input::Tick, 15_999);
+        assert!(
+            !s.log()[n..].iter().any(|m| m.contains("host hv2 is down")),
+            "{:#?}",
+            s.log()
+        );
+        s.input(Input::Tick, 16_001);
         let log = s.log();
         assert!(
             log[n..]
                 .iter()
-                .any(|m| m == "host hv2 is down: no heartbeat for 501 ms"),
+                .any(|m| m == "host hv2 is down: no heartbeat for 6001 ms"),
             "{log:#?}"
+        );
+    }
+
+    #[test]
+    fn no_host_is_fenced_in_the_first_full_lease_after_an_election() {
+        let mut s = Sim::new();
+        s.engine = s.engine.clone().with_failover(FailoverConfig {
+            fence_hosts: ["hv1".to_string()].into(),
+            mass_failure_percent: 100,
+            ..FailoverConfig::default()
+        });
+        s.connect("hv1", 0);
+        s.connect("hv2", 0);
+        s.inventory("hv1", vec![running("u1", None)], 10);
+        s.input(Input::LostLeadership, 20);
+        // hv1 was heard once after the election, then its agent went quiet (reconnecting
+        // slowly after the monitor restart); hv2 beats on.
+        s.input(Input::BecameLeader { term: 2, node: 1 }, 1_000);
+        s.beat("hv1", 1_050);
+        for t in (1_100..6_950).step_by(100) {
+            s.beat("hv2", t);
+            s.input(Input::Tick, t);
+        }
+        let fenced = |s: &Sim| {
+            s.sent
+                .iter()
+                .any(|a| matches!(a, Action::Fence { host } if host == "hv1"))
+        };
+        assert!(
+            !fenced(&s),
+            "fenced within a lease of the election: {:#?}",
+            s.log()
+        );
+        assert!(
+            !s.log().iter().any(|m| m.contains("fencing")),
+            "{:#?}",
+            s.log()
+        );
+        // A full lease plus margin (6 s) after the election, it may be.
+        for t in (7_000..8_000).step_by(100) {
+            s.beat("hv2", t);
+            s.input(Input::Tick, t);
+        }
+        assert!(fenced(&s), "{:#?}", s.log());
+    }
+
+    #[test]
+    fn a_listing_taken_before_a_start_completed_is_not_proof_of_a_crash() {
+        let mut s = sim_with_ha_vm();
+        s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
+        assert_eq!(s.starts(), vec![("hv1".to_string(), "u1".to_string(), 1)]);
+        // The agent lists its domains while the start is under way: defined, shut off,
+        // generation 1 already in its metadata. That listing reaches the monitor only after
+        // the start's "running" answer.
+        let taken = obs();
+        s.answer_start("hv1", "u1", 1, true, 900);
+        assert_eq!(s.phase("u1"), "running");
+        s.input(
+            Input::Inventory {
+                host: "hv1".into(),
+                domains: vec![domain(
+                    "u1",
+                    DomainState::Shutoff,
+                    StateReason::NeverStarted,
+                    Some(1),
+                    true,
+                )],
+                health: HypervisorHealth::Healthy,
+                seq: taken,
+            },
+            950,
+        );
+        assert_eq!(s.phase("u1"), "running", "{:#?}", s.log());
+        assert_eq!(s.starts().len(), 1, "a second start: {:#?}", s.log());
+        // Nor does it count as proof that the domain is gone from hv1.
+        assert!(!s.engine.shut_off_on("hv1", "u1"));
+        // A newer listing that shows it shut off is believed.
+        s.inventory("hv1", vec![shut_off("u1", 1)], 1_500);
+        assert!(
+            s.log()
+                .iter()
+                .any(|m| m.contains("crashed on hv1 (generation 1)")),
+            "{:#?}",
+            s.log()
+        );
+    }
+
+    #[test]
+    fn an_event_older_than_the_newest_observation_of_the_vm_is_ignored() {
+        let mut s = sim_with_ha_vm();
+        let old = obs();
+        // A newer listing shows it running...
+        s.inventory("hv1", vec![running("u1", Some(0))], 100);
+        // ...then a stop event that was taken before it arrives.
+        s.input(
+            Input::DomainEvent {
+                host: "hv1".into(),
+                event: DomainEvent {
+                    uuid: "u1".into(),
+                    name: "vm-u1".into(),
+                    kind: LifecycleKind::Destroyed,
+                    raw_event: 5,
+                    raw_detail: 1,
+                    at_ms: 50,
+                },
+                generation: Some(0),
+                seq: old,
+            },
+            150,
+        );
+        assert_eq!(s.phase("u1"), "running", "{:#?}", s.log());
+    }
+
+    #[test]
+    fn a_failed_destroy_does_not_leave_an_expected_stop_behind() {
+        let mut s = two_hosts_one_vm();
+        s.input(
+            Input::Definition {
+                host: "hv1".into(),
+                uuid: "u1".into(),
+                xml: "<domain/>".into(),
+            },
+            20,
+        );
+        s.state.apply(&StateCommand::SetMaintenance {
+            at_ms: 1_000_030,
+            host: "hv1".into(),
+            on: true,
+        });
+        s.live_ticks_both(100..200);
+        let destroys = |s: &Sim| {
+            s.sent
+                .iter()
+                .filter(|a| {
+                    matches!(
+                        a,
+                        Action::Send {
+                            command: AgentCommand::DestroyDomain { .. },
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        assert_eq!(destroys(&s), 1, "{:#?}", s.log());
+        // QEMU is stuck in uninterruptible I/O: the agent cannot destroy it.
+        s.input(
+            Input::CommandDone {
+                host: "hv1".into(),
+                command: AgentCommand::DestroyDomain { uuid: "u1".into() },
+                result: Ok(CommandOutcome::Failed {
+                    reason: "timed out waiting for qemu to exit".into(),
+                }),
+                seq: Some(obs()),
+            },
+            300,
+        );
+        assert!(
+            s.log()
+                .iter()
+                .any(|m| m.contains("could not stop VM vm-u1 on hv1")),
+            "{:#?}",
+            s.log()
+        );
+        s.live_ticks_both(400..2_000);
+        assert_eq!(destroys(&s), 1, "retried only after a while");
+        // Later an operator destroys it on purpose: that is respected, not read as the
+        // drain's stop.
+        s.event("hv1", "u1", LifecycleKind::Destroyed, Some(0), 2_100);
+        assert_eq!(s.phase("u1"), "stopped", "{:#?}", s.log());
+        s.live_ticks_both(2_200..5_000);
+        assert!(s.starts().is_empty(), "{:?}", s.starts());
+    }
+
+    #[test]
+    fn an_expected_stop_whose_destroy_never_answers_expires() {
+        let mut s = two_hosts_one_vm();
+        s.state.apply(&StateCommand::SetMaintenance {
+            at_ms: 1_000_030,
+            host: "hv1".into(),
+            on: true,
+        });
+        s.live_ticks_both(100..200);
+        assert!(s.engine.expected_stops.contains_key("u1"));
+        // The destroy hangs (no answer, no stop), and the operator ends the maintenance.
+        s.state.apply(&StateCommand::SetMaintenance {
+            at_ms: 1_001_000,
+            host: "hv1".into(),
+            on: false,
+        });
+        s.live_ticks_both(1_000..1_100);
+        s.live_ticks_both(EXPECTED_STOP_TTL_MS + 200..EXPECTED_STOP_TTL_MS + 300);
+        assert!(
+            !s.engine.expected_stops.contains_key("u1"),
+            "still expected after {EXPECTED_STOP_TTL_MS} ms"
+        );
+        // Much later an operator destroys it: respected, not read as the drain's stop.
+        s.event(
+            "hv1",
+            "u1",
+            LifecycleKind::Destroyed,
+            Some(0),
+            EXPECTED_STOP_TTL_MS + 400,
+        );
+        assert_eq!(s.phase("u1"), "stopped", "{:#?}", s.log());
+    }
+
+    #[test]
+    fn no_lease_grant_without_a_recent_quorum_acknowledgement() {
+        let mut s = Sim::new();
+        s.engine = s.engine.clone().with_quorum_check(300);
+        s.connect("hv1", 0);
+        let grants = |s: &Sim| {
+            s.sent
+                .iter()
+                .filter(|a| {
+                    matches!(
+                        a,
+                        Action::Notify {
+                            message: MonitorToAgent::LeaseGrant { .. },
+                            ..
+                        }
+                    )
+                })
+                .count()
+        };
+        s.beat("hv1", 100);
+        assert_eq!(grants(&s), 0, "no quorum ack known yet");
+        s.input(
+            Input::Quorum {
+                last_ack_ms: Some(150),
+            },
+            200,
+        );
+        s.beat("hv1", 300);
+        assert_eq!(grants(&s), 1);
+        // Raft reports nothing more (a stalled core): the ack ages, grants stop, and the
+        // lease book counts from the last grant that went out.
+        s.beat("hv1", 500);
+        assert_eq!(grants(&s), 1);
+        let l = s.engine.lease_config().clone();
+        assert_eq!(
+            s.engine.leases.expires_at("hv1"),
+            Some(300 + l.duration_ms + l.drift_margin_ms)
         );
     }
 
@@ -2532,6 +2993,7 @@ mod tests {
             vcpus: 1,
             memory_kib: 65536,
             disks: vec![],
+            pools: None,
             meta: VigilMeta {
                 ha: Some(ha),
                 priority: None,
@@ -2548,6 +3010,7 @@ mod tests {
                     host: host.into(),
                     domains,
                     health: HypervisorHealth::Healthy,
+                    seq: obs(),
                 },
                 now,
             );
@@ -2572,6 +3035,7 @@ mod tests {
                         at_ms: now,
                     },
                     generation,
+                    seq: obs(),
                 },
                 now,
             );
@@ -2610,6 +3074,7 @@ mod tests {
                             reason: "boom".into(),
                         }
                     }),
+                    seq: Some(obs()),
                 },
                 now,
             );
@@ -2790,6 +3255,7 @@ mod tests {
                     definition: None,
                 },
                 result: Err("timed out".into()),
+                seq: None,
             },
             200,
         );
@@ -2844,6 +3310,7 @@ mod tests {
                     at_ms: 100,
                 },
                 generation: Some(0),
+                seq: obs(),
             },
             100,
         );

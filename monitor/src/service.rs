@@ -11,7 +11,6 @@ use tracing::{debug, info, warn};
 use std::collections::BTreeMap;
 
 use vigil_common::config::{FenceHostConfig, MonitorConfig, TagFallbackConfig};
-use vigil_common::wire::MonitorToAgent;
 
 use crate::agent_link::Sessions;
 use crate::engine::FailoverConfig;
@@ -111,15 +110,16 @@ pub fn spawn(
             .map(|h| (h.host.clone(), h.clone()))
             .collect(),
     );
+    // A leader grants leases only while a quorum acknowledged it recently (the engine
+    // decides, from Input::Quorum): a deposed leader that has not noticed yet must not extend
+    // leases the new leader counts as expired.
     let mut engine = Engine::new(cfg, policy, mono_ms(epoch))
         .with_failover(failover)
-        .with_leases(monitor.lease.clone(), monitor.storage.interval_ms);
+        .with_leases(monitor.lease.clone(), monitor.storage.interval_ms)
+        .with_quorum_check(raft.election_timeout_min_ms());
     // The leader's I/O on shared storage runs on its own threads; its reports come back here.
     let (storage_tx, mut storage_rx) = mpsc::unbounded_channel::<PoolReport>();
     let storage = StorageWorker::spawn(&monitor.storage, storage_tx);
-    // A leader grants leases only while a quorum acknowledged it recently: a deposed leader
-    // that has not noticed yet must not extend leases the new leader counts as expired.
-    let quorum_fresh_ms = raft.election_timeout_min_ms();
     let self_handle = handle.clone();
     let mut metrics = raft.metrics_watch();
     tokio::spawn(async move {
@@ -128,7 +128,6 @@ pub fn spawn(
         let mut leader_term: Option<u64> = None;
         let mut batch = Vec::with_capacity(256);
         let node = raft.node_id();
-        let mut quorum_ok = false;
         loop {
             let inputs: Vec<Input> = tokio::select! {
                 n = rx.recv_many(&mut batch, 256) => {
@@ -156,15 +155,22 @@ pub fn spawn(
                     if changed.is_err() { break; }
                     let m = metrics.borrow_and_update().clone();
                     let leading = m.current_leader == Some(node) && m.state.is_leader();
-                    quorum_ok = leading
-                        && m.millis_since_quorum_ack.is_some_and(|ms| ms < quorum_fresh_ms);
+                    // As a point in time, so it ages when RaftCore stalls and publishes no
+                    // more metrics.
+                    let now = mono_ms(epoch);
+                    let quorum = Input::Quorum {
+                        last_ack_ms: m
+                            .millis_since_quorum_ack
+                            .filter(|_| leading)
+                            .map(|ms| now.saturating_sub(ms)),
+                    };
                     match (leading, leader_term) {
-                        (true, Some(t)) if t == m.current_term => vec![],
+                        (true, Some(t)) if t == m.current_term => vec![quorum],
                         (true, _) => {
                             leader_term = Some(m.current_term);
                             info!(term = m.current_term, "this monitor is the leader");
                             storage.set_leader(Some((m.current_term, node)));
-                            vec![Input::BecameLeader { term: m.current_term, node }]
+                            vec![Input::BecameLeader { term: m.current_term, node }, quorum]
                         }
                         (false, Some(_)) => {
                             leader_term = None;
@@ -177,9 +183,15 @@ pub fn spawn(
                 }
                 _ = stop.changed() => break,
             };
+            let mut inputs = inputs;
             if raft.is_single_node() && leader_term.is_some() {
                 // A single monitor is its own quorum.
-                quorum_ok = true;
+                inputs.insert(
+                    0,
+                    Input::Quorum {
+                        last_ack_ms: Some(mono_ms(epoch)),
+                    },
+                );
             }
             for input in inputs {
                 let now = mono_ms(epoch);
@@ -194,15 +206,18 @@ pub fn spawn(
                             let sessions = sessions.clone();
                             let back = self_handle.clone();
                             tokio::spawn(async move {
-                                let result = sessions
-                                    .command(&host, command.clone(), COMMAND_TIMEOUT)
+                                let answer = sessions
+                                    .command_observed(&host, command.clone(), COMMAND_TIMEOUT)
                                     .await
                                     .map_err(|e| e.to_string());
-                                debug!(%host, ?command, ?result, "command done");
+                                let seq = answer.as_ref().ok().map(|(_, s)| *s);
+                                let result = answer.map(|(outcome, _)| outcome);
+                                debug!(%host, ?command, ?result, ?seq, "command done");
                                 back.input(Input::CommandDone {
                                     host,
                                     command,
                                     result,
+                                    seq,
                                 })
                                 .await;
                             });
@@ -230,12 +245,6 @@ pub fn spawn(
                                 info!(%host, ?result, "fencing done");
                                 back.input(Input::FenceDone { host, result }).await;
                             });
-                        }
-                        Action::Notify {
-                            message: MonitorToAgent::LeaseGrant { .. },
-                            ..
-                        } if !quorum_ok => {
-                            debug!("lease grant withheld: no recent quorum acknowledgement");
                         }
                         Action::Notify {
                             host: Some(h),

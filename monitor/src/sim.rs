@@ -40,12 +40,19 @@
 //! at 9991 confirm-off hv2 by=alice   # vigilctl host confirm-off hv2 (admin "alice")
 //! at 9992 fence hv2 by=bob [force]   # vigilctl host fence hv2 [--force]
 //! at 9993 release-hold by=carol [cluster=c1]  # vigilctl fencing release [--cluster c1]
+//! at 9995 monitor-restart 1500 hv1   # a new leader; hv1's agent reconnects only 1500 ms
+//!                                    # later (every agent's when none is named)
+//! at 9996 reorder-reports hv1 on     # hv1's listings reach the monitor 400 ms late, after
+//!                                    # newer events and answers
+//! at 9997 quorum-stall on            # the leader hears no quorum ack (no lease grants)
 //! run 20000                          # simulate until this time
 //!
 //! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
 //! (fence agent configured by default, 16 GiB free); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
 //! mass_failure_window_ms=N storage_slot=yes|no` sets host-failure handling; `vm U host=H group=G` puts a VM in an
-//! anti-affinity group; `storage pool=NAME` gives every host
+//! anti-affinity group, `vm U host=H pools=none|P` says which pools its disks are on (default:
+//! unknown, i.e. every pool); `watchdog MS|none` sets every agent's host watchdog (default
+//! 2500 ms); `storage pool=NAME` gives every host
 //! and the monitor one shared pool (default: none); `lease duration_ms=N margin_ms=N
 //! response=self-fence|keep-running` sets the leases.
 //! ```
@@ -79,6 +86,11 @@ const SESSION_IDLE_MS: u64 = 1_500;
 const SYSTEMD_RESTART_MS: u64 = 1_000;
 /// Time a simulated domain start takes.
 const START_MS: u64 = 200;
+/// With `reorder-reports`, a host's listings reach the monitor this late (after the answer
+/// to a start that completed meanwhile).
+const REORDER_DELAY_MS: u64 = 400;
+/// The leader grants leases only with a quorum acknowledgement younger than this.
+const QUORUM_FRESH_MS: u64 = 300;
 
 #[derive(Debug, Clone)]
 struct SimDomain {
@@ -142,6 +154,10 @@ struct SimHost {
     /// The newest term the agent saw in a leader record, and the requests withdrawn.
     known_term: u64,
     withdrawn: BTreeSet<u64>,
+    /// The agent process's observation counter (listings, events, answers).
+    obs_seq: u64,
+    /// Its listings reach the monitor late (`reorder-reports`).
+    reorder: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -176,6 +192,11 @@ enum Fault {
     OperatorFence(String, String, bool),
     /// `vigilctl fencing release [--cluster C]` by an admin.
     ReleaseHold(Option<String>, String),
+    /// A new leader; the listed agents (all when none is listed) reconnect only this many
+    /// ms later, the others after 200 ms.
+    MonitorRestart(u64, Vec<String>),
+    ReorderReports(String, bool),
+    QuorumStall(bool),
 }
 
 /// A parsed scenario.
@@ -186,6 +207,8 @@ pub struct Scenario {
     /// name, zone, cluster, tags, fence configured
     hosts: Vec<(String, String, String, Vec<String>, bool)>,
     vms: Vec<(String, String, i32)>,
+    /// The pools each VM's disks are on, when the scenario says (else unknown).
+    vm_pools: BTreeMap<String, Vec<String>>,
     /// Anti-affinity groups of VMs.
     groups: Vec<(String, String)>,
     /// Free memory per host (GiB) when not the default 16.
@@ -341,6 +364,13 @@ impl Scenario {
                     if let Some(g) = m.get("group") {
                         sc.groups.push((uuid.to_string(), g.clone()));
                     }
+                    if let Some(p) = m.get("pools") {
+                        let pools = match p.as_str() {
+                            "none" => vec![],
+                            list => list.split(',').map(String::from).collect(),
+                        };
+                        sc.vm_pools.insert(uuid.to_string(), pools);
+                    }
                     sc.vms.push((uuid.to_string(), host, prio as i32));
                 }
                 ["at", t, verb, args @ ..] => {
@@ -394,6 +424,12 @@ impl Scenario {
                                 _ => Fault::ReleaseHold(m.get("cluster").cloned(), by),
                             }
                         }
+                        "monitor-restart" => Fault::MonitorRestart(
+                            num(&arg(0)?)?,
+                            args.iter().skip(1).map(|a| a.to_string()).collect(),
+                        ),
+                        "reorder-reports" => Fault::ReorderReports(arg(0)?, on(1)?),
+                        "quorum-stall" => Fault::QuorumStall(on(0)?),
                         other => return Err(err(format!("unknown fault {other:?}"))),
                     };
                     sc.faults.push((t, f));
@@ -423,6 +459,13 @@ impl SimHost {
         self.episode = None;
         self.known_term = 0;
         self.withdrawn.clear();
+        self.obs_seq = 0;
+    }
+
+    /// The next observation sequence number of its agent process.
+    fn observe(&mut self) -> u64 {
+        self.obs_seq += 1;
+        self.obs_seq
     }
 
     /// Power loss: the agent and every domain are gone at once, silently.
@@ -505,6 +548,11 @@ pub struct Sim {
     /// Sim time 0 as an `Instant`, for the shared pure decisions.
     t0: std::time::Instant,
     next_instance: u64,
+    vm_pools: BTreeMap<String, Vec<String>>,
+    /// Reports on their way to the monitor: (due, host, agent instance, input).
+    delayed: Vec<(u64, String, u64, Input)>,
+    /// No quorum acknowledgement reaches the leader (`quorum-stall`).
+    quorum_stalled: bool,
 }
 
 fn detector() -> DetectorConfig {
@@ -520,7 +568,8 @@ impl Sim {
         let mut sim = Sim {
             engine: Engine::new(detector(), sc.policy.clone(), 0)
                 .with_failover(sc.failover.clone())
-                .with_leases(sc.lease.clone(), 500),
+                .with_leases(sc.lease.clone(), 500)
+                .with_quorum_check(QUORUM_FRESH_MS),
             state: ClusterState::default(),
             hosts: BTreeMap::new(),
             crash_on_start: BTreeSet::new(),
@@ -551,6 +600,9 @@ impl Sim {
             watchdog_ms: sc.watchdog_ms,
             t0: std::time::Instant::now(),
             next_instance: 100,
+            vm_pools: sc.vm_pools.clone(),
+            delayed: Vec::new(),
+            quorum_stalled: false,
         };
         for (name, zone, cluster, _, _) in &sc.hosts {
             sim.hosts.insert(
@@ -588,6 +640,8 @@ impl Sim {
                     episode: None,
                     known_term: 0,
                     withdrawn: BTreeSet::new(),
+                    obs_seq: 0,
+                    reorder: false,
                 },
             );
         }
@@ -629,6 +683,12 @@ impl Sim {
                         applied = true;
                     }
                     Action::Send { host, command } => {
+                        if let AgentCommand::StartDomain {
+                            uuid, generation, ..
+                        } = &command
+                        {
+                            self.define_for_start(&host, uuid, *generation);
+                        }
                         self.pending.push((self.now + START_MS, host, command));
                     }
                     Action::Fence { host } => {
@@ -719,6 +779,7 @@ impl Sim {
                 vcpus: 1,
                 memory_kib: 65_536,
                 disks: vec![],
+                pools: self.vm_pools.get(u).cloned(),
                 meta: VigilMeta {
                     ha: self.ha.contains_key(u).then_some(true),
                     priority: self.ha.get(u).copied(),
@@ -742,6 +803,7 @@ impl Sim {
         d.running = false;
         d.reason = reason;
         let generation = Some(d.generation);
+        let seq = h.observe();
         if h.reachable() {
             let ev = DomainEvent {
                 uuid: uuid.to_string(),
@@ -755,6 +817,7 @@ impl Sim {
                 host: host.to_string(),
                 event: ev,
                 generation,
+                seq,
             });
         }
     }
@@ -905,6 +968,22 @@ impl Sim {
                     host.stale_ack = on;
                 }
             }
+            Fault::MonitorRestart(delay, late) => {
+                // The monitor restarts (a new leader); its agents back off and reconnect only
+                // `delay` ms later (or just the listed ones; the others within 200 ms).
+                let now = self.now;
+                for (name, h) in self.hosts.iter_mut() {
+                    let slow = late.is_empty() || late.contains(name);
+                    h.reconnect_after = now + if slow { delay } else { 200 };
+                }
+                self.new_leader();
+            }
+            Fault::ReorderReports(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.reorder = on;
+                }
+            }
+            Fault::QuorumStall(on) => self.quorum_stalled = on,
             Fault::Maintenance(h, on) => {
                 // An operator's command, committed through Raft like any other.
                 if !self.monitors_down {
@@ -960,6 +1039,93 @@ impl Sim {
         }
     }
 
+    /// A listing taken now by `host`'s agent (its number stamped now), delivered at once, or
+    /// late with `reorder-reports`.
+    fn report_listing(&mut self, host: &str, domains: Vec<DomainInfo>) {
+        let now = self.now;
+        let Some(h) = self.hosts.get_mut(host) else {
+            return;
+        };
+        let seq = h.observe();
+        let due = if h.reorder {
+            now + REORDER_DELAY_MS
+        } else {
+            now
+        };
+        let input = Input::Inventory {
+            host: host.to_string(),
+            domains,
+            health: HypervisorHealth::Healthy,
+            seq,
+        };
+        if due <= now {
+            self.input(input);
+        } else {
+            self.delayed
+                .push((due, host.to_string(), h.instance, input));
+        }
+    }
+
+    /// Reports whose time has come, if the agent process that took them still talks to the
+    /// monitor (a session that ended takes its queue with it).
+    fn deliver_delayed(&mut self) {
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed)
+            .into_iter()
+            .partition(|(t, _, _, _)| *t <= now);
+        self.delayed = later;
+        for (_, host, instance, input) in due {
+            let live = self
+                .hosts
+                .get(&host)
+                .is_some_and(|h| h.reachable() && h.connected_to_engine && h.instance == instance);
+            if live {
+                self.input(input);
+            }
+        }
+    }
+
+    /// The agent received a start order: like libvirt, it defines the domain (shut off, with
+    /// the order's generation in its metadata) before starting it, and its watcher lists the
+    /// host again on the "defined" event. That listing shows the domain shut off.
+    fn define_for_start(&mut self, host: &str, uuid: &str, generation: u64) {
+        let Some(h) = self.hosts.get_mut(host) else {
+            return;
+        };
+        if !h.reachable() || h.domains.contains_key(uuid) {
+            return;
+        }
+        if h.newest.get(uuid).is_some_and(|n| generation < *n) {
+            return;
+        }
+        h.domains.insert(
+            uuid.to_string(),
+            SimDomain {
+                running: false,
+                generation,
+                reason: StateReason::NeverStarted,
+            },
+        );
+        let domains = self.domain_infos(host);
+        let now = self.now;
+        let Some(h) = self.hosts.get_mut(host) else {
+            return;
+        };
+        let seq = h.observe();
+        let due = now + if h.reorder { REORDER_DELAY_MS } else { STEP_MS };
+        self.delayed.push((
+            due,
+            host.to_string(),
+            h.instance,
+            Input::Inventory {
+                host: host.to_string(),
+                domains,
+                health: HypervisorHealth::Healthy,
+                seq,
+            },
+        ));
+    }
+
     fn new_instance(&mut self) -> u64 {
         self.next_instance += 1;
         self.next_instance
@@ -971,7 +1137,8 @@ impl Sim {
         let policy = self.engine_policy();
         self.engine = Engine::new(detector(), policy, self.now)
             .with_failover(self.failover.clone())
-            .with_leases(self.lease.clone(), 500);
+            .with_leases(self.lease.clone(), 500)
+            .with_quorum_check(QUORUM_FRESH_MS);
         for h in self.hosts.values_mut() {
             h.connected_to_engine = false;
         }
@@ -1114,6 +1281,8 @@ impl Sim {
                 if let Some(d) = h.domains.get_mut(u) {
                     d.running = false;
                     d.reason = StateReason::Destroyed;
+                    h.obs_seq += 1;
+                    let seq = h.obs_seq;
                     h.queued.push(Input::DomainEvent {
                         host: name.clone(),
                         event: DomainEvent {
@@ -1125,6 +1294,7 @@ impl Sim {
                             at_ms: WALL0 + now,
                         },
                         generation: Some(d.generation),
+                        seq,
                     });
                 }
             }
@@ -1369,6 +1539,13 @@ impl Sim {
                 });
             }
         }
+        if !self.quorum_stalled {
+            let now = self.now;
+            self.input(Input::Quorum {
+                last_ack_ms: Some(now),
+            });
+        }
+        self.deliver_delayed();
         if self.now % 500 == 0 {
             self.storage_cycle();
         }
@@ -1447,10 +1624,12 @@ impl Sim {
                     self.input(q);
                 }
                 let domains = self.domain_infos(name);
+                let seq = self.hosts.get_mut(name).map_or(0, SimHost::observe);
                 self.input(Input::Inventory {
                     host: name.clone(),
                     domains,
                     health: HypervisorHealth::Healthy,
+                    seq,
                 });
             }
             if self.now % 100 == 0 {
@@ -1488,11 +1667,7 @@ impl Sim {
                         });
                     }
                 }
-                self.input(Input::Inventory {
-                    host: name.clone(),
-                    domains,
-                    health: HypervisorHealth::Healthy,
-                });
+                self.report_listing(name, domains);
             }
         }
         self.stale_check();
@@ -1550,10 +1725,16 @@ impl Sim {
                     }
                 }
             };
+            // Stamped when the command finished, like the real agent's answers.
+            let seq = match (&result, self.hosts.get_mut(&host)) {
+                (Ok(_), Some(h)) => Some(h.observe()),
+                _ => None,
+            };
             self.input(Input::CommandDone {
                 host,
                 command,
                 result,
+                seq,
             });
         }
         // Fence agents that are due.

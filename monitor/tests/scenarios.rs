@@ -185,43 +185,65 @@ fn random_scenario(seed: u64) -> String {
         let h = 1 + r.below(hosts);
         let v = 1 + r.below(vms);
         let onoff = if r.below(2) == 0 { "on" } else { "off" };
-        // 16..=18 need storage; 19.. are for every run.
-        let k = r.below(if storage { 22 } else { 19 });
-        let k = if !storage && k >= 16 { k + 3 } else { k };
-        let f = match k {
-            19 => format!("kill-agent-for-good hv{h}"),
-            20 => format!("version-mismatch hv{h} {onoff}"),
-            21 => format!("partition hv{h}"),
-            14 => format!("maintenance hv{h} {onoff}"),
-            15 => {
-                // Every monitor down for a while, then back.
-                let back = t + 500 + r.below(8_000);
-                s.push_str(&format!("at {back} monitors-up\n"));
-                "monitors-down".to_string()
+        // Issue 9's faults: late reconnects after a monitor restart (beyond down_after,
+        // within a lease), reordered reports (older listings after newer events and
+        // answers), quorum acknowledgements that stop for a while (no lease grants).
+        let f = if r.below(6) == 0 {
+            match r.below(3) {
+                0 => {
+                    let late = if r.below(2) == 0 {
+                        format!(" hv{h}")
+                    } else {
+                        String::new()
+                    };
+                    format!("monitor-restart {}{late}", 700 + r.below(1_700))
+                }
+                1 => format!("reorder-reports hv{h} {onoff}"),
+                _ => {
+                    let back = t + 200 + r.below(3_000);
+                    s.push_str(&format!("at {back} quorum-stall off\n"));
+                    "quorum-stall on".to_string()
+                }
             }
-            16 | 17 => format!("storage-fault hv{h} {onoff}"),
-            18 => format!("storage-outage {onoff}"),
-            10 => format!("crash-host hv{h}"),
-            11 => format!("power-on hv{h}"),
-            12 => format!("partition hv{h}"),
-            13 => format!("fence-fails hv{h} {onoff}"),
-            0..=2 => format!("crash-vm u{v}"),
-            3 => format!("crash-on-start u{v} {onoff}"),
-            4 => format!("kill-agent hv{h}"),
-            5 => format!("start-agent hv{h}"),
-            6 => format!("start-fails hv{h} {onoff}"),
-            7 => format!("drop-answers hv{h} {onoff}"),
-            8 => "new-leader".to_string(),
-            _ => format!("guest-shutdown u{v}"),
+        } else {
+            // 16..=18 need storage; 19.. are for every run.
+            let k = r.below(if storage { 22 } else { 19 });
+            let k = if !storage && k >= 16 { k + 3 } else { k };
+            match k {
+                19 => format!("kill-agent-for-good hv{h}"),
+                20 => format!("version-mismatch hv{h} {onoff}"),
+                21 => format!("partition hv{h}"),
+                14 => format!("maintenance hv{h} {onoff}"),
+                15 => {
+                    // Every monitor down for a while, then back.
+                    let back = t + 500 + r.below(8_000);
+                    s.push_str(&format!("at {back} monitors-up\n"));
+                    "monitors-down".to_string()
+                }
+                16 | 17 => format!("storage-fault hv{h} {onoff}"),
+                18 => format!("storage-outage {onoff}"),
+                10 => format!("crash-host hv{h}"),
+                11 => format!("power-on hv{h}"),
+                12 => format!("partition hv{h}"),
+                13 => format!("fence-fails hv{h} {onoff}"),
+                0..=2 => format!("crash-vm u{v}"),
+                3 => format!("crash-on-start u{v} {onoff}"),
+                4 => format!("kill-agent hv{h}"),
+                5 => format!("start-agent hv{h}"),
+                6 => format!("start-fails hv{h} {onoff}"),
+                7 => format!("drop-answers hv{h} {onoff}"),
+                8 => "new-leader".to_string(),
+                _ => format!("guest-shutdown u{v}"),
+            }
         };
         s.push_str(&format!("at {t} {f}\n"));
     }
     // Heal everything (the monitors first: operators' commands need them).
     t += 100;
-    s.push_str(&format!("at {t} monitors-up\n"));
+    s.push_str(&format!("at {t} monitors-up\nat {t} quorum-stall off\n"));
     t += 100;
     for h in 1..=hosts {
-        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\nat {t} heal hv{h}\nat {t} fence-fails hv{h} off\nat {t} power-on hv{h}\nat {t} maintenance hv{h} off\nat {t} version-mismatch hv{h} off\n"));
+        s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\nat {t} heal hv{h}\nat {t} fence-fails hv{h} off\nat {t} power-on hv{h}\nat {t} maintenance hv{h} off\nat {t} version-mismatch hv{h} off\nat {t} reorder-reports hv{h} off\n"));
         if storage {
             s.push_str(&format!("at {t} storage-fault hv{h} off\n"));
         }

@@ -128,6 +128,9 @@ struct Shared {
     events_rx: Mutex<Option<mpsc::Receiver<DomainEvent>>>,
     events_dropped: Arc<AtomicU64>,
     connects: AtomicU64,
+    /// Storage pools (name, mount path on this host), to tell which pools a domain's disks
+    /// are on.
+    pools: Mutex<Vec<(String, std::path::PathBuf)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -207,6 +210,7 @@ impl Hypervisor {
             events_rx: Mutex::new(Some(ev_rx)),
             events_dropped: Arc::new(AtomicU64::new(0)),
             connects: AtomicU64::new(0),
+            pools: Mutex::new(Vec::new()),
         });
         let worker = Worker {
             shared: shared.clone(),
@@ -224,6 +228,12 @@ impl Hypervisor {
             tracing::error!(error = %e, "cannot start the libvirt worker thread");
         }
         Hypervisor { shared, tx }
+    }
+
+    /// The primary storage pools this host mounts (name, mount path): every listed domain
+    /// then says which of them its disks are on ([`DomainInfo::pools`]).
+    pub fn set_pools(&self, pools: Vec<(String, std::path::PathBuf)>) {
+        *lock(&self.shared.pools) = pools;
     }
 
     /// The URI this handle connects to.
@@ -261,10 +271,11 @@ impl Hypervisor {
 
     /// All domains, active and inactive. A domain that disappears while being listed is left out.
     pub async fn list(&self) -> Result<Vec<DomainInfo>, HvError> {
-        self.call("list domains".into(), None, true, |conn| {
+        let pools = lock(&self.shared.pools).clone();
+        self.call("list domains".into(), None, true, move |conn| {
             let mut out = Vec::new();
             for dom in conn.list_all_domains(0)? {
-                match domain_info(&dom) {
+                match domain_info(&dom, &pools) {
                     Ok(info) => out.push(info),
                     Err(OpErr::Lv(e)) if is_no_domain(&e) => {}
                     Err(e) => return Err(e),
@@ -278,10 +289,11 @@ impl Hypervisor {
     /// One domain, `None` if this host has no domain with that UUID.
     pub async fn get(&self, uuid: &str) -> Result<Option<DomainInfo>, HvError> {
         let (op, uuid) = checked("get", uuid)?;
+        let pools = lock(&self.shared.pools).clone();
         self.call(op, None, true, move |conn| {
             let found = Domain::lookup_by_uuid_string(conn, &uuid)
                 .map_err(OpErr::Lv)
-                .and_then(|dom| domain_info(&dom));
+                .and_then(|dom| domain_info(&dom, &pools));
             match found {
                 Ok(info) => Ok(Some(info)),
                 Err(OpErr::Lv(e)) if is_no_domain(&e) => Ok(None),
@@ -575,7 +587,7 @@ fn parse_xml(text: &str, uuid: &str) -> Result<xml::ParsedDomain, OpErr> {
     })
 }
 
-fn domain_info(dom: &Domain) -> Result<DomainInfo, OpErr> {
+fn domain_info(dom: &Domain, pools: &[(String, std::path::PathBuf)]) -> Result<DomainInfo, OpErr> {
     let uuid = dom.get_uuid_string()?.to_ascii_lowercase();
     let name = dom.get_name()?;
     let (state, reason) = dom.get_state()?;
@@ -605,6 +617,7 @@ fn domain_info(dom: &Domain) -> Result<DomainInfo, OpErr> {
         reason: reason_mapped,
         vcpus: info.nr_virt_cpu,
         memory_kib: info.max_mem,
+        pools: xml::pools_of_disks(&parsed.disks, pools),
         disks: parsed.disks,
         meta: parsed.meta,
         persistent,

@@ -86,6 +86,32 @@ pub fn meta_element(meta: &VigilMeta) -> Option<String> {
     Some(s)
 }
 
+/// The storage pools (by name) that the disks at `disks` (as [`parse_disks`] returns them)
+/// are on, given each pool's mount path on this host: a disk whose absolute source path lies
+/// under a pool's path (compared component by component, without touching the file system:
+/// a hung NFS mount must not hang the listing) is on that pool; another absolute path is a
+/// local disk. `None` when some disk is not a path (a network disk such as `rbd`, or a
+/// `pool/volume` of a libvirt storage pool): then nobody can say, and the monitor treats the
+/// domain as on every pool.
+pub fn pools_of_disks(
+    disks: &[String],
+    pools: &[(String, std::path::PathBuf)],
+) -> Option<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for d in disks {
+        let path = std::path::Path::new(d);
+        if !path.is_absolute() {
+            return None;
+        }
+        for (name, mount) in pools {
+            if path.starts_with(mount) && !out.contains(name) {
+                out.push(name.clone());
+            }
+        }
+    }
+    Some(out)
+}
+
 fn disks_of(root: roxmltree::Node<'_, '_>) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let devices = root.children().filter(|n| n.has_tag_name("devices"));
@@ -160,6 +186,39 @@ mod tests {
     <disk type='file' device='disk'><source file='/var/lib/libvirt/images/web1.qcow2'/><target dev='vde'/></disk>
   </devices>
 </domain>"#;
+
+    #[test]
+    fn a_domain_is_on_the_pools_its_disks_are_under_and_unknown_for_network_disks() {
+        let pools = vec![
+            (
+                "primary".to_string(),
+                std::path::PathBuf::from("/var/lib/vigil/primary"),
+            ),
+            (
+                "second".to_string(),
+                std::path::PathBuf::from("/mnt/second"),
+            ),
+        ];
+        let on = |d: &[&str]| {
+            pools_of_disks(&d.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &pools)
+        };
+        assert_eq!(
+            on(&[
+                "/var/lib/vigil/primary/vm1.qcow2",
+                "/var/lib/libvirt/images/scratch.img"
+            ]),
+            Some(vec!["primary".to_string()])
+        );
+        assert_eq!(on(&["/var/lib/libvirt/images/a.img"]), Some(vec![]));
+        // A sibling directory whose name starts like the mount is not under it.
+        assert_eq!(on(&["/mnt/second-copy/a.img"]), Some(vec![]));
+        assert_eq!(
+            on(&["/mnt/second/a.img", "/var/lib/vigil/primary/b.img"]),
+            Some(vec!["second".to_string(), "primary".to_string()])
+        );
+        assert_eq!(on(&["rbd/vm1-disk"]), None, "a network disk: unknown");
+        assert_eq!(on(&[]), Some(vec![]));
+    }
 
     #[test]
     fn parses_disks_of_every_source_kind() {

@@ -124,6 +124,8 @@ pub enum EventKind {
     AntiAffinityBroken,
     /// A VM is being moved off a host in maintenance.
     VmDraining,
+    /// A destroy the monitor ordered to move a VM (storage fault, maintenance) failed.
+    VmStopFailed,
     /// A VM joined or left an anti-affinity group.
     VmAntiAffinity {
         group: Option<String>,
