@@ -6,7 +6,7 @@
 //! 1. an agent killed and back within its lease: nothing moves, it adopts its domain;
 //! 2. every monitor down for a minute: no guest stops; back: no spurious recovery;
 //! 3. a pool-wide storage outage: nobody fenced; a VM it stopped waits, restarts after heal;
-//! 4. one host's storage fault: that host's VM moves, the others are untouched;
+//! 4. one host's storage fault: VMs without a disk on that pool stay, nothing is stopped;
 //! 5. BMC dead and storage slot unreachable: lease expiry is the proof, no host stuck;
 //! 6. isolated, alive on storage, storage slot off: the agent fences itself on lease expiry,
 //!    the VM comes back elsewhere only after the lease; healed, the host starts nothing;
@@ -235,42 +235,27 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     assert_no_fencing(&events_since(n));
     std::thread::sleep(Duration::from_secs(3));
 
-    // 4. One host's storage fault: hv3's VMs are destroyed through its agent and start on a
-    //    host that reaches the pool; the others are untouched; hv3 is not fenced.
+    // 4. One host's storage fault (issue 9 item 10): only VMs with a disk on the failed pool
+    //    move. The lab's guests are diskless, so none of hv3's VMs depends on the pool: past
+    //    the 5 s grace nothing is destroyed, nothing moves, and hv3 is not fenced. (The move
+    //    of VMs whose disks are on the pool is scenario 31 and the engine's unit tests; lab
+    //    guests with disks on the shared pool are still to come.)
     let n = LAB.event_messages().len();
     let before: Vec<(String, u64)> = vms.iter().map(|v| placement(v)).collect();
     assert!(
         before.iter().any(|(h, _)| h == "hv3"),
         "hv3 runs a VM: {before:?}"
     );
-    let t_fault = Instant::now();
     LAB.ok(&["storage", "fail", "--host", "hv3"]);
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let moved = vms.iter().zip(&before).all(|(v, (h0, g0))| {
-            h0 != "hv3" || {
-                let (h, g) = placement(v);
-                h != "hv3" && g == g0 + 1 && vm(v)["state"] == "running"
-            }
-        });
-        if moved {
-            break;
-        }
-        assert!(
-            Instant::now() < end,
-            "hv3's VMs never moved: {:#?}",
+    std::thread::sleep(Duration::from_secs(9));
+    for (v, p0) in vms.iter().zip(&before) {
+        assert_eq!(
+            &placement(v),
+            p0,
+            "{v} must be untouched: no disk on the failed pool; {:#?}",
             events_since(n)
         );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    eprintln!(
-        "FIGURE one-host storage fault -> hv3's VMs running elsewhere: {} ms",
-        t_fault.elapsed().as_millis()
-    );
-    for (v, p0) in vms.iter().zip(&before) {
-        if p0.0 != "hv3" {
-            assert_eq!(&placement(v), p0, "{v} must be untouched");
-        }
+        assert_eq!(vm(v)["state"], "running", "{v}");
     }
     let ev = events_since(n);
     assert!(ev.iter().any(|m| m.contains("down on hv3 only")), "{ev:#?}");
