@@ -132,12 +132,24 @@ fn watchdogs_reset_a_dead_agents_cut_off_host_before_its_vm_moves_and_nothing_wh
         "reset {} ms after the kill: too early for W = {W} s",
         reset_ms - t_fault
     );
-    // The reset was the lab's power loss.
-    let crash = LAB
-        .lab_events()
-        .into_iter()
-        .rfind(|e| e["verb"] == "crash-host" && e["target"] == "hv2")
-        .expect("crash-host hv2 after the watchdog reset");
+    // The reset was the lab's power loss. The expiry is logged first and its action (the
+    // lab's crash-host, which waits until every process of hv2 is gone) logs when done.
+    let crash_end = Instant::now() + Duration::from_secs(15);
+    let crash = loop {
+        if let Some(e) = LAB
+            .lab_events()
+            .into_iter()
+            .rfind(|e| e["verb"] == "crash-host" && e["target"] == "hv2")
+        {
+            break e;
+        }
+        assert!(
+            Instant::now() < crash_end,
+            "no crash-host hv2 after the watchdog reset: {:#?}",
+            LAB.watchdog_status("hv2")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(crash["detail"]["source"], "watchdog", "{crash}");
 
     LAB.wait_vm_on("hv2-vm1", "hv1", 1, Instant::now());
