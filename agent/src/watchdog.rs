@@ -38,15 +38,6 @@ use vigil_common::config::WatchdogConfig;
 /// How long one "keep" verdict allows feeding (the guard renews it every 100 ms).
 pub const PERMIT: Duration = Duration::from_millis(1_000);
 
-/// What the heartbeat reports about the watchdog.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WatchdogState {
-    /// No device configured, or it could not be armed.
-    None,
-    /// Armed with this timeout.
-    Armed { timeout_ms: u64 },
-}
-
 #[derive(Debug, Default)]
 struct State {
     /// Feeding allowed until then (the guard's latest "keep").
@@ -124,14 +115,6 @@ impl Watchdog {
         let mut s = self.lock();
         s.permit_until = None;
         s.disarm = true;
-    }
-
-    /// What the heartbeat reports.
-    pub fn state(&self) -> WatchdogState {
-        match self.lock().armed_ms {
-            Some(timeout_ms) => WatchdogState::Armed { timeout_ms },
-            None => WatchdogState::None,
-        }
     }
 
     /// The armed timeout, for the wire.
@@ -259,7 +242,7 @@ mod tests {
     fn no_device_reports_no_watchdog() {
         let w = Watchdog::none();
         w.keep(Instant::now());
-        assert_eq!(w.state(), WatchdogState::None);
+        assert_eq!(w.armed_ms(), None);
     }
 
     /// A plain file stands in for a device without the ioctls: arming fails (the timeout
@@ -275,7 +258,7 @@ mod tests {
         });
         w.keep(Instant::now());
         std::thread::sleep(Duration::from_millis(400));
-        assert_eq!(w.state(), WatchdogState::None);
+        assert_eq!(w.armed_ms(), None);
         w.stop();
     }
 }

@@ -2847,14 +2847,7 @@ mod tests {
     #[test]
     fn a_failed_destroy_does_not_leave_an_expected_stop_behind() {
         let mut s = two_hosts_one_vm();
-        s.input(
-            Input::Definition {
-                host: "hv1".into(),
-                uuid: "u1".into(),
-                xml: "<domain/>".into(),
-            },
-            20,
-        );
+        s.store_definition("hv1", "u1", 20);
         s.state.apply(&StateCommand::SetMaintenance {
             at_ms: 1_000_030,
             host: "hv1".into(),
@@ -3362,6 +3355,18 @@ mod tests {
     }
 
     impl Sim {
+        /// `host`'s agent ships the definition of `uuid` (a relocation needs it stored).
+        fn store_definition(&mut self, host: &str, uuid: &str, now: u64) {
+            self.input(
+                Input::Definition {
+                    host: host.into(),
+                    uuid: uuid.into(),
+                    xml: "<domain/>".into(),
+                },
+                now,
+            );
+        }
+
         /// Ticks every 100 ms over `range` with both hosts heartbeating.
         fn live_ticks_both(&mut self, range: std::ops::Range<u64>) {
             for t in range.step_by(100) {
@@ -3375,14 +3380,7 @@ mod tests {
     fn never_relocates_while_the_old_host_may_still_run_it() {
         let mut s = two_hosts_one_vm();
         // Another host can only start it from its stored definition.
-        s.input(
-            Input::Definition {
-                host: "hv1".into(),
-                uuid: "u1".into(),
-                xml: "<domain/>".into(),
-            },
-            20,
-        );
+        s.store_definition("hv1", "u1", 20);
         s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
         assert_eq!(s.starts(), vec![("hv1".to_string(), "u1".to_string(), 1)]);
         // The in-place start is refused because, as far as hv1 knows, it runs again.
