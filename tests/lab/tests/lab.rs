@@ -32,14 +32,7 @@ fn lab_cmd(args: &[&str]) -> Command {
 fn lab(args: &[&str]) -> Output {
     let t0 = Instant::now();
     let o = lab_cmd(args).output().expect("run vigil-lab");
-    eprintln!(
-        "$ vigil-lab {} -> {} in {} ms\n{}{}",
-        args.join(" "),
-        o.status,
-        t0.elapsed().as_millis(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    support::echo(args, &o, t0.elapsed());
     o
 }
 

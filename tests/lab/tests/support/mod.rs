@@ -49,10 +49,37 @@ pub fn skip(test: &str, progs: &[&str]) -> bool {
 pub struct Guard {
     pub supervisor: Option<Child>,
     down: Box<dyn Fn() -> Output>,
+    lab_cmd: fn(&[&str]) -> Command,
+}
+
+impl Guard {
+    /// On a failing test, before `down`: what an operator would look at first, short enough
+    /// to stay in the part of the log CI keeps: the independent observer's verdict (every
+    /// QEMU instance and gap) and the monitor's newest events.
+    fn report_failure(&self) {
+        for args in [
+            &["check"][..],
+            &["ctl", "--", "--timeout", "3", "events", "--limit", "40"][..],
+        ] {
+            match (self.lab_cmd)(args).output() {
+                Ok(o) => eprintln!(
+                    "--- on failure: vigil-lab {} ({})\n{}{}",
+                    args.join(" "),
+                    o.status,
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                ),
+                Err(e) => eprintln!("--- on failure: vigil-lab {}: {e}", args.join(" ")),
+            }
+        }
+    }
 }
 
 impl Drop for Guard {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.report_failure();
+        }
         if !(self.down)().status.success() {
             eprintln!("guard: down failed");
         }
@@ -96,6 +123,7 @@ pub fn start_supervisor(
     let guard = Guard {
         supervisor: Some(sup),
         down: Box::new(down),
+        lab_cmd,
     };
     let sock = PathBuf::from(root).join("supervisor.sock");
     let t0 = Instant::now();
@@ -117,6 +145,37 @@ pub struct LabCli {
     pub prefix: &'static str,
 }
 
+/// How many characters of one verb's output go to the test log (`VIGIL_LAB_VERBOSE=1`: all).
+const ECHO_CHARS: usize = 1500;
+
+/// Echoes a verb and a short form of its output to the test log: JSON on one line, cut at
+/// [`ECHO_CHARS`]. The log CI keeps of a failing test is short; a verb's full pretty JSON
+/// (the status of a lab is ~700 lines) would push the panic message out of it. The
+/// assertions print the JSON they check.
+pub fn echo(args: &[&str], o: &Output, took: std::time::Duration) {
+    let full = std::env::var_os("VIGIL_LAB_VERBOSE").is_some();
+    let short = |b: &[u8]| -> String {
+        let text = match serde_json::from_slice::<serde_json::Value>(b) {
+            Ok(v) => v.to_string(),
+            Err(_) => String::from_utf8_lossy(b).trim_end().to_string(),
+        };
+        if full || text.chars().count() <= ECHO_CHARS {
+            text
+        } else {
+            let cut: String = text.chars().take(ECHO_CHARS).collect();
+            format!("{cut} [… {} more chars]", text.chars().count() - ECHO_CHARS)
+        }
+    };
+    eprintln!(
+        "$ vigil-lab {} -> {} in {} ms\n{}\n{}",
+        args.join(" "),
+        o.status,
+        took.as_millis(),
+        short(&o.stdout),
+        short(&o.stderr)
+    );
+}
+
 impl LabCli {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_vigil-lab"));
@@ -132,14 +191,9 @@ impl LabCli {
 
     /// Runs a verb, echoing it and its output to the test log.
     pub fn run(&self, args: &[&str]) -> Output {
+        let t0 = std::time::Instant::now();
         let o = self.cmd(args).output().expect("run vigil-lab");
-        eprintln!(
-            "$ vigil-lab {} -> {}\n{}{}",
-            args.join(" "),
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
+        echo(args, &o, t0.elapsed());
         o
     }
 
