@@ -1079,4 +1079,100 @@ mod tests {
         let err = issue_cert(&ca, Role::Agent, "../evil", dir.path(), &[], 30).expect_err("bad");
         assert!(err.to_string().contains("../evil"), "{err}");
     }
+
+    #[test]
+    fn revoke_lists_serials_once_and_a_foreign_crl_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "test").expect("ca");
+        let out = dir.path().join("certs");
+        let a = issue_cert(&ca, Role::Agent, "hv1", &out, &[], 30).expect("issue");
+        let b = issue_cert(&ca, Role::Viewer, "bob", &out, &[], 30).expect("issue");
+        let sa = cert_info_file(&a.cert).expect("info").serial;
+        let vb = cert_info_file(&b.cert).expect("info");
+        assert_eq!(vb.role, Role::Viewer);
+        assert_eq!("viewer".parse::<Role>(), Ok(Role::Viewer));
+
+        let r = revoke(&ca, std::slice::from_ref(&sa)).expect("revoke");
+        assert_eq!(r.serials, vec![sa.clone()]);
+        // With separators and upper case, plus a new one: listed once each.
+        let colon = sa
+            .to_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(":");
+        let r = revoke(&ca, &[colon, vb.serial.clone()]).expect("revoke again");
+        assert_eq!(r.serials, vec![sa.clone(), vb.serial.clone()]);
+        assert_eq!(r.already, vec![sa.clone()]);
+        let paths = TlsPaths {
+            ca: a.ca.clone(),
+            cert: a.cert.clone(),
+            key: a.key.clone(),
+            crl: Some(r.crl.clone()),
+        };
+        let m = paths.load().expect("load with CRL");
+        assert_eq!(crl_serials(&m.crls[0]).expect("serials").len(), 2);
+
+        let e = revoke(&ca, &["xyz".into()]).expect_err("bad serial");
+        assert!(e.to_string().contains("xyz"), "{e}");
+
+        // A CRL of another CA is refused with a clear error.
+        let other = dir.path().join("other");
+        init_ca(&other, "other").expect("other ca");
+        let foreign = revoke(&other, &[sa]).expect("foreign revoke");
+        let bad = TlsPaths {
+            crl: Some(foreign.crl),
+            ..paths
+        };
+        let e = bad.load().err().expect("foreign CRL must be refused");
+        assert!(e.to_string().contains("not by the cluster CA"), "{e}");
+    }
+
+    #[test]
+    fn renew_keeps_name_role_and_addresses_with_a_new_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "test").expect("ca");
+        let out = dir.path().join("certs");
+        let f = issue_cert(
+            &ca,
+            Role::Monitor,
+            "mon1",
+            &out,
+            &["10.0.0.1".into(), "mon1.example".into()],
+            10,
+        )
+        .expect("issue");
+        let old_key = fs::read_to_string(&f.key).expect("key");
+        let r = renew(&ca, &f.cert, &f.key, 825).expect("renew");
+        assert_eq!((r.new.name.as_str(), r.new.role), ("mon1", Role::Monitor));
+        assert_ne!(r.new.serial, r.old.serial);
+        assert!(r.new.not_after - r.old.not_after > 800 * 86_400);
+        assert_ne!(fs::read_to_string(&f.key).expect("key"), old_key);
+        let der = load_certs(&f.cert).expect("certs").remove(0);
+        let (_, c) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        let sans: Vec<String> = c
+            .subject_alternative_name()
+            .expect("san")
+            .expect("san")
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        for want in ["mon1.example", "0a:00:00:01", MONITOR_SERVER_NAME] {
+            assert!(sans.iter().any(|s| s.contains(want)), "{want} in {sans:?}");
+        }
+        // The renewed pair loads and matches.
+        TlsPaths {
+            ca: f.ca,
+            cert: f.cert,
+            key: f.key,
+            crl: None,
+        }
+        .load()
+        .expect("load renewed");
+    }
 }

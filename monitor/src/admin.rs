@@ -48,7 +48,7 @@ pub async fn serve(conn: quinn::Connection, peer: PeerIdentity, ctx: AdminContex
     // agent's certificate is no operator's.
     if !matches!(peer.role, Role::Admin | Role::Viewer) {
         let msg = format!(
-            "certificate {:?} has role {}; the admin API takes only admin certificates (reads and writes) and viewer certificates (reads)",
+            "certificate {:?} has role {}: the admin API needs an admin certificate (reads and writes) or a viewer certificate (reads only)",
             peer.name, peer.role
         );
         warn!(remote = %conn.remote_address(), "{msg}");

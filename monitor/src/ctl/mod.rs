@@ -407,14 +407,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             days,
         }) => {
             let f = tls::issue_cert(ca, *role, name, out, san, *days)?;
+            let serial = tls::cert_info_file(&f.cert)?.serial;
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({"cert": f.cert, "key": f.key, "ca": f.ca, "role": role.to_string(), "name": name})
+                    serde_json::json!({"cert": f.cert, "key": f.key, "ca": f.ca, "role": role.to_string(), "name": name, "serial": serial})
                 );
             } else {
                 println!(
-                    "issued {role} certificate for {name}: {} (key {}, CA {})",
+                    "issued {role} certificate for {name}: {} (key {}, CA {}), serial {serial}",
                     f.cert.display(),
                     f.key.display(),
                     f.ca.display()
