@@ -454,13 +454,17 @@ impl TlsPaths {
 
 /// Reads a PEM CRL and checks it is issued by the CA in `ca_path` (a CRL of another CA would
 /// leave every peer's revocation status unknown, which refuses them all).
-fn load_crl(path: &Path, ca_path: &Path) -> Result<CertificateRevocationListDer<'static>, TlsError> {
+fn load_crl(
+    path: &Path,
+    ca_path: &Path,
+) -> Result<CertificateRevocationListDer<'static>, TlsError> {
     use rustls_pki_types::pem::PemObject;
     let data = fs::read(path).map_err(io_err(path))?;
-    let crl = CertificateRevocationListDer::from_pem_slice(&data).map_err(|e| TlsError::BadPem {
-        path: path.to_path_buf(),
-        message: format!("no PEM X509 CRL: {e}"),
-    })?;
+    let crl =
+        CertificateRevocationListDer::from_pem_slice(&data).map_err(|e| TlsError::BadPem {
+            path: path.to_path_buf(),
+            message: format!("no PEM X509 CRL: {e}"),
+        })?;
     let (_, parsed) = x509_parser::parse_x509_crl(&crl).map_err(|e| TlsError::BadPem {
         path: path.to_path_buf(),
         message: format!("unreadable CRL: {e}"),
@@ -682,7 +686,11 @@ fn hex(bytes: &[u8]) -> String {
 
 /// A serial number as the user typed it (hex, `:` separators allowed), normalized.
 pub fn parse_serial(s: &str) -> Result<String, TlsError> {
-    let clean: String = s.chars().filter(|c| *c != ':').collect::<String>().to_lowercase();
+    let clean: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_lowercase();
     if clean.is_empty() || clean.len() % 2 != 0 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(TlsError::BadName {
             name: s.to_string(),
@@ -784,12 +792,11 @@ pub fn revoke(ca_dir: &Path, serials: &[String]) -> Result<Revoked, TlsError> {
     if crl_path.exists() {
         use rustls_pki_types::pem::PemObject;
         let data = fs::read(&crl_path).map_err(io_err(&crl_path))?;
-        let der = CertificateRevocationListDer::from_pem_slice(&data).map_err(|e| {
-            TlsError::BadPem {
+        let der =
+            CertificateRevocationListDer::from_pem_slice(&data).map_err(|e| TlsError::BadPem {
                 path: crl_path.clone(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| TlsError::BadPem {
             path: crl_path.clone(),
             message: e.to_string(),
@@ -856,12 +863,7 @@ pub struct Renewed {
 /// Issues a new key and certificate for the holder of `cert` (same name, role and subject
 /// alternative names, `valid_days` from now) and replaces `cert` and `key` in place (each
 /// atomically, the key first). The daemon using them picks them up on SIGHUP.
-pub fn renew(
-    ca_dir: &Path,
-    cert: &Path,
-    key: &Path,
-    valid_days: u32,
-) -> Result<Renewed, TlsError> {
+pub fn renew(ca_dir: &Path, cert: &Path, key: &Path, valid_days: u32) -> Result<Renewed, TlsError> {
     let ca = CaSigner::load(ca_dir)?;
     let certs = load_certs(cert)?;
     let der = certs.first().ok_or_else(|| TlsError::NoCertificate {
@@ -986,16 +988,17 @@ impl rustls::server::danger::ClientCertVerifier for ExpiryAwareVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
-        let result = self.inner.verify_client_cert(end_entity, intermediates, now);
+        let result = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now);
         if let Err(rustls::Error::InvalidCertificate(
             rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
         )) = &result
         {
             if let Ok(info) = cert_info(end_entity) {
                 if info.not_after > 0 {
-                    let then = UnixTime::since_unix_epoch(Duration::from_secs(
-                        info.not_after as u64 - 1,
-                    ));
+                    let then =
+                        UnixTime::since_unix_epoch(Duration::from_secs(info.not_after as u64 - 1));
                     if self
                         .inner
                         .verify_client_cert(end_entity, intermediates, then)

@@ -128,7 +128,9 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
             format!(
                 "vm ha {} {vm}{}",
                 if *enable { "enable" } else { "disable" },
-                priority.map(|p| format!(" --priority {p}")).unwrap_or_default()
+                priority
+                    .map(|p| format!(" --priority {p}"))
+                    .unwrap_or_default()
             ),
             None,
         ),
@@ -177,7 +179,14 @@ pub async fn handle(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) 
             peer.name, peer.role
         );
         warn!(admin = %peer.name, role = %peer.role, "refused: {message}");
-        audit(ctx, peer, request, host, "refused: needs an admin certificate".into()).await;
+        audit(
+            ctx,
+            peer,
+            request,
+            host,
+            "refused: needs an admin certificate".into(),
+        )
+        .await;
         return err(message);
     }
     let resp = answer(ctx, peer, req).await;

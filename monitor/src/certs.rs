@@ -179,7 +179,10 @@ mod tests {
         assert_eq!(w.in_use(&info("cc", now + 800 * DAY_S), now), Note::Quiet);
         assert!(w.views(now).is_empty());
         assert_eq!(w.refused_expired(&info("dd", now - 1), now), Note::Expired);
-        assert_eq!(w.refused_expired(&info("dd", now - 1), now + 1), Note::Quiet);
+        assert_eq!(
+            w.refused_expired(&info("dd", now - 1), now + 1),
+            Note::Quiet
+        );
         let v = w.views(now);
         assert!(v[0].expired && v[0].refused, "{v:?}");
     }

@@ -11,15 +11,17 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 use vigil_common::config::MonitorConfig;
-use vigil_common::tls::{self, CertInfo, ExpiredHook, ExpiredPeer, Role, TlsPaths, TransportTuning};
+use vigil_common::tls::{
+    self, CertInfo, ExpiredHook, ExpiredPeer, Role, TlsPaths, TransportTuning,
+};
 use vigil_common::wire::{self, close};
 
 use crate::admin::{self, AdminContext};
-use crate::certs::{self, CertWatch, Note};
-use crate::state::{EventKind, Severity, StateCommand};
 use crate::agent_link::{self, LinkSettings, Sessions};
+use crate::certs::{self, CertWatch, Note};
 use crate::raft::{RaftNode, RaftTuning, DB_FILE_NAME};
 use crate::service::{self, EngineHandle};
+use crate::state::{EventKind, Severity, StateCommand};
 
 /// Whether this start may create the cluster database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,10 +124,7 @@ impl TlsState {
         let now = unix_s();
         let at = vigil_common::unix_ms();
         let not_after_ms = (info.not_after.max(0) as u64) * 1000;
-        let when = format!(
-            "{} UTC",
-            crate::ctl::render::timestamp(not_after_ms)
-        );
+        let when = format!("{} UTC", crate::ctl::render::timestamp(not_after_ms));
         let what = certs::describe(info);
         let (severity, kind, message) = if expired {
             (

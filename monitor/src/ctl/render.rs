@@ -138,7 +138,9 @@ pub fn status(s: &StatusView) -> String {
         }
     ));
     if !s.certificates.is_empty() {
-        out.push_str("CERTIFICATES (renew: `vigilctl cert renew`, then SIGHUP; see docs/operations.md)\n");
+        out.push_str(
+            "CERTIFICATES (renew: `vigilctl cert renew`, then SIGHUP; see docs/operations.md)\n",
+        );
         for c in &s.certificates {
             let when = timestamp(c.not_after_ms);
             let what = if c.refused {

@@ -114,7 +114,9 @@ fn a_certificate_expiring_within_30_days_is_an_event_and_a_status_line() {
         assert_eq!(n, 1, "one warning per certificate, not per connection");
     }
     assert!(
-        !events.iter().any(|e| e["name"] == "hv2" || e["name"] == "operator"),
+        !events
+            .iter()
+            .any(|e| e["name"] == "hv2" || e["name"] == "operator"),
         "long-lived certificates must not warn: {events:#?}"
     );
     // Another request by carol does not repeat the warning.
@@ -129,7 +131,10 @@ fn a_certificate_expiring_within_30_days_is_an_event_and_a_status_line() {
     );
 
     let status = ctl.json(&["status"]).expect("status");
-    let certs = status["certificates"].as_array().cloned().unwrap_or_default();
+    let certs = status["certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     for (role, name) in expected {
         assert!(
             certs.iter().any(|c| c["name"] == name && c["role"] == role),
@@ -194,8 +199,14 @@ fn renewed_certificates_are_picked_up_on_sighup_without_restarting_a_session() {
     wait_for(Duration::from_secs(10), || (!listed("mon1")).then_some(()))
         .expect("the monitor serves its renewed certificate after SIGHUP");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(mon.proc_.try_exit().is_none(), "SIGHUP must not stop the monitor");
-    assert!(hv1.proc_.try_exit().is_none(), "SIGHUP must not stop the agent");
+    assert!(
+        mon.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the monitor"
+    );
+    assert!(
+        hv1.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the agent"
+    );
     assert_eq!(ctl.liveness("hv1").as_deref(), Some("up"));
     let connects = |log: &str| log.matches("agent connected").count();
     assert_eq!(
@@ -316,12 +327,18 @@ fn a_viewer_certificate_reads_but_every_write_is_refused_and_audited() {
             .json(w)
             .expect_err(&format!("a viewer must not write: {w:?}"));
         assert!(
-            e.contains("needs an admin certificate") && e.contains("\"bob\"") && e.contains("viewer"),
+            e.contains("needs an admin certificate")
+                && e.contains("\"bob\"")
+                && e.contains("viewer"),
             "the refusal of {w:?} names the certificate and its role: {e}"
         );
     }
     let hv1 = admin.json(&["host", "show", "hv1"]).expect("hv1");
-    assert_eq!(hv1["tags"], serde_json::json!([]), "nothing changed: {hv1:#}");
+    assert_eq!(
+        hv1["tags"],
+        serde_json::json!([]),
+        "nothing changed: {hv1:#}"
+    );
     assert_eq!(hv1["maintenance"], false);
 
     let refused: Vec<Value> = events_of_kind(&admin, "admin_action")
@@ -331,7 +348,9 @@ fn a_viewer_certificate_reads_but_every_write_is_refused_and_audited() {
     assert_eq!(refused.len(), writes.len(), "{refused:#?}");
     for e in &refused {
         assert!(
-            e["result"].as_str().is_some_and(|r| r.starts_with("refused")),
+            e["result"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("refused")),
             "{e:#}"
         );
         assert_eq!(e["severity"], "warning");
@@ -353,7 +372,9 @@ fn a_revoked_agent_or_admin_certificate_cannot_connect_after_sighup() {
     let ctl = Ctl::new(&pki, vec![mon.addr]);
     ctl.wait_ready(Duration::from_secs(20));
     let mallory = ctl_as(&pki, Role::Admin, "mallory", &mon);
-    mallory.json(&["status"]).expect("mallory is an admin before revocation");
+    mallory
+        .json(&["status"])
+        .expect("mallory is an admin before revocation");
     let hv1_tls = pki.issue(Role::Agent, "hv1");
     let hv1 = AgentProc::start_with_tls(&hv1_tls, &dir, "hv1", mon.addr, "");
     up(&ctl, "hv1");
@@ -384,11 +405,12 @@ fn a_revoked_agent_or_admin_certificate_cannot_connect_after_sighup() {
     std::fs::write(&mon.config, config).expect("write config");
     mon.proc_.hup();
 
-    wait_for(Duration::from_secs(10), || {
-        mallory.json(&["status"]).err()
-    })
-    .expect("mallory's revoked certificate is refused after SIGHUP");
-    assert!(mon.proc_.try_exit().is_none(), "SIGHUP must not stop the monitor");
+    wait_for(Duration::from_secs(10), || mallory.json(&["status"]).err())
+        .expect("mallory's revoked certificate is refused after SIGHUP");
+    assert!(
+        mon.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the monitor"
+    );
     // hv1's live session is closed, and it cannot come back.
     wait_for(Duration::from_secs(10), || {
         ctl.json(&["host", "show", "hv1"])
@@ -417,11 +439,19 @@ fn a_revoked_agent_or_admin_certificate_cannot_connect_after_sighup() {
         };
         vigil_agent::session::Session::open(&ep, cfg, mon.addr, hello).await
     });
-    assert!(attempt.is_err(), "a revoked agent certificate got a session");
-    assert!(mon.proc_.log_text().contains("revoked"), "{}", mon.proc_.log_text());
+    assert!(
+        attempt.is_err(),
+        "a revoked agent certificate got a session"
+    );
+    assert!(
+        mon.proc_.log_text().contains("revoked"),
+        "{}",
+        mon.proc_.log_text()
+    );
     drop(hv1);
     // Everyone else carries on: the operator, and a new agent.
-    ctl.json(&["status"]).expect("operator status after the reload");
+    ctl.json(&["status"])
+        .expect("operator status after the reload");
     let _hv2 = AgentProc::start(&pki, &dir, "hv2", mon.addr, "");
     up(&ctl, "hv2");
 }
@@ -477,7 +507,8 @@ fn an_expired_agent_certificate_is_reported_and_the_host_is_not_condemned() {
     assert!(
         events_of_kind(&ctl, "host_incompatible")
             .iter()
-            .any(|e| e["host"] == "hv1" && e["message"].as_str().is_some_and(|m| m.contains("expired"))),
+            .any(|e| e["host"] == "hv1"
+                && e["message"].as_str().is_some_and(|m| m.contains("expired"))),
         "the host is handled like an incompatible agent: {:#?}",
         ctl.events()
     );
@@ -490,14 +521,18 @@ fn an_expired_agent_certificate_is_reported_and_the_host_is_not_condemned() {
     );
     let text = String::from_utf8_lossy(&ctl.run(&["status"]).stdout).into_owned();
     assert!(
-        text.lines().any(|l| l.contains("hv1") && l.contains("EXPIRED")),
+        text.lines()
+            .any(|l| l.contains("hv1") && l.contains("EXPIRED")),
         "{text}"
     );
     // Silent on the agent protocol for far longer than down_after, yet never read as dead
     // or agent-down: it keeps trying to connect.
     std::thread::sleep(Duration::from_secs(3));
     let h = ctl.json(&["host", "show", "hv1"]).expect("hv1");
-    let condition = h["condition"]["condition"].as_str().unwrap_or("none").to_string();
+    let condition = h["condition"]["condition"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string();
     assert!(
         !matches!(condition.as_str(), "dead" | "agent-down" | "isolated"),
         "a host whose agent certificate expired must not be condemned: {h:#}"
