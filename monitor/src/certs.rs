@@ -1,5 +1,5 @@
 //! Certificates as a monitor sees them (issue 10, item 5): every certificate in use (agents'
-//! at connect, admins' at each request, its own at start and on each reload) is checked for
+//! at connect, admins' at each vigilctl connection, its own at start and on each reload) is checked for
 //! expiry. Within [`EXPIRY_WARNING_DAYS`] of the end it is warned about once (an event) and
 //! listed by `vigilctl status` for as long as it is in use. A genuine but expired certificate
 //! refused at the handshake is listed too, and its host kept from being condemned.

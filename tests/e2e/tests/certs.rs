@@ -69,7 +69,7 @@ fn a_monitor_or_agent_certificate_is_refused_on_the_admin_api() {
 }
 
 /// Item 5: certificates expire (825 days, all issued together) with no warning. An agent's
-/// (seen at connect), an admin's (seen at each request) and the monitor's own certificate
+/// (seen at connect), an admin's (seen at each vigilctl connection) and the monitor's own certificate
 /// within 30 days of expiry each produce one event and a line in `vigilctl status`.
 #[test]
 fn a_certificate_expiring_within_30_days_is_an_event_and_a_status_line() {
