@@ -50,10 +50,30 @@ fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Installed first: SIGHUP's default action would end the process.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
         let runner = AgentRunner::new(&cfg, host.clone())?;
+        let reloader = runner.tls_reloader();
         info!(%host, zone = %cfg.zone, cluster = %cfg.cluster, "vigil-agent {} starting", vigil_common::VERSION);
         let task = tokio::spawn(runner.run(stop_rx));
-        vigil_common::process::shutdown_signal().await;
+        let shutdown = vigil_common::process::shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = hup.recv() => {
+                    // Only the certificate: other settings need a restart.
+                    let result = AgentConfig::load(&args.config)
+                        .map_err(anyhow::Error::from)
+                        .and_then(|c| reloader.reload(&c.tls));
+                    match result {
+                        Ok(msg) => info!("SIGHUP: {msg}"),
+                        Err(e) => tracing::error!("SIGHUP: reload failed, keeping the current certificate: {e:#}"),
+                    }
+                }
+            }
+        }
         info!("shutdown requested");
         let _ = stop_tx.send(true);
         task.await.context("agent task panicked")?

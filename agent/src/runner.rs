@@ -65,7 +65,8 @@ pub struct AgentRunner {
     pub cluster: String,
     pub monitors: Vec<SocketAddr>,
     pub reconnect: Duration,
-    client: quinn::ClientConfig,
+    /// Replaced on SIGHUP ([`TlsReloader`]); each connection attempt takes the current one.
+    client: std::sync::Arc<std::sync::RwLock<quinn::ClientConfig>>,
     endpoint: quinn::Endpoint,
     executor: Executor,
     poll: Duration,
@@ -78,9 +79,70 @@ pub struct AgentRunner {
     fencing: Fencing,
 }
 
+/// Swaps the agent's client certificate (issue 10 item 5): the next connection uses the new
+/// one, the current session continues.
+#[derive(Clone)]
+pub struct TlsReloader {
+    host: String,
+    client: std::sync::Arc<std::sync::RwLock<quinn::ClientConfig>>,
+}
+
+impl TlsReloader {
+    /// Loads `paths`; refuses a certificate for another host or role (the current one stays).
+    pub fn reload(&self, paths: &TlsPaths) -> anyhow::Result<String> {
+        let info = tls::cert_info_file(&paths.cert)?;
+        if info.role != Role::Agent || info.name != self.host {
+            anyhow::bail!(
+                "tls.cert {} is the {} certificate of {:?}; this agent is host {:?} and needs its agent certificate",
+                paths.cert.display(),
+                info.role,
+                info.name,
+                self.host
+            );
+        }
+        let cfg = client_config(paths)?;
+        *self
+            .client
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = cfg;
+        warn_if_expiring(paths);
+        Ok(format!(
+            "loaded certificate serial {} for the next connection (the current session continues)",
+            info.serial
+        ))
+    }
+}
+
+/// Logs a warning when the agent's own certificate expires within 30 days.
+fn warn_if_expiring(paths: &TlsPaths) {
+    if let Ok(info) = tls::cert_info_file(&paths.cert) {
+        let now = (vigil_common::unix_ms() / 1000) as i64;
+        let days = (info.not_after - now).div_euclid(86_400);
+        if days < 30 {
+            warn!(serial = %info.serial, "this agent's certificate {} expires in {days} days: renew it (`vigilctl cert renew`) and send the agent SIGHUP", paths.cert.display());
+        }
+    }
+}
+
 impl AgentRunner {
+    /// A handle that swaps the client certificate for the next connection.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        TlsReloader {
+            host: self.host.clone(),
+            client: self.client.clone(),
+        }
+    }
+
+    fn current_client(&self) -> quinn::ClientConfig {
+        self.client
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     pub fn new(cfg: &AgentConfig, host: String) -> anyhow::Result<Self> {
-        let client = client_config(&cfg.tls)?;
+        let client = std::sync::Arc::new(std::sync::RwLock::new(client_config(&cfg.tls)?));
+        warn_if_expiring(&cfg.tls);
         let endpoint = quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0)))
             .context("opening the agent's UDP socket")?;
         let gens = Generations::load(&cfg.state_dir)
@@ -172,7 +234,7 @@ impl AgentRunner {
             // A shutdown must not wait for a connection attempt to time out.
             let mut stop_open = stop.clone();
             let opened = tokio::select! {
-                r = Session::open(&self.endpoint, self.client.clone(), addr, hello) => r,
+                r = Session::open(&self.endpoint, self.current_client(), addr, hello) => r,
                 _ = stop_open.changed() => break,
             };
             match opened {

@@ -65,6 +65,7 @@ fn default_tls(name: &str) -> TlsPaths {
         ca: PathBuf::from("/etc/vigil/tls/ca.crt"),
         cert: PathBuf::from(format!("/etc/vigil/tls/{name}.crt")),
         key: PathBuf::from(format!("/etc/vigil/tls/{name}.key")),
+        crl: None,
     }
 }
 

@@ -23,7 +23,9 @@ use rcgen::{
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime,
+};
 
 use crate::wire::MONITOR_SERVER_NAME;
 
@@ -38,8 +40,11 @@ pub enum Role {
     Agent,
     /// A monitor: may serve agents and admins, and talk Raft to other monitors.
     Monitor,
-    /// An operator (`vigilctl`): may use the admin API.
+    /// An operator (`vigilctl`): may use the admin API, reads and writes.
     Admin,
+    // Issue 10 item 4: a read-only operator.
+    /// A read-only operator (`vigilctl`): status, lists, show, events; every write refused.
+    Viewer,
 }
 
 impl Role {
@@ -48,6 +53,7 @@ impl Role {
             Role::Agent => "vigil-agent",
             Role::Monitor => "vigil-monitor",
             Role::Admin => "vigil-admin",
+            Role::Viewer => "vigil-viewer",
         }
     }
 
@@ -56,6 +62,7 @@ impl Role {
             "vigil-agent" => Some(Role::Agent),
             "vigil-monitor" => Some(Role::Monitor),
             "vigil-admin" => Some(Role::Admin),
+            "vigil-viewer" => Some(Role::Viewer),
             _ => None,
         }
     }
@@ -67,6 +74,7 @@ impl std::fmt::Display for Role {
             Role::Agent => "agent",
             Role::Monitor => "monitor",
             Role::Admin => "admin",
+            Role::Viewer => "viewer",
         })
     }
 }
@@ -78,8 +86,9 @@ impl std::str::FromStr for Role {
             "agent" => Ok(Role::Agent),
             "monitor" => Ok(Role::Monitor),
             "admin" => Ok(Role::Admin),
+            "viewer" => Ok(Role::Viewer),
             other => Err(format!(
-                "unknown role {other:?}; expected agent, monitor or admin"
+                "unknown role {other:?}; expected agent, monitor, admin or viewer"
             )),
         }
     }
@@ -289,7 +298,9 @@ impl CaSigner {
                 ExtendedKeyUsagePurpose::ServerAuth,
                 ExtendedKeyUsagePurpose::ClientAuth,
             ],
-            Role::Agent | Role::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Role::Agent | Role::Admin | Role::Viewer => {
+                vec![ExtendedKeyUsagePurpose::ClientAuth]
+            }
         };
         let dns = |s: &str| -> Result<SanType, TlsError> {
             Ok(SanType::DnsName(s.try_into().map_err(
@@ -372,6 +383,10 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     /// This party's private key.
     pub key: PathBuf,
+    /// Certificate revocation list of the cluster CA (PEM, `vigilctl cert revoke`): peers
+    /// whose certificate it lists are refused at the handshake. Reloaded on SIGHUP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 /// Loaded TLS material.
@@ -379,6 +394,8 @@ pub struct TlsMaterial {
     pub roots: RootCertStore,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// Revocation lists to check peers against (empty: none).
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
 impl TlsMaterial {
@@ -401,7 +418,12 @@ impl TlsMaterial {
             .map_err(|e| bad(e.to_string()))?;
         let key =
             PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| bad(e.to_string()))?;
-        Ok(TlsMaterial { roots, chain, key })
+        Ok(TlsMaterial {
+            roots,
+            chain,
+            key,
+            crls: Vec::new(),
+        })
     }
 }
 
@@ -417,8 +439,52 @@ impl TlsPaths {
         }
         let chain = load_certs(&self.cert)?;
         let key = load_key(&self.key)?;
-        Ok(TlsMaterial { roots, chain, key })
+        let crls = match &self.crl {
+            Some(p) => vec![load_crl(p, &self.ca)?],
+            None => Vec::new(),
+        };
+        Ok(TlsMaterial {
+            roots,
+            chain,
+            key,
+            crls,
+        })
     }
+}
+
+/// Reads a PEM CRL and checks it is issued by the CA in `ca_path` (a CRL of another CA would
+/// leave every peer's revocation status unknown, which refuses them all).
+fn load_crl(
+    path: &Path,
+    ca_path: &Path,
+) -> Result<CertificateRevocationListDer<'static>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    let data = fs::read(path).map_err(io_err(path))?;
+    let crl =
+        CertificateRevocationListDer::from_pem_slice(&data).map_err(|e| TlsError::BadPem {
+            path: path.to_path_buf(),
+            message: format!("no PEM X509 CRL: {e}"),
+        })?;
+    let (_, parsed) = x509_parser::parse_x509_crl(&crl).map_err(|e| TlsError::BadPem {
+        path: path.to_path_buf(),
+        message: format!("unreadable CRL: {e}"),
+    })?;
+    let ca = load_certs(ca_path)?;
+    let issued_by_ca = ca.iter().any(|c| {
+        x509_parser::parse_x509_certificate(c)
+            .is_ok_and(|(_, c)| c.subject().as_raw() == parsed.issuer().as_raw())
+    });
+    if !issued_by_ca {
+        return Err(TlsError::BadPem {
+            path: path.to_path_buf(),
+            message: format!(
+                "CRL issued by {:?}, not by the cluster CA of {}",
+                parsed.issuer().to_string(),
+                ca_path.display()
+            ),
+        });
+    }
+    Ok(crl)
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -488,11 +554,34 @@ pub fn server_config(
     alpn: &[&[u8]],
     tuning: TransportTuning,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_with(material, alpn, tuning, None)
+}
+
+/// [`server_config`], also refusing certificates the material's CRLs list, and calling
+/// `on_expired` for each refused client whose certificate is genuine (chains to the CA, not
+/// revoked) but expired: the refused party is then known by name.
+pub fn server_config_with(
+    material: TlsMaterial,
+    alpn: &[&[u8]],
+    tuning: TransportTuning,
+    on_expired: Option<ExpiredHook>,
+) -> Result<quinn::ServerConfig, TlsError> {
     let provider = provider();
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(material.roots), provider.clone())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(material.roots), provider.clone());
+    if !material.crls.is_empty() {
+        // Our chains are leaf + root: only the leaf can be revoked.
+        builder = builder
+            .with_crls(material.crls)
+            .only_check_end_entity_revocation();
+    }
+    let inner = builder
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> = match on_expired {
+        Some(hook) => Arc::new(ExpiryAwareVerifier { inner, hook }),
+        None => inner,
+    };
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -512,10 +601,21 @@ pub fn client_config(
     alpn: &[u8],
     tuning: TransportTuning,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(material.roots)
-        .with_client_auth_cert(material.chain, material.key)?;
+    let provider = provider();
+    let roots = Arc::new(material.roots);
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = if material.crls.is_empty() {
+        builder.with_root_certificates(roots)
+    } else {
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .with_crls(material.crls)
+            .only_check_end_entity_revocation()
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        builder.with_webpki_verifier(verifier)
+    };
+    let mut tls = builder.with_client_auth_cert(material.chain, material.key)?;
     tls.alpn_protocols = vec![alpn.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
@@ -566,6 +666,375 @@ pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
         .protocol
 }
 
+// ---- Issue 10 items 4 and 5: certificate facts, revocation, renewal, expired peers. ----
+
+/// What the monitors (and operators) need to know about one certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub name: String,
+    pub role: Role,
+    /// The serial number, lowercase hex without separators (what `vigilctl cert revoke
+    /// --serial` takes).
+    pub serial: String,
+    /// End of validity, Unix seconds.
+    pub not_after: i64,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A serial number as the user typed it (hex, `:` separators allowed), normalized.
+pub fn parse_serial(s: &str) -> Result<String, TlsError> {
+    let clean: String = s
+        .chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_lowercase();
+    if clean.is_empty() || clean.len() % 2 != 0 || !clean.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(TlsError::BadName {
+            name: s.to_string(),
+            reason: "a serial number is an even number of hex digits (as `vigilctl cert show` prints it)"
+                .into(),
+        });
+    }
+    Ok(normalize_serial(&clean))
+}
+
+/// Leading zero bytes do not change a serial's value.
+fn normalize_serial(hex: &str) -> String {
+    let mut h = hex;
+    while h.len() > 2 && h.starts_with("00") {
+        h = &h[2..];
+    }
+    h.to_string()
+}
+
+/// Name, role, serial and expiry of a DER certificate.
+pub fn cert_info(der: &[u8]) -> Result<CertInfo, TlsError> {
+    let id = identity_from_der(der)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| TlsError::BadPeerCertificate(e.to_string()))?;
+    Ok(CertInfo {
+        name: id.name,
+        role: id.role,
+        serial: normalize_serial(&hex(cert.raw_serial())),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// [`cert_info`] of the first certificate of a PEM file.
+pub fn cert_info_file(path: &Path) -> Result<CertInfo, TlsError> {
+    let certs = load_certs(path)?;
+    let first = certs.first().ok_or_else(|| TlsError::NoCertificate {
+        path: path.to_path_buf(),
+    })?;
+    cert_info(first).map_err(|e| TlsError::BadPem {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// [`cert_info`] of the verified leaf certificate of a connection's peer.
+pub fn peer_cert_info(conn: &quinn::Connection) -> Result<CertInfo, TlsError> {
+    let any = conn.peer_identity().ok_or(TlsError::NoPeerCertificate)?;
+    let certs = any
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TlsError::NoPeerCertificate)?;
+    let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
+    cert_info(leaf)
+}
+
+/// File name of the CRL inside a CA directory.
+pub const CA_CRL_FILE: &str = "ca.crl";
+
+/// Replaces `path` by `contents` atomically (write a sibling, then rename over it).
+fn replace_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
+    let tmp = path.with_extension(format!(
+        "{}.new",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")
+    ));
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, contents, secret)?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// The serials a DER CRL lists (normalized hex).
+pub fn crl_serials(der: &[u8]) -> Result<Vec<String>, TlsError> {
+    let (_, crl) = x509_parser::parse_x509_crl(der)
+        .map_err(|e| TlsError::BadPeerCertificate(format!("unreadable CRL: {e}")))?;
+    Ok(crl
+        .iter_revoked_certificates()
+        .map(|r| normalize_serial(&hex(r.raw_serial())))
+        .collect())
+}
+
+/// The outcome of [`revoke`].
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    /// The CRL written (`ca.crl` in the CA directory).
+    pub crl: PathBuf,
+    /// Every serial the CRL now lists.
+    pub serials: Vec<String>,
+    /// Serials of this call that were already listed.
+    pub already: Vec<String>,
+}
+
+/// Adds `serials` to the CA's revocation list `ca_dir/ca.crl` (created if missing), signed by
+/// the CA. Copy it to every monitor (their `[tls] crl`) and send them SIGHUP.
+pub fn revoke(ca_dir: &Path, serials: &[String]) -> Result<Revoked, TlsError> {
+    use rcgen::{CertificateRevocationListParams, KeyIdMethod, RevokedCertParams, SerialNumber};
+    let ca = CaSigner::load(ca_dir)?;
+    let crl_path = ca_dir.join(CA_CRL_FILE);
+    let now = time_now();
+    // (serial hex, revocation time) already listed.
+    let mut listed: Vec<(String, time::OffsetDateTime)> = Vec::new();
+    if crl_path.exists() {
+        use rustls_pki_types::pem::PemObject;
+        let data = fs::read(&crl_path).map_err(io_err(&crl_path))?;
+        let der =
+            CertificateRevocationListDer::from_pem_slice(&data).map_err(|e| TlsError::BadPem {
+                path: crl_path.clone(),
+                message: e.to_string(),
+            })?;
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| TlsError::BadPem {
+            path: crl_path.clone(),
+            message: e.to_string(),
+        })?;
+        for r in crl.iter_revoked_certificates() {
+            listed.push((
+                normalize_serial(&hex(r.raw_serial())),
+                r.revocation_date.to_datetime(),
+            ));
+        }
+    }
+    let mut already = Vec::new();
+    for s in serials {
+        let s = parse_serial(s)?;
+        if listed.iter().any(|(l, _)| *l == s) {
+            already.push(s);
+        } else {
+            listed.push((s, now));
+        }
+    }
+    let mut revoked_certs = Vec::new();
+    for (s, at) in &listed {
+        let mut bytes = Vec::with_capacity(s.len() / 2);
+        for i in (0..s.len()).step_by(2) {
+            let b = u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| TlsError::BadName {
+                name: s.clone(),
+                reason: e.to_string(),
+            })?;
+            bytes.push(b);
+        }
+        revoked_certs.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(&bytes),
+            revocation_time: *at,
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now - Duration::from_secs(60),
+        // Monitors do not enforce next_update (a stale CRL is better than refusing everyone);
+        // the date only has to be later than this_update.
+        next_update: now + Duration::from_secs(20 * 365 * 24 * 3600),
+        crl_number: SerialNumber::from(now.unix_timestamp().max(1) as u64),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let crl = params.signed_by(&ca.issuer)?;
+    replace_file(&crl_path, &crl.pem()?, false)?;
+    Ok(Revoked {
+        crl: crl_path,
+        serials: listed.into_iter().map(|(s, _)| s).collect(),
+        already,
+    })
+}
+
+/// The outcome of [`renew`].
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    pub old: CertInfo,
+    pub new: CertInfo,
+}
+
+/// Issues a new key and certificate for the holder of `cert` (same name, role and subject
+/// alternative names, `valid_days` from now) and replaces `cert` and `key` in place (each
+/// atomically, the key first). The daemon using them picks them up on SIGHUP.
+pub fn renew(ca_dir: &Path, cert: &Path, key: &Path, valid_days: u32) -> Result<Renewed, TlsError> {
+    let ca = CaSigner::load(ca_dir)?;
+    let certs = load_certs(cert)?;
+    let der = certs.first().ok_or_else(|| TlsError::NoCertificate {
+        path: cert.to_path_buf(),
+    })?;
+    let old = cert_info(der).map_err(|e| TlsError::BadPem {
+        path: cert.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::BadPem {
+        path: cert.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut extra = Vec::new();
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d)
+                    if *d != old.name && *d != MONITOR_SERVER_NAME =>
+                {
+                    extra.push(d.to_string())
+                }
+                x509_parser::extensions::GeneralName::IPAddress(b) => match b.len() {
+                    4 => {
+                        let a: [u8; 4] = [b[0], b[1], b[2], b[3]];
+                        extra.push(std::net::IpAddr::from(a).to_string())
+                    }
+                    16 => {
+                        let mut a = [0u8; 16];
+                        a.copy_from_slice(b);
+                        extra.push(std::net::IpAddr::from(a).to_string())
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    let (cert_pem, key_pem) = ca.issue(old.role, &old.name, &extra, valid_days)?;
+    replace_file(key, &key_pem, true)?;
+    replace_file(cert, &cert_pem, false)?;
+    let new = cert_info_file(cert)?;
+    Ok(Renewed { old, new })
+}
+
+impl CaSigner {
+    /// Issues a certificate valid from `not_before` to `not_after` (Unix seconds): tests use
+    /// it for certificates that are already expired.
+    pub fn issue_between(
+        &self,
+        role: Role,
+        name: &str,
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<(String, String), TlsError> {
+        validate_cert_name(name)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![name.to_string()])?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        dn.push(DnType::OrganizationalUnitName, role.as_ou());
+        dn.push(DnType::OrganizationName, "Vigil");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let at = |t: i64| {
+            time::OffsetDateTime::from_unix_timestamp(t).map_err(|e| TlsError::BadName {
+                name: t.to_string(),
+                reason: e.to_string(),
+            })
+        };
+        params.not_before = at(not_before)?;
+        params.not_after = at(not_after)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// A client refused at the handshake because its certificate expired, although it is genuine
+/// (chains to the cluster CA and is not revoked): who it is, and since when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpiredPeer {
+    pub info: CertInfo,
+}
+
+/// Called (on the handshake's thread: keep it short) for each [`ExpiredPeer`].
+pub type ExpiredHook = Arc<dyn Fn(ExpiredPeer) + Send + Sync>;
+
+/// The cluster's client verifier, which on an expired certificate verifies it again as of
+/// its last valid second: if that passes, the peer is identified (and reported through the
+/// hook), and refused all the same.
+struct ExpiryAwareVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    hook: ExpiredHook,
+}
+
+impl std::fmt::Debug for ExpiryAwareVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpiryAwareVerifier")
+            .field("inner", &self.inner)
+            .finish()
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for ExpiryAwareVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let result = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now);
+        if let Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Expired | rustls::CertificateError::ExpiredContext { .. },
+        )) = &result
+        {
+            if let Ok(info) = cert_info(end_entity) {
+                if info.not_after > 0 {
+                    let then =
+                        UnixTime::since_unix_epoch(Duration::from_secs(info.not_after as u64 - 1));
+                    if self
+                        .inner
+                        .verify_client_cert(end_entity, intermediates, then)
+                        .is_ok()
+                    {
+                        (self.hook)(ExpiredPeer { info });
+                    }
+                }
+            }
+        }
+        result
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -612,5 +1081,101 @@ mod tests {
         init_ca(&ca, "test").expect("ca");
         let err = issue_cert(&ca, Role::Agent, "../evil", dir.path(), &[], 30).expect_err("bad");
         assert!(err.to_string().contains("../evil"), "{err}");
+    }
+
+    #[test]
+    fn revoke_lists_serials_once_and_a_foreign_crl_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "test").expect("ca");
+        let out = dir.path().join("certs");
+        let a = issue_cert(&ca, Role::Agent, "hv1", &out, &[], 30).expect("issue");
+        let b = issue_cert(&ca, Role::Viewer, "bob", &out, &[], 30).expect("issue");
+        let sa = cert_info_file(&a.cert).expect("info").serial;
+        let vb = cert_info_file(&b.cert).expect("info");
+        assert_eq!(vb.role, Role::Viewer);
+        assert_eq!("viewer".parse::<Role>(), Ok(Role::Viewer));
+
+        let r = revoke(&ca, std::slice::from_ref(&sa)).expect("revoke");
+        assert_eq!(r.serials, vec![sa.clone()]);
+        // With separators and upper case, plus a new one: listed once each.
+        let colon = sa
+            .to_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).into_owned())
+            .collect::<Vec<_>>()
+            .join(":");
+        let r = revoke(&ca, &[colon, vb.serial.clone()]).expect("revoke again");
+        assert_eq!(r.serials, vec![sa.clone(), vb.serial.clone()]);
+        assert_eq!(r.already, vec![sa.clone()]);
+        let paths = TlsPaths {
+            ca: a.ca.clone(),
+            cert: a.cert.clone(),
+            key: a.key.clone(),
+            crl: Some(r.crl.clone()),
+        };
+        let m = paths.load().expect("load with CRL");
+        assert_eq!(crl_serials(&m.crls[0]).expect("serials").len(), 2);
+
+        let e = revoke(&ca, &["xyz".into()]).expect_err("bad serial");
+        assert!(e.to_string().contains("xyz"), "{e}");
+
+        // A CRL of another CA is refused with a clear error.
+        let other = dir.path().join("other");
+        init_ca(&other, "other").expect("other ca");
+        let foreign = revoke(&other, &[sa]).expect("foreign revoke");
+        let bad = TlsPaths {
+            crl: Some(foreign.crl),
+            ..paths
+        };
+        let e = bad.load().err().expect("foreign CRL must be refused");
+        assert!(e.to_string().contains("not by the cluster CA"), "{e}");
+    }
+
+    #[test]
+    fn renew_keeps_name_role_and_addresses_with_a_new_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca");
+        init_ca(&ca, "test").expect("ca");
+        let out = dir.path().join("certs");
+        let f = issue_cert(
+            &ca,
+            Role::Monitor,
+            "mon1",
+            &out,
+            &["10.0.0.1".into(), "mon1.example".into()],
+            10,
+        )
+        .expect("issue");
+        let old_key = fs::read_to_string(&f.key).expect("key");
+        let r = renew(&ca, &f.cert, &f.key, 825).expect("renew");
+        assert_eq!((r.new.name.as_str(), r.new.role), ("mon1", Role::Monitor));
+        assert_ne!(r.new.serial, r.old.serial);
+        assert!(r.new.not_after - r.old.not_after > 800 * 86_400);
+        assert_ne!(fs::read_to_string(&f.key).expect("key"), old_key);
+        let der = load_certs(&f.cert).expect("certs").remove(0);
+        let (_, c) = x509_parser::parse_x509_certificate(&der).expect("parse");
+        let sans: Vec<String> = c
+            .subject_alternative_name()
+            .expect("san")
+            .expect("san")
+            .value
+            .general_names
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        for want in ["mon1.example", "0a:00:00:01", MONITOR_SERVER_NAME] {
+            assert!(sans.iter().any(|s| s.contains(want)), "{want} in {sans:?}");
+        }
+        // The renewed pair loads and matches.
+        TlsPaths {
+            ca: f.ca,
+            cert: f.cert,
+            key: f.key,
+            crl: None,
+        }
+        .load()
+        .expect("load renewed");
     }
 }

@@ -38,13 +38,17 @@ pub struct AdminContext {
     pub raft: Arc<RaftNode>,
     pub engine: EngineHandle,
     pub sessions: Arc<Sessions>,
+    /// Certificates near or past expiry (for `status`).
+    pub certs: Arc<crate::certs::CertWatch>,
 }
 
 /// Serves one admin connection: any number of requests on one control stream.
 pub async fn serve(conn: quinn::Connection, peer: PeerIdentity, ctx: AdminContext) {
-    if !matches!(peer.role, Role::Admin | Role::Monitor) {
+    // Issue 10 item 4: admin (reads and writes) and viewer (reads) only; a monitor's or an
+    // agent's certificate is no operator's.
+    if !matches!(peer.role, Role::Admin | Role::Viewer) {
         let msg = format!(
-            "certificate of {} has role {}; the admin API needs an admin certificate",
+            "certificate {:?} has role {}: the admin API needs an admin certificate (reads and writes) or a viewer certificate (reads only)",
             peer.name, peer.role
         );
         warn!(remote = %conn.remote_address(), "{msg}");
@@ -99,8 +103,143 @@ fn err(message: impl Into<String>) -> AdminResponse {
     }
 }
 
+/// What a request changes, for the audit entry (`vigilctl`'s words), and the host it is
+/// about; `None` for a read. Exhaustive on purpose: a new request must be classified here.
+pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
+    Some(match req {
+        AdminRequest::Status
+        | AdminRequest::HostList
+        | AdminRequest::HostShow { .. }
+        | AdminRequest::Events { .. }
+        | AdminRequest::VmList
+        | AdminRequest::VmShow { .. }
+        | AdminRequest::HostPing { .. } => return None,
+        AdminRequest::HostTagAdd { host, tag } => {
+            (format!("host tag add {host} {tag}"), Some(host.clone()))
+        }
+        AdminRequest::HostTagRemove { host, tag } => {
+            (format!("host tag rm {host} {tag}"), Some(host.clone()))
+        }
+        AdminRequest::VmHa {
+            vm,
+            enable,
+            priority,
+        } => (
+            format!(
+                "vm ha {} {vm}{}",
+                if *enable { "enable" } else { "disable" },
+                priority
+                    .map(|p| format!(" --priority {p}"))
+                    .unwrap_or_default()
+            ),
+            None,
+        ),
+        AdminRequest::VmStop { vm } => (format!("vm stop {vm}"), None),
+        AdminRequest::HostMaintenance { host, on } => (
+            format!("host maintenance {} {host}", if *on { "on" } else { "off" }),
+            Some(host.clone()),
+        ),
+        AdminRequest::VmAntiAffinity { vm, group } => (
+            format!(
+                "vm anti-affinity {vm} {}",
+                group.as_deref().unwrap_or("--none")
+            ),
+            None,
+        ),
+        AdminRequest::HostFence { host, force } => (
+            format!("host fence {host}{}", if *force { " --force" } else { "" }),
+            Some(host.clone()),
+        ),
+        AdminRequest::HostConfirmOff { host } => {
+            (format!("host confirm-off {host}"), Some(host.clone()))
+        }
+        AdminRequest::FencingRelease { cluster } => (
+            format!(
+                "fencing release{}",
+                cluster
+                    .as_ref()
+                    .map(|c| format!(" --cluster {c}"))
+                    .unwrap_or_default()
+            ),
+            None,
+        ),
+    })
+}
+
 /// Answers one request from `peer` (whose certificate's name is recorded as who did it).
+/// Writes need an admin certificate; each write, done, failed or refused, leaves an audit
+/// entry in the event log (issue 10 items 4 and 6).
 pub async fn handle(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> AdminResponse {
+    let Some((request, host)) = write_summary(&req) else {
+        return answer(ctx, peer, req).await;
+    };
+    if peer.role != Role::Admin {
+        let message = format!(
+            "`{request}` needs an admin certificate; certificate {:?} has role {} (read-only)",
+            peer.name, peer.role
+        );
+        warn!(admin = %peer.name, role = %peer.role, "refused: {message}");
+        audit(
+            ctx,
+            peer,
+            request,
+            host,
+            "refused: needs an admin certificate".into(),
+        )
+        .await;
+        return err(message);
+    }
+    let resp = answer(ctx, peer, req).await;
+    let result = match &resp {
+        // Another monitor does it (and records it) once vigilctl follows the redirect.
+        AdminResponse::NotLeader { .. } => return resp,
+        AdminResponse::Json(s) => serde_json::from_str::<serde_json::Value>(s)
+            .ok()
+            .and_then(|v| v.get("result").and_then(|r| r.as_str()).map(String::from))
+            .unwrap_or_else(|| "ok".into()),
+        AdminResponse::Error { message } => format!("error: {message}"),
+    };
+    audit(ctx, peer, request, host, result).await;
+    resp
+}
+
+/// Who: the certificate's role and name, as in `admin:alice`.
+pub fn actor(peer: &PeerIdentity) -> String {
+    format!("{}:{}", peer.role, peer.name)
+}
+
+/// Records one admin write (after its outcome is known) in the replicated event log. Only
+/// the leader can: a follower's refusal of a viewer's write is logged here only.
+async fn audit(
+    ctx: &AdminContext,
+    peer: &PeerIdentity,
+    request: String,
+    host: Option<String>,
+    result: String,
+) {
+    let by = actor(peer);
+    let refused = result.starts_with("refused");
+    let cmd = StateCommand::RecordEvent {
+        at_ms: vigil_common::unix_ms(),
+        severity: if refused {
+            crate::state::Severity::Warning
+        } else {
+            crate::state::Severity::Info
+        },
+        host,
+        message: format!("{by}: {request} ({result})"),
+        kind: crate::state::EventKind::AdminAction {
+            by: by.clone(),
+            request,
+            result,
+        },
+    };
+    if let Err(e) = ctx.raft.write(cmd).await {
+        warn!(%by, error = %e, "could not record the admin action in the event log");
+    }
+}
+
+async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> AdminResponse {
     match req {
         AdminRequest::HostFence { host, force } => operator_fence(ctx, peer, host, force).await,
         AdminRequest::HostConfirmOff { host } => confirm_off(ctx, peer, host).await,
@@ -537,6 +676,7 @@ async fn status(ctx: &AdminContext) -> StatusView {
         vms_waiting: phases.0,
         vms_recovering: phases.1,
         vms_gave_up: phases.2,
+        certificates: ctx.certs.views(vigil_common::unix_ms() as i64 / 1000),
     }
 }
 

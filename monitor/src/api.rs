@@ -57,6 +57,25 @@ pub struct StatusView {
     /// HA VMs Vigil gave up on (restart budget spent).
     #[serde(default)]
     pub vms_gave_up: usize,
+    /// Certificates this monitor saw that expire within 30 days, or were refused as expired
+    /// (issue 10 item 5).
+    #[serde(default)]
+    pub certificates: Vec<CertView>,
+}
+
+/// A certificate near or past its expiry, as the answering monitor saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertView {
+    /// agent, monitor, admin or viewer.
+    pub role: String,
+    pub name: String,
+    pub serial: String,
+    pub not_after_ms: u64,
+    /// Whole days left (negative: expired).
+    pub days_left: i64,
+    pub expired: bool,
+    /// Refused at the handshake (expired): its holder cannot connect.
+    pub refused: bool,
 }
 
 /// One host, merging the replicated record with the leader's liveness view.

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing::info;
+use tracing::{error, info};
 use vigil_common::config::{LogFormat, MonitorConfig, DEFAULT_MONITOR_CONFIG};
 
 use crate::server::{DataDirError, Monitor, StartMode, EXIT_DATA_DIR};
@@ -63,10 +63,32 @@ fn run(args: Args) -> anyhow::Result<()> {
         } else {
             StartMode::Existing
         };
+        // Installed first: SIGHUP's default action would end the process.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
         let monitor = Monitor::start(cfg, mode).await?;
-        vigil_common::process::shutdown_signal().await;
+        let shutdown = vigil_common::process::shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = hup.recv() => reload(&monitor, &args.config),
+            }
+        }
         info!("shutdown requested");
         monitor.shutdown().await;
         anyhow::Ok(())
     })
+}
+
+/// SIGHUP: re-reads the configuration file and applies its `[tls]` section (certificate, key,
+/// CA, CRL) to new handshakes. Other settings need a restart. A bad file changes nothing.
+fn reload(monitor: &Monitor, config: &std::path::Path) {
+    let result = MonitorConfig::load(config)
+        .map_err(anyhow::Error::from)
+        .and_then(|cfg| monitor.reload_tls(&cfg.tls));
+    match result {
+        Ok(msg) => info!("SIGHUP: {msg} (other settings need a restart)"),
+        Err(e) => error!("SIGHUP: reload failed, keeping the current certificates: {e:#}"),
+    }
 }

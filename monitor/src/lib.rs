@@ -12,6 +12,7 @@
 pub mod admin;
 pub mod agent_link;
 pub mod api;
+pub mod certs;
 pub mod cli;
 pub mod ctl;
 pub mod detector;

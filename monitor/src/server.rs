@@ -9,15 +9,19 @@ use std::time::Instant;
 use anyhow::Context;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use vigil_common::config::MonitorConfig;
-use vigil_common::tls::{self, TransportTuning};
+use vigil_common::tls::{
+    self, CertInfo, ExpiredHook, ExpiredPeer, Role, TlsPaths, TransportTuning,
+};
 use vigil_common::wire::{self, close};
 
 use crate::admin::{self, AdminContext};
 use crate::agent_link::{self, LinkSettings, Sessions};
+use crate::certs::{self, CertWatch, Note};
 use crate::raft::{RaftNode, RaftTuning, DB_FILE_NAME};
 use crate::service::{self, EngineHandle};
+use crate::state::{EventKind, Severity, StateCommand};
 
 /// Whether this start may create the cluster database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +70,145 @@ pub struct Monitor {
     endpoint: quinn::Endpoint,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
+    /// Issue 10 items 4 and 5: certificate reloads (SIGHUP) and expiry watching.
+    tls_state: Arc<TlsState>,
+}
+
+/// What certificate reloads and expiry checks share.
+struct TlsState {
+    certs: Arc<CertWatch>,
+    raft: Arc<RaftNode>,
+    hook: ExpiredHook,
+    /// This monitor's own certificate.
+    own: std::sync::Mutex<CertInfo>,
+    /// Every identified connection (agents and admins), for closing revoked ones on reload
+    /// and re-checking long sessions' expiry.
+    live: std::sync::Mutex<std::collections::HashMap<usize, (quinn::Connection, CertInfo)>>,
+}
+
+impl TlsState {
+    fn own(&self) -> CertInfo {
+        self.own
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn live(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<usize, (quinn::Connection, CertInfo)>>
+    {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes a certificate in use; records its expiry warning once.
+    fn in_use(self: &Arc<Self>, info: &CertInfo) {
+        if self.certs.in_use(info, unix_s()) == Note::Expiring {
+            let me = self.clone();
+            let info = info.clone();
+            tokio::spawn(async move { me.record(&info, false).await });
+        }
+    }
+
+    /// Records a certificate's expiry event (warning or expired-and-refused), unless the
+    /// replicated log has it already.
+    async fn record(&self, info: &CertInfo, expired: bool) {
+        if self
+            .raft
+            .read(|s| certs::already_recorded(s, expired, &info.serial))
+        {
+            return;
+        }
+        let now = unix_s();
+        let at = vigil_common::unix_ms();
+        let not_after_ms = (info.not_after.max(0) as u64) * 1000;
+        let when = format!("{} UTC", crate::ctl::render::timestamp(not_after_ms));
+        let what = certs::describe(info);
+        let (severity, kind, message) = if expired {
+            (
+                Severity::Critical,
+                EventKind::CertificateExpired {
+                    role: info.role.to_string(),
+                    name: info.name.clone(),
+                    serial: info.serial.clone(),
+                    not_after_ms,
+                },
+                format!(
+                    "the {what} expired at {when}: its connections are refused. Renew it (`vigilctl cert renew`) and send its daemon SIGHUP{}",
+                    if info.role == Role::Agent {
+                        "; meanwhile the host is treated as alive and unmanaged (never fenced for this), its guests keep running unprotected"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        } else {
+            (
+                Severity::Warning,
+                EventKind::CertificateExpiring {
+                    role: info.role.to_string(),
+                    name: info.name.clone(),
+                    serial: info.serial.clone(),
+                    not_after_ms,
+                },
+                format!(
+                    "the {what} expires in {} days (at {when}): renew it with `vigilctl cert renew` and send its daemon SIGHUP (docs/operations.md)",
+                    (info.not_after - now).div_euclid(86_400)
+                ),
+            )
+        };
+        let cmd = StateCommand::RecordEvent {
+            at_ms: at,
+            severity,
+            host: (info.role == Role::Agent).then(|| info.name.clone()),
+            kind,
+            message,
+        };
+        if let Err(e) = self.raft.write(cmd).await {
+            debug!(error = %e, "certificate event not recorded (not the leader?); retried later");
+            if !expired {
+                self.certs.unwarn(info);
+            }
+        }
+    }
+}
+
+fn unix_s() -> i64 {
+    (vigil_common::unix_ms() / 1000) as i64
+}
+
+/// The endpoint's configuration from the `[tls]` files (with the CRL, if configured), this
+/// monitor's own certificate, and the serials the CRL lists.
+fn build_server_config(
+    paths: &TlsPaths,
+    hook: ExpiredHook,
+) -> anyhow::Result<(quinn::ServerConfig, CertInfo, Vec<String>)> {
+    let material = paths.load().context("loading the monitor's TLS files")?;
+    let leaf = material
+        .chain
+        .first()
+        .with_context(|| format!("{}: no certificate", paths.cert.display()))?;
+    let own = tls::cert_info(leaf).with_context(|| format!("tls.cert {}", paths.cert.display()))?;
+    if own.role != Role::Monitor {
+        anyhow::bail!(
+            "tls.cert {} is a {} certificate; a monitor needs one issued with --role monitor",
+            paths.cert.display(),
+            own.role
+        );
+    }
+    let mut revoked = Vec::new();
+    for c in &material.crls {
+        revoked.extend(tls::crl_serials(c)?);
+    }
+    let cfg = tls::server_config_with(
+        material,
+        &[wire::ALPN_AGENT, wire::ALPN_ADMIN],
+        TransportTuning::default(),
+        Some(hook),
+    )?;
+    Ok((cfg, own, revoked))
 }
 
 impl Monitor {
@@ -78,12 +221,11 @@ impl Monitor {
             // Checked before anything creates the directory or the file.
             return Err(DataDirError::Missing { db }.into());
         }
-        let tls_material = cfg.tls.load().context("loading the monitor's TLS files")?;
-        let server_cfg = tls::server_config(
-            tls_material,
-            &[wire::ALPN_AGENT, wire::ALPN_ADMIN],
-            TransportTuning::default(),
-        )?;
+        let (expired_tx, expired_rx) = tokio::sync::mpsc::unbounded_channel::<ExpiredPeer>();
+        let hook: ExpiredHook = Arc::new(move |p| {
+            let _ = expired_tx.send(p);
+        });
+        let (server_cfg, own_cert, _) = build_server_config(&cfg.tls, hook.clone())?;
         let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen)
             .with_context(|| format!("listening on udp {}", cfg.listen))?;
         let local_addr = endpoint.local_addr()?;
@@ -126,14 +268,31 @@ impl Monitor {
         let epoch = Instant::now();
         let sessions = Arc::new(Sessions::default());
         let engine = service::spawn(raft.clone(), sessions.clone(), &cfg, epoch, stop_rx.clone());
+        let certs = Arc::new(CertWatch::default());
+        let tls_state = Arc::new(TlsState {
+            certs: certs.clone(),
+            raft: raft.clone(),
+            hook,
+            own: std::sync::Mutex::new(own_cert),
+            live: Default::default(),
+        });
+        tokio::spawn(expired_loop(
+            expired_rx,
+            tls_state.clone(),
+            engine.clone(),
+            stop_rx.clone(),
+        ));
+        tokio::spawn(expiry_ticker(tls_state.clone(), stop_rx.clone()));
         let ctx = AdminContext {
             raft: raft.clone(),
             engine: engine.clone(),
             sessions: sessions.clone(),
+            certs,
         };
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
             ctx,
+            tls_state.clone(),
             LinkSettings {
                 node_id: cfg.node_id,
                 heartbeat_interval_ms: cfg.detector.heartbeat_interval_ms,
@@ -156,7 +315,45 @@ impl Monitor {
             endpoint,
             stop,
             accept,
+            tls_state,
         })
+    }
+
+    /// Reloads the `[tls]` files (certificate, key, CA, CRL) for new handshakes: sessions
+    /// continue, except those of a certificate the CRL now lists, which are closed. On any
+    /// error the current configuration stays.
+    pub fn reload_tls(&self, paths: &TlsPaths) -> anyhow::Result<String> {
+        let (cfg, own, revoked) = build_server_config(paths, self.tls_state.hook.clone())?;
+        self.endpoint.set_server_config(Some(cfg));
+        *self
+            .tls_state
+            .own
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = own.clone();
+        self.tls_state.in_use(&own);
+        let mut closed = Vec::new();
+        for (conn, info) in self.tls_state.live().values() {
+            if revoked.contains(&info.serial) {
+                let msg = format!(
+                    "certificate of {} (role {}, serial {}) is revoked",
+                    info.name, info.role, info.serial
+                );
+                warn!(remote = %conn.remote_address(), "closing a session: {msg}");
+                conn.close(close::UNAUTHORIZED.into(), msg.as_bytes());
+                closed.push(format!("{} {}", info.role, info.name));
+            }
+        }
+        Ok(format!(
+            "reloaded TLS: serving certificate serial {} ({}), CRL lists {} serial(s){}",
+            own.serial,
+            certs::describe(&own),
+            revoked.len(),
+            if closed.is_empty() {
+                String::new()
+            } else {
+                format!("; closed the sessions of revoked {}", closed.join(", "))
+            }
+        ))
     }
 
     /// Stops serving, closes sessions and shuts Raft down cleanly.
@@ -172,9 +369,70 @@ impl Monitor {
     }
 }
 
+/// Genuine but expired client certificates, refused at the handshake: reported, and an
+/// agent's host kept alive like an incompatible agent's (never condemned for it).
+async fn expired_loop(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<ExpiredPeer>,
+    st: Arc<TlsState>,
+    engine: EngineHandle,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut fed: std::collections::HashMap<String, Instant> = Default::default();
+    loop {
+        let p = tokio::select! {
+            p = rx.recv() => match p { Some(p) => p, None => break },
+            _ = stop.changed() => break,
+        };
+        let info = p.info;
+        if st.certs.refused_expired(&info, unix_s()) == Note::Expired {
+            error!(
+                name = %info.name,
+                role = %info.role,
+                serial = %info.serial,
+                "refused an expired certificate: {}",
+                certs::describe(&info)
+            );
+            st.record(&info, true).await;
+        }
+        if info.role == Role::Agent
+            && fed
+                .get(&info.name)
+                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
+        {
+            fed.insert(info.name.clone(), Instant::now());
+            engine
+                .input(crate::engine::Input::AgentIncompatible {
+                    host: info.name.clone(),
+                    detail: format!(
+                        "its agent certificate (serial {}) expired; renew it with `vigilctl cert renew` and send the agent SIGHUP",
+                        info.serial
+                    ),
+                })
+                .await;
+        }
+    }
+}
+
+/// Re-checks this monitor's own certificate and those of long sessions (an expiry window is
+/// crossed without any new connection), and retries warnings not recorded yet.
+async fn expiry_ticker(st: Arc<TlsState>, mut stop: watch::Receiver<bool>) {
+    loop {
+        st.in_use(&st.own());
+        let infos: Vec<CertInfo> = st.live().values().map(|(_, i)| i.clone()).collect();
+        for i in &infos {
+            st.in_use(i);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = stop.changed() => break,
+        }
+    }
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     ctx: AdminContext,
+    st: Arc<TlsState>,
     link: LinkSettings,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -184,6 +442,7 @@ async fn accept_loop(
             _ = stop.changed() => break,
         };
         let ctx = ctx.clone();
+        let st = st.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -204,6 +463,11 @@ async fn accept_loop(
                     return;
                 }
             };
+            let conn_id = conn.stable_id();
+            if let Ok(info) = tls::peer_cert_info(&conn) {
+                st.in_use(&info);
+                st.live().insert(conn_id, (conn.clone(), info));
+            }
             match tls::negotiated_alpn(&conn).as_deref() {
                 Some(wire::ALPN_AGENT) => {
                     agent_link::serve(conn, peer, ctx.engine.clone(), ctx.sessions.clone(), link)
@@ -218,6 +482,7 @@ async fn accept_loop(
                     );
                 }
             }
+            st.live().remove(&conn_id);
         });
     }
 }

@@ -59,17 +59,25 @@ impl Pki {
         self.dir.path().join("ca")
     }
 
-    /// Issues (once) and returns the TLS paths of `name` with `role`.
+    /// Issues (once) and returns the TLS paths of `name` with `role`, valid for the
+    /// production default of 825 days (well outside the 30-day expiry warning).
     pub fn issue(&self, role: Role, name: &str) -> TlsPaths {
+        self.issue_days(role, name, 825)
+    }
+
+    /// Issues (once) a certificate valid for `days` into the shared `certs` directory (so a
+    /// later [`Pki::issue`] of the same name, for example by [`MonitorProc`], reuses it).
+    pub fn issue_days(&self, role: Role, name: &str, days: u32) -> TlsPaths {
         let out = self.dir.path().join("certs");
         let cert = out.join(format!("{name}.crt"));
         if !cert.exists() {
-            tls::issue_cert(&self.ca_dir(), role, name, &out, &[], 30).expect("issue cert");
+            tls::issue_cert(&self.ca_dir(), role, name, &out, &[], days).expect("issue cert");
         }
         TlsPaths {
             ca: out.join("ca.crt"),
             cert,
             key: out.join(format!("{name}.key")),
+            crl: None,
         }
     }
 }
@@ -141,6 +149,15 @@ impl Proc {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// SIGHUP: the daemons reload their certificates (and the monitor its CRL).
+    pub fn hup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP {} failed", self.pid());
     }
 
     /// Whether it already exited, and how.

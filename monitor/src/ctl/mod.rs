@@ -60,6 +60,9 @@ pub struct Args {
         default_value = "/etc/vigil/tls/admin.key"
     )]
     pub key: PathBuf,
+    /// Revocation list of the cluster CA: refuse a monitor whose certificate it lists.
+    #[arg(long, global = true, env = "VIGIL_CRL")]
+    pub crl: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -211,7 +214,7 @@ pub enum CertCmd {
         /// Directory of the CA (ca.crt, ca.key).
         #[arg(long)]
         ca: PathBuf,
-        /// agent, monitor or admin.
+        /// agent, monitor, admin (reads and writes) or viewer (read-only admin API).
         #[arg(long)]
         role: Role,
         /// Host name (agents), monitor name, or operator name. Becomes the certificate's CN.
@@ -227,6 +230,125 @@ pub enum CertCmd {
         #[arg(long, default_value_t = 825)]
         days: u32,
     },
+    // Issue 10 items 4 and 5.
+    /// Name, role, serial number and expiry of a certificate file.
+    Show { cert: PathBuf },
+    /// Add certificates to the CA's revocation list (CA_DIR/ca.crl). Copy that file to every
+    /// monitor (`[tls] crl`) and send them SIGHUP: new connections with a listed certificate
+    /// are refused, and live sessions of one are closed.
+    Revoke {
+        /// Directory of the CA (ca.crt, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// Serial number (hex, as `vigilctl cert show` prints it). Repeatable.
+        #[arg(long)]
+        serial: Vec<String>,
+        /// A certificate file to revoke (its serial is read from it). Repeatable.
+        #[arg(long)]
+        cert: Vec<PathBuf>,
+    },
+    /// Replace a certificate and its key in place by a new pair with the same name, role and
+    /// addresses, signed by the CA. Run it where the CA key is, copy the two files to the
+    /// holder, then send its daemon SIGHUP (no restart, sessions continue).
+    Renew {
+        /// Directory of the CA (ca.crt, ca.key).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The certificate to renew (replaced).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Its private key (replaced by a new key).
+        #[arg(long)]
+        key: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+fn expiry_text(not_after: i64) -> String {
+    let now = vigil_common::unix_ms() as i64 / 1000;
+    let days = (not_after - now).div_euclid(86_400);
+    let at = render::timestamp((not_after.max(0) as u64) * 1000);
+    if not_after <= now {
+        format!("EXPIRED at {at}")
+    } else {
+        format!("expires in {days} days ({at})")
+    }
+}
+
+fn local_cert(args: &Args, cmd: &CertCmd) -> anyhow::Result<bool> {
+    match cmd {
+        CertCmd::Issue { .. } => return Ok(false),
+        CertCmd::Show { cert } => {
+            let i = tls::cert_info_file(cert)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"name": i.name, "role": i.role.to_string(), "serial": i.serial, "not_after": i.not_after})
+                );
+            } else {
+                println!(
+                    "{} certificate for {}, serial {}, {}",
+                    i.role,
+                    i.name,
+                    i.serial,
+                    expiry_text(i.not_after)
+                );
+            }
+        }
+        CertCmd::Revoke { ca, serial, cert } => {
+            if serial.is_empty() && cert.is_empty() {
+                anyhow::bail!("give at least one --serial or --cert to revoke");
+            }
+            let mut serials = serial.clone();
+            for c in cert {
+                serials.push(tls::cert_info_file(c)?.serial);
+            }
+            let r = tls::revoke(ca, &serials)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"crl": r.crl, "serials": r.serials, "already_revoked": r.already})
+                );
+            } else {
+                for s in &r.already {
+                    println!("serial {s} was already revoked");
+                }
+                println!(
+                    "{} now lists {} revoked certificate(s). Copy it to every monitor's `[tls] crl` path and send the monitors SIGHUP",
+                    r.crl.display(),
+                    r.serials.len()
+                );
+            }
+        }
+        CertCmd::Renew {
+            ca,
+            cert,
+            key,
+            days,
+        } => {
+            let r = tls::renew(ca, cert, key, *days)?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"cert": cert, "key": key, "name": r.new.name, "role": r.new.role.to_string(), "old_serial": r.old.serial, "serial": r.new.serial, "not_after": r.new.not_after})
+                );
+            } else {
+                println!(
+                    "renewed {} certificate for {}: {} (key {}), serial {} (was {}), {}. Copy both files to its holder and send the daemon SIGHUP",
+                    r.new.role,
+                    r.new.name,
+                    cert.display(),
+                    key.display(),
+                    r.new.serial,
+                    r.old.serial,
+                    expiry_text(r.new.not_after)
+                );
+            }
+        }
+    }
+    Ok(true)
 }
 
 /// Entry point of the `vigilctl` binary.
@@ -285,14 +407,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             days,
         }) => {
             let f = tls::issue_cert(ca, *role, name, out, san, *days)?;
+            let serial = tls::cert_info_file(&f.cert)?.serial;
             if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({"cert": f.cert, "key": f.key, "ca": f.ca, "role": role.to_string(), "name": name})
+                    serde_json::json!({"cert": f.cert, "key": f.key, "ca": f.ca, "role": role.to_string(), "name": name, "serial": serial})
                 );
             } else {
                 println!(
-                    "issued {role} certificate for {name}: {} (key {}, CA {})",
+                    "issued {role} certificate for {name}: {} (key {}, CA {}), serial {serial}",
                     f.cert.display(),
                     f.key.display(),
                     f.ca.display()
@@ -300,6 +423,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::Cert(cmd) if local_cert(&args, cmd)? => return Ok(()),
         _ => {}
     }
 
@@ -323,6 +447,7 @@ async fn remote(args: Args) -> anyhow::Result<()> {
         ca: args.ca.clone(),
         cert: args.cert.clone(),
         key: args.key.clone(),
+        crl: args.crl.clone(),
     };
     let mut c = AdminClient::new(&paths, monitors, Duration::from_secs(args.timeout.max(1)))?;
     let result = dispatch(&mut c, &args).await;

@@ -137,6 +137,25 @@ pub fn status(s: &StatusView) -> String {
             ""
         }
     ));
+    if !s.certificates.is_empty() {
+        out.push_str(
+            "CERTIFICATES (renew: `vigilctl cert renew`, then SIGHUP; see docs/operations.md)\n",
+        );
+        for c in &s.certificates {
+            let when = timestamp(c.not_after_ms);
+            let what = if c.refused {
+                format!("EXPIRED at {when}: refused, it cannot connect")
+            } else if c.expired {
+                format!("EXPIRED at {when}")
+            } else {
+                format!("expires in {} days ({when})", c.days_left)
+            };
+            out.push_str(&format!(
+                "  {} {} (serial {}) {what}\n",
+                c.role, c.name, c.serial
+            ));
+        }
+    }
     out
 }
 

@@ -185,6 +185,30 @@ pub enum EventKind {
         found: Option<u64>,
         newest: u64,
     },
+    // Issue 10 items 5 and 6 (certificates, admin audit).
+    /// A certificate in use (an agent's at connect, an admin's at a request, the monitor's
+    /// own) expires within 30 days. Once per certificate (serial).
+    CertificateExpiring {
+        role: String,
+        name: String,
+        serial: String,
+        not_after_ms: u64,
+    },
+    /// A genuine certificate (of the cluster CA, not revoked) was refused at the handshake
+    /// because it expired. Once per certificate (serial).
+    CertificateExpired {
+        role: String,
+        name: String,
+        serial: String,
+        not_after_ms: u64,
+    },
+    /// An admin API write, by whom (`admin:alice`, `viewer:bob`), what (`vigilctl`'s words)
+    /// and its outcome (`ok`, `unchanged`, `started`, `error: ...`, `refused: ...`).
+    AdminAction {
+        by: String,
+        request: String,
+        result: String,
+    },
 }
 
 /// One entry of the replicated event log.

@@ -492,7 +492,7 @@ fn up_inner(
     let ca = lab.ca_dir();
     let tls_dir = lab.tls_dir();
     tls::init_ca(&ca, "vigil-lab")?;
-    tls::issue_cert(&ca, Role::Admin, "admin", &tls_dir, &[], 30)?;
+    tls::issue_cert(&ca, Role::Admin, "admin", &tls_dir, &[], 825)?;
     for m in &st.monitors {
         tls::issue_cert(
             &ca,
@@ -500,12 +500,12 @@ fn up_inner(
             &m.name,
             &tls_dir,
             &[m.addr.to_string()],
-            30,
+            825,
         )?;
         write_monitor_config(lab, m, st, o)?;
     }
     for h in &st.hosts {
-        tls::issue_cert(&ca, Role::Agent, &h.name, &tls_dir, &[], 30)?;
+        tls::issue_cert(&ca, Role::Agent, &h.name, &tls_dir, &[], 825)?;
         write_agent_config(lab, st, h)?;
         fs::create_dir_all(lab.host_dir(&h.name).join("vms"))?;
         set_power(lab, &h.name, true);

@@ -1,0 +1,541 @@
+//! Certificates and the admin API (issue 10, items 4 to 6), against real monitors and agents
+//! over mutual TLS: who may use the admin API (admin writes, viewer reads, nobody else), a
+//! revocation list reloaded on SIGHUP, warnings before certificates expire, renewal without
+//! restarting a session, and an audit entry for every admin write.
+
+#[path = "../harness.rs"]
+mod harness;
+
+use std::time::Duration;
+
+use harness::*;
+use serde_json::Value;
+use vigil_common::tls::{self, Role};
+
+fn ctl_as(pki: &Pki, role: Role, name: &str, mon: &MonitorProc) -> Ctl {
+    Ctl {
+        tls: pki.issue(role, name),
+        monitors: vec![mon.addr],
+    }
+}
+
+fn vigilctl_local(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(bin("vigilctl"))
+        .args(args)
+        .output()
+        .expect("run vigilctl")
+}
+
+fn up(ctl: &Ctl, host: &str) {
+    wait_for(Duration::from_secs(30), || {
+        (ctl.liveness(host).as_deref() == Some("up")).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{host} never came up"));
+}
+
+fn events_of_kind(ctl: &Ctl, kind: &str) -> Vec<Value> {
+    ctl.events()
+        .into_iter()
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
+/// Item 4: a monitor certificate (and an agent's) passed as admin. Now only admin and viewer
+/// certificates may use the admin API; the refusal names the certificate and its role.
+#[test]
+fn a_monitor_or_agent_certificate_is_refused_on_the_admin_api() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+
+    for (role, name) in [(Role::Monitor, "mon1"), (Role::Agent, "hv1")] {
+        let as_other = ctl_as(&pki, role, name, &mon);
+        let e = as_other
+            .json(&["status"])
+            .expect_err("a non-admin certificate must not read the admin API");
+        assert!(
+            e.contains(name) && e.contains(&format!("role {role}")),
+            "the refusal must name the certificate and its role: {e}"
+        );
+        let e = as_other
+            .json(&["host", "tag", "add", "hv1", "x"])
+            .expect_err("a non-admin certificate must not write");
+        assert!(e.contains(name), "{e}");
+    }
+    // Positive control: the admin still gets in.
+    ctl.json(&["status"]).expect("admin status");
+}
+
+/// Item 5: certificates expire (825 days, all issued together) with no warning. An agent's
+/// (seen at connect), an admin's (seen at each vigilctl connection) and the monitor's own certificate
+/// within 30 days of expiry each produce one event and a line in `vigilctl status`.
+#[test]
+fn a_certificate_expiring_within_30_days_is_an_event_and_a_status_line() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    // Issued before MonitorProc::start, which then reuses it.
+    pki.issue_days(Role::Monitor, "mon1", 10);
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let short_admin = Ctl {
+        tls: pki.issue_days(Role::Admin, "carol", 12),
+        monitors: vec![mon.addr],
+    };
+    short_admin.json(&["status"]).expect("carol's status");
+    let t = pki.issue_days(Role::Agent, "hv1", 5);
+    let _hv1 = AgentProc::start_with_tls(&t, &dir, "hv1", mon.addr, "");
+    up(&ctl, "hv1");
+    // A host with a long-lived certificate gets no warning.
+    let _hv2 = AgentProc::start(&pki, &dir, "hv2", mon.addr, "");
+    up(&ctl, "hv2");
+
+    let expected = [("monitor", "mon1"), ("admin", "carol"), ("agent", "hv1")];
+    let events = wait_for(Duration::from_secs(10), || {
+        let ev = events_of_kind(&ctl, "certificate_expiring");
+        expected
+            .iter()
+            .all(|(role, name)| ev.iter().any(|e| e["name"] == *name && e["role"] == *role))
+            .then_some(ev)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "expected an expiry warning for each of {expected:?}; events: {:#?}",
+            ctl.events()
+        )
+    });
+    for (role, name) in expected {
+        let n = events
+            .iter()
+            .filter(|e| e["name"] == name && e["role"] == role)
+            .count();
+        assert_eq!(n, 1, "one warning per certificate, not per connection");
+    }
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["name"] == "hv2" || e["name"] == "operator"),
+        "long-lived certificates must not warn: {events:#?}"
+    );
+    // Another request by carol does not repeat the warning.
+    short_admin.json(&["status"]).expect("carol's status");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        events_of_kind(&ctl, "certificate_expiring")
+            .iter()
+            .filter(|e| e["name"] == "carol")
+            .count(),
+        1
+    );
+
+    let status = ctl.json(&["status"]).expect("status");
+    let certs = status["certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for (role, name) in expected {
+        assert!(
+            certs.iter().any(|c| c["name"] == name && c["role"] == role),
+            "status lists {role} {name}: {status:#}"
+        );
+    }
+    let out = ctl.run(&["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (_, name) in expected {
+        assert!(
+            text.lines()
+                .any(|l| l.contains(name) && l.contains("expires in")),
+            "`vigilctl status` has a line for {name}:\n{text}"
+        );
+    }
+}
+
+/// Item 5: `vigilctl cert renew` and SIGHUP rotate the monitor's and an agent's certificate
+/// without restarting either process or the agent's session. Before, SIGHUP killed both
+/// daemons (its default action) and there was no renew command.
+#[test]
+fn renewed_certificates_are_picked_up_on_sighup_without_restarting_a_session() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon_tls = pki.issue_days(Role::Monitor, "mon1", 10);
+    let mut mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let hv1_tls = pki.issue_days(Role::Agent, "hv1", 10);
+    let mut hv1 = AgentProc::start_with_tls(&hv1_tls, &dir, "hv1", mon.addr, "");
+    up(&ctl, "hv1");
+    let listed = |name: &str| -> bool {
+        ctl.json(&["status"]).expect("status")["certificates"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["name"] == name))
+    };
+    wait_for(Duration::from_secs(10), || {
+        (listed("mon1") && listed("hv1")).then_some(())
+    })
+    .expect("both short certificates are listed before renewal");
+
+    let ca = pki.ca_dir();
+    for t in [&mon_tls, &hv1_tls] {
+        let out = vigilctl_local(&[
+            "cert",
+            "renew",
+            "--ca",
+            &ca.display().to_string(),
+            "--cert",
+            &t.cert.display().to_string(),
+            "--key",
+            &t.key.display().to_string(),
+        ]);
+        assert!(
+            out.status.success(),
+            "cert renew: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    mon.proc_.hup();
+    hv1.proc_.hup();
+    wait_for(Duration::from_secs(10), || (!listed("mon1")).then_some(()))
+        .expect("the monitor serves its renewed certificate after SIGHUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        mon.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the monitor"
+    );
+    assert!(
+        hv1.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the agent"
+    );
+    assert_eq!(ctl.liveness("hv1").as_deref(), Some("up"));
+    let connects = |log: &str| log.matches("agent connected").count();
+    assert_eq!(
+        connects(&mon.proc_.log_text()),
+        1,
+        "the agent's session continues across both reloads"
+    );
+    // The agent's next connection uses its renewed certificate.
+    mon.restart(false);
+    ctl.wait_ready(Duration::from_secs(20));
+    up(&ctl, "hv1");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !listed("hv1"),
+        "after reconnecting, hv1 presents its renewed certificate: {:#}",
+        ctl.json(&["status"]).expect("status")
+    );
+}
+
+/// Item 6: an admin write was not attributed to anybody. Every write is now an event with the
+/// certificate that made it (`by: "admin:alice"`), shown by `vigilctl events`.
+#[test]
+fn every_admin_write_is_in_the_event_log_with_the_certificate_name() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let alice = ctl_as(&pki, Role::Admin, "alice", &mon);
+    alice.wait_ready(Duration::from_secs(20));
+    let _hv1 = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    up(&alice, "hv1");
+
+    alice
+        .json(&["host", "tag", "add", "hv1", "gpu"])
+        .expect("tag add");
+    alice
+        .json(&["host", "maintenance", "on", "hv1"])
+        .expect("maintenance on");
+    // A write that fails is recorded too, with its error.
+    alice
+        .json(&["host", "tag", "add", "nosuch", "gpu"])
+        .expect_err("unknown host");
+
+    let audit = wait_for(Duration::from_secs(5), || {
+        let a = events_of_kind(&alice, "admin_action");
+        (a.len() >= 3).then_some(a)
+    })
+    .unwrap_or_else(|| panic!("no audit entries: {:#?}", alice.events()));
+    let find = |request: &str| -> Value {
+        audit
+            .iter()
+            .find(|e| e["request"] == request)
+            .cloned()
+            .unwrap_or_else(|| panic!("no audit entry for {request:?}: {audit:#?}"))
+    };
+    let tag = find("host tag add hv1 gpu");
+    assert_eq!(tag["by"], "admin:alice");
+    assert_eq!(tag["result"], "ok");
+    assert_eq!(tag["host"], "hv1");
+    let maint = find("host maintenance on hv1");
+    assert_eq!(maint["by"], "admin:alice");
+    let failed = find("host tag add nosuch gpu");
+    assert!(
+        failed["result"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("error") && r.contains("nosuch")),
+        "{failed:#}"
+    );
+    // Reads are not audited.
+    assert!(!audit.iter().any(|e| e["request"] == "status"));
+    // The human table shows who did it.
+    let out = alice.run(&["events"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("admin:alice") && l.contains("host tag add hv1 gpu")),
+        "{text}"
+    );
+}
+
+/// Item 4: a read-only viewer certificate (`vigil-viewer`) reads everything and writes
+/// nothing; each refused write names the certificate and its role, changes nothing, and is
+/// in the audit log marked refused (item 6).
+#[test]
+fn a_viewer_certificate_reads_but_every_write_is_refused_and_audited() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let admin = Ctl::new(&pki, vec![mon.addr]);
+    admin.wait_ready(Duration::from_secs(20));
+    let _hv1 = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    up(&admin, "hv1");
+    let bob = ctl_as(&pki, Role::Viewer, "bob", &mon);
+
+    for read in [
+        vec!["status"],
+        vec!["host", "list"],
+        vec!["host", "show", "hv1"],
+        vec!["vm", "list"],
+        vec!["events"],
+        vec!["host", "ping", "hv1"],
+    ] {
+        bob.json(&read)
+            .unwrap_or_else(|e| panic!("viewer must read {read:?}: {e}"));
+    }
+    let writes: Vec<Vec<&str>> = vec![
+        vec!["host", "tag", "add", "hv1", "gpu"],
+        vec!["host", "tag", "rm", "hv1", "gpu"],
+        vec!["host", "maintenance", "on", "hv1"],
+        vec!["host", "fence", "hv1", "--force"],
+        vec!["host", "confirm-off", "hv1"],
+        vec!["fencing", "release"],
+        vec!["vm", "ha", "enable", "web1"],
+        vec!["vm", "stop", "web1"],
+        vec!["vm", "anti-affinity", "web1", "g1"],
+    ];
+    for w in &writes {
+        let e = bob
+            .json(w)
+            .expect_err(&format!("a viewer must not write: {w:?}"));
+        assert!(
+            e.contains("needs an admin certificate")
+                && e.contains("\"bob\"")
+                && e.contains("viewer"),
+            "the refusal of {w:?} names the certificate and its role: {e}"
+        );
+    }
+    let hv1 = admin.json(&["host", "show", "hv1"]).expect("hv1");
+    assert_eq!(
+        hv1["tags"],
+        serde_json::json!([]),
+        "nothing changed: {hv1:#}"
+    );
+    assert_eq!(hv1["maintenance"], false);
+
+    let refused: Vec<Value> = events_of_kind(&admin, "admin_action")
+        .into_iter()
+        .filter(|e| e["by"] == "viewer:bob")
+        .collect();
+    assert_eq!(refused.len(), writes.len(), "{refused:#?}");
+    for e in &refused {
+        assert!(
+            e["result"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("refused")),
+            "{e:#}"
+        );
+        assert_eq!(e["severity"], "warning");
+    }
+    assert!(refused
+        .iter()
+        .any(|e| e["request"] == "host tag add hv1 gpu"));
+}
+
+/// Item 4: revocation. `vigilctl cert revoke` writes the CA's CRL; once the monitor's
+/// `[tls] crl` names it and it got SIGHUP, a revoked agent or admin certificate cannot
+/// connect (real handshakes), a live session of a revoked agent is closed, and everyone
+/// else carries on.
+#[test]
+fn a_revoked_agent_or_admin_certificate_cannot_connect_after_sighup() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mut mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let mallory = ctl_as(&pki, Role::Admin, "mallory", &mon);
+    mallory
+        .json(&["status"])
+        .expect("mallory is an admin before revocation");
+    let hv1_tls = pki.issue(Role::Agent, "hv1");
+    let hv1 = AgentProc::start_with_tls(&hv1_tls, &dir, "hv1", mon.addr, "");
+    up(&ctl, "hv1");
+
+    let ca = pki.ca_dir();
+    let out = vigilctl_local(&[
+        "--json",
+        "cert",
+        "revoke",
+        "--ca",
+        &ca.display().to_string(),
+        "--cert",
+        &hv1_tls.cert.display().to_string(),
+        "--cert",
+        &mallory.tls.cert.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "cert revoke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(r["serials"].as_array().map(|a| a.len()), Some(2), "{r:#}");
+    let crl = ca.join("ca.crl");
+    let mut config = std::fs::read_to_string(&mon.config).expect("config");
+    // The [tls] section is last in the harness's config.
+    config.push_str(&format!("crl = {:?}\n", crl.display().to_string()));
+    std::fs::write(&mon.config, config).expect("write config");
+    mon.proc_.hup();
+
+    wait_for(Duration::from_secs(10), || mallory.json(&["status"]).err())
+        .expect("mallory's revoked certificate is refused after SIGHUP");
+    assert!(
+        mon.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the monitor"
+    );
+    // hv1's live session is closed, and it cannot come back.
+    wait_for(Duration::from_secs(10), || {
+        ctl.json(&["host", "show", "hv1"])
+            .ok()
+            .filter(|v| v["connected"] == false)
+    })
+    .unwrap_or_else(|| panic!("hv1's session must be closed: {}", mon.proc_.log_text()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let h = ctl.json(&["host", "show", "hv1"]).expect("hv1");
+    assert_eq!(h["connected"], false, "a revoked agent reconnected: {h:#}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let attempt = rt.block_on(async {
+        let cfg = vigil_agent::runner::client_config(&hv1_tls).expect("client config");
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+        let hello = vigil_common::wire::Hello {
+            host: "hv1".into(),
+            agent_version: "test".into(),
+            zone: "default".into(),
+            cluster: "default".into(),
+            facts: Default::default(),
+            instance: 7,
+            pools: vec![],
+        };
+        vigil_agent::session::Session::open(&ep, cfg, mon.addr, hello).await
+    });
+    assert!(
+        attempt.is_err(),
+        "a revoked agent certificate got a session"
+    );
+    assert!(
+        mon.proc_.log_text().contains("revoked"),
+        "{}",
+        mon.proc_.log_text()
+    );
+    drop(hv1);
+    // Everyone else carries on: the operator, and a new agent.
+    ctl.json(&["status"])
+        .expect("operator status after the reload");
+    let _hv2 = AgentProc::start(&pki, &dir, "hv2", mon.addr, "");
+    up(&ctl, "hv2");
+}
+
+/// Item 5: an agent whose certificate expired cannot connect (the handshake refuses it). It
+/// was indistinguishable from a dead host; now the monitor identifies it (the chain verifies
+/// as of the certificate's last valid second), reports it loudly (event, status line) and
+/// treats the host like an incompatible agent: alive, never condemned for it.
+#[test]
+fn an_expired_agent_certificate_is_reported_and_the_host_is_not_condemned() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let mut hv1 = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    up(&ctl, "hv1");
+
+    // The same host again (its agent restarted at once), with a certificate that expired an
+    // hour ago.
+    let signer = tls::CaSigner::load(&pki.ca_dir()).expect("CA");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let (cert, key) = signer
+        .issue_between(Role::Agent, "hv1", now - 40 * 86_400, now - 3600)
+        .expect("issue expired");
+    let old_dir = dir.join("expired");
+    std::fs::create_dir_all(&old_dir).expect("mkdir");
+    let mut t = pki.issue(Role::Agent, "hv1");
+    t.cert = old_dir.join("hv1.crt");
+    t.key = old_dir.join("hv1.key");
+    std::fs::write(&t.cert, cert).expect("write cert");
+    std::fs::write(&t.key, key).expect("write key");
+    hv1.proc_.kill();
+    let _expired = AgentProc::start_with_tls(&t, &dir, "hv1", mon.addr, "");
+
+    let ev = wait_for(Duration::from_secs(15), || {
+        events_of_kind(&ctl, "certificate_expired")
+            .into_iter()
+            .find(|e| e["name"] == "hv1" && e["role"] == "agent")
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no certificate_expired event for hv1: {:#?}\n{}",
+            ctl.events(),
+            mon.proc_.log_text()
+        )
+    });
+    assert_eq!(ev["severity"], "critical");
+    assert_eq!(ev["host"], "hv1");
+    assert!(
+        events_of_kind(&ctl, "host_incompatible")
+            .iter()
+            .any(|e| e["host"] == "hv1"
+                && e["message"].as_str().is_some_and(|m| m.contains("expired"))),
+        "the host is handled like an incompatible agent: {:#?}",
+        ctl.events()
+    );
+    let status = ctl.json(&["status"]).expect("status");
+    assert!(
+        status["certificates"].as_array().is_some_and(|c| c
+            .iter()
+            .any(|c| c["name"] == "hv1" && c["expired"] == true && c["refused"] == true)),
+        "{status:#}"
+    );
+    let text = String::from_utf8_lossy(&ctl.run(&["status"]).stdout).into_owned();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("hv1") && l.contains("EXPIRED")),
+        "{text}"
+    );
+    // Silent on the agent protocol for far longer than down_after, yet never read as dead
+    // or agent-down: it keeps trying to connect.
+    std::thread::sleep(Duration::from_secs(3));
+    let h = ctl.json(&["host", "show", "hv1"]).expect("hv1");
+    let condition = h["condition"]["condition"]
+        .as_str()
+        .unwrap_or("none")
+        .to_string();
+    assert!(
+        !matches!(condition.as_str(), "dead" | "agent-down" | "isolated"),
+        "a host whose agent certificate expired must not be condemned: {h:#}"
+    );
+    assert_eq!(h["phase"]["phase"], "active", "{h:#}");
+}
