@@ -215,6 +215,29 @@ pub struct LinkSettings {
     pub isolation_response: vigil_common::config::IsolationResponse,
 }
 
+/// The replicated state as this monitor has applied it (host records).
+pub type AppliedState = Arc<std::sync::RwLock<crate::state::ClusterState>>;
+
+/// Why a hello naming `zone`/`cluster` is refused for `host` (issue 10 item 3): zone and
+/// cluster are pinned in the host record when it first registers, and only an operator
+/// moves a host (`vigilctl host place`). `None`: accepted (a new host, or the record's own
+/// values).
+pub fn placement_refusal(
+    state: &crate::state::ClusterState,
+    host: &str,
+    zone: &str,
+    cluster: &str,
+) -> Option<String> {
+    let h = state.hosts.get(host)?;
+    if h.zone == zone && h.cluster == cluster {
+        return None;
+    }
+    Some(format!(
+        "host {host} is registered in zone {:?}, cluster {:?}, but its hello claims zone {zone:?}, cluster {cluster:?}; an agent cannot move its host: an operator does, with `vigilctl host place {host} --zone {zone} --cluster {cluster}` (or set zone/cluster back in the agent's config)",
+        h.zone, h.cluster
+    ))
+}
+
 /// Serves one agent connection until it ends.
 pub async fn serve(
     conn: quinn::Connection,
@@ -222,6 +245,7 @@ pub async fn serve(
     engine: EngineHandle,
     sessions: Arc<Sessions>,
     link: LinkSettings,
+    state: AppliedState,
 ) {
     let LinkSettings {
         node_id,
@@ -265,6 +289,21 @@ pub async fn serve(
     };
     let (hello, mut send, mut recv) = hello;
     let host = peer.name.clone();
+    let refusal = {
+        let st = state.read().unwrap_or_else(PoisonError::into_inner);
+        placement_refusal(&st, &host, &hello.zone, &hello.cluster)
+    };
+    if let Some(msg) = refusal {
+        warn!(%remote, %host, "agent refused: {msg}");
+        engine
+            .input(Input::HostPlacementRefused {
+                host: host.clone(),
+                detail: msg.clone(),
+            })
+            .await;
+        conn.close(close::UNAUTHORIZED.into(), msg.as_bytes());
+        return;
+    }
 
     let conn_id = sessions.next_session.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out_rx) = mpsc::channel::<MonitorToAgent>(1024);

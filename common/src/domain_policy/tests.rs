@@ -77,7 +77,57 @@ fn the_sandbox_and_lab_domain_passes() {
 </domain>"#);
 }
 
-/// The same domain as `virsh dumpxml --inactive` writes it back (what agents ship), with a
+/// The sandbox domain as libvirt 10 writes it back (`virsh dumpxml --inactive`, captured
+/// from `scripts/libvirt-sandbox.sh`): what an agent really ships.
+#[test]
+fn a_real_libvirt_dump_of_the_sandbox_domain_passes() {
+    ok(r#"<domain type='qemu'>
+  <name>polt1</name>
+  <uuid>b334fcb9-ec38-4d55-b259-83c0f3fb76e9</uuid>
+  <memory unit='KiB'>65536</memory>
+  <currentMemory unit='KiB'>65536</currentMemory>
+  <vcpu placement='static'>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc-i440fx-10.0'>hvm</type>
+    <boot dev='hd'/>
+  </os>
+  <features>
+    <acpi/>
+  </features>
+  <cpu mode='custom' match='exact' check='none'>
+    <model fallback='forbid'>qemu64</model>
+  </cpu>
+  <clock offset='utc'/>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>restart</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2' cache='none' error_policy='stop'/>
+      <source file='/srv/x.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x02' function='0x0'/>
+    </disk>
+    <controller type='usb' index='0' model='none'/>
+    <controller type='pci' index='0' model='pci-root'/>
+    <serial type='pty'>
+      <target type='isa-serial' port='0'>
+        <model name='isa-serial'/>
+      </target>
+    </serial>
+    <console type='pty'>
+      <target type='serial' port='0'/>
+    </console>
+    <input type='mouse' bus='ps2'/>
+    <input type='keyboard' bus='ps2'/>
+    <audio id='1' type='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>"#);
+}
+
+/// A fuller domain in the shape `virsh dumpxml --inactive` writes it back (what agents ship), with a
 /// guest-agent channel, a bridge NIC, VNC, an emulated TPM and UEFI firmware.
 #[test]
 fn a_full_libvirt_dump_passes() {

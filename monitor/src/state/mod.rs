@@ -185,6 +185,15 @@ pub enum EventKind {
         found: Option<u64>,
         newest: u64,
     },
+    // ---- Issue 10 (an agent certificate speaks only for its own host) ----
+    /// A host's agent said hello with another zone or cluster than its host record: refused
+    /// (only an operator moves a host, `vigilctl host place`).
+    HostPlacementRefused,
+    /// A host claimed a VM that the cluster has on another host (an inventory, an event or a
+    /// definition): neither a move nor a definition change. One per conflict episode.
+    VmOwnershipConflict { claimant: String },
+    /// A domain definition refused by the domain policy: the stored one is kept.
+    VmDefinitionRefused,
 }
 
 /// One entry of the replicated event log.
@@ -348,6 +357,16 @@ pub enum StateCommand {
         host: Option<String>,
         kind: EventKind,
         message: String,
+    },
+    // ---- Issue 10 item 3 ----
+    /// `vigilctl host place H --zone Z --cluster C`: an operator (`by`) moves a host. The
+    /// only way a registered host changes zone or cluster: its agent's hello must match.
+    SetHostPlacement {
+        at_ms: u64,
+        host: String,
+        zone: String,
+        cluster: String,
+        by: String,
     },
 }
 
@@ -537,7 +556,8 @@ impl ClusterState {
             | StateCommand::SetMaintenance { .. }
             | StateCommand::SetHostInfo { .. }
             | StateCommand::HostRejoined { .. }
-            | StateCommand::OperatorConfirmedOff { .. } => host::apply(self, cmd),
+            | StateCommand::OperatorConfirmedOff { .. }
+            | StateCommand::SetHostPlacement { .. } => host::apply(self, cmd),
         }
     }
 
