@@ -3565,10 +3565,16 @@ mod tests {
         s.inventory("hv2", vec![running("u1", Some(0))], 40);
         assert_eq!(s.state.vms["u1"].host, "hv1");
         assert_eq!(conflicts(&s), 1);
-        // The episode ends when hv2 stops claiming; a new claim is a new episode.
+        // The episode ends when hv2 stops claiming; a new claim is a new episode. With the
+        // committed generation it could be a live migration whose source listing is late: a
+        // conflict once hv1 lists the VM again, still running.
         s.inventory("hv2", vec![], 50);
         s.inventory("hv2", vec![running("u1", Some(0))], 60);
+        assert_eq!(conflicts(&s), 1, "{:?}", s.log());
+        s.inventory("hv1", vec![running("u1", Some(0))], 62);
+        s.inventory("hv2", vec![running("u1", Some(0))], 64);
         assert_eq!(conflicts(&s), 2, "{:?}", s.log());
+        assert_eq!(s.state.vms["u1"].host, "hv1");
         // A shut-off copy defined on another host is normal and says nothing.
         s.inventory(
             "hv2",
@@ -3589,6 +3595,19 @@ mod tests {
             20,
         );
         s.inventory("hv2", vec![running("u1", Some(0))], 30);
+        assert_eq!(s.state.vms["u1"].host, "hv2", "{:?}", s.log());
+        assert_eq!(conflicts(&s), 0, "{:?}", s.log());
+        // The destination's listing first: no conflict, and the move once the source's
+        // listing lets go.
+        let mut s = two_hosts_u1_on_hv1();
+        s.inventory("hv2", vec![running("u1", Some(0))], 20);
+        assert_eq!(s.state.vms["u1"].host, "hv1");
+        s.inventory(
+            "hv1",
+            vec![domain("u1", DomainState::Shutoff, StateReason::Migrated, Some(0), true)],
+            30,
+        );
+        s.inventory("hv2", vec![running("u1", Some(0))], 40);
         assert_eq!(s.state.vms["u1"].host, "hv2", "{:?}", s.log());
         assert_eq!(conflicts(&s), 0, "{:?}", s.log());
     }

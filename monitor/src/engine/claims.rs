@@ -28,6 +28,12 @@ pub(super) struct IdentityNotes {
     pub placement_refused: BTreeMap<String, String>,
     /// (VM uuid, claimant host) conflicts recorded, until the claimant stops claiming.
     pub conflicts: BTreeSet<(String, String)>,
+    /// Listings received per host (a count: agents' sequence numbers restart with them).
+    pub listings: BTreeMap<String, u64>,
+    /// Claims not recorded yet, with the owner's listing count when the claim was first seen: in a live migration the destination's listing may arrive before
+    /// the source's, so the conflict waits for a newer listing of the owner that still runs
+    /// the VM.
+    pub unconfirmed: BTreeMap<(String, String), u64>,
     /// Per VM: the refused definition recorded (a hash of its text), so an agent resending
     /// the same definition raises one event.
     pub refused_definitions: BTreeMap<String, u64>,
@@ -112,6 +118,8 @@ impl Engine {
                 .inventory
                 .get(&vm.host)
                 .is_some_and(|inv| inv.domains.get(&vm.uuid).is_none_or(|o| !runs(o)));
+        let owner_listings = self.identity.listings.get(&vm.host).copied().unwrap_or(0);
+        let key = (vm.uuid.clone(), host.to_string());
         let verdict = if generation > vm.generation {
             // No activation has a generation above the committed one: forged (or a state
             // lost, which an operator must look at).
@@ -125,6 +133,19 @@ impl Engine {
         } else {
             match &vm.phase {
                 Phase::Running if owner_lets_go => Ok(()),
+                // Maybe a live migration whose source listing is still on its way: a
+                // conflict only once a newer listing of the owner still shows it running.
+                Phase::Running
+                    if self.connected.contains(&vm.host)
+                        && self
+                            .identity
+                            .unconfirmed
+                            .get(&key)
+                            .is_none_or(|first| owner_listings <= *first) =>
+                {
+                    self.identity.unconfirmed.entry(key).or_insert(owner_listings);
+                    return Claim::Refuse;
+                }
                 Phase::Running => Err(format!(
                     "{} still runs it{}",
                     vm.host,
@@ -143,9 +164,8 @@ impl Engine {
         };
         match verdict {
             Ok(()) => {
-                self.identity
-                    .conflicts
-                    .remove(&(vm.uuid.clone(), host.to_string()));
+                self.identity.unconfirmed.remove(&key);
+                self.identity.conflicts.remove(&key);
                 Claim::Accept
             }
             Err(why) => {
@@ -188,6 +208,7 @@ impl Engine {
 
     /// After a listing of `host`: its conflicts about VMs it no longer reports running end.
     pub(super) fn claims_listed(&mut self, host: &str, domains: &[DomainInfo]) {
+        *self.identity.listings.entry(host.to_string()).or_insert(0) += 1;
         let running: BTreeSet<&str> = domains
             .iter()
             .filter(|d| runs(d))
@@ -196,6 +217,9 @@ impl Engine {
         self.identity
             .conflicts
             .retain(|(uuid, h)| h != host || running.contains(uuid.as_str()));
+        self.identity
+            .unconfirmed
+            .retain(|(uuid, h), _| h != host || running.contains(uuid.as_str()));
     }
 
     /// The inactive XML of `uuid` from `host`: stored only from the host that owns the VM,

@@ -645,6 +645,34 @@ mod tests {
     }
 
     #[test]
+    fn only_an_operator_placement_moves_a_host() {
+        let mut s = ClusterState::default();
+        s.apply(&register("hv1"));
+        let place = |zone: &str| StateCommand::SetHostPlacement {
+            at_ms: 2,
+            host: "hv1".into(),
+            zone: zone.into(),
+            cluster: "c9".into(),
+            by: "alice".into(),
+        };
+        assert_eq!(s.apply(&place("z2")), StateResponse::Ok);
+        assert_eq!((s.hosts["hv1"].zone.as_str(), s.hosts["hv1"].cluster.as_str()), ("z2", "c9"));
+        assert_eq!(s.apply(&place("z2")), StateResponse::Unchanged);
+        let last = s.events.back().expect("event");
+        assert_eq!(last.kind, EventKind::HostLocationChanged);
+        assert!(last.message.contains("operator alice moved host hv1 from z1/c1 to z2/c9"), "{}", last.message);
+        assert!(matches!(s.apply(&place("bad zone")), StateResponse::Invalid { .. }));
+        let unknown = StateCommand::SetHostPlacement {
+            at_ms: 3,
+            host: "nope".into(),
+            zone: "z".into(),
+            cluster: "c".into(),
+            by: "alice".into(),
+        };
+        assert!(matches!(s.apply(&unknown), StateResponse::UnknownHost { .. }));
+    }
+
+    #[test]
     fn rejected_commands_change_nothing() {
         let mut s = ClusterState::default();
         s.apply(&register("hv1"));
