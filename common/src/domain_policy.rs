@@ -101,8 +101,8 @@ pub fn check(xml: &str, policy: &DomainPolicy) -> Result<(), PolicyError> {
         allow_dtd: false,
         nodes_limit: MAX_DOMAIN_XML_NODES,
     };
-    let doc =
-        Document::parse_with_options(xml, opts).map_err(|e| PolicyError::Malformed(e.to_string()))?;
+    let doc = Document::parse_with_options(xml, opts)
+        .map_err(|e| PolicyError::Malformed(e.to_string()))?;
     let root = doc.root_element();
     if root.tag_name().namespace().is_some() || root.tag_name().name() != "domain" {
         return Err(refused(
@@ -151,7 +151,11 @@ fn walk(node: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
                     .find(|d| d.is_element() && d.has_attribute("file"))
                 {
                     return Err(refused(
-                        format!("{} with file={:?} in <sysinfo>", el(e), e.attribute("file").unwrap_or_default()),
+                        format!(
+                            "{} with file={:?} in <sysinfo>",
+                            el(e),
+                            e.attribute("file").unwrap_or_default()
+                        ),
                         "it loads a file of the host into the guest",
                     ));
                 }
@@ -197,7 +201,10 @@ fn seclabel(n: Node) -> Result<(), PolicyError> {
         ));
     }
     if n.attribute("model") == Some("none") {
-        return Err(refused("<seclabel model='none'>", "it turns confinement off"));
+        return Err(refused(
+            "<seclabel model='none'>",
+            "it turns confinement off",
+        ));
     }
     Ok(())
 }
@@ -249,7 +256,10 @@ fn os(n: Node) -> Result<(), PolicyError> {
 fn devices(n: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
     for d in n.children().filter(|c| c.is_element()) {
         if d.tag_name().namespace().is_some() {
-            return Err(refused(el(d), "elements of another namespace are accepted only inside <metadata>"));
+            return Err(refused(
+                el(d),
+                "elements of another namespace are accepted only inside <metadata>",
+            ));
         }
         let ty = d.attribute("type");
         match d.tag_name().name() {
@@ -277,10 +287,9 @@ fn devices(n: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
                         "only network, bridge, ethernet and user interfaces are accepted (direct, hostdev and vdpa hand a host device to the guest; vhostuser, server, client, mcast and udp open host sockets)",
                     ));
                 }
-                if let Some(s) = d
-                    .children()
-                    .find(|c| c.is_element() && matches!(c.tag_name().name(), "script" | "downscript"))
-                {
+                if let Some(s) = d.children().find(|c| {
+                    c.is_element() && matches!(c.tag_name().name(), "script" | "downscript")
+                }) {
                     return Err(refused(
                         format!("<interface><{}>", s.tag_name().name()),
                         "it runs a program of the definer's choosing on the host",
@@ -298,7 +307,10 @@ fn devices(n: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
             }
             "audio" => {
                 if ty == Some("file") {
-                    return Err(refused("<audio type='file'>", "it writes a file on the host"));
+                    return Err(refused(
+                        "<audio type='file'>",
+                        "it writes a file on the host",
+                    ));
                 }
             }
             "rng" => {
@@ -313,7 +325,10 @@ fn devices(n: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
                     if !ok {
                         return Err(refused(
                             format!("<rng><backend model={model:?}> {src:?}"),
-                            format!("only the host's entropy devices ({}) or the builtin backend", RNG_SOURCES.join(", ")),
+                            format!(
+                                "only the host's entropy devices ({}) or the builtin backend",
+                                RNG_SOURCES.join(", ")
+                            ),
                         ));
                     }
                 }
@@ -348,8 +363,7 @@ fn devices(n: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
             }
             "graphics" => {
                 if d.has_attribute("socket")
-                    || d
-                        .children()
+                    || d.children()
                         .any(|c| c.has_tag_name("listen") && c.has_attribute("socket"))
                 {
                     return Err(refused(
@@ -364,9 +378,13 @@ fn devices(n: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
                 return Err(refused(
                     format!("<{other}>"),
                     match other {
-                        "hostdev" => "it hands a host device (PCI, USB, SCSI, mediated) to the guest",
+                        "hostdev" => {
+                            "it hands a host device (PCI, USB, SCSI, mediated) to the guest"
+                        }
                         "filesystem" => "it exposes a host directory to the guest",
-                        "smartcard" => "it hands the host's smartcard or a host socket to the guest",
+                        "smartcard" => {
+                            "it hands the host's smartcard or a host socket to the guest"
+                        }
                         "shmem" => "it shares host memory with the guest",
                         "lease" => "it names a lock file on the host",
                         _ => "this device is not on Vigil's allow-list (docs/domain-policy.md)",
@@ -388,10 +406,16 @@ fn disk(d: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
         ));
     }
     if d.attribute("rawio") == Some("yes") {
-        return Err(refused("<disk rawio='yes'>", "it gives QEMU raw I/O capability on the host"));
+        return Err(refused(
+            "<disk rawio='yes'>",
+            "it gives QEMU raw I/O capability on the host",
+        ));
     }
     if d.attribute("sgio") == Some("unfiltered") {
-        return Err(refused("<disk sgio='unfiltered'>", "it passes any SCSI command to the host device"));
+        return Err(refused(
+            "<disk sgio='unfiltered'>",
+            "it passes any SCSI command to the host device",
+        ));
     }
     if policy.disk_roots.is_empty() {
         return Ok(());
@@ -403,7 +427,10 @@ fn disk(d: Node, policy: &DomainPolicy) -> Result<(), PolicyError> {
                 if !under(p, &roots) {
                     return Err(refused(
                         format!("<disk> source {attr}={p:?}"),
-                        format!("disks must lie under the configured roots ({})", roots.join(", ")),
+                        format!(
+                            "disks must lie under the configured roots ({})",
+                            roots.join(", ")
+                        ),
                     ));
                 }
             }
@@ -417,8 +444,7 @@ fn chardev(d: Node) -> Result<(), PolicyError> {
     let ty = d.attribute("type").unwrap_or("pty");
     let libvirt_socket = kind == "channel"
         && ty == "unix"
-        && d
-            .children()
+        && d.children()
             .filter(|c| c.has_tag_name("source"))
             .all(|s| !s.has_attribute("path"));
     let ok = matches!(

@@ -77,7 +77,14 @@ impl Sessions {
     /// not answer for another host (a forged "unreachable" probe answer would make a live
     /// host look dead), nor an old session of its own host. Anything else is ignored with
     /// a warning. `false`: not taken.
-    fn deliver(&self, host: &str, conn_id: u64, id: u64, outcome: CommandOutcome, seq: u64) -> bool {
+    fn deliver(
+        &self,
+        host: &str,
+        conn_id: u64,
+        id: u64,
+        outcome: CommandOutcome,
+        seq: u64,
+    ) -> bool {
         let mut pending = self.lock_pending();
         match pending.get(&id) {
             Some(p) if p.host == host && p.conn_id == conn_id => {

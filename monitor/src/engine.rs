@@ -161,7 +161,10 @@ pub enum Input {
     },
     /// Issue 10 item 3: an agent with a valid certificate said hello with another zone or
     /// cluster than its host record; the session was refused (`detail` names both).
-    HostPlacementRefused { host: String, detail: String },
+    HostPlacementRefused {
+        host: String,
+        detail: String,
+    },
 }
 
 /// What one storage cycle of the leader found on a pool.
@@ -1022,7 +1025,9 @@ impl Engine {
                     // Another host's VM (issue 10 item 2): a shut-off copy defined here is
                     // normal and says nothing; running, it is a move only when its own
                     // host lets it go (a live migration), else a conflict.
-                    if running && self.foreign_claim(host, vm, d, wall_ms, out) == claims::Claim::Accept {
+                    if running
+                        && self.foreign_claim(host, vm, d, wall_ms, out) == claims::Claim::Accept
+                    {
                         out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
                     }
                 }
@@ -3559,7 +3564,12 @@ mod tests {
         }
         s.event("hv2", "u1", LifecycleKind::Started, Some(7), 30);
         let vm = &s.state.vms["u1"];
-        assert_eq!((vm.host.as_str(), vm.generation), ("hv1", 0), "{:?}", s.log());
+        assert_eq!(
+            (vm.host.as_str(), vm.generation),
+            ("hv1", 0),
+            "{:?}",
+            s.log()
+        );
         assert_eq!(conflicts(&s), 1, "{:?}", s.log());
         // Even with the current generation: hv1 still runs it.
         s.inventory("hv2", vec![running("u1", Some(0))], 40);
@@ -3578,7 +3588,13 @@ mod tests {
         // A shut-off copy defined on another host is normal and says nothing.
         s.inventory(
             "hv2",
-            vec![domain("u1", DomainState::Shutoff, StateReason::Destroyed, Some(0), false)],
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Destroyed,
+                Some(0),
+                false,
+            )],
             70,
         );
         assert_eq!(conflicts(&s), 2);
@@ -3591,7 +3607,13 @@ mod tests {
         // hv1 no longer runs it (migrated away), then hv2 reports it with the same generation.
         s.inventory(
             "hv1",
-            vec![domain("u1", DomainState::Shutoff, StateReason::Migrated, Some(0), true)],
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Migrated,
+                Some(0),
+                true,
+            )],
             20,
         );
         s.inventory("hv2", vec![running("u1", Some(0))], 30);
@@ -3604,7 +3626,13 @@ mod tests {
         assert_eq!(s.state.vms["u1"].host, "hv1");
         s.inventory(
             "hv1",
-            vec![domain("u1", DomainState::Shutoff, StateReason::Migrated, Some(0), true)],
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Migrated,
+                Some(0),
+                true,
+            )],
             30,
         );
         s.inventory("hv2", vec![running("u1", Some(0))], 40);
@@ -3629,7 +3657,12 @@ mod tests {
         };
         def(&mut s, "hv1", good, 20);
         assert_eq!(s.state.vms["u1"].definition.as_deref(), Some(good));
-        def(&mut s, "hv2", "<domain type='kvm'><name>other</name></domain>", 30);
+        def(
+            &mut s,
+            "hv2",
+            "<domain type='kvm'><name>other</name></domain>",
+            30,
+        );
         assert_eq!(s.state.vms["u1"].definition.as_deref(), Some(good));
         // The VM's own host, resending a hostile definition: refused once, the old kept.
         def(&mut s, "hv1", hostile, 40);
@@ -3644,7 +3677,11 @@ mod tests {
             .collect();
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert!(refused[0].contains("qemu:commandline"), "{}", refused[0]);
-        assert!(refused[0].contains("stored definition is kept"), "{}", refused[0]);
+        assert!(
+            refused[0].contains("stored definition is kept"),
+            "{}",
+            refused[0]
+        );
     }
 
     #[test]

@@ -11,7 +11,10 @@ fn ok(xml: &str) {
 /// Refused, with an error that names `needle`.
 fn refused_naming(xml: &str, needle: &str) -> PolicyError {
     let e = check(xml, &DomainPolicy::default()).expect_err("should be refused");
-    assert!(e.to_string().contains(needle), "error {e:?} should name {needle:?}");
+    assert!(
+        e.to_string().contains(needle),
+        "error {e:?} should name {needle:?}"
+    );
     e
 }
 
@@ -218,7 +221,10 @@ fn qemu_namespace_elements_are_refused_anywhere() {
     }
     // Nested inside a device, or in another namespace, or with a default namespace.
     refused_naming(
-        &with("", "<disk type='file' xmlns:q='http://libvirt.org/schemas/domain/qemu/1.0'><q:x/></disk>"),
+        &with(
+            "",
+            "<disk type='file' xmlns:q='http://libvirt.org/schemas/domain/qemu/1.0'><q:x/></disk>",
+        ),
         "<q:x>",
     );
     refused_naming(
@@ -231,12 +237,22 @@ fn qemu_namespace_elements_are_refused_anywhere() {
 
 #[test]
 fn a_custom_emulator_is_refused() {
-    refused_naming(&with("", "").replace("/usr/bin/qemu-system-x86_64", "/tmp/evil"), "\"/tmp/evil\"");
     refused_naming(
-        &with("", "").replace("/usr/bin/qemu-system-x86_64", "/usr/bin/qemu-system-x86_64/../../tmp/evil"),
+        &with("", "").replace("/usr/bin/qemu-system-x86_64", "/tmp/evil"),
+        "\"/tmp/evil\"",
+    );
+    refused_naming(
+        &with("", "").replace(
+            "/usr/bin/qemu-system-x86_64",
+            "/usr/bin/qemu-system-x86_64/../../tmp/evil",
+        ),
         "<emulator>",
     );
-    for good in ["/usr/libexec/qemu-kvm", "/usr/bin/qemu-system-aarch64", "/usr/bin/kvm"] {
+    for good in [
+        "/usr/libexec/qemu-kvm",
+        "/usr/bin/qemu-system-aarch64",
+        "/usr/bin/kvm",
+    ] {
         ok(&with("", "").replace("/usr/bin/qemu-system-x86_64", good));
     }
 }
@@ -292,7 +308,12 @@ fn disks_outside_the_configured_roots_are_refused_when_roots_are_configured() {
     let policy = DomainPolicy {
         disk_roots: vec!["/srv/vm/".into(), "/dev/vg_vms/".into()],
     };
-    let disk = |src: &str| with("", &format!("<disk type='file'><source file='{src}'/><target dev='vda'/></disk>"));
+    let disk = |src: &str| {
+        with(
+            "",
+            &format!("<disk type='file'><source file='{src}'/><target dev='vda'/></disk>"),
+        )
+    };
     assert!(check(&disk("/srv/vm/a.qcow2"), &policy).is_ok());
     let e = check(&disk("/etc/shadow"), &policy).expect_err("outside");
     assert!(e.to_string().contains("/etc/shadow"), "{e}");
@@ -333,8 +354,16 @@ fn a_billion_laughs_is_refused_outright() {
 
 #[test]
 fn malformed_xml_is_refused_saying_so() {
-    for bad in ["<domain><name>g</name>", "", "not xml", "<domain><a></b></domain>"] {
+    for bad in [
+        "<domain><name>g</name>",
+        "",
+        "not xml",
+        "<domain><a></b></domain>",
+    ] {
         refused_naming(bad, "malformed");
     }
-    refused_naming("<network><name>n</name></network>", "root element <network>");
+    refused_naming(
+        "<network><name>n</name></network>",
+        "root element <network>",
+    );
 }

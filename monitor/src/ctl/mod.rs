@@ -572,7 +572,10 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
             if args.json {
                 print_json(&raw)?
             } else {
-                println!("host {} is now in zone {}, cluster {}", v.name, v.zone, v.cluster);
+                println!(
+                    "host {} is now in zone {}, cluster {}",
+                    v.name, v.zone, v.cluster
+                );
             }
         }
         Command::Host(HostCmd::ConfirmOff { host }) => {

@@ -143,7 +143,10 @@ impl Engine {
                             .get(&key)
                             .is_none_or(|first| owner_listings <= *first) =>
                 {
-                    self.identity.unconfirmed.entry(key).or_insert(owner_listings);
+                    self.identity
+                        .unconfirmed
+                        .entry(key)
+                        .or_insert(owner_listings);
                     return Claim::Refuse;
                 }
                 Phase::Running => Err(format!(

@@ -191,7 +191,9 @@ pub enum EventKind {
     HostPlacementRefused,
     /// A host claimed a VM that the cluster has on another host (an inventory, an event or a
     /// definition): neither a move nor a definition change. One per conflict episode.
-    VmOwnershipConflict { claimant: String },
+    VmOwnershipConflict {
+        claimant: String,
+    },
     /// A domain definition refused by the domain policy: the stored one is kept.
     VmDefinitionRefused,
 }
@@ -656,12 +658,26 @@ mod tests {
             by: "alice".into(),
         };
         assert_eq!(s.apply(&place("z2")), StateResponse::Ok);
-        assert_eq!((s.hosts["hv1"].zone.as_str(), s.hosts["hv1"].cluster.as_str()), ("z2", "c9"));
+        assert_eq!(
+            (
+                s.hosts["hv1"].zone.as_str(),
+                s.hosts["hv1"].cluster.as_str()
+            ),
+            ("z2", "c9")
+        );
         assert_eq!(s.apply(&place("z2")), StateResponse::Unchanged);
         let last = s.events.back().expect("event");
         assert_eq!(last.kind, EventKind::HostLocationChanged);
-        assert!(last.message.contains("operator alice moved host hv1 from z1/c1 to z2/c9"), "{}", last.message);
-        assert!(matches!(s.apply(&place("bad zone")), StateResponse::Invalid { .. }));
+        assert!(
+            last.message
+                .contains("operator alice moved host hv1 from z1/c1 to z2/c9"),
+            "{}",
+            last.message
+        );
+        assert!(matches!(
+            s.apply(&place("bad zone")),
+            StateResponse::Invalid { .. }
+        ));
         let unknown = StateCommand::SetHostPlacement {
             at_ms: 3,
             host: "nope".into(),
@@ -669,7 +685,10 @@ mod tests {
             cluster: "c".into(),
             by: "alice".into(),
         };
-        assert!(matches!(s.apply(&unknown), StateResponse::UnknownHost { .. }));
+        assert!(matches!(
+            s.apply(&unknown),
+            StateResponse::UnknownHost { .. }
+        ));
     }
 
     #[test]

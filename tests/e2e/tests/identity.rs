@@ -323,7 +323,8 @@ impl RawAgent {
         tokio::spawn(async move {
             while let Ok(Some(_)) =
                 vigil_common::codec::read_frame::<_, wire::MonitorToAgent>(&mut recv).await
-            {}
+            {
+            }
         });
         tokio::spawn(async move {
             let _keep = (endpoint, conn);
@@ -555,7 +556,12 @@ fn a_host_cannot_claim_another_hosts_vm_nor_plant_a_hostile_definition() {
     wait_for(Duration::from_secs(20), || {
         (!events_of_kind(&ctl, "vm_definition_stored").is_empty()).then_some(())
     })
-    .unwrap_or_else(|| panic!("the good definition was not stored\n{}", mon.proc_.log_text()));
+    .unwrap_or_else(|| {
+        panic!(
+            "the good definition was not stored\n{}",
+            mon.proc_.log_text()
+        )
+    });
 
     // The attacker on hvB claims the VM, several times and by every path.
     let b_tls = pki.issue(Role::Agent, "hvB");
@@ -649,7 +655,10 @@ fn an_agent_cannot_move_its_host_into_another_zone() {
         "zone = \"z1\"\ncluster = \"c1\"",
     );
     wait_up(&ctl, &mon, "hvA");
-    assert_eq!(ctl.json(&["host", "show", "hvA"]).expect("show")["zone"], "z1");
+    assert_eq!(
+        ctl.json(&["host", "show", "hvA"]).expect("show")["zone"],
+        "z1"
+    );
     agent.proc_.kill();
 
     let rt = rt();
@@ -681,5 +690,8 @@ fn an_agent_cannot_move_its_host_into_another_zone() {
     assert_eq!(out["zone"], "z2", "{out}");
     rt.block_on(RawAgent::connect(&t, mon.addr, moved))
         .expect("the hello matches the record the operator wrote");
-    assert_eq!(ctl.json(&["host", "show", "hvA"]).expect("show")["zone"], "z2");
+    assert_eq!(
+        ctl.json(&["host", "show", "hvA"]).expect("show")["zone"],
+        "z2"
+    );
 }
