@@ -905,6 +905,8 @@ impl Engine {
                 self.released.clear();
                 self.tag_warned.clear();
                 self.def_warned.clear();
+                // What a follower noted was never recorded (its output is dropped).
+                self.identity = Default::default();
                 out.push(Action::Propose(StateCommand::RecordEvent {
                     at_ms: wall_ms,
                     severity: Severity::Info,
