@@ -182,6 +182,17 @@ impl Executor {
                         "{uuid} is not defined on this host and the order carries no definition"
                     ));
                 };
+                // Defence in depth (issue 10 item 2): the monitors store only definitions
+                // the domain policy accepts, but this host is the one that would run what
+                // the XML says (a definition stored before the policy, a monitor gone bad).
+                if let Err(e) = vigil_common::domain_policy::check(
+                    &xml,
+                    &vigil_common::domain_policy::DomainPolicy::default(),
+                ) {
+                    return failed(format!(
+                        "refusing to define {uuid} from the order's definition: {e} (docs/domain-policy.md)"
+                    ));
+                }
                 match hv.define(xml).await {
                     Ok(defined) if defined.eq_ignore_ascii_case(uuid) => {}
                     Ok(other) => {

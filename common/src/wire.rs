@@ -379,6 +379,14 @@ pub enum AdminRequest {
     FencingRelease {
         cluster: Option<String>,
     },
+    // ---- Issue 10 item 3 ----
+    /// Move a registered host to another zone and cluster (`vigilctl host place`): the only
+    /// way its placement changes; its agent's hello must match the record.
+    HostPlace {
+        host: String,
+        zone: String,
+        cluster: String,
+    },
 }
 
 /// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they

@@ -153,6 +153,14 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
         AdminRequest::HostConfirmOff { host } => {
             (format!("host confirm-off {host}"), Some(host.clone()))
         }
+        AdminRequest::HostPlace {
+            host,
+            zone,
+            cluster,
+        } => (
+            format!("host place {host} --zone {zone} --cluster {cluster}"),
+            Some(host.clone()),
+        ),
         AdminRequest::FencingRelease { cluster } => (
             format!(
                 "fencing release{}",
@@ -244,6 +252,11 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
         AdminRequest::HostFence { host, force } => operator_fence(ctx, peer, host, force).await,
         AdminRequest::HostConfirmOff { host } => confirm_off(ctx, peer, host).await,
         AdminRequest::FencingRelease { cluster } => release_hold(ctx, peer, cluster).await,
+        AdminRequest::HostPlace {
+            host,
+            zone,
+            cluster,
+        } => place_host(ctx, peer, host, zone, cluster).await,
         AdminRequest::Status => json(&status(ctx).await),
         AdminRequest::HostList => json(&hosts(ctx, None).await),
         AdminRequest::HostShow { host } => match hosts(ctx, Some(&host)).await.pop() {
@@ -484,6 +497,36 @@ async fn operator_fence(
 
 /// `vigilctl host confirm-off H`: the operator's word that H is powered off, replicated as a
 /// proof with their name. Refused while this monitor hears H.
+/// `vigilctl host place H --zone Z --cluster C` (issue 10 item 3): a host's zone and
+/// cluster are pinned when it first registers, and only an operator moves it. Answers the
+/// host as `host show` does.
+async fn place_host(
+    ctx: &AdminContext,
+    peer: &PeerIdentity,
+    host: String,
+    zone: String,
+    cluster: String,
+) -> AdminResponse {
+    let written = write(
+        ctx,
+        StateCommand::SetHostPlacement {
+            at_ms: vigil_common::unix_ms(),
+            host: host.clone(),
+            zone,
+            cluster,
+            by: peer.name.clone(),
+        },
+    )
+    .await;
+    if !matches!(written, AdminResponse::Json(_)) {
+        return written;
+    }
+    match hosts(ctx, Some(&host)).await.pop() {
+        Some(h) => json(&h),
+        None => err(format!("unknown host {host:?}")),
+    }
+}
+
 async fn confirm_off(ctx: &AdminContext, peer: &PeerIdentity, host: String) -> AdminResponse {
     let h = host.clone();
     let Some((leader, refusal)) = ctx

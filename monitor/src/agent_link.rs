@@ -31,13 +31,25 @@ struct SessionEntry {
     outbox: mpsc::Sender<MonitorToAgent>,
 }
 
+/// A command awaiting its answer, bound to the session it was sent on (issue 10 item 1):
+/// only that session (host and connection) may answer it.
+struct PendingCommand {
+    host: String,
+    conn_id: u64,
+    /// The outcome and its observation sequence number.
+    tx: oneshot::Sender<(CommandOutcome, u64)>,
+}
+
 /// The live agent sessions, by host name.
 #[derive(Default)]
 pub struct Sessions {
     by_host: Mutex<HashMap<String, SessionEntry>>,
-    /// Commands awaiting an answer: the outcome and its observation sequence number.
-    pending: Mutex<HashMap<u64, oneshot::Sender<(CommandOutcome, u64)>>>,
+    /// Commands awaiting an answer, by command id.
+    pending: Mutex<HashMap<u64, PendingCommand>>,
     next_id: AtomicU64,
+    /// Session numbers, unique for the monitor's lifetime (a QUIC `stable_id` may be reused
+    /// once its connection is freed).
+    next_session: AtomicU64,
     heartbeats: AtomicU64,
 }
 
@@ -56,10 +68,50 @@ impl Sessions {
         self.by_host.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lock_pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<(CommandOutcome, u64)>>> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<u64, PendingCommand>> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Delivers a command result that arrived on `host`'s session `conn_id`. Ids are global,
+    /// so a result is taken only from the session its command was sent on: an agent must
+    /// not answer for another host (a forged "unreachable" probe answer would make a live
+    /// host look dead), nor an old session of its own host. Anything else is ignored with
+    /// a warning. `false`: not taken.
+    fn deliver(
+        &self,
+        host: &str,
+        conn_id: u64,
+        id: u64,
+        outcome: CommandOutcome,
+        seq: u64,
+    ) -> bool {
+        let mut pending = self.lock_pending();
+        match pending.get(&id) {
+            Some(p) if p.host == host && p.conn_id == conn_id => {
+                if let Some(p) = pending.remove(&id) {
+                    let _ = p.tx.send((outcome, seq));
+                }
+                true
+            }
+            Some(p) => {
+                warn!(
+                    %host,
+                    id,
+                    sent_to = %p.host,
+                    "ignored a command result from another session: command {id} was sent to {} (connection {}), not to {host} (connection {conn_id})",
+                    p.host,
+                    p.conn_id
+                );
+                false
+            }
+            // Timed out or already answered.
+            None => false,
+        }
+    }
+
+    /// A session ended: its unanswered commands are lost (their callers learn it now).
+    fn drop_pending_of(&self, conn_id: u64) {
+        self.lock_pending().retain(|_, p| p.conn_id != conn_id);
     }
 
     /// Sends a command to a host's agent and waits for its outcome.
@@ -83,15 +135,24 @@ impl Sessions {
         timeout: Duration,
     ) -> Result<(CommandOutcome, u64), CommandError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (otx, orx) = oneshot::channel();
         let tx = {
             let hosts = self.lock_hosts();
             let entry = hosts
                 .get(host)
                 .ok_or_else(|| CommandError::NotConnected(host.to_string()))?;
+            // Registered under the hosts lock: the session cannot end (and drop its pending
+            // commands) between choosing it and binding the command to it.
+            self.lock_pending().insert(
+                id,
+                PendingCommand {
+                    host: host.to_string(),
+                    conn_id: entry.conn_id,
+                    tx: otx,
+                },
+            );
             entry.outbox.clone()
         };
-        let (otx, orx) = oneshot::channel();
-        self.lock_pending().insert(id, otx);
         if tx
             .send(MonitorToAgent::Command { id, command })
             .await
@@ -161,6 +222,29 @@ pub struct LinkSettings {
     pub isolation_response: vigil_common::config::IsolationResponse,
 }
 
+/// The replicated state as this monitor has applied it (host records).
+pub type AppliedState = Arc<std::sync::RwLock<crate::state::ClusterState>>;
+
+/// Why a hello naming `zone`/`cluster` is refused for `host` (issue 10 item 3): zone and
+/// cluster are pinned in the host record when it first registers, and only an operator
+/// moves a host (`vigilctl host place`). `None`: accepted (a new host, or the record's own
+/// values).
+pub fn placement_refusal(
+    state: &crate::state::ClusterState,
+    host: &str,
+    zone: &str,
+    cluster: &str,
+) -> Option<String> {
+    let h = state.hosts.get(host)?;
+    if h.zone == zone && h.cluster == cluster {
+        return None;
+    }
+    Some(format!(
+        "host {host} is registered in zone {:?}, cluster {:?}, but its hello claims zone {zone:?}, cluster {cluster:?}; an agent cannot move its host: an operator does, with `vigilctl host place {host} --zone {zone} --cluster {cluster}` (or set zone/cluster back in the agent's config)",
+        h.zone, h.cluster
+    ))
+}
+
 /// Serves one agent connection until it ends.
 pub async fn serve(
     conn: quinn::Connection,
@@ -168,6 +252,7 @@ pub async fn serve(
     engine: EngineHandle,
     sessions: Arc<Sessions>,
     link: LinkSettings,
+    state: AppliedState,
 ) {
     let LinkSettings {
         node_id,
@@ -211,8 +296,23 @@ pub async fn serve(
     };
     let (hello, mut send, mut recv) = hello;
     let host = peer.name.clone();
+    let refusal = {
+        let st = state.read().unwrap_or_else(PoisonError::into_inner);
+        placement_refusal(&st, &host, &hello.zone, &hello.cluster)
+    };
+    if let Some(msg) = refusal {
+        warn!(%remote, %host, "agent refused: {msg}");
+        engine
+            .input(Input::HostPlacementRefused {
+                host: host.clone(),
+                detail: msg.clone(),
+            })
+            .await;
+        conn.close(close::UNAUTHORIZED.into(), msg.as_bytes());
+        return;
+    }
 
-    let conn_id = conn.stable_id() as u64;
+    let conn_id = sessions.next_session.fetch_add(1, Ordering::Relaxed);
     let (out_tx, mut out_rx) = mpsc::channel::<MonitorToAgent>(1024);
     if let Some(old) = sessions.lock_hosts().insert(
         host.clone(),
@@ -345,9 +445,7 @@ pub async fn serve(
                         .await;
                 }
                 Ok(Some(AgentToMonitor::CommandResult { id, outcome, seq })) => {
-                    if let Some(tx) = sessions.lock_pending().remove(&id) {
-                        let _ = tx.send((outcome, seq));
-                    }
+                    sessions.deliver(&host, conn_id, id, outcome, seq);
                 }
                 Ok(Some(AgentToMonitor::Hello(_))) => {
                     conn.close(close::PROTOCOL_ERROR.into(), b"second hello on one session");
@@ -366,6 +464,9 @@ pub async fn serve(
         }
         writer.abort();
     }
+    // Commands sent on this session can no longer be answered (a new session of the host
+    // gets new ids).
+    sessions.drop_pending_of(conn_id);
 
     let removed = {
         let mut hosts = sessions.lock_hosts();

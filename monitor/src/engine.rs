@@ -27,6 +27,8 @@ use vigil_common::domain::{
 use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
+mod claims;
+
 use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
 use crate::investigation::{self, Condition, Evidence};
 use crate::lease::LeaseBook;
@@ -156,6 +158,12 @@ pub enum Input {
     ReleaseHold {
         cluster: Option<String>,
         by: String,
+    },
+    /// Issue 10 item 3: an agent with a valid certificate said hello with another zone or
+    /// cluster than its host record; the session was refused (`detail` names both).
+    HostPlacementRefused {
+        host: String,
+        detail: String,
     },
 }
 
@@ -342,6 +350,8 @@ pub struct Engine {
     forced_stop_at: BTreeMap<String, u64>,
     /// VMs whose ordered destroy failed: not ordered again before this time (wall ms).
     destroy_retry_at: BTreeMap<String, u64>,
+    /// Issue 10: what this leader already recorded, to say it once per episode.
+    identity: claims::IdentityNotes,
 }
 
 /// A pool must be down on a host for this long before that host's HA VMs are moved off it:
@@ -402,6 +412,7 @@ impl Engine {
             quorum_ack_ms: None,
             forced_stop_at: BTreeMap::new(),
             destroy_retry_at: BTreeMap::new(),
+            identity: Default::default(),
         }
     }
 
@@ -506,6 +517,10 @@ impl Engine {
                     (zone.clone(), cluster.clone(), agent_version.clone()),
                 );
                 let known = state.hosts.get(&host);
+                // Zone and cluster are pinned in the host record (issue 10 item 3): a hello
+                // never moves a registered host, only `vigilctl host place` does.
+                let (zone, cluster) = claims::pinned_placement(known, zone, cluster);
+                self.identity.placement_refused.remove(&host);
                 let changed = known.is_none_or(|h| {
                     h.zone != zone || h.cluster != cluster || h.agent_version != agent_version
                 });
@@ -745,15 +760,7 @@ impl Engine {
                 }
             }
             Input::Definition { host, uuid, xml } => {
-                if let Some(vm) = state.vms.get(&uuid) {
-                    if vm.host == host && vm.definition.as_deref() != Some(xml.as_str()) {
-                        out.push(Action::Propose(StateCommand::StoreDefinition {
-                            at_ms: wall_ms,
-                            uuid,
-                            xml,
-                        }));
-                    }
-                }
+                self.on_definition(&host, uuid, xml, wall_ms, state, &mut out);
             }
             Input::StaleDestroyed {
                 host,
@@ -864,6 +871,11 @@ impl Engine {
                     self.detector.heartbeat(&name, now_ms);
                     // An agent that connected before this monitor led was never registered.
                     if let Some((zone, cluster, agent_version)) = self.hellos.get(&name) {
+                        let (zone, cluster) = &claims::pinned_placement(
+                            state.hosts.get(&name),
+                            zone.clone(),
+                            cluster.clone(),
+                        );
                         let changed = state.hosts.get(&name).is_none_or(|h| {
                             h.zone != *zone
                                 || h.cluster != *cluster
@@ -893,6 +905,8 @@ impl Engine {
                 self.released.clear();
                 self.tag_warned.clear();
                 self.def_warned.clear();
+                // What a follower noted was never recorded (its output is dropped).
+                self.identity = Default::default();
                 out.push(Action::Propose(StateCommand::RecordEvent {
                     at_ms: wall_ms,
                     severity: Severity::Info,
@@ -966,6 +980,11 @@ impl Engine {
                 }
                 self.reconcile_hosts(now_ms, wall_ms, state, &mut out);
             }
+            Input::HostPlacementRefused { host, detail } => {
+                if self.leader {
+                    self.placement_refused(&host, detail, wall_ms, &mut out);
+                }
+            }
         }
         if !self.leader {
             // Only the leader records or acts; followers keep soft state for a fast takeover.
@@ -1001,6 +1020,16 @@ impl Engine {
             match state.vms.get(&d.uuid) {
                 None => {
                     if d.meta.ha == Some(true) {
+                        out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
+                    }
+                }
+                Some(vm) if !claims::owns(vm, host) => {
+                    // Another host's VM (issue 10 item 2): a shut-off copy defined here is
+                    // normal and says nothing; running, it is a move only when its own
+                    // host lets it go (a live migration), else a conflict.
+                    if running
+                        && self.foreign_claim(host, vm, d, wall_ms, out) == claims::Claim::Accept
+                    {
                         out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
                     }
                 }
@@ -1098,6 +1127,7 @@ impl Engine {
                 }
             }
         }
+        self.claims_listed(host, &domains);
         self.inventory.insert(
             host.to_string(),
             HostInventory {
@@ -1134,6 +1164,25 @@ impl Engine {
         let Some(vm) = state.vms.get(&event.uuid) else {
             return;
         };
+        if !claims::owns(vm, host)
+            && matches!(event.kind, LifecycleKind::Started | LifecycleKind::Resumed)
+            && generation.is_some_and(|g| g > vm.generation)
+        {
+            // No activation has a generation above the committed one (issue 10 item 2).
+            self.conflict(
+                host,
+                vm,
+                "reports the start of",
+                &format!(
+                    "with generation {}, above the committed {}",
+                    generation.unwrap_or(0),
+                    vm.generation
+                ),
+                wall_ms,
+                out,
+            );
+            return;
+        }
         if !vm.ha || vm.host != host || vm.phase != Phase::Running {
             return;
         }
@@ -3488,5 +3537,185 @@ mod tests {
             })
             .count();
         assert_eq!(noted, 5, "{:?}", s.sent);
+    }
+
+    // ---- Issue 10: a host speaks only for itself ----
+
+    fn kinds(s: &Sim, pred: impl Fn(&EventKind) -> bool) -> usize {
+        s.state.events.iter().filter(|e| pred(&e.kind)).count()
+    }
+
+    fn conflicts(s: &Sim) -> usize {
+        kinds(s, |k| matches!(k, EventKind::VmOwnershipConflict { .. }))
+    }
+
+    fn two_hosts_u1_on_hv1() -> Sim {
+        let mut s = Sim::new();
+        s.connect("hv1", 0);
+        s.connect("hv2", 0);
+        s.inventory("hv1", vec![running("u1", Some(0))], 10);
+        assert_eq!(s.state.vms["u1"].host, "hv1");
+        s
+    }
+
+    #[test]
+    fn a_claim_on_another_hosts_running_vm_is_one_conflict_and_never_a_move() {
+        let mut s = two_hosts_u1_on_hv1();
+        for t in 0..3 {
+            s.inventory("hv2", vec![running("u1", Some(7))], 20 + t);
+        }
+        s.event("hv2", "u1", LifecycleKind::Started, Some(7), 30);
+        let vm = &s.state.vms["u1"];
+        assert_eq!(
+            (vm.host.as_str(), vm.generation),
+            ("hv1", 0),
+            "{:?}",
+            s.log()
+        );
+        assert_eq!(conflicts(&s), 1, "{:?}", s.log());
+        // Even with the current generation: hv1 still runs it.
+        s.inventory("hv2", vec![running("u1", Some(0))], 40);
+        assert_eq!(s.state.vms["u1"].host, "hv1");
+        assert_eq!(conflicts(&s), 1);
+        // The episode ends when hv2 stops claiming; a new claim is a new episode. With the
+        // committed generation it could be a live migration whose source listing is late: a
+        // conflict once hv1 lists the VM again, still running.
+        s.inventory("hv2", vec![], 50);
+        s.inventory("hv2", vec![running("u1", Some(0))], 60);
+        assert_eq!(conflicts(&s), 1, "{:?}", s.log());
+        s.inventory("hv1", vec![running("u1", Some(0))], 62);
+        s.inventory("hv2", vec![running("u1", Some(0))], 64);
+        assert_eq!(conflicts(&s), 2, "{:?}", s.log());
+        assert_eq!(s.state.vms["u1"].host, "hv1");
+        // A shut-off copy defined on another host is normal and says nothing.
+        s.inventory(
+            "hv2",
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Destroyed,
+                Some(0),
+                false,
+            )],
+            70,
+        );
+        assert_eq!(conflicts(&s), 2);
+        assert_eq!(s.phase("u1"), "running");
+    }
+
+    #[test]
+    fn a_live_migration_its_own_host_corroborates_still_moves_the_vm() {
+        let mut s = two_hosts_u1_on_hv1();
+        // hv1 no longer runs it (migrated away), then hv2 reports it with the same generation.
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Migrated,
+                Some(0),
+                true,
+            )],
+            20,
+        );
+        s.inventory("hv2", vec![running("u1", Some(0))], 30);
+        assert_eq!(s.state.vms["u1"].host, "hv2", "{:?}", s.log());
+        assert_eq!(conflicts(&s), 0, "{:?}", s.log());
+        // The destination's listing first: no conflict, and the move once the source's
+        // listing lets go.
+        let mut s = two_hosts_u1_on_hv1();
+        s.inventory("hv2", vec![running("u1", Some(0))], 20);
+        assert_eq!(s.state.vms["u1"].host, "hv1");
+        s.inventory(
+            "hv1",
+            vec![domain(
+                "u1",
+                DomainState::Shutoff,
+                StateReason::Migrated,
+                Some(0),
+                true,
+            )],
+            30,
+        );
+        s.inventory("hv2", vec![running("u1", Some(0))], 40);
+        assert_eq!(s.state.vms["u1"].host, "hv2", "{:?}", s.log());
+        assert_eq!(conflicts(&s), 0, "{:?}", s.log());
+    }
+
+    #[test]
+    fn a_definition_is_taken_only_from_the_vms_host_and_only_within_the_policy() {
+        let mut s = two_hosts_u1_on_hv1();
+        let good = "<domain type='kvm'><name>vm-u1</name></domain>";
+        let hostile = "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>vm-u1</name><qemu:commandline><qemu:arg value='-x'/></qemu:commandline></domain>";
+        let def = |s: &mut Sim, host: &str, xml: &str, now| {
+            s.input(
+                Input::Definition {
+                    host: host.into(),
+                    uuid: "u1".into(),
+                    xml: xml.into(),
+                },
+                now,
+            )
+        };
+        def(&mut s, "hv1", good, 20);
+        assert_eq!(s.state.vms["u1"].definition.as_deref(), Some(good));
+        def(
+            &mut s,
+            "hv2",
+            "<domain type='kvm'><name>other</name></domain>",
+            30,
+        );
+        assert_eq!(s.state.vms["u1"].definition.as_deref(), Some(good));
+        // The VM's own host, resending a hostile definition: refused once, the old kept.
+        def(&mut s, "hv1", hostile, 40);
+        def(&mut s, "hv1", hostile, 50);
+        assert_eq!(s.state.vms["u1"].definition.as_deref(), Some(good));
+        let refused: Vec<&str> = s
+            .state
+            .events
+            .iter()
+            .filter(|e| e.kind == EventKind::VmDefinitionRefused)
+            .map(|e| e.message.as_str())
+            .collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].contains("qemu:commandline"), "{}", refused[0]);
+        assert!(
+            refused[0].contains("stored definition is kept"),
+            "{}",
+            refused[0]
+        );
+    }
+
+    #[test]
+    fn a_hello_never_moves_a_registered_host() {
+        let mut s = Sim::new();
+        s.connect("hv1", 0);
+        s.input(
+            Input::AgentConnected {
+                host: "hv1".into(),
+                zone: "elsewhere".into(),
+                cluster: "c2".into(),
+                agent_version: "2".into(),
+                facts: HostFacts::default(),
+                instance: 2,
+                pools: vec![],
+                addr: None,
+            },
+            10,
+        );
+        let h = &s.state.hosts["hv1"];
+        assert_eq!((h.zone.as_str(), h.cluster.as_str()), ("z", "c"));
+        assert_eq!(h.agent_version, "2", "the agent version still updates");
+        // A refused hello is recorded once per episode.
+        for t in [20, 30] {
+            s.input(
+                Input::HostPlacementRefused {
+                    host: "hv1".into(),
+                    detail: "zone z vs elsewhere".into(),
+                },
+                t,
+            );
+        }
+        assert_eq!(kinds(&s, |k| *k == EventKind::HostPlacementRefused), 1);
     }
 }

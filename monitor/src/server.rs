@@ -470,8 +470,15 @@ async fn accept_loop(
             }
             match tls::negotiated_alpn(&conn).as_deref() {
                 Some(wire::ALPN_AGENT) => {
-                    agent_link::serve(conn, peer, ctx.engine.clone(), ctx.sessions.clone(), link)
-                        .await
+                    agent_link::serve(
+                        conn,
+                        peer,
+                        ctx.engine.clone(),
+                        ctx.sessions.clone(),
+                        link,
+                        ctx.raft.state(),
+                    )
+                    .await
                 }
                 Some(wire::ALPN_ADMIN) => admin::serve(conn, peer, ctx).await,
                 other => {

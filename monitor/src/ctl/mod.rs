@@ -146,6 +146,16 @@ pub enum HostCmd {
     /// with your certificate's name): its HA VMs start elsewhere. Like `stonith_admin
     /// --confirm` or oVirt's "confirm host has been rebooted". Only for a host that is down.
     ConfirmOff { host: String },
+    /// Move a host to another zone and cluster. A host's zone and cluster are pinned when it
+    /// first registers (its agent cannot move it); after this, its agent's config must say
+    /// the same (`zone`, `cluster`) or its hello is refused.
+    Place {
+        host: String,
+        #[arg(long)]
+        zone: String,
+        #[arg(long)]
+        cluster: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -671,6 +681,27 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
                 force: *force,
             };
             operator(c, args, &req).await?
+        }
+        Command::Host(HostCmd::Place {
+            host,
+            zone,
+            cluster,
+        }) => {
+            let (v, raw) = c
+                .call::<HostView>(&AdminRequest::HostPlace {
+                    host: host.clone(),
+                    zone: zone.clone(),
+                    cluster: cluster.clone(),
+                })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                println!(
+                    "host {} is now in zone {}, cluster {}",
+                    v.name, v.zone, v.cluster
+                );
+            }
         }
         Command::Host(HostCmd::ConfirmOff { host }) => {
             let req = AdminRequest::HostConfirmOff { host: host.clone() };

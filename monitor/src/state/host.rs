@@ -192,6 +192,39 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             );
             StateResponse::Ok
         }
+        StateCommand::SetHostPlacement {
+            at_ms,
+            host,
+            zone,
+            cluster,
+            by,
+        } => {
+            for (what, v) in [("zone", zone), ("cluster", cluster)] {
+                if let Err(reason) = super::validate_name(what, v) {
+                    return StateResponse::Invalid { reason };
+                }
+            }
+            let Some(h) = s.hosts.get_mut(host) else {
+                return StateResponse::UnknownHost { host: host.clone() };
+            };
+            if h.zone == *zone && h.cluster == *cluster {
+                return StateResponse::Unchanged;
+            }
+            let old = format!("{}/{}", h.zone, h.cluster);
+            h.zone = zone.clone();
+            h.cluster = cluster.clone();
+            s.push_vm_event(
+                *at_ms,
+                Severity::Warning,
+                Some(host.clone()),
+                None,
+                EventKind::HostLocationChanged,
+                format!(
+                    "operator {by} moved host {host} from {old} to {zone}/{cluster} (vigilctl host place); its agent must now say hello with zone {zone:?}, cluster {cluster:?}"
+                ),
+            );
+            StateResponse::Ok
+        }
         _ => StateResponse::Invalid {
             reason: "not a host command".into(),
         },

@@ -209,6 +209,17 @@ pub enum EventKind {
         request: String,
         result: String,
     },
+    // ---- Issue 10 (an agent certificate speaks only for its own host) ----
+    /// A host's agent said hello with another zone or cluster than its host record: refused
+    /// (only an operator moves a host, `vigilctl host place`).
+    HostPlacementRefused,
+    /// A host claimed a VM that the cluster has on another host (an inventory, an event or a
+    /// definition): neither a move nor a definition change. One per conflict episode.
+    VmOwnershipConflict {
+        claimant: String,
+    },
+    /// A domain definition refused by the domain policy: the stored one is kept.
+    VmDefinitionRefused,
 }
 
 /// One entry of the replicated event log.
@@ -372,6 +383,16 @@ pub enum StateCommand {
         host: Option<String>,
         kind: EventKind,
         message: String,
+    },
+    // ---- Issue 10 item 3 ----
+    /// `vigilctl host place H --zone Z --cluster C`: an operator (`by`) moves a host. The
+    /// only way a registered host changes zone or cluster: its agent's hello must match.
+    SetHostPlacement {
+        at_ms: u64,
+        host: String,
+        zone: String,
+        cluster: String,
+        by: String,
     },
 }
 
@@ -561,7 +582,8 @@ impl ClusterState {
             | StateCommand::SetMaintenance { .. }
             | StateCommand::SetHostInfo { .. }
             | StateCommand::HostRejoined { .. }
-            | StateCommand::OperatorConfirmedOff { .. } => host::apply(self, cmd),
+            | StateCommand::OperatorConfirmedOff { .. }
+            | StateCommand::SetHostPlacement { .. } => host::apply(self, cmd),
         }
     }
 
@@ -646,6 +668,51 @@ mod tests {
             ]
         );
         assert_eq!(s.events.iter().map(|e| e.id).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn only_an_operator_placement_moves_a_host() {
+        let mut s = ClusterState::default();
+        s.apply(&register("hv1"));
+        let place = |zone: &str| StateCommand::SetHostPlacement {
+            at_ms: 2,
+            host: "hv1".into(),
+            zone: zone.into(),
+            cluster: "c9".into(),
+            by: "alice".into(),
+        };
+        assert_eq!(s.apply(&place("z2")), StateResponse::Ok);
+        assert_eq!(
+            (
+                s.hosts["hv1"].zone.as_str(),
+                s.hosts["hv1"].cluster.as_str()
+            ),
+            ("z2", "c9")
+        );
+        assert_eq!(s.apply(&place("z2")), StateResponse::Unchanged);
+        let last = s.events.back().expect("event");
+        assert_eq!(last.kind, EventKind::HostLocationChanged);
+        assert!(
+            last.message
+                .contains("operator alice moved host hv1 from z1/c1 to z2/c9"),
+            "{}",
+            last.message
+        );
+        assert!(matches!(
+            s.apply(&place("bad zone")),
+            StateResponse::Invalid { .. }
+        ));
+        let unknown = StateCommand::SetHostPlacement {
+            at_ms: 3,
+            host: "nope".into(),
+            zone: "z".into(),
+            cluster: "c".into(),
+            by: "alice".into(),
+        };
+        assert!(matches!(
+            s.apply(&unknown),
+            StateResponse::UnknownHost { .. }
+        ));
     }
 
     #[test]
