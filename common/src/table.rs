@@ -1,8 +1,8 @@
 //! Generation tables larger than one frame (issue 10 item 7).
 //!
 //! The monitor tells every agent which VMs are HA and their newest activation generation
-//! ([`MonitorToAgent::Generations`]). The whole table goes to each fresh session; at about
-//! 47 bytes an entry, one frame ([`MAX_FRAME_LEN`], 1 MiB) holds only some 22,000 entries,
+//! ([`MonitorToAgent::Generations`]). The whole table goes to each fresh session; at 38
+//! bytes an entry, one frame ([`MAX_FRAME_LEN`], 1 MiB) holds only some 27,500 entries,
 //! and a session writer that cannot encode a frame stops sending grants, so every lease in
 //! the cluster would lapse once the cluster grew past that. The engine still produces one
 //! logical message; the session writer turns it into frames here:
@@ -111,6 +111,9 @@ pub fn frames_within(
         .collect()
 }
 
+/// Generation table entries: `(uuid, generation)`.
+pub type Entries = Vec<(String, u64)>;
+
 /// Why a chunk does not continue the table being received.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AssemblyError {
@@ -132,7 +135,7 @@ pub enum AssemblyError {
 #[derive(Debug, Default)]
 pub struct Assembly {
     /// Table id, next expected index, entries so far.
-    partial: Option<(u64, u32, Vec<(String, u64)>)>,
+    partial: Option<(u64, u32, Entries)>,
 }
 
 impl Assembly {
@@ -191,7 +194,12 @@ mod tests {
 
     fn table(n: usize) -> Vec<(String, u64)> {
         (0..n)
-            .map(|i| (format!("00000000-0000-4000-8000-{i:012}"), i as u64 % 1000 + 1))
+            .map(|i| {
+                (
+                    format!("00000000-0000-4000-8000-{i:012}"),
+                    i as u64 % 1000 + 1,
+                )
+            })
             .collect()
     }
 
@@ -222,7 +230,11 @@ mod tests {
         let mut whole = None;
         for (i, f) in frames.iter().enumerate() {
             let bytes = codec::encode_frame(f).expect("every chunk fits a frame");
-            assert!(bytes.len() <= CHUNK_BUDGET + codec::FRAME_HEADER_LEN, "{}", bytes.len());
+            assert!(
+                bytes.len() <= CHUNK_BUDGET + codec::FRAME_HEADER_LEN,
+                "{}",
+                bytes.len()
+            );
             let MonitorToAgent::GenerationsChunk {
                 table,
                 index,
@@ -251,7 +263,10 @@ mod tests {
             full: true,
         };
         assert_eq!(frames(empty.clone(), &mut next), vec![empty]);
-        let grant = MonitorToAgent::LeaseGrant { seq: 1, lease_ms: 5 };
+        let grant = MonitorToAgent::LeaseGrant {
+            seq: 1,
+            lease_ms: 5,
+        };
         assert_eq!(frames(grant.clone(), &mut next), vec![grant]);
     }
 
@@ -299,8 +314,13 @@ mod tests {
         let (_, i, l, e) = chunk(&frames[0]);
         assert_eq!(asm.push(t + 1, i, l, e), Ok(None));
         let (_, i, l, e) = chunk(&frames[1]);
-        let err = asm.push(t, i, l, e).expect_err("chunk of the dropped table");
-        assert!(err.to_string().contains("expected chunk 1 of table 1"), "{err}");
+        let err = asm
+            .push(t, i, l, e)
+            .expect_err("chunk of the dropped table");
+        assert!(
+            err.to_string().contains("expected chunk 1 of table 1"),
+            "{err}"
+        );
         // A chunk without its start.
         let mut fresh = Assembly::default();
         let (t, i, l, e) = chunk(&frames[2]);

@@ -606,8 +606,8 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
 
 // --- issue 10 item 7 (scale): paged answers ---
 
-/// JSON bytes one page may carry: half a frame, the rest is headroom for the envelope.
-const PAGE_BUDGET: usize = codec::MAX_FRAME_LEN / 2;
+/// JSON bytes one page may carry: a frame less 64 KiB of headroom for the envelope.
+const PAGE_BUDGET: usize = codec::MAX_FRAME_LEN - 64 * 1024;
 
 /// Most items one page holds, whatever the client asks.
 const MAX_PAGE_ITEMS: usize = 10_000;
@@ -617,7 +617,7 @@ const MAX_PAGE_ITEMS: usize = 10_000;
 fn json_bounded<T: Serialize>(v: &T, what: &str) -> AdminResponse {
     let resp = json(v);
     match &resp {
-        AdminResponse::Json(s) if s.len() > PAGE_BUDGET * 2 - 1024 => err(format!(
+        AdminResponse::Json(s) if s.len() > PAGE_BUDGET => err(format!(
             "the {what} answer is {} bytes, more than one frame ({} bytes) holds; this vigilctl does not page, use a newer one",
             s.len(),
             codec::MAX_FRAME_LEN
@@ -704,6 +704,13 @@ async fn vms_after(ctx: &AdminContext, after: Option<&str>, take: usize) -> Vec<
                 .filter(|(h, _)| e.is_connected(h))
                 .filter(|(_, d)| after_owned.as_deref().is_none_or(|a| d.uuid.as_str() > a))
                 .collect();
+            // Only the smallest uuids matter: cut at the take-th smallest (O(n)), then
+            // sort what is left (every copy of a uuid at the cut included).
+            if v.len() > take {
+                v.select_nth_unstable_by(take, |a, b| a.1.uuid.cmp(&b.1.uuid));
+                let pivot = v[take].1.uuid.clone();
+                v.retain(|(_, d)| d.uuid <= pivot);
+            }
             v.sort_by(|a, b| a.1.uuid.cmp(&b.1.uuid));
             // Every copy of the first `take` distinct uuids (a domain may be on several hosts).
             let mut distinct = 0usize;

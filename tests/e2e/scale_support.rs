@@ -17,9 +17,7 @@ use std::time::{Duration, Instant};
 use vigil_agent::executor::Executor;
 use vigil_agent::generations::Generations;
 use vigil_agent::session::{Session, SessionIo};
-use vigil_common::domain::{
-    DomainInfo, DomainState, HypervisorHealth, StateReason, VigilMeta,
-};
+use vigil_common::domain::{DomainInfo, DomainState, HypervisorHealth, StateReason, VigilMeta};
 use vigil_common::tls::{self, CaSigner, Role, TlsMaterial, TransportTuning};
 use vigil_common::wire::{self, Hello, HostFacts};
 
@@ -120,11 +118,8 @@ impl Seeders {
                     boot_id: "00000000-0000-0000-0000-000000000000".into(),
                 };
                 let domains: Vec<DomainInfo> = (0..per_host).map(|i| domain(h, i)).collect();
-                let (_inv_tx, inv_rx) = tokio::sync::watch::channel(Some((
-                    domains,
-                    HypervisorHealth::Healthy,
-                    1u64,
-                )));
+                let (_inv_tx, inv_rx) =
+                    tokio::sync::watch::channel(Some((domains, HypervisorHealth::Healthy, 1u64)));
                 // Like the agent: reconnect until told to stop.
                 while !*stop.borrow() {
                     let hello = Hello {
@@ -185,7 +180,6 @@ impl Seeders {
             .ha_vms()
             .count()
     }
-
 }
 
 impl Drop for Seeders {

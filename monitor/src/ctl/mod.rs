@@ -18,7 +18,7 @@ use vigil_common::tls::{self, Role, TlsPaths};
 use vigil_common::wire::AdminRequest;
 
 use crate::api::{
-    EventsPage, EventsView, HostView, OperatorView, PingView, StatusView, VmPage, VmView, WriteView,
+    EventsPage, EventsView, HostView, OperatorView, PingView, StatusView, VmView, WriteView,
 };
 use client::AdminClient;
 
@@ -273,15 +273,24 @@ async fn vm_list_all(
             after: after.clone(),
             limit: VM_PAGE,
         };
-        let (page, text) = c.call::<VmPage>(&req).await?;
+        // Parsed once: kept as JSON for `--json` (fields this vigilctl does not know
+        // survive), decoded into views for the table.
+        let (mut doc, _) = c.call::<serde_json::Value>(&req).await?;
+        let vms = match doc.get_mut("vms").map(std::mem::take) {
+            Some(serde_json::Value::Array(vms)) => vms,
+            _ => anyhow::bail!("the monitor's vm list page has no \"vms\" array"),
+        };
+        let next: Option<String> =
+            serde_json::from_value(doc.get_mut("next").map(std::mem::take).unwrap_or_default())
+                .context("decoding the monitor's vm list cursor")?;
         if raw {
-            let mut doc: serde_json::Value = serde_json::from_str(&text)?;
-            if let Some(serde_json::Value::Array(vms)) = doc.get_mut("vms").map(std::mem::take) {
-                items.extend(vms);
+            items.extend(vms);
+        } else {
+            for v in vms {
+                views.push(serde_json::from_value::<VmView>(v).context("decoding a VM")?);
             }
         }
-        views.extend(page.vms);
-        match page.next {
+        match next {
             Some(n) if after.as_deref().is_none_or(|a| n.as_str() > a) => after = Some(n),
             Some(n) => anyhow::bail!("the monitor's vm list cursor did not advance (at {n:?})"),
             None => break,
@@ -312,9 +321,7 @@ async fn events_all(
         remaining = remaining.saturating_sub(got);
         pages.push(page.events);
         match page.next_before {
-            Some(b) if got > 0 && remaining > 0 && before.is_none_or(|p| b < p) => {
-                before = Some(b)
-            }
+            Some(b) if got > 0 && remaining > 0 && before.is_none_or(|p| b < p) => before = Some(b),
             _ => break,
         }
     }

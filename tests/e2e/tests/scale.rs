@@ -2,7 +2,7 @@
 //! mutual TLS.
 //!
 //! The whole generation table went to each fresh agent session as one frame; past about
-//! 22,000 HA VMs it no longer fit the 1 MiB frame limit, the monitor's session writer failed,
+//! 27,500 HA VMs it no longer fit the 1 MiB frame limit, the monitor's session writer failed,
 //! and no grant reached the agent again (every lease in the cluster would lapse). `vm list`
 //! and `events` answers had the same limit.
 
@@ -86,21 +86,24 @@ fn a_fresh_agent_gets_a_100k_generation_table_and_keeps_its_lease() {
     let arr = list.as_array().expect("one array");
     assert_eq!(arr.len(), total);
     assert_eq!(
-        arr.last().and_then(|v| v.get("uuid")).and_then(|u| u.as_str()),
+        arr.last()
+            .and_then(|v| v.get("uuid"))
+            .and_then(|u| u.as_str()),
         Some(vm_uuid(HOSTS - 1, PER_HOST - 1).as_str())
     );
 
     // `events` pages too: the log is full (a registration event per VM).
-    let ev = ctl
-        .json(&["events", "--limit", "10000"])
-        .expect("events");
+    let ev = ctl.json(&["events", "--limit", "10000"]).expect("events");
     let events = ev.get("events").and_then(|e| e.as_array()).expect("events");
     assert_eq!(events.len(), 10_000);
     let ids: Vec<u64> = events
         .iter()
         .filter_map(|e| e.get("id").and_then(|i| i.as_u64()))
         .collect();
-    assert!(ids.windows(2).all(|w| w[1] == w[0] + 1), "oldest first, no gap");
+    assert!(
+        ids.windows(2).all(|w| w[1] == w[0] + 1),
+        "oldest first, no gap"
+    );
 
     drop(agent);
     drop(seeders);
