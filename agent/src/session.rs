@@ -222,6 +222,8 @@ impl Session {
                 }
             }
         }
+        // Chunks of a whole generation table too large for one frame, until the last.
+        let mut table = vigil_common::table::Assembly::default();
         let result = loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -305,6 +307,20 @@ impl Session {
                     Some(Ok(MonitorToAgent::Generations { entries, full })) => {
                         if let Some(exec) = &io.executor {
                             exec.merge_generations(&entries, full);
+                        }
+                    }
+                    Some(Ok(MonitorToAgent::GenerationsChunk { table: id, index, last, entries })) => {
+                        // Applied only once whole: a half-received table must not make the
+                        // agent forget HA VMs.
+                        match table.push(id, index, last, entries) {
+                            Ok(Some(entries)) => {
+                                debug!(table = id, chunks = index + 1, entries = entries.len(), "whole generation table received");
+                                if let Some(exec) = &io.executor {
+                                    exec.merge_generations(&entries, true);
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => break Err(SessionError::Protocol { addr, message: e.to_string() }),
                         }
                     }
                     Some(Ok(MonitorToAgent::LeaseGrant { seq: granted, lease_ms })) => {

@@ -16,6 +16,7 @@ pub mod pem {
 pub mod names;
 pub mod process;
 pub mod storage;
+pub mod table;
 pub mod tls;
 pub mod wire;
 

@@ -309,6 +309,20 @@ pub enum MonitorToAgent {
     FenceWithdrawn {
         id: u64,
     },
+    // --- issue 10 item 7 (scale): the full generation table in chunks ---
+    /// One piece of a whole generation table too large for one frame (see
+    /// [`crate::table`]). Chunks of table `table` (an id unique on this session) come in
+    /// order, `index` from 0, on the one control stream; the agent replaces its HA set only
+    /// when the chunk with `last` arrives, so a session that ends halfway through a table
+    /// leaves the previous table in force (an agent never forgets HA VMs because of a
+    /// half-received table). A table that fits in one frame is still sent as
+    /// [`MonitorToAgent::Generations`] with `full`.
+    GenerationsChunk {
+        table: u64,
+        index: u32,
+        last: bool,
+        entries: Vec<(String, u64)>,
+    },
 }
 
 /// A request from `vigilctl`.
@@ -386,6 +400,23 @@ pub enum AdminRequest {
         host: String,
         zone: String,
         cluster: String,
+    },
+    // --- issue 10 item 7 (scale): paged answers ---
+    /// One page of `vm list`: VMs by uuid, strictly after `after`, at most `limit` (the
+    /// monitor also stops a page before its answer would outgrow a frame). The answer is
+    /// a `VmPage`; `vigilctl` follows its `next` cursor until it is empty.
+    VmListPage {
+        after: Option<String>,
+        limit: u32,
+    },
+    /// One page of `events`: the newest `limit` events (of `host`, of `vm`) with an id
+    /// below `before`. The answer is an `EventsPage`, oldest first; its `next_before`
+    /// says where the next (older) page starts when this one stopped short of `limit`.
+    EventsPage {
+        limit: u32,
+        host: Option<String>,
+        vm: Option<String>,
+        before: Option<u64>,
     },
 }
 

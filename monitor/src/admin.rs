@@ -113,7 +113,9 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
         | AdminRequest::Events { .. }
         | AdminRequest::VmList
         | AdminRequest::VmShow { .. }
-        | AdminRequest::HostPing { .. } => return None,
+        | AdminRequest::HostPing { .. }
+        | AdminRequest::VmListPage { .. }
+        | AdminRequest::EventsPage { .. } => return None,
         AdminRequest::HostTagAdd { host, tag } => {
             (format!("host tag add {host} {tag}"), Some(host.clone()))
         }
@@ -300,9 +302,16 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
                 v.reverse();
                 v
             });
-            json(&EventsView { events })
+            json_bounded(&EventsView { events }, "events")
         }
-        AdminRequest::VmList => json(&vms(ctx).await),
+        AdminRequest::VmList => json_bounded(&vms(ctx).await, "vm list"),
+        AdminRequest::VmListPage { after, limit } => vm_page(ctx, after, limit).await,
+        AdminRequest::EventsPage {
+            limit,
+            host,
+            vm,
+            before,
+        } => events_page(ctx, limit, host, vm, before),
         AdminRequest::VmShow { vm } => match resolve(ctx, &vm).await {
             Ok(v) => json(&v),
             Err(e) => err(e),
@@ -780,21 +789,145 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
         .collect()
 }
 
+// --- issue 10 item 7 (scale): paged answers ---
+
+/// JSON bytes one page may carry: a frame less 64 KiB of headroom for the envelope.
+const PAGE_BUDGET: usize = codec::MAX_FRAME_LEN - 64 * 1024;
+
+/// Most items one page holds, whatever the client asks.
+const MAX_PAGE_ITEMS: usize = 10_000;
+
+/// Like [`json`], but an answer that would not fit in a frame becomes an error that says
+/// so (the unpaged requests of older `vigilctl`s), instead of a connection that just ends.
+fn json_bounded<T: Serialize>(v: &T, what: &str) -> AdminResponse {
+    let resp = json(v);
+    match &resp {
+        AdminResponse::Json(s) if s.len() > PAGE_BUDGET => err(format!(
+            "the {what} answer is {} bytes, more than one frame ({} bytes) holds; this vigilctl does not page, use a newer one",
+            s.len(),
+            codec::MAX_FRAME_LEN
+        )),
+        _ => resp,
+    }
+}
+
+/// Takes items while their JSON stays within [`PAGE_BUDGET`] (at least one) and at most
+/// `limit`; says whether it stopped before the items ran out.
+fn take_page<T: Serialize>(items: impl Iterator<Item = T>, limit: usize) -> (Vec<T>, bool) {
+    let mut out = Vec::new();
+    let mut size = 0;
+    for item in items {
+        let n = serde_json::to_string(&item).map(|s| s.len()).unwrap_or(0) + 1;
+        if out.len() >= limit || (!out.is_empty() && size + n > PAGE_BUDGET) {
+            return (out, true);
+        }
+        size += n;
+        out.push(item);
+    }
+    (out, false)
+}
+
+async fn vm_page(ctx: &AdminContext, after: Option<String>, limit: u32) -> AdminResponse {
+    let limit = (limit as usize).clamp(1, MAX_PAGE_ITEMS);
+    let candidates = vms_after(ctx, after.as_deref(), limit + 1).await;
+    let (vms, more) = take_page(candidates.into_iter(), limit);
+    let next = if more {
+        vms.last().map(|v| v.uuid.clone())
+    } else {
+        None
+    };
+    json(&crate::api::VmPage { vms, next })
+}
+
+fn events_page(
+    ctx: &AdminContext,
+    limit: u32,
+    host: Option<String>,
+    vm: Option<String>,
+    before: Option<u64>,
+) -> AdminResponse {
+    let limit = limit.clamp(1, 10_000) as usize;
+    let (mut events, cut) = ctx.raft.read(|s| {
+        let matching = s
+            .events
+            .iter()
+            .rev()
+            .filter(|e| before.is_none_or(|b| e.id < b))
+            .filter(|e| host.as_ref().is_none_or(|h| e.host.as_ref() == Some(h)))
+            .filter(|e| vm.as_ref().is_none_or(|v| e.vm.as_ref() == Some(v)))
+            .cloned();
+        take_page(matching, limit)
+    });
+    // Stopped by the byte budget (not by `limit`): the rest starts below the oldest here.
+    let next_before = if cut && events.len() < limit {
+        events.last().map(|e| e.id)
+    } else {
+        None
+    };
+    events.reverse();
+    json(&crate::api::EventsPage {
+        events,
+        next_before,
+    })
+}
+
 /// Every VM: the agents' reports merged with the replicated HA records.
 async fn vms(ctx: &AdminContext) -> Vec<VmView> {
+    vms_after(ctx, None, usize::MAX).await
+}
+
+/// The first `take` VMs (by uuid) with a uuid after `after`.
+async fn vms_after(ctx: &AdminContext, after: Option<&str>, take: usize) -> Vec<VmView> {
+    let after_owned = after.map(str::to_string);
     let reported: Vec<(String, DomainInfo)> = ctx
         .engine
-        .query(|e, _| {
+        .query(move |e, _| {
             // Only what connected agents report now: the last inventory of a host that is
             // cut off (or fenced) is history, not where a VM runs.
-            e.domains()
+            let mut v: Vec<(&str, &DomainInfo)> = e
+                .domains()
                 .filter(|(h, _)| e.is_connected(h))
-                .map(|(h, d)| (h.to_string(), d.clone()))
-                .collect::<Vec<_>>()
+                .filter(|(_, d)| after_owned.as_deref().is_none_or(|a| d.uuid.as_str() > a))
+                .collect();
+            // Only the smallest uuids matter: cut at the take-th smallest (O(n)), then
+            // sort what is left (every copy of a uuid at the cut included).
+            if v.len() > take {
+                v.select_nth_unstable_by(take, |a, b| a.1.uuid.cmp(&b.1.uuid));
+                let pivot = v[take].1.uuid.clone();
+                v.retain(|(_, d)| d.uuid <= pivot);
+            }
+            v.sort_by(|a, b| a.1.uuid.cmp(&b.1.uuid));
+            // Every copy of the first `take` distinct uuids (a domain may be on several hosts).
+            let mut distinct = 0usize;
+            let mut last: Option<&str> = None;
+            let mut out = Vec::new();
+            for (h, d) in v {
+                if last != Some(d.uuid.as_str()) {
+                    distinct += 1;
+                    if distinct > take {
+                        break;
+                    }
+                    last = Some(d.uuid.as_str());
+                }
+                out.push((h.to_string(), d.clone()));
+            }
+            out
         })
         .await
         .unwrap_or_default();
-    let records: BTreeMap<String, VmRecord> = ctx.raft.read(|s| s.vms.clone());
+    // The first `take` records after the cursor: with every reported domain after it, they
+    // hold the first `take` of the union.
+    let records: BTreeMap<String, VmRecord> = ctx.raft.read(|s| {
+        let lower = match after {
+            Some(a) => std::ops::Bound::Excluded(a),
+            None => std::ops::Bound::Unbounded,
+        };
+        s.vms
+            .range::<str, _>((lower, std::ops::Bound::Unbounded))
+            .take(take)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    });
     let mut out: BTreeMap<String, VmView> = BTreeMap::new();
     for (host, d) in reported {
         let rec = records.get(&d.uuid);
@@ -816,7 +949,7 @@ async fn vms(ctx: &AdminContext) -> Vec<VmView> {
         out.entry(uuid.clone())
             .or_insert_with(|| view(None, Some(rec)));
     }
-    out.into_values().collect()
+    out.into_values().take(take).collect()
 }
 
 fn view(reported: Option<(&str, &DomainInfo)>, rec: Option<&VmRecord>) -> VmView {

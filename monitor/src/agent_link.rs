@@ -352,10 +352,23 @@ pub async fn serve(
     } else {
         info!(%host, %remote, zone = %hello.zone, cluster = %hello.cluster, "agent connected");
         // The writer owns the send half; commands reach it through the channel.
+        let writer_conn = conn.clone();
+        let writer_host = host.clone();
         let writer = tokio::spawn(async move {
-            while let Some(frame) = out_rx.recv().await {
-                if codec::write_frame(&mut send, &frame).await.is_err() {
-                    break;
+            // Generation tables larger than a frame go out in chunks (issue 10 item 7).
+            let mut tables = 0u64;
+            while let Some(msg) = out_rx.recv().await {
+                for frame in vigil_common::table::frames(msg, &mut tables) {
+                    if let Err(e) = codec::write_frame(&mut send, &frame).await {
+                        // A session that can no longer send would stay up on heartbeats
+                        // but never grant again: end it, so the agent reconnects.
+                        if writer_conn.close_reason().is_none() {
+                            let msg = format!("cannot send to the agent: {e}");
+                            error!(host = %writer_host, "{msg}");
+                            writer_conn.close(close::PROTOCOL_ERROR.into(), msg.as_bytes());
+                        }
+                        return;
+                    }
                 }
             }
         });

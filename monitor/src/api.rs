@@ -169,3 +169,24 @@ pub struct VmView {
     #[serde(default)]
     pub anti_affinity: Option<String>,
 }
+
+// --- issue 10 item 7 (scale): paged answers ---
+
+/// One page of `vigilctl vm list` ([`vigil_common::wire::AdminRequest::VmListPage`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmPage {
+    /// VMs in uuid order.
+    pub vms: Vec<VmView>,
+    /// Ask again with `after` set to this to get the next page; `None`: this was the last.
+    pub next: Option<String>,
+}
+
+/// One page of `vigilctl events` ([`vigil_common::wire::AdminRequest::EventsPage`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventsPage {
+    /// Oldest first.
+    pub events: Vec<Event>,
+    /// The page stopped before `limit` to stay within a frame: older events start below
+    /// this id. `None`: nothing more matched (or `limit` was reached).
+    pub next_before: Option<u64>,
+}

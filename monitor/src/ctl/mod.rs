@@ -17,7 +17,9 @@ use clap::{Parser, Subcommand};
 use vigil_common::tls::{self, Role, TlsPaths};
 use vigil_common::wire::AdminRequest;
 
-use crate::api::{EventsView, HostView, OperatorView, PingView, StatusView, VmView, WriteView};
+use crate::api::{
+    EventsPage, EventsView, HostView, OperatorView, PingView, StatusView, VmView, WriteView,
+};
 use client::AdminClient;
 
 #[derive(Debug, Parser)]
@@ -384,6 +386,83 @@ async fn operator(c: &mut AdminClient, args: &Args, req: &AdminRequest) -> anyho
     }
 }
 
+// --- issue 10 item 7 (scale): paged answers ---
+
+/// VMs asked for per page (the monitor also cuts a page before it outgrows a frame).
+const VM_PAGE: u32 = 5_000;
+
+/// Every VM, page after page; with `raw`, also each VM's JSON as the monitor sent it (so
+/// `--json` prints fields this vigilctl does not know), as one array.
+async fn vm_list_all(
+    c: &mut AdminClient,
+    raw: bool,
+) -> anyhow::Result<(Vec<VmView>, serde_json::Value)> {
+    let mut after: Option<String> = None;
+    let mut views = Vec::new();
+    let mut items = Vec::new();
+    loop {
+        let req = AdminRequest::VmListPage {
+            after: after.clone(),
+            limit: VM_PAGE,
+        };
+        // Parsed once: kept as JSON for `--json` (fields this vigilctl does not know
+        // survive), decoded into views for the table.
+        let (mut doc, _) = c.call::<serde_json::Value>(&req).await?;
+        let vms = match doc.get_mut("vms").map(std::mem::take) {
+            Some(serde_json::Value::Array(vms)) => vms,
+            _ => anyhow::bail!("the monitor's vm list page has no \"vms\" array"),
+        };
+        let next: Option<String> =
+            serde_json::from_value(doc.get_mut("next").map(std::mem::take).unwrap_or_default())
+                .context("decoding the monitor's vm list cursor")?;
+        if raw {
+            items.extend(vms);
+        } else {
+            for v in vms {
+                views.push(serde_json::from_value::<VmView>(v).context("decoding a VM")?);
+            }
+        }
+        match next {
+            Some(n) if after.as_deref().is_none_or(|a| n.as_str() > a) => after = Some(n),
+            Some(n) => anyhow::bail!("the monitor's vm list cursor did not advance (at {n:?})"),
+            None => break,
+        }
+    }
+    Ok((views, serde_json::Value::Array(items)))
+}
+
+/// The newest `limit` events (of `host`, of `vm`), page after page, oldest first.
+async fn events_all(
+    c: &mut AdminClient,
+    limit: u32,
+    host: Option<String>,
+    vm: Option<String>,
+) -> anyhow::Result<EventsView> {
+    let mut pages: Vec<Vec<crate::state::Event>> = Vec::new();
+    let mut before: Option<u64> = None;
+    let mut remaining = limit.max(1);
+    loop {
+        let req = AdminRequest::EventsPage {
+            limit: remaining,
+            host: host.clone(),
+            vm: vm.clone(),
+            before,
+        };
+        let (page, _) = c.call::<EventsPage>(&req).await?;
+        let got = page.events.len() as u32;
+        remaining = remaining.saturating_sub(got);
+        pages.push(page.events);
+        match page.next_before {
+            Some(b) if got > 0 && remaining > 0 && before.is_none_or(|p| b < p) => before = Some(b),
+            _ => break,
+        }
+    }
+    // Each page is oldest first; later pages are older.
+    Ok(EventsView {
+        events: pages.into_iter().rev().flatten().collect(),
+    })
+}
+
 fn print_json(raw: &str) -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(raw)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -569,9 +648,9 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
             }
         }
         Command::Vm(VmCmd::List) => {
-            let (v, raw) = c.call::<Vec<VmView>>(&AdminRequest::VmList).await?;
+            let (v, raw) = vm_list_all(c, args.json).await?;
             if args.json {
-                print_json(&raw)?
+                println!("{}", serde_json::to_string_pretty(&raw)?)
             } else {
                 print!("{}", render::vm_list(&v))
             }
@@ -662,15 +741,9 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
                 ),
                 None => None,
             };
-            let (v, raw) = c
-                .call::<EventsView>(&AdminRequest::Events {
-                    limit: *limit,
-                    host: host.clone(),
-                    vm: vm_uuid,
-                })
-                .await?;
+            let v = events_all(c, *limit, host.clone(), vm_uuid).await?;
             if args.json {
-                print_json(&raw)?
+                println!("{}", serde_json::to_string_pretty(&v)?)
             } else {
                 print!("{}", render::events(&v))
             }
