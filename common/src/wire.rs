@@ -418,6 +418,13 @@ pub enum AdminRequest {
         vm: Option<String>,
         before: Option<u64>,
     },
+    /// One page of `host list`: hosts by name, strictly after `after`, at most `limit` (cut
+    /// before the answer would outgrow a frame). The answer is a `HostPage`; `vigilctl`
+    /// follows its `next` cursor until it is empty.
+    HostListPage {
+        after: Option<String>,
+        limit: u32,
+    },
 }
 
 /// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they

@@ -115,7 +115,8 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
         | AdminRequest::VmShow { .. }
         | AdminRequest::HostPing { .. }
         | AdminRequest::VmListPage { .. }
-        | AdminRequest::EventsPage { .. } => return None,
+        | AdminRequest::EventsPage { .. }
+        | AdminRequest::HostListPage { .. } => return None,
         AdminRequest::HostTagAdd { host, tag } => {
             (format!("host tag add {host} {tag}"), Some(host.clone()))
         }
@@ -260,7 +261,8 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             cluster,
         } => place_host(ctx, peer, host, zone, cluster).await,
         AdminRequest::Status => json(&status(ctx).await),
-        AdminRequest::HostList => json(&hosts(ctx, None).await),
+        AdminRequest::HostList => json_bounded(&hosts(ctx, None).await, "host list"),
+        AdminRequest::HostListPage { after, limit } => host_page(ctx, after, limit).await,
         AdminRequest::HostShow { host } => match hosts(ctx, Some(&host)).await.pop() {
             Some(h) => json(&h),
             None => err(format!("unknown host {host:?}")),
@@ -740,6 +742,28 @@ async fn hosts(ctx: &AdminContext, only: Option<&str>) -> Vec<HostView> {
             .cloned()
             .collect()
     });
+    host_views(ctx, records).await
+}
+
+/// Up to `n` host records in name order after `after`, as views.
+async fn hosts_after(ctx: &AdminContext, after: Option<&str>, n: usize) -> Vec<HostView> {
+    use std::ops::Bound;
+    let records: Vec<_> = ctx.raft.read(|s| {
+        let from = match after {
+            Some(a) => Bound::Excluded(a.to_string()),
+            None => Bound::Unbounded,
+        };
+        s.hosts
+            .range((from, Bound::Unbounded))
+            .take(n)
+            .map(|(_, h)| h.clone())
+            .collect()
+    });
+    host_views(ctx, records).await
+}
+
+/// Host records joined with the engine's soft state (liveness, session, facts).
+async fn host_views(ctx: &AdminContext, records: Vec<crate::state::HostRecord>) -> Vec<HostView> {
     let names: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
     let soft = ctx
         .engine
@@ -837,6 +861,18 @@ async fn vm_page(ctx: &AdminContext, after: Option<String>, limit: u32) -> Admin
         None
     };
     json(&crate::api::VmPage { vms, next })
+}
+
+async fn host_page(ctx: &AdminContext, after: Option<String>, limit: u32) -> AdminResponse {
+    let limit = (limit as usize).clamp(1, MAX_PAGE_ITEMS);
+    let candidates = hosts_after(ctx, after.as_deref(), limit + 1).await;
+    let (hosts, more) = take_page(candidates.into_iter(), limit);
+    let next = if more {
+        hosts.last().map(|h| h.name.clone())
+    } else {
+        None
+    };
+    json(&crate::api::HostPage { hosts, next })
 }
 
 fn events_page(

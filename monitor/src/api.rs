@@ -181,6 +181,15 @@ pub struct VmPage {
     pub next: Option<String>,
 }
 
+/// One page of `vigilctl host list` ([`vigil_common::wire::AdminRequest::HostListPage`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostPage {
+    /// Hosts in name order.
+    pub hosts: Vec<HostView>,
+    /// Ask again with `after` set to this to get the next page; `None`: this was the last.
+    pub next: Option<String>,
+}
+
 /// One page of `vigilctl events` ([`vigil_common::wire::AdminRequest::EventsPage`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventsPage {

@@ -327,8 +327,14 @@ impl Ctl {
     }
 
     pub fn run(&self, args: &[&str]) -> Output {
+        self.run_env(args, &[])
+    }
+
+    /// [`Ctl::run`] with extra environment variables.
+    pub fn run_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
         let list: Vec<String> = self.monitors.iter().map(|m| m.to_string()).collect();
         Command::new(bin("vigilctl"))
+            .envs(env.iter().copied())
             .arg("--monitor")
             .arg(list.join(","))
             .arg("--ca")
@@ -346,9 +352,14 @@ impl Ctl {
 
     /// Runs with `--json` and parses the answer; `Err(stderr)` if the command failed.
     pub fn json(&self, args: &[&str]) -> Result<Value, String> {
+        self.json_env(args, &[])
+    }
+
+    /// [`Ctl::json`] with extra environment variables.
+    pub fn json_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Value, String> {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);
-        let out = self.run(&a);
+        let out = self.run_env(&a, env);
         if !out.status.success() {
             return Err(String::from_utf8_lossy(&out.stderr).into_owned());
         }

@@ -390,45 +390,86 @@ async fn operator(c: &mut AdminClient, args: &Args, req: &AdminRequest) -> anyho
 
 /// VMs asked for per page (the monitor also cuts a page before it outgrows a frame).
 const VM_PAGE: u32 = 5_000;
+/// Hosts asked for per page (likewise).
+const HOST_PAGE: u32 = 1_000;
 
-/// Every VM, page after page; with `raw`, also each VM's JSON as the monitor sent it (so
-/// `--json` prints fields this vigilctl does not know), as one array.
-async fn vm_list_all(
+/// Every item of a paged list (`field` of each page, e.g. "vms"), page after page, following
+/// the page's string cursor `next`; with `raw`, also each item's JSON as the monitor sent it
+/// (so `--json` prints fields this vigilctl does not know), as one array.
+async fn list_all<V: serde::de::DeserializeOwned>(
     c: &mut AdminClient,
     raw: bool,
-) -> anyhow::Result<(Vec<VmView>, serde_json::Value)> {
+    what: &str,
+    field: &str,
+    page: impl Fn(Option<String>) -> AdminRequest,
+) -> anyhow::Result<(Vec<V>, serde_json::Value)> {
     let mut after: Option<String> = None;
     let mut views = Vec::new();
     let mut items = Vec::new();
     loop {
-        let req = AdminRequest::VmListPage {
-            after: after.clone(),
-            limit: VM_PAGE,
-        };
         // Parsed once: kept as JSON for `--json` (fields this vigilctl does not know
         // survive), decoded into views for the table.
-        let (mut doc, _) = c.call::<serde_json::Value>(&req).await?;
-        let vms = match doc.get_mut("vms").map(std::mem::take) {
-            Some(serde_json::Value::Array(vms)) => vms,
-            _ => anyhow::bail!("the monitor's vm list page has no \"vms\" array"),
+        let (mut doc, _) = c.call::<serde_json::Value>(&page(after.clone())).await?;
+        let got = match doc.get_mut(field).map(std::mem::take) {
+            Some(serde_json::Value::Array(got)) => got,
+            _ => anyhow::bail!("the monitor's {what} page has no \"{field}\" array"),
         };
         let next: Option<String> =
             serde_json::from_value(doc.get_mut("next").map(std::mem::take).unwrap_or_default())
-                .context("decoding the monitor's vm list cursor")?;
+                .with_context(|| format!("decoding the monitor's {what} cursor"))?;
         if raw {
-            items.extend(vms);
+            items.extend(got);
         } else {
-            for v in vms {
-                views.push(serde_json::from_value::<VmView>(v).context("decoding a VM")?);
+            for v in got {
+                views.push(
+                    serde_json::from_value::<V>(v)
+                        .with_context(|| format!("decoding an entry of the {what}"))?,
+                );
             }
         }
         match next {
             Some(n) if after.as_deref().is_none_or(|a| n.as_str() > a) => after = Some(n),
-            Some(n) => anyhow::bail!("the monitor's vm list cursor did not advance (at {n:?})"),
+            Some(n) => anyhow::bail!("the monitor's {what} cursor did not advance (at {n:?})"),
             None => break,
         }
     }
     Ok((views, serde_json::Value::Array(items)))
+}
+
+/// Entries asked per page: `default`, or `VIGILCTL_PAGE_SIZE` (for tests and for a
+/// monitor on a slow link; the monitor cuts a page at a frame whatever is asked).
+fn page_size(default: u32) -> u32 {
+    std::env::var("VIGILCTL_PAGE_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(default)
+}
+
+/// Every VM, page after page.
+async fn vm_list_all(
+    c: &mut AdminClient,
+    raw: bool,
+) -> anyhow::Result<(Vec<VmView>, serde_json::Value)> {
+    list_all(c, raw, "vm list", "vms", |after| AdminRequest::VmListPage {
+        after,
+        limit: page_size(VM_PAGE),
+    })
+    .await
+}
+
+/// Every host, page after page.
+async fn host_list_all(
+    c: &mut AdminClient,
+    raw: bool,
+) -> anyhow::Result<(Vec<HostView>, serde_json::Value)> {
+    list_all(c, raw, "host list", "hosts", |after| {
+        AdminRequest::HostListPage {
+            after,
+            limit: page_size(HOST_PAGE),
+        }
+    })
+    .await
 }
 
 /// The newest `limit` events (of `host`, of `vm`), page after page, oldest first.
@@ -555,9 +596,9 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
             }
         }
         Command::Host(HostCmd::List) => {
-            let (v, raw) = c.call::<Vec<HostView>>(&AdminRequest::HostList).await?;
+            let (v, raw) = host_list_all(c, args.json).await?;
             if args.json {
-                print_json(&raw)?
+                println!("{}", serde_json::to_string_pretty(&raw)?)
             } else {
                 print!("{}", render::host_list(&v))
             }

@@ -92,6 +92,23 @@ fn a_fresh_agent_gets_a_100k_generation_table_and_keeps_its_lease() {
         Some(vm_uuid(HOSTS - 1, PER_HOST - 1).as_str())
     );
 
+    // `host list` pages as well (a host is ~700 bytes of JSON: past ~1,500 hosts one answer
+    // outgrows a frame). Small pages here, so the cursor is followed across many of them.
+    let hosts = ctl
+        .json_env(&["host", "list"], &[("VIGILCTL_PAGE_SIZE", "7")])
+        .expect("host list");
+    let names: Vec<&str> = hosts
+        .as_array()
+        .expect("one array")
+        .iter()
+        .filter_map(|h| h.get("name").and_then(|n| n.as_str()))
+        .collect();
+    assert_eq!(names.len(), HOSTS + 1, "every seeder host and the probe");
+    assert!(
+        names.windows(2).all(|w| w[0] < w[1]),
+        "in name order, each once"
+    );
+
     // `events` pages too: the log is full (a registration event per VM).
     let ev = ctl.json(&["events", "--limit", "10000"]).expect("events");
     let events = ev.get("events").and_then(|e| e.as_array()).expect("events");
