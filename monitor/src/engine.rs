@@ -579,7 +579,13 @@ impl Engine {
                 watchdog_ms,
             } => {
                 self.leases.watchdog(&host, watchdog_ms);
-                self.facts.insert(host.clone(), facts);
+                // In place when known: a new key would cost a String on every heartbeat.
+                match self.facts.get_mut(&host) {
+                    Some(f) => *f = facts,
+                    None => {
+                        self.facts.insert(host.clone(), facts);
+                    }
+                }
                 let instance = self.instances.get(&host).copied().unwrap_or(0);
                 self.evidence.beat(&host, instance, mono_ms, now_ms);
                 for p in pools {
@@ -811,9 +817,7 @@ impl Engine {
                 }));
             }
             Input::Tick => {
-                for name in state.hosts.keys() {
-                    self.detector.track(name);
-                }
+                self.detector.track_sorted(state.hosts.keys());
                 self.expire_forced_stops(wall_ms);
                 self.mirror_maintenance(state);
                 self.reconcile_maintenance(wall_ms, state, &mut out);
@@ -1983,11 +1987,19 @@ impl Engine {
             return;
         };
         self.evidence.address(host, ip);
+        // This runs on every tick for every silent host: a probe under way asks nobody new,
+        // and a new one asks the first PROBE_PEERS usable peers, so neither lists them all
+        // (a pass over every host per silent host per tick saturated the monitor when
+        // thousands of hosts were silent; BENCHMARKS.md, "Heartbeat load").
+        if self.evidence.probing(host) {
+            return;
+        }
         let peers: Vec<String> = state
             .hosts
             .iter()
             .filter(|(n, h)| *n != host && h.cluster == cluster && self.host_usable(n))
             .map(|(n, _)| n.clone())
+            .take(investigation::PROBE_PEERS)
             .collect();
         for peer in self.evidence.start_probe(host, peers, now_ms) {
             out.push(Action::Send {
