@@ -1564,6 +1564,19 @@ impl Engine {
             let live = self.detector.state(name);
             let down = live == Some(Liveness::Down);
             let silent = down || live == Some(Liveness::Suspect);
+            // The common case, on every tick for nearly every host: heard, active, and known
+            // alive (or never recorded otherwise). Nothing below would change or propose
+            // anything for it (its condition is Alive, and only Active hosts that are down
+            // are fenced), so it costs no more lookups (BENCHMARKS.md, "Heartbeat load").
+            if !silent
+                && h.phase == HostPhase::Active
+                && self
+                    .conditions
+                    .get(name.as_str())
+                    .is_none_or(|c| *c == Condition::Alive)
+            {
+                continue;
+            }
             if silent {
                 self.probe(name, &h.cluster, now_ms, state, out);
             }

@@ -146,7 +146,13 @@ impl Evidence {
 
     /// The address the host's agent connects from (peers probe it).
     pub fn address(&mut self, host: &str, ip: IpAddr) {
-        self.addrs.insert(host.to_string(), ip);
+        // In place when known: the engine sets it on every tick for every silent host.
+        match self.addrs.get_mut(host) {
+            Some(a) => *a = ip,
+            None => {
+                self.addrs.insert(host.to_string(), ip);
+            }
+        }
     }
 
     pub fn addr_of(&self, host: &str) -> Option<IpAddr> {
