@@ -76,7 +76,11 @@ fn monitor_toml(interval_ms: u64) -> Result<String, String> {
 }
 
 /// Starts a monitor and waits until it answers, or says why it did not.
-fn start_monitor(pki: &Pki, dir: &std::path::Path, toml: &str) -> Result<(MonitorProc, Ctl), String> {
+fn start_monitor(
+    pki: &Pki,
+    dir: &std::path::Path,
+    toml: &str,
+) -> Result<(MonitorProc, Ctl), String> {
     let mut mon = MonitorProc::start(pki, dir, toml);
     let ctl = Ctl::new(pki, vec![mon.addr]);
     ctl.wait_started(&mut mon, Duration::from_secs(30))?;
@@ -294,7 +298,11 @@ fn proc_memory_detail(pid: u32) -> (u64, u64) {
     (kb(&rollup, "Pss:"), kb(&status, "RssAnon:"))
 }
 
-fn agent_footprint(pki: &Pki, seconds: u64, settle: Duration) -> Result<(f64, f64, f64, f64), String> {
+fn agent_footprint(
+    pki: &Pki,
+    seconds: u64,
+    settle: Duration,
+) -> Result<(f64, f64, f64, f64), String> {
     let dir = pki.dir.path().join("footprint");
     let (mon, ctl) = start_monitor(pki, &dir, "")?;
     let agent = AgentProc::start(pki, &dir, "real-agent", mon.addr, "");
@@ -395,11 +403,8 @@ fn run(tiny: bool) -> Result<(), String> {
             failures.push(format!("{n} agents: no heartbeat ingested"));
         }
     }
-    let (cpu, rss, pss, anon) = agent_footprint(
-        &pki,
-        if tiny { 2 } else { seconds.max(10) },
-        sizes.settle,
-    )?;
+    let (cpu, rss, pss, anon) =
+        agent_footprint(&pki, if tiny { 2 } else { seconds.max(10) }, sizes.settle)?;
     println!();
     println!(
         "agent at idle heartbeat (real vigil-agent binary, 500 ms interval, libvirt backend off): \

@@ -140,7 +140,13 @@ fn main() {
     // Skipped where the lab cannot run, like the lab tests (and, like them, fails under CI).
     if support::skip(
         "host_failover",
-        &["ip", "libvirtd", "qemu-system-x86_64", "ipmi_sim", "fence_ipmilan"],
+        &[
+            "ip",
+            "libvirtd",
+            "qemu-system-x86_64",
+            "ipmi_sim",
+            "fence_ipmilan",
+        ],
     ) {
         return;
     }
