@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what is needed (idempotent) and runs the whole test suite: formatting, lints,
-# unit, property and end-to-end tests.
+# unit, property and end-to-end tests, and every benchmark once at its tiny size.
 #
 # Usage: ./scripts/test.sh        (as root: the lab and libvirt tests need it)
 set -euo pipefail
@@ -24,6 +24,17 @@ set +e
 cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# Every benchmark once at its tiny size (a few agents, one run per path), so that none stops
+# working unnoticed: the heartbeat-load benchmark once measured a monitor that refused its
+# config. Built with the test profile above, so this adds their runs only (~1-2 min).
+echo "== benchmarks, tiny (VIGIL_BENCH_TINY=1)"
+set +e
+VIGIL_BENCH_TINY=1 cargo test --workspace --no-fail-fast --bench '*' 2>&1 | tee -a "$log"
+bench_status=${PIPESTATUS[0]}
+set -e
+if [[ $status -eq 0 ]]; then
+  status=$bench_status
+fi
 # One closing line with the totals over every test binary (cargo prints one line per binary,
 # the last of which is usually the doc-tests' "0 passed").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -119,6 +119,24 @@ impl FailureDetector {
         }
     }
 
+    /// [`Self::track`] for each of `names`, in one merge pass over the tracked hosts when
+    /// `names` come sorted (the keys of a `BTreeMap`) instead of a lookup each: this runs
+    /// on every tick over every host. Unsorted names are still all tracked, at the cost of
+    /// a lookup for those out of order.
+    pub fn track_sorted<'a>(&mut self, names: impl IntoIterator<Item = &'a String>) {
+        let mut missing = Vec::new();
+        let mut known = self.hosts.keys().peekable();
+        for name in names {
+            while known.next_if(|k| k.as_str() < name.as_str()).is_some() {}
+            if known.next_if(|k| *k == name).is_none() {
+                missing.push(name);
+            }
+        }
+        for name in missing {
+            self.track(name);
+        }
+    }
+
     /// Stops tracking a host (it was removed from the cluster).
     pub fn forget(&mut self, host: &str) {
         self.hosts.remove(host);
@@ -283,6 +301,38 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// The tick's one-pass tracking does what tracking each host does, for hosts
+        /// already tracked (in any state) or not, names sorted or not.
+        #[test]
+        fn track_sorted_is_track_of_each(
+            known in proptest::collection::btree_set(0u8..40, 0..20),
+            beaten in proptest::collection::btree_set(0u8..40, 0..20),
+            names in proptest::collection::vec(0u8..40, 0..40),
+            sort in any::<bool>(),
+        ) {
+            let mut names: Vec<String> = names.iter().map(|n| format!("h{n}")).collect();
+            if sort {
+                names.sort();
+            }
+            let mut a = FailureDetector::new(cfg(), 0);
+            for n in &known {
+                a.track(&format!("h{n}"));
+            }
+            for n in &beaten {
+                a.heartbeat(&format!("h{n}"), 10);
+            }
+            a.tick(400);
+            let mut b = a.clone();
+            for n in &names {
+                a.track(n);
+            }
+            b.track_sorted(&names);
+            let view = |d: &FailureDetector| -> Vec<(String, Option<LivenessView>)> {
+                d.hosts().map(|(h, _)| (h.to_string(), d.view(h, 500))).collect()
+            };
+            prop_assert_eq!(view(&a), view(&b));
         }
     }
 }

@@ -594,7 +594,13 @@ impl Engine {
                 watchdog_ms,
             } => {
                 self.leases.watchdog(&host, watchdog_ms);
-                self.facts.insert(host.clone(), facts);
+                // In place when known: a new key would cost a String on every heartbeat.
+                match self.facts.get_mut(&host) {
+                    Some(f) => *f = facts,
+                    None => {
+                        self.facts.insert(host.clone(), facts);
+                    }
+                }
                 let instance = self.instances.get(&host).copied().unwrap_or(0);
                 self.evidence.beat(&host, instance, mono_ms, now_ms);
                 for p in pools {
@@ -818,9 +824,7 @@ impl Engine {
                 }));
             }
             Input::Tick => {
-                for name in state.hosts.keys() {
-                    self.detector.track(name);
-                }
+                self.detector.track_sorted(state.hosts.keys());
                 self.expire_forced_stops(wall_ms);
                 self.mirror_maintenance(state);
                 self.reconcile_maintenance(wall_ms, state, &mut out);
@@ -1609,6 +1613,19 @@ impl Engine {
             let live = self.detector.state(name);
             let down = live == Some(Liveness::Down);
             let silent = down || live == Some(Liveness::Suspect);
+            // The common case, on every tick for nearly every host: heard, active, and known
+            // alive (or never recorded otherwise). Nothing below would change or propose
+            // anything for it (its condition is Alive, and only Active hosts that are down
+            // are fenced), so it costs no more lookups (BENCHMARKS.md, "Heartbeat load").
+            if !silent
+                && h.phase == HostPhase::Active
+                && self
+                    .conditions
+                    .get(name.as_str())
+                    .is_none_or(|c| *c == Condition::Alive)
+            {
+                continue;
+            }
             if silent {
                 self.probe(name, &h.cluster, now_ms, state, out);
             }
@@ -2032,11 +2049,19 @@ impl Engine {
             return;
         };
         self.evidence.address(host, ip);
+        // This runs on every tick for every silent host: a probe under way asks nobody new,
+        // and a new one asks the first PROBE_PEERS usable peers, so neither lists them all
+        // (a pass over every host per silent host per tick saturated the monitor when
+        // thousands of hosts were silent; BENCHMARKS.md, "Heartbeat load").
+        if self.evidence.probing(host) {
+            return;
+        }
         let peers: Vec<String> = state
             .hosts
             .iter()
             .filter(|(n, h)| *n != host && h.cluster == cluster && self.host_usable(n))
             .map(|(n, _)| n.clone())
+            .take(investigation::PROBE_PEERS)
             .collect();
         for peer in self.evidence.start_probe(host, peers, now_ms) {
             out.push(Action::Send {

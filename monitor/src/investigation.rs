@@ -128,21 +128,31 @@ impl Evidence {
 
     /// A network heartbeat (or a hello) from `host`'s agent `instance`.
     pub fn beat(&mut self, host: &str, instance: u64, agent_mono_ms: u64, now_ms: u64) {
-        self.beats.insert(
-            host.to_string(),
-            Beat {
-                instance,
-                agent_mono_ms,
-                at_ms: now_ms,
-            },
-        );
+        let beat = Beat {
+            instance,
+            agent_mono_ms,
+            at_ms: now_ms,
+        };
+        // In place when known: this runs on every heartbeat, and a new key costs a String.
+        match self.beats.get_mut(host) {
+            Some(b) => *b = beat,
+            None => {
+                self.beats.insert(host.to_string(), beat);
+            }
+        }
         self.probes.remove(host);
         self.seen_isolated.remove(host);
     }
 
     /// The address the host's agent connects from (peers probe it).
     pub fn address(&mut self, host: &str, ip: IpAddr) {
-        self.addrs.insert(host.to_string(), ip);
+        // In place when known: the engine sets it on every tick for every silent host.
+        match self.addrs.get_mut(host) {
+            Some(a) => *a = ip,
+            None => {
+                self.addrs.insert(host.to_string(), ip);
+            }
+        }
     }
 
     pub fn addr_of(&self, host: &str) -> Option<IpAddr> {
@@ -187,6 +197,11 @@ impl Evidence {
             },
         );
         asked
+    }
+
+    /// Whether a probe of `host` is under way (started and not ended by a beat since).
+    pub fn probing(&self, host: &str) -> bool {
+        self.probes.contains_key(host)
     }
 
     /// A peer's answer about `host`.

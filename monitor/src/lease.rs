@@ -65,9 +65,13 @@ impl LeaseBook {
     /// What `host`'s agent said of its watchdog in its latest heartbeat (`None`: none armed).
     pub fn watchdog(&mut self, host: &str, timeout_ms: Option<u64>) {
         match timeout_ms {
-            Some(ms) if ms > 0 => {
-                self.watchdogs.insert(host.to_string(), ms);
-            }
+            Some(ms) if ms > 0 => match self.watchdogs.get_mut(host) {
+                // In place when known: this runs on every heartbeat.
+                Some(w) => *w = ms,
+                None => {
+                    self.watchdogs.insert(host.to_string(), ms);
+                }
+            },
             _ => {
                 self.watchdogs.remove(host);
             }
@@ -106,7 +110,13 @@ impl LeaseBook {
 
     /// A renewal granted to `host` now.
     pub fn grant(&mut self, host: &str, now_ms: u64) {
-        self.granted.insert(host.to_string(), now_ms);
+        // In place when known: this runs on every heartbeat, and a new key costs a String.
+        match self.granted.get_mut(host) {
+            Some(t) => *t = now_ms,
+            None => {
+                self.granted.insert(host.to_string(), now_ms);
+            }
+        }
     }
 
     /// The leader record was written on `pool` (`ok`), or the attempt failed. A pause of

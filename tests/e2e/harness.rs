@@ -379,6 +379,36 @@ impl Ctl {
         .unwrap_or_else(|| panic!("monitor not ready within {timeout:?}: {last}"))
     }
 
+    /// Waits until `mon` answers `status`, or says why not: the monitor exited (its exit
+    /// status and the end of its log, where a refused config is named), or it did not
+    /// answer within `timeout`. For benchmarks, which must fail loudly rather than measure
+    /// a monitor that never started.
+    pub fn wait_started(&self, mon: &mut MonitorProc, timeout: Duration) -> Result<Value, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(exit) = mon.proc_.try_exit() {
+                return Err(format!(
+                    "the monitor exited ({exit}) before answering status; its log ({}) ends:\n{}",
+                    mon.proc_.log.display(),
+                    log_tail(&mon.proc_.log_text(), 20)
+                ));
+            }
+            let last = match self.json(&["status"]) {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            if Instant::now() >= end {
+                return Err(format!(
+                    "the monitor did not answer status within {timeout:?} (last error: {}); its log ({}) ends:\n{}",
+                    last.trim(),
+                    mon.proc_.log.display(),
+                    log_tail(&mon.proc_.log_text(), 20)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The liveness of `host`, if the monitor knows it.
     pub fn liveness(&self, host: &str) -> Option<String> {
         let v = self.json(&["host", "show", host]).ok()?;
@@ -392,4 +422,16 @@ impl Ctl {
             .and_then(|v| v.get("events").and_then(|e| e.as_array().cloned()))
             .unwrap_or_default()
     }
+}
+
+/// The last `n` lines of `text`.
+pub fn log_tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Whether benchmarks run at their tiny size (`VIGIL_BENCH_TINY=1`: a few agents, one run
+/// per path), as CI runs them so that none stops working unnoticed.
+pub fn bench_tiny() -> bool {
+    std::env::var("VIGIL_BENCH_TINY").is_ok_and(|v| v == "1")
 }

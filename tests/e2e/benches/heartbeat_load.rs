@@ -6,6 +6,11 @@
 //! Run: `cargo bench -p vigil-e2e --bench heartbeat_load`
 //! Env: VIGIL_BENCH_AGENTS (default "100,1000,5000,10000"), VIGIL_BENCH_SECONDS (default 20),
 //!      VIGIL_BENCH_INTERVAL_MS (default 500, i.e. 2 beats/s per agent).
+//!      VIGIL_BENCH_TINY=1: 5 agents for 2 s (what CI runs, also under `cargo test --bench`).
+//!
+//! Exits nonzero, after the table, if the monitor does not start or a level ends with an
+//! agent not connected or a host not Up: a figure measured on a monitor that refused its
+//! config, or on hosts that were never Up, is no figure.
 
 #[path = "../harness.rs"]
 mod harness;
@@ -17,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use harness::*;
 use vigil_agent::session::Session;
+use vigil_common::config::MonitorConfig;
 use vigil_common::tls::{self, CaSigner, Role, TlsMaterial, TransportTuning};
 use vigil_common::wire::{self, AdminRequest, Hello, HostFacts};
 use vigil_monitor::api::StatusView;
@@ -45,11 +51,61 @@ fn proc_usage(pid: u32) -> (f64, u64) {
     (cpu_ticks as f64 / 100.0, rss_kb * 1024)
 }
 
-async fn status(c: &mut AdminClient) -> StatusView {
+async fn status(c: &mut AdminClient) -> Result<StatusView, String> {
     c.call::<StatusView>(&AdminRequest::Status)
         .await
-        .expect("status")
-        .0
+        .map(|(v, _)| v)
+        .map_err(|e| format!("status: {e:#}"))
+}
+
+/// The monitor's config for a level. Generous detector thresholds: the load generator
+/// shares the 2 cores with the monitor, and we measure ingestion here, not detection. The
+/// lease must outlast detection (the monitor refuses a lease shorter than `down_after_ms`:
+/// it would fence hosts it still counts as alive), so it is sized from `down_after_ms`.
+fn monitor_toml(interval_ms: u64) -> Result<String, String> {
+    let down_after_ms = interval_ms * 12;
+    let text = format!(
+        "[detector]\nheartbeat_interval_ms = {interval_ms}\nsuspect_after_ms = {}\ndown_after_ms = {down_after_ms}\n[lease]\nduration_ms = {}\n",
+        interval_ms * 6,
+        down_after_ms + 2_000,
+    );
+    // The monitor's own check, here, so that a refused config is named before anything runs.
+    MonitorConfig::from_toml_str(&text, std::path::Path::new("heartbeat_load's monitor.toml"))
+        .map_err(|e| format!("the benchmark's monitor config is refused: {e}"))?;
+    Ok(text)
+}
+
+/// Starts a monitor and waits until it answers, or says why it did not.
+fn start_monitor(
+    pki: &Pki,
+    dir: &std::path::Path,
+    toml: &str,
+) -> Result<(MonitorProc, Ctl), String> {
+    let mut mon = MonitorProc::start(pki, dir, toml);
+    let ctl = Ctl::new(pki, vec![mon.addr]);
+    ctl.wait_started(&mut mon, Duration::from_secs(30))?;
+    Ok((mon, ctl))
+}
+
+/// Wall time of `samples` runs of the real `vigilctl status` (a new process, QUIC handshake
+/// and all, as an operator runs it), 100 ms apart: (median, max) in ms, or the first error.
+fn status_latency(ctl: &Ctl, samples: usize) -> Result<(f64, f64), String> {
+    let mut ms = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        let out = ctl.run(&["status"]);
+        let took = t.elapsed().as_secs_f64() * 1000.0;
+        if !out.status.success() {
+            return Err(format!(
+                "vigilctl status failed after {took:.0} ms: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        ms.push(took);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ms.sort_by(|a, b| a.total_cmp(b));
+    Ok((ms[ms.len() / 2], ms[ms.len() - 1]))
 }
 
 struct Row {
@@ -61,23 +117,22 @@ struct Row {
     cpu_pct: f64,
     rss_mib: f64,
     connect_s: f64,
+    /// `vigilctl status` wall time (median, max) in ms, or why it did not answer.
+    status_ms: Result<(f64, f64), String>,
 }
 
-fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
+/// Sizes of a run: `settle` after the ramp, `status_samples` runs of vigilctl status.
+struct Sizes {
+    seconds: u64,
+    interval_ms: u64,
+    settle: Duration,
+    status_samples: usize,
+}
+
+fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
+    let (seconds, interval_ms) = (sz.seconds, sz.interval_ms);
     let dir = pki.dir.path().join(format!("level-{n}"));
-    // Generous detector thresholds: the load generator shares the 2 cores with the monitor,
-    // and we measure ingestion here, not detection.
-    let mon = MonitorProc::start(
-        pki,
-        &dir,
-        &format!(
-            "[detector]\nheartbeat_interval_ms = {interval_ms}\nsuspect_after_ms = {}\ndown_after_ms = {}\n",
-            interval_ms * 6,
-            interval_ms * 12
-        ),
-    );
-    let ctl = Ctl::new(pki, vec![mon.addr]);
-    ctl.wait_ready(Duration::from_secs(30));
+    let (mon, ctl) = start_monitor(pki, &dir, &monitor_toml(interval_ms)?)?;
     let pid = mon.proc_.pid();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -115,6 +170,7 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
             .collect();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let connected = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
         let t_connect = Instant::now();
         let addr: SocketAddr = mon.addr;
@@ -122,6 +178,7 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
             let ep = endpoints[i % endpoints.len()].clone();
             let stop = stop_rx.clone();
             let connected = connected.clone();
+            let failed = failed.clone();
             let sem = sem.clone();
             tokio::spawn(async move {
                 let facts = HostFacts {
@@ -147,7 +204,10 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
                     match Session::open(&ep, cfg, addr, hello).await {
                         Ok(s) => s,
                         Err(e) => {
-                            eprintln!("  {name}: {e}");
+                            // The first few only: a saturated monitor fails thousands.
+                            if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("  {name}: {e}");
+                            }
                             return;
                         }
                     }
@@ -178,10 +238,11 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
         }
         let connect_s = t_connect.elapsed().as_secs_f64();
         eprintln!(
-            "  {} agents connected in {connect_s:.1}s",
-            connected.load(Ordering::Relaxed)
+            "  {} agents connected in {connect_s:.1}s ({} failed to connect)",
+            connected.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed)
         );
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(sz.settle).await;
 
         let mut admin = AdminClient::new(
             &pki.issue(Role::Admin, "bench-admin"),
@@ -189,21 +250,26 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
             Duration::from_secs(30),
         )
         .expect("admin");
-        let s0 = status(&mut admin).await;
+        let s0 = status(&mut admin).await?;
         let (cpu0, _) = proc_usage(pid);
         let w0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
-        let s1 = status(&mut admin).await;
+        let s1 = status(&mut admin).await?;
         let (cpu1, rss) = proc_usage(pid);
         let dt = w0.elapsed().as_secs_f64();
         admin.close();
+        // After the CPU window, so that the probes do not count in the monitor's CPU.
+        let samples = sz.status_samples;
+        let status_ms = tokio::task::spawn_blocking(move || status_latency(&ctl, samples))
+            .await
+            .map_err(|e| format!("status probe: {e}"))?;
         let _ = stop_tx.send(true);
         tokio::time::sleep(Duration::from_millis(300)).await;
         for ep in &endpoints {
             ep.close(0u32.into(), b"bench done");
         }
         let c = connected.load(Ordering::Relaxed) as usize;
-        Row {
+        Ok(Row {
             agents: n,
             connected: c,
             up: s1.hosts_up,
@@ -212,7 +278,8 @@ fn run_level(pki: &Pki, n: usize, seconds: u64, interval_ms: u64) -> Row {
             cpu_pct: (cpu1 - cpu0) / dt * 100.0,
             rss_mib: rss as f64 / (1024.0 * 1024.0),
             connect_s,
-        }
+            status_ms,
+        })
     })
 }
 
@@ -231,17 +298,24 @@ fn proc_memory_detail(pid: u32) -> (u64, u64) {
     (kb(&rollup, "Pss:"), kb(&status, "RssAnon:"))
 }
 
-fn agent_footprint(pki: &Pki, seconds: u64) -> (f64, f64, f64, f64) {
+fn agent_footprint(
+    pki: &Pki,
+    seconds: u64,
+    settle: Duration,
+) -> Result<(f64, f64, f64, f64), String> {
     let dir = pki.dir.path().join("footprint");
-    let mon = MonitorProc::start(pki, &dir, "");
-    let ctl = Ctl::new(pki, vec![mon.addr]);
-    ctl.wait_ready(Duration::from_secs(30));
+    let (mon, ctl) = start_monitor(pki, &dir, "")?;
     let agent = AgentProc::start(pki, &dir, "real-agent", mon.addr, "");
     wait_for(Duration::from_secs(20), || {
         (ctl.liveness("real-agent").as_deref() == Some("up")).then_some(())
     })
-    .expect("agent up");
-    std::thread::sleep(Duration::from_secs(3));
+    .ok_or_else(|| {
+        format!(
+            "the real agent was not Up within 20 s; its log ends:\n{}",
+            log_tail(&agent.proc_.log_text(), 20)
+        )
+    })?;
+    std::thread::sleep(settle);
     let pid = agent.proc_.pid();
     let (c0, _) = proc_usage(pid);
     let t = Instant::now();
@@ -249,39 +323,67 @@ fn agent_footprint(pki: &Pki, seconds: u64) -> (f64, f64, f64, f64) {
     let (c1, rss) = proc_usage(pid);
     let (pss, anon) = proc_memory_detail(pid);
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    (
+    Ok((
         (c1 - c0) / t.elapsed().as_secs_f64() * 100.0,
         mib(rss),
         mib(pss),
         mib(anon),
-    )
+    ))
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` would pass nothing useful. Only
-    // run the load when invoked as a benchmark.
-    if !std::env::args().any(|a| a == "--bench") {
-        eprintln!("heartbeat_load: run with `cargo bench -p vigil-e2e --bench heartbeat_load`");
+    let tiny = bench_tiny();
+    // `cargo bench` passes --bench; `cargo test --bench heartbeat_load` passes nothing, and
+    // runs the tiny size only when asked to (VIGIL_BENCH_TINY=1, as CI does).
+    if !tiny && !std::env::args().any(|a| a == "--bench") {
+        eprintln!("heartbeat_load: run with `cargo bench -p vigil-e2e --bench heartbeat_load` (or VIGIL_BENCH_TINY=1 for a smoke run)");
         return;
     }
-    let levels: Vec<usize> = env_or("VIGIL_BENCH_AGENTS", "100,1000,5000,10000")
-        .split(',')
-        .filter_map(|s| s.trim().parse().ok())
-        .collect();
-    let seconds: u64 = env_or("VIGIL_BENCH_SECONDS", "20").parse().unwrap_or(20);
+    if let Err(e) = run(tiny) {
+        eprintln!("heartbeat_load: FAILED: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(tiny: bool) -> Result<(), String> {
+    let levels: Vec<usize> = env_or(
+        "VIGIL_BENCH_AGENTS",
+        if tiny { "5" } else { "100,1000,5000,10000" },
+    )
+    .split(',')
+    .filter_map(|s| s.trim().parse().ok())
+    .collect();
+    let default_seconds = if tiny { 2 } else { 20 };
+    let seconds: u64 = env_or("VIGIL_BENCH_SECONDS", &default_seconds.to_string())
+        .parse()
+        .unwrap_or(default_seconds);
     let interval: u64 = env_or("VIGIL_BENCH_INTERVAL_MS", "500")
         .parse()
         .unwrap_or(500);
+    let sizes = Sizes {
+        seconds,
+        interval_ms: interval,
+        settle: Duration::from_secs(if tiny { 1 } else { 3 }),
+        status_samples: if tiny { 3 } else { 10 },
+    };
     let pki = Pki::new();
     println!("heartbeat load: 1 monitor, N agents on loopback, one QUIC+mTLS connection each, a beat every {interval} ms, {seconds} s window, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
     println!();
-    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS | `vigilctl status` (median / max) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut failures = Vec::new();
     for n in levels {
         eprintln!("level {n}:");
-        let r = run_level(&pki, n, seconds, interval);
+        let r = run_level(&pki, n, &sizes).map_err(|e| format!("{n} agents: {e}"))?;
+        let status = match &r.status_ms {
+            Ok((median, max)) => format!("{median:.0} ms / {max:.0} ms"),
+            Err(e) => {
+                failures.push(format!("{n} agents: {e}"));
+                "no answer".to_string()
+            }
+        };
         println!(
-            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB |",
+            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} |",
             r.agents,
             r.connected,
             r.up,
@@ -291,12 +393,27 @@ fn main() {
             r.cpu_pct,
             r.rss_mib
         );
+        if r.connected < n || r.up < n {
+            failures.push(format!(
+                "{n} agents: {} connected, {} Up at the end",
+                r.connected, r.up
+            ));
+        }
+        if r.beats_per_s <= 0.0 {
+            failures.push(format!("{n} agents: no heartbeat ingested"));
+        }
     }
-    let (cpu, rss, pss, anon) = agent_footprint(&pki, seconds.max(10));
+    let (cpu, rss, pss, anon) =
+        agent_footprint(&pki, if tiny { 2 } else { seconds.max(10) }, sizes.settle)?;
     println!();
     println!(
         "agent at idle heartbeat (real vigil-agent binary, 500 ms interval, libvirt backend off): \
          CPU {cpu:.2} % of a core; RSS {rss:.1} MiB (PSS {pss:.1} MiB, anonymous {anon:.1} MiB; \
          the rest is file-backed pages of libvirt's client library and its dependencies)"
     );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }
