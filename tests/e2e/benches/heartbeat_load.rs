@@ -119,6 +119,22 @@ struct Row {
     connect_s: f64,
     /// `vigilctl status` wall time (median, max) in ms, or why it did not answer.
     status_ms: Result<(f64, f64), String>,
+    /// What `vigilctl --json host list` shows (hosts listed, of them Up, wall ms), or why it
+    /// failed: the operator's own view of "every host Up" (an unpaged list of 10,000 hosts
+    /// no longer fitted in a frame).
+    host_list: Result<(usize, usize, f64), String>,
+}
+
+/// `vigilctl --json host list`: (hosts, of them Up, wall ms).
+fn host_list(ctl: &Ctl) -> Result<(usize, usize, f64), String> {
+    let t0 = Instant::now();
+    let v = ctl
+        .json(&["host", "list"])
+        .map_err(|e| format!("host list: {e}"))?;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let hosts = v.as_array().ok_or("host list: not an array")?;
+    let up = hosts.iter().filter(|h| h["liveness"] == "up").count();
+    Ok((hosts.len(), up, ms))
 }
 
 /// Sizes of a run: `settle` after the ramp, `status_samples` runs of vigilctl status.
@@ -260,9 +276,10 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
         admin.close();
         // After the CPU window, so that the probes do not count in the monitor's CPU.
         let samples = sz.status_samples;
-        let status_ms = tokio::task::spawn_blocking(move || status_latency(&ctl, samples))
-            .await
-            .map_err(|e| format!("status probe: {e}"))?;
+        let (status_ms, listed) =
+            tokio::task::spawn_blocking(move || (status_latency(&ctl, samples), host_list(&ctl)))
+                .await
+                .map_err(|e| format!("status probe: {e}"))?;
         let _ = stop_tx.send(true);
         tokio::time::sleep(Duration::from_millis(300)).await;
         for ep in &endpoints {
@@ -279,6 +296,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
             rss_mib: rss as f64 / (1024.0 * 1024.0),
             connect_s,
             status_ms,
+            host_list: listed,
         })
     })
 }
@@ -369,8 +387,8 @@ fn run(tiny: bool) -> Result<(), String> {
     let pki = Pki::new();
     println!("heartbeat load: 1 monitor, N agents on loopback, one QUIC+mTLS connection each, a beat every {interval} ms, {seconds} s window, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
     println!();
-    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS | `vigilctl status` (median / max) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS | `vigilctl status` (median / max) | `host list`: Up / listed (time) |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut failures = Vec::new();
     for n in levels {
         eprintln!("level {n}:");
@@ -382,8 +400,20 @@ fn run(tiny: bool) -> Result<(), String> {
                 "no answer".to_string()
             }
         };
+        let listed = match &r.host_list {
+            Ok((all, up, ms)) => {
+                if *up < n {
+                    failures.push(format!("{n} agents: host list shows {up} of {all} Up"));
+                }
+                format!("{up} / {all} ({ms:.0} ms)")
+            }
+            Err(e) => {
+                failures.push(format!("{n} agents: {e}"));
+                "failed".to_string()
+            }
+        };
         println!(
-            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} |",
+            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} | {listed} |",
             r.agents,
             r.connected,
             r.up,
