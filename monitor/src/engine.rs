@@ -3628,21 +3628,22 @@ mod tests {
         assert_eq!(s.phase("u1"), "running");
     }
 
+    /// What the source of a live migration lists once the VM left it.
+    fn migrated_away(uuid: &str) -> DomainInfo {
+        domain(
+            uuid,
+            DomainState::Shutoff,
+            StateReason::Migrated,
+            Some(0),
+            true,
+        )
+    }
+
     #[test]
     fn a_live_migration_its_own_host_corroborates_still_moves_the_vm() {
         let mut s = two_hosts_u1_on_hv1();
         // hv1 no longer runs it (migrated away), then hv2 reports it with the same generation.
-        s.inventory(
-            "hv1",
-            vec![domain(
-                "u1",
-                DomainState::Shutoff,
-                StateReason::Migrated,
-                Some(0),
-                true,
-            )],
-            20,
-        );
+        s.inventory("hv1", vec![migrated_away("u1")], 20);
         s.inventory("hv2", vec![running("u1", Some(0))], 30);
         assert_eq!(s.state.vms["u1"].host, "hv2", "{:?}", s.log());
         assert_eq!(conflicts(&s), 0, "{:?}", s.log());
@@ -3651,17 +3652,7 @@ mod tests {
         let mut s = two_hosts_u1_on_hv1();
         s.inventory("hv2", vec![running("u1", Some(0))], 20);
         assert_eq!(s.state.vms["u1"].host, "hv1");
-        s.inventory(
-            "hv1",
-            vec![domain(
-                "u1",
-                DomainState::Shutoff,
-                StateReason::Migrated,
-                Some(0),
-                true,
-            )],
-            30,
-        );
+        s.inventory("hv1", vec![migrated_away("u1")], 30);
         s.inventory("hv2", vec![running("u1", Some(0))], 40);
         assert_eq!(s.state.vms["u1"].host, "hv2", "{:?}", s.log());
         assert_eq!(conflicts(&s), 0, "{:?}", s.log());

@@ -12,6 +12,39 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vigil_common::tls::{self, Role, TlsPaths};
 
+/// A simulated agent's QUIC client config, from a certificate for `name` issued in memory by
+/// `ca` (load generators and seeders run thousands of agents: no files).
+pub fn agent_client_config(
+    ca: &tls::CaSigner,
+    name: &str,
+    keep_alive: Option<Duration>,
+) -> quinn::ClientConfig {
+    let (cert, key) = ca.issue(Role::Agent, name, &[], 2).expect("issue");
+    let material = tls::TlsMaterial::from_pem(&ca.cert_pem, &cert, &key).expect("material");
+    tls::client_config(
+        material,
+        vigil_common::wire::ALPN_AGENT,
+        tls::TransportTuning {
+            idle_timeout: Duration::from_secs(30),
+            keep_alive,
+        },
+    )
+    .expect("client config")
+}
+
+/// Fixed facts of a simulated hypervisor called `name` (64 CPUs, 512 GiB).
+pub fn sim_facts(name: &str) -> vigil_common::wire::HostFacts {
+    vigil_common::wire::HostFacts {
+        hostname: name.to_string(),
+        cpus: 64,
+        memory_total_bytes: 512 << 30,
+        memory_available_bytes: 300 << 30,
+        load_avg: [1.0, 1.0, 1.0],
+        uptime_s: 100_000,
+        boot_id: "00000000-0000-0000-0000-000000000000".into(),
+    }
+}
+
 /// Paths of the binaries under test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = match name {

@@ -18,8 +18,8 @@ use vigil_agent::executor::Executor;
 use vigil_agent::generations::Generations;
 use vigil_agent::session::{Session, SessionIo};
 use vigil_common::domain::{DomainInfo, DomainState, HypervisorHealth, StateReason, VigilMeta};
-use vigil_common::tls::{self, CaSigner, Role, TlsMaterial, TransportTuning};
-use vigil_common::wire::{self, Hello, HostFacts};
+use vigil_common::tls::CaSigner;
+use vigil_common::wire::{Hello, HostFacts};
 
 /// The uuid of seeder `host`'s VM `i` (a valid, unique, sortable uuid).
 pub fn vm_uuid(host: usize, i: usize) -> String {
@@ -93,29 +93,18 @@ impl Seeders {
         let t0 = Instant::now();
         for h in 0..hosts {
             let name = format!("seed{h:04}");
-            let (cert, key) = ca.issue(Role::Agent, &name, &[], 2).expect("issue");
-            let material = TlsMaterial::from_pem(&ca.cert_pem, &cert, &key).expect("material");
-            let cfg = tls::client_config(
-                material,
-                wire::ALPN_AGENT,
-                TransportTuning {
-                    idle_timeout: Duration::from_secs(30),
-                    keep_alive: Some(Duration::from_millis(500)),
-                },
-            )
-            .expect("client config");
+            let cfg =
+                crate::harness::agent_client_config(&ca, &name, Some(Duration::from_millis(500)));
             let ep = seeders.endpoints[h % seeders.endpoints.len()].clone();
             let stop = stop_rx.clone();
             let exec = (h == 0).then(|| probe_exec.clone());
             seeders.rt.spawn(async move {
+                // Room for a thousand VMs.
                 let facts = HostFacts {
-                    hostname: name.clone(),
                     cpus: 256,
                     memory_total_bytes: 4 << 40,
                     memory_available_bytes: 2 << 40,
-                    load_avg: [1.0, 1.0, 1.0],
-                    uptime_s: 100_000,
-                    boot_id: "00000000-0000-0000-0000-000000000000".into(),
+                    ..crate::harness::sim_facts(&name)
                 };
                 let domains: Vec<DomainInfo> = (0..per_host).map(|i| domain(h, i)).collect();
                 let (_inv_tx, inv_rx) =

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use harness::*;
 use vigil_agent::session::Session;
 use vigil_common::config::MonitorConfig;
-use vigil_common::tls::{self, CaSigner, Role, TlsMaterial, TransportTuning};
-use vigil_common::wire::{self, AdminRequest, Hello, HostFacts};
+use vigil_common::tls::{CaSigner, Role};
+use vigil_common::wire::{AdminRequest, Hello};
 use vigil_monitor::api::StatusView;
 use vigil_monitor::ctl::client::AdminClient;
 
@@ -162,17 +162,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
         let mut configs = Vec::with_capacity(n);
         for i in 0..n {
             let name = format!("sim{i:05}");
-            let (cert, key) = ca.issue(Role::Agent, &name, &[], 2).expect("issue");
-            let material = TlsMaterial::from_pem(&ca.cert_pem, &cert, &key).expect("material");
-            let cfg = tls::client_config(
-                material,
-                wire::ALPN_AGENT,
-                TransportTuning {
-                    idle_timeout: Duration::from_secs(30),
-                    keep_alive: None,
-                },
-            )
-            .expect("client config");
+            let cfg = agent_client_config(&ca, &name, None);
             configs.push((name, cfg));
         }
         eprintln!(
@@ -197,15 +187,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
             let failed = failed.clone();
             let sem = sem.clone();
             tokio::spawn(async move {
-                let facts = HostFacts {
-                    hostname: name.clone(),
-                    cpus: 64,
-                    memory_total_bytes: 512 << 30,
-                    memory_available_bytes: 300 << 30,
-                    load_avg: [1.0, 1.0, 1.0],
-                    uptime_s: 100_000,
-                    boot_id: "00000000-0000-0000-0000-000000000000".into(),
-                };
+                let facts = sim_facts(&name);
                 let hello = Hello {
                     host: name.clone(),
                     agent_version: "bench".into(),
