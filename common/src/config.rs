@@ -901,6 +901,28 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_recovery_value_is_named() {
+        let cfg = MonitorConfig::from_toml_str(
+            "[recovery]\nha_tag = \"ha\"\nha_tag_fallback = \"wait\"\n",
+            &p(),
+        )
+        .expect("parse");
+        assert_eq!(cfg.recovery.ha_tag_fallback, TagFallbackConfig::Wait);
+        let err = MonitorConfig::from_toml_str("[recovery]\nha_tag_fallback = \"later\"\n", &p())
+            .expect_err("bad variant");
+        let shown = err.to_string();
+        assert!(shown.contains("/etc/vigil/test.toml"), "{shown}");
+        assert!(shown.contains("ha_tag_fallback"), "{shown}");
+        assert!(
+            shown.contains("unknown variant `later`, expected `any` or `wait`"),
+            "{shown}"
+        );
+        let err = MonitorConfig::from_toml_str("[recovery]\nmax_relocations = -1\n", &p())
+            .expect_err("negative");
+        assert!(err.to_string().contains("max_relocations"), "{err}");
+    }
+
+    #[test]
     fn a_fencing_section_parses_and_hides_the_password() {
         let cfg = MonitorConfig::from_toml_str(
             r#"
