@@ -91,7 +91,8 @@ impl Default for DetectorConfig {
     }
 }
 
-/// Restart budget and backoff of HA VMs (monitor side, `[recovery]`).
+/// Restart budget, backoff and placement preferences of HA VMs (monitor side, `[recovery]`):
+/// parsed from monitor.toml and used as is by the engine and `monitor::recovery`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RecoveryConfig {
@@ -109,17 +110,19 @@ pub struct RecoveryConfig {
     pub ha_tag: Option<String>,
     /// When no live host carries `ha_tag`: "any" (use another host, loudly) or "wait"
     /// (queue the VM, loudly).
-    pub ha_tag_fallback: TagFallbackConfig,
+    pub ha_tag_fallback: TagFallback,
     /// Placement puts at most a host's CPUs times this many vCPUs on it (0: not checked).
     pub vcpu_overcommit: u32,
 }
 
-/// `recovery.ha_tag_fallback`.
+/// `recovery.ha_tag_fallback`: what placement does when no live host carries the `ha_tag`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TagFallbackConfig {
+pub enum TagFallback {
+    /// Use any other suitable host (and say so loudly).
     #[default]
     Any,
+    /// Keep the VM queued until a tagged host is alive (and say so loudly).
     Wait,
 }
 
@@ -132,7 +135,7 @@ impl Default for RecoveryConfig {
             backoff_initial_ms: 1_000,
             backoff_max_ms: 60_000,
             ha_tag: None,
-            ha_tag_fallback: TagFallbackConfig::Any,
+            ha_tag_fallback: TagFallback::Any,
             vcpu_overcommit: 4,
         }
     }
@@ -907,7 +910,7 @@ mod tests {
             &p(),
         )
         .expect("parse");
-        assert_eq!(cfg.recovery.ha_tag_fallback, TagFallbackConfig::Wait);
+        assert_eq!(cfg.recovery.ha_tag_fallback, TagFallback::Wait);
         let err = MonitorConfig::from_toml_str("[recovery]\nha_tag_fallback = \"later\"\n", &p())
             .expect_err("bad variant");
         let shown = err.to_string();

@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use vigil_common::config::{DetectorConfig, LeaseConfig};
+use vigil_common::config::{DetectorConfig, LeaseConfig, RecoveryConfig, TagFallback};
 use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason,
 };
@@ -33,7 +33,7 @@ use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
 use crate::investigation::{self, Condition, Evidence};
 use crate::lease::LeaseBook;
 use crate::placement::{self, HostView, Need};
-use crate::recovery::{self, RecoveryPolicy};
+use crate::recovery;
 use crate::state::{
     ClusterState, EventKind, FailureKind, HostPhase, Phase, Proof, Severity, StateCommand,
     StopReason, VmRecord,
@@ -225,7 +225,7 @@ pub struct FailoverConfig {
     pub mass_failure_window_ms: u64,
     /// Prefer hosts carrying this tag for VMs recovering from a host failure.
     pub ha_tag: Option<String>,
-    pub ha_tag_fallback: placement::TagFallback,
+    pub ha_tag_fallback: TagFallback,
     /// Ask isolated hosts to fence themselves through their storage slot.
     pub storage_slot: bool,
     /// A host takes VMs up to its CPUs times this many vCPUs (0: vCPUs are not checked).
@@ -250,7 +250,7 @@ pub const DESTROY_RETRY_MS: u64 = 10_000;
 #[derive(Debug, Clone)]
 pub struct Engine {
     detector: FailureDetector,
-    policy: RecoveryPolicy,
+    policy: RecoveryConfig,
     facts: BTreeMap<String, HostFacts>,
     connected: BTreeSet<String>,
     inventory: BTreeMap<String, HostInventory>,
@@ -363,7 +363,7 @@ pub const STORAGE_FAULT_GRACE_MS: u64 = 5_000;
 pub const INCOMPATIBLE_ALIVE_MS: u64 = 30_000;
 
 impl Engine {
-    pub fn new(cfg: DetectorConfig, policy: RecoveryPolicy, now_ms: u64) -> Self {
+    pub fn new(cfg: DetectorConfig, policy: RecoveryConfig, now_ms: u64) -> Self {
         Engine {
             detector: FailureDetector::new(cfg, now_ms),
             policy,
@@ -2641,7 +2641,7 @@ mod tests {
     impl Sim {
         fn new() -> Self {
             let mut s = Sim {
-                engine: Engine::new(cfg(), RecoveryPolicy::default(), 0),
+                engine: Engine::new(cfg(), RecoveryConfig::default(), 0),
                 state: ClusterState::default(),
                 sent: Vec::new(),
             };
@@ -2752,7 +2752,7 @@ mod tests {
 
     #[test]
     fn followers_propose_nothing() {
-        let mut e = Engine::new(cfg(), RecoveryPolicy::default(), 0);
+        let mut e = Engine::new(cfg(), RecoveryConfig::default(), 0);
         let state = ClusterState::default();
         let actions = e.handle(
             Input::AgentConnected {
@@ -3291,7 +3291,7 @@ mod tests {
                 }
             }
         }
-        let budget = RecoveryPolicy::default().budget() as usize;
+        let budget = RecoveryConfig::default().budget() as usize;
         assert_eq!(s.starts().len(), budget, "exactly the budget of restarts");
         assert_eq!(s.phase("u1"), "gave-up");
         assert!(
@@ -3502,7 +3502,7 @@ mod tests {
     #[test]
     fn an_agent_connected_before_leadership_is_registered_when_it_comes() {
         let mut s = Sim {
-            engine: Engine::new(cfg(), RecoveryPolicy::default(), 0),
+            engine: Engine::new(cfg(), RecoveryConfig::default(), 0),
             state: ClusterState::default(),
             sent: Vec::new(),
         };

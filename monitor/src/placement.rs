@@ -12,6 +12,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use vigil_common::config::TagFallback;
+
 use crate::state::HostRecord;
 
 /// What the engine knows about a host right now.
@@ -111,16 +113,6 @@ pub fn relocation_target(
 /// Whether placing `need` on `host` puts two members of its anti-affinity group together.
 pub fn shares_group(views: &BTreeMap<String, HostView>, host: &str, need: &Need) -> bool {
     views.get(host).is_some_and(|v| v.conflicts(need))
-}
-
-/// What to do when no live host carries the `ha_tag`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TagFallback {
-    /// Use any other suitable host (and say so loudly).
-    #[default]
-    Any,
-    /// Keep the VM queued until a tagged host is alive (and say so loudly).
-    Wait,
 }
 
 /// The host a VM of a failed host goes to, and a warning when the `ha_tag` could not be

@@ -7,10 +7,9 @@
 //! `max_relocations` times within `window_ms`, with exponential backoff between attempts;
 //! past that Vigil gives up and says so.
 
-use crate::state::{Decision, VmRecord};
+use vigil_common::config::RecoveryConfig;
 
-/// Restart budget and backoff: monitor.toml `[recovery]`.
-pub use vigil_common::config::RecoveryConfig as RecoveryPolicy;
+use crate::state::{Decision, VmRecord};
 
 /// Decides what follows a failure of `vm` on `failed_host` at `now_ms` (Unix ms).
 /// `relocation_target` is asked for another host only when the in-place budget is spent.
@@ -18,7 +17,7 @@ pub fn decide(
     vm: &VmRecord,
     failed_host: &str,
     now_ms: u64,
-    policy: &RecoveryPolicy,
+    policy: &RecoveryConfig,
     relocation_target: impl FnOnce() -> Option<String>,
 ) -> Decision {
     let recent = vm
@@ -66,7 +65,7 @@ pub fn decide(
 pub fn decide_host_failure(
     vm: &VmRecord,
     now_ms: u64,
-    policy: &RecoveryPolicy,
+    policy: &RecoveryConfig,
     target: Option<String>,
 ) -> Decision {
     let recent = vm
@@ -122,7 +121,7 @@ mod tests {
 
     #[test]
     fn first_failure_restarts_in_place_at_once() {
-        let p = RecoveryPolicy::default();
+        let p = RecoveryConfig::default();
         let d = decide(&vm(&[]), "hv1", 1_000_000, &p, || Some("hv2".into()));
         assert_eq!(
             d,
@@ -136,7 +135,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_and_caps() {
-        let p = RecoveryPolicy::default();
+        let p = RecoveryConfig::default();
         let b: Vec<u64> = (1..=9).map(|n| p.backoff_ms(n)).collect();
         assert_eq!(
             b,
@@ -146,7 +145,7 @@ mod tests {
 
     #[test]
     fn relocates_after_the_in_place_budget_then_gives_up() {
-        let p = RecoveryPolicy::default();
+        let p = RecoveryConfig::default();
         let now = 10_000_000;
         let d = decide(&vm(&[now - 3, now - 2, now - 1]), "hv1", now, &p, || {
             Some("hv2".into())
@@ -172,7 +171,7 @@ mod tests {
 
     #[test]
     fn old_failures_fall_out_of_the_window() {
-        let p = RecoveryPolicy::default();
+        let p = RecoveryConfig::default();
         let now = 100_000_000;
         let old = now - p.window_ms - 1;
         let d = decide(&vm(&[old, old, old, old, old]), "hv1", now, &p, || None);

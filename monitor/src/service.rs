@@ -10,15 +10,13 @@ use tracing::{debug, info, warn};
 
 use std::collections::BTreeMap;
 
-use vigil_common::config::{FenceHostConfig, MonitorConfig, TagFallbackConfig};
+use vigil_common::config::{FenceHostConfig, MonitorConfig, RecoveryConfig};
 
 use crate::agent_link::Sessions;
 use crate::engine::FailoverConfig;
 use crate::engine::{Action, Engine, Input, StorageCycle};
 use crate::fencing::{self, FenceAction};
-use crate::placement::TagFallback;
 use crate::raft::{RaftNode, WriteError};
-use crate::recovery::RecoveryPolicy;
 use crate::state::{StateCommand, StateResponse};
 use crate::storage::{PoolReport, StorageWorker};
 
@@ -81,7 +79,7 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> EngineHandle {
     let cfg = monitor.detector.clone();
-    let policy: RecoveryPolicy = monitor.recovery.clone();
+    let policy: RecoveryConfig = monitor.recovery.clone();
     let fencing = monitor.fencing.clone();
     let (tx, mut rx) = mpsc::channel::<Msg>(65_536);
     let handle = EngineHandle { tx: tx.clone() };
@@ -94,10 +92,7 @@ pub fn spawn(
         mass_failure_percent: fencing.mass_failure_percent,
         mass_failure_window_ms: fencing.mass_failure_window_ms,
         ha_tag: policy.ha_tag.clone(),
-        ha_tag_fallback: match policy.ha_tag_fallback {
-            TagFallbackConfig::Any => TagFallback::Any,
-            TagFallbackConfig::Wait => TagFallback::Wait,
-        },
+        ha_tag_fallback: policy.ha_tag_fallback,
         storage_slot: fencing.storage_slot,
         vcpu_overcommit: monitor.recovery.vcpu_overcommit,
         probe_port: PROBE_PORT,

@@ -64,7 +64,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use vigil_common::config::{DetectorConfig, IsolationResponse, LeaseConfig, RecoveryConfig};
+use vigil_common::config::{
+    DetectorConfig, IsolationResponse, LeaseConfig, RecoveryConfig, TagFallback,
+};
 use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason, VigilMeta,
     RAW_EVENT_STOPPED,
@@ -73,7 +75,6 @@ use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
 use crate::engine::{Action, Engine, FailoverConfig, Input, StorageCycle};
-use crate::placement::TagFallback;
 use crate::state::ClusterState;
 
 /// Wall-clock offset: simulated time 0 is this Unix ms (keeps timestamps plausible).

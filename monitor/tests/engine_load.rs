@@ -13,10 +13,9 @@
 
 use std::time::Instant;
 
-use vigil_common::config::{DetectorConfig, LeaseConfig};
+use vigil_common::config::{DetectorConfig, LeaseConfig, RecoveryConfig};
 use vigil_common::wire::HostFacts;
 use vigil_monitor::engine::{Action, Engine, Input};
-use vigil_monitor::recovery::RecoveryPolicy;
 use vigil_monitor::state::ClusterState;
 
 fn facts(name: &str) -> HostFacts {
@@ -65,7 +64,7 @@ fn measure(hosts: usize, silent_every: usize) -> (f64, f64) {
         duration_ms: 8_000,
         ..LeaseConfig::default()
     };
-    let mut engine = Engine::new(cfg, RecoveryPolicy::default(), 0)
+    let mut engine = Engine::new(cfg, RecoveryConfig::default(), 0)
         .with_leases(lease, 500)
         .with_quorum_check(150);
     let mut state = ClusterState::default();
