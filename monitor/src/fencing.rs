@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
 use vigil_common::config::{is_secret_fence_option, FenceHostConfig};
 
 /// At most this much of the agent's stdout and of its stderr is kept.
@@ -386,23 +389,18 @@ impl Drop for GroupGuard {
     }
 }
 
-/// SIGKILL to the process group led by `child` (not yet reaped, so its PGID cannot have been
-/// reused). Uses the shell's `kill` builtin: the workspace forbids `unsafe`, so no `libc::kill`.
+/// SIGKILL to the process group led by `child` (not yet reaped, so its PGID, which is its PID,
+/// cannot have been reused). `killpg(2)` through nix: no shell, no `unsafe` here.
 fn kill_group(child: &mut Child) {
-    let pgid = child.id().to_string();
-    let killed = Command::new("/bin/sh")
-        .args(["-c", "kill -s KILL -- \"-$0\"", &pgid])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match killed {
-        Ok(s) if s.success() => {}
-        other => {
-            // At least end the leader (SIGKILL), so that it can be reaped.
-            tracing::warn!(pgid = %pgid, result = ?other, "kill of the fence agent's process group failed");
-            let _ = child.kill();
-        }
+    let pid = child.id();
+    let killed = match i32::try_from(pid) {
+        Ok(pgid) => killpg(Pid::from_raw(pgid), Signal::SIGKILL).map_err(std::io::Error::from),
+        Err(_) => Err(std::io::Error::other(format!("pid {pid} out of range"))),
+    };
+    if let Err(e) = killed {
+        // At least end the leader (SIGKILL), so that it can be reaped.
+        tracing::warn!(pgid = pid, error = %e, "kill of the fence agent's process group failed");
+        let _ = child.kill();
     }
 }
 
