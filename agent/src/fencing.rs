@@ -10,12 +10,12 @@
 //!   until the monitor answers `SelfFenceNoted`.
 
 use std::collections::BTreeSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 use tracing::{error, warn};
+use vigil_common::atomic_file::write_atomic;
 use vigil_common::wire::AgentToMonitor;
 
 /// How many withdrawn request ids are remembered.
@@ -181,16 +181,7 @@ fn write_atomically(path: &Path, data: &OnDisk) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(data).map_err(std::io::Error::other)?;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(".self-fence.json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    drop(f);
-    std::fs::rename(&tmp, path)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    write_atomic(path, &bytes).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]

@@ -7,10 +7,10 @@
 //! agent acts on it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use vigil_common::atomic_file::{write_atomic, AtomicWriteError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerationsError {
@@ -21,6 +21,9 @@ pub enum GenerationsError {
     },
     #[error("{path}: not a generations file: {message}")]
     Corrupt { path: PathBuf, message: String },
+    /// Persisting failed (the error names the file and the step).
+    #[error(transparent)]
+    Write(#[from] AtomicWriteError),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,25 +142,11 @@ impl Generations {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let io = |source| GenerationsError::Io {
-            path: path.clone(),
-            source,
-        };
-        let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(data).map_err(|e| GenerationsError::Corrupt {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        if let Some(dir) = path.parent() {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        Ok(write_atomic(path, &bytes)?)
     }
 }
 

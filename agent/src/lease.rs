@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
+use vigil_common::atomic_file::write_atomic;
 use vigil_common::config::IsolationResponse;
 
 pub use vigil_common::isolation::LeaseStatus;
@@ -217,7 +218,7 @@ impl Lease {
             lease_ms,
             isolation_response: response,
         };
-        if let Err(e) = write_durably(path, &serde_json::to_vec(&d).unwrap_or_default()) {
+        if let Err(e) = write_atomic(path, &serde_json::to_vec(&d).unwrap_or_default()) {
             warn!(path = %path.display(), error = %e, "cannot persist the lease");
         }
     }
@@ -272,23 +273,6 @@ impl Lease {
             LeaseStatus::Expired { ago: now - expires }
         }
     }
-}
-
-/// Temporary file, fsync, rename, fsync of the directory: after a crash the file is either
-/// the old one or the new one, never empty or torn.
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 //! configuration files, and logging setup. Both the agent and the monitor depend on it.
 #![forbid(unsafe_code)]
 
+pub mod atomic_file;
 pub mod codec;
 pub mod config;
 pub mod domain;

@@ -19,11 +19,13 @@
 //! Why JSON and not the wire codec: these files are an operator-visible interface that outlives
 //! protocol versions, and they are tiny and written twice a second at most.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::atomic_file::{write_atomic, AtomicWriteError};
 
 /// The directory Vigil owns on each pool.
 pub const DIR: &str = ".vigil";
@@ -210,6 +212,9 @@ pub enum RecordError {
     TooLarge { path: PathBuf },
     #[error("{path}: not a valid record: {message}")]
     Invalid { path: PathBuf, message: String },
+    /// Writing failed (the error names the file and the step).
+    #[error(transparent)]
+    Write(#[from] AtomicWriteError),
 }
 
 /// `<pool>/.vigil`
@@ -263,13 +268,10 @@ pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, Recor
     })
 }
 
-/// Writes a record atomically: a temporary file in the same directory (created if missing),
-/// `fsync`, then `rename` over the target. Blocking: call it from a storage thread.
+/// Writes a record atomically ([`crate::atomic_file`]: a temporary file in the same
+/// directory, created if missing, `fsync`, `rename` over the target, `fsync` of the
+/// directory). Blocking: call it from a storage thread.
 pub fn write_record<T: Serialize>(path: &Path, record: &T) -> Result<(), RecordError> {
-    let io = |source| RecordError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let bytes = encode(record);
     if bytes.len() > MAX_RECORD_BYTES {
         return Err(RecordError::TooLarge {
@@ -277,17 +279,11 @@ pub fn write_record<T: Serialize>(path: &Path, record: &T) -> Result<(), RecordE
         });
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&bytes).map_err(io)?;
-    f.sync_data().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
+    std::fs::create_dir_all(dir).map_err(|source| RecordError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(write_atomic(path, &bytes)?)
 }
 
 /// Reads a record; `Ok(None)` if the file does not exist. Blocking: call it from a storage

@@ -27,6 +27,7 @@ use rustls_pki_types::{
     CertificateDer, CertificateRevocationListDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime,
 };
 
+use crate::atomic_file::write_atomic_mode;
 use crate::wire::MONITOR_SERVER_NAME;
 
 /// File names inside a CA directory and a certificate directory.
@@ -108,6 +109,9 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// Replacing a file failed (the error names the file and the step).
+    #[error(transparent)]
+    Write(#[from] crate::atomic_file::AtomicWriteError),
     #[error("{path} already exists; refusing to overwrite it (remove it first if you mean it)")]
     AlreadyExists { path: PathBuf },
     #[error("{path}: no PEM certificate found")]
@@ -748,15 +752,11 @@ pub fn peer_cert_info(conn: &quinn::Connection) -> Result<CertInfo, TlsError> {
 /// File name of the CRL inside a CA directory.
 pub const CA_CRL_FILE: &str = "ca.crl";
 
-/// Replaces `path` by `contents` atomically (write a sibling, then rename over it).
+/// Replaces `path` by `contents` atomically and durably ([`crate::atomic_file`]); a secret
+/// is created 0600 from the start.
 fn replace_file(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
-    let tmp = path.with_extension(format!(
-        "{}.new",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("tmp")
-    ));
-    let _ = fs::remove_file(&tmp);
-    write_new(&tmp, contents, secret)?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    let mode = if secret { 0o600 } else { 0o644 };
+    Ok(write_atomic_mode(path, contents.as_bytes(), mode)?)
 }
 
 /// The serials a DER CRL lists (normalized hex).
