@@ -1,6 +1,9 @@
 //! Scenario files drive the real decision core through the simulator: timed faults in, the
 //! replicated event log out, compared with a golden file (`VIGIL_BLESS=1` rewrites them).
 //! A seeded random-fault runner checks the one rule on every simulated step.
+//!
+//! `VIGIL_SCENARIO=NAME` (a file stem, or a unique part of one) runs only that scenario and
+//! skips the random runner; the file format is in `tests/scenarios/README.md`.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +24,79 @@ fn render(sim: &Sim) -> String {
     out
 }
 
+/// `VIGIL_SCENARIO`, when set and not empty.
+fn chosen_scenario() -> Option<String> {
+    std::env::var("VIGIL_SCENARIO")
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Edit distance from `query` to the closest part of `name` (a typo, a word left out).
+fn distance_to_a_part(query: &str, name: &str) -> usize {
+    let q: Vec<char> = query.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // Sellers' algorithm: a match may start and end anywhere in `name`.
+    let mut prev = vec![0usize; n.len() + 1];
+    for (i, qc) in q.iter().enumerate() {
+        let mut cur = vec![i + 1; n.len() + 1];
+        for (j, nc) in n.iter().enumerate() {
+            let subst = prev[j] + usize::from(qc != nc);
+            cur[j + 1] = subst.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev.into_iter().min().unwrap_or(q.len())
+}
+
+/// The scenarios `query` names: the one whose stem it is (a trailing `.scn` is allowed), else
+/// the only one whose stem contains it. Anything else is an error that lists close names.
+fn select(files: &[PathBuf], query: &str) -> Result<Vec<PathBuf>, String> {
+    let query = query.strip_suffix(".scn").unwrap_or(query);
+    if let Some(f) = files.iter().find(|f| stem(f) == query) {
+        return Ok(vec![f.clone()]);
+    }
+    let matching: Vec<&PathBuf> = files.iter().filter(|f| stem(f).contains(query)).collect();
+    match matching.as_slice() {
+        [one] => return Ok(vec![(*one).clone()]),
+        [] => {}
+        many => {
+            let names: Vec<String> = many.iter().map(|f| stem(f)).collect();
+            return Err(format!(
+                "VIGIL_SCENARIO={query:?} matches {} scenarios; name one of:\n  {}",
+                names.len(),
+                names.join("\n  ")
+            ));
+        }
+    }
+    let limit = (query.chars().count() / 3).max(2);
+    let mut close: Vec<(usize, String)> = files
+        .iter()
+        .map(|f| (distance_to_a_part(query, &stem(f)), stem(f)))
+        .filter(|(d, _)| *d <= limit)
+        .collect();
+    close.sort();
+    close.truncate(5);
+    if close.is_empty() {
+        let all: Vec<String> = files.iter().map(|f| stem(f)).collect();
+        return Err(format!(
+            "VIGIL_SCENARIO={query:?}: no such scenario, and none is close; the scenarios are:\n  {}",
+            all.join("\n  ")
+        ));
+    }
+    let names: Vec<String> = close.into_iter().map(|(_, n)| n).collect();
+    Err(format!(
+        "VIGIL_SCENARIO={query:?}: no such scenario; close names:\n  {}",
+        names.join("\n  ")
+    ))
+}
+
 #[test]
 fn scenarios_match_their_golden_logs() {
     let mut files: Vec<PathBuf> = std::fs::read_dir(scenario_dir())
@@ -30,6 +106,10 @@ fn scenarios_match_their_golden_logs() {
         .collect();
     files.sort();
     assert!(files.len() >= 8, "scenarios missing: {files:?}");
+    if let Some(query) = chosen_scenario() {
+        files = select(&files, &query).unwrap_or_else(|e| panic!("{e}"));
+        eprintln!("VIGIL_SCENARIO: running only {}", stem(&files[0]));
+    }
     let bless = std::env::var_os("VIGIL_BLESS").is_some();
     let mut failures = Vec::new();
     for f in &files {
@@ -71,6 +151,52 @@ fn bad_scenarios_name_the_line() {
     assert!(err.to_string().contains("host="), "{err}");
     let err = Scenario::parse("at 10 explode hv1\n").expect_err("unknown fault");
     assert!(err.to_string().contains("explode"), "{err}");
+}
+
+#[test]
+fn vigil_scenario_takes_a_stem_or_a_unique_part_of_one() {
+    let files: Vec<PathBuf> = [
+        "01-vm-crash-restarts-in-place",
+        "02-guest-shutdown-is-respected",
+        "29-late-reconnect-after-monitor-restart-fences-nobody",
+        "30-stale-listing-after-a-start-is-not-a-crash",
+        "30-stale-listing-after-a-start-is-not-a-crash-2",
+    ]
+    .iter()
+    .map(|n| PathBuf::from(format!("/s/{n}.scn")))
+    .collect();
+    let one = |q: &str| select(&files, q).map(|v| v.iter().map(|f| stem(f)).collect::<Vec<_>>());
+    // A whole stem, also with its extension, and a unique part.
+    assert_eq!(
+        one("01-vm-crash-restarts-in-place"),
+        Ok(vec![stem(&files[0])])
+    );
+    assert_eq!(
+        one("02-guest-shutdown-is-respected.scn"),
+        Ok(vec![stem(&files[1])])
+    );
+    assert_eq!(one("late-reconnect"), Ok(vec![stem(&files[2])]));
+    // An exact stem wins over the longer names that contain it.
+    assert_eq!(
+        one("30-stale-listing-after-a-start-is-not-a-crash"),
+        Ok(vec![stem(&files[3])])
+    );
+    // A part of several names is ambiguous: they are listed.
+    let err = one("stale-listing").expect_err("ambiguous");
+    assert!(err.contains("matches 2 scenarios"), "{err}");
+    assert!(
+        err.contains("30-stale-listing-after-a-start-is-not-a-crash-2"),
+        "{err}"
+    );
+    // A typo: the close names are listed, the far ones are not.
+    let err = one("guest-shutdwn").expect_err("typo");
+    assert!(err.contains("no such scenario; close names:"), "{err}");
+    assert!(err.contains("02-guest-shutdown-is-respected"), "{err}");
+    assert!(!err.contains("01-vm-crash"), "{err}");
+    // Nothing close: every scenario is listed.
+    let err = one("zzzzzzzzzzzz").expect_err("unknown");
+    assert!(err.contains("none is close"), "{err}");
+    assert!(err.contains("01-vm-crash-restarts-in-place"), "{err}");
 }
 
 /// Runs a scenario given inline; panics on a safety violation.
@@ -260,6 +386,10 @@ fn random_scenario(seed: u64) -> String {
 
 #[test]
 fn seeded_random_faults_never_run_a_vm_twice() {
+    if chosen_scenario().is_some() && std::env::var_os("VIGIL_SIM_RUNS").is_none() {
+        eprintln!("VIGIL_SCENARIO is set: the seeded random runs are skipped (set VIGIL_SIM_RUNS to run them too)");
+        return;
+    }
     let runs: u64 = std::env::var("VIGIL_SIM_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
