@@ -9,7 +9,8 @@
 //! random runs are cheap; after every step the simulator checks the one rule: no VM ever runs
 //! on two hosts at once.
 //!
-//! Scenario files (`monitor/tests/scenarios/*.scn`), one directive a line, `#` comments:
+//! Scenario files (`monitor/tests/scenarios/*.scn`, every directive and fault explained in
+//! `monitor/tests/scenarios/README.md`), one directive a line, `#` comments:
 //!
 //! ```text
 //! policy max_restarts_in_place=3 max_relocations=2 window_ms=600000 backoff_initial_ms=1000
