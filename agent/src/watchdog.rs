@@ -1,4 +1,5 @@
-//! The host watchdog: what makes lease expiry a proof (design.md, proof 3).
+//! The host watchdog: what makes lease expiry a proof (proof 3 of "The one rule",
+//! docs/architecture.md).
 //!
 //! A lease only proves a host's guests gone if something acts when the agent cannot: the
 //! agent feeds a watchdog device (hardware, or softdog) from a dedicated thread while the

@@ -444,7 +444,7 @@ impl MonitorConfig {
 
 /// Power fencing (monitor side, `[fencing]`): how the monitor reaches each hypervisor host's
 /// BMC through a ClusterLabs fence agent (`fence_ipmilan`, `fence_redfish`, ...). A fence agent
-/// that exits 0 for `off` is proof 2 of design.md "The one rule".
+/// that exits 0 for `off` is proof 2 of "The one rule" (docs/architecture.md).
 ///
 /// ```toml
 /// [fencing]
@@ -698,7 +698,8 @@ pub struct AgentConfig {
     pub watchdog: WatchdogConfig,
 }
 
-/// `[watchdog]` in `agent.toml`: the host watchdog device (design.md, proof 3).
+/// `[watchdog]` in `agent.toml`: the host watchdog device (proof 3 of "The one rule",
+/// docs/architecture.md).
 ///
 /// The agent arms it before it starts or adopts any HA domain and feeds it while it runs and
 /// would not fence itself now; when the agent dies, hangs or decides to self-fence, feeding

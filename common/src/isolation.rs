@@ -2,7 +2,7 @@
 //! watchdog. Pure, so that the agent and the monitor's simulator run the same decision (a rule
 //! written twice is a rule tested zero times).
 //!
-//! [`decide`] is the whole policy. The rules (design.md, "The one rule"):
+//! [`decide`] is the whole policy. The rules (the one rule's proofs 3 and 4, docs/architecture.md):
 //!
 //! - a fence request for this agent in its slot on shared storage (sbd's poison pill): obey at
 //!   once, whatever the lease says, and acknowledge it. `PoolEvidence::fence_request` holds

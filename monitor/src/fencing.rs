@@ -1,6 +1,7 @@
 //! Power fencing through ClusterLabs fence agents (`fence_ipmilan`, `fence_redfish`, ...): the
-//! I/O edge of proof 2 of design.md "The one rule". No decisions live here: the engine decides
-//! whom to fence and when; this module runs one agent call and reports exactly what it said.
+//! I/O edge of proof 2 of "The one rule" (docs/architecture.md). No decisions live here: the
+//! engine decides whom to fence and when; this module runs one agent call and reports exactly
+//! what it said.
 //!
 //! The interface is ClusterLabs' (fence-agents' `doc/FenceAgentAPI.md`): the agent reads
 //! `key=value` lines on stdin (`action=off`, then every configured option) and answers with its

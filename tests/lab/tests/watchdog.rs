@@ -1,5 +1,6 @@
-//! The hosts' watchdogs in the lab (issue 9 item 3, design.md proof 3): lease expiry is proof
-//! only because a watchdog resets a host whose agent no longer feeds it.
+//! The hosts' watchdogs in the lab (issue 9 item 3, proof 3 of the one rule in
+//! docs/architecture.md): lease expiry is proof only because a watchdog resets a host whose
+//! agent no longer feeds it.
 //!
 //! 1. Every monitor down for longer than W (and a lease): no watchdog resets anything, no VM
 //!    stops (an outage of all monitors is not isolation).
