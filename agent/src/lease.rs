@@ -20,6 +20,12 @@
 //! any fixed length could outlast what the monitor counts for this host (it counts from its
 //! last grant, or from its election), and an expired lease destroys nothing by itself — the
 //! agent fences itself only when the monitors condemn it (`vigil_common::isolation`).
+//!
+//! The file is written by a thread of its own ([`Persister`]), never on the session's task:
+//! a local disk that stalls an fsync must not stall heartbeats and renewals (a hung state
+//! disk would otherwise silence the host and get it fenced). A write that lags only leaves an
+//! older, earlier-ending lease on disk, the safe direction; the thread writes the newest
+//! pending lease and skips older ones.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -27,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::warn;
-use vigil_common::atomic_file::write_atomic;
+use vigil_common::atomic_file::{write_atomic, AtomicWriteError};
 use vigil_common::config::IsolationResponse;
 
 pub use vigil_common::isolation::LeaseStatus;
@@ -85,12 +91,72 @@ struct Inner {
     heartbeat_interval_ms: u64,
 }
 
+/// How the persister writes a file (injectable: tests stand in a disk that hangs).
+pub type WriteFn = Arc<dyn Fn(&Path, &[u8]) -> Result<(), AtomicWriteError> + Send + Sync>;
+
+enum PersistMsg {
+    Write(Vec<u8>),
+    /// Answered once every write sent before it is done.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Writes `lease.json` on a dedicated thread, newest first (see the module docs). The thread
+/// ends when the last [`Lease`] handle is dropped.
+#[derive(Clone)]
+struct Persister {
+    tx: std::sync::mpsc::Sender<PersistMsg>,
+}
+
+/// A write slower than this is logged (after it finished: it cannot be cancelled).
+const SLOW_WRITE: Duration = Duration::from_secs(2);
+
+impl Persister {
+    fn spawn(path: PathBuf, write: WriteFn) -> Option<Persister> {
+        let (tx, rx) = std::sync::mpsc::channel::<PersistMsg>();
+        let spawned = std::thread::Builder::new()
+            .name("lease-writer".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    // Newest write wins; flushes are answered after it.
+                    let mut newest = None;
+                    let mut flushes = Vec::new();
+                    for msg in std::iter::once(first).chain(rx.try_iter()) {
+                        match msg {
+                            PersistMsg::Write(b) => newest = Some(b),
+                            PersistMsg::Flush(done) => flushes.push(done),
+                        }
+                    }
+                    if let Some(bytes) = newest {
+                        let t = Instant::now();
+                        if let Err(e) = write(&path, &bytes) {
+                            warn!(path = %path.display(), error = %e, "cannot persist the lease");
+                        }
+                        if t.elapsed() > SLOW_WRITE {
+                            warn!(path = %path.display(), took_ms = t.elapsed().as_millis() as u64, "persisting the lease was slow: is the state disk healthy?");
+                        }
+                    }
+                    for done in flushes {
+                        let _ = done.send(());
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => Some(Persister { tx }),
+            Err(e) => {
+                warn!(error = %e, "cannot start the lease writer thread: the lease is not persisted (a restarted agent starts with an expired lease)");
+                None
+            }
+        }
+    }
+}
+
 /// Shared between the session (renewals) and the isolation guard (expiry).
 #[derive(Clone)]
 pub struct Lease {
     inner: Arc<Mutex<Inner>>,
     path: Option<PathBuf>,
     boot: BootSource,
+    persister: Option<Persister>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -111,6 +177,10 @@ impl Lease {
 
     /// [`Lease::load`] with another boot clock (tests simulate a reboot with it).
     pub fn load_with(state_dir: &Path, now: Instant, boot: BootSource) -> Lease {
+        Lease::load_with_writer(state_dir, now, boot, Arc::new(write_atomic))
+    }
+
+    fn load_with_writer(state_dir: &Path, now: Instant, boot: BootSource, write: WriteFn) -> Lease {
         let path = state_dir.join("lease.json");
         let mut inner = Inner {
             expires: now,
@@ -153,9 +223,23 @@ impl Lease {
         }
         Lease {
             inner: Arc::new(Mutex::new(inner)),
+            persister: Persister::spawn(path.clone(), write),
             path: Some(path),
             boot,
         }
+    }
+
+    /// Waits until every lease persisted so far is on disk, or `within` passed (returns
+    /// whether it was). For shutdown and tests.
+    pub fn flush(&self, within: Duration) -> bool {
+        let Some(p) = &self.persister else {
+            return true;
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        if p.tx.send(PersistMsg::Flush(tx)).is_err() {
+            return false;
+        }
+        rx.recv_timeout(within).is_ok()
     }
 
     /// A lease that is never persisted (tests, load generators).
@@ -172,6 +256,7 @@ impl Lease {
             })),
             path: None,
             boot: Arc::new(BootClock::read),
+            persister: None,
         }
     }
 
@@ -218,8 +303,12 @@ impl Lease {
             lease_ms,
             isolation_response: response,
         };
-        if let Err(e) = write_atomic(path, &serde_json::to_vec(&d).unwrap_or_default()) {
-            warn!(path = %path.display(), error = %e, "cannot persist the lease");
+        let Some(p) = &self.persister else { return };
+        match serde_json::to_vec(&d) {
+            Ok(bytes) => {
+                let _ = p.tx.send(PersistMsg::Write(bytes));
+            }
+            Err(e) => warn!(path = %path.display(), error = %e, "cannot encode the lease"),
         }
     }
 
@@ -312,6 +401,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         // Past the startup grace (one default lease from t0): this grant extends it.
         lease.renew(t0 + Duration::from_millis(DEFAULT_LEASE_MS + 1_000), 3_000);
+        assert!(lease.flush(Duration::from_secs(10)));
         // The "next process" reads it back: valid, for at most what was granted.
         let t1 = Instant::now();
         let again = Lease::load(dir.path(), t1);
@@ -369,6 +459,7 @@ mod tests {
         // Boot "a", an hour in: a 30 s grant is persisted.
         let lease = Lease::load_with(dir.path(), t0, fixed_boot("boot-a", 3_600_000));
         lease.renew(Instant::now(), 30_000);
+        assert!(lease.flush(Duration::from_secs(10)));
         // The same boot: the restarted agent keeps it.
         let t1 = Instant::now();
         let same = Lease::load_with(dir.path(), t1, fixed_boot("boot-a", 3_600_000));
@@ -393,6 +484,56 @@ mod tests {
         .expect("write");
         let old = Lease::load_with(dir.path(), t1, fixed_boot("boot-a", 0));
         assert!(matches!(old.status(t1), LeaseStatus::Expired { .. }));
+    }
+
+    /// The lease file was written (fsync and all) on the session's task: a state disk that
+    /// stalls stalled renewals and heartbeats with it. Before the fix, `renew` below never
+    /// returned while the disk hung.
+    #[test]
+    fn a_hung_state_disk_does_not_stall_lease_renewals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        let writes = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
+        let seen = writes.clone();
+        // The first write hangs until released, as an fsync on a stuck disk does.
+        let hung: WriteFn = Arc::new(move |path, bytes| {
+            let _ = release_rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+            seen.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(bytes.to_vec());
+            write_atomic(path, bytes)
+        });
+        let t0 = Instant::now();
+        let lease = Lease::load_with_writer(dir.path(), t0, Arc::new(BootClock::read), hung);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let l = lease.clone();
+        std::thread::spawn(move || {
+            l.renew(Instant::now(), 10_000);
+            // Past the once-a-second limit: a second persist while the first still hangs.
+            std::thread::sleep(Duration::from_millis(1_100));
+            l.renew(Instant::now(), 20_000);
+            let _ = done_tx.send(());
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_secs(30)).is_ok(),
+            "renewals blocked behind a hung write of the lease file"
+        );
+        assert!(matches!(
+            lease.status(Instant::now()),
+            LeaseStatus::Valid { .. }
+        ));
+        assert!(
+            !lease.flush(Duration::from_millis(200)),
+            "the disk still hangs"
+        );
+        // The disk recovers: the newest lease (20 s) ends up on disk.
+        release_tx.send(()).expect("release");
+        release_tx.send(()).expect("release");
+        assert!(lease.flush(Duration::from_secs(30)));
+        let again = Lease::load(dir.path(), Instant::now());
+        assert_eq!(again.lease_ms(), 20_000);
+        assert!(writes.lock().unwrap_or_else(|e| e.into_inner()).len() <= 2);
     }
 
     /// Issue 9 item 7: a new agent without a lease from this boot must not grant itself a

@@ -272,6 +272,15 @@ impl AgentRunner {
             }
         }
         storage.stop();
+        // The newest renewal on disk, so a restarted agent keeps it (bounded: a hung state
+        // disk must not hold the shutdown).
+        let lease = self.lease.clone();
+        let flushed = tokio::task::spawn_blocking(move || lease.flush(Duration::from_secs(2)))
+            .await
+            .unwrap_or(false);
+        if !flushed {
+            warn!("the newest lease renewal may not be on disk: a restarted agent may start with an older lease (safe, it only ends sooner)");
+        }
         guard.abort();
         // The host watchdog stays armed if it is: HA domains that keep running on this host
         // must stay guarded while no agent watches them (a restarted agent feeds it again

@@ -920,34 +920,7 @@ async fn vms_after(ctx: &AdminContext, after: Option<&str>, take: usize) -> Vec<
         .query(move |e, _| {
             // Only what connected agents report now: the last inventory of a host that is
             // cut off (or fenced) is history, not where a VM runs.
-            let mut v: Vec<(&str, &DomainInfo)> = e
-                .domains()
-                .filter(|(h, _)| e.is_connected(h))
-                .filter(|(_, d)| after_owned.as_deref().is_none_or(|a| d.uuid.as_str() > a))
-                .collect();
-            // Only the smallest uuids matter: cut at the take-th smallest (O(n)), then
-            // sort what is left (every copy of a uuid at the cut included).
-            if v.len() > take {
-                v.select_nth_unstable_by(take, |a, b| a.1.uuid.cmp(&b.1.uuid));
-                let pivot = v[take].1.uuid.clone();
-                v.retain(|(_, d)| d.uuid <= pivot);
-            }
-            v.sort_by(|a, b| a.1.uuid.cmp(&b.1.uuid));
-            // Every copy of the first `take` distinct uuids (a domain may be on several hosts).
-            let mut distinct = 0usize;
-            let mut last: Option<&str> = None;
-            let mut out = Vec::new();
-            for (h, d) in v {
-                if last != Some(d.uuid.as_str()) {
-                    distinct += 1;
-                    if distinct > take {
-                        break;
-                    }
-                    last = Some(d.uuid.as_str());
-                }
-                out.push((h.to_string(), d.clone()));
-            }
-            out
+            e.connected_domains_after(after_owned.as_deref(), take)
         })
         .await
         .unwrap_or_default();

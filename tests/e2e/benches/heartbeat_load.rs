@@ -115,6 +115,8 @@ struct Row {
     beats_per_s: f64,
     expected_per_s: f64,
     cpu_pct: f64,
+    /// The load generator's own CPU (this process: every simulated agent's QUIC and TLS).
+    generator_cpu_pct: f64,
     rss_mib: f64,
     connect_s: f64,
     /// `vigilctl status` wall time (median, max) in ms, or why it did not answer.
@@ -250,10 +252,12 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
         .expect("admin");
         let s0 = status(&mut admin).await?;
         let (cpu0, _) = proc_usage(pid);
+        let (gen0, _) = proc_usage(std::process::id());
         let w0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let s1 = status(&mut admin).await?;
         let (cpu1, rss) = proc_usage(pid);
+        let (gen1, _) = proc_usage(std::process::id());
         let dt = w0.elapsed().as_secs_f64();
         admin.close();
         // After the CPU window, so that the probes do not count in the monitor's CPU.
@@ -275,6 +279,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
             beats_per_s: (s1.heartbeats_total - s0.heartbeats_total) as f64 / dt,
             expected_per_s: c as f64 * 1000.0 / interval_ms as f64,
             cpu_pct: (cpu1 - cpu0) / dt * 100.0,
+            generator_cpu_pct: (gen1 - gen0) / dt * 100.0,
             rss_mib: rss as f64 / (1024.0 * 1024.0),
             connect_s,
             status_ms,
@@ -369,8 +374,8 @@ fn run(tiny: bool) -> Result<(), String> {
     let pki = Pki::new();
     println!("heartbeat load: 1 monitor, N agents on loopback, one QUIC+mTLS connection each, a beat every {interval} ms, {seconds} s window, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
     println!();
-    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS | `vigilctl status` (median / max) | `host list`: Up / listed (time) |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS | `vigilctl status` (median / max) | `host list`: Up / listed (time) | monitor CPU per beat | load generator CPU |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut failures = Vec::new();
     for n in levels {
         eprintln!("level {n}:");
@@ -394,8 +399,14 @@ fn run(tiny: bool) -> Result<(), String> {
                 "failed".to_string()
             }
         };
+        // CPU seconds per ingested beat: the figure to compare across machines and levels.
+        let per_beat = if r.beats_per_s > 0.0 {
+            format!("{:.0} µs", r.cpu_pct / 100.0 / r.beats_per_s * 1e6)
+        } else {
+            "–".to_string()
+        };
         println!(
-            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} | {listed} |",
+            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} | {listed} | {per_beat} | {:.0} % of a core |",
             r.agents,
             r.connected,
             r.up,
@@ -403,7 +414,8 @@ fn run(tiny: bool) -> Result<(), String> {
             r.beats_per_s,
             r.expected_per_s,
             r.cpu_pct,
-            r.rss_mib
+            r.rss_mib,
+            r.generator_cpu_pct
         );
         if r.connected < n || r.up < n {
             failures.push(format!(

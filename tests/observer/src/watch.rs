@@ -196,6 +196,21 @@ struct Dom {
     changed_ms: u64,
     /// Its qemu, once the pid file was read while it ran.
     qemu: Option<ProcId>,
+    /// The qemu whose death ended the last instance while libvirtd did not answer: until
+    /// libvirtd stops listing the domain, a poll that lists it is that instance dying.
+    died: Option<ProcId>,
+}
+
+/// Whether a poll that lists a stopped domain as active shows a new instance. libvirtd goes
+/// on listing a domain for a moment after its qemu died (during a destroy, or while it
+/// cleans up): after a death seen through the pid, only a live qemu other than the dead one
+/// is a new instance. (Before this, such a poll was counted as a restart in place, and a
+/// destroyed VM showed two instances on its host.)
+fn revived_by_poll(died: Option<ProcId>, live: Option<ProcId>) -> bool {
+    match died {
+        None => true,
+        Some(dead) => live.is_some_and(|q| q != dead),
+    }
 }
 
 /// The watcher of one host.
@@ -310,6 +325,7 @@ impl HostWatch {
             running: false,
             changed_ms: 0,
             qemu: None,
+            died: None,
         });
         if dom.running == running {
             return;
@@ -318,6 +334,9 @@ impl HostWatch {
         dom.changed_ms = t_ms;
         dom.name = name.to_string();
         dom.qemu = None;
+        if running {
+            dom.died = None;
+        }
         let mut rec = Record::vm(t_ms, &self.spec.name, uuid, name, running, source, detail);
         if running {
             if let Some(dir) = &self.spec.pid_dir {
@@ -375,6 +394,16 @@ impl HostWatch {
         let fresh = |d: Option<&Dom>| d.is_none_or(|d| d.changed_ms <= issued_ms);
         for (uuid, name) in active {
             let dom = self.doms.get(uuid);
+            if let Some(died) = dom.and_then(|d| d.died) {
+                let live = self
+                    .spec
+                    .pid_dir
+                    .as_deref()
+                    .and_then(|dir| procs::qemu_of(dir, name));
+                if !revived_by_poll(Some(died), live) {
+                    continue;
+                }
+            }
             if fresh(dom) && !dom.is_some_and(|d| d.running) {
                 // Started at some time before the answer; the ask time is the earlier bound.
                 self.change(issued_ms, uuid, name, true, "poll", "active (poll)".into());
@@ -386,6 +415,12 @@ impl HostWatch {
             .filter(|(u, d)| d.running && fresh(Some(d)) && !active.iter().any(|(a, _)| a == *u))
             .map(|(u, d)| (u.clone(), d.name.clone()))
             .collect();
+        // libvirtd no longer lists them: their dying is over.
+        for (uuid, d) in self.doms.iter_mut() {
+            if !d.running && !active.iter().any(|(a, _)| a == uuid) {
+                d.died = None;
+            }
+        }
         for (uuid, name) in gone {
             // Stopped at some time before the answer: the answer time is the later bound.
             self.change(
@@ -428,17 +463,20 @@ impl HostWatch {
 
     /// While libvirtd fails or does not answer: a domain stops when its qemu process is gone.
     fn check_qemus(&mut self) {
-        let gone: Vec<(String, String, u32)> = self
+        let gone: Vec<(String, String, ProcId)> = self
             .doms
             .iter()
             .filter_map(|(u, d)| {
                 let q = d.qemu?;
-                (d.running && !q.alive()).then(|| (u.clone(), d.name.clone(), q.pid))
+                (d.running && !q.alive()).then(|| (u.clone(), d.name.clone(), q))
             })
             .collect();
-        for (uuid, name, pid) in gone {
-            let detail = format!("qemu pid {pid} gone while libvirtd does not answer");
+        for (uuid, name, dead) in gone {
+            let detail = format!("qemu pid {} gone while libvirtd does not answer", dead.pid);
             self.change(now_ms(), &uuid, &name, false, "pid", detail);
+            if let Some(d) = self.doms.get_mut(&uuid) {
+                d.died = Some(dead);
+            }
         }
     }
 
@@ -571,6 +609,36 @@ pub fn event_detail(event: i32, detail: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The observer counted a destroyed VM twice on its host (CI, observer two_hosts test):
+    /// its qemu was seen gone while libvirtd was busy with the destroy, and the next poll,
+    /// which libvirtd answered before it finished cleaning up, still listed the domain — a
+    /// second instance "started" that no qemu ran.
+    #[test]
+    fn a_poll_that_lists_a_domain_whose_qemu_died_is_not_a_new_instance() {
+        let spawn = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep")
+        };
+        let mut first = spawn();
+        let dead = procs::live(first.id()).expect("the first stand-in qemu is alive");
+        first.kill().expect("kill");
+        first.wait().expect("wait");
+        assert!(!dead.alive());
+        // libvirtd still lists it and no live qemu runs it: the same instance, dying.
+        assert!(!revived_by_poll(Some(dead), None));
+        // A live qemu other than the dead one: a new instance.
+        let mut second = spawn();
+        let live = procs::live(second.id());
+        assert!(live.is_some());
+        assert!(revived_by_poll(Some(dead), live));
+        let _ = second.kill();
+        let _ = second.wait();
+        // Without a death seen through the pid, a poll's word is taken.
+        assert!(revived_by_poll(None, None));
+    }
 
     #[test]
     fn host_specs_parse() {
