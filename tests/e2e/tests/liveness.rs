@@ -39,13 +39,15 @@ fn agent_heartbeats_and_appears_up_with_its_facts() {
     );
     assert_eq!(facts["boot_id"].as_str().map(str::len), Some(36), "{facts}");
 
-    // Beats keep coming: the last one is always recent.
-    std::thread::sleep(Duration::from_millis(500));
+    // Beats keep coming: 2.5 s after the host came up, the last one is less than 2 s old (if
+    // beats had stopped it would be at least 2.5 s; the margin is for a loaded CI machine, the
+    // interval is 100 ms).
+    std::thread::sleep(Duration::from_millis(2500));
     let h = ctl.json(&["host", "show", "hv1"]).expect("show");
     let ago = h["last_heartbeat_ms_ago"]
         .as_u64()
         .expect("a beat was seen");
-    assert!(ago < 300, "last beat {ago} ms ago with a 100 ms interval");
+    assert!(ago < 2000, "last beat {ago} ms ago with a 100 ms interval");
 
     // The status summary counts it, and the table output is readable.
     let status = ctl.json(&["status"]).expect("status");
@@ -84,26 +86,41 @@ fn killed_agent_turns_its_host_down_within_the_timeout() {
     let killed = Instant::now();
     agent.proc_.kill();
     // down_after_ms = 600; allow generous slack for a loaded CI machine. The figure that
-    // matters is measured by the benchmarks, not asserted here.
+    // matters is measured by the benchmarks, not asserted here; that the monitor waited out the
+    // threshold is read from its own event below (the last beat before the kill may have come
+    // late on a loaded machine, so the wall time since the kill proves nothing).
     let down = wait_for(Duration::from_secs(30), || {
         (ctl.liveness("hv1").as_deref() == Some("down")).then_some(killed.elapsed())
     });
-    let down = down.unwrap_or_else(|| panic!("hv1 never went down: {:?}", ctl.liveness("hv1")));
-    // The last beat came at most one interval (100 ms) before the kill.
-    assert!(
-        down >= Duration::from_millis(500),
-        "down after only {down:?}"
-    );
+    let down = down.unwrap_or_else(|| {
+        panic!(
+            "hv1 never went down: {:?}; monitor log:\n{}",
+            ctl.liveness("hv1"),
+            mon.proc_.log_text()
+        )
+    });
     eprintln!("hv1 seen down {down:?} after kill -9 (down_after_ms = 600)");
 
-    // The other host is untouched, and the event log tells the story in order.
-    assert_eq!(ctl.liveness("hv2").as_deref(), Some("up"));
-    let msgs: Vec<String> = ctl
-        .events()
-        .iter()
-        .filter(|e| e["host"] == "hv1")
-        .filter_map(|e| e["message"].as_str().map(String::from))
-        .collect();
+    // The other host is never taken down. With a 300 ms suspicion threshold a loaded machine
+    // may delay its beats long enough for a suspicion, which clears with the next beat; a
+    // `down` would be a defect.
+    let events = ctl.events();
+    let for_host = |host: &str| -> Vec<String> {
+        events
+            .iter()
+            .filter(|e| e["host"] == host)
+            .filter_map(|e| e["message"].as_str().map(String::from))
+            .collect()
+    };
+    let hv2 = for_host("hv2");
+    assert!(!hv2.iter().any(|m| m.contains("is down")), "{hv2:#?}");
+    wait_for(Duration::from_secs(10), || {
+        (ctl.liveness("hv2").as_deref() == Some("up")).then_some(())
+    })
+    .unwrap_or_else(|| panic!("hv2 not up: {:?}; {hv2:#?}", ctl.liveness("hv2")));
+
+    // The event log tells hv1's story in order.
+    let msgs = for_host("hv1");
     let pos = |needle: &str| msgs.iter().position(|m| m.contains(needle));
     let (up, suspect, downp) = (pos("is up"), pos("is suspect"), pos("is down"));
     assert!(
