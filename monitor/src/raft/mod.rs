@@ -5,7 +5,9 @@
 //! state lives in memory; on open it is rebuilt from the snapshot plus the committed log after
 //! it. See [`log_store`] and [`state_machine`] for the layouts and durability rules.
 //!
-//! For now the monitor is a one-node cluster ([`network`] refuses every RPC).
+//! A monitor without peers is a one-node cluster ([`network`] refuses every RPC, and none is
+//! ever made). Several monitors talk Raft over QUIC with mutual TLS ([`quic`], frames in
+//! [`wire`]).
 
 // openraft's storage traits fix the error type to `StorageError` (about 224 bytes); our
 // helpers return it as is rather than boxing and unboxing it at every trait boundary.
@@ -13,7 +15,9 @@
 
 pub mod log_store;
 pub mod network;
+pub mod quic;
 pub mod state_machine;
+pub mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -23,6 +27,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError};
+use openraft::network::RaftNetworkFactory;
 use openraft::{
     BasicNode, ErrorSubject, ErrorVerb, Raft, RaftMetrics, ServerState, SnapshotPolicy,
     StorageError, StorageIOError,
@@ -84,6 +89,8 @@ impl RaftTuning {
             election_timeout_max: self.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(SNAPSHOT_EVERY_LOGS),
             max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
+            // Chunks must fit the Raft wire's InstallSnapshot frame limit.
+            snapshot_max_chunk_size: wire::SNAPSHOT_CHUNK_BYTES as u64,
             ..Default::default()
         }
     }
@@ -257,12 +264,32 @@ impl RaftNode {
         addr: String,
         config: RaftTuning,
     ) -> Result<RaftNode, RaftSetupError> {
+        Self::open_with_network(
+            data_dir,
+            node_id,
+            addr,
+            config.to_config(),
+            DisabledNetworkFactory,
+        )
+        .await
+    }
+
+    /// [`Self::open`] with a full openraft configuration and a network to reach the other
+    /// monitors (a [`quic::QuicNetworkFactory`] for a multi-monitor cluster; `open` uses
+    /// [`DisabledNetworkFactory`], which a one-node cluster never calls).
+    pub async fn open_with_network<N: RaftNetworkFactory<TypeConfig>>(
+        data_dir: &Path,
+        node_id: u64,
+        addr: String,
+        config: openraft::Config,
+        network: N,
+    ) -> Result<RaftNode, RaftSetupError> {
         std::fs::create_dir_all(data_dir).map_err(|source| RaftSetupError::CreateDir {
             path: data_dir.to_path_buf(),
             source,
         })?;
         let path = data_dir.join(DB_FILE_NAME);
-        let raft_config = Arc::new(config.to_config().validate()?);
+        let raft_config = Arc::new(config.validate()?);
 
         let db = open_database(&path)?;
         let log_store = LogStore::new(db.clone())?;
@@ -282,14 +309,7 @@ impl RaftNode {
         let db_released = db.released();
         drop(db);
 
-        let raft = Raft::new(
-            node_id,
-            raft_config,
-            DisabledNetworkFactory,
-            log_store,
-            state_machine,
-        )
-        .await?;
+        let raft = Raft::new(node_id, raft_config, network, log_store, state_machine).await?;
         tracing::info!(node_id, %addr, path = %path.display(), "Raft node started");
         Ok(RaftNode {
             raft,
