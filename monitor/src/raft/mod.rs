@@ -16,6 +16,8 @@
 pub mod log_store;
 pub mod network;
 pub mod quic;
+#[cfg(test)]
+mod quic_tests;
 pub mod state_machine;
 pub mod wire;
 

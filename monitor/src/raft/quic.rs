@@ -479,6 +479,9 @@ pub struct QuicPeer {
 }
 
 /// An RPC failure before the remote's error type is known.
+// openraft's RPCError is large; this lives only between `call` and its caller, unboxed like
+// the RPCError it becomes.
+#[allow(clippy::large_enum_variant)]
 enum CallError<W> {
     Rpc(RPCError<u64, BasicNode, RaftError<u64>>),
     Remote(W),

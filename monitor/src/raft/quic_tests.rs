@@ -1,0 +1,578 @@
+//! Raft over the real transport: quinn + rustls mutual TLS on 127.0.0.1, redb in temporary
+//! directories, openraft itself, certificates from the crate's own CA code.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openraft::error::{Fatal, RPCError};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{VoteRequest, VoteResponse};
+use openraft::{BasicNode, CommittedLeaderId, LogId, ServerState, Vote};
+use vigil_common::tls::{self, init_ca, CaSigner, Role, TlsMaterial, TransportTuning};
+use vigil_common::wire::MONITOR_SERVER_NAME;
+
+use super::quic::{QuicTuning, RaftEndpoint, RaftServer};
+use super::wire::{self, Reply, RpcKind, ALPN_RAFT};
+use super::{RaftNode, RaftTuning, WriteError};
+use crate::state::StateCommand;
+
+/// Generous: CI is a loaded 2-core machine.
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Pki {
+    _dir: tempfile::TempDir,
+    ca: CaSigner,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let dir = tempfile::tempdir().expect("tempdir");
+        init_ca(dir.path(), name).expect("init ca");
+        let ca = CaSigner::load(dir.path()).expect("load ca");
+        Pki { _dir: dir, ca }
+    }
+
+    /// The same certificate loaded twice (server side, client side).
+    fn material(&self, role: Role, name: &str) -> (TlsMaterial, TlsMaterial) {
+        let (cert, key) = self.ca.issue(role, name, &[], 30).expect("issue");
+        let load = || TlsMaterial::from_pem(&self.ca.cert_pem, &cert, &key).expect("material");
+        (load(), load())
+    }
+}
+
+fn tuning() -> openraft::Config {
+    RaftTuning {
+        heartbeat_interval_ms: 300,
+        election_timeout_min_ms: 1500,
+        election_timeout_max_ms: 3000,
+    }
+    .to_config()
+}
+
+struct TestNode {
+    id: u64,
+    addr: SocketAddr,
+    dir: PathBuf,
+    node: RaftNode,
+    endpoint: RaftEndpoint,
+    server: RaftServer,
+}
+
+impl TestNode {
+    /// Binds `addr` (retrying while a previous incarnation's socket is being released), then
+    /// opens the node's Raft data in `dir` and serves it.
+    async fn start(
+        pki: &Pki,
+        id: u64,
+        dir: &Path,
+        addr: SocketAddr,
+        config: openraft::Config,
+    ) -> TestNode {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let endpoint = loop {
+            let (server, client) = pki.material(Role::Monitor, &format!("mon{id}"));
+            match RaftEndpoint::bind(addr, id, server, client, QuicTuning::default()) {
+                Ok(e) => break e,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("bind {addr}: {e}; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("cannot bind {addr}: {e}"),
+            }
+        };
+        let addr = endpoint.local_addr().expect("local addr");
+        let node =
+            RaftNode::open_with_network(dir, id, addr.to_string(), config, endpoint.network())
+                .await
+                .expect("open raft node");
+        let server = endpoint.serve(node.raft().clone());
+        TestNode {
+            id,
+            addr,
+            dir: dir.to_path_buf(),
+            node,
+            endpoint,
+            server,
+        }
+    }
+
+    async fn stop(self) {
+        self.server.shutdown().await;
+        self.node.shutdown().await;
+        drop(self.endpoint);
+    }
+
+    fn has_host(&self, name: &str) -> bool {
+        self.node.read(|s| s.hosts.contains_key(name))
+    }
+}
+
+fn register(name: &str) -> StateCommand {
+    StateCommand::RegisterHost {
+        at_ms: 1,
+        name: name.into(),
+        zone: "z1".into(),
+        cluster: "c1".into(),
+        agent_version: "0.1.0".into(),
+    }
+}
+
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {WAIT:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes through whichever of `nodes` leads, retrying while leadership settles.
+async fn write_on_leader(nodes: &[&TestNode], cmd: StateCommand) -> u64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        for n in nodes {
+            if n.node.is_leader() {
+                match n.node.write(cmd.clone()).await {
+                    Ok(_) => return n.id,
+                    Err(WriteError::NotLeader(_)) => {}
+                    Err(e) => eprintln!("write on node {}: {e}", n.id),
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no leader accepted the write within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Node 1 bootstraps; the others join as learners, then all become voters.
+async fn form_cluster(pki: &Pki, dirs: &[&Path], config: openraft::Config) -> Vec<TestNode> {
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("addr");
+    let mut nodes = Vec::new();
+    for (i, dir) in dirs.iter().enumerate() {
+        nodes.push(TestNode::start(pki, i as u64 + 1, dir, any, config.clone()).await);
+    }
+    let first = &nodes[0].node;
+    first.initialize_single_if_new().await.expect("initialize");
+    assert_eq!(first.wait_for_leader(WAIT).await, Some(1));
+    for n in &nodes[1..] {
+        // The blocking form waits for the learner to catch up, forever if it never does.
+        tokio::time::timeout(
+            WAIT,
+            first
+                .raft()
+                .add_learner(n.id, BasicNode::new(n.addr.to_string()), true),
+        )
+        .await
+        .expect("add_learner in time")
+        .expect("add_learner");
+    }
+    let voters: BTreeSet<u64> = nodes.iter().map(|n| n.id).collect();
+    tokio::time::timeout(WAIT, first.raft().change_membership(voters.clone(), false))
+        .await
+        .expect("change_membership in time")
+        .expect("change_membership");
+    for n in &nodes {
+        let want = voters.clone();
+        wait_until(&format!("node {} sees all voters", n.id), || {
+            let m = n.node.metrics();
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .collect::<BTreeSet<_>>()
+                == want
+        })
+        .await;
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_monitors_replicate_a_write_and_elect_a_new_leader_when_the_leader_stops() {
+    let pki = Pki::new("test");
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
+    let mut nodes = form_cluster(&pki, &paths, tuning()).await;
+
+    let leader = write_on_leader(&nodes.iter().collect::<Vec<_>>(), register("hv1")).await;
+    for n in &nodes {
+        wait_until(&format!("node {} has hv1", n.id), || n.has_host("hv1")).await;
+    }
+
+    let at = nodes
+        .iter()
+        .position(|n| n.id == leader)
+        .expect("leader is a node");
+    let old = nodes.remove(at);
+    let old_term = old.node.metrics().current_term;
+    old.stop().await;
+
+    let rest: Vec<&TestNode> = nodes.iter().collect();
+    wait_until("a new leader among the survivors", || {
+        rest.iter().any(|n| {
+            let m = n.node.metrics();
+            m.state == ServerState::Leader && m.current_term > old_term
+        })
+    })
+    .await;
+    let new_leader = write_on_leader(&rest, register("hv2")).await;
+    assert_ne!(new_leader, leader);
+    for n in &rest {
+        wait_until(&format!("node {} has hv2", n.id), || {
+            n.has_host("hv1") && n.has_host("hv2")
+        })
+        .await;
+    }
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_was_down_while_the_log_was_purged_catches_up_through_a_snapshot() {
+    let pki = Pki::new("test");
+    let mut config = tuning();
+    config.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(20);
+    config.max_in_snapshot_log_to_keep = 0;
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
+    let mut nodes = form_cluster(&pki, &paths, config.clone()).await;
+    write_on_leader(&nodes.iter().collect::<Vec<_>>(), register("before")).await;
+    for n in &nodes {
+        wait_until(&format!("node {} has the first write", n.id), || {
+            n.has_host("before")
+        })
+        .await;
+    }
+
+    // Stop a follower.
+    let at = nodes
+        .iter()
+        .position(|n| !n.node.is_leader())
+        .expect("a follower");
+    let down = nodes.remove(at);
+    let (down_id, down_addr, down_dir) = (down.id, down.addr, down.dir.clone());
+    let down_last = down.node.metrics().last_log_index.expect("has a log");
+    down.stop().await;
+
+    // Enough writes for several snapshots; the leader purges its log behind them. Each host
+    // carries 8 KiB, so the snapshot needs several InstallSnapshot chunks.
+    let up: Vec<&TestNode> = nodes.iter().collect();
+    for i in 0..60 {
+        let cmd = StateCommand::RegisterHost {
+            at_ms: 2,
+            name: format!("hv{i:02}"),
+            zone: "z1".into(),
+            cluster: "c1".into(),
+            agent_version: "v".repeat(8 * 1024),
+        };
+        write_on_leader(&up, cmd).await;
+    }
+    wait_until(
+        "the leader purged the entries the stopped follower lacks",
+        || {
+            up.iter().any(|n| {
+                let m = n.node.metrics();
+                m.state == ServerState::Leader
+                    && m.purged.is_some_and(|p| p.index > down_last)
+                    && m.snapshot.is_some()
+            })
+        },
+    )
+    .await;
+
+    let leader = up.iter().find(|n| n.node.is_leader()).expect("a leader");
+    let snapshot = leader
+        .node
+        .raft()
+        .get_snapshot()
+        .await
+        .expect("get snapshot")
+        .expect("a snapshot");
+    let size = snapshot.snapshot.get_ref().len();
+    assert!(
+        size > wire::SNAPSHOT_CHUNK_BYTES,
+        "snapshot of {size} bytes fits one chunk"
+    );
+
+    // The follower returns on the same address with its old data.
+    let back = TestNode::start(&pki, down_id, &down_dir, down_addr, config).await;
+    wait_until("the returning follower has every write", || {
+        back.has_host("before") && (0..60).all(|i| back.has_host(&format!("hv{i:02}")))
+    })
+    .await;
+    let m = back.node.metrics();
+    // The entries it lacked are gone from every log: only a snapshot could bring them.
+    assert!(
+        m.snapshot.is_some_and(|s| s.index > down_last),
+        "follower snapshot {:?}, it stopped at {down_last}",
+        m.snapshot
+    );
+    back.stop().await;
+    for n in nodes {
+        n.stop().await;
+    }
+}
+
+// ---- Security and robustness: a one-node cluster attacked through its Raft port. ----
+
+/// A bare Raft client with `material`, sending one Vote.
+async fn raw_vote(
+    material: TlsMaterial,
+    server: SocketAddr,
+    vote: &VoteRequest<u64>,
+) -> Result<Reply<VoteResponse<u64>, Fatal<u64>>, String> {
+    let work = async {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().map_err(|e| format!("{e}"))?)
+            .map_err(|e| e.to_string())?;
+        let cfg = tls::client_config(material, ALPN_RAFT, TransportTuning::default())
+            .map_err(|e| e.to_string())?;
+        let conn = endpoint
+            .connect_with(cfg, server, MONITOR_SERVER_NAME)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let bytes = wire::encode_request(RpcKind::Vote, vote).map_err(|e| e.to_string())?;
+        send.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        wire::read_frame(&mut recv, RpcKind::Vote, RpcKind::Vote.reply_limit())
+            .await
+            .map_err(|e| e.to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// A vote that node 1 would grant if it believed it (higher term, longer log).
+fn tempting_vote(candidate: u64, term: u64) -> VoteRequest<u64> {
+    VoteRequest::new(
+        Vote::new(term + 5, candidate),
+        Some(LogId::new(
+            CommittedLeaderId::new(term + 5, candidate),
+            1_000,
+        )),
+    )
+}
+
+async fn one_node_leader(pki: &Pki, dir: &Path) -> TestNode {
+    let n = TestNode::start(pki, 1, dir, "127.0.0.1:0".parse().expect("addr"), tuning()).await;
+    n.node.initialize_single_if_new().await.expect("initialize");
+    assert_eq!(n.node.wait_for_leader(WAIT).await, Some(1));
+    n.node.write(register("hv1")).await.expect("write");
+    n
+}
+
+/// Node 1 still leads in the same term with the same vote, and accepts writes.
+async fn assert_unchanged(n: &TestNode, before: &openraft::RaftMetrics<u64, BasicNode>) {
+    let m = n.node.metrics();
+    assert_eq!(m.current_term, before.current_term);
+    assert_eq!(m.vote, before.vote);
+    assert_eq!(m.state, ServerState::Leader);
+    n.node
+        .write(register("after"))
+        .await
+        .expect("still accepts writes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_or_admin_certificate_is_refused_on_the_raft_port() {
+    let pki = Pki::new("test");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = one_node_leader(&pki, dir.path()).await;
+    let before = n.node.metrics();
+    for (role, name) in [
+        (Role::Agent, "hv1"),
+        (Role::Admin, "mon2"),
+        (Role::Viewer, "mon2"),
+    ] {
+        let (m, _) = pki.material(role, name);
+        let res = raw_vote(m, n.addr, &tempting_vote(2, before.current_term)).await;
+        assert!(res.is_err(), "{role} certificate {name} got {res:?}");
+    }
+    assert_unchanged(&n, &before).await;
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_certificate_from_another_ca_is_refused_on_the_raft_port() {
+    let pki = Pki::new("test");
+    let other = Pki::new("other");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = one_node_leader(&pki, dir.path()).await;
+    let before = n.node.metrics();
+    let (m, _) = other.material(Role::Monitor, "mon2");
+    let res = raw_vote(m, n.addr, &tempting_vote(2, before.current_term)).await;
+    assert!(res.is_err(), "foreign monitor got {res:?}");
+    assert_unchanged(&n, &before).await;
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_certificate_cannot_act_as_another_node() {
+    let pki = Pki::new("test");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = one_node_leader(&pki, dir.path()).await;
+    let before = n.node.metrics();
+    // mon2 asking for a vote as candidate 3: refused before Raft sees it.
+    let (m, _) = pki.material(Role::Monitor, "mon2");
+    match raw_vote(m, n.addr, &tempting_vote(3, before.current_term)).await {
+        Ok(Reply::Refused(why)) => assert!(why.contains("mon2"), "{why}"),
+        other => panic!("mon2 acting as node 3 got {other:?}"),
+    }
+    // A monitor certificate that names no node at all is refused at the connection.
+    let (m, _) = pki.material(Role::Monitor, "monitor-a");
+    let res = raw_vote(m, n.addr, &tempting_vote(3, before.current_term)).await;
+    assert!(res.is_err(), "unnumbered monitor got {res:?}");
+    assert_unchanged(&n, &before).await;
+    n.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_dialling_node_2_refuses_a_server_that_is_node_3() {
+    let pki = Pki::new("test");
+    let (d1, d3) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let n1 = one_node_leader(&pki, d1.path()).await;
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let n3 = TestNode::start(&pki, 3, d3.path(), any, tuning()).await;
+    // The membership (wrongly) puts node 2 at node 3's address.
+    let mut client = n1
+        .endpoint
+        .network()
+        .new_client(2, &BasicNode::new(n3.addr.to_string()))
+        .await;
+    let err = client
+        .vote(
+            VoteRequest::new(Vote::new(1, 1), None),
+            RPCOption::new(Duration::from_secs(10)),
+        )
+        .await
+        .expect_err("wrong peer");
+    match err {
+        RPCError::Unreachable(u) => {
+            assert!(u.to_string().contains("not Raft node 2"), "{u}")
+        }
+        other => panic!("expected Unreachable, got {other}"),
+    }
+    // Nobody listening: also unreachable (openraft backs off), not a storage error.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    let mut client = n1
+        .endpoint
+        .network()
+        .new_client(
+            2,
+            &BasicNode::new(silent.local_addr().expect("addr").to_string()),
+        )
+        .await;
+    let err = client
+        .vote(
+            VoteRequest::new(Vote::new(1, 1), None),
+            RPCOption::new(Duration::from_secs(2)),
+        )
+        .await
+        .expect_err("nobody there");
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err}");
+    n3.stop().await;
+    n1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_oversized_frames_on_the_raft_port_leave_the_node_working() {
+    let pki = Pki::new("test");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = one_node_leader(&pki, dir.path()).await;
+    let before = n.node.metrics();
+
+    // Raw UDP garbage at the port.
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("udp");
+    for i in 0..50u8 {
+        let junk: Vec<u8> = (0..1200).map(|j| (j as u8).wrapping_mul(31) ^ i).collect();
+        udp.send_to(&junk, n.addr).await.expect("send");
+    }
+
+    // A genuine mon2 connection sending garbage, an oversized frame, a truncated frame.
+    let (m, _) = pki.material(Role::Monitor, "mon2");
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+    let cfg = tls::client_config(m, ALPN_RAFT, TransportTuning::default()).expect("cfg");
+    let conn = endpoint
+        .connect_with(cfg, n.addr, MONITOR_SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let mut oversized = vec![RpcKind::Vote.as_byte()];
+    oversized.extend_from_slice(&(64u32 * 1024 * 1024).to_be_bytes());
+    oversized.extend_from_slice(&[0u8; 1024]);
+    let mut truncated = wire::encode_request(
+        RpcKind::Vote,
+        &VoteRequest::<u64>::new(Vote::new(0, 2), None),
+    )
+    .expect("encode");
+    truncated.truncate(truncated.len() - 2);
+    let garbage: Vec<u8> = (0..5000u32).map(|i| (i * 7919 % 251) as u8).collect();
+    for bytes in [
+        garbage,
+        oversized,
+        truncated,
+        vec![
+            RpcKind::AppendEntries.as_byte(),
+            0,
+            0,
+            0,
+            9,
+            1,
+            2,
+            3,
+            4,
+            5,
+            6,
+            7,
+            8,
+            9,
+        ],
+    ] {
+        let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+        let _ = send.write_all(&bytes).await;
+        let _ = send.finish();
+        let reply = tokio::time::timeout(WAIT, recv.read_to_end(1024))
+            .await
+            .expect("server answers in time");
+        assert!(
+            reply.as_ref().map_or(true, |b| b.is_empty()),
+            "garbage got a reply: {reply:?}"
+        );
+    }
+    // The same connection still serves well-formed requests (a stale vote: refused by Raft,
+    // which changes nothing).
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let stale = VoteRequest::<u64>::new(Vote::new(0, 2), None);
+    send.write_all(&wire::encode_request(RpcKind::Vote, &stale).expect("encode"))
+        .await
+        .expect("write");
+    send.finish().expect("finish");
+    let reply: Reply<VoteResponse<u64>, Fatal<u64>> =
+        wire::read_frame(&mut recv, RpcKind::Vote, RpcKind::Vote.reply_limit())
+            .await
+            .expect("reply");
+    match reply {
+        Reply::Ok(v) => assert!(!v.vote_granted),
+        other => panic!("stale vote got {other:?}"),
+    }
+    assert_unchanged(&n, &before).await;
+    n.stop().await;
+}
