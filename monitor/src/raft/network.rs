@@ -1,6 +1,6 @@
-//! Raft networking. The monitor currently runs as a one-node cluster, so there is nobody to
-//! talk to: every RPC fails with [`RPCError::Unreachable`]. A later change carries Raft RPCs
-//! over QUIC.
+//! The network of a monitor without peers. A one-node cluster has nobody to talk to, so
+//! openraft never calls it; should it, every RPC fails with [`RPCError::Unreachable`] (never a
+//! storage error, which would stop Raft). Monitors with peers use [`super::quic`].
 
 use openraft::error::{
     Fatal, InstallSnapshotError, RPCError, RaftError, ReplicationClosed, StreamingError,
