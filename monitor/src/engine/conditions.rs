@@ -57,12 +57,14 @@ impl Engine {
         wall_ms: u64,
         out: &mut Vec<Action>,
     ) {
-        let before = self.conditions.get(host).map(Condition::name);
+        let before = self.fencing.conditions.get(host).map(Condition::name);
         if before == Some(condition.name()) || (before.is_none() && *condition == Condition::Alive)
         {
             return;
         }
-        self.conditions.insert(host.to_string(), condition.clone());
+        self.fencing
+            .conditions
+            .insert(host.to_string(), condition.clone());
         let (severity, message) = match condition {
             Condition::Alive => (Severity::Info, format!("host {host}: alive again")),
             Condition::Investigating => (

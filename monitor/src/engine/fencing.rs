@@ -6,6 +6,31 @@ use super::*;
 /// Wait this long before retrying a failed fence.
 pub const FENCE_RETRY_MS: u64 = 5_000;
 
+/// What this leader knows of host fencing: reset with `Default` when a monitor becomes leader
+/// (what a predecessor was doing is read again from committed state and the storage slots).
+#[derive(Debug, Clone, Default)]
+pub(super) struct FencingBook {
+    /// Fence agent calls in flight.
+    pub(super) in_flight: BTreeSet<String>,
+    /// Earliest time (wall ms) for the next fence attempt of a host.
+    pub(super) retry_at: BTreeMap<String, u64>,
+    /// Clusters whose automatic fencing is held (mass failure), to say so once.
+    pub(super) held: BTreeSet<String>,
+    /// Hosts an operator released from a mass-failure hold (`vigilctl fencing release`): they
+    /// neither count towards nor wait for a hold until they are heard again.
+    pub(super) released: BTreeSet<String>,
+    /// Fence requests written to storage slots by this leader.
+    pub(super) slot_requests: BTreeMap<String, FenceRequest>,
+    /// Hosts whose proof (slot or lease) was proposed.
+    pub(super) proof_proposed: BTreeSet<String>,
+    /// Earliest time (monotonic ms) to power-fence a host in Fencing.
+    pub(super) power_after: BTreeMap<String, u64>,
+    /// Hosts already reported as unfenceable (no method), to say so once.
+    pub(super) unfenceable: BTreeSet<String>,
+    /// The last condition recorded per host (events on change).
+    pub(super) conditions: BTreeMap<String, Condition>,
+}
+
 impl Engine {
     /// A fence agent's verdict.
     pub(super) fn on_fence_done(
@@ -15,11 +40,12 @@ impl Engine {
         wall_ms: u64,
         out: &mut Vec<Action>,
     ) {
-        self.fencing.remove(&host);
+        self.fencing.in_flight.remove(&host);
         let (ok, detail) = match result {
             Ok(d) => (true, format!("power: {d}")),
             Err(e) => {
-                self.fence_retry_at
+                self.fencing
+                    .retry_at
                     .insert(host.clone(), wall_ms + FENCE_RETRY_MS);
                 (false, e)
             }
@@ -30,87 +56,6 @@ impl Engine {
             ok,
             detail,
         }));
-    }
-
-    /// `vigilctl host fence`: power the host off through its fence agent now.
-    pub(super) fn on_operator_fence(
-        &mut self,
-        host: String,
-        by: String,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
-        if self.fence_refusal(&host, true, now_ms).is_none()
-            && state
-                .hosts
-                .get(&host)
-                .is_some_and(|h| !matches!(h.phase, HostPhase::Fenced { .. }))
-        {
-            self.fencing.insert(host.clone());
-            self.fence_retry_at.remove(&host);
-            // A failed attempt is retried like any power fence.
-            self.power_after.insert(host.clone(), now_ms);
-            out.push(Action::Propose(StateCommand::FenceStarted {
-                at_ms: wall_ms,
-                host: host.clone(),
-                reason: format!(
-                    "operator {by} asked for it (vigilctl host fence): powering it off through its fence agent now"
-                ),
-            }));
-            out.push(Action::Fence { host });
-        }
-    }
-
-    /// `vigilctl fencing release`: lift a mass-failure hold.
-    pub(super) fn on_release_hold(
-        &mut self,
-        cluster: Option<String>,
-        by: String,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
-        let clusters: Vec<String> = self
-            .held
-            .iter()
-            .filter(|c| cluster.as_ref().is_none_or(|w| w == *c))
-            .cloned()
-            .collect();
-        for c in clusters {
-            let hosts: Vec<String> = state
-                .hosts
-                .iter()
-                .filter(|(n, h)| {
-                    h.cluster == c
-                        && self.detector.state(n) == Some(Liveness::Down)
-                        && !matches!(h.phase, HostPhase::Fenced { .. })
-                })
-                .map(|(n, _)| n.clone())
-                .collect();
-            self.released.extend(hosts.iter().cloned());
-            self.held.remove(&c);
-            out.push(Action::Propose(StateCommand::RecordEvent {
-                at_ms: wall_ms,
-                severity: Severity::Critical,
-                host: None,
-                kind: EventKind::FencingReleased {
-                    cluster: c.clone(),
-                    by: by.clone(),
-                },
-                message: format!(
-                    "operator {by} released the mass-failure hold of cluster {c} (vigilctl fencing release): {} fenced automatically now",
-                    if hosts.is_empty() {
-                        "no host is down there any more; nothing is".to_string()
-                    } else {
-                        format!("{} are", hosts.join(", "))
-                    }
-                ),
-            }));
-        }
-        self.reconcile_hosts(now_ms, wall_ms, state, out);
     }
 
     /// Host failures: investigate silent hosts, fence the ones that are down and hold HA
@@ -151,6 +96,7 @@ impl Engine {
             if !silent
                 && h.phase == HostPhase::Active
                 && self
+                    .fencing
                     .conditions
                     .get(name.as_str())
                     .is_none_or(|c| *c == Condition::Alive)
@@ -177,195 +123,33 @@ impl Engine {
                 && !pools.is_empty()
                 && self.instances.get(name).is_some_and(|i| *i != 0);
             let power = self.failover.fence_hosts.contains(name);
+            let silent = SilentHost {
+                name,
+                cluster: &h.cluster,
+                condition,
+                pools,
+                slot,
+                power,
+                down,
+            };
             match &h.phase {
                 // No fencing of any kind in the first full lease after the election.
                 HostPhase::Active if down && has_ha && now_ms >= self.fence_after_ms => {
-                    let (lease_usable, power_at) = match &condition {
-                        // Whether peers confirmed it unreachable or not: a dead agent on a
-                        // live host is reset by its watchdog, which `usable` requires.
-                        Condition::Dead { .. } => (true, now_ms),
-                        Condition::Isolated { .. } => {
-                            let lease_ok = self.leases.usable(name, &pools).is_ok();
-                            let at = if lease_ok || slot {
-                                self.leases.expires_at(name).unwrap_or(now_ms)
-                            } else {
-                                now_ms
-                            };
-                            (true, at)
-                        }
-                        Condition::AgentDown { .. } => {
-                            // Give the agent one lease to come back before fencing at all.
-                            if self.leases.expires_at(name).is_some_and(|t| now_ms < t) {
-                                continue;
-                            }
-                            // The agent is dead: only its host watchdog can back a lease.
-                            (true, now_ms)
-                        }
-                        Condition::Alive | Condition::Investigating => continue,
-                    };
-                    let lease_possible = lease_usable && self.leases.usable(name, &pools).is_ok();
-                    if !power && !slot && !lease_possible {
-                        if self.unfenceable.insert(name.clone()) {
-                            out.push(Action::Propose(StateCommand::RecordEvent {
-                                at_ms: wall_ms,
-                                severity: Severity::Critical,
-                                host: Some(name.clone()),
-                                kind: EventKind::HostUnfenceable,
-                                message: format!(
-                                    "host {name} is {} ({}) and holds HA VMs, but nothing can prove it fenced: no fence agent configured, no storage slot, and lease expiry proves nothing here ({}). Its HA VMs wait; fence it by hand",
-                                    condition.name(),
-                                    condition_evidence(&condition),
-                                    self.leases.usable(name, &pools).err().unwrap_or_default()
-                                ),
-                            }));
-                        }
-                        continue;
-                    }
-                    if let Some(why) = self.mass_failure(name, state, now_ms) {
-                        if self.held.insert(h.cluster.clone()) {
-                            out.push(Action::Propose(StateCommand::RecordEvent {
-                                at_ms: wall_ms,
-                                severity: Severity::Critical,
-                                host: Some(name.clone()),
-                                kind: EventKind::FencingHeld,
-                                message: why,
-                            }));
-                        }
-                        continue;
-                    }
-                    let mut methods = Vec::new();
-                    if power {
-                        methods.push(if power_at <= now_ms {
-                            "power (now)"
-                        } else {
-                            "power (if no other proof before the lease ends)"
-                        });
-                    }
-                    if slot {
-                        methods.push("storage slot");
-                    }
-                    if lease_possible {
-                        methods.push("lease expiry");
-                    }
-                    out.push(Action::Propose(StateCommand::FenceStarted {
-                        at_ms: wall_ms,
-                        host: name.clone(),
-                        reason: format!(
-                            "{} ({}), holds HA VMs; proof by {}{}",
-                            condition.name(),
-                            condition_evidence(&condition),
-                            methods.join(", "),
-                            match self.leases.usable(name, &pools) {
-                                Err(why) if lease_usable => {
-                                    format!(" (not lease expiry: {why})")
-                                }
-                                _ => String::new(),
-                            }
-                        ),
-                    }));
-                    if power {
-                        self.power_after.insert(name.clone(), power_at);
-                    }
-                    if slot {
-                        self.request_fence(name, &condition, wall_ms, state, out);
-                    }
-                    if power && power_at <= now_ms && self.fencing.insert(name.clone()) {
-                        out.push(Action::Fence { host: name.clone() });
-                    }
+                    self.start_fencing(&silent, now_ms, wall_ms, state, out)
                 }
                 HostPhase::Fencing { .. } => {
-                    if !down || now_ms < self.fence_after_ms {
-                        continue;
-                    }
-                    if slot && !self.slot_requests.contains_key(name) {
-                        // A new leader asks again (its predecessor's request may be gone).
-                        self.request_fence(name, &condition, wall_ms, state, out);
-                    }
-                    // Lease expiry is proof only where the host watchdog backs it: then a
-                    // dead or hung agent cannot keep the guests past lease + W either.
-                    let lease_usable = self.leases.usable(name, &pools).is_ok();
-                    if lease_usable && !self.proof_proposed.contains(name) {
-                        if let Ok(detail) = self.leases.proof(name, &pools, now_ms) {
-                            self.proof_proposed.insert(name.clone());
-                            out.push(Action::Propose(StateCommand::FenceResult {
-                                at_ms: wall_ms,
-                                host: name.clone(),
-                                ok: true,
-                                detail,
-                            }));
-                            continue;
-                        }
-                    }
-                    if !power {
-                        continue;
-                    }
-                    let power_at = *self.power_after.entry(name.clone()).or_insert(now_ms);
-                    let due = now_ms >= power_at
-                        && self.fence_retry_at.get(name).is_none_or(|t| wall_ms >= *t);
-                    if due && !self.fencing.contains(name) {
-                        self.fencing.insert(name.clone());
-                        self.fence_retry_at.remove(name);
-                        out.push(Action::Propose(StateCommand::FenceStarted {
-                            at_ms: wall_ms,
-                            host: name.clone(),
-                            reason: "power fencing (no other proof yet, or retrying after a failed attempt)".into(),
-                        }));
-                        out.push(Action::Fence { host: name.clone() });
-                    }
+                    self.continue_fencing(&silent, now_ms, wall_ms, state, out)
                 }
                 HostPhase::Fenced { proof, .. } => {
-                    let vms: Vec<&VmRecord> = state
-                        .vms
-                        .values()
-                        .filter(|v| v.ha && v.host == *name)
-                        .filter(|v| matches!(v.phase, Phase::Running | Phase::Recovering { .. }))
-                        .collect();
-                    for vm in vms {
-                        if self.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
-                            continue;
-                        }
-                        let need = need_of(vm);
-                        let (tag, fallback) =
-                            (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
-                        let views = self.views(state);
-                        let (target, warning) = placement::failover_target(
-                            &state.hosts,
-                            views,
-                            name,
-                            &need,
-                            tag.as_deref(),
-                            fallback,
-                        );
-                        self.warn_tag(vm, warning, wall_ms, out);
-                        if let Some(t) = &target {
-                            // Reserved now: the next VM of this host must see it taken.
-                            if let Some(v) = self.views(state).get_mut(t) {
-                                v.reserve(&need);
-                            }
-                        }
-                        let decision =
-                            recovery::decide_host_failure(vm, wall_ms, &self.policy, target);
-                        self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
-                        out.push(Action::Propose(StateCommand::VmFailed {
-                            at_ms: wall_ms,
-                            uuid: vm.uuid.clone(),
-                            generation: vm.generation,
-                            failure: FailureKind::HostFailed,
-                            proof: Proof::HostFenced {
-                                host: name.clone(),
-                                detail: proof.clone(),
-                            },
-                            decision,
-                            window_ms: self.policy.window_ms,
-                        }));
-                    }
+                    self.fail_vms_of_fenced_host(name, proof, wall_ms, state, out)
                 }
                 _ => {}
             }
         }
         // A cluster whose hosts are back below the threshold may be fenced again.
         let still_held: BTreeSet<String> =
-            self.held
+            self.fencing
+                .held
                 .iter()
                 .filter(|c| {
                     state.hosts.iter().any(|(n, h)| {
@@ -374,19 +158,204 @@ impl Engine {
                 })
                 .cloned()
                 .collect();
-        self.held = still_held;
+        self.fencing.held = still_held;
         // A released host that is heard again starts afresh.
         let released: BTreeSet<String> = self
+            .fencing
             .released
             .iter()
             .filter(|n| self.detector.state(n) == Some(Liveness::Down))
             .cloned()
             .collect();
-        self.released = released;
+        self.fencing.released = released;
+    }
+
+    /// An active host that is down and holds HA VMs: start fencing it by every method that can
+    /// prove something for its condition, unless nothing can (say so once) or a mass failure
+    /// holds fencing (say so once).
+    fn start_fencing(
+        &mut self,
+        silent: &SilentHost<'_>,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let SilentHost {
+            name,
+            cluster,
+            condition,
+            pools,
+            slot,
+            power,
+            ..
+        } = silent;
+        let (name, slot, power) = (*name, *slot, *power);
+        let (lease_usable, power_at) = match condition {
+            // Whether peers confirmed it unreachable or not: a dead agent on a
+            // live host is reset by its watchdog, which `usable` requires.
+            Condition::Dead { .. } => (true, now_ms),
+            Condition::Isolated { .. } => {
+                let lease_ok = self.leases.usable(name, pools).is_ok();
+                let at = if lease_ok || slot {
+                    self.leases.expires_at(name).unwrap_or(now_ms)
+                } else {
+                    now_ms
+                };
+                (true, at)
+            }
+            Condition::AgentDown { .. } => {
+                // Give the agent one lease to come back before fencing at all.
+                if self.leases.expires_at(name).is_some_and(|t| now_ms < t) {
+                    return;
+                }
+                // The agent is dead: only its host watchdog can back a lease.
+                (true, now_ms)
+            }
+            Condition::Alive | Condition::Investigating => return,
+        };
+        let lease_possible = lease_usable && self.leases.usable(name, pools).is_ok();
+        if !power && !slot && !lease_possible {
+            if self.fencing.unfenceable.insert(name.clone()) {
+                out.push(Action::Propose(StateCommand::RecordEvent {
+                    at_ms: wall_ms,
+                    severity: Severity::Critical,
+                    host: Some(name.clone()),
+                    kind: EventKind::HostUnfenceable,
+                    message: format!(
+                        "host {name} is {} ({}) and holds HA VMs, but nothing can prove it fenced: no fence agent configured, no storage slot, and lease expiry proves nothing here ({}). Its HA VMs wait; fence it by hand",
+                        condition.name(),
+                        condition_evidence(condition),
+                        self.leases.usable(name, pools).err().unwrap_or_default()
+                    ),
+                }));
+            }
+            return;
+        }
+        if let Some(why) = self.mass_failure(name, state, now_ms) {
+            if self.fencing.held.insert(cluster.to_string()) {
+                out.push(Action::Propose(StateCommand::RecordEvent {
+                    at_ms: wall_ms,
+                    severity: Severity::Critical,
+                    host: Some(name.clone()),
+                    kind: EventKind::FencingHeld,
+                    message: why,
+                }));
+            }
+            return;
+        }
+        let mut methods = Vec::new();
+        if power {
+            methods.push(if power_at <= now_ms {
+                "power (now)"
+            } else {
+                "power (if no other proof before the lease ends)"
+            });
+        }
+        if slot {
+            methods.push("storage slot");
+        }
+        if lease_possible {
+            methods.push("lease expiry");
+        }
+        out.push(Action::Propose(StateCommand::FenceStarted {
+            at_ms: wall_ms,
+            host: name.clone(),
+            reason: format!(
+                "{} ({}), holds HA VMs; proof by {}{}",
+                condition.name(),
+                condition_evidence(condition),
+                methods.join(", "),
+                match self.leases.usable(name, pools) {
+                    Err(why) if lease_usable => {
+                        format!(" (not lease expiry: {why})")
+                    }
+                    _ => String::new(),
+                }
+            ),
+        }));
+        if power {
+            self.fencing.power_after.insert(name.clone(), power_at);
+        }
+        if slot {
+            self.request_fence(name, condition, wall_ms, state, out);
+        }
+        if power && power_at <= now_ms && self.fencing.in_flight.insert(name.clone()) {
+            out.push(Action::Fence { host: name.clone() });
+        }
+    }
+
+    /// A host being fenced: ask its slot again (a new leader), take lease expiry as proof where
+    /// the host watchdog backs it, and power it off when due.
+    fn continue_fencing(
+        &mut self,
+        silent: &SilentHost<'_>,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let SilentHost {
+            name,
+            condition,
+            pools,
+            slot,
+            power,
+            down,
+            ..
+        } = silent;
+        let (name, slot, power, down) = (*name, *slot, *power, *down);
+        if !down || now_ms < self.fence_after_ms {
+            return;
+        }
+        if slot && !self.fencing.slot_requests.contains_key(name) {
+            // A new leader asks again (its predecessor's request may be gone).
+            self.request_fence(name, condition, wall_ms, state, out);
+        }
+        // Lease expiry is proof only where the host watchdog backs it: then a
+        // dead or hung agent cannot keep the guests past lease + W either.
+        let lease_usable = self.leases.usable(name, pools).is_ok();
+        if lease_usable && !self.fencing.proof_proposed.contains(name) {
+            if let Ok(detail) = self.leases.proof(name, pools, now_ms) {
+                self.fencing.proof_proposed.insert(name.clone());
+                out.push(Action::Propose(StateCommand::FenceResult {
+                    at_ms: wall_ms,
+                    host: name.clone(),
+                    ok: true,
+                    detail,
+                }));
+                return;
+            }
+        }
+        if !power {
+            return;
+        }
+        let power_at = *self
+            .fencing
+            .power_after
+            .entry(name.clone())
+            .or_insert(now_ms);
+        let due = now_ms >= power_at
+            && self
+                .fencing
+                .retry_at
+                .get(name)
+                .is_none_or(|t| wall_ms >= *t);
+        if due && !self.fencing.in_flight.contains(name) {
+            self.fencing.in_flight.insert(name.clone());
+            self.fencing.retry_at.remove(name);
+            out.push(Action::Propose(StateCommand::FenceStarted {
+                at_ms: wall_ms,
+                host: name.clone(),
+                reason: "power fencing (no other proof yet, or retrying after a failed attempt)"
+                    .into(),
+            }));
+            out.push(Action::Fence { host: name.clone() });
+        }
     }
 
     pub(super) fn end_fencing_episode(&mut self, host: &str, out: &mut Vec<Action>) {
-        if let Some(req) = self.slot_requests.remove(host) {
+        if let Some(req) = self.fencing.slot_requests.remove(host) {
             // Void at once, even before the clear reaches storage: the agent may read its
             // slot before the file is gone.
             out.push(Action::Notify {
@@ -401,9 +370,9 @@ impl Engine {
 
     /// Forgets this leader's bookkeeping of a host's fencing (it is back).
     pub(super) fn forget_fencing(&mut self, host: &str) {
-        self.proof_proposed.remove(host);
-        self.power_after.remove(host);
-        self.unfenceable.remove(host);
+        self.fencing.proof_proposed.remove(host);
+        self.fencing.power_after.remove(host);
+        self.fencing.unfenceable.remove(host);
     }
 
     /// Writes a fence request into `host`'s storage slot.
@@ -418,7 +387,13 @@ impl Engine {
         let Some(instance) = self.instances.get(host).copied().filter(|i| *i != 0) else {
             return;
         };
-        let last = self.slot_requests.values().map(|r| r.id).max().unwrap_or(0);
+        let last = self
+            .fencing
+            .slot_requests
+            .values()
+            .map(|r| r.id)
+            .max()
+            .unwrap_or(0);
         // Every VM the leader holds as HA on the host: the agent treats them as HA even if
         // it never heard the flag, and must show each one not running.
         let vms = state
@@ -441,7 +416,9 @@ impl Engine {
                 condition_evidence(condition)
             ),
         };
-        self.slot_requests.insert(host.to_string(), req.clone());
+        self.fencing
+            .slot_requests
+            .insert(host.to_string(), req.clone());
         out.push(Action::RequestFence(req));
     }
 
@@ -455,7 +432,8 @@ impl Engine {
         state: &ClusterState,
         now_ms: u64,
     ) -> Option<String> {
-        if self.released.contains(host) || self.detector.state(host) != Some(Liveness::Down) {
+        if self.fencing.released.contains(host) || self.detector.state(host) != Some(Liveness::Down)
+        {
             return None;
         }
         let cluster = &state.hosts.get(host)?.cluster;
@@ -479,7 +457,7 @@ impl Engine {
             .filter(|(n, h)| {
                 self.detector.state(n) == Some(Liveness::Down)
                     && !matches!(h.phase, HostPhase::Fenced { .. })
-                    && !self.released.contains(*n)
+                    && !self.fencing.released.contains(*n)
                     && silent_since(n).abs_diff(own) <= window
             })
             .map(|(n, _)| n.as_str())
@@ -495,52 +473,19 @@ impl Engine {
             )
         })
     }
+}
 
-    /// Clusters whose automatic fencing is held now (a mass failure).
-    pub fn held_clusters(&self) -> Vec<String> {
-        self.held.iter().cloned().collect()
-    }
-
-    /// Why `vigilctl host fence H` must not run now (`None`: it may). Without `force`, a host
-    /// that is up is refused: powering it off stops its running guests.
-    pub fn fence_refusal(&self, host: &str, force: bool, now_ms: u64) -> Option<String> {
-        if !self.failover.fence_hosts.contains(host) {
-            return Some(format!(
-                "no fence agent is configured for {host} (add a [[fencing.hosts]] entry); if you made sure it is off, use `vigilctl host confirm-off {host}`"
-            ));
-        }
-        if self.fencing.contains(host) {
-            return Some(format!("a fence of {host} is already running"));
-        }
-        if !force {
-            if let Some(why) = self.heard_recently(host, now_ms) {
-                return Some(format!(
-                    "{host} is not down ({why}): fencing it powers off its running guests; add --force if that is what you want"
-                ));
-            }
-        }
-        None
-    }
-
-    /// Why an operator may not confirm `host` powered off now (`None`: they may). A host this
-    /// monitor hears is not off, whatever anyone says: its guests would run twice.
-    pub fn confirm_off_refusal(&self, host: &str, now_ms: u64) -> Option<String> {
-        self.heard_recently(host, now_ms).map(|why| {
-            format!("{host} is not down ({why}); confirm-off is for a host you made sure is powered off")
-        })
-    }
-
-    /// `Some(what)` when `host` is connected or not (yet) silent for long.
-    pub(super) fn heard_recently(&self, host: &str, now_ms: u64) -> Option<String> {
-        if self.connected.contains(host) {
-            return Some("its agent is still connected".into());
-        }
-        match self.detector.view(host, now_ms) {
-            Some(v) if matches!(v.state, Liveness::Up | Liveness::Suspect) => Some(format!(
-                "last heartbeat {} ms ago",
-                v.silent_ms.unwrap_or_default()
-            )),
-            _ => None,
-        }
-    }
+/// What the fencing phases need to know of a silent (or not yet cleared) host, read once per
+/// tick in [`Engine::reconcile_hosts`].
+pub(super) struct SilentHost<'a> {
+    pub(super) name: &'a String,
+    pub(super) cluster: &'a String,
+    pub(super) condition: Condition,
+    /// The pools it mounts (its record's, or its hello's before that was replicated).
+    pub(super) pools: Vec<String>,
+    /// It can be asked to fence itself through its storage slot.
+    pub(super) slot: bool,
+    /// It has a fence agent.
+    pub(super) power: bool,
+    pub(super) down: bool,
 }

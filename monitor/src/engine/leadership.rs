@@ -17,7 +17,10 @@ impl Engine {
         self.leader = true;
         self.term_node = (term, node);
         self.leases.became_leader(now_ms);
-        self.slot_requests.clear();
+        // This leadership's bookkeeping starts empty: what predecessors did is in committed
+        // state (and in the storage slots, cleared below).
+        self.fencing = FencingBook::default();
+        self.recovery = RecoveryBook::default();
         // A request its predecessor left in the slot of a host that is back (Active)
         // must not kill what that host runs: clear them all (durably, by the storage
         // worker). Hosts still fencing are asked again by this leader.
@@ -26,10 +29,6 @@ impl Engine {
                 out.push(Action::ClearFence { host: name.clone() });
             }
         }
-        self.proof_proposed.clear();
-        self.power_after.clear();
-        self.unfenceable.clear();
-        self.conditions.clear();
         // A new leader knows nothing fresh: every host gets the full grace period
         // from now, and agents reconnecting will bring it up to date. A host not heard
         // since the election stays Unknown (not Down) for a full lease, and nothing is
@@ -45,27 +44,8 @@ impl Engine {
         for name in self.connected.clone() {
             self.detector.heartbeat(&name, now_ms);
             // An agent that connected before this monitor led was never registered.
-            if let Some((zone, cluster, agent_version)) = self.hellos.get(&name) {
-                let (zone, cluster) = &claims::pinned_placement(
-                    state.hosts.get(&name),
-                    zone.clone(),
-                    cluster.clone(),
-                );
-                let changed = state.hosts.get(&name).is_none_or(|h| {
-                    h.zone != *zone || h.cluster != *cluster || h.agent_version != *agent_version
-                });
-                if changed {
-                    out.push(Action::Propose(StateCommand::RegisterHost {
-                        at_ms: wall_ms,
-                        name: name.clone(),
-                        zone: zone.clone(),
-                        cluster: cluster.clone(),
-                        agent_version: agent_version.clone(),
-                    }));
-                }
-                if let Some(cmd) = self.host_info_update(&name, wall_ms, state) {
-                    out.push(Action::Propose(cmd));
-                }
+            if let Some(hello) = self.hellos.get(&name) {
+                self.register_host(&name, hello, wall_ms, state, out);
             }
             // Nor were the HA domains it listed then that the cluster does not know:
             // unprotected until its next listing (an agent resends every 10 s, and
@@ -79,16 +59,6 @@ impl Engine {
                 }
             }
         }
-        self.proposed_start.clear();
-        self.proposed_failure.clear();
-        self.dispatched.clear();
-        self.announced.clear();
-        self.fencing.clear();
-        self.fence_retry_at.clear();
-        self.held.clear();
-        self.released.clear();
-        self.tag_warned.clear();
-        self.def_warned.clear();
         // What a follower noted was never recorded (its output is dropped).
         self.identity = Default::default();
         out.push(Action::Propose(StateCommand::RecordEvent {
@@ -127,7 +97,7 @@ impl Engine {
             .collect();
         Action::LeaderRecord {
             condemned,
-            hold: !self.held.is_empty(),
+            hold: !self.fencing.held.is_empty(),
         }
     }
 }

@@ -34,6 +34,7 @@ mod interface;
 mod leadership;
 mod maintenance;
 mod observation;
+mod operator;
 mod proof;
 mod queries;
 mod reservations;
@@ -52,9 +53,12 @@ pub use self::sessions::INCOMPATIBLE_ALIVE_MS;
 pub use self::storage::STORAGE_FAULT_GRACE_MS;
 
 use self::conditions::condition_evidence;
+use self::fencing::FencingBook;
 use self::observation::HostInventory;
 use self::proof::forced_stop;
+use self::restarts::RecoveryBook;
 use self::restarts::{need_of, vm_seen};
+use self::sessions::HelloClaims;
 
 use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
 use crate::investigation::{self, Condition, Evidence};
@@ -70,61 +74,32 @@ use crate::state::{
 pub struct Engine {
     detector: FailureDetector,
     policy: RecoveryConfig,
+    /// This leadership's bookkeeping of VM recovery (reset on election).
+    recovery: RecoveryBook,
+    /// This leadership's bookkeeping of host fencing (reset on election).
+    fencing: FencingBook,
     facts: BTreeMap<String, HostFacts>,
     connected: BTreeSet<String>,
     inventory: BTreeMap<String, HostInventory>,
-    /// Starts proposed (uuid → generation) and not yet seen committed.
-    proposed_start: BTreeMap<String, u64>,
-    /// Failures proposed (uuid → generation) and not yet seen committed.
-    proposed_failure: BTreeMap<String, u64>,
-    /// Start orders sent by this leader (uuid → generation).
-    dispatched: BTreeMap<String, u64>,
-    /// Generations announced to agents (uuid → generation).
-    announced: BTreeMap<String, u64>,
     failover: FailoverConfig,
-    /// Fence calls in flight.
-    fencing: BTreeSet<String>,
-    /// Earliest time (wall ms) for the next fence attempt of a host.
-    fence_retry_at: BTreeMap<String, u64>,
-    /// Clusters whose automatic fencing is held (mass failure), to say so once.
-    held: BTreeSet<String>,
-    /// Hosts an operator released from a mass-failure hold (`vigilctl fencing release`): they
-    /// neither count towards nor wait for a hold until they are heard again.
-    released: BTreeSet<String>,
-    /// VMs already told about a missing ha_tag host, to say so once per episode.
-    tag_warned: BTreeSet<String>,
-    /// VMs already reported as lacking a stored definition.
-    def_warned: BTreeSet<String>,
-    /// What each connected agent said in its hello (zone, cluster, agent version), so a
-    /// monitor that becomes leader after the agent connected still registers the host.
-    hellos: BTreeMap<String, (String, String, String)>,
+    /// What each connected agent's hello claims, so that a monitor that becomes leader after
+    /// the agent connected still registers the host.
+    hellos: BTreeMap<String, HelloClaims>,
     leader: bool,
     /// What silent hosts' silence means (storage heartbeats, peer probes).
     evidence: Evidence,
     /// Leases granted and when their expiry is proof.
     leases: LeaseBook,
-    /// The last condition recorded per host (events on change).
-    conditions: BTreeMap<String, Condition>,
     /// Agent process of each host (from its hello).
     instances: BTreeMap<String, u64>,
     /// Storage pools of each host (from its hello), and their state there.
     host_pools: BTreeMap<String, Vec<String>>,
     pool_status: BTreeMap<(String, String), PoolStatus>,
-    /// Fence requests written to storage slots by this leader.
-    slot_requests: BTreeMap<String, FenceRequest>,
-    /// Hosts whose proof (slot or lease) was proposed.
-    proof_proposed: BTreeSet<String>,
     /// Self-fence reports already recorded, per host (episode ids), so that a resent
     /// report is recorded once.
     self_fence_noted: BTreeMap<String, BTreeSet<u64>>,
     /// Fence acknowledgements already refused as proof (request ids), to say so once.
     acks_refused: BTreeSet<u64>,
-    /// Earliest time (monotonic ms) to power-fence a host in Fencing.
-    power_after: BTreeMap<String, u64>,
-    /// Whether the host's fencing may use lease expiry (not when only its agent is down).
-
-    /// Hosts already reported as unfenceable (no method), to say so once.
-    unfenceable: BTreeSet<String>,
     /// Raft term and node id while leader (stamped into fence requests).
     term_node: (u64, u64),
     /// Stops that are failures to recover from, not an operator's decision, although libvirt
@@ -179,34 +154,21 @@ impl Engine {
         Engine {
             detector: FailureDetector::new(cfg, now_ms),
             policy,
+            recovery: RecoveryBook::default(),
+            fencing: FencingBook::default(),
             facts: BTreeMap::new(),
             connected: BTreeSet::new(),
             inventory: BTreeMap::new(),
-            proposed_start: BTreeMap::new(),
-            proposed_failure: BTreeMap::new(),
-            dispatched: BTreeMap::new(),
-            announced: BTreeMap::new(),
             failover: FailoverConfig::default(),
-            fencing: BTreeSet::new(),
-            fence_retry_at: BTreeMap::new(),
-            held: BTreeSet::new(),
-            released: BTreeSet::new(),
-            tag_warned: BTreeSet::new(),
-            def_warned: BTreeSet::new(),
             hellos: BTreeMap::new(),
             leader: false,
             evidence: Evidence::default(),
             leases: LeaseBook::new(LeaseConfig::default(), 500),
-            conditions: BTreeMap::new(),
             instances: BTreeMap::new(),
             host_pools: BTreeMap::new(),
             pool_status: BTreeMap::new(),
-            slot_requests: BTreeMap::new(),
-            proof_proposed: BTreeSet::new(),
             self_fence_noted: BTreeMap::new(),
             acks_refused: BTreeSet::new(),
-            power_after: BTreeMap::new(),
-            unfenceable: BTreeSet::new(),
             term_node: (0, 0),
             expected_stops: BTreeMap::new(),
             maintenance: BTreeSet::new(),

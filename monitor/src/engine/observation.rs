@@ -481,8 +481,8 @@ impl Engine {
             }
             // No answer: the start may or may not have happened, so this is no proof of
             // anything. Send the same order (same generation: idempotent) again later.
-            Err(_) if self.dispatched.get(&uuid) == Some(&generation) => {
-                self.dispatched.remove(&uuid);
+            Err(_) if self.recovery.dispatched.get(&uuid) == Some(&generation) => {
+                self.recovery.dispatched.remove(&uuid);
             }
             _ => {}
         }

@@ -10,6 +10,63 @@ use super::*;
 pub const EXPECTED_STOP_TTL_MS: u64 = 120_000;
 
 impl Engine {
+    /// Proof 2–4 taken (the host is fenced): every HA VM that ran there fails with that proof
+    /// and is placed elsewhere, each one reserved before the next is placed.
+    pub(super) fn fail_vms_of_fenced_host(
+        &mut self,
+        name: &str,
+        proof: &str,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let vms: Vec<&VmRecord> = state
+            .vms
+            .values()
+            .filter(|v| v.ha && v.host == name)
+            .filter(|v| matches!(v.phase, Phase::Running | Phase::Recovering { .. }))
+            .collect();
+        for vm in vms {
+            if self.recovery.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
+                return;
+            }
+            let need = need_of(vm);
+            let (tag, fallback) = (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
+            let views = self.views(state);
+            let (target, warning) = placement::failover_target(
+                &state.hosts,
+                views,
+                name,
+                &need,
+                tag.as_deref(),
+                fallback,
+            );
+            self.warn_tag(vm, warning, wall_ms, out);
+            if let Some(t) = &target {
+                // Reserved now: the next VM of this host must see it taken.
+                if let Some(v) = self.views(state).get_mut(t) {
+                    v.reserve(&need);
+                }
+            }
+            let decision = recovery::decide_host_failure(vm, wall_ms, &self.policy, target);
+            self.recovery
+                .proposed_failure
+                .insert(vm.uuid.clone(), vm.generation);
+            out.push(Action::Propose(StateCommand::VmFailed {
+                at_ms: wall_ms,
+                uuid: vm.uuid.clone(),
+                generation: vm.generation,
+                failure: FailureKind::HostFailed,
+                proof: Proof::HostFenced {
+                    host: name.to_string(),
+                    detail: proof.to_string(),
+                },
+                decision,
+                window_ms: self.policy.window_ms,
+            }));
+        }
+    }
+
     /// A failure with proof: ask the policy what to do and propose it.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn vm_failed(
@@ -22,7 +79,7 @@ impl Engine {
         state: &ClusterState,
         out: &mut Vec<Action>,
     ) {
-        if self.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
+        if self.recovery.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
             return;
         }
         let need = need_of(vm);
@@ -42,7 +99,9 @@ impl Engine {
                 placement::relocation_target(&state.hosts, &views, host, &need)
             })
         };
-        self.proposed_failure.insert(vm.uuid.clone(), vm.generation);
+        self.recovery
+            .proposed_failure
+            .insert(vm.uuid.clone(), vm.generation);
         self.expected_stops.remove(&vm.uuid);
         out.push(Action::Propose(StateCommand::VmFailed {
             at_ms: wall_ms,

@@ -9,7 +9,7 @@ impl Engine {
 
     /// The host's condition as last recorded.
     pub fn condition(&self, host: &str) -> Option<&Condition> {
-        self.conditions.get(host)
+        self.fencing.conditions.get(host)
     }
 
     pub fn liveness(&self, host: &str, now_ms: u64) -> Option<LivenessView> {

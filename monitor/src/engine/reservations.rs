@@ -120,7 +120,7 @@ impl Engine {
         out: &mut Vec<Action>,
     ) {
         match warning {
-            Some(w) if self.tag_warned.insert(vm.uuid.clone()) => {
+            Some(w) if self.recovery.tag_warned.insert(vm.uuid.clone()) => {
                 out.push(Action::Propose(StateCommand::RecordEvent {
                     at_ms: wall_ms,
                     severity: Severity::Critical,
@@ -131,7 +131,7 @@ impl Engine {
             }
             Some(_) => {}
             None => {
-                self.tag_warned.remove(&vm.uuid);
+                self.recovery.tag_warned.remove(&vm.uuid);
             }
         }
     }

@@ -3,6 +3,25 @@
 
 use super::*;
 
+/// What this leader proposed, sent and announced for VM recovery: reset with `Default` when a
+/// monitor becomes leader, which then re-derives every order from committed state (activation
+/// generations make a repeated order harmless).
+#[derive(Debug, Clone, Default)]
+pub(super) struct RecoveryBook {
+    /// Starts proposed (uuid → generation) and not yet seen committed.
+    pub(super) proposed_start: BTreeMap<String, u64>,
+    /// Failures proposed (uuid → generation) and not yet seen committed.
+    pub(super) proposed_failure: BTreeMap<String, u64>,
+    /// Start orders sent by this leader (uuid → generation).
+    pub(super) dispatched: BTreeMap<String, u64>,
+    /// Generations announced to agents (uuid → generation).
+    pub(super) announced: BTreeMap<String, u64>,
+    /// VMs already told about a missing ha_tag host, to say so once per episode.
+    pub(super) tag_warned: BTreeSet<String>,
+    /// VMs already reported as lacking a stored definition.
+    pub(super) def_warned: BTreeSet<String>,
+}
+
 impl Engine {
     /// Work derived from committed state: due restarts, start orders to send, generations to
     /// announce.
@@ -72,7 +91,7 @@ impl Engine {
                     // Another host can only start it from the stored definition.
                     let target = match target {
                         Some(t) if t != vm.host && vm.definition.is_none() => {
-                            if self.def_warned.insert(vm.uuid.clone()) {
+                            if self.recovery.def_warned.insert(vm.uuid.clone()) {
                                 out.push(Action::Propose(StateCommand::RecordEvent {
                                     at_ms: wall_ms,
                                     severity: Severity::Critical,
@@ -92,9 +111,9 @@ impl Engine {
                         if wall_ms >= *not_before_ms
                             && safe
                             && self.host_usable(&target)
-                            && self.proposed_start.get(&vm.uuid) != Some(&next)
+                            && self.recovery.proposed_start.get(&vm.uuid) != Some(&next)
                         {
-                            self.proposed_start.insert(vm.uuid.clone(), next);
+                            self.recovery.proposed_start.insert(vm.uuid.clone(), next);
                             self.place(vm, &target, &need, wall_ms, state, out);
                             out.push(Action::Propose(StateCommand::OrderStart {
                                 at_ms: wall_ms,
@@ -106,10 +125,12 @@ impl Engine {
                     }
                 }
                 Phase::Recovering { host, .. }
-                    if self.dispatched.get(&vm.uuid) != Some(&vm.generation)
+                    if self.recovery.dispatched.get(&vm.uuid) != Some(&vm.generation)
                         && self.connected.contains(host) =>
                 {
-                    self.dispatched.insert(vm.uuid.clone(), vm.generation);
+                    self.recovery
+                        .dispatched
+                        .insert(vm.uuid.clone(), vm.generation);
                     out.push(Action::Send {
                         host: host.clone(),
                         command: AgentCommand::StartDomain {
@@ -123,15 +144,18 @@ impl Engine {
             }
         }
         for vm in state.vms.values() {
-            if vm.ha && self.announced.get(&vm.uuid) != Some(&vm.generation) {
-                self.announced.insert(vm.uuid.clone(), vm.generation);
+            if vm.ha && self.recovery.announced.get(&vm.uuid) != Some(&vm.generation) {
+                self.recovery
+                    .announced
+                    .insert(vm.uuid.clone(), vm.generation);
                 changed_generations.push((vm.uuid.clone(), vm.generation));
             }
         }
         // Forget proposals that committed state has overtaken.
-        self.proposed_start
+        self.recovery
+            .proposed_start
             .retain(|u, g| state.vms.get(u).is_some_and(|v| v.generation < *g));
-        self.proposed_failure.retain(|u, g| {
+        self.recovery.proposed_failure.retain(|u, g| {
             state.vms.get(u).is_some_and(|v| {
                 v.generation == *g && matches!(v.phase, Phase::Running | Phase::Recovering { .. })
             })

@@ -44,35 +44,19 @@ impl Engine {
             .hosts
             .get(&host)
             .is_some_and(|h| h.phase != HostPhase::Active)
-            || self.slot_requests.contains_key(&host)
+            || self.fencing.slot_requests.contains_key(&host)
         {
             self.end_fencing_episode(&host, out);
         }
         self.forget_fencing(&host);
-        self.hellos.insert(
-            host.clone(),
-            (zone.clone(), cluster.clone(), agent_version.clone()),
-        );
-        let known = state.hosts.get(&host);
-        // Zone and cluster are pinned in the host record (issue 10 item 3): a hello
-        // never moves a registered host, only `vigilctl host place` does.
-        let (zone, cluster) = claims::pinned_placement(known, zone, cluster);
         self.identity.placement_refused.remove(&host);
-        let changed = known.is_none_or(|h| {
-            h.zone != zone || h.cluster != cluster || h.agent_version != agent_version
-        });
-        if changed {
-            out.push(Action::Propose(StateCommand::RegisterHost {
-                at_ms: wall_ms,
-                name: host.clone(),
-                zone,
-                cluster,
-                agent_version,
-            }));
-        }
-        if let Some(cmd) = self.host_info_update(&host, wall_ms, state) {
-            out.push(Action::Propose(cmd));
-        }
+        let hello = HelloClaims {
+            zone,
+            cluster,
+            agent_version,
+        };
+        self.register_host(&host, &hello, wall_ms, state, out);
+        self.hellos.insert(host.clone(), hello);
         if state
             .hosts
             .get(&host)
@@ -94,7 +78,8 @@ impl Engine {
             host: Some(host.clone()),
             message: generation_table(state),
         });
-        self.dispatched
+        self.recovery
+            .dispatched
             .retain(|uuid, _| state.vms.get(uuid).is_none_or(|v| v.host != host));
     }
 
@@ -130,7 +115,8 @@ impl Engine {
         // Not evidence of death by itself: the detector decides on silence alone.
         self.connected.remove(&host);
         self.hellos.remove(&host);
-        self.dispatched
+        self.recovery
+            .dispatched
             .retain(|uuid, _| state.vms.get(uuid).is_none_or(|v| v.host != host));
     }
 
@@ -227,6 +213,37 @@ impl Engine {
         }
     }
 
+    /// Registers the host (or updates its record) with what its agent's hello claims: zone and
+    /// cluster are pinned in the host record (issue 10 item 3), so a hello never moves a
+    /// registered host, only `vigilctl host place` does; then its pools and address.
+    pub(super) fn register_host(
+        &self,
+        host: &str,
+        hello: &HelloClaims,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let known = state.hosts.get(host);
+        let (zone, cluster) =
+            claims::pinned_placement(known, hello.zone.clone(), hello.cluster.clone());
+        let changed = known.is_none_or(|h| {
+            h.zone != zone || h.cluster != cluster || h.agent_version != hello.agent_version
+        });
+        if changed {
+            out.push(Action::Propose(StateCommand::RegisterHost {
+                at_ms: wall_ms,
+                name: host.to_string(),
+                zone,
+                cluster,
+                agent_version: hello.agent_version.clone(),
+            }));
+        }
+        if let Some(cmd) = self.host_info_update(host, wall_ms, state) {
+            out.push(Action::Propose(cmd));
+        }
+    }
+
     /// The host's pools and address, as its agent's connection showed them, when the
     /// replicated record differs: replicated so that a new leader knows which hosts have
     /// storage (and so which proofs can exist) and where peers can check them, before their
@@ -291,4 +308,13 @@ impl Engine {
             .get(host)
             .is_some_and(|t| now_ms.saturating_sub(*t) < INCOMPATIBLE_ALIVE_MS)
     }
+}
+
+/// What an agent's hello claims about its host, kept while it is connected so that a monitor
+/// that becomes leader later still registers the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct HelloClaims {
+    pub(super) zone: String,
+    pub(super) cluster: String,
+    pub(super) agent_version: String,
 }

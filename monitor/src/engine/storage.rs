@@ -34,14 +34,14 @@ impl Engine {
             self.evidence.storage_beat(pool, hb, now_ms);
         }
         for ack in cycle.acks {
-            let Some(req) = self.slot_requests.get(&ack.host).cloned() else {
+            let Some(req) = self.fencing.slot_requests.get(&ack.host).cloned() else {
                 continue;
             };
             let fencing = state
                 .hosts
                 .get(&ack.host)
                 .is_some_and(|h| matches!(h.phase, HostPhase::Fencing { .. }));
-            if req.id != ack.id || !fencing || self.proof_proposed.contains(&ack.host) {
+            if req.id != ack.id || !fencing || self.fencing.proof_proposed.contains(&ack.host) {
                 continue;
             }
             if let Err(why) = vigil_common::storage::ack_proves(&req, &ack) {
@@ -59,7 +59,7 @@ impl Engine {
                 }
                 continue;
             }
-            self.proof_proposed.insert(ack.host.clone());
+            self.fencing.proof_proposed.insert(ack.host.clone());
             out.push(Action::Propose(StateCommand::FenceResult {
                 at_ms: wall_ms,
                 host: ack.host.clone(),
