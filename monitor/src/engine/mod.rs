@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use vigil_common::config::{DetectorConfig, LeaseConfig, RecoveryConfig};
+use vigil_common::config::{DetectorConfig, LeaseConfig, RecoveryConfig, TagFallback};
 use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason,
 };

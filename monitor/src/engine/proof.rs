@@ -28,7 +28,7 @@ impl Engine {
             .collect();
         for vm in vms {
             if self.recovery.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
-                return;
+                continue;
             }
             let need = need_of(vm);
             let (tag, fallback) = (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
@@ -42,12 +42,22 @@ impl Engine {
                 fallback,
             );
             self.warn_tag(vm, warning, wall_ms, out);
-            if let Some(t) = &target {
-                // Reserved now: the next VM of this host must see it taken.
-                if let Some(v) = self.views(state).get_mut(t) {
-                    v.reserve(&need);
+            let target = match target {
+                Some(choice) => {
+                    // Reserved now: the next VM of this host must see it taken.
+                    if let Some(v) = self.views(state).get_mut(&choice.host) {
+                        v.reserve(&need);
+                    }
+                    Ok(choice)
                 }
-            }
+                None => Err(placement::no_room(
+                    &state.hosts,
+                    self.views(state),
+                    name,
+                    &need,
+                    tag.as_deref().filter(|_| fallback == TagFallback::Wait),
+                )),
+            };
             let decision = recovery::decide_host_failure(vm, wall_ms, &self.policy, target);
             self.recovery
                 .proposed_failure
@@ -89,7 +99,8 @@ impl Engine {
         let gone_here = self.shut_off_on(host, &vm.uuid);
         let decision = if matches!(failure, FailureKind::StorageLost | FailureKind::Maintenance) {
             // Its host lost the VM's storage, or is being drained: not back there.
-            let target = placement::relocation_target(&state.hosts, &views, host, &need);
+            let target = placement::relocation_target(&state.hosts, &views, host, &need)
+                .ok_or_else(|| placement::no_room(&state.hosts, &views, host, &need, None));
             recovery::decide_host_failure(vm, wall_ms, &self.policy, target)
         } else {
             recovery::decide(vm, host, wall_ms, &self.policy, || {

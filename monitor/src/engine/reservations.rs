@@ -39,10 +39,12 @@ impl Engine {
                 } else {
                     (cpus * u64::from(self.failover.vcpu_overcommit)).saturating_sub(running_vcpus)
                 };
+                let unusable_why = self.unusable_why(h);
                 (
                     h.clone(),
                     HostView {
-                        usable: self.host_usable(h),
+                        usable: unusable_why.is_none(),
+                        unusable_why,
                         memory_available_bytes: facts
                             .map(|f| f.memory_available_bytes)
                             .unwrap_or(0),
@@ -139,18 +141,45 @@ impl Engine {
     /// Whether `host` can take a VM now: connected, up, a healthy hypervisor, and every
     /// storage pool it mounts up there (nothing is placed on a pool that is down).
     pub(super) fn host_usable(&self, host: &str) -> bool {
-        !self.maintenance.contains(host)
-            && !self.not_active.contains(host)
-            && self
-                .pool_status
-                .range((host.to_string(), String::new())..)
-                .take_while(|((h, _), _)| h == host)
-                .all(|(_, p)| p.ok)
-            && self.connected.contains(host)
-            && self.detector.state(host) == Some(Liveness::Up)
-            && self
-                .inventory
-                .get(host)
-                .is_none_or(|i| i.health == HypervisorHealth::Healthy)
+        self.unusable_why(host).is_none()
+    }
+
+    /// Why placement cannot use `host` now (`None`: it can). One function for the check and
+    /// for the words the event log uses about it.
+    pub(super) fn unusable_why(&self, host: &str) -> Option<String> {
+        if self.maintenance.contains(host) {
+            return Some("is in maintenance".into());
+        }
+        if self.not_active.contains(host) {
+            return Some("is being fenced or was fenced".into());
+        }
+        if let Some(((_, pool), _)) = self
+            .pool_status
+            .range((host.to_string(), String::new())..)
+            .take_while(|((h, _), _)| h == host)
+            .find(|(_, p)| !p.ok)
+        {
+            return Some(format!("has storage pool {pool} down"));
+        }
+        if !self.connected.contains(host) {
+            return Some("has no agent connected".into());
+        }
+        match self.detector.state(host) {
+            Some(Liveness::Up) => {}
+            other => {
+                return Some(format!(
+                    "is not up ({})",
+                    other.map_or("unknown".to_string(), |l| format!("{l:?}").to_lowercase())
+                ))
+            }
+        }
+        if self
+            .inventory
+            .get(host)
+            .is_some_and(|i| i.health != HypervisorHealth::Healthy)
+        {
+            return Some("has an unhealthy hypervisor".into());
+        }
+        None
     }
 }

@@ -62,7 +62,8 @@ impl Engine {
                         .is_some_and(|h| matches!(h.phase, HostPhase::Fenced { .. }));
                     let relocate = &(*relocate || target_fenced || self.maintenance.contains(host));
                     let need = need_of(vm);
-                    let target = if *relocate && !self.host_usable(host) {
+                    // Where it starts, and (when placement runs again here) why there.
+                    let target: Option<(String, String)> = if *relocate && !self.host_usable(host) {
                         let (tag, fallback) =
                             (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
                         let views = self.views(state);
@@ -78,19 +79,26 @@ impl Engine {
                         // Nowhere else, but its own host is back (rejoined after fencing, or
                         // storage healed): it may start there again; the proof check below
                         // still applies.
-                        t.or_else(|| {
-                            let home_ok = state
-                                .hosts
-                                .get(&vm.host)
-                                .is_some_and(|h| h.phase == HostPhase::Active);
-                            (home_ok && self.host_usable(&vm.host)).then(|| vm.host.clone())
-                        })
+                        match t {
+                            Some(c) => Some((c.host, c.why)),
+                            None => {
+                                let home_ok = state
+                                    .hosts
+                                    .get(&vm.host)
+                                    .is_some_and(|h| h.phase == HostPhase::Active);
+                                (home_ok && self.host_usable(&vm.host)).then(|| {
+                                    let views = self.views(state);
+                                    let why = placement::no_room(&state.hosts, views, &vm.host, &need, tag.as_deref().filter(|_| fallback == TagFallback::Wait));
+                                    (vm.host.clone(), format!("back on its own host, the only one that can take it ({why})"))
+                                })
+                            }
+                        }
                     } else {
-                        Some(host.clone())
+                        Some((host.clone(), String::new()))
                     };
                     // Another host can only start it from the stored definition.
                     let target = match target {
-                        Some(t) if t != vm.host && vm.definition.is_none() => {
+                        Some((t, _)) if t != vm.host && vm.definition.is_none() => {
                             if self.recovery.def_warned.insert(vm.uuid.clone()) {
                                 out.push(Action::Propose(StateCommand::RecordEvent {
                                     at_ms: wall_ms,
@@ -107,13 +115,18 @@ impl Engine {
                         }
                         other => other,
                     };
-                    if let Some(target) = target {
+                    if let Some((target, why)) = target {
                         if wall_ms >= *not_before_ms
                             && safe
                             && self.host_usable(&target)
                             && self.recovery.proposed_start.get(&vm.uuid) != Some(&next)
                         {
                             self.recovery.proposed_start.insert(vm.uuid.clone(), next);
+                            if !why.is_empty() {
+                                // The failure's event named another host (or none): say why
+                                // the start goes here instead, before it is ordered.
+                                self.placed_again(vm, host, &target, &why, next, wall_ms, out);
+                            }
                             self.place(vm, &target, &need, wall_ms, state, out);
                             out.push(Action::Propose(StateCommand::OrderStart {
                                 at_ms: wall_ms,
@@ -175,6 +188,44 @@ impl Engine {
                 },
             );
         }
+    }
+
+    /// Says where a start goes when placement ran again after the failure's event: the host
+    /// that event named (`planned`, empty when none could take it then) and why it no longer
+    /// can, the host chosen now and why.
+    #[allow(clippy::too_many_arguments)]
+    fn placed_again(
+        &self,
+        vm: &VmRecord,
+        planned: &str,
+        target: &str,
+        why: &str,
+        generation: u64,
+        wall_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        let instead = if planned.is_empty() {
+            "no host could take it when it failed".to_string()
+        } else {
+            format!(
+                "instead of {planned}, which {}",
+                self.unusable_why(planned)
+                    .unwrap_or_else(|| "is not its own host any more".into())
+            )
+        };
+        out.push(Action::Propose(StateCommand::RecordEvent {
+            at_ms: wall_ms,
+            severity: Severity::Info,
+            host: Some(target.to_string()),
+            kind: EventKind::VmPlaced {
+                generation,
+                target: target.to_string(),
+            },
+            message: format!(
+                "VM {} (priority {}) placed on {target} ({instead}): {why}",
+                vm.name, vm.priority
+            ),
+        }));
     }
 }
 
