@@ -18,7 +18,10 @@ use vigil_common::wire::{
     close, AgentCommand, AgentToMonitor, CommandOutcome, MonitorToAgent, Preamble, Welcome,
 };
 
-use crate::engine::Input;
+use crate::engine::{
+    Beat, DefinitionReport, Hello, Input, LifecycleReport, Listing, SelfFenceReport,
+    StaleCopyDestroyed,
+};
 use crate::service::EngineHandle;
 
 /// How long an agent may take between connecting and sending its hello.
@@ -329,7 +332,7 @@ pub async fn serve(
     }
 
     engine
-        .input(Input::AgentConnected {
+        .input(Input::AgentConnected(Hello {
             host: host.clone(),
             zone: hello.zone.clone(),
             cluster: hello.cluster.clone(),
@@ -338,7 +341,7 @@ pub async fn serve(
             instance: hello.instance,
             pools: hello.pools.clone(),
             addr: Some(remote.ip()),
-        })
+        }))
         .await;
     let welcome = MonitorToAgent::Welcome(Welcome {
         monitor_node: node_id,
@@ -377,14 +380,14 @@ pub async fn serve(
                 Ok(Some(AgentToMonitor::Heartbeat(hb))) => {
                     sessions.heartbeats.fetch_add(1, Ordering::Relaxed);
                     engine
-                        .input(Input::Heartbeat {
+                        .input(Input::Heartbeat(Beat {
                             host: host.clone(),
                             seq: hb.seq,
                             facts: hb.facts,
                             mono_ms: hb.mono_ms,
                             pools: hb.pools,
                             watchdog_ms: hb.watchdog_ms,
-                        })
+                        }))
                         .await;
                 }
                 Ok(Some(AgentToMonitor::SelfFenced {
@@ -395,12 +398,12 @@ pub async fn serve(
                 })) => {
                     warn!(%host, id, %reason, ?destroyed, wall_ms, "agent reports it fenced itself");
                     engine
-                        .input(Input::SelfFenced {
+                        .input(Input::SelfFenced(SelfFenceReport {
                             host: host.clone(),
                             id,
                             reason,
                             destroyed,
-                        })
+                        }))
                         .await;
                 }
                 Ok(Some(AgentToMonitor::Inventory {
@@ -409,12 +412,12 @@ pub async fn serve(
                     seq,
                 })) => {
                     engine
-                        .input(Input::Inventory {
+                        .input(Input::Inventory(Listing {
                             host: host.clone(),
                             domains,
                             health,
                             seq,
-                        })
+                        }))
                         .await;
                 }
                 Ok(Some(AgentToMonitor::DomainEvent {
@@ -424,21 +427,21 @@ pub async fn serve(
                 })) => {
                     debug!(%host, ?event, seq, "domain event");
                     engine
-                        .input(Input::DomainEvent {
+                        .input(Input::DomainEvent(LifecycleReport {
                             host: host.clone(),
                             event,
                             generation,
                             seq,
-                        })
+                        }))
                         .await;
                 }
                 Ok(Some(AgentToMonitor::Definition { uuid, xml })) => {
                     engine
-                        .input(Input::Definition {
+                        .input(Input::Definition(DefinitionReport {
                             host: host.clone(),
                             uuid,
                             xml,
-                        })
+                        }))
                         .await;
                 }
                 Ok(Some(AgentToMonitor::StaleDestroyed {
@@ -449,12 +452,12 @@ pub async fn serve(
                 })) => {
                     warn!(%host, %uuid, %name, ?found, newest, "agent destroyed a stale domain");
                     engine
-                        .input(Input::StaleDestroyed {
+                        .input(Input::StaleDestroyed(StaleCopyDestroyed {
                             host: host.clone(),
                             uuid,
                             found,
                             newest,
-                        })
+                        }))
                         .await;
                 }
                 Ok(Some(AgentToMonitor::CommandResult { id, outcome, seq })) => {

@@ -19,8 +19,10 @@ use crate::state::HostRecord;
 /// What the engine knows about a host right now.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct HostView {
-    /// Connected, up, healthy hypervisor, its storage up, not in maintenance.
+    /// Connected, up, healthy hypervisor, its storage up, not in maintenance, not fenced.
     pub usable: bool,
+    /// Why not, when not usable (for the event log and `vigilctl plan`).
+    pub unusable_why: Option<String>,
     pub memory_available_bytes: u64,
     /// vCPUs it can still take (its CPUs times the overcommit ratio, minus what runs there).
     pub vcpus_available: u64,
@@ -78,23 +80,117 @@ fn candidates<'h>(
         .collect()
 }
 
+/// vCPUs a view offers when they are not checked (`vcpu_overcommit = 0`): not worth printing.
+const VCPUS_UNCHECKED: u64 = 1 << 40;
+
+/// A host placement chose, and why: what an operator reads in the event that sends a VM
+/// there ("why did this VM restart *here*?").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    pub host: String,
+    /// The reasons, in the order they decided: ha_tag, anti-affinity, cluster, room left.
+    pub why: String,
+}
+
 /// The best of `c`: no anti-affinity conflict, then same cluster, then most free memory,
-/// then the name (deterministic).
+/// then the name (deterministic). `tag`: the ha_tag every candidate carries, if any.
 fn best(
     c: &[&(&String, &HostRecord, &HostView)],
     from: &HostRecord,
     need: &Need,
-) -> Option<String> {
-    c.iter()
-        .max_by_key(|(n, h, v)| {
-            (
-                !v.conflicts(need),
-                h.cluster == from.cluster,
-                v.memory_available_bytes,
-                std::cmp::Reverse((*n).clone()),
-            )
+    tag: Option<&str>,
+) -> Option<Choice> {
+    let (n, h, v) = c.iter().max_by_key(|(n, h, v)| {
+        (
+            !v.conflicts(need),
+            h.cluster == from.cluster,
+            v.memory_available_bytes,
+            std::cmp::Reverse((*n).clone()),
+        )
+    })?;
+    let mut why = Vec::new();
+    if let Some(tag) = tag {
+        why.push(format!("carries ha_tag {tag:?}"));
+    }
+    if let Some(g) = need.group {
+        why.push(if v.conflicts(need) {
+            format!("every host with room already runs a member of anti-affinity group {g}")
+        } else {
+            format!("no other member of anti-affinity group {g}")
+        });
+    }
+    why.push(if h.cluster == from.cluster {
+        format!("same cluster {}", h.cluster)
+    } else {
+        format!("in cluster {}, not {}", h.cluster, from.cluster)
+    });
+    let mut after = (*v).clone();
+    after.reserve(need);
+    why.push(if after.vcpus_available >= VCPUS_UNCHECKED {
+        format!("{} MiB free after it", after.memory_available_bytes >> 20)
+    } else {
+        format!(
+            "{} MiB and {} vCPUs free after it",
+            after.memory_available_bytes >> 20,
+            after.vcpus_available
+        )
+    });
+    why.push(format!(
+        "best of {} candidate(s) in zone {}",
+        c.len(),
+        from.zone
+    ));
+    Some(Choice {
+        host: (*n).clone(),
+        why: why.join(", "),
+    })
+}
+
+/// Why no host in the zone of `from_host` can take `need`: each other host of the zone with
+/// what rules it out (the text a queued VM's event carries).
+/// `tag`: the ha_tag a host must carry (a failover that waits for a tagged host).
+pub fn no_room(
+    hosts: &BTreeMap<String, HostRecord>,
+    views: &BTreeMap<String, HostView>,
+    from_host: &str,
+    need: &Need,
+    tag: Option<&str>,
+) -> String {
+    let Some(from) = hosts.get(from_host) else {
+        return format!("its host {from_host} is not registered");
+    };
+    let reasons: Vec<String> = hosts
+        .iter()
+        .filter(|(n, h)| n.as_str() != from_host && h.zone == from.zone)
+        .map(|(n, h)| {
+            let v = views.get(n).cloned().unwrap_or_default();
+            let why = if h.maintenance {
+                "is in maintenance".to_string()
+            } else if !v.usable {
+                v.unusable_why
+                    .clone()
+                    .unwrap_or_else(|| "is not usable".to_string())
+            } else if v.memory_available_bytes < need.memory_kib.saturating_mul(1024) {
+                format!(
+                    "has {} MiB free, needs {} MiB",
+                    v.memory_available_bytes >> 20,
+                    need.memory_kib >> 10
+                )
+            } else if v.vcpus_available < u64::from(need.vcpus) {
+                format!("has {} vCPUs free, needs {}", v.vcpus_available, need.vcpus)
+            } else if let Some(tag) = tag.filter(|t| !h.tags.contains(*t)) {
+                format!("does not carry ha_tag {tag:?}")
+            } else {
+                "fits".to_string()
+            };
+            format!("{n} {why}")
         })
-        .map(|(n, _, _)| (*n).clone())
+        .collect();
+    if reasons.is_empty() {
+        format!("no other host in zone {}", from.zone)
+    } else {
+        format!("in zone {}: {}", from.zone, reasons.join("; "))
+    }
 }
 
 /// Picks a host for a VM leaving `from_host` (see the module docs). `None` if no host
@@ -104,10 +200,10 @@ pub fn relocation_target(
     views: &BTreeMap<String, HostView>,
     from_host: &str,
     need: &Need,
-) -> Option<String> {
+) -> Option<Choice> {
     let from = hosts.get(from_host)?;
     let c = candidates(hosts, views, from, from_host, need);
-    best(&c.iter().collect::<Vec<_>>(), from, need)
+    best(&c.iter().collect::<Vec<_>>(), from, need, None)
 }
 
 /// Whether placing `need` on `host` puts two members of its anti-affinity group together.
@@ -124,17 +220,17 @@ pub fn failover_target(
     need: &Need,
     ha_tag: Option<&str>,
     fallback: TagFallback,
-) -> (Option<String>, Option<String>) {
+) -> (Option<Choice>, Option<String>) {
     let Some(from) = hosts.get(from_host) else {
         return (None, None);
     };
     let c = candidates(hosts, views, from, from_host, need);
     let all: Vec<_> = c.iter().collect();
     let Some(tag) = ha_tag else {
-        return (best(&all, from, need), None);
+        return (best(&all, from, need, None), None);
     };
     let tagged: Vec<_> = c.iter().filter(|(_, h, _)| h.tags.contains(tag)).collect();
-    if let Some(t) = best(&tagged, from, need) {
+    if let Some(t) = best(&tagged, from, need, Some(tag)) {
         return (Some(t), None);
     }
     let warning = format!(
@@ -143,7 +239,7 @@ pub fn failover_target(
     );
     match fallback {
         TagFallback::Any => (
-            best(&all, from, need),
+            best(&all, from, need, None),
             Some(format!("{warning}; falling back to any host")),
         ),
         TagFallback::Wait => (None, Some(format!("{warning}; queued until one is"))),
@@ -176,6 +272,7 @@ mod tests {
     fn view(usable: bool, gib: u64) -> HostView {
         HostView {
             usable,
+            unusable_why: (!usable).then(|| "is down".to_string()),
             memory_available_bytes: gib << 30,
             vcpus_available: 64,
             groups: BTreeSet::new(),
@@ -218,7 +315,22 @@ mod tests {
             Some("ha"),
             TagFallback::Any,
         );
-        assert_eq!((t.as_deref(), w), (Some("a3"), None));
+        assert_eq!(w, None);
+        let chosen = t.expect("a tagged host");
+        assert_eq!(chosen.host, "a3");
+        // The reasons name the tag first, then the cluster and the room left.
+        assert!(
+            chosen
+                .why
+                .starts_with("carries ha_tag \"ha\", in cluster c2, not c1"),
+            "{}",
+            chosen.why
+        );
+        assert!(
+            chosen.why.contains("1024 MiB and 63 vCPUs free after it"),
+            "{}",
+            chosen.why
+        );
         views.insert("a3".into(), view(false, 2));
         let (t, w) = failover_target(
             &hosts,
@@ -228,7 +340,7 @@ mod tests {
             Some("ha"),
             TagFallback::Any,
         );
-        assert_eq!(t.as_deref(), Some("a2"));
+        assert_eq!(t.map(|c| c.host).as_deref(), Some("a2"));
         assert!(w.is_some_and(|w| w.contains("ha_tag")));
         let (t, w) = failover_target(
             &hosts,
@@ -261,12 +373,16 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", &mem(1 << 20)).as_deref(),
+            relocation_target(&hosts, &views, "a1", &mem(1 << 20))
+                .map(|c| c.host)
+                .as_deref(),
             Some("a2")
         );
         // a2 lacks room for 4 GiB: the other cluster of the same zone, never zone z2.
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", &mem(4 << 20)).as_deref(),
+            relocation_target(&hosts, &views, "a1", &mem(4 << 20))
+                .map(|c| c.host)
+                .as_deref(),
             Some("a3")
         );
         views.insert("a3".into(), view(false, 64));
@@ -299,7 +415,9 @@ mod tests {
             v.groups.insert("db".into());
         }
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", &db).as_deref(),
+            relocation_target(&hosts, &views, "a1", &db)
+                .map(|c| c.host)
+                .as_deref(),
             Some("a3")
         );
         // Every host with room shares the group: placed anyway (a preference).
@@ -307,16 +425,27 @@ mod tests {
             v.groups.insert("db".into());
         }
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", &db).as_deref(),
+            relocation_target(&hosts, &views, "a1", &db)
+                .map(|c| c.host)
+                .as_deref(),
             Some("a2")
         );
         assert!(shares_group(&views, "a2", &db));
+        let why = relocation_target(&hosts, &views, "a1", &db)
+            .expect("a2")
+            .why;
+        assert!(
+            why.contains("every host with room already runs a member of anti-affinity group db"),
+            "{why}"
+        );
         // A host in maintenance takes nothing.
         if let Some(h) = hosts.get_mut("a2") {
             h.maintenance = true;
         }
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", &db).as_deref(),
+            relocation_target(&hosts, &views, "a1", &db)
+                .map(|c| c.host)
+                .as_deref(),
             Some("a3")
         );
         // Too few vCPUs left: not a candidate.
@@ -324,6 +453,11 @@ mod tests {
             v.vcpus_available = 1;
         }
         assert_eq!(relocation_target(&hosts, &views, "a1", &db), None);
+        // Why nothing fits, host by host, for the queued VM's event.
+        assert_eq!(
+            no_room(&hosts, &views, "a1", &db, None),
+            "in zone z1: a2 is in maintenance; a3 has 1 vCPUs free, needs 2"
+        );
         // Reservations: two 20 GiB VMs from one pass do not both land on a3 (32 GiB).
         if let Some(v) = views.get_mut("a3") {
             v.vcpus_available = 64;
@@ -336,12 +470,16 @@ mod tests {
             v.memory_available_bytes = 24 << 30;
         }
         let big = mem(20 << 20);
-        let first = relocation_target(&hosts, &views, "a1", &big).expect("room");
+        let first = relocation_target(&hosts, &views, "a1", &big)
+            .expect("room")
+            .host;
         assert_eq!(first, "a3");
         if let Some(v) = views.get_mut(&first) {
             v.reserve(&big);
         }
-        let second = relocation_target(&hosts, &views, "a1", &big).expect("room");
+        let second = relocation_target(&hosts, &views, "a1", &big)
+            .expect("room")
+            .host;
         assert_eq!(second, "a2");
         if let Some(v) = views.get_mut(&second) {
             v.reserve(&big);

@@ -9,6 +9,7 @@
 
 use vigil_common::config::RecoveryConfig;
 
+use crate::placement::Choice;
 use crate::state::{Decision, VmRecord};
 
 /// Decides what follows a failure of `vm` on `failed_host` at `now_ms` (Unix ms).
@@ -18,82 +19,92 @@ pub fn decide(
     failed_host: &str,
     now_ms: u64,
     policy: &RecoveryConfig,
-    relocation_target: impl FnOnce() -> Option<String>,
+    relocation_target: impl FnOnce() -> Option<Choice>,
 ) -> Decision {
-    let recent = vm
-        .failures
-        .iter()
-        .filter(|t| now_ms.saturating_sub(**t) <= policy.window_ms)
-        .count() as u32;
-    let n = recent + 1;
-    if n > policy.budget() {
-        return Decision::GiveUp {
-            reason: format!(
-                "{n} failures within {} s; the budget is {} restarts in place and {} relocations",
-                policy.window_ms / 1000,
-                policy.max_restarts_in_place,
-                policy.max_relocations
-            ),
-        };
+    let n = recent_failures(vm, now_ms, policy) + 1;
+    if let Some(give_up) = budget_spent(n, policy) {
+        return give_up;
     }
     let not_before_ms = now_ms + policy.backoff_ms(n);
+    let in_place = |why: String| Decision::Restart {
+        host: failed_host.to_string(),
+        relocate: false,
+        not_before_ms,
+        why,
+    };
     if n <= policy.max_restarts_in_place {
-        return Decision::Restart {
-            host: failed_host.to_string(),
-            relocate: false,
-            not_before_ms,
-        };
+        return in_place(String::new());
     }
     match relocation_target() {
-        Some(host) => Decision::Restart {
-            host,
+        Some(choice) => Decision::Restart {
+            host: choice.host,
             relocate: true,
             not_before_ms,
+            why: choice.why,
         },
         // No other host can take it: keep trying in place, still within the budget.
-        None => Decision::Restart {
-            host: failed_host.to_string(),
-            relocate: false,
-            not_before_ms,
-        },
+        None => in_place(format!(
+            "the {} restart(s) in place are spent, but no other host can take it",
+            policy.max_restarts_in_place
+        )),
     }
 }
 
 /// Decides what follows the loss of `vm` with its (fenced) host: always a relocation, at once,
-/// to `target` (or queued with no target, placed again as hosts come back), unless the VM's
-/// budget is spent.
+/// to `target` (or, `Err(why)`, queued with no target and placed again as hosts come back),
+/// unless the VM's budget is spent.
 pub fn decide_host_failure(
     vm: &VmRecord,
     now_ms: u64,
     policy: &RecoveryConfig,
-    target: Option<String>,
+    target: Result<Choice, String>,
 ) -> Decision {
-    let recent = vm
-        .failures
-        .iter()
-        .filter(|t| now_ms.saturating_sub(**t) <= policy.window_ms)
-        .count() as u32;
-    if recent + 1 > policy.budget() {
-        return Decision::GiveUp {
-            reason: format!(
-                "{} failures within {} s; the budget is {} restarts in place and {} relocations",
-                recent + 1,
-                policy.window_ms / 1000,
-                policy.max_restarts_in_place,
-                policy.max_relocations
-            ),
-        };
+    let n = recent_failures(vm, now_ms, policy) + 1;
+    if let Some(give_up) = budget_spent(n, policy) {
+        return give_up;
     }
+    let (host, why) = match target {
+        Ok(c) => (c.host, c.why),
+        Err(why) => (String::new(), why),
+    };
     Decision::Restart {
-        host: target.unwrap_or_default(),
+        host,
         relocate: true,
         not_before_ms: now_ms,
+        why,
     }
+}
+
+/// Failures of `vm` within the budget window before this one.
+fn recent_failures(vm: &VmRecord, now_ms: u64, policy: &RecoveryConfig) -> u32 {
+    vm.failures
+        .iter()
+        .filter(|t| now_ms.saturating_sub(**t) <= policy.window_ms)
+        .count() as u32
+}
+
+/// Giving up, when failure number `n` of the window exceeds the budget.
+fn budget_spent(n: u32, policy: &RecoveryConfig) -> Option<Decision> {
+    (n > policy.budget()).then(|| Decision::GiveUp {
+        reason: format!(
+            "{n} failures within {} s; the budget is {} restarts in place and {} relocations",
+            policy.window_ms / 1000,
+            policy.max_restarts_in_place,
+            policy.max_relocations
+        ),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn choice(host: &str) -> Choice {
+        Choice {
+            host: host.into(),
+            why: "the test's choice".into(),
+        }
+    }
     use crate::state::{HaSource, Phase};
     use std::collections::VecDeque;
 
@@ -122,13 +133,14 @@ mod tests {
     #[test]
     fn first_failure_restarts_in_place_at_once() {
         let p = RecoveryConfig::default();
-        let d = decide(&vm(&[]), "hv1", 1_000_000, &p, || Some("hv2".into()));
+        let d = decide(&vm(&[]), "hv1", 1_000_000, &p, || Some(choice("hv2")));
         assert_eq!(
             d,
             Decision::Restart {
                 host: "hv1".into(),
                 relocate: false,
-                not_before_ms: 1_000_000
+                not_before_ms: 1_000_000,
+                why: String::new(),
             }
         );
     }
@@ -148,7 +160,7 @@ mod tests {
         let p = RecoveryConfig::default();
         let now = 10_000_000;
         let d = decide(&vm(&[now - 3, now - 2, now - 1]), "hv1", now, &p, || {
-            Some("hv2".into())
+            Some(choice("hv2"))
         });
         assert!(
             matches!(d, Decision::Restart { ref host, relocate: true, .. } if host == "hv2"),
@@ -164,7 +176,7 @@ mod tests {
             "hv1",
             now,
             &p,
-            || Some("hv2".into()),
+            || Some(choice("hv2")),
         );
         assert!(matches!(d, Decision::GiveUp { .. }), "{d:?}");
     }

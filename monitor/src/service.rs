@@ -14,7 +14,7 @@ use vigil_common::config::{FenceHostConfig, MonitorConfig, RecoveryConfig};
 
 use crate::agent_link::Sessions;
 use crate::engine::FailoverConfig;
-use crate::engine::{Action, Engine, Input, StorageCycle};
+use crate::engine::{Action, CommandAnswer, Engine, Input, StorageCycle};
 use crate::fencing::{self, FenceAction};
 use crate::raft::{RaftNode, WriteError};
 use crate::state::{StateCommand, StateResponse};
@@ -208,12 +208,12 @@ pub fn spawn(
                                 let seq = answer.as_ref().ok().map(|(_, s)| *s);
                                 let result = answer.map(|(outcome, _)| outcome);
                                 debug!(%host, ?command, ?result, ?seq, "command done");
-                                back.input(Input::CommandDone {
+                                back.input(Input::CommandDone(CommandAnswer {
                                     host,
                                     command,
                                     result,
                                     seq,
-                                })
+                                }))
                                 .await;
                             });
                         }

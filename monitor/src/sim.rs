@@ -75,7 +75,10 @@ use vigil_common::domain::{
 use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
-use crate::engine::{Action, Engine, FailoverConfig, Input, StorageCycle};
+use crate::engine::{
+    Action, Beat, CommandAnswer, DefinitionReport, Engine, FailoverConfig, Hello, Input,
+    LifecycleReport, Listing, SelfFenceReport, StaleCopyDestroyed, StorageCycle,
+};
 use crate::state::ClusterState;
 
 /// Wall-clock offset: simulated time 0 is this Unix ms (keeps timestamps plausible).
@@ -815,12 +818,12 @@ impl Sim {
                 raw_detail: 0,
                 at_ms: self.wall(),
             };
-            self.input(Input::DomainEvent {
+            self.input(Input::DomainEvent(LifecycleReport {
                 host: host.to_string(),
                 event: ev,
                 generation,
                 seq,
-            });
+            }));
         }
     }
 
@@ -1054,12 +1057,12 @@ impl Sim {
         } else {
             now
         };
-        let input = Input::Inventory {
+        let input = Input::Inventory(Listing {
             host: host.to_string(),
             domains,
             health: HypervisorHealth::Healthy,
             seq,
-        };
+        });
         if due <= now {
             self.input(input);
         } else {
@@ -1119,12 +1122,12 @@ impl Sim {
             due,
             host.to_string(),
             h.instance,
-            Input::Inventory {
+            Input::Inventory(Listing {
                 host: host.to_string(),
                 domains,
                 health: HypervisorHealth::Healthy,
                 seq,
-            },
+            }),
         ));
     }
 
@@ -1272,12 +1275,12 @@ impl Sim {
             if !victims.is_empty() || new_episode {
                 // Reported before the destroys, once per episode (again if more went), as
                 // the real agent does.
-                h.queued.push(Input::SelfFenced {
+                h.queued.push(Input::SelfFenced(SelfFenceReport {
                     host: name.clone(),
                     id: episode_id,
                     reason: reason.clone(),
                     destroyed: victims.clone(),
-                });
+                }));
             }
             for u in &victims {
                 if let Some(d) = h.domains.get_mut(u) {
@@ -1285,7 +1288,7 @@ impl Sim {
                     d.reason = StateReason::Destroyed;
                     h.obs_seq += 1;
                     let seq = h.obs_seq;
-                    h.queued.push(Input::DomainEvent {
+                    h.queued.push(Input::DomainEvent(LifecycleReport {
                         host: name.clone(),
                         event: DomainEvent {
                             uuid: u.clone(),
@@ -1297,7 +1300,7 @@ impl Sim {
                         },
                         generation: Some(d.generation),
                         seq,
-                    });
+                    }));
                 }
             }
             if let Some(r) = request {
@@ -1606,7 +1609,7 @@ impl Sim {
                 if let Some(hm) = self.hosts.get_mut(name) {
                     hm.connected_to_engine = true;
                 }
-                self.input(Input::AgentConnected {
+                self.input(Input::AgentConnected(Hello {
                     host: name.clone(),
                     zone: h.zone.clone(),
                     cluster: h.cluster.clone(),
@@ -1615,7 +1618,7 @@ impl Sim {
                     instance: h.instance,
                     pools: self.pool.iter().cloned().collect(),
                     addr: Some(std::net::IpAddr::from([198, 18, 0, 1])),
-                });
+                }));
                 // What happened while cut off, then the current inventory (as the session).
                 let queued = self
                     .hosts
@@ -1627,12 +1630,12 @@ impl Sim {
                 }
                 let domains = self.domain_infos(name);
                 let seq = self.hosts.get_mut(name).map_or(0, SimHost::observe);
-                self.input(Input::Inventory {
+                self.input(Input::Inventory(Listing {
                     host: name.clone(),
                     domains,
                     health: HypervisorHealth::Healthy,
                     seq,
-                });
+                }));
             }
             if self.now % 100 == 0 {
                 let pools = self
@@ -1648,25 +1651,25 @@ impl Sim {
                         },
                     })
                     .collect();
-                self.input(Input::Heartbeat {
+                self.input(Input::Heartbeat(Beat {
                     host: name.clone(),
                     seq: self.now,
                     facts,
                     mono_ms: self.now - h.agent_started_at,
                     pools,
                     watchdog_ms: self.watchdog_ms.filter(|_| h.watchdog_fed.is_some()),
-                });
+                }));
             }
             if self.now % 500 == 0 {
                 let domains = self.domain_infos(name);
                 // Like the real agent: the definitions of HA domains, shipped on polls.
                 for d in &domains {
                     if self.ha.contains_key(&d.uuid) {
-                        self.input(Input::Definition {
+                        self.input(Input::Definition(DefinitionReport {
                             host: name.clone(),
                             uuid: d.uuid.clone(),
                             xml: format!("<domain><uuid>{}</uuid></domain>", d.uuid),
-                        });
+                        }));
                     }
                 }
                 self.report_listing(name, domains);
@@ -1732,12 +1735,12 @@ impl Sim {
                 (Ok(_), Some(h)) => Some(h.observe()),
                 _ => None,
             };
-            self.input(Input::CommandDone {
+            self.input(Input::CommandDone(CommandAnswer {
                 host,
                 command,
                 result,
                 seq,
-            });
+            }));
         }
         // Fence agents that are due.
         let fences: Vec<(u64, String)> = self
@@ -1823,12 +1826,12 @@ impl Sim {
                 if !self.hosts.get(name).is_some_and(SimHost::reachable) {
                     continue;
                 }
-                self.input(Input::StaleDestroyed {
+                self.input(Input::StaleDestroyed(StaleCopyDestroyed {
                     host: name.clone(),
                     uuid: u,
                     found: Some(found),
                     newest,
-                });
+                }));
             }
         }
     }

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use vigil_common::config::{DetectorConfig, LeaseConfig, RecoveryConfig};
 use vigil_common::wire::HostFacts;
-use vigil_monitor::engine::{Action, Engine, Input};
+use vigil_monitor::engine::{Action, Beat, Engine, Hello, Input};
 use vigil_monitor::state::ClusterState;
 
 fn facts(name: &str) -> HostFacts {
@@ -81,7 +81,7 @@ fn measure(hosts: usize, silent_every: usize) -> (f64, f64) {
         drive(
             &mut engine,
             &mut state,
-            Input::AgentConnected {
+            Input::AgentConnected(Hello {
                 host: n.clone(),
                 zone: "z".into(),
                 cluster: "c".into(),
@@ -90,7 +90,7 @@ fn measure(hosts: usize, silent_every: usize) -> (f64, f64) {
                 instance: i as u64 + 1,
                 pools: vec![],
                 addr: Some([127, 0, 0, 1].into()),
-            },
+            }),
             now,
         );
     }
@@ -100,14 +100,14 @@ fn measure(hosts: usize, silent_every: usize) -> (f64, f64) {
         drive(
             engine,
             state,
-            Input::Heartbeat {
+            Input::Heartbeat(Beat {
                 host: n.clone(),
                 seq,
                 facts: facts(n),
                 mono_ms: now,
                 pools: vec![],
                 watchdog_ms: Some(10_000),
-            },
+            }),
             now,
         )
     };

@@ -18,7 +18,7 @@ use std::hash::{Hash, Hasher};
 use vigil_common::domain::{DomainInfo, DomainState};
 use vigil_common::domain_policy::{self, DomainPolicy};
 
-use super::{Action, Engine};
+use super::{Action, DefinitionReport, Engine};
 use crate::state::{ClusterState, EventKind, HostRecord, Phase, Severity, StateCommand, VmRecord};
 
 /// What this leader already recorded, to say it once per episode.
@@ -229,13 +229,13 @@ impl Engine {
     /// and only if the domain policy accepts it.
     pub(super) fn on_definition(
         &mut self,
-        host: &str,
-        uuid: String,
-        xml: String,
+        report: DefinitionReport,
         wall_ms: u64,
         state: &ClusterState,
         out: &mut Vec<Action>,
     ) {
+        let DefinitionReport { host, uuid, xml } = report;
+        let host = host.as_str();
         let Some(vm) = state.vms.get(&uuid) else {
             return;
         };

@@ -173,6 +173,12 @@ pub enum EventKind {
         generation: u64,
         target: String,
     },
+    /// Placement ran again before a start was ordered: the message names the host chosen,
+    /// why, and why not the one the failure's event named.
+    VmPlaced {
+        generation: u64,
+        target: String,
+    },
     VmRecovered {
         generation: u64,
     },

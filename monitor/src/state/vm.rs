@@ -120,6 +120,10 @@ pub enum Decision {
         host: String,
         relocate: bool,
         not_before_ms: u64,
+        /// Why this host (placement's reasons), or why none yet (`host` empty); empty for a
+        /// plain restart in place.
+        #[serde(default)]
+        why: String,
     },
     /// The restart budget is spent; an operator must look.
     GiveUp { reason: String },
@@ -485,6 +489,7 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                     host,
                     relocate,
                     not_before_ms,
+                    why,
                 } => {
                     rec.phase = Phase::Backoff {
                         host: host.clone(),
@@ -499,10 +504,13 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                         });
                     }
                     let wait = not_before_ms.saturating_sub(*at_ms);
-                    let plan = if *relocate {
-                        format!("relocating to {host}")
-                    } else {
-                        format!("restarting in place on {host}")
+                    let plan = match (*relocate, host.is_empty(), why.is_empty()) {
+                        (true, true, _) => {
+                            format!("relocating once a host can take it ({why})")
+                        }
+                        (true, false, _) => format!("relocating to {host} ({why})"),
+                        (false, _, true) => format!("restarting in place on {host}"),
+                        (false, _, false) => format!("restarting in place on {host} ({why})"),
                     };
                     (
                         Severity::Warning,

@@ -77,6 +77,26 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
                 && m.contains("relocating to hv1")),
         "{msgs:#?}"
     );
+    // "Why here?" is in the log (issue 11 item 2): the failure's event names the host chosen
+    // with placement's reasons, and the start order goes to exactly that host (no "placed on"
+    // event says otherwise).
+    let failed = msgs
+        .iter()
+        .find(|m| m.contains("VM hv2-vm1 lost with its host on hv2"))
+        .expect("the failure's event");
+    assert!(
+        failed.contains("relocating to hv1 (") && failed.contains("free after it"),
+        "{failed}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("ordered start of VM hv2-vm1 on hv1 with generation 1")),
+        "{msgs:#?}"
+    );
+    assert!(
+        !msgs.iter().any(|m| m.contains("VM hv2-vm1 (priority")),
+        "placed again although the chosen host was fine: {msgs:#?}"
+    );
     // The BMC says hv2 is off (fence_ipmilan status: "Status: OFF", exit 2).
     let st = lab(&["bmc", "hv2", "status"]);
     let text =

@@ -1,0 +1,491 @@
+//! Host fencing: which silent hosts are fenced, by which method, the mass-failure hold, and the
+//! operator's fence verbs.
+
+use super::*;
+
+/// Wait this long before retrying a failed fence.
+pub const FENCE_RETRY_MS: u64 = 5_000;
+
+/// What this leader knows of host fencing: reset with `Default` when a monitor becomes leader
+/// (what a predecessor was doing is read again from committed state and the storage slots).
+#[derive(Debug, Clone, Default)]
+pub(super) struct FencingBook {
+    /// Fence agent calls in flight.
+    pub(super) in_flight: BTreeSet<String>,
+    /// Earliest time (wall ms) for the next fence attempt of a host.
+    pub(super) retry_at: BTreeMap<String, u64>,
+    /// Clusters whose automatic fencing is held (mass failure), to say so once.
+    pub(super) held: BTreeSet<String>,
+    /// Hosts an operator released from a mass-failure hold (`vigilctl fencing release`): they
+    /// neither count towards nor wait for a hold until they are heard again.
+    pub(super) released: BTreeSet<String>,
+    /// Fence requests written to storage slots by this leader.
+    pub(super) slot_requests: BTreeMap<String, FenceRequest>,
+    /// Hosts whose proof (slot or lease) was proposed.
+    pub(super) proof_proposed: BTreeSet<String>,
+    /// Earliest time (monotonic ms) to power-fence a host in Fencing.
+    pub(super) power_after: BTreeMap<String, u64>,
+    /// Hosts already reported as unfenceable (no method), to say so once.
+    pub(super) unfenceable: BTreeSet<String>,
+    /// The last condition recorded per host (events on change).
+    pub(super) conditions: BTreeMap<String, Condition>,
+}
+
+impl Engine {
+    /// A fence agent's verdict.
+    pub(super) fn on_fence_done(
+        &mut self,
+        host: String,
+        result: Result<String, String>,
+        wall_ms: u64,
+        out: &mut Vec<Action>,
+    ) {
+        self.fencing.in_flight.remove(&host);
+        let (ok, detail) = match result {
+            Ok(d) => (true, format!("power: {d}")),
+            Err(e) => {
+                self.fencing
+                    .retry_at
+                    .insert(host.clone(), wall_ms + FENCE_RETRY_MS);
+                (false, e)
+            }
+        };
+        out.push(Action::Propose(StateCommand::FenceResult {
+            at_ms: wall_ms,
+            host,
+            ok,
+            detail,
+        }));
+    }
+
+    /// Host failures: investigate silent hosts, fence the ones that are down and hold HA
+    /// VMs (unless a mass failure holds fencing) by every method that can prove something
+    /// for their condition, and move the VMs of fenced hosts.
+    ///
+    /// | condition | power (BMC) | storage slot | lease expiry |
+    /// | --- | --- | --- | --- |
+    /// | dead | at once | asked (harmless) | proof after lease + margin |
+    /// | isolated | only once the lease has run out without proof (or keep-running) | asked at once | proof after lease + margin |
+    /// | agent down | after one lease (systemd restarts agents) | asked | never (no agent to fence itself) |
+    pub(super) fn reconcile_hosts(
+        &mut self,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        // Hosts holding protected VMs, computed once (not once per host: this runs every tick).
+        let hosts_with_ha: BTreeSet<&str> = state
+            .vms
+            .values()
+            .filter(|v| v.ha && !matches!(v.phase, Phase::Stopped { .. } | Phase::GaveUp { .. }))
+            .map(|v| v.host.as_str())
+            .collect();
+        for (name, h) in &state.hosts {
+            if self.incompatible_alive(name, now_ms) {
+                // It spoke to us: alive, whatever its silence on the agent protocol says.
+                continue;
+            }
+            let live = self.detector.state(name);
+            let down = live == Some(Liveness::Down);
+            let silent = down || live == Some(Liveness::Suspect);
+            // The common case, on every tick for nearly every host: heard, active, and known
+            // alive (or never recorded otherwise). Nothing below would change or propose
+            // anything for it (its condition is Alive, and only Active hosts that are down
+            // are fenced), so it costs no more lookups (BENCHMARKS.md, "Heartbeat load").
+            if !silent
+                && h.phase == HostPhase::Active
+                && self
+                    .fencing
+                    .conditions
+                    .get(name.as_str())
+                    .is_none_or(|c| *c == Condition::Alive)
+            {
+                continue;
+            }
+            if silent {
+                self.probe(name, &h.cluster, now_ms, state, out);
+            }
+            let pools = if h.pools.is_empty() {
+                self.host_pools.get(name).cloned().unwrap_or_default()
+            } else {
+                h.pools.clone()
+            };
+            let has_pools = !pools.is_empty();
+            let condition = self
+                .evidence
+                .condition(name, silent, down, has_pools, now_ms);
+            self.record_condition(name, &condition, wall_ms, out);
+            let has_ha = hosts_with_ha.contains(name.as_str());
+            // Through the slot only with the host's agent instance known (never instance 0: a
+            // request for "any" agent would also kill the guests of one that rejoined).
+            let slot = self.failover.storage_slot
+                && !pools.is_empty()
+                && self.instances.get(name).is_some_and(|i| *i != 0);
+            let power = self.failover.fence_hosts.contains(name);
+            let silent = SilentHost {
+                name,
+                cluster: &h.cluster,
+                condition,
+                pools,
+                slot,
+                power,
+                down,
+            };
+            match &h.phase {
+                // No fencing of any kind in the first full lease after the election.
+                HostPhase::Active if down && has_ha && now_ms >= self.fence_after_ms => {
+                    self.start_fencing(&silent, now_ms, wall_ms, state, out)
+                }
+                HostPhase::Fencing { .. } => {
+                    self.continue_fencing(&silent, now_ms, wall_ms, state, out)
+                }
+                HostPhase::Fenced { proof, .. } => {
+                    self.fail_vms_of_fenced_host(name, proof, wall_ms, state, out)
+                }
+                _ => {}
+            }
+        }
+        // A cluster whose hosts are back below the threshold may be fenced again.
+        let still_held: BTreeSet<String> =
+            self.fencing
+                .held
+                .iter()
+                .filter(|c| {
+                    state.hosts.iter().any(|(n, h)| {
+                        &h.cluster == *c && self.mass_failure(n, state, now_ms).is_some()
+                    })
+                })
+                .cloned()
+                .collect();
+        self.fencing.held = still_held;
+        // A released host that is heard again starts afresh.
+        let released: BTreeSet<String> = self
+            .fencing
+            .released
+            .iter()
+            .filter(|n| self.detector.state(n) == Some(Liveness::Down))
+            .cloned()
+            .collect();
+        self.fencing.released = released;
+    }
+
+    /// An active host that is down and holds HA VMs: start fencing it by every method that can
+    /// prove something for its condition, unless nothing can (say so once) or a mass failure
+    /// holds fencing (say so once).
+    fn start_fencing(
+        &mut self,
+        silent: &SilentHost<'_>,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let SilentHost {
+            name,
+            cluster,
+            condition,
+            pools,
+            slot,
+            power,
+            ..
+        } = silent;
+        let (name, slot, power) = (*name, *slot, *power);
+        let (lease_usable, power_at) = match condition {
+            // Whether peers confirmed it unreachable or not: a dead agent on a
+            // live host is reset by its watchdog, which `usable` requires.
+            Condition::Dead { .. } => (true, now_ms),
+            Condition::Isolated { .. } => {
+                let lease_ok = self.leases.usable(name, pools).is_ok();
+                let at = if lease_ok || slot {
+                    self.leases.expires_at(name).unwrap_or(now_ms)
+                } else {
+                    now_ms
+                };
+                (true, at)
+            }
+            Condition::AgentDown { .. } => {
+                // Give the agent one lease to come back before fencing at all.
+                if self.leases.expires_at(name).is_some_and(|t| now_ms < t) {
+                    return;
+                }
+                // The agent is dead: only its host watchdog can back a lease.
+                (true, now_ms)
+            }
+            Condition::Alive | Condition::Investigating => return,
+        };
+        let lease_possible = lease_usable && self.leases.usable(name, pools).is_ok();
+        if !power && !slot && !lease_possible {
+            if self.fencing.unfenceable.insert(name.clone()) {
+                out.push(Action::Propose(StateCommand::RecordEvent {
+                    at_ms: wall_ms,
+                    severity: Severity::Critical,
+                    host: Some(name.clone()),
+                    kind: EventKind::HostUnfenceable,
+                    message: format!(
+                        "host {name} is {} ({}) and holds HA VMs, but nothing can prove it fenced: no fence agent configured, no storage slot, and lease expiry proves nothing here ({}). Its HA VMs wait; fence it by hand",
+                        condition.name(),
+                        condition_evidence(condition),
+                        self.leases.usable(name, pools).err().unwrap_or_default()
+                    ),
+                }));
+            }
+            return;
+        }
+        if let Some(why) = self.mass_failure(name, state, now_ms) {
+            if self.fencing.held.insert(cluster.to_string()) {
+                out.push(Action::Propose(StateCommand::RecordEvent {
+                    at_ms: wall_ms,
+                    severity: Severity::Critical,
+                    host: Some(name.clone()),
+                    kind: EventKind::FencingHeld,
+                    message: why,
+                }));
+            }
+            return;
+        }
+        let mut methods = Vec::new();
+        if power {
+            methods.push(if power_at <= now_ms {
+                "power (now)"
+            } else {
+                "power (if no other proof before the lease ends)"
+            });
+        }
+        if slot {
+            methods.push("storage slot");
+        }
+        if lease_possible {
+            methods.push("lease expiry");
+        }
+        out.push(Action::Propose(StateCommand::FenceStarted {
+            at_ms: wall_ms,
+            host: name.clone(),
+            reason: format!(
+                "{} ({}), holds HA VMs; proof by {}{}",
+                condition.name(),
+                condition_evidence(condition),
+                methods.join(", "),
+                match self.leases.usable(name, pools) {
+                    Err(why) if lease_usable => {
+                        format!(" (not lease expiry: {why})")
+                    }
+                    _ => String::new(),
+                }
+            ),
+        }));
+        if power {
+            self.fencing.power_after.insert(name.clone(), power_at);
+        }
+        if slot {
+            self.request_fence(name, condition, wall_ms, state, out);
+        }
+        if power && power_at <= now_ms && self.fencing.in_flight.insert(name.clone()) {
+            out.push(Action::Fence { host: name.clone() });
+        }
+    }
+
+    /// A host being fenced: ask its slot again (a new leader), take lease expiry as proof where
+    /// the host watchdog backs it, and power it off when due.
+    fn continue_fencing(
+        &mut self,
+        silent: &SilentHost<'_>,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let SilentHost {
+            name,
+            condition,
+            pools,
+            slot,
+            power,
+            down,
+            ..
+        } = silent;
+        let (name, slot, power, down) = (*name, *slot, *power, *down);
+        if !down || now_ms < self.fence_after_ms {
+            return;
+        }
+        if slot && !self.fencing.slot_requests.contains_key(name) {
+            // A new leader asks again (its predecessor's request may be gone).
+            self.request_fence(name, condition, wall_ms, state, out);
+        }
+        // Lease expiry is proof only where the host watchdog backs it: then a
+        // dead or hung agent cannot keep the guests past lease + W either.
+        let lease_usable = self.leases.usable(name, pools).is_ok();
+        if lease_usable && !self.fencing.proof_proposed.contains(name) {
+            if let Ok(detail) = self.leases.proof(name, pools, now_ms) {
+                self.fencing.proof_proposed.insert(name.clone());
+                out.push(Action::Propose(StateCommand::FenceResult {
+                    at_ms: wall_ms,
+                    host: name.clone(),
+                    ok: true,
+                    detail,
+                }));
+                return;
+            }
+        }
+        if !power {
+            return;
+        }
+        let power_at = *self
+            .fencing
+            .power_after
+            .entry(name.clone())
+            .or_insert(now_ms);
+        let due = now_ms >= power_at
+            && self
+                .fencing
+                .retry_at
+                .get(name)
+                .is_none_or(|t| wall_ms >= *t);
+        if due && !self.fencing.in_flight.contains(name) {
+            self.fencing.in_flight.insert(name.clone());
+            self.fencing.retry_at.remove(name);
+            out.push(Action::Propose(StateCommand::FenceStarted {
+                at_ms: wall_ms,
+                host: name.clone(),
+                reason: "power fencing (no other proof yet, or retrying after a failed attempt)"
+                    .into(),
+            }));
+            out.push(Action::Fence { host: name.clone() });
+        }
+    }
+
+    pub(super) fn end_fencing_episode(&mut self, host: &str, out: &mut Vec<Action>) {
+        if let Some(req) = self.fencing.slot_requests.remove(host) {
+            // Void at once, even before the clear reaches storage: the agent may read its
+            // slot before the file is gone.
+            out.push(Action::Notify {
+                host: Some(host.to_string()),
+                message: MonitorToAgent::FenceWithdrawn { id: req.id },
+            });
+        }
+        out.push(Action::ClearFence {
+            host: host.to_string(),
+        });
+    }
+
+    /// Forgets this leader's bookkeeping of a host's fencing (it is back).
+    pub(super) fn forget_fencing(&mut self, host: &str) {
+        self.fencing.proof_proposed.remove(host);
+        self.fencing.power_after.remove(host);
+        self.fencing.unfenceable.remove(host);
+    }
+
+    /// Writes a fence request into `host`'s storage slot.
+    pub(super) fn request_fence(
+        &mut self,
+        host: &str,
+        condition: &Condition,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(instance) = self.instances.get(host).copied().filter(|i| *i != 0) else {
+            return;
+        };
+        let last = self
+            .fencing
+            .slot_requests
+            .values()
+            .map(|r| r.id)
+            .max()
+            .unwrap_or(0);
+        // Every VM the leader holds as HA on the host: the agent treats them as HA even if
+        // it never heard the flag, and must show each one not running.
+        let vms = state
+            .vms
+            .values()
+            .filter(|v| v.ha && v.host == host)
+            .map(|v| v.uuid.clone())
+            .collect();
+        let req = FenceRequest {
+            id: wall_ms.max(last + 1),
+            host: host.to_string(),
+            instance,
+            vms,
+            term: self.term_node.0,
+            node: self.term_node.1,
+            wall_ms,
+            reason: format!(
+                "{} to the monitors ({})",
+                condition.name(),
+                condition_evidence(condition)
+            ),
+        };
+        self.fencing
+            .slot_requests
+            .insert(host.to_string(), req.clone());
+        out.push(Action::RequestFence(req));
+    }
+
+    /// `Some(explanation)` when too many hosts of `host`'s cluster (a Down host) are down at
+    /// once. "At once": only hosts that went silent within `mass_failure_window_ms` of `host`
+    /// count, and only those not proven off yet (a host fenced a minute ago plus one more now
+    /// are two single failures), and none an operator released from the hold.
+    pub(super) fn mass_failure(
+        &self,
+        host: &str,
+        state: &ClusterState,
+        now_ms: u64,
+    ) -> Option<String> {
+        if self.fencing.released.contains(host) || self.detector.state(host) != Some(Liveness::Down)
+        {
+            return None;
+        }
+        let cluster = &state.hosts.get(host)?.cluster;
+        // When a host went silent (monotonic ms); one not heard since this monitor's detector
+        // started went silent at its start, like every other such host.
+        let silent_since = |n: &str| -> u64 {
+            self.detector
+                .view(n, now_ms)
+                .and_then(|v| v.silent_ms)
+                .map_or(0, |s| now_ms.saturating_sub(s))
+        };
+        let own = silent_since(host);
+        let window = self.failover.mass_failure_window_ms;
+        let members: Vec<(&String, &crate::state::HostRecord)> = state
+            .hosts
+            .iter()
+            .filter(|(_, h)| &h.cluster == cluster)
+            .collect();
+        let counted: Vec<&str> = members
+            .iter()
+            .filter(|(n, h)| {
+                self.detector.state(n) == Some(Liveness::Down)
+                    && !matches!(h.phase, HostPhase::Fenced { .. })
+                    && !self.fencing.released.contains(*n)
+                    && silent_since(n).abs_diff(own) <= window
+            })
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let down = counted.len();
+        let total = members.len();
+        let pct = self.failover.mass_failure_percent.max(1) as usize;
+        (down >= 2 && down * 100 > total * pct).then(|| {
+            format!(
+                "mass failure in cluster {cluster}: {down} of {total} hosts went down within {} s of each other and are not proven off ({}; more than {pct} %); automatic fencing is held — more likely a network fault on the monitors' side. Check each host, then: `vigilctl host fence H` runs H's fence agent now; `vigilctl host confirm-off H` records that you made sure H is off (its HA VMs start elsewhere); `vigilctl fencing release` fences them all automatically",
+                window / 1000,
+                counted.join(", ")
+            )
+        })
+    }
+}
+
+/// What the fencing phases need to know of a silent (or not yet cleared) host, read once per
+/// tick in [`Engine::reconcile_hosts`].
+pub(super) struct SilentHost<'a> {
+    pub(super) name: &'a String,
+    pub(super) cluster: &'a String,
+    pub(super) condition: Condition,
+    /// The pools it mounts (its record's, or its hello's before that was replicated).
+    pub(super) pools: Vec<String>,
+    /// It can be asked to fence itself through its storage slot.
+    pub(super) slot: bool,
+    /// It has a fence agent.
+    pub(super) power: bool,
+    pub(super) down: bool,
+}

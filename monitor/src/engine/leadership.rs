@@ -1,0 +1,103 @@
+//! Becoming and losing leadership: what a new leader forgets, re-registers and waits for,
+//! and the leader record the storage threads publish.
+
+use super::*;
+
+impl Engine {
+    /// This monitor became leader: forget what a predecessor may have changed, re-register connected hosts, and fence nobody for a full lease.
+    pub(super) fn on_became_leader(
+        &mut self,
+        term: u64,
+        node: u64,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        self.leader = true;
+        self.term_node = (term, node);
+        self.leases.became_leader(now_ms);
+        // This leadership's bookkeeping starts empty: what predecessors did is in committed
+        // state (and in the storage slots, cleared below).
+        self.fencing = FencingBook::default();
+        self.recovery = RecoveryBook::default();
+        // A request its predecessor left in the slot of a host that is back (Active)
+        // must not kill what that host runs: clear them all (durably, by the storage
+        // worker). Hosts still fencing are asked again by this leader.
+        for (name, h) in &state.hosts {
+            if h.phase == HostPhase::Active {
+                out.push(Action::ClearFence { host: name.clone() });
+            }
+        }
+        // A new leader knows nothing fresh: every host gets the full grace period
+        // from now, and agents reconnecting will bring it up to date. A host not heard
+        // since the election stays Unknown (not Down) for a full lease, and nothing is
+        // fenced before that: an agent that reconnects late (its monitor restarted)
+        // must not be condemned for it.
+        let cfg = self.detector.config().clone();
+        let grace = self.election_grace_ms();
+        self.fence_after_ms = now_ms + grace;
+        self.detector = FailureDetector::new(cfg, now_ms).with_unknown_grace(grace);
+        for name in state.hosts.keys() {
+            self.detector.track(name);
+        }
+        for name in self.connected.clone() {
+            self.detector.heartbeat(&name, now_ms);
+            // An agent that connected before this monitor led was never registered.
+            if let Some(hello) = self.hellos.get(&name) {
+                self.register_host(&name, hello, wall_ms, state, out);
+            }
+            // Nor were the HA domains it listed then that the cluster does not know:
+            // unprotected until its next listing (an agent resends every 10 s, and
+            // only when something changed before that).
+            if let Some(inv) = self.inventory.get(&name) {
+                for d in inv.domains.values() {
+                    if d.meta.ha == Some(true) && !state.vms.contains_key(&d.uuid) {
+                        let running = matches!(d.state, DomainState::Running | DomainState::Paused);
+                        out.push(Action::Propose(vm_seen(wall_ms, &name, d, running)));
+                    }
+                }
+            }
+        }
+        // What a follower noted was never recorded (its output is dropped).
+        self.identity = Default::default();
+        out.push(Action::Propose(StateCommand::RecordEvent {
+            at_ms: wall_ms,
+            severity: Severity::Info,
+            host: None,
+            kind: EventKind::LeaderElected { term, node },
+            message: format!("monitor node {node} became leader in term {term}"),
+        }));
+    }
+
+    /// This monitor no longer leads: no grants, no actions.
+    pub(super) fn on_lost_leadership(&mut self) {
+        self.leader = false;
+        self.leases.lost_leadership();
+    }
+
+    /// The first full lease (plus drift margin) after an election.
+    pub(super) fn election_grace_ms(&self) -> u64 {
+        let l = self.leases.config();
+        l.duration_ms + l.drift_margin_ms
+    }
+
+    /// A host is back: a fence request left in its slot must not kill what it runs next.
+    /// The leader record's content: the hosts being fenced that are still silent. Only
+    /// those may fence themselves on lease expiry; a host that merely misses its grants (a
+    /// version mismatch, an expired certificate, the monitors' own network) is never named.
+    pub(super) fn leader_record(&self, state: &ClusterState, now_ms: u64) -> Action {
+        let condemned = state
+            .hosts
+            .iter()
+            .filter(|(_, h)| matches!(h.phase, HostPhase::Fencing { .. }))
+            .filter(|(n, _)| self.detector.state(n) == Some(Liveness::Down))
+            .filter(|(n, _)| !self.incompatible_alive(n, now_ms))
+            .map(|(n, _)| n.clone())
+            .collect();
+        Action::LeaderRecord {
+            condemned,
+            hold: !self.fencing.held.is_empty(),
+        }
+    }
+}

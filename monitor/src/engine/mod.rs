@@ -1,0 +1,300 @@
+//! The monitor's decision core: inputs in, actions out, no I/O.
+//!
+//! The edges (QUIC sessions, Raft, timers) turn what happens into [`Input`]s; [`Engine::handle`]
+//! decides, reading the replicated [`ClusterState`], and returns [`Action`]s for the edges to
+//! carry out. Everything that changes durable state leaves as [`Action::Propose`] and only
+//! takes effect once Raft has committed it; orders to agents ([`Action::Send`]) are derived
+//! from *committed* state only (a start order is sent after its generation is committed), so
+//! a new leader re-derives the same orders and recovery is idempotent across leader changes.
+//!
+//! Who decides what:
+//! - liveness: [`crate::detector`];
+//! - what a failed VM does next (restart in place, relocate, give up, backoff):
+//!   [`crate::recovery`];
+//! - which host takes it: [`crate::placement`];
+//! - whether there is proof that the old activation is gone: here, in [`Engine::vm_failed`]
+//!   and the event/inventory handlers: only the agent of the VM's current host reporting it
+//!   stopped (an event, an inventory entry, or a refused start) counts, and only for the
+//!   VM's current generation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use vigil_common::config::{DetectorConfig, LeaseConfig, RecoveryConfig, TagFallback};
+use vigil_common::domain::{
+    DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason,
+};
+use vigil_common::storage::FenceRequest;
+use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
+
+mod claims;
+mod conditions;
+mod fencing;
+mod interface;
+mod leadership;
+mod maintenance;
+mod observation;
+mod operator;
+mod proof;
+mod queries;
+mod reservations;
+mod restarts;
+mod sessions;
+mod storage;
+#[cfg(test)]
+mod tests;
+
+pub use self::fencing::FENCE_RETRY_MS;
+pub use self::interface::*;
+pub use self::observation::DESTROY_RETRY_MS;
+pub use self::proof::EXPECTED_STOP_TTL_MS;
+pub use self::restarts::generation_table;
+pub use self::sessions::INCOMPATIBLE_ALIVE_MS;
+pub use self::storage::STORAGE_FAULT_GRACE_MS;
+
+use self::conditions::condition_evidence;
+use self::fencing::FencingBook;
+use self::observation::HostInventory;
+use self::proof::forced_stop;
+use self::restarts::RecoveryBook;
+use self::restarts::{need_of, vm_seen};
+use self::sessions::HelloClaims;
+
+use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
+use crate::investigation::{self, Condition, Evidence};
+use crate::lease::LeaseBook;
+use crate::placement::{self, HostView, Need};
+use crate::recovery;
+use crate::state::{
+    ClusterState, EventKind, FailureKind, HostPhase, Phase, Proof, Severity, StateCommand,
+    StopReason, VmRecord,
+};
+/// Leader-local soft state plus the decision logic.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    detector: FailureDetector,
+    policy: RecoveryConfig,
+    /// This leadership's bookkeeping of VM recovery (reset on election).
+    recovery: RecoveryBook,
+    /// This leadership's bookkeeping of host fencing (reset on election).
+    fencing: FencingBook,
+    facts: BTreeMap<String, HostFacts>,
+    connected: BTreeSet<String>,
+    inventory: BTreeMap<String, HostInventory>,
+    failover: FailoverConfig,
+    /// What each connected agent's hello claims, so that a monitor that becomes leader after
+    /// the agent connected still registers the host.
+    hellos: BTreeMap<String, HelloClaims>,
+    leader: bool,
+    /// What silent hosts' silence means (storage heartbeats, peer probes).
+    evidence: Evidence,
+    /// Leases granted and when their expiry is proof.
+    leases: LeaseBook,
+    /// Agent process of each host (from its hello).
+    instances: BTreeMap<String, u64>,
+    /// Storage pools of each host (from its hello), and their state there.
+    host_pools: BTreeMap<String, Vec<String>>,
+    pool_status: BTreeMap<(String, String), PoolStatus>,
+    /// Self-fence reports already recorded, per host (episode ids), so that a resent
+    /// report is recorded once.
+    self_fence_noted: BTreeMap<String, BTreeSet<u64>>,
+    /// Fence acknowledgements already refused as proof (request ids), to say so once.
+    acks_refused: BTreeSet<u64>,
+    /// Raft term and node id while leader (stamped into fence requests).
+    term_node: (u64, u64),
+    /// Stops that are failures to recover from, not an operator's decision, although libvirt
+    /// reports them as a destroy: HA domains an agent destroyed when it fenced itself, and
+    /// those destroyed on the monitor's order so that they start elsewhere (their host alone
+    /// lost their storage, or is in maintenance). uuid → (what failed, why it was destroyed).
+    expected_stops: BTreeMap<String, (FailureKind, String)>,
+    /// Hosts whose agent connected with an incompatible protocol, and when it last tried
+    /// (monotonic ms): alive, not fenced, not condemned, for [`INCOMPATIBLE_ALIVE_MS`].
+    incompatible: BTreeMap<String, u64>,
+    /// Hosts in maintenance (mirrored from the replicated state on each tick and apply).
+    maintenance: BTreeSet<String>,
+    /// Hosts that are fencing or fenced (mirrored like `maintenance`): nothing is placed on
+    /// them until they rejoin, so a fence's proof only ever covers what ran there before.
+    not_active: BTreeSet<String>,
+    /// Rejoins proposed for hosts heard again on a session that survived their fencing.
+    rejoining: BTreeSet<String>,
+    /// Host views for placement, built once per input and reserved as VMs are placed.
+    views: Option<BTreeMap<String, HostView>>,
+    /// Pools whose outage was already reported (pool-wide or one host), to say so once.
+    outages: BTreeMap<String, String>,
+    /// Since when (monotonic ms) each (host, pool) has been reported down.
+    pool_down_since: BTreeMap<(String, String), u64>,
+    /// Per pool: the current outage scope and since when it has held (a pool-wide outage
+    /// that heals host by host passes through "some hosts only" for a moment).
+    scope_since: BTreeMap<String, (String, u64)>,
+    /// The newest observation sequence number seen per (host, VM uuid), for the host's
+    /// current agent process: an older observation never overrides a newer one.
+    observed: BTreeMap<(String, String), u64>,
+    /// Per (host, VM uuid): the newest observation that says it runs there (a start's
+    /// "running" answer, a started or resumed event). A listing older than that is no proof
+    /// that the domain is shut off.
+    seen_running: BTreeMap<(String, String), u64>,
+    /// No fencing of any kind (power, slot, lease) before this time (monotonic ms): a full
+    /// lease plus drift margin after this monitor became leader.
+    fence_after_ms: u64,
+    /// Lease grants need a quorum acknowledgement younger than this (`None`: not checked).
+    quorum_fresh_ms: Option<u64>,
+    /// When a quorum last acknowledged this leader ([`Input::Quorum`]).
+    quorum_ack_ms: Option<u64>,
+    /// When (wall ms) each forced stop (`expected_stops` from [`forced_stop`]) was ordered.
+    forced_stop_at: BTreeMap<String, u64>,
+    /// VMs whose ordered destroy failed: not ordered again before this time (wall ms).
+    destroy_retry_at: BTreeMap<String, u64>,
+    /// Issue 10: what this leader already recorded, to say it once per episode.
+    identity: claims::IdentityNotes,
+}
+
+/// A pool must be down on a host for this long before that host's HA VMs are moved off it:
+impl Engine {
+    pub fn new(cfg: DetectorConfig, policy: RecoveryConfig, now_ms: u64) -> Self {
+        Engine {
+            detector: FailureDetector::new(cfg, now_ms),
+            policy,
+            recovery: RecoveryBook::default(),
+            fencing: FencingBook::default(),
+            facts: BTreeMap::new(),
+            connected: BTreeSet::new(),
+            inventory: BTreeMap::new(),
+            failover: FailoverConfig::default(),
+            hellos: BTreeMap::new(),
+            leader: false,
+            evidence: Evidence::default(),
+            leases: LeaseBook::new(LeaseConfig::default(), 500),
+            instances: BTreeMap::new(),
+            host_pools: BTreeMap::new(),
+            pool_status: BTreeMap::new(),
+            self_fence_noted: BTreeMap::new(),
+            acks_refused: BTreeSet::new(),
+            term_node: (0, 0),
+            expected_stops: BTreeMap::new(),
+            maintenance: BTreeSet::new(),
+            incompatible: BTreeMap::new(),
+            not_active: BTreeSet::new(),
+            rejoining: BTreeSet::new(),
+            views: None,
+            outages: BTreeMap::new(),
+            pool_down_since: BTreeMap::new(),
+            scope_since: BTreeMap::new(),
+            observed: BTreeMap::new(),
+            seen_running: BTreeMap::new(),
+            fence_after_ms: 0,
+            quorum_fresh_ms: None,
+            quorum_ack_ms: None,
+            forced_stop_at: BTreeMap::new(),
+            destroy_retry_at: BTreeMap::new(),
+            identity: Default::default(),
+        }
+    }
+
+    /// Grants leases only while a quorum acknowledged this leader within `fresh_ms` (fed by
+    /// [`Input::Quorum`]); without this call the engine does not check.
+    pub fn with_quorum_check(mut self, fresh_ms: u64) -> Self {
+        self.quorum_fresh_ms = Some(fresh_ms);
+        self
+    }
+
+    /// Configures leases (duration, drift margin, isolation response) and the storage
+    /// interval agents read the leader record at.
+    pub fn with_leases(mut self, cfg: LeaseConfig, storage_interval_ms: u64) -> Self {
+        self.leases = LeaseBook::new(cfg, storage_interval_ms);
+        self.evidence = Evidence::new(
+            self.detector.config().heartbeat_interval_ms,
+            storage_interval_ms,
+        );
+        self
+    }
+
+    /// Configures host-failure handling (fence agents, mass-failure guard, ha_tag).
+    pub fn with_failover(mut self, failover: FailoverConfig) -> Self {
+        self.failover = failover;
+        self
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader
+    }
+
+    /// Decides what to do about `input`. `now_ms` is monotonic time, `wall_ms` Unix time
+    /// (stamped into proposals so that applying them is deterministic). One line per input:
+    /// each concern's handler lives in its own module.
+    pub fn handle(
+        &mut self,
+        input: Input,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+    ) -> Vec<Action> {
+        let mut out = Vec::new();
+        self.views = None;
+        match input {
+            Input::AgentConnected(hello) => {
+                self.on_agent_connected(hello, now_ms, wall_ms, state, &mut out)
+            }
+            Input::AgentIncompatible { host, detail } => {
+                self.on_agent_incompatible(host, detail, now_ms, wall_ms, &mut out)
+            }
+            Input::AgentDisconnected { host } => self.on_agent_disconnected(host, state),
+            Input::Heartbeat(beat) => self.on_heartbeat(beat, now_ms, wall_ms, &mut out),
+            Input::SelfFenced(report) => self.on_self_fenced(report, wall_ms, state, &mut out),
+            Input::Storage { pool, result } => {
+                self.on_storage(&pool, result, now_ms, wall_ms, state, &mut out)
+            }
+            Input::Inventory(listing) => self.on_inventory(listing, wall_ms, state, &mut out),
+            Input::DomainEvent(report) => self.on_lifecycle(report, wall_ms, state, &mut out),
+            Input::Definition(report) => self.on_definition(report, wall_ms, state, &mut out),
+            Input::StaleDestroyed(report) => self.on_stale_destroyed(report, wall_ms, &mut out),
+            Input::CommandDone(answer) => self.on_command_answer(answer, wall_ms, state, &mut out),
+            Input::Quorum { last_ack_ms } => self.quorum_ack_ms = last_ack_ms,
+            Input::FenceDone { host, result } => {
+                self.on_fence_done(host, result, wall_ms, &mut out)
+            }
+            Input::Tick => self.tick(now_ms, wall_ms, state, &mut out),
+            Input::Applied => self.applied(wall_ms, state, &mut out),
+            Input::BecameLeader { term, node } => {
+                self.on_became_leader(term, node, now_ms, wall_ms, state, &mut out)
+            }
+            Input::LostLeadership => self.on_lost_leadership(),
+            Input::OperatorFence { host, by } => {
+                self.on_operator_fence(host, by, now_ms, wall_ms, state, &mut out)
+            }
+            Input::ReleaseHold { cluster, by } => {
+                self.on_release_hold(cluster, by, now_ms, wall_ms, state, &mut out)
+            }
+            Input::HostPlacementRefused { host, detail } => {
+                self.placement_refused(&host, detail, wall_ms, &mut out)
+            }
+        }
+        if !self.leader {
+            // Only the leader records or acts; followers keep soft state for a fast takeover.
+            out.clear();
+        }
+        out
+    }
+
+    /// The periodic pass: detector, maintenance, hosts, storage, recovery, leader record.
+    fn tick(&mut self, now_ms: u64, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+        self.detector.track_sorted(state.hosts.keys());
+        self.expire_forced_stops(wall_ms);
+        self.mirror_maintenance(state);
+        self.reconcile_maintenance(wall_ms, state, out);
+        for t in self.detector.tick(now_ms) {
+            self.transition_event(t, wall_ms, out);
+        }
+        self.reconcile_hosts(now_ms, wall_ms, state, out);
+        self.reconcile_storage(now_ms, wall_ms, state, out);
+        self.reconcile(wall_ms, state, out);
+        if self.leader {
+            out.push(self.leader_record(state, now_ms));
+        }
+    }
+
+    /// Committed state changed: mirror it and derive the work it implies.
+    fn applied(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+        self.mirror_maintenance(state);
+        self.reconcile(wall_ms, state, out);
+    }
+}

@@ -1,0 +1,136 @@
+//! The operator's fencing verbs: `vigilctl host fence`, `vigilctl host confirm-off` checks,
+//! and releasing a mass-failure hold. Each refuses what would fence a host that is heard.
+
+use super::*;
+
+impl Engine {
+    /// `vigilctl host fence`: power the host off through its fence agent now.
+    pub(super) fn on_operator_fence(
+        &mut self,
+        host: String,
+        by: String,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        if self.fence_refusal(&host, true, now_ms).is_none()
+            && state
+                .hosts
+                .get(&host)
+                .is_some_and(|h| !matches!(h.phase, HostPhase::Fenced { .. }))
+        {
+            self.fencing.in_flight.insert(host.clone());
+            self.fencing.retry_at.remove(&host);
+            // A failed attempt is retried like any power fence.
+            self.fencing.power_after.insert(host.clone(), now_ms);
+            out.push(Action::Propose(StateCommand::FenceStarted {
+                at_ms: wall_ms,
+                host: host.clone(),
+                reason: format!(
+                    "operator {by} asked for it (vigilctl host fence): powering it off through its fence agent now"
+                ),
+            }));
+            out.push(Action::Fence { host });
+        }
+    }
+
+    /// `vigilctl fencing release`: lift a mass-failure hold.
+    pub(super) fn on_release_hold(
+        &mut self,
+        cluster: Option<String>,
+        by: String,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let clusters: Vec<String> = self
+            .fencing
+            .held
+            .iter()
+            .filter(|c| cluster.as_ref().is_none_or(|w| w == *c))
+            .cloned()
+            .collect();
+        for c in clusters {
+            let hosts: Vec<String> = state
+                .hosts
+                .iter()
+                .filter(|(n, h)| {
+                    h.cluster == c
+                        && self.detector.state(n) == Some(Liveness::Down)
+                        && !matches!(h.phase, HostPhase::Fenced { .. })
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            self.fencing.released.extend(hosts.iter().cloned());
+            self.fencing.held.remove(&c);
+            out.push(Action::Propose(StateCommand::RecordEvent {
+                at_ms: wall_ms,
+                severity: Severity::Critical,
+                host: None,
+                kind: EventKind::FencingReleased {
+                    cluster: c.clone(),
+                    by: by.clone(),
+                },
+                message: format!(
+                    "operator {by} released the mass-failure hold of cluster {c} (vigilctl fencing release): {} fenced automatically now",
+                    if hosts.is_empty() {
+                        "no host is down there any more; nothing is".to_string()
+                    } else {
+                        format!("{} are", hosts.join(", "))
+                    }
+                ),
+            }));
+        }
+        self.reconcile_hosts(now_ms, wall_ms, state, out);
+    }
+
+    /// Clusters whose automatic fencing is held now (a mass failure).
+    pub fn held_clusters(&self) -> Vec<String> {
+        self.fencing.held.iter().cloned().collect()
+    }
+
+    /// Why `vigilctl host fence H` must not run now (`None`: it may). Without `force`, a host
+    /// that is up is refused: powering it off stops its running guests.
+    pub fn fence_refusal(&self, host: &str, force: bool, now_ms: u64) -> Option<String> {
+        if !self.failover.fence_hosts.contains(host) {
+            return Some(format!(
+                "no fence agent is configured for {host} (add a [[fencing.hosts]] entry); if you made sure it is off, use `vigilctl host confirm-off {host}`"
+            ));
+        }
+        if self.fencing.in_flight.contains(host) {
+            return Some(format!("a fence of {host} is already running"));
+        }
+        if !force {
+            if let Some(why) = self.heard_recently(host, now_ms) {
+                return Some(format!(
+                    "{host} is not down ({why}): fencing it powers off its running guests; add --force if that is what you want"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Why an operator may not confirm `host` powered off now (`None`: they may). A host this
+    /// monitor hears is not off, whatever anyone says: its guests would run twice.
+    pub fn confirm_off_refusal(&self, host: &str, now_ms: u64) -> Option<String> {
+        self.heard_recently(host, now_ms).map(|why| {
+            format!("{host} is not down ({why}); confirm-off is for a host you made sure is powered off")
+        })
+    }
+
+    /// `Some(what)` when `host` is connected or not (yet) silent for long.
+    pub(super) fn heard_recently(&self, host: &str, now_ms: u64) -> Option<String> {
+        if self.connected.contains(host) {
+            return Some("its agent is still connected".into());
+        }
+        match self.detector.view(host, now_ms) {
+            Some(v) if matches!(v.state, Liveness::Up | Liveness::Suspect) => Some(format!(
+                "last heartbeat {} ms ago",
+                v.silent_ms.unwrap_or_default()
+            )),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Moving VMs off hosts, new leaders clearing slots, self-fence reports.
+
+use super::*;
+
+#[test]
+fn never_relocates_while_the_old_host_may_still_run_it() {
+    let mut s = two_hosts_one_vm();
+    // Another host can only start it from its stored definition.
+    s.store_definition("hv1", "u1", 20);
+    s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
+    assert_eq!(s.starts(), vec![("hv1".to_string(), "u1".to_string(), 1)]);
+    // The in-place start is refused because, as far as hv1 knows, it runs again.
+    s.inventory("hv1", vec![running("u1", Some(0))], 150);
+    s.answer_start("hv1", "u1", 1, false, 200);
+    s.live_ticks_both(300..5_000);
+    assert!(
+        s.starts().iter().all(|(h, _, _)| h == "hv1"),
+        "relocated without proof: {:?}",
+        s.starts()
+    );
+    // Once hv1 reports it shut off, relocation to hv2 may proceed.
+    s.inventory("hv1", vec![shut_off("u1", 1)], 5_000);
+    s.answer_start("hv1", "u1", 2, false, 5_050);
+    s.live_ticks_both(5_100..20_000);
+    assert!(
+        s.starts().iter().any(|(h, _, _)| h == "hv2"),
+        "{:?} {:#?}",
+        s.starts(),
+        s.log()
+    );
+}
+
+#[test]
+fn a_relocation_without_a_stored_definition_waits_loudly() {
+    let mut s = two_hosts_one_vm();
+    s.event("hv1", "u1", LifecycleKind::Crashed, Some(0), 100);
+    s.inventory("hv1", vec![shut_off("u1", 1)], 150);
+    s.answer_start("hv1", "u1", 1, false, 200);
+    s.live_ticks_both(300..10_000);
+    assert!(
+        s.starts().iter().all(|(h, _, _)| h == "hv1"),
+        "{:?}",
+        s.starts()
+    );
+    assert!(
+        s.log()
+            .iter()
+            .any(|m| m.contains("its definition never reached the monitor")),
+        "{:#?}",
+        s.log()
+    );
+}
+
+#[test]
+fn an_agent_connected_before_leadership_is_registered_when_it_comes() {
+    let mut s = Sim {
+        engine: Engine::new(cfg(), RecoveryConfig::default(), 0),
+        state: ClusterState::default(),
+        sent: Vec::new(),
+    };
+    s.connect("hv1", 0);
+    assert!(s.state.hosts.is_empty(), "a follower registers nothing");
+    s.input(Input::BecameLeader { term: 1, node: 1 }, 50);
+    assert!(s.state.hosts.contains_key("hv1"), "{:#?}", s.log());
+}
+
+#[test]
+fn a_new_leader_clears_the_slots_of_active_hosts() {
+    let mut s = Sim::new();
+    s.connect("hv1", 0);
+    s.input(Input::LostLeadership, 20);
+    s.sent.clear();
+    s.input(Input::BecameLeader { term: 2, node: 1 }, 10_000);
+    assert!(
+        s.sent
+            .iter()
+            .any(|a| *a == Action::ClearFence { host: "hv1".into() }),
+        "a request left by the previous leader must go: {:?}",
+        s.sent
+    );
+}
+
+#[test]
+fn one_isolation_episode_records_one_self_fenced_event() {
+    let mut s = Sim::new();
+    s.connect("hv1", 0);
+    // The agent resends its report on every reconnect until the monitor notes it.
+    for t in 1..=5 {
+        s.input(
+            Input::SelfFenced(SelfFenceReport {
+                host: "hv1".into(),
+                id: 9,
+                reason: "lease expired and no storage pool is reachable".into(),
+                destroyed: vec![],
+            }),
+            t * 100,
+        );
+    }
+    let n = s
+        .log()
+        .iter()
+        .filter(|m| m.contains("fenced itself"))
+        .count();
+    assert_eq!(n, 1, "{:#?}", s.log());
+    // Every delivery is answered, so the agent stops resending.
+    let noted = s
+        .sent
+        .iter()
+        .filter(|a| {
+            **a == Action::Notify {
+                host: Some("hv1".into()),
+                message: MonitorToAgent::SelfFenceNoted { id: 9 },
+            }
+        })
+        .count();
+    assert_eq!(noted, 5, "{:?}", s.sent);
+}
+
+// ---- Issue 10: a host speaks only for itself ----
