@@ -300,6 +300,107 @@ pub struct MonitorConfig {
     pub lease: LeaseConfig,
     /// Shared primary storage pools as mounted on this monitor (`[storage]`).
     pub storage: StorageConfig,
+    /// Raft between monitors (`[raft]`); without `listen`, a one-node cluster.
+    pub raft: RaftConfig,
+}
+
+/// Raft between monitors (`[raft]`). Without `listen` the monitor is a one-node cluster and
+/// talks to no other monitor (the default). With it, it serves Raft to the other monitors on
+/// its own UDP address (ALPN `vigil-raft/1`, mutual TLS): Raft node `node_id` must then hold
+/// a monitor certificate named `mon<node_id>`.
+///
+/// ```toml
+/// node_id = 1
+/// [raft]
+/// listen = "10.0.0.1:7441"       # UDP, for the other monitors only
+/// # advertise = "10.0.0.1:7441"  # what the others dial (defaults to listen)
+/// # Only read by `vigil-monitor --init`: start the cluster with these voters at once
+/// # (otherwise it starts with this monitor alone; add others with `vigilctl server add`).
+/// [[raft.peers]]
+/// id = 2
+/// addr = "10.0.0.2:7441"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    /// UDP address of the Raft endpoint; `None`: one-node cluster, no Raft network.
+    pub listen: Option<SocketAddr>,
+    /// The Raft address the other monitors dial (defaults to `listen`; with port 0 there,
+    /// the port actually bound).
+    pub advertise: Option<SocketAddr>,
+    /// The other monitors a new cluster starts with (`--init` only).
+    pub peers: Vec<RaftPeer>,
+}
+
+/// One other monitor in `[[raft.peers]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftPeer {
+    /// Its Raft node id (its certificate is `mon<id>`).
+    pub id: u64,
+    /// Its Raft address, `host:port` (its `[raft] advertise`).
+    pub addr: String,
+}
+
+impl RaftConfig {
+    fn validate(&self, node_id: u64) -> Result<(), (&'static str, String)> {
+        if self.listen.is_none() {
+            if self.advertise.is_some() {
+                return Err((
+                    "raft.advertise",
+                    "is set without raft.listen (a one-node monitor has no Raft address)".into(),
+                ));
+            }
+            if !self.peers.is_empty() {
+                return Err((
+                    "raft.peers",
+                    "lists other monitors but raft.listen is not set: set raft.listen to talk Raft with them".into(),
+                ));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for peer in &self.peers {
+            if peer.id == 0 {
+                return Err(("raft.peers", "a peer id must be at least 1".into()));
+            }
+            if peer.id == node_id {
+                return Err((
+                    "raft.peers",
+                    format!(
+                        "lists node {} (this monitor's node_id); list only the other monitors",
+                        peer.id
+                    ),
+                ));
+            }
+            if !seen.insert(peer.id) {
+                return Err(("raft.peers", format!("node {} is listed twice", peer.id)));
+            }
+            check_host_port(&peer.addr).map_err(|why| {
+                (
+                    "raft.peers",
+                    format!("node {}: address {:?} {why}", peer.id, peer.addr),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `addr` is `host:port` (a name or an address, then a port 1..=65535).
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err("is not host:port".into());
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err("has no host before the port".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("has no valid port ({port:?})")),
+    }
 }
 
 impl Default for MonitorConfig {
@@ -316,6 +417,7 @@ impl Default for MonitorConfig {
             fencing: FencingConfig::default(),
             lease: LeaseConfig::default(),
             storage: StorageConfig::default(),
+            raft: RaftConfig::default(),
         }
     }
 }
@@ -400,6 +502,9 @@ impl MonitorConfig {
             .map_err(|(field, m)| invalid(field, m))?;
         self.storage
             .validate()
+            .map_err(|(field, m)| invalid(field, m))?;
+        self.raft
+            .validate(self.node_id)
             .map_err(|(field, m)| invalid(field, m))?;
         let l = &self.lease;
         if !(1_000..=600_000).contains(&l.duration_ms) {
@@ -1041,5 +1146,54 @@ key = "/tmp/hv1.key"
         .expect("parse");
         assert_eq!(cfg.monitors.len(), 2);
         assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn raft_section_defaults_to_one_node_and_parses_peers() {
+        let cfg = MonitorConfig::from_toml_str("", &p()).expect("defaults");
+        assert_eq!(cfg.raft, RaftConfig::default());
+        assert!(cfg.raft.listen.is_none());
+        let cfg = MonitorConfig::from_toml_str(
+            "node_id = 1\n[raft]\nlisten = \"127.0.0.1:7441\"\n[[raft.peers]]\nid = 2\naddr = \"mon2.example:7441\"\n[[raft.peers]]\nid = 3\naddr = \"10.0.0.3:7441\"\n",
+            &p(),
+        )
+        .expect("parse");
+        assert_eq!(
+            cfg.raft.listen,
+            Some("127.0.0.1:7441".parse().expect("addr"))
+        );
+        assert_eq!(cfg.raft.peers.len(), 2);
+        assert_eq!(cfg.raft.peers[0].addr, "mon2.example:7441");
+    }
+
+    #[test]
+    fn raft_errors_name_the_field() {
+        let cases = [
+            ("[raft]\nlisten = \"not an address\"\n", "listen"),
+            ("[raft]\nlisten = \"127.0.0.1\"\n", "listen"),
+            ("[raft]\nlisten = \"127.0.0.1:1\"\nlistenn = 3\n", "listenn"),
+            (
+                "[raft]\nlisten = \"127.0.0.1:1\"\n[[raft.peers]]\nid = 2\naddr = \"a:1\"\n[[raft.peers]]\nid = 2\naddr = \"b:1\"\n",
+                "raft.peers",
+            ),
+            (
+                "[raft]\nlisten = \"127.0.0.1:1\"\n[[raft.peers]]\nid = 1\naddr = \"a:1\"\n",
+                "raft.peers",
+            ),
+            (
+                "[raft]\nlisten = \"127.0.0.1:1\"\n[[raft.peers]]\nid = 2\naddr = \"nohost\"\n",
+                "raft.peers",
+            ),
+            (
+                "[raft]\nlisten = \"127.0.0.1:1\"\n[[raft.peers]]\nid = 2\naddr = \"a:0\"\n",
+                "raft.peers",
+            ),
+            ("[[raft.peers]]\nid = 2\naddr = \"a:1\"\n", "raft.peers"),
+            ("[raft]\nadvertise = \"127.0.0.1:1\"\n", "raft.advertise"),
+        ];
+        for (text, field) in cases {
+            let err = MonitorConfig::from_toml_str(text, &p()).expect_err(text);
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
     }
 }
