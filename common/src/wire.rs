@@ -425,6 +425,20 @@ pub enum AdminRequest {
         after: Option<String>,
         limit: u32,
     },
+    // --- issue 12: monitor membership ---
+    /// The monitor servers (`vigilctl server list`): a `ServersView`.
+    ServerList,
+    /// Add monitor `id` at Raft address `addr` (`vigilctl server add`): as a learner, then,
+    /// once it caught up (within `wait_ms`), as a voter. Leader only.
+    ServerAdd {
+        id: u64,
+        addr: String,
+        wait_ms: u64,
+    },
+    /// Remove monitor `id` (`vigilctl server del`), not keeping it as a learner.
+    ServerDel {
+        id: u64,
+    },
 }
 
 /// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they

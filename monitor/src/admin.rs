@@ -24,11 +24,12 @@ use std::collections::BTreeMap;
 use vigil_common::domain::{DomainInfo, DomainState};
 
 use crate::api::{
-    EventsView, HostView, OperatorView, PingView, ServerView, StatusView, VmView, WriteView,
+    EventsView, HostView, OperatorView, PingView, ServerChangeView, ServerView, ServersView,
+    StatusView, VmView, WriteView,
 };
 use crate::detector::Liveness;
 use crate::engine::Input;
-use crate::raft::{RaftNode, WriteError};
+use crate::raft::{MembershipChange, MembershipError, NotLeader, RaftNode, WriteError};
 use crate::service::EngineHandle;
 use crate::state::{StateCommand, StateResponse, VmRecord};
 
@@ -116,7 +117,10 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
         | AdminRequest::HostPing { .. }
         | AdminRequest::VmListPage { .. }
         | AdminRequest::EventsPage { .. }
-        | AdminRequest::HostListPage { .. } => return None,
+        | AdminRequest::HostListPage { .. }
+        | AdminRequest::ServerList => return None,
+        AdminRequest::ServerAdd { id, addr, .. } => (format!("server add {id} {addr}"), None),
+        AdminRequest::ServerDel { id } => (format!("server del {id}"), None),
         AdminRequest::HostTagAdd { host, tag } => {
             (format!("host tag add {host} {tag}"), Some(host.clone()))
         }
@@ -261,6 +265,32 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             cluster,
         } => place_host(ctx, peer, host, zone, cluster).await,
         AdminRequest::Status => json(&status(ctx).await),
+        AdminRequest::ServerList => {
+            let m = ctx.raft.metrics();
+            json(&ServersView {
+                node: m.id,
+                leader: m.current_leader,
+                term: m.current_term,
+                servers: servers(ctx),
+            })
+        }
+        AdminRequest::ServerAdd { id, addr, wait_ms } => {
+            if id == 0 {
+                return err("a monitor's node id is at least 1");
+            }
+            if let Err(why) = vigil_common::config::check_host_port(&addr) {
+                return err(format!("address {addr:?} {why}"));
+            }
+            let wait = Duration::from_millis(wait_ms.clamp(1_000, 600_000));
+            membership_answer(ctx, ctx.raft.add_server(id, &addr, wait).await, || {
+                format!("node {id} at {addr} is a voter")
+            })
+        }
+        AdminRequest::ServerDel { id } => membership_answer(
+            ctx,
+            ctx.raft.remove_server(id, MEMBERSHIP_TIMEOUT).await,
+            || format!("node {id} is no longer a member"),
+        ),
         AdminRequest::HostList => json_bounded(&hosts(ctx, None).await, "host list"),
         AdminRequest::HostListPage { after, limit } => host_page(ctx, after, limit).await,
         AdminRequest::HostShow { host } => match hosts(ctx, Some(&host)).await.pop() {
@@ -445,7 +475,56 @@ fn not_leader(ctx: &AdminContext) -> AdminResponse {
             .find(|(n, _)| **n == id)
             .map(|(_, node)| node.addr.clone())
     });
-    AdminResponse::NotLeader { leader }
+    not_leader_answer(
+        ctx,
+        NotLeader {
+            leader_id: m.current_leader,
+            leader_addr: leader,
+        },
+    )
+}
+
+/// A one-node cluster's membership holds the monitor's admin address, which `vigilctl`
+/// follows. With several monitors it holds Raft addresses, which `vigilctl` cannot use:
+/// the answer is then an error naming the leader (forwarding to it is a later step).
+fn not_leader_answer(ctx: &AdminContext, nl: NotLeader) -> AdminResponse {
+    if !ctx.raft.has_peers() {
+        return AdminResponse::NotLeader {
+            leader: nl.leader_addr,
+        };
+    }
+    let me = ctx.raft.node_id();
+    err(match nl.leader_id {
+        Some(id) => format!(
+            "monitor node {me} is not the Raft leader: node {id} is (Raft address {}). Send writes to node {id}'s admin address; followers do not forward them yet",
+            nl.leader_addr.as_deref().unwrap_or("unknown")
+        ),
+        None => format!(
+            "monitor node {me} is not the Raft leader and knows no leader (election under way, or no quorum); retry in a moment"
+        ),
+    })
+}
+
+/// How long `server del` waits for the membership change to commit.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn membership_answer(
+    ctx: &AdminContext,
+    res: Result<MembershipChange, MembershipError>,
+    done: impl FnOnce() -> String,
+) -> AdminResponse {
+    match res {
+        Ok(MembershipChange::Done) => json(&ServerChangeView {
+            result: "ok".into(),
+            message: done(),
+        }),
+        Ok(MembershipChange::Unchanged) => json(&ServerChangeView {
+            result: "unchanged".into(),
+            message: done(),
+        }),
+        Err(MembershipError::NotLeader(nl)) => not_leader_answer(ctx, nl),
+        Err(e) => err(e.to_string()),
+    }
 }
 
 fn operator_view(result: &str, message: String, peer: &PeerIdentity) -> AdminResponse {
@@ -572,9 +651,7 @@ async fn confirm_off(ctx: &AdminContext, peer: &PeerIdentity, host: String) -> A
         }
         Ok(StateResponse::UnknownHost { host }) => err(format!("unknown host {host:?}")),
         Ok(other) => err(format!("confirm-off of {host} rejected: {other:?}")),
-        Err(WriteError::NotLeader(nl)) => AdminResponse::NotLeader {
-            leader: nl.leader_addr,
-        },
+        Err(WriteError::NotLeader(nl)) => not_leader_answer(ctx, nl),
         Err(e) => err(e.to_string()),
     }
 }
@@ -636,9 +713,7 @@ async fn write(ctx: &AdminContext, cmd: StateCommand) -> AdminResponse {
         Ok(StateResponse::UnknownVm { vm }) => err(format!("unknown VM {vm:?}")),
         Ok(StateResponse::Invalid { reason }) | Ok(StateResponse::Stale { reason }) => err(reason),
         Ok(StateResponse::Batch { .. }) => err("unexpected batch answer"),
-        Err(WriteError::NotLeader(nl)) => AdminResponse::NotLeader {
-            leader: nl.leader_addr,
-        },
+        Err(WriteError::NotLeader(nl)) => not_leader_answer(ctx, nl),
         Err(e) => err(e.to_string()),
     }
 }
@@ -653,10 +728,12 @@ fn state_name(s: ServerState) -> &'static str {
     }
 }
 
-async fn status(ctx: &AdminContext) -> StatusView {
+/// Every server of the membership, as this monitor sees it.
+fn servers(ctx: &AdminContext) -> Vec<ServerView> {
     let m = ctx.raft.metrics();
     let membership = m.membership_config.membership();
     let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let leader_last = m.last_log_index;
     let mut servers = Vec::new();
     for (id, node) in membership.nodes() {
         let (state, term, index, commit) = if *id == m.id {
@@ -681,6 +758,12 @@ async fn status(ctx: &AdminContext) -> StatusView {
             };
             (state.to_string(), None, matched, None)
         };
+        // Only the leader knows how far each server got.
+        let lag = match (&m.replication, leader_last) {
+            (Some(_), _) if *id == m.id => Some(0),
+            (Some(_), Some(last)) => Some(last.saturating_sub(index.unwrap_or(0))),
+            _ => None,
+        };
         servers.push(ServerView {
             id: *id,
             addr: node.addr.clone(),
@@ -689,8 +772,15 @@ async fn status(ctx: &AdminContext) -> StatusView {
             index,
             commit,
             voter: voters.contains(id),
+            lag,
         });
     }
+    servers
+}
+
+async fn status(ctx: &AdminContext) -> StatusView {
+    let m = ctx.raft.metrics();
+    let servers = servers(ctx);
     let hosts = hosts(ctx, None).await;
     let count = |l: Liveness| hosts.iter().filter(|h| h.liveness == l).count();
     let phases = ctx.raft.read(|s| {

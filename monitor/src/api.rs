@@ -22,6 +22,28 @@ pub struct ServerView {
     /// Last committed and applied index.
     pub commit: Option<u64>,
     pub voter: bool,
+    /// Log entries it is behind the leader's last one (known to the leader only, so `None`
+    /// in a follower's answer).
+    #[serde(default)]
+    pub lag: Option<u64>,
+}
+
+/// `vigilctl server list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServersView {
+    /// The node that answered.
+    pub node: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub servers: Vec<ServerView>,
+}
+
+/// The outcome of `vigilctl server add|del`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerChangeView {
+    /// "ok" or "unchanged".
+    pub result: String,
+    pub message: String,
 }
 
 /// `vigilctl status`.

@@ -25,8 +25,13 @@ pub struct Args {
     /// Create a new, empty cluster database in `data_dir` (the first start of a new cluster
     /// only). Without it the monitor refuses to start when it finds no database; with it, it
     /// refuses when one exists.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "join")]
     pub init: bool,
+    /// Join an existing monitor cluster (needs `[raft] listen`): create an empty database
+    /// in `data_dir` and wait until the leader adds this monitor (`vigilctl server add`).
+    /// Refused when `data_dir` already holds a cluster.
+    #[arg(long)]
+    pub join: bool,
 }
 
 /// Entry point of the `vigil-monitor` binary.
@@ -60,6 +65,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     rt.block_on(async move {
         let mode = if args.init {
             StartMode::Init
+        } else if args.join {
+            StartMode::Join
         } else {
             StartMode::Existing
         };

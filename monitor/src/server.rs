@@ -19,6 +19,7 @@ use vigil_common::wire::{self, close};
 use crate::admin::{self, AdminContext};
 use crate::agent_link::{self, LinkSettings, Sessions};
 use crate::certs::{self, CertWatch, Note};
+use crate::raft::quic::{QuicTuning, RaftEndpoint, RaftServer, TransportError};
 use crate::raft::{RaftNode, RaftTuning, DB_FILE_NAME};
 use crate::service::{self, EngineHandle};
 use crate::state::{EventKind, Severity, StateCommand};
@@ -31,6 +32,10 @@ pub enum StartMode {
     /// `vigil-monitor --init`: create a new, empty cluster; refuse if `data_dir` already holds
     /// one.
     Init,
+    /// `vigil-monitor --join` (needs `[raft] listen`): create an empty database and wait to be
+    /// added by the leader (`vigilctl server add`); refuse if `data_dir` already holds a
+    /// cluster.
+    Join,
 }
 
 /// Exit status of a monitor that refuses to start because of its data directory
@@ -51,9 +56,18 @@ pub enum DataDirError {
     Missing { db: PathBuf },
     #[error(
         "the monitor database {db} holds no cluster (an interrupted `vigil-monitor --init`?); \
-         start with `vigil-monitor --init` to create a new cluster there"
+         start with `vigil-monitor --init` to create a new cluster there (or set [raft] listen \
+         and start with `--join` to be added to an existing one)"
     )]
     Empty { db: PathBuf },
+    #[error(
+        "--join refused: {db} already holds a cluster (this monitor is a member already, or \
+         was one). Start without --join to run it; a monitor whose data is gone is removed \
+         (`vigilctl server del`) and added back under a new node id and certificate"
+    )]
+    AlreadyJoined { db: PathBuf },
+    #[error("--join needs field `raft.listen`: the leader reaches a new monitor there")]
+    JoinWithoutRaft,
     #[error(
         "--init refused: {db} already holds a cluster. `--init` only creates a new one; start \
          without --init to run this one"
@@ -70,6 +84,9 @@ pub struct Monitor {
     endpoint: quinn::Endpoint,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
+    /// The Raft address (`[raft] listen` bound) and its server, when `[raft] listen` is set.
+    pub raft_addr: Option<SocketAddr>,
+    raft_server: Option<RaftServer>,
     /// Issue 10 items 4 and 5: certificate reloads (SIGHUP) and expiry watching.
     tls_state: Arc<TlsState>,
 }
@@ -235,13 +252,69 @@ impl Monitor {
             None => cfg.listen,
         };
 
-        let raft = RaftNode::open(
-            &cfg.data_dir,
-            cfg.node_id,
-            advertise.to_string(),
-            RaftTuning::default(),
-        )
-        .await
+        if mode == StartMode::Join && cfg.raft.listen.is_none() {
+            return Err(DataDirError::JoinWithoutRaft.into());
+        }
+        // `[raft] listen`: this monitor talks Raft with the others on its own endpoint, and
+        // the membership holds that endpoint's address. Bound before the database is opened,
+        // so a certificate that is not `mon<node_id>` refuses the start with nothing created.
+        let raft_endpoint = match cfg.raft.listen {
+            None => None,
+            Some(listen) => {
+                let load = || {
+                    cfg.tls
+                        .load()
+                        .context("loading the monitor's TLS files for Raft")
+                };
+                let ep = RaftEndpoint::bind(
+                    listen,
+                    cfg.node_id,
+                    load()?,
+                    load()?,
+                    QuicTuning::default(),
+                )
+                .map_err(|e| match e {
+                    e @ TransportError::OwnCertificate { .. } => anyhow::anyhow!(
+                        "field `node_id` = {} does not match tls.cert {}: {e}. Fix node_id, or \
+                         issue this monitor a certificate named mon{} (`vigilctl cert issue \
+                         --role monitor mon{}`)",
+                        cfg.node_id,
+                        cfg.tls.cert.display(),
+                        cfg.node_id,
+                        cfg.node_id
+                    ),
+                    e => anyhow::Error::new(e).context("field `raft.listen`"),
+                })?;
+                let bound = ep.local_addr().context("the Raft endpoint's address")?;
+                let advertise = match cfg.raft.advertise {
+                    Some(a) => a,
+                    None if listen.port() == 0 => SocketAddr::new(listen.ip(), bound.port()),
+                    None => listen,
+                };
+                Some((ep, bound, advertise))
+            }
+        };
+        let raft = match &raft_endpoint {
+            None => {
+                RaftNode::open(
+                    &cfg.data_dir,
+                    cfg.node_id,
+                    advertise.to_string(),
+                    RaftTuning::default(),
+                )
+                .await
+            }
+            Some((ep, _, raft_advertise)) => {
+                RaftNode::open_with_network(
+                    &cfg.data_dir,
+                    cfg.node_id,
+                    raft_advertise.to_string(),
+                    RaftTuning::default().to_config(),
+                    ep.network(),
+                )
+                .await
+            }
+        }
         .with_context(|| format!("opening Raft state in {}", cfg.data_dir.display()))?;
         let raft = Arc::new(raft);
         let initialized = raft
@@ -249,19 +322,41 @@ impl Monitor {
             .await
             .context("reading the Raft state")?;
         let refusal = match (mode, initialized) {
+            // A monitor that joined (or is joining) waits, empty, to be added by the leader.
+            (StartMode::Existing, false) if raft_endpoint.is_some() => None,
             (StartMode::Existing, false) => Some(DataDirError::Empty { db: db.clone() }),
             (StartMode::Init, true) => Some(DataDirError::AlreadyInitialized { db: db.clone() }),
+            (StartMode::Join, true) => Some(DataDirError::AlreadyJoined { db: db.clone() }),
             _ => None,
         };
         if let Some(e) = refusal {
             raft.shutdown().await;
             return Err(e.into());
         }
+        // Serve the other monitors before initializing: peers named in `[raft] peers` vote
+        // only once they can reach us.
+        let (raft_server, raft_addr) = match raft_endpoint {
+            None => (None, None),
+            Some((ep, bound, _)) => (Some(ep.serve(raft.raft().clone())), Some(bound)),
+        };
         if mode == StartMode::Init {
-            raft.initialize_single_if_new()
+            let peers: std::collections::BTreeMap<u64, String> = cfg
+                .raft
+                .peers
+                .iter()
+                .map(|p| (p.id, p.addr.clone()))
+                .collect();
+            raft.initialize_with_if_new(&peers)
                 .await
                 .context("initializing the monitor cluster")?;
-            info!(db = %db.display(), "created a new monitor cluster (--init)");
+            info!(db = %db.display(), voters = peers.len() + 1, "created a new monitor cluster (--init)");
+        } else if !initialized {
+            info!(
+                node = cfg.node_id,
+                raft = ?raft_addr,
+                "no cluster yet: waiting to be added by the leader (`vigilctl server add {} ADDR`)",
+                cfg.node_id
+            );
         }
 
         let (stop, stop_rx) = watch::channel(false);
@@ -315,6 +410,8 @@ impl Monitor {
             endpoint,
             stop,
             accept,
+            raft_addr,
+            raft_server,
             tls_state,
         })
     }
@@ -363,6 +460,10 @@ impl Monitor {
         self.endpoint
             .close(close::SHUTDOWN.into(), b"monitor shutting down");
         self.accept.abort();
+        // The Raft server first: no peer RPC reaches a Raft that is shutting down.
+        if let Some(server) = self.raft_server {
+            server.shutdown().await;
+        }
         self.raft.shutdown().await;
         self.endpoint.wait_idle().await;
         info!("monitor stopped");

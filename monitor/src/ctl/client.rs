@@ -45,6 +45,11 @@ impl AdminClient {
         })
     }
 
+    /// Changes how long each answer is waited for.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
     async fn connect(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
         let fut = async {
             let conn = self

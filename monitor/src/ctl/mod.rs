@@ -18,7 +18,8 @@ use vigil_common::tls::{self, Role, TlsPaths};
 use vigil_common::wire::AdminRequest;
 
 use crate::api::{
-    EventsPage, EventsView, HostView, OperatorView, PingView, StatusView, VmView, WriteView,
+    EventsPage, EventsView, HostView, OperatorView, PingView, ServerChangeView, ServersView,
+    StatusView, VmView, WriteView,
 };
 use client::AdminClient;
 
@@ -106,6 +107,27 @@ pub enum Command {
     /// Automatic fencing (the mass-failure hold).
     #[command(subcommand)]
     Fencing(FencingCmd),
+    /// The monitor servers (Raft members): list, add, remove.
+    #[command(subcommand)]
+    Server(ServerCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServerCmd {
+    /// Every monitor: address, voter or learner, state, term, index, commit and lag.
+    List,
+    /// Add monitor ID, reachable for Raft at ADDR (its `[raft] advertise`, host:port), as a
+    /// voter: it joins as a learner, catches up, then votes. Run it on the leader; start the
+    /// new monitor with `vigil-monitor --join` first.
+    Add {
+        id: u64,
+        addr: String,
+        /// Seconds to wait for it to catch up before giving up (it then stays a learner).
+        #[arg(long, default_value_t = 20)]
+        wait: u64,
+    },
+    /// Remove monitor ID from the cluster (it does not stay as a learner).
+    Del { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -585,8 +607,42 @@ async fn remote(args: Args) -> anyhow::Result<()> {
     result
 }
 
+async fn server_change(c: &mut AdminClient, args: &Args, req: &AdminRequest) -> anyhow::Result<()> {
+    let (v, raw) = c.call::<ServerChangeView>(req).await?;
+    if args.json {
+        print_json(&raw)?
+    } else if v.result == "unchanged" {
+        println!("nothing to do: {}", v.message)
+    } else {
+        println!("{}", v.message)
+    }
+    Ok(())
+}
+
 async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
     match &args.command {
+        Command::Server(ServerCmd::List) => {
+            let (v, raw) = c.call::<ServersView>(&AdminRequest::ServerList).await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                print!("{}", render::servers(&v))
+            }
+        }
+        Command::Server(ServerCmd::Add { id, addr, wait }) => {
+            // The monitor answers once the new server caught up (or gave up).
+            c.set_timeout(Duration::from_secs(args.timeout.max(wait + 5)));
+            let req = AdminRequest::ServerAdd {
+                id: *id,
+                addr: addr.clone(),
+                wait_ms: wait.saturating_mul(1000),
+            };
+            server_change(c, args, &req).await?
+        }
+        Command::Server(ServerCmd::Del { id }) => {
+            c.set_timeout(Duration::from_secs(args.timeout.max(25)));
+            server_change(c, args, &AdminRequest::ServerDel { id: *id }).await?
+        }
         Command::Status => {
             let (v, raw) = c.call::<StatusView>(&AdminRequest::Status).await?;
             if args.json {

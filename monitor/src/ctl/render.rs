@@ -93,6 +93,37 @@ pub fn timestamp(ms: u64) -> String {
     )
 }
 
+/// The servers table of `status` and `server list`.
+fn server_table(servers: &[crate::api::ServerView]) -> String {
+    let mut t = Table::new(&[
+        "ID", "ADDRESS", "STATE", "VOTER", "TERM", "INDEX", "COMMIT", "LAG",
+    ]);
+    for srv in servers {
+        t.row(vec![
+            srv.id.to_string(),
+            srv.addr.clone(),
+            srv.state.clone(),
+            if srv.voter { "yes" } else { "no" }.into(),
+            opt(srv.term),
+            opt(srv.index),
+            opt(srv.commit),
+            opt(srv.lag),
+        ]);
+    }
+    t.render()
+}
+
+/// `vigilctl server list`.
+pub fn servers(s: &crate::api::ServersView) -> String {
+    format!(
+        "MONITOR SERVERS  (answered by node {}, leader {}, term {})\n{}",
+        s.node,
+        opt(s.leader),
+        s.term,
+        server_table(&s.servers)
+    )
+}
+
 pub fn status(s: &StatusView) -> String {
     let mut out = String::new();
     out.push_str(&format!(
@@ -102,19 +133,7 @@ pub fn status(s: &StatusView) -> String {
         s.term,
         s.version
     ));
-    let mut t = Table::new(&["ID", "ADDRESS", "STATE", "VOTER", "TERM", "INDEX", "COMMIT"]);
-    for srv in &s.servers {
-        t.row(vec![
-            srv.id.to_string(),
-            srv.addr.clone(),
-            srv.state.clone(),
-            if srv.voter { "yes" } else { "no" }.into(),
-            opt(srv.term),
-            opt(srv.index),
-            opt(srv.commit),
-        ]);
-    }
-    out.push_str(&t.render());
+    out.push_str(&server_table(&s.servers));
     out.push_str(&format!(
         "\nHOSTS  total {}, up {}, suspect {}, down {}, unknown {}; fencing {}, fenced {}, in maintenance {}\n",
         s.hosts_total,

@@ -21,7 +21,7 @@ mod quic_tests;
 pub mod state_machine;
 pub mod wire;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -31,8 +31,8 @@ use std::time::Duration;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, Fatal, InitializeError, RaftError};
 use openraft::network::RaftNetworkFactory;
 use openraft::{
-    BasicNode, ErrorSubject, ErrorVerb, Raft, RaftMetrics, ServerState, SnapshotPolicy,
-    StorageError, StorageIOError,
+    BasicNode, ChangeMembers, ErrorSubject, ErrorVerb, Raft, RaftMetrics, ServerState,
+    SnapshotPolicy, StorageError, StorageIOError,
 };
 use redb::Database;
 use tokio::sync::watch;
@@ -177,6 +177,32 @@ pub enum InitError {
     Fatal(#[from] Fatal<u64>),
     #[error("Raft refused to initialize: {0}")]
     Rejected(String),
+}
+
+/// Failure of [`RaftNode::add_server`] or [`RaftNode::remove_server`].
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    /// Only the leader changes the membership.
+    #[error("{0}")]
+    NotLeader(NotLeader),
+    /// The request makes no sense for the current membership.
+    #[error("{0}")]
+    Invalid(String),
+    /// Not done within the caller's timeout (what was done is said).
+    #[error("{0}")]
+    Timeout(String),
+    #[error("Raft refused the membership change: {0}")]
+    Rejected(String),
+    #[error("Raft stopped: {0}")]
+    Fatal(Fatal<u64>),
+}
+
+/// What a membership change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipChange {
+    Done,
+    /// It was so already.
+    Unchanged,
 }
 
 /// Maps any error into an openraft [`StorageError`] about `subject`.
@@ -348,6 +374,176 @@ impl RaftNode {
             Err(RaftError::APIError(e)) => Err(InitError::Rejected(e.to_string())),
             Err(RaftError::Fatal(f)) => Err(InitError::Fatal(f)),
         }
+    }
+
+    /// Makes this node the first member of a new cluster with `others` (id → Raft address)
+    /// as voters too, if it has never been initialized. Only the bootstrap monitor calls
+    /// this (`vigil-monitor --init`); the others start empty and are added by the leader.
+    pub async fn initialize_with_if_new(
+        &self,
+        others: &BTreeMap<u64, String>,
+    ) -> Result<(), InitError> {
+        if self.raft.is_initialized().await? {
+            return Ok(());
+        }
+        let mut members: BTreeMap<u64, BasicNode> = others
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect();
+        members.insert(self.node_id, BasicNode::new(&self.addr));
+        let n = members.len();
+        match self.raft.initialize(members).await {
+            Ok(()) => {
+                tracing::info!(
+                    node_id = self.node_id,
+                    voters = n,
+                    "initialized Raft cluster"
+                );
+                Ok(())
+            }
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Err(RaftError::APIError(e)) => Err(InitError::Rejected(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(InitError::Fatal(f)),
+        }
+    }
+
+    /// Adds node `id` at Raft address `addr` as a voter: first as a learner, waiting (at most
+    /// `timeout` for everything) until it has caught up, then promoted. Leader only. A node
+    /// that does not catch up in time stays a learner (the error says so): it takes no part
+    /// in quorums, and [`Self::remove_server`] removes it.
+    pub async fn add_server(
+        &self,
+        id: u64,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<MembershipChange, MembershipError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.check_leader_for_membership()?;
+        let (known, voter) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            (
+                membership.get_node(&id).map(|n| n.addr.clone()),
+                membership.voter_ids().any(|v| v == id),
+            )
+        };
+        match &known {
+            Some(a) if a != addr => {
+                return Err(MembershipError::Invalid(format!(
+                    "node {id} is already a {} at {a}; remove it first (`vigilctl server del {id}`) to give it another address",
+                    if voter { "voter" } else { "learner" }
+                )))
+            }
+            Some(_) if voter => return Ok(MembershipChange::Unchanged),
+            _ => {}
+        }
+        let learner = tokio::time::timeout_at(
+            deadline,
+            self.raft.add_learner(id, BasicNode::new(addr), true),
+        )
+        .await;
+        match learner {
+            Err(_) => {
+                return Err(MembershipError::Timeout(format!(
+                    "node {id} at {addr} was added as a learner but did not catch up within {timeout:?}, so it stays a learner (no vote): check that it runs (`vigil-monitor --join`), that {addr} is its [raft] address and that its certificate is mon{id}; `vigilctl server del {id}` removes it"
+                )))
+            }
+            Ok(Err(e)) => return Err(self.membership_error(e)),
+            Ok(Ok(_)) => {}
+        }
+        let promote = tokio::time::timeout_at(
+            deadline,
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false),
+        )
+        .await;
+        match promote {
+            Err(_) => Err(MembershipError::Timeout(format!(
+                "node {id} at {addr} caught up as a learner, but making it a voter did not finish within {timeout:?}; `vigilctl server list` shows what it is now"
+            ))),
+            Ok(Err(e)) => Err(self.membership_error(e)),
+            Ok(Ok(_)) => {
+                tracing::info!(id, addr, "Raft node added as a voter");
+                Ok(MembershipChange::Done)
+            }
+        }
+    }
+
+    /// Removes node `id` (voter or learner) from the membership, not keeping it as a learner
+    /// (`retain = false`: a removed leader steps down). Leader only; the last voter cannot go.
+    pub async fn remove_server(
+        &self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<MembershipChange, MembershipError> {
+        self.check_leader_for_membership()?;
+        let (known, voters) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            (
+                membership.get_node(&id).is_some(),
+                membership.voter_ids().collect::<BTreeSet<u64>>(),
+            )
+        };
+        if !known {
+            return Ok(MembershipChange::Unchanged);
+        }
+        let change = if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(MembershipError::Invalid(format!(
+                    "node {id} is the only voter; the cluster cannot remove its last voter"
+                )));
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        match tokio::time::timeout(timeout, self.raft.change_membership(change, false)).await {
+            Err(_) => Err(MembershipError::Timeout(format!(
+                "removing node {id} did not finish within {timeout:?} (no quorum?); `vigilctl server list` shows the membership now"
+            ))),
+            Ok(Err(e)) => Err(self.membership_error(e)),
+            Ok(Ok(_)) => {
+                tracing::info!(id, "Raft node removed");
+                Ok(MembershipChange::Done)
+            }
+        }
+    }
+
+    fn check_leader_for_membership(&self) -> Result<(), MembershipError> {
+        if self.is_leader() {
+            return Ok(());
+        }
+        Err(MembershipError::NotLeader(
+            self.not_leader(self.current_leader(), None),
+        ))
+    }
+
+    fn membership_error(
+        &self,
+        e: RaftError<u64, ClientWriteError<u64, BasicNode>>,
+    ) -> MembershipError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                MembershipError::NotLeader(self.not_leader(f.leader_id, f.leader_node))
+            }
+            RaftError::APIError(e) => MembershipError::Rejected(e.to_string()),
+            RaftError::Fatal(f) => MembershipError::Fatal(f),
+        }
+    }
+
+    /// Whether the membership names any node other than this one (voter or learner).
+    pub fn has_peers(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let any = m
+            .membership_config
+            .membership()
+            .nodes()
+            .any(|(id, _)| *id != self.node_id);
+        any
     }
 
     /// Proposes `cmd` and waits until it is committed and applied here. A command that the
