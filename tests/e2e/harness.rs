@@ -239,14 +239,27 @@ impl MonitorProc {
         addr: SocketAddr,
         extra_toml: &str,
     ) -> (PathBuf, PathBuf) {
+        Self::write_config_as(pki, dir, addr, 1, "mon1", extra_toml)
+    }
+
+    /// [`MonitorProc::write_config`] for Raft node `node_id` with the monitor certificate
+    /// named `cert_name` (`mon<node_id>` unless a test wants them to disagree).
+    pub fn write_config_as(
+        pki: &Pki,
+        dir: &Path,
+        addr: SocketAddr,
+        node_id: u64,
+        cert_name: &str,
+        extra_toml: &str,
+    ) -> (PathBuf, PathBuf) {
         std::fs::create_dir_all(dir).expect("mkdir");
-        let t = pki.issue(Role::Monitor, "mon1");
+        let t = pki.issue(Role::Monitor, cert_name);
         let data_dir = dir.join("data");
         let config = dir.join("monitor.toml");
         std::fs::write(
             &config,
             format!(
-                "node_id = 1\ndata_dir = {:?}\nlisten = \"{addr}\"\n{extra_toml}\n{}",
+                "node_id = {node_id}\ndata_dir = {:?}\nlisten = \"{addr}\"\n{extra_toml}\n{}",
                 data_dir.display().to_string(),
                 toml_tls(&t)
             ),
@@ -265,11 +278,20 @@ impl MonitorProc {
         dir: &Path,
         init: bool,
     ) -> MonitorProc {
+        let flags: &[&str] = if init { &["--init"] } else { &[] };
+        Self::spawn_flags(config, addr, data_dir, dir, flags)
+    }
+
+    /// Starts a monitor on an existing config with extra command-line flags (`--join`).
+    pub fn spawn_flags(
+        config: PathBuf,
+        addr: SocketAddr,
+        data_dir: PathBuf,
+        dir: &Path,
+        flags: &[&str],
+    ) -> MonitorProc {
         let mut cmd = Command::new(bin("monitor"));
-        cmd.arg("--config").arg(&config);
-        if init {
-            cmd.arg("--init");
-        }
+        cmd.arg("--config").arg(&config).args(flags);
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
         let proc_ = Proc::spawn(cmd, dir.join(format!("monitor-{n}.log")));
         MonitorProc {

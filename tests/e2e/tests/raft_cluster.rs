@@ -1,0 +1,215 @@
+//! Three monitors as one Raft cluster over QUIC (issue 12): mon1 bootstraps with `--init`,
+//! mon2 and mon3 start with `--join` and are added by `vigilctl server add`; a host tag
+//! written on the leader is on every monitor; after a SIGKILL of the leader another monitor
+//! leads within 30 s and takes writes. And a monitor whose `node_id` disagrees with its
+//! certificate refuses to start, naming the field.
+//!
+//! `cargo test -p vigil-e2e --test raft_cluster`
+
+#[path = "../harness.rs"]
+mod harness;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use harness::*;
+use serde_json::Value;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn loopback() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().expect("addr")
+}
+
+struct Member {
+    mon: MonitorProc,
+    raft: SocketAddr,
+    ctl: Ctl,
+}
+
+/// Starts monitor `id` (certificate `mon<id>`) with `[raft] listen`, with `flag`
+/// (`--init` or `--join`).
+fn start(pki: &Pki, id: u64, flag: &str) -> Member {
+    let dir = pki.dir.path().join(format!("mon{id}"));
+    let addr = loopback();
+    let raft = loopback();
+    let extra = format!("{DETECTOR_TOML}[raft]\nlisten = \"{raft}\"\n");
+    let (config, data_dir) =
+        MonitorProc::write_config_as(pki, &dir, addr, id, &format!("mon{id}"), &extra);
+    let mut mon = MonitorProc::spawn_flags(config, addr, data_dir, &dir, &[flag]);
+    let ctl = Ctl::new(pki, vec![addr]);
+    if let Err(e) = ctl.wait_started(&mut mon, WAIT) {
+        panic!("mon{id} did not start: {e}");
+    }
+    Member { mon, raft, ctl }
+}
+
+fn servers(v: &Value) -> Vec<Value> {
+    v["servers"].as_array().cloned().unwrap_or_default()
+}
+
+/// The leader every live member agrees on, once each lists `n` voters with exactly one
+/// leader among them.
+fn agreed_leader(members: &BTreeMap<u64, Member>, n: usize) -> Option<u64> {
+    let mut leader = None;
+    for m in members.values() {
+        let v = m.ctl.json(&["server", "list"]).ok()?;
+        let s = servers(&v);
+        if s.len() != n || !s.iter().all(|x| x["voter"] == true) {
+            return None;
+        }
+        let leaders: Vec<u64> = s
+            .iter()
+            .filter(|x| x["state"] == "leader")
+            .filter_map(|x| x["id"].as_u64())
+            .collect();
+        let l = v["leader"].as_u64()?;
+        if leaders != [l] || leader.is_some_and(|x| x != l) {
+            return None;
+        }
+        leader = Some(l);
+    }
+    leader
+}
+
+fn tags(ctl: &Ctl, host: &str) -> Vec<String> {
+    ctl.json(&["host", "show", host])
+        .ok()
+        .and_then(|v| {
+            v["tags"].as_array().map(|t| {
+                t.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+fn tagged_everywhere(members: &BTreeMap<u64, Member>, host: &str, tag: &str) -> bool {
+    members
+        .values()
+        .all(|m| tags(&m.ctl, host).iter().any(|t| t == tag))
+}
+
+#[test]
+fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
+    let pki = Pki::new();
+    let mut members = BTreeMap::new();
+    members.insert(1, start(&pki, 1, "--init"));
+    members.insert(2, start(&pki, 2, "--join"));
+    members.insert(3, start(&pki, 3, "--join"));
+
+    for id in [2u64, 3] {
+        let addr = members[&id].raft.to_string();
+        let out = members[&1]
+            .ctl
+            .run(&["server", "add", &id.to_string(), &addr]);
+        assert!(
+            out.status.success(),
+            "server add {id}: {}\nmon{id} log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            log_tail(&members[&id].mon.proc_.log_text(), 30)
+        );
+    }
+    let leader = wait_for(WAIT, || agreed_leader(&members, 3)).unwrap_or_else(|| {
+        panic!(
+            "no agreed leader of 3 voters: {:?}",
+            members[&1].ctl.json(&["server", "list"])
+        )
+    });
+    assert_eq!(
+        leader, 1,
+        "the bootstrap monitor leads until something happens"
+    );
+    // `status` lists every server too, in every monitor's answer.
+    for (id, m) in &members {
+        let st = m.ctl.json(&["status"]).expect("status");
+        assert_eq!(servers(&st).len(), 3, "mon{id}: {st}");
+    }
+    let list = members[&1].ctl.run(&["server", "list"]);
+    let text = String::from_utf8_lossy(&list.stdout);
+    assert!(text.contains("LAG") && text.contains("leader"), "{text}");
+
+    // A host (registered by an agent of mon1, through Raft), tagged on the leader: the tag
+    // is on every monitor.
+    let _agent = AgentProc::start(&pki, pki.dir.path(), "hv1", members[&1].mon.addr, "");
+    wait_for(WAIT, || {
+        members
+            .values()
+            .all(|m| m.ctl.json(&["host", "show", "hv1"]).is_ok())
+            .then_some(())
+    })
+    .expect("hv1 registered on every monitor");
+    let out = members[&1].ctl.run(&["host", "tag", "add", "hv1", "ha"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(WAIT, || {
+        tagged_everywhere(&members, "hv1", "ha").then_some(())
+    })
+    .expect("the tag replicated to every monitor");
+
+    // A follower refuses a write and names the leader.
+    let out = members[&2].ctl.run(&["host", "tag", "add", "hv1", "nope"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a follower took a write");
+    assert!(
+        stderr.contains("not the Raft leader") && stderr.contains("node 1"),
+        "{stderr}"
+    );
+    assert!(!tags(&members[&1].ctl, "hv1").iter().any(|t| t == "nope"));
+
+    // SIGKILL the leader: another monitor leads within 30 s and takes a write.
+    let mut dead = members.remove(&1).expect("mon1");
+    dead.mon.proc_.kill();
+    let new_leader = wait_for(WAIT, || agreed_leader(&members, 3).filter(|l| *l != 1))
+        .unwrap_or_else(|| {
+            panic!(
+                "no new leader: {:?} / {:?}",
+                members[&2].ctl.json(&["server", "list"]),
+                members[&3].ctl.json(&["server", "list"])
+            )
+        });
+    let mut last = String::new();
+    wait_for(WAIT, || {
+        let out = members[&new_leader]
+            .ctl
+            .run(&["host", "tag", "add", "hv1", "after-failover"]);
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success().then_some(())
+    })
+    .unwrap_or_else(|| panic!("the new leader mon{new_leader} took no write: {last}"));
+    wait_for(WAIT, || {
+        tagged_everywhere(&members, "hv1", "after-failover").then_some(())
+    })
+    .expect("the new leader's write replicated to the other survivor");
+    // The earlier write survived the failover.
+    assert!(tagged_everywhere(&members, "hv1", "ha"));
+}
+
+#[test]
+fn a_monitor_whose_node_id_is_not_its_certificate_refuses_to_start() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("mon2-as-mon1");
+    let addr = loopback();
+    let extra = format!("[raft]\nlisten = \"{}\"\n", loopback());
+    // node_id 2 with the certificate of mon1.
+    let (config, data_dir) = MonitorProc::write_config_as(&pki, &dir, addr, 2, "mon1", &extra);
+    let mut mon = MonitorProc::spawn_flags(config, addr, data_dir.clone(), &dir, &["--init"]);
+    let exit = wait_for(WAIT, || mon.proc_.try_exit())
+        .unwrap_or_else(|| panic!("it kept running: {}", mon.proc_.log_text()));
+    let log = mon.proc_.log_text();
+    assert!(!exit.success(), "{log}");
+    assert!(log.contains("node_id"), "names the field: {log}");
+    assert!(
+        log.contains("mon2"),
+        "names the certificate it needs: {log}"
+    );
+    assert!(
+        !data_dir.join("raft.redb").exists(),
+        "no database created: {log}"
+    );
+}
