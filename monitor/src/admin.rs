@@ -218,6 +218,9 @@ pub async fn handle(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) 
     resp
 }
 
+/// How long an admin answer waits for its audit entry to commit.
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Who: the certificate's role and name, as in `admin:alice`.
 pub fn actor(peer: &PeerIdentity) -> String {
     format!("{}:{}", peer.role, peer.name)
@@ -249,8 +252,16 @@ async fn audit(
             result,
         },
     };
-    if let Err(e) = ctx.raft.write(cmd).await {
-        warn!(%by, error = %e, "could not record the admin action in the event log");
+    // Bounded: the answer waits for it, and without a quorum nothing commits.
+    match tokio::time::timeout(AUDIT_TIMEOUT, ctx.raft.write(cmd)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            warn!(%by, error = %e, "could not record the admin action in the event log")
+        }
+        Err(_) => warn!(
+            %by,
+            "the admin action was not recorded in the event log within {AUDIT_TIMEOUT:?} (no quorum?)"
+        ),
     }
 }
 

@@ -438,19 +438,42 @@ impl RaftNode {
             Some(_) if voter => return Ok(MembershipChange::Unchanged),
             _ => {}
         }
-        let learner = tokio::time::timeout_at(
+        // Not `add_learner(.., blocking = true)`: it counts a learner within
+        // `replication_lag_threshold` (5000 entries) as caught up, even one never reached, and
+        // promoting an unreachable node makes a joint configuration that may never commit
+        // (with one voter down, no write would commit again).
+        let added = tokio::time::timeout_at(
             deadline,
-            self.raft.add_learner(id, BasicNode::new(addr), true),
+            self.raft.add_learner(id, BasicNode::new(addr), false),
         )
         .await;
-        match learner {
+        let added = match added {
             Err(_) => {
                 return Err(MembershipError::Timeout(format!(
-                    "node {id} at {addr} was added as a learner but did not catch up within {timeout:?}, so it stays a learner (no vote): check that it runs (`vigil-monitor --join`), that {addr} is its [raft] address and that its certificate is mon{id}; `vigilctl server del {id}` removes it"
+                    "adding node {id} as a learner did not commit within {timeout:?} (no quorum?); `vigilctl server list` shows the membership now"
                 )))
             }
             Ok(Err(e)) => return Err(self.membership_error(e)),
-            Ok(Ok(_)) => {}
+            Ok(Ok(resp)) => resp.log_id,
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let caught_up = self
+            .raft
+            .wait(Some(left))
+            .metrics(
+                |m| {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id).cloned().flatten())
+                        .is_some_and(|matched| matched.index >= added.index)
+                },
+                "new learner caught up",
+            )
+            .await;
+        if caught_up.is_err() {
+            return Err(MembershipError::Timeout(format!(
+                "node {id} at {addr} was added as a learner but did not catch up within {timeout:?}, so it stays a learner (no vote): check that it runs (`vigil-monitor --join`), that {addr} is its [raft] address and that its certificate is mon{id}; `vigilctl server del {id}` removes it"
+            )));
         }
         let promote = tokio::time::timeout_at(
             deadline,

@@ -188,6 +188,46 @@ fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
     .expect("the new leader's write replicated to the other survivor");
     // The earlier write survived the failover.
     assert!(tagged_everywhere(&members, "hv1", "ha"));
+
+    // A server that never catches up stays a learner, and the error says so; `server del`
+    // removes it, and removes the dead mon1 (no learner left behind: retain=false).
+    let nobody = loopback().to_string();
+    let leader_ctl = &members[&new_leader].ctl;
+    let out = leader_ctl.run(&["server", "add", "9", &nobody, "--wait", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("stays a learner"),
+        "{stderr}\nmon{new_leader} log:\n{}",
+        members[&new_leader]
+            .mon
+            .proc_
+            .log_text()
+            .lines()
+            .filter(|l| !l.contains("Unreachable") && !l.contains("backoff"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    for id in ["9", "1"] {
+        let out = leader_ctl.run(&["server", "del", id]);
+        assert!(
+            out.status.success(),
+            "server del {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_for(WAIT, || agreed_leader(&members, 2)).expect("two voters left, one leader");
+    // And the cluster still commits (a learner that never caught up is never promoted: a
+    // joint configuration with it and mon1 dead could not commit anything).
+    let out = leader_ctl.run(&["host", "tag", "add", "hv1", "after-del"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(WAIT, || {
+        tagged_everywhere(&members, "hv1", "after-del").then_some(())
+    })
+    .expect("replicated");
 }
 
 #[test]
