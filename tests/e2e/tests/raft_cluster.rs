@@ -129,9 +129,9 @@ fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
     let text = String::from_utf8_lossy(&list.stdout);
     assert!(text.contains("LAG") && text.contains("leader"), "{text}");
 
-    // A host (registered by an agent of mon1, through Raft), tagged on the leader: the tag
+    // A host (registered through Raft by an agent of the leader), tagged on the leader: the tag
     // is on every monitor.
-    let _agent = AgentProc::start(&pki, pki.dir.path(), "hv1", members[&1].mon.addr, "");
+    let _agent = AgentProc::start(&pki, pki.dir.path(), "hv1", members[&leader].mon.addr, "");
     wait_for(WAIT, || {
         members
             .values()
