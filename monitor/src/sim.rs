@@ -253,7 +253,7 @@ impl Scenario {
         sc.watchdog_ms = Some(2_500);
         sc.failover.mass_failure_window_ms = 60_000;
         sc.failover.storage_slot = true;
-        sc.failover.vcpu_overcommit = 4;
+        sc.policy.vcpu_overcommit = 4;
         sc.failover.probe_port = 22;
         // Scaled to the simulator's fast detector (down after 600 ms).
         sc.lease = LeaseConfig {
@@ -310,9 +310,9 @@ impl Scenario {
                 ["failover", rest @ ..] => {
                     for (k, v) in kv(rest) {
                         match k.as_str() {
-                            "ha_tag" => sc.failover.ha_tag = Some(v),
+                            "ha_tag" => sc.policy.ha_tag = Some(v),
                             "fallback" => {
-                                sc.failover.ha_tag_fallback = match v.as_str() {
+                                sc.policy.ha_tag_fallback = match v.as_str() {
                                     "any" => TagFallback::Any,
                                     "wait" => TagFallback::Wait,
                                     o => return Err(err(format!("fallback {o:?}: any or wait"))),
