@@ -72,7 +72,7 @@ use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason, VigilMeta,
     RAW_EVENT_STOPPED,
 };
-use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
+use vigil_common::storage::{FenceAck, FenceRequest, LeaderRecord, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
 use crate::engine::{
@@ -253,7 +253,7 @@ impl Scenario {
         sc.watchdog_ms = Some(2_500);
         sc.failover.mass_failure_window_ms = 60_000;
         sc.failover.storage_slot = true;
-        sc.failover.vcpu_overcommit = 4;
+        sc.policy.vcpu_overcommit = 4;
         sc.failover.probe_port = 22;
         // Scaled to the simulator's fast detector (down after 600 ms).
         sc.lease = LeaseConfig {
@@ -310,9 +310,9 @@ impl Scenario {
                 ["failover", rest @ ..] => {
                     for (k, v) in kv(rest) {
                         match k.as_str() {
-                            "ha_tag" => sc.failover.ha_tag = Some(v),
+                            "ha_tag" => sc.policy.ha_tag = Some(v),
                             "fallback" => {
-                                sc.failover.ha_tag_fallback = match v.as_str() {
+                                sc.policy.ha_tag_fallback = match v.as_str() {
                                     "any" => TagFallback::Any,
                                     "wait" => TagFallback::Wait,
                                     o => return Err(err(format!("fallback {o:?}: any or wait"))),
@@ -547,8 +547,9 @@ pub struct Sim {
     leader_epoch_at: Option<u64>,
     /// What the engine last published for the leader record, and when (sim ms); and the
     /// hosts condemned by the record on storage.
-    record_published: Option<(u64, Vec<String>)>,
-    record_condemned: Vec<String>,
+    record_published: Option<(u64, Vec<String>, bool)>,
+    /// The leader record agents read last (the real type, read with its real rules).
+    record_read: LeaderRecord,
     watchdog_ms: Option<u64>,
     /// Sim time 0 as an `Instant`, for the shared pure decisions.
     t0: std::time::Instant,
@@ -601,7 +602,14 @@ impl Sim {
             leader_record_at: None,
             leader_epoch_at: None,
             record_published: None,
-            record_condemned: Vec::new(),
+            record_read: LeaderRecord {
+                term: 0,
+                node: 0,
+                seq: 0,
+                wall_ms: 0,
+                condemned: Vec::new(),
+                hold: false,
+            },
             watchdog_ms: sc.watchdog_ms,
             t0: std::time::Instant::now(),
             next_instance: 100,
@@ -706,8 +714,8 @@ impl Sim {
                             }
                         }
                     }
-                    Action::LeaderRecord { condemned, .. } => {
-                        self.record_published = Some((self.now, condemned));
+                    Action::LeaderRecord { condemned, hold } => {
+                        self.record_published = Some((self.now, condemned, hold));
                     }
                     Action::ClearFence { host } => {
                         if self.monitor_storage_ok {
@@ -1170,7 +1178,7 @@ impl Sim {
         let lease = self.lease.clone();
         let leader_at = self.leader_record_at;
         let epoch_at = self.leader_epoch_at;
-        let condemned = self.record_condemned.clone();
+        let record = self.record_read.clone();
         let watchdog = self.watchdog_ms;
         let ha = self.ha.clone();
         let names: Vec<String> = self.hosts.keys().cloned().collect();
@@ -1210,7 +1218,9 @@ impl Sim {
                     ok: h.storage_ok,
                     leader_changed_at: leader_at.map(at),
                     leader_epoch_since: epoch_at.map(at),
-                    condemns_us: condemned.contains(&name),
+                    // The real agent's rule (agent/src/isolation.rs): a held record
+                    // condemns nobody.
+                    condemns_us: record.condemns(&name),
                     fence_request: request.clone(),
                 })
                 .collect();
@@ -1372,9 +1382,9 @@ impl Sim {
         let published = self
             .record_published
             .as_ref()
-            .filter(|(t, _)| now.saturating_sub(*t) <= 1_000)
-            .map(|(_, c)| c.clone());
-        if let Some(c) = &published {
+            .filter(|(t, _, _)| now.saturating_sub(*t) <= 1_000)
+            .map(|(_, c, hold)| (c.clone(), *hold));
+        if let Some((c, hold)) = &published {
             if self
                 .leader_record_at
                 .is_none_or(|t| now.saturating_sub(t) > self.lease.duration_ms)
@@ -1382,7 +1392,14 @@ impl Sim {
                 self.leader_epoch_at = Some(now);
             }
             self.leader_record_at = Some(now);
-            self.record_condemned = c.clone();
+            self.record_read = LeaderRecord {
+                term: self.term,
+                node: 1,
+                seq: self.record_read.seq + 1,
+                wall_ms: now,
+                condemned: c.clone(),
+                hold: *hold,
+            };
             // Agents learn the term from the record they read.
             let term = self.term;
             for h in self.hosts.values_mut() {
@@ -1406,7 +1423,12 @@ impl Sim {
             pool,
             result: Ok(StorageCycle {
                 leader_written: published.is_some(),
-                condemned: published.unwrap_or_default(),
+                // As the monitor's storage worker reports it (monitor/src/storage.rs).
+                condemned: if published.is_some() {
+                    self.record_read.condemned_hosts()
+                } else {
+                    Vec::new()
+                },
                 heartbeats,
                 acks,
             }),

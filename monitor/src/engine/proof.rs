@@ -31,7 +31,7 @@ impl Engine {
                 continue;
             }
             let need = need_of(vm);
-            let (tag, fallback) = (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
+            let (tag, fallback) = (self.policy.ha_tag.clone(), self.policy.ha_tag_fallback);
             let views = self.views(state);
             let (target, warning) = placement::failover_target(
                 &state.hosts,

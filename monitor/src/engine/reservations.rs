@@ -34,10 +34,10 @@ impl Engine {
                     })
                     .unwrap_or(0);
                 let cpus = facts.map(|f| u64::from(f.cpus)).unwrap_or(0);
-                let vcpus_available = if self.failover.vcpu_overcommit == 0 || cpus == 0 {
+                let vcpus_available = if self.policy.vcpu_overcommit == 0 || cpus == 0 {
                     u64::MAX
                 } else {
-                    (cpus * u64::from(self.failover.vcpu_overcommit)).saturating_sub(running_vcpus)
+                    (cpus * u64::from(self.policy.vcpu_overcommit)).saturating_sub(running_vcpus)
                 };
                 let unusable_why = self.unusable_why(h);
                 (

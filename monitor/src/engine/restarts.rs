@@ -65,7 +65,7 @@ impl Engine {
                     // Where it starts, and (when placement runs again here) why there.
                     let target: Option<(String, String)> = if *relocate && !self.host_usable(host) {
                         let (tag, fallback) =
-                            (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
+                            (self.policy.ha_tag.clone(), self.policy.ha_tag_fallback);
                         let views = self.views(state);
                         let (t, warning) = placement::failover_target(
                             &state.hosts,
