@@ -202,6 +202,9 @@ enum Fault {
     MonitorRestart(u64, Vec<String>),
     ReorderReports(String, bool),
     QuorumStall(bool),
+    /// `vigilctl plan --fail H[,H]`: logged, and every start ordered later for a VM the plan
+    /// placed must go to the planned host (else a PLAN MISMATCH violation).
+    Plan(Vec<String>),
 }
 
 /// A parsed scenario.
@@ -284,6 +287,7 @@ impl Scenario {
                             "window_ms" => sc.policy.window_ms = n,
                             "backoff_initial_ms" => sc.policy.backoff_initial_ms = n,
                             "backoff_max_ms" => sc.policy.backoff_max_ms = n,
+                            "min_failures_tolerated" => sc.policy.min_failures_tolerated = n as u32,
                             other => return Err(err(format!("unknown policy field {other:?}"))),
                         }
                     }
@@ -405,6 +409,7 @@ impl Scenario {
                         "drop-answers" => Fault::DropAnswers(arg(0)?, on(1)?),
                         "new-leader" => Fault::NewLeader,
                         "crash-host" => Fault::CrashHost(arg(0)?),
+                        "plan" => Fault::Plan(arg(0)?.split(',').map(String::from).collect()),
                         "power-on" => Fault::PowerOn(arg(0)?),
                         "partition" => Fault::Partition(arg(0)?),
                         "heal" => Fault::Heal(arg(0)?),
@@ -495,6 +500,9 @@ impl SimHost {
 /// A safety violation found by the simulator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
+    /// `vigilctl plan` said one host and the real failure used another.
+    #[error("at {at_ms} ms PLAN MISMATCH: {detail}")]
+    PlanMismatch { at_ms: u64, detail: String },
     #[error("at {at_ms} ms VM {uuid} runs on {hosts:?} at once")]
     RunsTwice {
         at_ms: u64,
@@ -515,6 +523,10 @@ pub enum Violation {
 pub struct Sim {
     engine: Engine,
     state: ClusterState,
+    /// `plan` verbs: uuid -> the host the plan placed it on, until its next start order.
+    planned: BTreeMap<String, String>,
+    /// Start orders that went elsewhere than a plan said.
+    plan_mismatch: Vec<String>,
     hosts: BTreeMap<String, SimHost>,
     crash_on_start: BTreeSet<String>,
     /// Commands in flight: (due, host, command, outcome).
@@ -577,6 +589,8 @@ impl Sim {
                 .with_leases(sc.lease.clone(), 500)
                 .with_quorum_check(QUORUM_FRESH_MS),
             state: ClusterState::default(),
+            planned: BTreeMap::new(),
+            plan_mismatch: Vec::new(),
             hosts: BTreeMap::new(),
             crash_on_start: BTreeSet::new(),
             pending: Vec::new(),
@@ -692,6 +706,15 @@ impl Sim {
             for a in actions {
                 match a {
                     Action::Propose(cmd) => {
+                        if let crate::state::StateCommand::OrderStart { uuid, host, .. } = &cmd {
+                            if let Some(planned) = self.planned.remove(uuid) {
+                                if planned != *host {
+                                    self.plan_mismatch.push(format!(
+                                        "{uuid}: planned {planned}, ordered on {host}"
+                                    ));
+                                }
+                            }
+                        }
                         self.state.apply(&cmd);
                         applied = true;
                     }
@@ -1034,6 +1057,26 @@ impl Sim {
                 match self.engine.fence_refusal(&h, force, self.now) {
                     Some(why) => self.log.push(format!("{:>6} REFUSED {why}", self.now)),
                     None => self.input(Input::OperatorFence { host: h, by }),
+                }
+            }
+            Fault::Plan(hosts) => {
+                match self.engine.plan_failures(&hosts, &self.state, self.wall()) {
+                    Ok(vms) => {
+                        for v in vms {
+                            let target = match &v.outcome {
+                                crate::engine::PlanOutcome::Placed { target } => {
+                                    self.planned.insert(v.uuid.clone(), target.clone());
+                                    target.clone()
+                                }
+                                other => format!("{other:?}").to_lowercase(),
+                            };
+                            self.log.push(format!(
+                                "{:>6} PLAN {} from {} -> {target}: {}",
+                                self.now, v.uuid, v.from, v.why
+                            ));
+                        }
+                    }
+                    Err(e) => self.log.push(format!("{:>6} REFUSED {e}", self.now)),
                 }
             }
             Fault::ReleaseHold(cluster, by) => {
@@ -1860,6 +1903,12 @@ impl Sim {
 
     /// The one rule, checked after every step.
     fn check(&self) -> Result<(), Violation> {
+        if let Some(detail) = self.plan_mismatch.first() {
+            return Err(Violation::PlanMismatch {
+                at_ms: self.now,
+                detail: detail.clone(),
+            });
+        }
         let mut running: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (hn, h) in &self.hosts {
             for (u, d) in &h.domains {

@@ -21,6 +21,7 @@ impl Engine {
         // state (and in the storage slots, cleared below).
         self.fencing = FencingBook::default();
         self.recovery = RecoveryBook::default();
+        self.capacity = CapacityBook::default();
         // A request its predecessor left in the slot of a host that is back (Active)
         // must not kill what that host runs: clear them all (durably, by the storage
         // worker). Hosts still fencing are asked again by this leader.

@@ -183,3 +183,37 @@ impl Engine {
         None
     }
 }
+
+/// Where a VM of the failed host `from` goes: the real placement (zone, ha_tag and its
+/// fallback, capacity, anti-affinity), the chosen host reserved in `views` so that the next VM
+/// placed in this pass sees it taken; `Err`: why no host can take it. The second value is the
+/// ha_tag warning, for the caller to record. Shared by a real host failure
+/// ([`Engine::fail_vms_of_fenced_host`]) and `vigilctl plan` ([`Engine::plan_failures`]), so
+/// a plan is the same code as the failure it predicts.
+pub(super) fn failover_choice(
+    policy: &RecoveryConfig,
+    hosts: &BTreeMap<String, HostRecord>,
+    views: &mut BTreeMap<String, HostView>,
+    from: &str,
+    need: &Need,
+) -> (Result<Choice, String>, Option<String>) {
+    let tag = policy.ha_tag.as_deref();
+    let (target, warning) =
+        placement::failover_target(hosts, views, from, need, tag, policy.ha_tag_fallback);
+    let target = match target {
+        Some(choice) => {
+            if let Some(v) = views.get_mut(&choice.host) {
+                v.reserve(need);
+            }
+            Ok(choice)
+        }
+        None => Err(placement::no_room(
+            hosts,
+            views,
+            from,
+            need,
+            tag.filter(|_| policy.ha_tag_fallback == TagFallback::Wait),
+        )),
+    };
+    (target, warning)
+}
