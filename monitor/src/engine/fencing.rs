@@ -64,9 +64,13 @@ impl Engine {
     ///
     /// | condition | power (BMC) | storage slot | lease expiry |
     /// | --- | --- | --- | --- |
-    /// | dead | at once | asked (harmless) | proof after lease + margin |
-    /// | isolated | only once the lease has run out without proof (or keep-running) | asked at once | proof after lease + margin |
-    /// | agent down | after one lease (systemd restarts agents) | asked | never (no agent to fence itself) |
+    /// | dead | at once | asked (harmless) | proof after lease + margin + W, where the host watchdog (timeout W) backs it |
+    /// | isolated | only once the lease has run out without proof (or keep-running) | asked at once | the same |
+    /// | agent down | after one lease (systemd restarts agents) | asked | the same: the unfed watchdog resets the host even with its agent dead |
+    ///
+    /// Lease expiry is never proof for a host whose agent reported no armed watchdog
+    /// (`LeaseBook::usable`), nor while a mass-failure hold keeps the leader record from
+    /// condemning anyone (`LeaderRecord::condemned_hosts`).
     pub(super) fn reconcile_hosts(
         &mut self,
         now_ms: u64,
