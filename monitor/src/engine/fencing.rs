@@ -221,30 +221,25 @@ impl Engine {
         let lease_possible = lease_usable && self.leases.usable(name, pools).is_ok();
         if !power && !slot && !lease_possible {
             if self.fencing.unfenceable.insert(name.clone()) {
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: Some(name.clone()),
-                    kind: EventKind::HostUnfenceable,
-                    message: format!(
+                record_event(out, wall_ms, Severity::Critical, Some(name.clone()), EventKind::HostUnfenceable, format!(
                         "host {name} is {} ({}) and holds HA VMs, but nothing can prove it fenced: no fence agent configured, no storage slot, and lease expiry proves nothing here ({}). Its HA VMs wait; fence it by hand",
                         condition.name(),
                         condition_evidence(condition),
                         self.leases.usable(name, pools).err().unwrap_or_default()
-                    ),
-                }));
+                    ));
             }
             return;
         }
         if let Some(why) = self.mass_failure(name, state, now_ms) {
             if self.fencing.held.insert(cluster.to_string()) {
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: Some(name.clone()),
-                    kind: EventKind::FencingHeld,
-                    message: why,
-                }));
+                record_event(
+                    out,
+                    wall_ms,
+                    Severity::Critical,
+                    Some(name.clone()),
+                    EventKind::FencingHeld,
+                    why,
+                );
             }
             return;
         }

@@ -62,13 +62,14 @@ impl Engine {
         }
         // What a follower noted was never recorded (its output is dropped).
         self.identity = Default::default();
-        out.push(Action::Propose(StateCommand::RecordEvent {
-            at_ms: wall_ms,
-            severity: Severity::Info,
-            host: None,
-            kind: EventKind::LeaderElected { term, node },
-            message: format!("monitor node {node} became leader in term {term}"),
-        }));
+        record_event(
+            out,
+            wall_ms,
+            Severity::Info,
+            None,
+            EventKind::LeaderElected { term, node },
+            format!("monitor node {node} became leader in term {term}"),
+        );
     }
 
     /// This monitor no longer leads: no grants, no actions.

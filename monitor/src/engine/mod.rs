@@ -306,3 +306,21 @@ impl Engine {
         self.reconcile(wall_ms, state, out);
     }
 }
+
+/// Proposes an event for the replicated log: the one way the engine records one.
+fn record_event(
+    out: &mut Vec<Action>,
+    at_ms: u64,
+    severity: Severity,
+    host: Option<String>,
+    kind: EventKind,
+    message: String,
+) {
+    out.push(Action::Propose(StateCommand::RecordEvent {
+        at_ms,
+        severity,
+        host,
+        kind,
+        message,
+    }));
+}

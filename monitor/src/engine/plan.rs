@@ -129,13 +129,7 @@ impl Engine {
             } else {
                 continue;
             };
-            out.push(Action::Propose(StateCommand::RecordEvent {
-                at_ms: wall_ms,
-                severity: sev,
-                host: None,
-                kind,
-                message,
-            }));
+            record_event(out, wall_ms, sev, None, kind, message);
         }
     }
 

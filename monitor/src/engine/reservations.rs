@@ -100,17 +100,11 @@ impl Engine {
             v.reserve(need);
         }
         if shared {
-            out.push(Action::Propose(StateCommand::RecordEvent {
-                at_ms: wall_ms,
-                severity: Severity::Warning,
-                host: Some(target.to_string()),
-                kind: EventKind::AntiAffinityBroken,
-                message: format!(
+            record_event(out, wall_ms, Severity::Warning, Some(target.to_string()), EventKind::AntiAffinityBroken, format!(
                     "VM {} starts on {target} next to another member of anti-affinity group {}: no other host with room",
                     vm.name,
                     need.group.unwrap_or_default()
-                ),
-            }));
+                ));
         }
     }
 
@@ -123,13 +117,14 @@ impl Engine {
     ) {
         match warning {
             Some(w) if self.recovery.tag_warned.insert(vm.uuid.clone()) => {
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: None,
-                    kind: EventKind::NoTaggedHost,
-                    message: format!("VM {}: {w}", vm.name),
-                }));
+                record_event(
+                    out,
+                    wall_ms,
+                    Severity::Critical,
+                    None,
+                    EventKind::NoTaggedHost,
+                    format!("VM {}: {w}", vm.name),
+                );
             }
             Some(_) => {}
             None => {
