@@ -913,6 +913,12 @@ mod tests {
         assert!(err.to_string().contains("field `zone`"), "{err}");
         let err = AgentConfig::from_toml_str("monitors = []\n", &p()).expect_err("monitors");
         assert!(err.to_string().contains("field `monitors`"), "{err}");
+        let err = MonitorConfig::from_toml_str("[recovery]\nmin_failures_tolerated = 9\n", &p())
+            .expect_err("out of range");
+        assert!(
+            err.to_string().contains("recovery.min_failures_tolerated"),
+            "{err}"
+        );
     }
 
     #[test]
