@@ -113,6 +113,10 @@ pub struct RecoveryConfig {
     pub ha_tag_fallback: TagFallback,
     /// Placement puts at most a host's CPUs times this many vCPUs on it (0: not checked).
     pub vcpu_overcommit: u32,
+    /// Raise an event when a cluster can no longer absorb this many host failures with all
+    /// its HA VMs placed (N+k, see `vigilctl plan`); 0: no event (`vigilctl status` shows N+k
+    /// either way).
+    pub min_failures_tolerated: u32,
 }
 
 /// `recovery.ha_tag_fallback`: what placement does when no live host carries the `ha_tag`.
@@ -137,6 +141,7 @@ impl Default for RecoveryConfig {
             ha_tag: None,
             ha_tag_fallback: TagFallback::Any,
             vcpu_overcommit: 4,
+            min_failures_tolerated: 0,
         }
     }
 }
@@ -474,6 +479,12 @@ impl MonitorConfig {
             return Err(invalid(
                 "recovery.max_restarts_in_place",
                 "recovery.max_restarts_in_place and recovery.max_relocations cannot both be 0 (HA would never restart anything)".into(),
+            ));
+        }
+        if r.min_failures_tolerated > 8 {
+            return Err(invalid(
+                "recovery.min_failures_tolerated",
+                format!("{} is out of range 0..=8", r.min_failures_tolerated),
             ));
         }
         if r.vcpu_overcommit > 64 {
@@ -1007,6 +1018,12 @@ mod tests {
         assert!(err.to_string().contains("field `zone`"), "{err}");
         let err = AgentConfig::from_toml_str("monitors = []\n", &p()).expect_err("monitors");
         assert!(err.to_string().contains("field `monitors`"), "{err}");
+        let err = MonitorConfig::from_toml_str("[recovery]\nmin_failures_tolerated = 9\n", &p())
+            .expect_err("out of range");
+        assert!(
+            err.to_string().contains("recovery.min_failures_tolerated"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -82,6 +82,17 @@ impl LeaderRecord {
     pub fn condemns(&self, host: &str) -> bool {
         !self.hold && self.condemned.iter().any(|h| h == host)
     }
+
+    /// The hosts this record asks to fence themselves: none while fencing is held. What the
+    /// monitor may count as "condemned" for a lease proof (an agent obeys [`Self::condemns`],
+    /// so a held record condemns nobody, whatever it lists).
+    pub fn condemned_hosts(&self) -> Vec<String> {
+        self.condemned
+            .iter()
+            .filter(|h| self.condemns(h))
+            .cloned()
+            .collect()
+    }
 }
 
 /// A fence request (sbd's poison pill): the agent of `host` destroys its HA domains and answers
@@ -352,6 +363,26 @@ mod tests {
         let withdrawn = [10].into_iter().collect();
         assert!(request_binds(&request(7, 3), "hv1", 7, 3, &withdrawn).is_err());
         assert!(request_binds(&request(7, 3), "hv2", 7, 3, &none).is_err());
+    }
+
+    #[test]
+    fn a_held_leader_record_condemns_nobody_for_agents_nor_for_lease_proofs() {
+        let mut r = LeaderRecord {
+            term: 3,
+            node: 1,
+            seq: 9,
+            wall_ms: 0,
+            condemned: vec!["hv1".into(), "hv2".into()],
+            hold: false,
+        };
+        assert!(r.condemns("hv1"));
+        assert_eq!(
+            r.condemned_hosts(),
+            vec!["hv1".to_string(), "hv2".to_string()]
+        );
+        r.hold = true;
+        assert!(!r.condemns("hv1"));
+        assert!(r.condemned_hosts().is_empty());
     }
 
     #[test]

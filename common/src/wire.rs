@@ -329,6 +329,11 @@ pub enum MonitorToAgent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminRequest {
     Status,
+    /// `vigilctl plan --fail H[,H]`: where each HA VM of those hosts would go if they failed
+    /// now (changes nothing).
+    Plan {
+        fail: Vec<String>,
+    },
     HostList,
     HostShow {
         host: String,

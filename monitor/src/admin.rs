@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 use vigil_common::domain::{DomainInfo, DomainState};
 
 use crate::api::{
-    EventsView, HostView, OperatorView, PingView, ServerChangeView, ServerView, ServersView,
-    StatusView, VmView, WriteView,
+    EventsView, HostView, OperatorView, PingView, PlanView, ServerChangeView, ServerView,
+    ServersView, StatusView, VmView, WriteView,
 };
 use crate::detector::Liveness;
 use crate::engine::Input;
@@ -109,6 +109,7 @@ fn err(message: impl Into<String>) -> AdminResponse {
 pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
     Some(match req {
         AdminRequest::Status
+        | AdminRequest::Plan { .. }
         | AdminRequest::HostList
         | AdminRequest::HostShow { .. }
         | AdminRequest::Events { .. }
@@ -302,6 +303,7 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             ctx.raft.remove_server(id, MEMBERSHIP_TIMEOUT).await,
             || format!("node {id} is no longer a member"),
         ),
+        AdminRequest::Plan { fail } => plan(ctx, fail).await,
         AdminRequest::HostList => json_bounded(&hosts(ctx, None).await, "host list"),
         AdminRequest::HostListPage { after, limit } => host_page(ctx, after, limit).await,
         AdminRequest::HostShow { host } => match hosts(ctx, Some(&host)).await.pop() {
@@ -806,7 +808,13 @@ async fn status(ctx: &AdminContext) -> StatusView {
                 .count(),
         )
     });
+    let capacity = ctx
+        .engine
+        .query(|e, _| e.capacity().to_vec())
+        .await
+        .unwrap_or_default();
     StatusView {
+        capacity,
         node: m.id,
         leader: m.current_leader,
         term: m.current_term,
@@ -832,6 +840,37 @@ async fn status(ctx: &AdminContext) -> StatusView {
         vms_recovering: phases.1,
         vms_gave_up: phases.2,
         certificates: ctx.certs.views(vigil_common::unix_ms() as i64 / 1000),
+    }
+}
+
+/// `vigilctl plan --fail H[,H]`: the leader's engine runs the real placement on today's state
+/// as if those hosts had just been fenced (see `engine::plan`).
+async fn plan(ctx: &AdminContext, fail: Vec<String>) -> AdminResponse {
+    if fail.is_empty() {
+        return err("name at least one host to fail (vigilctl plan --fail H[,H])");
+    }
+    let state = ctx.raft.state();
+    let failed = fail.clone();
+    let Some((leader, planned)) = ctx
+        .engine
+        .query(move |e, _now| {
+            let s = state.read().unwrap_or_else(|p| p.into_inner());
+            (
+                e.is_leader(),
+                e.plan_failures(&failed, &s, vigil_common::unix_ms()),
+            )
+        })
+        .await
+    else {
+        return err("the monitor's engine is not running");
+    };
+    if !leader {
+        // A follower's soft state (liveness, capacity) is not the leader's.
+        return not_leader(ctx);
+    }
+    match planned {
+        Ok(vms) => json_bounded(&PlanView { failed: fail, vms }, "plan"),
+        Err(e) => err(e.to_string()),
     }
 }
 

@@ -54,6 +54,9 @@ pub struct StatusView {
     pub leader: Option<u64>,
     pub term: u64,
     pub servers: Vec<ServerView>,
+    /// N+k per cluster (computed by the leader every 30 s; empty until then or on a follower).
+    #[serde(default)]
+    pub capacity: Vec<crate::engine::ClusterCapacity>,
     pub hosts_total: usize,
     pub hosts_up: usize,
     pub hosts_suspect: usize,
@@ -220,4 +223,13 @@ pub struct EventsPage {
     /// The page stopped before `limit` to stay within a frame: older events start below
     /// this id. `None`: nothing more matched (or `limit` was reached).
     pub next_before: Option<u64>,
+}
+
+/// `vigilctl plan --fail H[,H]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanView {
+    /// The hosts the plan fails.
+    pub failed: Vec<String>,
+    /// Every HA VM of those hosts, in the order a real failure places them.
+    pub vms: Vec<crate::engine::PlannedVm>,
 }

@@ -43,8 +43,10 @@ pub enum Condition {
     /// Its kernel answers peers, but neither its agent nor its storage heartbeat does.
     AgentDown { evidence: String },
     /// No sign of life anywhere. `confirmed`: peers were asked and none reaches it; without
-    /// that (no peer, no known address) an agent that died on a live host looks the same, so
-    /// lease expiry proves nothing (power fencing still does).
+    /// that (no peer, no known address) an agent that died on a live host looks the same. For
+    /// fencing it makes no difference since the host watchdog (issue 9): lease expiry proves
+    /// the host off only where an armed watchdog backs it, and that resets a live host whose
+    /// agent died just as it does a cut-off one. Kept for the operator (events, `host show`).
     Dead { evidence: String, confirmed: bool },
 }
 

@@ -114,7 +114,7 @@ fn best(
     }
     if let Some(g) = need.group {
         why.push(if v.conflicts(need) {
-            format!("every host with room already runs a member of anti-affinity group {g}")
+            format!("every candidate already runs a member of anti-affinity group {g}")
         } else {
             format!("no other member of anti-affinity group {g}")
         });
@@ -435,7 +435,7 @@ mod tests {
             .expect("a2")
             .why;
         assert!(
-            why.contains("every host with room already runs a member of anti-affinity group db"),
+            why.contains("every candidate already runs a member of anti-affinity group db"),
             "{why}"
         );
         // A host in maintenance takes nothing.

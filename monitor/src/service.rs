@@ -91,10 +91,7 @@ pub fn spawn(
         fence_hosts: fencing.hosts.iter().map(|h| h.host.clone()).collect(),
         mass_failure_percent: fencing.mass_failure_percent,
         mass_failure_window_ms: fencing.mass_failure_window_ms,
-        ha_tag: policy.ha_tag.clone(),
-        ha_tag_fallback: policy.ha_tag_fallback,
         storage_slot: fencing.storage_slot,
-        vcpu_overcommit: monitor.recovery.vcpu_overcommit,
         probe_port: PROBE_PORT,
     };
     let fence_timeout = Duration::from_millis(fencing.timeout_ms);

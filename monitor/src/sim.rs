@@ -72,7 +72,7 @@ use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason, VigilMeta,
     RAW_EVENT_STOPPED,
 };
-use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
+use vigil_common::storage::{FenceAck, FenceRequest, LeaderRecord, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
 use crate::engine::{
@@ -202,6 +202,9 @@ enum Fault {
     MonitorRestart(u64, Vec<String>),
     ReorderReports(String, bool),
     QuorumStall(bool),
+    /// `vigilctl plan --fail H[,H]`: logged, and every start ordered later for a VM the plan
+    /// placed must go to the planned host (else a PLAN MISMATCH violation).
+    Plan(Vec<String>),
 }
 
 /// A parsed scenario.
@@ -253,7 +256,7 @@ impl Scenario {
         sc.watchdog_ms = Some(2_500);
         sc.failover.mass_failure_window_ms = 60_000;
         sc.failover.storage_slot = true;
-        sc.failover.vcpu_overcommit = 4;
+        sc.policy.vcpu_overcommit = 4;
         sc.failover.probe_port = 22;
         // Scaled to the simulator's fast detector (down after 600 ms).
         sc.lease = LeaseConfig {
@@ -284,6 +287,7 @@ impl Scenario {
                             "window_ms" => sc.policy.window_ms = n,
                             "backoff_initial_ms" => sc.policy.backoff_initial_ms = n,
                             "backoff_max_ms" => sc.policy.backoff_max_ms = n,
+                            "min_failures_tolerated" => sc.policy.min_failures_tolerated = n as u32,
                             other => return Err(err(format!("unknown policy field {other:?}"))),
                         }
                     }
@@ -310,9 +314,9 @@ impl Scenario {
                 ["failover", rest @ ..] => {
                     for (k, v) in kv(rest) {
                         match k.as_str() {
-                            "ha_tag" => sc.failover.ha_tag = Some(v),
+                            "ha_tag" => sc.policy.ha_tag = Some(v),
                             "fallback" => {
-                                sc.failover.ha_tag_fallback = match v.as_str() {
+                                sc.policy.ha_tag_fallback = match v.as_str() {
                                     "any" => TagFallback::Any,
                                     "wait" => TagFallback::Wait,
                                     o => return Err(err(format!("fallback {o:?}: any or wait"))),
@@ -405,6 +409,7 @@ impl Scenario {
                         "drop-answers" => Fault::DropAnswers(arg(0)?, on(1)?),
                         "new-leader" => Fault::NewLeader,
                         "crash-host" => Fault::CrashHost(arg(0)?),
+                        "plan" => Fault::Plan(arg(0)?.split(',').map(String::from).collect()),
                         "power-on" => Fault::PowerOn(arg(0)?),
                         "partition" => Fault::Partition(arg(0)?),
                         "heal" => Fault::Heal(arg(0)?),
@@ -495,6 +500,9 @@ impl SimHost {
 /// A safety violation found by the simulator.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
+    /// `vigilctl plan` said one host and the real failure used another.
+    #[error("at {at_ms} ms PLAN MISMATCH: {detail}")]
+    PlanMismatch { at_ms: u64, detail: String },
     #[error("at {at_ms} ms VM {uuid} runs on {hosts:?} at once")]
     RunsTwice {
         at_ms: u64,
@@ -515,6 +523,10 @@ pub enum Violation {
 pub struct Sim {
     engine: Engine,
     state: ClusterState,
+    /// `plan` verbs: uuid -> the host the plan placed it on, until its next start order.
+    planned: BTreeMap<String, String>,
+    /// Start orders that went elsewhere than a plan said.
+    plan_mismatch: Vec<String>,
     hosts: BTreeMap<String, SimHost>,
     crash_on_start: BTreeSet<String>,
     /// Commands in flight: (due, host, command, outcome).
@@ -547,8 +559,9 @@ pub struct Sim {
     leader_epoch_at: Option<u64>,
     /// What the engine last published for the leader record, and when (sim ms); and the
     /// hosts condemned by the record on storage.
-    record_published: Option<(u64, Vec<String>)>,
-    record_condemned: Vec<String>,
+    record_published: Option<(u64, Vec<String>, bool)>,
+    /// The leader record agents read last (the real type, read with its real rules).
+    record_read: LeaderRecord,
     watchdog_ms: Option<u64>,
     /// Sim time 0 as an `Instant`, for the shared pure decisions.
     t0: std::time::Instant,
@@ -576,6 +589,8 @@ impl Sim {
                 .with_leases(sc.lease.clone(), 500)
                 .with_quorum_check(QUORUM_FRESH_MS),
             state: ClusterState::default(),
+            planned: BTreeMap::new(),
+            plan_mismatch: Vec::new(),
             hosts: BTreeMap::new(),
             crash_on_start: BTreeSet::new(),
             pending: Vec::new(),
@@ -601,7 +616,14 @@ impl Sim {
             leader_record_at: None,
             leader_epoch_at: None,
             record_published: None,
-            record_condemned: Vec::new(),
+            record_read: LeaderRecord {
+                term: 0,
+                node: 0,
+                seq: 0,
+                wall_ms: 0,
+                condemned: Vec::new(),
+                hold: false,
+            },
             watchdog_ms: sc.watchdog_ms,
             t0: std::time::Instant::now(),
             next_instance: 100,
@@ -684,6 +706,15 @@ impl Sim {
             for a in actions {
                 match a {
                     Action::Propose(cmd) => {
+                        if let crate::state::StateCommand::OrderStart { uuid, host, .. } = &cmd {
+                            if let Some(planned) = self.planned.remove(uuid) {
+                                if planned != *host {
+                                    self.plan_mismatch.push(format!(
+                                        "{uuid}: planned {planned}, ordered on {host}"
+                                    ));
+                                }
+                            }
+                        }
                         self.state.apply(&cmd);
                         applied = true;
                     }
@@ -706,8 +737,8 @@ impl Sim {
                             }
                         }
                     }
-                    Action::LeaderRecord { condemned, .. } => {
-                        self.record_published = Some((self.now, condemned));
+                    Action::LeaderRecord { condemned, hold } => {
+                        self.record_published = Some((self.now, condemned, hold));
                     }
                     Action::ClearFence { host } => {
                         if self.monitor_storage_ok {
@@ -1028,6 +1059,26 @@ impl Sim {
                     None => self.input(Input::OperatorFence { host: h, by }),
                 }
             }
+            Fault::Plan(hosts) => {
+                match self.engine.plan_failures(&hosts, &self.state, self.wall()) {
+                    Ok(vms) => {
+                        for v in vms {
+                            let target = match &v.outcome {
+                                crate::engine::PlanOutcome::Placed { target } => {
+                                    self.planned.insert(v.uuid.clone(), target.clone());
+                                    target.clone()
+                                }
+                                other => format!("{other:?}").to_lowercase(),
+                            };
+                            self.log.push(format!(
+                                "{:>6} PLAN {} from {} -> {target}: {}",
+                                self.now, v.uuid, v.from, v.why
+                            ));
+                        }
+                    }
+                    Err(e) => self.log.push(format!("{:>6} REFUSED {e}", self.now)),
+                }
+            }
             Fault::ReleaseHold(cluster, by) => {
                 if self.monitors_down {
                     return;
@@ -1170,7 +1221,7 @@ impl Sim {
         let lease = self.lease.clone();
         let leader_at = self.leader_record_at;
         let epoch_at = self.leader_epoch_at;
-        let condemned = self.record_condemned.clone();
+        let record = self.record_read.clone();
         let watchdog = self.watchdog_ms;
         let ha = self.ha.clone();
         let names: Vec<String> = self.hosts.keys().cloned().collect();
@@ -1210,7 +1261,9 @@ impl Sim {
                     ok: h.storage_ok,
                     leader_changed_at: leader_at.map(at),
                     leader_epoch_since: epoch_at.map(at),
-                    condemns_us: condemned.contains(&name),
+                    // The real agent's rule (agent/src/isolation.rs): a held record
+                    // condemns nobody.
+                    condemns_us: record.condemns(&name),
                     fence_request: request.clone(),
                 })
                 .collect();
@@ -1372,9 +1425,9 @@ impl Sim {
         let published = self
             .record_published
             .as_ref()
-            .filter(|(t, _)| now.saturating_sub(*t) <= 1_000)
-            .map(|(_, c)| c.clone());
-        if let Some(c) = &published {
+            .filter(|(t, _, _)| now.saturating_sub(*t) <= 1_000)
+            .map(|(_, c, hold)| (c.clone(), *hold));
+        if let Some((c, hold)) = &published {
             if self
                 .leader_record_at
                 .is_none_or(|t| now.saturating_sub(t) > self.lease.duration_ms)
@@ -1382,7 +1435,14 @@ impl Sim {
                 self.leader_epoch_at = Some(now);
             }
             self.leader_record_at = Some(now);
-            self.record_condemned = c.clone();
+            self.record_read = LeaderRecord {
+                term: self.term,
+                node: 1,
+                seq: self.record_read.seq + 1,
+                wall_ms: now,
+                condemned: c.clone(),
+                hold: *hold,
+            };
             // Agents learn the term from the record they read.
             let term = self.term;
             for h in self.hosts.values_mut() {
@@ -1406,7 +1466,12 @@ impl Sim {
             pool,
             result: Ok(StorageCycle {
                 leader_written: published.is_some(),
-                condemned: published.unwrap_or_default(),
+                // As the monitor's storage worker reports it (monitor/src/storage.rs).
+                condemned: if published.is_some() {
+                    self.record_read.condemned_hosts()
+                } else {
+                    Vec::new()
+                },
                 heartbeats,
                 acks,
             }),
@@ -1838,6 +1903,12 @@ impl Sim {
 
     /// The one rule, checked after every step.
     fn check(&self) -> Result<(), Violation> {
+        if let Some(detail) = self.plan_mismatch.first() {
+            return Err(Violation::PlanMismatch {
+                at_ms: self.now,
+                detail: detail.clone(),
+            });
+        }
         let mut running: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (hn, h) in &self.hosts {
             for (u, d) in &h.domains {

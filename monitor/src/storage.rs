@@ -414,7 +414,9 @@ fn run_cycle(io: &mut PoolIo, inputs: &Inputs) -> Result<PoolCycle, String> {
         };
         records::write_record(&records::leader_path(&pool), &record).map_err(|e| e.to_string())?;
         cycle.leader_written = Some(io.seq);
-        cycle.condemned = inputs.condemned.clone();
+        // What agents obey: a held record condemns nobody, so the lease book must not count
+        // it as a condemnation (defect: a_hold_that_starts_while_a_host_is_condemned_is_no_lease_proof).
+        cycle.condemned = record.condemned_hosts();
     }
 
     // 2. Fence requests: first the clears (request and ack), then the pending requests not yet

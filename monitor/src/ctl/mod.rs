@@ -18,8 +18,8 @@ use vigil_common::tls::{self, Role, TlsPaths};
 use vigil_common::wire::AdminRequest;
 
 use crate::api::{
-    EventsPage, EventsView, HostView, OperatorView, PingView, ServerChangeView, ServersView,
-    StatusView, VmView, WriteView,
+    EventsPage, EventsView, HostView, OperatorView, PingView, PlanView, ServerChangeView,
+    ServersView, StatusView, VmView, WriteView,
 };
 use client::AdminClient;
 
@@ -80,6 +80,13 @@ pub struct Args {
 pub enum Command {
     /// Monitor servers (state, term, index, commit) and a host summary.
     Status,
+    /// Where each HA VM of these hosts would go if they failed now (the real placement on
+    /// today's state; changes nothing).
+    Plan {
+        /// The hosts to fail, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        fail: Vec<String>,
+    },
     /// Hypervisor hosts.
     #[command(subcommand)]
     Host(HostCmd),
@@ -649,6 +656,16 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
                 print_json(&raw)?
             } else {
                 print!("{}", render::status(&v))
+            }
+        }
+        Command::Plan { fail } => {
+            let (v, raw) = c
+                .call::<PlanView>(&AdminRequest::Plan { fail: fail.clone() })
+                .await?;
+            if args.json {
+                print_json(&raw)?
+            } else {
+                print!("{}", render::plan(&v))
             }
         }
         Command::Host(HostCmd::List) => {

@@ -1,6 +1,7 @@
 //! Human-readable tables for `vigilctl`.
 
-use crate::api::{EventsView, HostView, StatusView, VmView};
+use crate::api::{EventsView, HostView, PlanView, StatusView, VmView};
+use crate::engine::PlanOutcome;
 
 /// A plain text table with aligned columns.
 pub struct Table {
@@ -156,6 +157,25 @@ pub fn status(s: &StatusView) -> String {
             ""
         }
     ));
+    if !s.capacity.is_empty() {
+        let per: Vec<String> = s
+            .capacity
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} N+{}{} ({} hosts)",
+                    c.cluster,
+                    c.tolerated,
+                    if c.at_least { " or more" } else { "" },
+                    c.hosts
+                )
+            })
+            .collect();
+        out.push_str(&format!(
+            "FAILOVER CAPACITY  host failures absorbed with every HA VM placed: {}  (`vigilctl plan --fail HOST` for the detail)\n",
+            per.join(", ")
+        ));
+    }
     if !s.certificates.is_empty() {
         out.push_str(
             "CERTIFICATES (renew: `vigilctl cert renew`, then SIGHUP; see docs/operations.md)\n",
@@ -452,6 +472,51 @@ pub fn vm_show(v: &VmView) -> String {
         None => kv("last recovery", "never".into()),
     }
     t.render()
+}
+
+/// `vigilctl plan --fail H[,H]`: one row per HA VM of the failed hosts, in the order a real
+/// failure places them, and a summary line.
+pub fn plan(p: &PlanView) -> String {
+    let mut t = Table::new(&["VM", "FROM", "PRIORITY", "OUTCOME", "TARGET", "WHY"]);
+    let (mut placed, mut waits, mut gives_up) = (0, 0, 0);
+    for v in &p.vms {
+        let (outcome, target) = match &v.outcome {
+            PlanOutcome::Placed { target } => {
+                placed += 1;
+                ("placed", target.as_str())
+            }
+            PlanOutcome::Waits => {
+                waits += 1;
+                ("waits", "-")
+            }
+            PlanOutcome::GivesUp => {
+                gives_up += 1;
+                ("gives up", "-")
+            }
+        };
+        let why = match &v.warning {
+            Some(w) => format!("{}; {w}", v.why),
+            None => v.why.clone(),
+        };
+        t.row(vec![
+            v.name.clone(),
+            v.from.clone(),
+            v.priority.to_string(),
+            outcome.into(),
+            target.into(),
+            why,
+        ]);
+    }
+    let mut out = format!(
+        "PLAN  if {} failed now: {placed} HA VM(s) placed, {waits} would wait, {gives_up} would be given up (nothing was changed)\n",
+        p.failed.join(", ")
+    );
+    if p.vms.is_empty() {
+        out.push_str("no HA VM runs there\n");
+    } else {
+        out.push_str(&t.render());
+    }
+    out
 }
 
 #[cfg(test)]

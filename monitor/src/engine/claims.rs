@@ -18,7 +18,7 @@ use std::hash::{Hash, Hasher};
 use vigil_common::domain::{DomainInfo, DomainState};
 use vigil_common::domain_policy::{self, DomainPolicy};
 
-use super::{Action, DefinitionReport, Engine};
+use super::{record_event, Action, DefinitionReport, Engine};
 use crate::state::{ClusterState, EventKind, HostRecord, Phase, Severity, StateCommand, VmRecord};
 
 /// What this leader already recorded, to say it once per episode.
@@ -94,13 +94,14 @@ impl Engine {
         self.identity
             .placement_refused
             .insert(host.to_string(), detail.clone());
-        out.push(Action::Propose(StateCommand::RecordEvent {
-            at_ms: wall_ms,
-            severity: Severity::Critical,
-            host: Some(host.to_string()),
-            kind: EventKind::HostPlacementRefused,
-            message: format!("refused the agent of {host}: {detail}"),
-        }));
+        record_event(
+            out,
+            wall_ms,
+            Severity::Critical,
+            Some(host.to_string()),
+            EventKind::HostPlacementRefused,
+            format!("refused the agent of {host}: {detail}"),
+        );
     }
 
     /// A report by `host` that `d` runs there, while the cluster has the VM elsewhere.
@@ -195,18 +196,12 @@ impl Engine {
         {
             return;
         }
-        out.push(Action::Propose(StateCommand::RecordEvent {
-            at_ms: wall_ms,
-            severity: Severity::Critical,
-            host: Some(host.to_string()),
-            kind: EventKind::VmOwnershipConflict {
+        record_event(out, wall_ms, Severity::Critical, Some(host.to_string()), EventKind::VmOwnershipConflict {
                 claimant: host.to_string(),
-            },
-            message: format!(
+            }, format!(
                 "host {host} {what} VM {} ({}), which the cluster has on {}: {why}. Ignored: a host speaks only for the domains it runs; nothing moves and its definition is not taken. If the VM really runs on both, one copy must go (look at both hosts)",
                 vm.name, vm.uuid, vm.host
-            ),
-        }));
+            ));
     }
 
     /// After a listing of `host`: its conflicts about VMs it no longer reports running end.
@@ -267,16 +262,10 @@ impl Engine {
                 } else {
                     "no definition is stored, so it cannot start on another host"
                 };
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: Some(host.to_string()),
-                    kind: EventKind::VmDefinitionRefused,
-                    message: format!(
+                record_event(out, wall_ms, Severity::Critical, Some(host.to_string()), EventKind::VmDefinitionRefused, format!(
                         "refused the definition of VM {} ({uuid}) from {host}: {e}; {kept} (docs/domain-policy.md)",
                         vm.name
-                    ),
-                }));
+                    ));
             }
         }
     }

@@ -80,15 +80,16 @@ impl Engine {
                 ),
             ),
         };
-        out.push(Action::Propose(StateCommand::RecordEvent {
-            at_ms: wall_ms,
+        record_event(
+            out,
+            wall_ms,
             severity,
-            host: Some(host.to_string()),
-            kind: EventKind::HostCondition {
+            Some(host.to_string()),
+            EventKind::HostCondition {
                 condition: condition.name().to_string(),
             },
             message,
-        }));
+        );
     }
 }
 

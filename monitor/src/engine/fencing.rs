@@ -64,9 +64,13 @@ impl Engine {
     ///
     /// | condition | power (BMC) | storage slot | lease expiry |
     /// | --- | --- | --- | --- |
-    /// | dead | at once | asked (harmless) | proof after lease + margin |
-    /// | isolated | only once the lease has run out without proof (or keep-running) | asked at once | proof after lease + margin |
-    /// | agent down | after one lease (systemd restarts agents) | asked | never (no agent to fence itself) |
+    /// | dead | at once | asked (harmless) | proof after lease + margin + W, where the host watchdog (timeout W) backs it |
+    /// | isolated | only once the lease has run out without proof (or keep-running) | asked at once | the same |
+    /// | agent down | after one lease (systemd restarts agents) | asked | the same: the unfed watchdog resets the host even with its agent dead |
+    ///
+    /// Lease expiry is never proof for a host whose agent reported no armed watchdog
+    /// (`LeaseBook::usable`), nor while a mass-failure hold keeps the leader record from
+    /// condemning anyone (`LeaderRecord::condemned_hosts`).
     pub(super) fn reconcile_hosts(
         &mut self,
         now_ms: u64,
@@ -217,30 +221,25 @@ impl Engine {
         let lease_possible = lease_usable && self.leases.usable(name, pools).is_ok();
         if !power && !slot && !lease_possible {
             if self.fencing.unfenceable.insert(name.clone()) {
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: Some(name.clone()),
-                    kind: EventKind::HostUnfenceable,
-                    message: format!(
+                record_event(out, wall_ms, Severity::Critical, Some(name.clone()), EventKind::HostUnfenceable, format!(
                         "host {name} is {} ({}) and holds HA VMs, but nothing can prove it fenced: no fence agent configured, no storage slot, and lease expiry proves nothing here ({}). Its HA VMs wait; fence it by hand",
                         condition.name(),
                         condition_evidence(condition),
                         self.leases.usable(name, pools).err().unwrap_or_default()
-                    ),
-                }));
+                    ));
             }
             return;
         }
         if let Some(why) = self.mass_failure(name, state, now_ms) {
             if self.fencing.held.insert(cluster.to_string()) {
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: Some(name.clone()),
-                    kind: EventKind::FencingHeld,
-                    message: why,
-                }));
+                record_event(
+                    out,
+                    wall_ms,
+                    Severity::Critical,
+                    Some(name.clone()),
+                    EventKind::FencingHeld,
+                    why,
+                );
             }
             return;
         }

@@ -3,7 +3,6 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use vigil_common::config::TagFallback;
 use vigil_common::domain::{DomainEvent, DomainInfo, HypervisorHealth};
 use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
@@ -207,7 +206,8 @@ pub enum Action {
     LeaderRecord { condemned: Vec<String>, hold: bool },
 }
 
-/// How host failures are handled.
+/// How host failures are handled. (Placement preferences — ha_tag, its fallback, vCPU
+/// overcommit — are in the engine's `RecoveryConfig`, read from `[recovery]`.)
 #[derive(Debug, Clone, Default)]
 pub struct FailoverConfig {
     /// Hosts with a fence agent configured.
@@ -218,13 +218,8 @@ pub struct FailoverConfig {
     /// "At once": hosts count towards a mass failure only when they went silent within this
     /// many ms of each other, and only until they are proven off.
     pub mass_failure_window_ms: u64,
-    /// Prefer hosts carrying this tag for VMs recovering from a host failure.
-    pub ha_tag: Option<String>,
-    pub ha_tag_fallback: TagFallback,
     /// Ask isolated hosts to fence themselves through their storage slot.
     pub storage_slot: bool,
-    /// A host takes VMs up to its CPUs times this many vCPUs (0: vCPUs are not checked).
-    pub vcpu_overcommit: u32,
     /// TCP port peers knock on to see whether a silent host's kernel answers.
     pub probe_port: u16,
 }

@@ -21,6 +21,7 @@ impl Engine {
         // state (and in the storage slots, cleared below).
         self.fencing = FencingBook::default();
         self.recovery = RecoveryBook::default();
+        self.capacity = CapacityBook::default();
         // A request its predecessor left in the slot of a host that is back (Active)
         // must not kill what that host runs: clear them all (durably, by the storage
         // worker). Hosts still fencing are asked again by this leader.
@@ -61,13 +62,14 @@ impl Engine {
         }
         // What a follower noted was never recorded (its output is dropped).
         self.identity = Default::default();
-        out.push(Action::Propose(StateCommand::RecordEvent {
-            at_ms: wall_ms,
-            severity: Severity::Info,
-            host: None,
-            kind: EventKind::LeaderElected { term, node },
-            message: format!("monitor node {node} became leader in term {term}"),
-        }));
+        record_event(
+            out,
+            wall_ms,
+            Severity::Info,
+            None,
+            EventKind::LeaderElected { term, node },
+            format!("monitor node {node} became leader in term {term}"),
+        );
     }
 
     /// This monitor no longer leads: no grants, no actions.

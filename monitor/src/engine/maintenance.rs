@@ -51,16 +51,10 @@ impl Engine {
             self.expected_stops
                 .insert(vm.uuid.clone(), forced_stop(FailureKind::Maintenance));
             self.forced_stop_at.insert(vm.uuid.clone(), wall_ms);
-            out.push(Action::Propose(StateCommand::RecordEvent {
-                at_ms: wall_ms,
-                severity: Severity::Info,
-                host: Some(vm.host.clone()),
-                kind: EventKind::VmDraining,
-                message: format!(
+            record_event(out, wall_ms, Severity::Info, Some(vm.host.clone()), EventKind::VmDraining, format!(
                     "moving VM {} off {} (maintenance): stopping it there, then starting it elsewhere",
                     vm.name, vm.host
-                ),
-            }));
+                ));
             out.push(Action::Send {
                 host: vm.host.clone(),
                 command: AgentCommand::DestroyDomain {

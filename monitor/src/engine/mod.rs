@@ -35,6 +35,7 @@ mod leadership;
 mod maintenance;
 mod observation;
 mod operator;
+mod plan;
 mod proof;
 mod queries;
 mod reservations;
@@ -47,6 +48,7 @@ mod tests;
 pub use self::fencing::FENCE_RETRY_MS;
 pub use self::interface::*;
 pub use self::observation::DESTROY_RETRY_MS;
+pub use self::plan::{ClusterCapacity, PlanOutcome, PlannedVm, UnknownHost, CAPACITY_CHECK_MS};
 pub use self::proof::EXPECTED_STOP_TTL_MS;
 pub use self::restarts::generation_table;
 pub use self::sessions::INCOMPATIBLE_ALIVE_MS;
@@ -55,7 +57,9 @@ pub use self::storage::STORAGE_FAULT_GRACE_MS;
 use self::conditions::condition_evidence;
 use self::fencing::FencingBook;
 use self::observation::HostInventory;
+use self::plan::CapacityBook;
 use self::proof::forced_stop;
+use self::reservations::failover_choice;
 use self::restarts::RecoveryBook;
 use self::restarts::{need_of, vm_seen};
 use self::sessions::HelloClaims;
@@ -63,11 +67,11 @@ use self::sessions::HelloClaims;
 use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
 use crate::investigation::{self, Condition, Evidence};
 use crate::lease::LeaseBook;
-use crate::placement::{self, HostView, Need};
+use crate::placement::{self, Choice, HostView, Need};
 use crate::recovery;
 use crate::state::{
-    ClusterState, EventKind, FailureKind, HostPhase, Phase, Proof, Severity, StateCommand,
-    StopReason, VmRecord,
+    ClusterState, EventKind, FailureKind, HostPhase, HostRecord, Phase, Proof, Severity,
+    StateCommand, StopReason, VmRecord,
 };
 /// Leader-local soft state plus the decision logic.
 #[derive(Debug, Clone)]
@@ -78,6 +82,8 @@ pub struct Engine {
     recovery: RecoveryBook,
     /// This leadership's bookkeeping of host fencing (reset on election).
     fencing: FencingBook,
+    /// This leadership's N+k figures (reset on election).
+    capacity: CapacityBook,
     facts: BTreeMap<String, HostFacts>,
     connected: BTreeSet<String>,
     inventory: BTreeMap<String, HostInventory>,
@@ -156,6 +162,7 @@ impl Engine {
             policy,
             recovery: RecoveryBook::default(),
             fencing: FencingBook::default(),
+            capacity: CapacityBook::default(),
             facts: BTreeMap::new(),
             connected: BTreeSet::new(),
             inventory: BTreeMap::new(),
@@ -288,6 +295,7 @@ impl Engine {
         self.reconcile_storage(now_ms, wall_ms, state, out);
         self.reconcile(wall_ms, state, out);
         if self.leader {
+            self.check_capacity(now_ms, wall_ms, state, out);
             out.push(self.leader_record(state, now_ms));
         }
     }
@@ -297,4 +305,22 @@ impl Engine {
         self.mirror_maintenance(state);
         self.reconcile(wall_ms, state, out);
     }
+}
+
+/// Proposes an event for the replicated log: the one way the engine records one.
+fn record_event(
+    out: &mut Vec<Action>,
+    at_ms: u64,
+    severity: Severity,
+    host: Option<String>,
+    kind: EventKind,
+    message: String,
+) {
+    out.push(Action::Propose(StateCommand::RecordEvent {
+        at_ms,
+        severity,
+        host,
+        kind,
+        message,
+    }));
 }

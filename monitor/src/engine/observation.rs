@@ -52,16 +52,17 @@ impl Engine {
             );
         }
         if first {
-            out.push(Action::Propose(StateCommand::RecordEvent {
-                at_ms: wall_ms,
-                severity: Severity::Critical,
-                host: Some(host.clone()),
-                kind: EventKind::HostSelfFenced,
-                message: format!(
+            record_event(
+                out,
+                wall_ms,
+                Severity::Critical,
+                Some(host.clone()),
+                EventKind::HostSelfFenced,
+                format!(
                     "host {host} fenced itself ({} HA domain(s) destroyed): {reason}",
                     destroyed.len()
                 ),
-            }));
+            );
         }
         // Stops that its agent reported before this message are failures too.
         for uuid in destroyed {
@@ -430,16 +431,10 @@ impl Engine {
                         .vms
                         .get(uuid)
                         .map_or(uuid.as_str(), |v| v.name.as_str());
-                    out.push(Action::Propose(StateCommand::RecordEvent {
-                        at_ms: wall_ms,
-                        severity: Severity::Critical,
-                        host: Some(host.to_string()),
-                        kind: EventKind::VmStopFailed,
-                        message: format!(
+                    record_event(out, wall_ms, Severity::Critical, Some(host.to_string()), EventKind::VmStopFailed, format!(
                             "could not stop VM {name} on {host} to move it: {reason}; it stays there for now (tried again in {} s)",
                             DESTROY_RETRY_MS / 1000
-                        ),
-                    }));
+                        ));
                 }
             }
             return;

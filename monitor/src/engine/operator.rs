@@ -65,23 +65,17 @@ impl Engine {
                 .collect();
             self.fencing.released.extend(hosts.iter().cloned());
             self.fencing.held.remove(&c);
-            out.push(Action::Propose(StateCommand::RecordEvent {
-                at_ms: wall_ms,
-                severity: Severity::Critical,
-                host: None,
-                kind: EventKind::FencingReleased {
+            record_event(out, wall_ms, Severity::Critical, None, EventKind::FencingReleased {
                     cluster: c.clone(),
                     by: by.clone(),
-                },
-                message: format!(
+                }, format!(
                     "operator {by} released the mass-failure hold of cluster {c} (vigilctl fencing release): {} fenced automatically now",
                     if hosts.is_empty() {
                         "no host is down there any more; nothing is".to_string()
                     } else {
                         format!("{} are", hosts.join(", "))
                     }
-                ),
-            }));
+                ));
         }
         self.reconcile_hosts(now_ms, wall_ms, state, out);
     }

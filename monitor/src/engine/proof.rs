@@ -31,33 +31,10 @@ impl Engine {
                 continue;
             }
             let need = need_of(vm);
-            let (tag, fallback) = (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
-            let views = self.views(state);
-            let (target, warning) = placement::failover_target(
-                &state.hosts,
-                views,
-                name,
-                &need,
-                tag.as_deref(),
-                fallback,
-            );
+            let policy = self.policy.clone();
+            let (target, warning) =
+                failover_choice(&policy, &state.hosts, self.views(state), name, &need);
             self.warn_tag(vm, warning, wall_ms, out);
-            let target = match target {
-                Some(choice) => {
-                    // Reserved now: the next VM of this host must see it taken.
-                    if let Some(v) = self.views(state).get_mut(&choice.host) {
-                        v.reserve(&need);
-                    }
-                    Ok(choice)
-                }
-                None => Err(placement::no_room(
-                    &state.hosts,
-                    self.views(state),
-                    name,
-                    &need,
-                    tag.as_deref().filter(|_| fallback == TagFallback::Wait),
-                )),
-            };
             let decision = recovery::decide_host_failure(vm, wall_ms, &self.policy, target);
             self.recovery
                 .proposed_failure

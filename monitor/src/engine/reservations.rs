@@ -34,10 +34,10 @@ impl Engine {
                     })
                     .unwrap_or(0);
                 let cpus = facts.map(|f| u64::from(f.cpus)).unwrap_or(0);
-                let vcpus_available = if self.failover.vcpu_overcommit == 0 || cpus == 0 {
+                let vcpus_available = if self.policy.vcpu_overcommit == 0 || cpus == 0 {
                     u64::MAX
                 } else {
-                    (cpus * u64::from(self.failover.vcpu_overcommit)).saturating_sub(running_vcpus)
+                    (cpus * u64::from(self.policy.vcpu_overcommit)).saturating_sub(running_vcpus)
                 };
                 let unusable_why = self.unusable_why(h);
                 (
@@ -100,17 +100,11 @@ impl Engine {
             v.reserve(need);
         }
         if shared {
-            out.push(Action::Propose(StateCommand::RecordEvent {
-                at_ms: wall_ms,
-                severity: Severity::Warning,
-                host: Some(target.to_string()),
-                kind: EventKind::AntiAffinityBroken,
-                message: format!(
+            record_event(out, wall_ms, Severity::Warning, Some(target.to_string()), EventKind::AntiAffinityBroken, format!(
                     "VM {} starts on {target} next to another member of anti-affinity group {}: no other host with room",
                     vm.name,
                     need.group.unwrap_or_default()
-                ),
-            }));
+                ));
         }
     }
 
@@ -123,13 +117,14 @@ impl Engine {
     ) {
         match warning {
             Some(w) if self.recovery.tag_warned.insert(vm.uuid.clone()) => {
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: None,
-                    kind: EventKind::NoTaggedHost,
-                    message: format!("VM {}: {w}", vm.name),
-                }));
+                record_event(
+                    out,
+                    wall_ms,
+                    Severity::Critical,
+                    None,
+                    EventKind::NoTaggedHost,
+                    format!("VM {}: {w}", vm.name),
+                );
             }
             Some(_) => {}
             None => {
@@ -182,4 +177,38 @@ impl Engine {
         }
         None
     }
+}
+
+/// Where a VM of the failed host `from` goes: the real placement (zone, ha_tag and its
+/// fallback, capacity, anti-affinity), the chosen host reserved in `views` so that the next VM
+/// placed in this pass sees it taken; `Err`: why no host can take it. The second value is the
+/// ha_tag warning, for the caller to record. Shared by a real host failure
+/// ([`Engine::fail_vms_of_fenced_host`]) and `vigilctl plan` ([`Engine::plan_failures`]), so
+/// a plan is the same code as the failure it predicts.
+pub(super) fn failover_choice(
+    policy: &RecoveryConfig,
+    hosts: &BTreeMap<String, HostRecord>,
+    views: &mut BTreeMap<String, HostView>,
+    from: &str,
+    need: &Need,
+) -> (Result<Choice, String>, Option<String>) {
+    let tag = policy.ha_tag.as_deref();
+    let (target, warning) =
+        placement::failover_target(hosts, views, from, need, tag, policy.ha_tag_fallback);
+    let target = match target {
+        Some(choice) => {
+            if let Some(v) = views.get_mut(&choice.host) {
+                v.reserve(need);
+            }
+            Ok(choice)
+        }
+        None => Err(placement::no_room(
+            hosts,
+            views,
+            from,
+            need,
+            tag.filter(|_| policy.ha_tag_fallback == TagFallback::Wait),
+        )),
+    };
+    (target, warning)
 }

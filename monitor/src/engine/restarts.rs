@@ -65,7 +65,7 @@ impl Engine {
                     // Where it starts, and (when placement runs again here) why there.
                     let target: Option<(String, String)> = if *relocate && !self.host_usable(host) {
                         let (tag, fallback) =
-                            (self.failover.ha_tag.clone(), self.failover.ha_tag_fallback);
+                            (self.policy.ha_tag.clone(), self.policy.ha_tag_fallback);
                         let views = self.views(state);
                         let (t, warning) = placement::failover_target(
                             &state.hosts,
@@ -100,16 +100,10 @@ impl Engine {
                     let target = match target {
                         Some((t, _)) if t != vm.host && vm.definition.is_none() => {
                             if self.recovery.def_warned.insert(vm.uuid.clone()) {
-                                out.push(Action::Propose(StateCommand::RecordEvent {
-                                    at_ms: wall_ms,
-                                    severity: Severity::Critical,
-                                    host: Some(vm.host.clone()),
-                                    kind: EventKind::NoDefinition,
-                                    message: format!(
+                                record_event(out, wall_ms, Severity::Critical, Some(vm.host.clone()), EventKind::NoDefinition, format!(
                                         "cannot start VM {} on {t}: its definition never reached the monitor (its agent ships it within a poll of HA being enabled); queued",
                                         vm.name
-                                    ),
-                                }));
+                                    ));
                             }
                             None
                         }
@@ -213,19 +207,20 @@ impl Engine {
                     .unwrap_or_else(|| "is not its own host any more".into())
             )
         };
-        out.push(Action::Propose(StateCommand::RecordEvent {
-            at_ms: wall_ms,
-            severity: Severity::Info,
-            host: Some(target.to_string()),
-            kind: EventKind::VmPlaced {
+        record_event(
+            out,
+            wall_ms,
+            Severity::Info,
+            Some(target.to_string()),
+            EventKind::VmPlaced {
                 generation,
                 target: target.to_string(),
             },
-            message: format!(
+            format!(
                 "VM {} (priority {}) placed on {target} ({instead}): {why}",
                 vm.name, vm.priority
             ),
-        }));
+        );
     }
 }
 

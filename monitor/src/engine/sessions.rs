@@ -98,15 +98,9 @@ impl Engine {
             .is_some_and(|t| now_ms.saturating_sub(*t) < INCOMPATIBLE_ALIVE_MS);
         self.incompatible.insert(host.clone(), now_ms);
         if !known && self.leader {
-            out.push(Action::Propose(StateCommand::RecordEvent {
-                at_ms: wall_ms,
-                severity: Severity::Critical,
-                host: Some(host.clone()),
-                kind: EventKind::HostIncompatible,
-                message: format!(
+            record_event(out, wall_ms, Severity::Critical, Some(host.clone()), EventKind::HostIncompatible, format!(
                     "host {host}'s agent cannot be managed: {detail}. The host is alive, so it is not fenced and its guests keep running, unprotected, until its agent and the monitors run compatible versions"
-                ),
-            }));
+                ));
         }
     }
 
@@ -150,24 +144,25 @@ impl Engine {
             let key = (host.clone(), p.name.clone());
             if self.pool_status.get(&key) != Some(&p) {
                 if self.pool_status.get(&key).is_none_or(|o| o.ok != p.ok) {
-                    out.push(Action::Propose(StateCommand::RecordEvent {
-                        at_ms: wall_ms,
-                        severity: if p.ok {
+                    record_event(
+                        out,
+                        wall_ms,
+                        if p.ok {
                             Severity::Info
                         } else {
                             Severity::Warning
                         },
-                        host: Some(host.clone()),
-                        kind: EventKind::PoolState {
+                        Some(host.clone()),
+                        EventKind::PoolState {
                             pool: p.name.clone(),
                             ok: p.ok,
                         },
-                        message: if p.ok {
+                        if p.ok {
                             format!("storage pool {} is up on {host}", p.name)
                         } else {
                             format!("storage pool {} is down on {host}: {}", p.name, p.detail)
                         },
-                    }));
+                    );
                 }
                 if p.ok {
                     self.pool_down_since.remove(&key);
@@ -290,16 +285,17 @@ impl Engine {
             ),
             Liveness::Unknown => return,
         };
-        out.push(Action::Propose(StateCommand::RecordEvent {
-            at_ms: wall_ms,
+        record_event(
+            out,
+            wall_ms,
             severity,
-            host: Some(t.host.clone()),
-            kind: EventKind::HostLiveness {
+            Some(t.host.clone()),
+            EventKind::HostLiveness {
                 from: t.from.to_string(),
                 to: t.to.to_string(),
             },
             message,
-        }));
+        );
     }
 
     /// The host's agent tried to connect with an incompatible protocol recently.

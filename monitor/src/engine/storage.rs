@@ -46,16 +46,10 @@ impl Engine {
             }
             if let Err(why) = vigil_common::storage::ack_proves(&req, &ack) {
                 if self.acks_refused.insert(req.id) {
-                    out.push(Action::Propose(StateCommand::RecordEvent {
-                        at_ms: wall_ms,
-                        severity: Severity::Critical,
-                        host: Some(ack.host.clone()),
-                        kind: EventKind::FenceAckRefused,
-                        message: format!(
+                    record_event(out, wall_ms, Severity::Critical, Some(ack.host.clone()), EventKind::FenceAckRefused, format!(
                             "host {}: the acknowledgement of fence request {} on pool {pool} is not proof: {why}; waiting for another proof",
                             ack.host, ack.id
-                        ),
-                    }));
+                        ));
                 }
                 continue;
             }
@@ -123,16 +117,17 @@ impl Engine {
                 )
             };
             if self.outages.get(pool) != Some(&scope) {
-                out.push(Action::Propose(StateCommand::RecordEvent {
-                    at_ms: wall_ms,
-                    severity: Severity::Critical,
-                    host: None,
-                    kind: EventKind::StorageOutage {
+                record_event(
+                    out,
+                    wall_ms,
+                    Severity::Critical,
+                    None,
+                    EventKind::StorageOutage {
                         pool: pool.to_string(),
                         pool_wide: up.is_empty(),
                     },
                     message,
-                }));
+                );
             }
             let since = match self.scope_since.get(pool) {
                 Some((s, t)) if *s == scope => *t,

@@ -173,6 +173,16 @@ pub enum EventKind {
         generation: u64,
         target: String,
     },
+    /// A cluster absorbs fewer host failures (with every HA VM placed) than configured.
+    CapacityLow {
+        cluster: String,
+        tolerated: usize,
+    },
+    /// It absorbs the configured number again.
+    CapacityRestored {
+        cluster: String,
+        tolerated: usize,
+    },
     /// Placement ran again before a start was ordered: the message names the host chosen,
     /// why, and why not the one the failure's event named.
     VmPlaced {

@@ -50,7 +50,29 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
     let _guard = support::start_supervisor(LAB.root, |a| LAB.cmd(a), || lab(&["down"]));
     LAB.up_three_hosts_fenced();
 
-    // 1. Power loss of hv2: fenced through its BMC, its VM starts on hv1 (ha_tag).
+    // 0. Asked before the failure (issue 11 item 3): `vigilctl plan --fail hv2` names the host
+    //    the real crash then uses, and changes nothing.
+    let plan = ctl_json(&["plan", "--fail", "hv2"]).expect("vigilctl plan --fail hv2");
+    let planned = plan["vms"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "hv2-vm1"))
+        .unwrap_or_else(|| panic!("hv2-vm1 not in the plan: {plan:#}"));
+    assert_eq!(planned["outcome"]["outcome"], "placed", "{plan:#}");
+    let planned_target = planned["outcome"]["target"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no target: {plan:#}"))
+        .to_string();
+    let v = ctl_json(&["vm", "show", "hv2-vm1"]).expect("vm");
+    assert_eq!(v["host"], "hv2", "a plan must change nothing: {v:#}");
+    let status = ctl_json(&["status"]).expect("status");
+    eprintln!(
+        "plan: hv2-vm1 -> {planned_target}; capacity {}",
+        status["capacity"]
+    );
+
+    // 1. Power loss of hv2: fenced through its BMC, its VM starts on hv1 (ha_tag), the host
+    //    the plan named.
+    assert_eq!(planned_target, "hv1", "{plan:#}");
     let t_crash = Instant::now();
     assert!(lab(&["crash-host", "hv2"]).status.success());
     let took = wait_vm_on("hv2-vm1", "hv1", 1, t_crash);
