@@ -57,7 +57,7 @@ pub struct ClusterCapacity {
 }
 
 /// How often the leader recomputes N+k (it runs the placement once per cluster and failure
-/// count checked).
+/// count checked); sooner after hosts or VMs come or go.
 pub const CAPACITY_CHECK_MS: u64 = 30_000;
 
 /// This leader's last N+k figures.
@@ -68,6 +68,8 @@ pub(super) struct CapacityBook {
     pub(super) checked_ms: Option<u64>,
     /// Clusters already reported below the configured level.
     pub(super) low: BTreeSet<String>,
+    /// (active hosts, VMs) when last computed: a change makes the next check due sooner.
+    pub(super) basis: (usize, usize),
 }
 
 impl Engine {
@@ -85,14 +87,27 @@ impl Engine {
         state: &ClusterState,
         out: &mut Vec<Action>,
     ) {
-        if self
-            .capacity
-            .checked_ms
-            .is_some_and(|t| now_ms.saturating_sub(t) < CAPACITY_CHECK_MS)
-        {
+        // Due every CAPACITY_CHECK_MS, and sooner (at most once a second) when hosts joined or
+        // left the active set or VMs came or went, so `vigilctl status` is not stale for long
+        // after a change.
+        let basis = (
+            state
+                .hosts
+                .values()
+                .filter(|h| h.phase == HostPhase::Active && !h.maintenance)
+                .count(),
+            state.vms.len(),
+        );
+        let since = self.capacity.checked_ms.map(|t| now_ms.saturating_sub(t));
+        let due = match since {
+            None => true,
+            Some(ago) => ago >= CAPACITY_CHECK_MS || (ago >= 1_000 && basis != self.capacity.basis),
+        };
+        if !due {
             return;
         }
         self.capacity.checked_ms = Some(now_ms);
+        self.capacity.basis = basis;
         let level = self.policy.min_failures_tolerated as usize;
         self.capacity.clusters = self.failures_tolerated(state, wall_ms, level.max(2));
         if level == 0 {

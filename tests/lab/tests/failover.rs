@@ -64,10 +64,17 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
         .to_string();
     let v = ctl_json(&["vm", "show", "hv2-vm1"]).expect("vm");
     assert_eq!(v["host"], "hv2", "a plan must change nothing: {v:#}");
+    // N+k in `vigilctl status`: the lab's cluster has room for any one host's HA VMs.
     let status = ctl_json(&["status"]).expect("status");
     eprintln!(
         "plan: hv2-vm1 -> {planned_target}; capacity {}",
         status["capacity"]
+    );
+    assert!(
+        status["capacity"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty() && c.iter().all(|c| c["tolerated"].as_u64() >= Some(1))),
+        "{status:#}"
     );
 
     // 1. Power loss of hv2: fenced through its BMC, its VM starts on hv1 (ha_tag), the host
