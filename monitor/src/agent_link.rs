@@ -56,7 +56,8 @@ pub struct Sessions {
     heartbeats: AtomicU64,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Why a command sent to an agent got no answer (the engine reads it as "no answer").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CommandError {
     #[error("host {0} has no agent connected to this monitor")]
     NotConnected(String),

@@ -99,6 +99,24 @@ pub struct FenceOutcome {
     pub stderr: String,
 }
 
+/// Why fencing a host proved nothing (the engine's [`crate::engine::Input::FenceDone`]); it
+/// retries.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FenceFailure {
+    #[error("no fence agent configured for {host}")]
+    NotConfigured { host: String },
+    /// The fence agent ran and did not confirm power off.
+    #[error(transparent)]
+    Agent(std::sync::Arc<FenceError>),
+}
+
+impl PartialEq for FenceFailure {
+    /// Equal when they read the same (a fence agent's error holds an `io::Error`).
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
 /// A fence-agent call that did not succeed. None of these is proof that the host is off.
 #[derive(Debug, thiserror::Error)]
 pub enum FenceError {

@@ -28,6 +28,8 @@ use std::collections::BTreeMap;
 
 use vigil_common::config::{IsolationResponse, LeaseConfig};
 
+use crate::state::HostProof;
+
 /// Leader-local lease bookkeeping.
 #[derive(Debug, Clone)]
 pub struct LeaseBook {
@@ -186,7 +188,7 @@ impl LeaseBook {
     }
 
     /// `Ok(explanation)` if lease expiry is proof for `host` at `now_ms`, else `Err(why not)`.
-    pub fn proof(&self, host: &str, pools: &[String], now_ms: u64) -> Result<String, String> {
+    pub fn proof(&self, host: &str, pools: &[String], now_ms: u64) -> Result<HostProof, String> {
         let watchdog_ms = self.usable(host, pools)?;
         let Some(expires) = self.expires_at(host) else {
             return Err("not leader".into());
@@ -228,8 +230,8 @@ impl LeaseBook {
             ));
         }
         let last = self.granted.get(host).copied();
-        Ok(format!(
-            "lease expired: {} (lease {} ms + drift margin {} ms), condemned on {} for {} ms, and its host watchdog ({} ms) has reset the host unless the agent fenced itself",
+        let detail = format!(
+            "{} (lease {} ms + drift margin {} ms), condemned on {} for {} ms, and its host watchdog ({} ms) has reset the host unless the agent fenced itself",
             match last {
                 Some(t) => format!("last renewal granted {} ms ago", now_ms.saturating_sub(t)),
                 None => "no renewal granted since this leader was elected".to_string(),
@@ -239,7 +241,8 @@ impl LeaseBook {
             pools.join(", "),
             now_ms.saturating_sub(condemned_at),
             watchdog_ms,
-        ))
+        );
+        Ok(HostProof::LeaseExpired { detail })
     }
 }
 
@@ -364,6 +367,10 @@ mod tests {
         // 40 s + 2 intervals (1 s) + margin (1 s) + watchdog (2 s) = 44 s.
         assert!(b.proof("hv1", &pools, 43_999).is_err());
         let ok = b.proof("hv1", &pools, 44_000).expect("proof");
-        assert!(ok.contains("watchdog"), "{ok}");
+        let HostProof::LeaseExpired { detail } = &ok else {
+            panic!("not a lease proof: {ok:?}");
+        };
+        assert!(detail.contains("watchdog"), "{ok}");
+        assert!(ok.to_string().starts_with("lease expired: "), "{ok}");
     }
 }

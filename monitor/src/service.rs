@@ -15,7 +15,7 @@ use vigil_common::config::{FenceHostConfig, MonitorConfig, RecoveryConfig};
 use crate::agent_link::Sessions;
 use crate::engine::FailoverConfig;
 use crate::engine::{Action, CommandAnswer, Engine, Input, StorageCycle};
-use crate::fencing::{self, FenceAction};
+use crate::fencing::{self, FenceAction, FenceFailure};
 use crate::raft::{RaftNode, WriteError};
 use crate::state::{StateCommand, StateResponse};
 use crate::storage::{PoolReport, StorageWorker};
@@ -200,8 +200,7 @@ pub fn spawn(
                             tokio::spawn(async move {
                                 let answer = sessions
                                     .command_observed(&host, command.clone(), COMMAND_TIMEOUT)
-                                    .await
-                                    .map_err(|e| e.to_string());
+                                    .await;
                                 let seq = answer.as_ref().ok().map(|(_, s)| *s);
                                 let result = answer.map(|(outcome, _)| outcome);
                                 debug!(%host, ?command, ?result, ?seq, "command done");
@@ -219,7 +218,7 @@ pub fn spawn(
                             let hosts = fence_hosts.clone();
                             tokio::spawn(async move {
                                 let result = match hosts.get(&host) {
-                                    None => Err(format!("no fence agent configured for {host}")),
+                                    None => Err(FenceFailure::NotConfigured { host: host.clone() }),
                                     Some(cfg) => {
                                         warn!(%host, agent = %cfg.agent, "fencing: powering the host off");
                                         match fencing::fence(cfg, FenceAction::Off, fence_timeout)
@@ -230,7 +229,7 @@ pub fn spawn(
                                                 cfg.agent,
                                                 o.took.as_millis()
                                             )),
-                                            Err(e) => Err(e.to_string()),
+                                            Err(e) => Err(FenceFailure::Agent(Arc::new(e))),
                                         }
                                     }
                                 };

@@ -75,10 +75,12 @@ use vigil_common::domain::{
 use vigil_common::storage::{FenceAck, FenceRequest, LeaderRecord, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
+use crate::agent_link::CommandError;
 use crate::engine::{
     Action, Beat, CommandAnswer, DefinitionReport, Engine, FailoverConfig, Hello, Input,
     LifecycleReport, Listing, SelfFenceReport, StaleCopyDestroyed, StorageCycle,
 };
+use crate::fencing::{FenceAction, FenceError, FenceFailure};
 use crate::state::ClusterState;
 
 /// Wall-clock offset: simulated time 0 is this Unix ms (keeps timestamps plausible).
@@ -1417,7 +1419,7 @@ impl Sim {
         if !self.monitor_storage_ok {
             self.input(Input::Storage {
                 pool,
-                result: Err("simulated outage".into()),
+                result: Err(crate::storage::PoolFault::Io("simulated outage".into())),
             });
             return;
         }
@@ -1752,7 +1754,7 @@ impl Sim {
         for (_, host, command) in due {
             let alive = self.hosts.get(&host).is_some_and(SimHost::reachable);
             let result = if !alive {
-                Err(format!("host {host} has no agent connected"))
+                Err(CommandError::NotConnected(host.clone()))
             } else {
                 match &command {
                     AgentCommand::StartDomain {
@@ -1761,7 +1763,10 @@ impl Sim {
                         let (u, g) = (uuid.clone(), *generation);
                         let outcome = self.agent_start(&host, &u, g);
                         if self.hosts.get(&host).is_some_and(|h| h.drop_answers) {
-                            Err("answer lost".into())
+                            Err(CommandError::Timeout(
+                                host.clone(),
+                                crate::service::COMMAND_TIMEOUT,
+                            ))
                         } else {
                             Ok(outcome)
                         }
@@ -1821,7 +1826,13 @@ impl Sim {
                     h.power_off();
                     Ok("simulated BMC confirmed power off".to_string())
                 }
-                _ => Err("simulated BMC does not answer".to_string()),
+                _ => Err(FenceFailure::Agent(std::sync::Arc::new(
+                    FenceError::Timeout {
+                        agent: "simulated BMC".into(),
+                        action: FenceAction::Off,
+                        after: std::time::Duration::from_secs(20),
+                    },
+                ))),
             };
             self.log
                 .push(format!("{:>6} FENCE {host}: {result:?}", self.now));

@@ -48,9 +48,35 @@ pub struct PoolReport {
     /// When the cycle finished (or, for a stuck cycle, when the watchdog noticed): the engine
     /// converts it to its own clock.
     pub at: Instant,
-    /// `Err(reason)` if any I/O of this cycle failed (the reason names the file and the error),
-    /// if the cycle took longer than `deadline_ms`, or if it is still running past it (stuck).
-    pub result: Result<PoolCycle, String>,
+    /// `Err` if any I/O of this cycle failed, if the cycle took longer than `deadline_ms`, or
+    /// if it is still running past it (stuck).
+    pub result: Result<PoolCycle, PoolFault>,
+}
+
+/// Why a storage cycle of the monitor on a pool failed: the pool counts as failing for this
+/// monitor (its leader record and fence requests may not have been written).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PoolFault {
+    /// A file operation failed (the message names the file and the error).
+    #[error("{0}")]
+    Io(String),
+    /// The cycle finished, past its deadline.
+    #[error("I/O on pool {pool} took {took_ms} ms (deadline {deadline_ms} ms)")]
+    Slow {
+        pool: String,
+        took_ms: u64,
+        deadline_ms: u64,
+    },
+    /// The cycle is still running past its deadline (a hung mount).
+    #[error("I/O on pool {pool} stuck for {running_ms} ms (deadline {deadline_ms} ms)")]
+    Stuck {
+        pool: String,
+        running_ms: u64,
+        deadline_ms: u64,
+    },
+    /// The pool's I/O thread could not be started.
+    #[error("cannot start the storage thread of pool {pool}: {detail}")]
+    NoThread { pool: String, detail: String },
 }
 
 /// The findings of one successful cycle on one pool.
@@ -179,10 +205,10 @@ impl StorageWorker {
                 let _ = reports.send(PoolReport {
                     pool: pool.name.clone(),
                     at: Instant::now(),
-                    result: Err(format!(
-                        "cannot start the storage thread of pool {}: {e}",
-                        pool.name
-                    )),
+                    result: Err(PoolFault::NoThread {
+                        pool: pool.name.clone(),
+                        detail: e.to_string(),
+                    }),
                 });
             }
         }
@@ -309,7 +335,7 @@ fn pool_thread(
                 clears: state.clears.iter().map(|(h, g)| (h.clone(), *g)).collect(),
             }
         };
-        let result = cycle(&mut io, &inputs);
+        let result = cycle(&mut io, &inputs).map_err(PoolFault::Io);
         let at = Instant::now();
         let stopped = {
             let mut state = shared.lock();
@@ -323,12 +349,11 @@ fn pool_thread(
         }
         let took = at.saturating_duration_since(start);
         let result = match result {
-            Ok(_) if took > deadline => Err(format!(
-                "I/O on pool {} took {} ms (deadline {} ms)",
-                io.name,
-                took.as_millis(),
-                deadline.as_millis()
-            )),
+            Ok(_) if took > deadline => Err(PoolFault::Slow {
+                pool: io.name.clone(),
+                took_ms: took.as_millis() as u64,
+                deadline_ms: deadline.as_millis() as u64,
+            }),
             other => other,
         };
         match (&result, failing) {
@@ -377,15 +402,15 @@ fn watchdog_thread(
                 .collect()
         };
         for (pool, running) in stuck {
-            let reason = format!(
-                "I/O on pool {pool} stuck for {} ms (deadline {} ms)",
-                running.as_millis(),
-                deadline.as_millis()
-            );
+            let result = Err(PoolFault::Stuck {
+                pool: pool.clone(),
+                running_ms: running.as_millis() as u64,
+                deadline_ms: deadline.as_millis() as u64,
+            });
             let report = PoolReport {
                 pool,
                 at: now,
-                result: Err(reason),
+                result,
             };
             if reports.send(report).is_err() {
                 return;
@@ -863,8 +888,8 @@ mod tests {
             match (report.pool.as_str(), &report.result) {
                 // (The first cycle may start before `set_leader`.)
                 ("good", Ok(cycle)) => oks += usize::from(cycle.leader_written.is_some()),
-                ("bad", Err(e)) => {
-                    assert!(e.contains(&bad.display().to_string()), "{e}");
+                ("bad", Err(e @ PoolFault::Io(text))) => {
+                    assert!(text.contains(&bad.display().to_string()), "{e}");
                     errs += 1;
                 }
                 other => panic!("unexpected report {other:?}"),
@@ -893,11 +918,11 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(1200));
         assert_eq!(report.pool, "p1");
         let reason = report.result.expect_err("stuck");
-        assert!(reason.contains("stuck"), "{reason}");
         assert!(
-            reason.contains("p1") && reason.contains("deadline 300 ms"),
-            "{reason}"
+            matches!(&reason, PoolFault::Stuck { pool, deadline_ms: 300, .. } if pool == "p1"),
+            "{reason:?}"
         );
+        assert!(reason.to_string().contains("stuck"), "{reason}");
         // Never joined: the hung thread exits on its own once its I/O returns.
         worker.stop();
     }

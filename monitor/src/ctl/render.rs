@@ -467,7 +467,7 @@ pub fn vm_show(v: &VmView) -> String {
                 ),
             );
             kv("  cause", r.cause.clone());
-            kv("  proof", r.proof.clone());
+            kv("  proof", r.proof.to_string());
         }
         None => kv("last recovery", "never".into()),
     }

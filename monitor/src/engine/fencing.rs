@@ -36,26 +36,29 @@ impl Engine {
     pub(super) fn on_fence_done(
         &mut self,
         host: String,
-        result: Result<String, String>,
+        result: Result<String, FenceFailure>,
         wall_ms: u64,
         out: &mut Vec<Action>,
     ) {
         self.fencing.in_flight.remove(&host);
-        let (ok, detail) = match result {
-            Ok(d) => (true, format!("power: {d}")),
+        let cmd = match result {
+            Ok(detail) => StateCommand::HostProvenOff {
+                at_ms: wall_ms,
+                host,
+                proof: HostProof::Power { detail },
+            },
             Err(e) => {
                 self.fencing
                     .retry_at
                     .insert(host.clone(), wall_ms + FENCE_RETRY_MS);
-                (false, e)
+                StateCommand::FenceFailed {
+                    at_ms: wall_ms,
+                    host,
+                    detail: e.to_string(),
+                }
             }
         };
-        out.push(Action::Propose(StateCommand::FenceResult {
-            at_ms: wall_ms,
-            host,
-            ok,
-            detail,
-        }));
+        out.push(Action::Propose(cmd));
     }
 
     /// Host failures: investigate silent hosts, fence the ones that are down and hold HA
@@ -315,13 +318,12 @@ impl Engine {
         // dead or hung agent cannot keep the guests past lease + W either.
         let lease_usable = self.leases.usable(name, pools).is_ok();
         if lease_usable && !self.fencing.proof_proposed.contains(name) {
-            if let Ok(detail) = self.leases.proof(name, pools, now_ms) {
+            if let Ok(proof) = self.leases.proof(name, pools, now_ms) {
                 self.fencing.proof_proposed.insert(name.clone());
-                out.push(Action::Propose(StateCommand::FenceResult {
+                out.push(Action::Propose(StateCommand::HostProvenOff {
                     at_ms: wall_ms,
                     host: name.clone(),
-                    ok: true,
-                    detail,
+                    proof,
                 }));
                 return;
             }

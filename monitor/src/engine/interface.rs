@@ -7,7 +7,10 @@ use vigil_common::domain::{DomainEvent, DomainInfo, HypervisorHealth};
 use vigil_common::storage::{FenceAck, FenceRequest, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
+use crate::agent_link::CommandError;
+use crate::fencing::FenceFailure;
 use crate::state::StateCommand;
+use crate::storage::PoolFault;
 
 /// Something that happened, as seen by the edges.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,7 +34,7 @@ pub enum Input {
     /// One I/O cycle of this monitor on a storage pool.
     Storage {
         pool: String,
-        result: Result<StorageCycle, String>,
+        result: Result<StorageCycle, PoolFault>,
     },
     /// The host's full domain list and hypervisor health. `seq`: the agent's observation
     /// sequence number (see `vigil_common::wire::AgentToMonitor`), stamped before listing.
@@ -53,7 +56,7 @@ pub enum Input {
     /// A fence agent finished: `Ok(detail)` only when it confirmed the host powered off.
     FenceDone {
         host: String,
-        result: Result<String, String>,
+        result: Result<String, FenceFailure>,
     },
     /// Time passed (the edge ticks several times per heartbeat interval).
     Tick,
@@ -165,7 +168,7 @@ pub struct StaleCopyDestroyed {
 pub struct CommandAnswer {
     pub host: String,
     pub command: AgentCommand,
-    pub result: Result<CommandOutcome, String>,
+    pub result: Result<CommandOutcome, CommandError>,
     pub seq: Option<u64>,
 }
 

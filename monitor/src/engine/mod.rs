@@ -63,6 +63,9 @@ use self::reservations::failover_choice;
 use self::restarts::RecoveryBook;
 use self::restarts::{need_of, vm_seen};
 use self::sessions::HelloClaims;
+use crate::agent_link::CommandError;
+use crate::fencing::FenceFailure;
+use crate::storage::PoolFault;
 
 use crate::detector::{FailureDetector, Liveness, LivenessView, Transition};
 use crate::investigation::{self, Condition, Evidence};
@@ -70,7 +73,7 @@ use crate::lease::LeaseBook;
 use crate::placement::{self, Choice, HostView, Need};
 use crate::recovery;
 use crate::state::{
-    ClusterState, EventKind, FailureKind, HostPhase, HostRecord, Phase, Proof, Severity,
+    ClusterState, EventKind, FailureKind, HostPhase, HostProof, HostRecord, Phase, Proof, Severity,
     StateCommand, StopReason, VmRecord,
 };
 /// Leader-local soft state plus the decision logic.

@@ -408,7 +408,7 @@ impl Engine {
         &mut self,
         host: &str,
         command: AgentCommand,
-        result: Result<CommandOutcome, String>,
+        result: Result<CommandOutcome, CommandError>,
         wall_ms: u64,
         state: &ClusterState,
         out: &mut Vec<Action>,

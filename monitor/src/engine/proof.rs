@@ -15,7 +15,7 @@ impl Engine {
     pub(super) fn fail_vms_of_fenced_host(
         &mut self,
         name: &str,
-        proof: &str,
+        proof: &HostProof,
         wall_ms: u64,
         state: &ClusterState,
         out: &mut Vec<Action>,
@@ -46,7 +46,7 @@ impl Engine {
                 failure: FailureKind::HostFailed,
                 proof: Proof::HostFenced {
                     host: name.to_string(),
-                    detail: proof.to_string(),
+                    how: proof.clone(),
                 },
                 decision,
                 window_ms: self.policy.window_ms,

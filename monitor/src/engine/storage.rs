@@ -13,7 +13,7 @@ impl Engine {
     pub(super) fn on_storage(
         &mut self,
         pool: &str,
-        result: Result<StorageCycle, String>,
+        result: Result<StorageCycle, PoolFault>,
         now_ms: u64,
         wall_ms: u64,
         state: &ClusterState,
@@ -54,15 +54,14 @@ impl Engine {
                 continue;
             }
             self.fencing.proof_proposed.insert(ack.host.clone());
-            out.push(Action::Propose(StateCommand::FenceResult {
+            out.push(Action::Propose(StateCommand::HostProvenOff {
                 at_ms: wall_ms,
                 host: ack.host.clone(),
-                ok: true,
-                detail: format!(
-                    "storage slot: fence request {} acknowledged on pool {pool} by its agent, which destroyed {} HA domain(s)",
-                    ack.id,
-                    ack.destroyed.len()
-                ),
+                proof: HostProof::StorageSlot {
+                    request: ack.id,
+                    pool: pool.to_string(),
+                    destroyed: ack.destroyed.len(),
+                },
             }));
         }
     }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-pub use host::HostPhase;
+pub use host::{HostPhase, HostProof};
 pub use vm::{
     Decision, FailureKind, HaSource, Phase, Proof, RecoveryRecord, StopReason, VmRecord,
     MAX_DEFINITION_LEN,
@@ -348,7 +348,21 @@ pub enum StateCommand {
         host: String,
         reason: String,
     },
-    /// The fence agent's verdict; `ok` only when it confirmed the host powered off.
+    /// A fencing host is proven off (proof 2, 3 or 4): `Fenced`, its HA VMs may start
+    /// elsewhere.
+    HostProvenOff {
+        at_ms: u64,
+        host: String,
+        proof: HostProof,
+    },
+    /// An attempt to fence a host failed (a fence agent's error): it stays `Fencing`.
+    FenceFailed {
+        at_ms: u64,
+        host: String,
+        detail: String,
+    },
+    /// Legacy: the form of the two above written by monitors before proofs were typed. Still
+    /// applied (old log entries), never written.
     FenceResult {
         at_ms: u64,
         host: String,
@@ -595,6 +609,8 @@ impl ClusterState {
             | StateCommand::StaleDestroyed { .. } => vm::apply(self, cmd),
             StateCommand::FenceStarted { .. }
             | StateCommand::FenceResult { .. }
+            | StateCommand::HostProvenOff { .. }
+            | StateCommand::FenceFailed { .. }
             | StateCommand::SetMaintenance { .. }
             | StateCommand::SetHostInfo { .. }
             | StateCommand::HostRejoined { .. }

@@ -16,6 +16,8 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
+use super::HostProof;
+
 /// Longest domain definition stored (the inactive XML of one VM).
 pub const MAX_DEFINITION_LEN: usize = 256 * 1024;
 
@@ -82,8 +84,30 @@ pub enum Proof {
     },
     /// The agent answered a start order with a failure: nothing runs.
     StartRefused { host: String, detail: String },
-    /// 2. A fence agent confirmed the old host powered off.
-    HostFenced { host: String, detail: String },
+    /// The old host was proven off (proof 2, 3 or 4, or an operator): `how` says which.
+    HostFenced {
+        host: String,
+        #[serde(alias = "detail", deserialize_with = "super::host::host_proof_or_text")]
+        how: HostProof,
+    },
+    /// A proof recorded as text by a monitor from before proofs were typed (read from older
+    /// state): shown as it was written.
+    Recorded { text: String },
+}
+
+/// Reads a stored [`Proof`]: the typed form, or the plain text older monitors stored (as
+/// [`Proof::Recorded`]). For `#[serde(deserialize_with)]` on the fields that hold one.
+fn proof_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Proof, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Typed(Proof),
+        Text(String),
+    }
+    Ok(match Stored::deserialize(d)? {
+        Stored::Typed(p) => p,
+        Stored::Text(text) => Proof::Recorded { text },
+    })
 }
 
 impl Proof {
@@ -91,7 +115,7 @@ impl Proof {
     pub fn observed_at_ms(&self) -> Option<u64> {
         match self {
             Proof::AgentReportedStopped { observed_at_ms, .. } => *observed_at_ms,
-            Proof::StartRefused { .. } | Proof::HostFenced { .. } => None,
+            Proof::StartRefused { .. } | Proof::HostFenced { .. } | Proof::Recorded { .. } => None,
         }
     }
 }
@@ -105,7 +129,8 @@ impl std::fmt::Display for Proof {
             Proof::StartRefused { host, detail } => {
                 write!(f, "the agent of {host} could not start it ({detail})")
             }
-            Proof::HostFenced { host, detail } => write!(f, "host {host} was fenced: {detail}"),
+            Proof::HostFenced { host, how } => write!(f, "host {host} was fenced: {how}"),
+            Proof::Recorded { text } => f.write_str(text),
         }
     }
 }
@@ -169,15 +194,17 @@ pub struct RecoveryRecord {
     pub to_host: String,
     pub generation: u64,
     pub cause: String,
-    pub proof: String,
+    #[serde(deserialize_with = "proof_or_text")]
+    pub proof: Proof,
 }
 
 /// Why a recovery under way started.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingCause {
     pub from_host: String,
     pub cause: String,
-    pub proof: String,
+    #[serde(deserialize_with = "proof_or_text")]
+    pub proof: Proof,
 }
 
 /// One HA VM.
@@ -500,7 +527,7 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                         rec.pending_cause = Some(PendingCause {
                             from_host: failed_on.clone(),
                             cause: cause.clone(),
-                            proof: proof.to_string(),
+                            proof: proof.clone(),
                         });
                     }
                     let wait = not_before_ms.saturating_sub(*at_ms);
@@ -621,7 +648,14 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 ));
             }
             let took = at_ms.saturating_sub(*ordered_at_ms);
-            let pc = rec.pending_cause.take().unwrap_or_default();
+            // A recovery ordered by a monitor that did not record its cause yet.
+            let pc = rec.pending_cause.take().unwrap_or_else(|| PendingCause {
+                from_host: String::new(),
+                cause: String::new(),
+                proof: Proof::Recorded {
+                    text: String::new(),
+                },
+            });
             let cause = pc.cause.clone();
             rec.last_recovery = Some(RecoveryRecord {
                 at_ms: *at_ms,

@@ -33,7 +33,13 @@ fn crash_is_restarted_in_place_with_the_next_generation() {
         ("hv1", "hv1", 1)
     );
     assert!(
-        rec.proof.contains("the agent of hv1 reported it stopped"),
+        matches!(&rec.proof, Proof::AgentReportedStopped { host, .. } if host == "hv1"),
+        "{rec:?}"
+    );
+    assert!(
+        rec.proof
+            .to_string()
+            .contains("the agent of hv1 reported it stopped"),
         "{rec:?}"
     );
     let log = s.log();
@@ -145,7 +151,10 @@ fn a_failed_start_is_retried_and_no_answer_is_not_a_failure() {
                 generation: 1,
                 definition: None,
             },
-            result: Err("timed out".into()),
+            result: Err(CommandError::Timeout(
+                "hv1".into(),
+                std::time::Duration::from_secs(60),
+            )),
             seq: None,
         }),
         200,
