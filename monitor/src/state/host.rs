@@ -128,13 +128,13 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 _ => *at_ms,
             };
             h.phase = HostPhase::Fencing { since_ms, attempts };
-            s.push_vm_event(
+            let message = format!("fencing host {host} (attempt {attempts}): {reason}");
+            s.host_event(
                 *at_ms,
                 Severity::Critical,
-                Some(host.clone()),
-                None,
+                host,
                 EventKind::HostFencing { attempt: attempts },
-                format!("fencing host {host} (attempt {attempts}): {reason}"),
+                message,
             );
             StateResponse::Ok
         }
@@ -185,17 +185,17 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 return StateResponse::Unchanged;
             }
             h.maintenance = *on;
-            s.push_vm_event(
+            let message = if *on {
+                format!("host {host} entered maintenance (operator): its HA VMs move to other hosts, nothing new is placed on it")
+            } else {
+                format!("host {host} left maintenance (operator): it takes VMs again")
+            };
+            s.host_event(
                 *at_ms,
                 Severity::Warning,
-                Some(host.clone()),
-                None,
+                host,
                 EventKind::HostMaintenance { on: *on },
-                if *on {
-                    format!("host {host} entered maintenance (operator): its HA VMs move to other hosts, nothing new is placed on it")
-                } else {
-                    format!("host {host} left maintenance (operator): it takes VMs again")
-                },
+                message,
             );
             StateResponse::Ok
         }
@@ -211,13 +211,14 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 at_ms: *at_ms,
                 proof: proof.clone(),
             };
-            s.push_vm_event(
+            let message =
+                format!("host {host} fenced: {proof}; its HA VMs may now start elsewhere");
+            s.host_event(
                 *at_ms,
                 Severity::Critical,
-                Some(host.clone()),
-                None,
+                host,
                 EventKind::HostConfirmedOff { by: by.clone() },
-                format!("host {host} fenced: {proof}; its HA VMs may now start elsewhere"),
+                message,
             );
             StateResponse::Ok
         }
@@ -230,13 +231,13 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             }
             let was = h.phase.name();
             h.phase = HostPhase::Active;
-            s.push_vm_event(
+            let message = format!("host {host} rejoined (was {was}); its agent is connected again");
+            s.host_event(
                 *at_ms,
                 Severity::Info,
-                Some(host.clone()),
-                None,
+                host,
                 EventKind::HostRejoined,
-                format!("host {host} rejoined (was {was}); its agent is connected again"),
+                message,
             );
             StateResponse::Ok
         }
@@ -261,15 +262,15 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             let old = format!("{}/{}", h.zone, h.cluster);
             h.zone = zone.clone();
             h.cluster = cluster.clone();
-            s.push_vm_event(
+            let message = format!(
+                    "operator {by} moved host {host} from {old} to {zone}/{cluster} (vigilctl host place); its agent must now say hello with zone {zone:?}, cluster {cluster:?}"
+                );
+            s.host_event(
                 *at_ms,
                 Severity::Warning,
-                Some(host.clone()),
-                None,
+                host,
                 EventKind::HostLocationChanged,
-                format!(
-                    "operator {by} moved host {host} from {old} to {zone}/{cluster} (vigilctl host place); its agent must now say hello with zone {zone:?}, cluster {cluster:?}"
-                ),
+                message,
             );
             StateResponse::Ok
         }
@@ -297,11 +298,10 @@ fn proven_off(s: &mut ClusterState, at_ms: u64, host: &str, proof: HostProof) ->
         at_ms.saturating_sub(since_ms)
     );
     h.phase = HostPhase::Fenced { at_ms, proof };
-    s.push_vm_event(
+    s.host_event(
         at_ms,
         Severity::Critical,
-        Some(host.to_string()),
-        None,
+        host,
         EventKind::HostFenced,
         message,
     );
@@ -320,15 +320,15 @@ fn fence_failed(s: &mut ClusterState, at_ms: u64, host: &str, detail: &str) -> S
             reason: format!("fence result for {host} while it is {}", h.phase.name()),
         };
     };
-    s.push_vm_event(
+    let message = format!(
+        "fencing host {host} failed (attempt {attempts}): {detail}; its HA VMs wait for proof"
+    );
+    s.host_event(
         at_ms,
         Severity::Critical,
-        Some(host.to_string()),
-        None,
+        host,
         EventKind::HostFenceFailed { attempt: attempts },
-        format!(
-            "fencing host {host} failed (attempt {attempts}): {detail}; its HA VMs wait for proof"
-        ),
+        message,
     );
     StateResponse::Ok
 }

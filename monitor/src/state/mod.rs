@@ -630,6 +630,32 @@ impl ClusterState {
         self.push_vm_event(at_ms, severity, host, None, kind, message);
     }
 
+    /// An event about `host`.
+    pub(crate) fn host_event(
+        &mut self,
+        at_ms: u64,
+        severity: Severity,
+        host: &str,
+        kind: EventKind,
+        message: String,
+    ) {
+        self.push_vm_event(at_ms, severity, Some(host.to_string()), None, kind, message);
+    }
+
+    /// An event about the VM `uuid` on `host`.
+    pub(crate) fn vm_event(
+        &mut self,
+        at_ms: u64,
+        severity: Severity,
+        host: &str,
+        uuid: &str,
+        kind: EventKind,
+        message: String,
+    ) {
+        let (host, vm) = (Some(host.to_string()), Some(uuid.to_string()));
+        self.push_vm_event(at_ms, severity, host, vm, kind, message);
+    }
+
     pub(crate) fn push_vm_event(
         &mut self,
         at_ms: u64,

@@ -304,13 +304,15 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                         anti_affinity: None,
                     },
                 );
-                s.push_vm_event(
+                let message =
+                    format!("VM {name} ({uuid}) on {host} is HA (marked in its domain XML)");
+                s.vm_event(
                     *at_ms,
                     Severity::Info,
-                    Some(host.clone()),
-                    Some(uuid.clone()),
+                    host,
+                    uuid,
                     EventKind::VmRegistered,
-                    format!("VM {name} ({uuid}) on {host} is HA (marked in its domain XML)"),
+                    message,
                 );
                 return StateResponse::Ok;
             };
@@ -363,14 +365,8 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 _ => None,
             };
             if let Some((kind, sev, msg)) = event {
-                s.push_vm_event(
-                    *at_ms,
-                    sev,
-                    Some(host.clone()),
-                    Some(uuid.clone()),
-                    kind,
-                    msg,
-                );
+                let message = msg;
+                s.vm_event(*at_ms, sev, host, uuid, kind, message);
                 return StateResponse::Ok;
             }
             if changed {
@@ -430,16 +426,17 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             }
             let prio = rec.priority;
             let rname = rec.name.clone();
-            s.push_vm_event(
+            let message = format!(
+                "HA {} for VM {rname} by an operator (priority {prio})",
+                if *ha { "enabled" } else { "disabled" }
+            );
+            s.vm_event(
                 *at_ms,
                 Severity::Info,
-                Some(host.clone()),
-                Some(uuid.clone()),
+                host,
+                uuid,
                 EventKind::VmHaChanged { ha: *ha },
-                format!(
-                    "HA {} for VM {rname} by an operator (priority {prio})",
-                    if *ha { "enabled" } else { "disabled" }
-                ),
+                message,
             );
             StateResponse::Ok
         }
@@ -461,17 +458,18 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             let first = rec.definition.is_none();
             rec.definition = Some(xml.clone());
             let (name, host) = (rec.name.clone(), rec.host.clone());
-            s.push_vm_event(
+            let message = format!(
+                "{} definition of VM {name} stored ({} bytes)",
+                if first { "first" } else { "new" },
+                xml.len()
+            );
+            s.vm_event(
                 *at_ms,
                 Severity::Info,
-                Some(host),
-                Some(uuid.clone()),
+                &host,
+                uuid,
                 EventKind::VmDefinitionStored,
-                format!(
-                    "{} definition of VM {name} stored ({} bytes)",
-                    if first { "first" } else { "new" },
-                    xml.len()
-                ),
+                message,
             );
             StateResponse::Ok
         }
@@ -607,18 +605,19 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 .as_ref()
                 .map(|c| format!("{}; proof: {}", c.cause, c.proof))
                 .unwrap_or_default();
-            s.push_vm_event(
+            let message = format!(
+                    "ordered start of VM {name} on {host} with generation {generation} (was on {from}; {why})"
+                );
+            s.vm_event(
                 *at_ms,
                 Severity::Info,
-                Some(host.clone()),
-                Some(uuid.clone()),
+                host,
+                uuid,
                 EventKind::VmRestartOrdered {
                     generation: *generation,
                     target: host.clone(),
                 },
-                format!(
-                    "ordered start of VM {name} on {host} with generation {generation} (was on {from}; {why})"
-                ),
+                message,
             );
             StateResponse::Ok
         }
@@ -667,17 +666,18 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             });
             rec.phase = Phase::Running;
             let name = rec.name.clone();
-            s.push_vm_event(
+            let message = format!(
+                    "VM {name} running on {host} with generation {generation}, {took} ms after the order (cause: {cause})"
+                );
+            s.vm_event(
                 *at_ms,
                 Severity::Info,
-                Some(host.clone()),
-                Some(uuid.clone()),
+                host,
+                uuid,
                 EventKind::VmRecovered {
                     generation: *generation,
                 },
-                format!(
-                    "VM {name} running on {host} with generation {generation}, {took} ms after the order (cause: {cause})"
-                ),
+                message,
             );
             StateResponse::Ok
         }
@@ -706,13 +706,14 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                 StopReason::GuestShutdown => "the guest shut itself down",
                 StopReason::OperatorDestroy => "an operator destroyed it",
             };
-            s.push_vm_event(
+            let message = format!("VM {name} stopped on {host}: {why}; not restarting (respected)");
+            s.vm_event(
                 *at_ms,
                 Severity::Info,
-                Some(host.clone()),
-                Some(uuid.clone()),
+                host,
+                uuid,
                 EventKind::VmStopped,
-                format!("VM {name} stopped on {host}: {why}; not restarting (respected)"),
+                message,
             );
             StateResponse::Ok
         }
@@ -731,18 +732,19 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             rec.anti_affinity = group.clone();
             let name = rec.name.clone();
             let host = rec.host.clone();
-            s.push_vm_event(
+            let message = match group {
+                Some(g) => format!("VM {name} joined anti-affinity group {g} (operator)"),
+                None => format!("VM {name} left its anti-affinity group (operator)"),
+            };
+            s.vm_event(
                 *at_ms,
                 Severity::Info,
-                Some(host),
-                Some(uuid.clone()),
+                &host,
+                uuid,
                 EventKind::VmAntiAffinity {
                     group: group.clone(),
                 },
-                match group {
-                    Some(g) => format!("VM {name} joined anti-affinity group {g} (operator)"),
-                    None => format!("VM {name} left its anti-affinity group (operator)"),
-                },
+                message,
             );
             StateResponse::Ok
         }
@@ -769,13 +771,15 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             };
             rec.pending_cause = None;
             let (name, host) = (rec.name.clone(), rec.host.clone());
-            s.push_vm_event(
+            let message =
+                format!("VM {name} on {host} stopped by an operator through Vigil; not restarting");
+            s.vm_event(
                 *at_ms,
                 Severity::Info,
-                Some(host.clone()),
-                Some(uuid.clone()),
+                &host,
+                uuid,
                 EventKind::VmStopped,
-                format!("VM {name} on {host} stopped by an operator through Vigil; not restarting"),
+                message,
             );
             StateResponse::Ok
         }
@@ -794,18 +798,19 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             let found_s = found
                 .map(|g| g.to_string())
                 .unwrap_or_else(|| "none".into());
-            s.push_vm_event(
+            let message = format!(
+                    "the agent of {host} destroyed VM {name}: it was running with generation {found_s}, older than the newest generation {newest} (started outside Vigil?)"
+                );
+            s.vm_event(
                 *at_ms,
                 Severity::Critical,
-                Some(host.clone()),
-                Some(uuid.clone()),
+                host,
+                uuid,
                 EventKind::VmStaleDestroyed {
                     found: *found,
                     newest: *newest,
                 },
-                format!(
-                    "the agent of {host} destroyed VM {name}: it was running with generation {found_s}, older than the newest generation {newest} (started outside Vigil?)"
-                ),
+                message,
             );
             StateResponse::Ok
         }

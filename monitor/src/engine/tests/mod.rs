@@ -97,6 +97,16 @@ impl Sim {
             .map(|e| e.message.clone())
             .collect()
     }
+
+    /// Some event's message contains `text`.
+    #[track_caller]
+    fn assert_logged(&self, text: &str) {
+        assert!(
+            self.log().iter().any(|m| m.contains(text)),
+            "no event says {text:?}: {:#?}",
+            self.log()
+        );
+    }
 }
 fn domain(
     uuid: &str,
@@ -214,28 +224,13 @@ impl Sim {
 fn sim_with_ha_vm() -> Sim {
     let mut s = Sim::new();
     s.connect("hv1", 0);
-    s.inventory(
-        "hv1",
-        vec![domain(
-            "u1",
-            DomainState::Running,
-            StateReason::Booted,
-            None,
-            true,
-        )],
-        10,
-    );
+    s.inventory("hv1", vec![running("u1", None)], 10);
     assert_eq!(s.phase("u1"), "running");
     s
 }
 fn running(uuid: &str, generation: Option<u64>) -> DomainInfo {
-    domain(
-        uuid,
-        DomainState::Running,
-        StateReason::Booted,
-        generation,
-        true,
-    )
+    let (state, reason) = (DomainState::Running, StateReason::Booted);
+    domain(uuid, state, reason, generation, true)
 }
 fn shut_off(uuid: &str, generation: u64) -> DomainInfo {
     domain(

@@ -72,17 +72,7 @@ fn guest_shutdown_and_operator_destroy_are_respected() {
         }
         assert!(s.starts().is_empty(), "{kind:?} must not be restarted");
         // Seen running again (an operator started it): protected again.
-        s.inventory(
-            "hv1",
-            vec![domain(
-                "u1",
-                DomainState::Running,
-                StateReason::Booted,
-                Some(0),
-                true,
-            )],
-            6_000,
-        );
+        s.inventory("hv1", vec![running("u1", Some(0))], 6_000);
         assert_eq!(s.phase("u1"), "running");
     }
 }
@@ -124,11 +114,7 @@ fn a_vm_that_crashes_on_every_start_backs_off_then_gives_up() {
     let budget = RecoveryConfig::default().budget() as usize;
     assert_eq!(s.starts().len(), budget, "exactly the budget of restarts");
     assert_eq!(s.phase("u1"), "gave-up");
-    assert!(
-        s.log().iter().any(|m| m.contains("giving up")),
-        "{:#?}",
-        s.log()
-    );
+    s.assert_logged("giving up");
     // Gaps between attempts grow (backoff).
     let gaps: Vec<u64> = times.windows(2).map(|w| w[1] - w[0]).collect();
     assert!(gaps.windows(2).all(|w| w[1] >= w[0]), "{gaps:?}");

@@ -42,13 +42,7 @@ fn a_relocation_without_a_stored_definition_waits_loudly() {
         "{:?}",
         s.starts()
     );
-    assert!(
-        s.log()
-            .iter()
-            .any(|m| m.contains("its definition never reached the monitor")),
-        "{:#?}",
-        s.log()
-    );
+    s.assert_logged("its definition never reached the monitor");
 }
 
 #[test]

@@ -17,7 +17,7 @@ fn ha_domains_listed_before_this_monitor_led_are_registered_when_it_leads() {
         Input::Inventory(Listing {
             host: "hv1".into(),
             domains: vec![
-                domain("u1", DomainState::Running, StateReason::Booted, None, true),
+                running("u1", None),
                 domain(
                     "u2",
                     DomainState::Shutoff,
@@ -294,13 +294,7 @@ fn a_listing_taken_before_a_start_completed_is_not_proof_of_a_crash() {
     assert!(!s.engine.shut_off_on("hv1", "u1"));
     // A newer listing that shows it shut off is believed.
     s.inventory("hv1", vec![shut_off("u1", 1)], 1_500);
-    assert!(
-        s.log()
-            .iter()
-            .any(|m| m.contains("crashed on hv1 (generation 1)")),
-        "{:#?}",
-        s.log()
-    );
+    s.assert_logged("crashed on hv1 (generation 1)");
 }
 
 #[test]
@@ -366,13 +360,7 @@ fn a_failed_destroy_does_not_leave_an_expected_stop_behind() {
         }),
         300,
     );
-    assert!(
-        s.log()
-            .iter()
-            .any(|m| m.contains("could not stop VM vm-u1 on hv1")),
-        "{:#?}",
-        s.log()
-    );
+    s.assert_logged("could not stop VM vm-u1 on hv1");
     s.live_ticks_both(400..2_000);
     assert_eq!(destroys(&s), 1, "retried only after a while");
     // Later an operator destroys it on purpose: that is respected, not read as the
