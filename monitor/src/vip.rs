@@ -82,6 +82,15 @@ pub enum VipError {
     },
 }
 
+/// What `vigilctl status` shows of the VIP: the configured address and whether the
+/// answering monitor holds it.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub address: String,
+    pub interface: String,
+    pub holding: watch::Receiver<bool>,
+}
+
 /// A checked `[vip]`: the parsed address and prefix, and the interface's index when checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {

@@ -524,3 +524,26 @@ fn a_missing_interface_is_an_error_naming_the_field() {
     .expect("vip0 exists in the namespace");
     assert_eq!(t.interface, DEV);
 }
+
+#[tokio::test]
+async fn the_monitor_refuses_to_start_with_a_missing_vip_interface_naming_the_field() {
+    // No root needed: the check comes before anything is opened or created.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = vigil_common::config::MonitorConfig {
+        data_dir: dir.path().join("data"),
+        ..Default::default()
+    };
+    cfg.vip = Some(VipConfig::new("198.18.7.10", "vigil-nope0"));
+    let err = match vigil_monitor::server::Monitor::start(
+        cfg.clone(),
+        vigil_monitor::server::StartMode::Init,
+    )
+    .await
+    {
+        Ok(_) => panic!("started with a missing VIP interface"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("vip.interface"), "{err}");
+    assert!(err.contains("vigil-nope0"), "{err}");
+    assert!(!cfg.data_dir.exists(), "nothing created");
+}

@@ -135,6 +135,15 @@ pub fn status(s: &StatusView) -> String {
         s.version
     ));
     out.push_str(&server_table(&s.servers));
+    if let Some(v) = &s.vip {
+        out.push_str(&format!(
+            "VIP {} on {}: {} node {}\n",
+            v.address,
+            v.interface,
+            if v.held { "held by" } else { "not held by" },
+            s.node
+        ));
+    }
     out.push_str(&format!(
         "\nHOSTS  total {}, up {}, suspect {}, down {}, unknown {}; fencing {}, fenced {}, in maintenance {}\n",
         s.hosts_total,
