@@ -425,7 +425,7 @@ fn hooks_run_with_the_role_and_a_hanging_hook_neither_blocks_nor_survives() {
     let log = dir.path().join("hooks.log");
     let pidfile = dir.path().join("sleeper.pid");
     let mut c = cfg();
-    c.hook_timeout_ms = 300;
+    c.hook_timeout_ms = 2_000;
     // The leader hook logs, then hangs with a grandchild (killed with its process group).
     c.leader_hook = Some(format!(
         "echo \"$VIGIL_VIP_ROLE $VIGIL_VIP_ADDRESS $VIGIL_VIP_INTERFACE\" >> {log}; sleep 30 & echo $! > {pid}; wait",
@@ -463,10 +463,10 @@ fn hooks_run_with_the_role_and_a_hanging_hook_neither_blocks_nor_survives() {
     );
     vip.lead(false);
     assert!(
-        pair.wait_vip(false, Duration::from_millis(250)),
-        "the step-down does not wait for the hanging leader hook"
+        pair.wait_vip(false, Duration::from_millis(1_000)),
+        "the step-down does not wait for the hanging leader hook (2 s timeout)"
     );
-    // The follower hook runs once the leader hook timed out (300 ms) and was killed.
+    // The follower hook runs once the leader hook timed out (2 s) and was killed.
     assert_eq!(wait_log(3).lines().nth(2), Some("follower"));
     let pid: i32 = std::fs::read_to_string(&pidfile)
         .expect("pid file")
@@ -546,4 +546,73 @@ async fn the_monitor_refuses_to_start_with_a_missing_vip_interface_naming_the_fi
     assert!(err.contains("vip.interface"), "{err}");
     assert!(err.contains("vigil-nope0"), "{err}");
     assert!(!cfg.data_dir.exists(), "nothing created");
+}
+
+#[test]
+fn a_one_node_monitor_takes_the_vip_as_leader_and_drops_it_at_shutdown() {
+    if !can_run() {
+        return;
+    }
+    use vigil_common::tls::{self, Role, TlsPaths};
+    let pair = Pair::new("monitor");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = dir.path().join("ca");
+    let out = dir.path().join("certs");
+    tls::init_ca(&ca, "vip-test").expect("CA");
+    tls::issue_cert(&ca, Role::Monitor, "mon1", &out, &[], 825).expect("cert");
+    let mut cfg = vigil_common::config::MonitorConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        tls: TlsPaths {
+            ca: out.join("ca.crt"),
+            cert: out.join("mon1.crt"),
+            key: out.join("mon1.key"),
+            crl: None,
+        },
+        ..Default::default()
+    };
+    cfg.vip = Some(cfg_for_monitor());
+    let (held_tx, held_rx) = mpsc::channel();
+    let (go_tx, go_rx) = mpsc::channel::<()>();
+    let ns = pair.a.clone();
+    let t = thread::spawn(move || {
+        enter(&ns);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let mon =
+                vigil_monitor::server::Monitor::start(cfg, vigil_monitor::server::StartMode::Init)
+                    .await
+                    .expect("monitor starts");
+            let mut holding = mon.vip_holding.clone().expect("a [vip]");
+            let held = tokio::time::timeout(Duration::from_secs(20), holding.wait_for(|h| *h))
+                .await
+                .is_ok();
+            held_tx.send(held).expect("send");
+            // Wait (without blocking the runtime) for the test to look, then shut down.
+            while go_rx.try_recv().is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            mon.shutdown().await;
+        });
+    });
+    let held = held_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the monitor thread reports");
+    assert!(held, "the one-node leader holds the VIP");
+    assert!(pair.has_vip(), "and the address is on vip0");
+    go_tx.send(()).expect("go");
+    t.join().expect("the monitor thread");
+    assert!(
+        !pair.has_vip(),
+        "the VIP is removed by the time shutdown returns"
+    );
+}
+
+fn cfg_for_monitor() -> VipConfig {
+    let mut c = cfg();
+    c.garp_count = 1;
+    c
 }
