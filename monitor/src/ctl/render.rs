@@ -540,6 +540,29 @@ mod tests {
     }
 
     #[test]
+    fn status_says_whether_the_answering_monitor_holds_the_vip() {
+        let mut doc = serde_json::json!({
+            "node": 2, "leader": 2, "term": 3, "servers": [],
+            "hosts_total": 0, "hosts_up": 0, "hosts_suspect": 0, "hosts_down": 0,
+            "hosts_unknown": 0, "agents_connected": 0, "heartbeats_total": 0,
+            "version": "0.1.0",
+        });
+        let old: StatusView = serde_json::from_value(doc.clone()).expect("a status without vip");
+        assert!(!status(&old).contains("VIP"), "no [vip], no line");
+        doc["vip"] =
+            serde_json::json!({"address": "198.18.0.10", "interface": "br0", "held": true});
+        let s: StatusView = serde_json::from_value(doc.clone()).expect("status");
+        assert!(
+            status(&s).contains("VIP 198.18.0.10 on br0: held by node 2\n"),
+            "{}",
+            status(&s)
+        );
+        doc["vip"]["held"] = serde_json::json!(false);
+        let s: StatusView = serde_json::from_value(doc).expect("status");
+        assert!(status(&s).contains("VIP 198.18.0.10 on br0: not held by node 2\n"));
+    }
+
+    #[test]
     fn tables_align() {
         let mut t = Table::new(&["A", "LONGER"]);
         t.row(vec!["xxxx".into(), "y".into()]);
