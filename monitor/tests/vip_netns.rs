@@ -5,7 +5,7 @@
 //! Needs root (namespaces, netlink address changes, raw sockets) and `ip` (iproute2); each
 //! test skips with a message otherwise. Every test makes its own namespaces
 //! (`vigil-vip-test-<pid>-<name>-a|b`), removes them on drop (also when it fails), and uses
-//! addresses from 198.18.0.0/15 only.
+//! addresses from 198.18.0.0/15 only (and 2001:2::/48, its IPv6 counterpart).
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -615,4 +615,29 @@ fn cfg_for_monitor() -> VipConfig {
     let mut c = cfg();
     c.garp_count = 1;
     c
+}
+
+#[test]
+fn an_ipv6_vip_is_added_and_removed_too() {
+    if !can_run() {
+        return;
+    }
+    // 2001:2::/48 is IPv6's benchmarking range (RFC 5180), the counterpart of 198.18.0.0/15.
+    let pair = Pair::new("v6");
+    let has =
+        || ip(&["-n", &pair.a, "-6", "addr", "show", "dev", DEV]).contains("inet6 2001:2::10/128");
+    let vip = Running::start(&pair.a, VipConfig::new("2001:2::10", DEV), true);
+    let until = Instant::now() + Duration::from_secs(3);
+    while !has() {
+        assert!(Instant::now() < until, "IPv6 VIP added");
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(vip.holding());
+    vip.lead(false);
+    let until = Instant::now() + Duration::from_secs(3);
+    while has() {
+        assert!(Instant::now() < until, "IPv6 VIP removed");
+        thread::sleep(Duration::from_millis(20));
+    }
+    vip.stop();
 }
