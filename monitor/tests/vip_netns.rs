@@ -641,3 +641,43 @@ fn an_ipv6_vip_is_added_and_removed_too() {
     }
     vip.stop();
 }
+
+#[test]
+fn the_gratuitous_arps_correct_a_stale_neighbour_entry_on_the_peer() {
+    if !can_run() {
+        return;
+    }
+    // The peer still maps the VIP to the old leader's MAC, as after a failover.
+    let pair = Pair::new("neigh");
+    let vip_s = VIP.to_string();
+    ip(&[
+        "-n",
+        &pair.b,
+        "neigh",
+        "replace",
+        &vip_s,
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        PEER_DEV,
+        "nud",
+        "stale",
+    ]);
+    let mac = mac_of(&pair.a, DEV);
+    let want = mac
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let vip = Running::start(&pair.a, cfg(), true);
+    let until = Instant::now() + Duration::from_secs(3);
+    loop {
+        let n = ip(&["-n", &pair.b, "neigh", "show", &vip_s, "dev", PEER_DEV]);
+        if n.contains(&want) {
+            break;
+        }
+        assert!(Instant::now() < until, "the peer's entry still says: {n}");
+        thread::sleep(Duration::from_millis(20));
+    }
+    vip.stop();
+}
