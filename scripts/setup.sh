@@ -34,7 +34,8 @@ SRC
 fi
 
 stamp=/var/lib/vigil-setup.stamp
-want_base=(build-essential pkg-config ca-certificates curl iproute2 procps psmisc jq fuse3 libfuse3-dev openipmi fence-agents ipmitool)
+# tcpdump: to watch the VIP's gratuitous ARPs by hand (the VIP tests capture with their own AF_PACKET socket).
+want_base=(build-essential pkg-config ca-certificates curl iproute2 procps psmisc jq fuse3 libfuse3-dev openipmi fence-agents ipmitool tcpdump)
 want_bpo=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils)
 missing=0
 for p in "${want_base[@]}" "${want_bpo[@]}"; do

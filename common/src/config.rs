@@ -5,7 +5,7 @@
 //! back to a default), and every error names the file and the field.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -307,6 +307,8 @@ pub struct MonitorConfig {
     pub storage: StorageConfig,
     /// Raft between monitors (`[raft]`); without `listen`, a one-node cluster.
     pub raft: RaftConfig,
+    /// The floating VIP that follows the Raft leader (`[vip]`); without it, none.
+    pub vip: Option<VipConfig>,
 }
 
 /// Raft between monitors (`[raft]`). Without `listen` the monitor is a one-node cluster and
@@ -391,6 +393,159 @@ impl RaftConfig {
     }
 }
 
+/// The floating service address (`[vip]`): the monitor that leads adds it to `interface`
+/// with netlink, announces it with gratuitous ARP (`garp_count` times, `garp_interval_ms`
+/// apart) and removes it the moment it stops leading and on shutdown. Optional hooks run
+/// (with `hook_timeout_ms`) after each change; a failing or hanging hook never holds the VIP up.
+///
+/// ```toml
+/// [vip]
+/// address = "192.0.2.10"            # IPv4 (IPv6 is added, but not announced)
+/// # prefix = 32                     # defaults to 32 (128 for IPv6)
+/// interface = "br0"                 # must exist when the monitor starts
+/// # garp_count = 5
+/// # garp_interval_ms = 200
+/// # leader_hook = "/usr/local/bin/vip-became-leader"     # run with /bin/sh -c
+/// # follower_hook = "/usr/local/bin/vip-became-follower"
+/// # hook_timeout_ms = 5000
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VipConfig {
+    /// The address, without a prefix (`192.0.2.10`); checked by [`VipConfig::ip`].
+    pub address: String,
+    /// Prefix length (defaults to 32 for IPv4, 128 for IPv6).
+    #[serde(default)]
+    pub prefix: Option<u8>,
+    /// The interface that carries it (`br0`, `eth0`).
+    pub interface: String,
+    /// Gratuitous ARPs sent after each add (0: none).
+    #[serde(default = "default_garp_count")]
+    pub garp_count: u32,
+    /// Time between two gratuitous ARPs.
+    #[serde(default = "default_garp_interval_ms")]
+    pub garp_interval_ms: u64,
+    /// Shell command run (`/bin/sh -c`) after this monitor took the VIP.
+    #[serde(default)]
+    pub leader_hook: Option<String>,
+    /// Shell command run after this monitor dropped the VIP (or started without it).
+    #[serde(default)]
+    pub follower_hook: Option<String>,
+    /// A hook still running after this long is killed (its whole process group).
+    #[serde(default = "default_hook_timeout_ms")]
+    pub hook_timeout_ms: u64,
+}
+
+fn default_garp_count() -> u32 {
+    5
+}
+fn default_garp_interval_ms() -> u64 {
+    200
+}
+fn default_hook_timeout_ms() -> u64 {
+    5_000
+}
+
+impl VipConfig {
+    /// A `[vip]` with defaults for everything but the address and the interface.
+    pub fn new(address: impl Into<String>, interface: impl Into<String>) -> VipConfig {
+        VipConfig {
+            address: address.into(),
+            prefix: None,
+            interface: interface.into(),
+            garp_count: default_garp_count(),
+            garp_interval_ms: default_garp_interval_ms(),
+            leader_hook: None,
+            follower_hook: None,
+            hook_timeout_ms: default_hook_timeout_ms(),
+        }
+    }
+
+    /// The address, parsed; the error names `vip.address`.
+    pub fn ip(&self) -> Result<IpAddr, (&'static str, String)> {
+        let ip: IpAddr = self.address.trim().parse().map_err(|_| {
+            (
+                "vip.address",
+                format!(
+                    "{:?} is not an IP address (write it without a prefix: set vip.prefix for that)",
+                    self.address
+                ),
+            )
+        })?;
+        if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
+            return Err((
+                "vip.address",
+                format!("{ip} cannot be a service address (unspecified, loopback or multicast)"),
+            ));
+        }
+        if let IpAddr::V4(v4) = ip {
+            if v4.is_broadcast() {
+                return Err(("vip.address", format!("{ip} is the broadcast address")));
+            }
+        }
+        Ok(ip)
+    }
+
+    /// The prefix length (default 32 for IPv4, 128 for IPv6); the error names `vip.prefix`.
+    pub fn prefix_len(&self) -> Result<u8, (&'static str, String)> {
+        let max = if self.ip()?.is_ipv4() { 32 } else { 128 };
+        match self.prefix {
+            None => Ok(max),
+            Some(p) if (1..=max).contains(&p) => Ok(p),
+            Some(p) => Err(("vip.prefix", format!("{p} is out of range 1..={max}"))),
+        }
+    }
+
+    /// Field checks (the interface's existence is checked by the monitor at start-up).
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.ip()?;
+        self.prefix_len()?;
+        let name = &self.interface;
+        if name.is_empty() {
+            return Err((
+                "vip.interface",
+                "is empty: name the interface that carries the VIP".into(),
+            ));
+        }
+        // IFNAMSIZ is 16 with the terminating NUL.
+        if name.len() > 15 || name.contains(|c: char| c == '/' || c.is_whitespace() || c == '\0') {
+            return Err((
+                "vip.interface",
+                format!(
+                    "{name:?} is not an interface name (at most 15 characters, no '/' or spaces)"
+                ),
+            ));
+        }
+        if self.garp_count > 100 {
+            return Err((
+                "vip.garp_count",
+                format!("{} is out of range 0..=100", self.garp_count),
+            ));
+        }
+        if !(10..=10_000).contains(&self.garp_interval_ms) {
+            return Err((
+                "vip.garp_interval_ms",
+                format!("{} is out of range 10..=10000", self.garp_interval_ms),
+            ));
+        }
+        if !(100..=600_000).contains(&self.hook_timeout_ms) {
+            return Err((
+                "vip.hook_timeout_ms",
+                format!("{} is out of range 100..=600000", self.hook_timeout_ms),
+            ));
+        }
+        for (field, hook) in [
+            ("vip.leader_hook", &self.leader_hook),
+            ("vip.follower_hook", &self.follower_hook),
+        ] {
+            if hook.as_deref().is_some_and(|h| h.trim().is_empty()) {
+                return Err((field, "is empty: remove it or name a command".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks that `addr` is `host:port` (a name or an address, then a port 1..=65535).
 pub fn check_host_port(addr: &str) -> Result<(), String> {
     if addr.parse::<SocketAddr>().is_ok() {
@@ -423,6 +578,7 @@ impl Default for MonitorConfig {
             lease: LeaseConfig::default(),
             storage: StorageConfig::default(),
             raft: RaftConfig::default(),
+            vip: None,
         }
     }
 }
@@ -517,6 +673,9 @@ impl MonitorConfig {
         self.raft
             .validate(self.node_id)
             .map_err(|(field, m)| invalid(field, m))?;
+        if let Some(vip) = &self.vip {
+            vip.validate().map_err(|(field, m)| invalid(field, m))?;
+        }
         let l = &self.lease;
         if !(1_000..=600_000).contains(&l.duration_ms) {
             return Err(invalid(
@@ -1210,6 +1369,98 @@ key = "/tmp/hv1.key"
         ];
         for (text, field) in cases {
             let err = MonitorConfig::from_toml_str(text, &p()).expect_err(text);
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn vip_section_is_optional_and_has_defaults() {
+        let cfg = MonitorConfig::from_toml_str("node_id = 1\n", &p()).expect("parses");
+        assert_eq!(cfg.vip, None);
+        let cfg = MonitorConfig::from_toml_str(
+            "[vip]\naddress = \"198.18.0.10\"\ninterface = \"br0\"\n",
+            &p(),
+        )
+        .expect("parses");
+        let vip = cfg.vip.expect("a [vip]");
+        assert_eq!(vip, VipConfig::new("198.18.0.10", "br0"));
+        assert_eq!(vip.prefix_len(), Ok(32));
+        assert_eq!(
+            (vip.garp_count, vip.garp_interval_ms, vip.hook_timeout_ms),
+            (5, 200, 5_000)
+        );
+        let cfg = MonitorConfig::from_toml_str(
+            "[vip]\naddress = \"2001:db8::10\"\ninterface = \"eth0\"\nprefix = 64\nleader_hook = \"true\"\n",
+            &p(),
+        )
+        .expect("parses");
+        let vip = cfg.vip.expect("a [vip]");
+        assert_eq!(vip.prefix_len(), Ok(64));
+        assert_eq!(vip.leader_hook.as_deref(), Some("true"));
+    }
+
+    #[test]
+    fn vip_errors_name_the_field() {
+        let cases = [
+            (
+                "address = \"198.18.0.300\"\ninterface = \"br0\"",
+                "vip.address",
+            ),
+            (
+                "address = \"198.18.0.1/32\"\ninterface = \"br0\"",
+                "vip.address",
+            ),
+            ("address = \"0.0.0.0\"\ninterface = \"br0\"", "vip.address"),
+            (
+                "address = \"127.0.0.1\"\ninterface = \"br0\"",
+                "vip.address",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\nprefix = 33",
+                "vip.prefix",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\nprefix = 0",
+                "vip.prefix",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"\"",
+                "vip.interface",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"a-very-long-interface\"",
+                "vip.interface",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\ngarp_count = 1000",
+                "vip.garp_count",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\ngarp_interval_ms = 1",
+                "vip.garp_interval_ms",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\nhook_timeout_ms = 0",
+                "vip.hook_timeout_ms",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\nleader_hook = \" \"",
+                "vip.leader_hook",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\nfollower_hook = \"\"",
+                "vip.follower_hook",
+            ),
+            ("interface = \"br0\"", "address"),
+            ("address = \"198.18.0.1\"", "interface"),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\ngarp = 1",
+                "garp",
+            ),
+        ];
+        for (body, field) in cases {
+            let text = format!("[vip]\n{body}\n");
+            let err = MonitorConfig::from_toml_str(&text, &p()).expect_err(&text);
             assert!(err.to_string().contains(field), "{text}: {err}");
         }
     }

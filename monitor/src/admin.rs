@@ -41,6 +41,8 @@ pub struct AdminContext {
     pub sessions: Arc<Sessions>,
     /// Certificates near or past expiry (for `status`).
     pub certs: Arc<crate::certs::CertWatch>,
+    /// `[vip]` and whether this monitor holds it (`None` without `[vip]`).
+    pub vip: Option<crate::vip::Status>,
 }
 
 /// Serves one admin connection: any number of requests on one control stream.
@@ -840,6 +842,11 @@ async fn status(ctx: &AdminContext) -> StatusView {
         vms_recovering: phases.1,
         vms_gave_up: phases.2,
         certificates: ctx.certs.views(vigil_common::unix_ms() as i64 / 1000),
+        vip: ctx.vip.as_ref().map(|v| crate::api::VipView {
+            address: v.address.clone(),
+            interface: v.interface.clone(),
+            held: *v.holding.borrow(),
+        }),
     }
 }
 

@@ -86,6 +86,18 @@ pub struct StatusView {
     /// (issue 10 item 5).
     #[serde(default)]
     pub certificates: Vec<CertView>,
+    /// The answering monitor's `[vip]` and whether it holds it (`None`: no `[vip]` there).
+    #[serde(default)]
+    pub vip: Option<VipView>,
+}
+
+/// The floating VIP as the answering monitor sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipView {
+    pub address: String,
+    pub interface: String,
+    /// Whether the answering monitor has the address on its interface now.
+    pub held: bool,
 }
 
 /// A certificate near or past its expiry, as the answering monitor saw it.

@@ -28,3 +28,4 @@ pub mod service;
 pub mod sim;
 pub mod state;
 pub mod storage;
+pub mod vip;

@@ -23,6 +23,7 @@ use crate::raft::quic::{QuicTuning, RaftEndpoint, RaftServer, TransportError};
 use crate::raft::{RaftNode, RaftTuning, DB_FILE_NAME};
 use crate::service::{self, EngineHandle};
 use crate::state::{EventKind, Severity, StateCommand};
+use crate::vip;
 
 /// Whether this start may create the cluster database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +90,10 @@ pub struct Monitor {
     raft_server: Option<RaftServer>,
     /// Issue 10 items 4 and 5: certificate reloads (SIGHUP) and expiry watching.
     tls_state: Arc<TlsState>,
+    /// The `[vip]` task (it removes the address once `stop` is sent), when configured.
+    vip: Option<JoinHandle<()>>,
+    /// `true` while this monitor holds the VIP (`None` without `[vip]`).
+    pub vip_holding: Option<watch::Receiver<bool>>,
 }
 
 /// What certificate reloads and expiry checks share.
@@ -233,6 +238,11 @@ impl Monitor {
     /// [`StartMode::Init`] only), and listens for agents and admins. Fails with a
     /// [`DataDirError`] when the database is missing without `Init`, or exists with it.
     pub async fn start(cfg: MonitorConfig, mode: StartMode) -> anyhow::Result<Monitor> {
+        // A wrong `[vip]` (bad address, no such interface) refuses the start with the field
+        // named, before anything else is opened.
+        if let Some(v) = &cfg.vip {
+            vip::check(v)?;
+        }
         let db = cfg.data_dir.join(DB_FILE_NAME);
         if mode == StartMode::Existing && !db.exists() {
             // Checked before anything creates the directory or the file.
@@ -360,6 +370,23 @@ impl Monitor {
         }
 
         let (stop, stop_rx) = watch::channel(false);
+        let (vip, vip_status) = match &cfg.vip {
+            None => (None, None),
+            Some(v) => {
+                let leading = raft_leading_signal(&raft, stop_rx.clone());
+                let (task, holding) = vip::spawn_with_holding(v.clone(), leading, stop_rx.clone());
+                info!(address = %v.address, interface = %v.interface, "the VIP follows this monitor's leadership");
+                (
+                    Some(task),
+                    Some(vip::Status {
+                        address: v.address.clone(),
+                        interface: v.interface.clone(),
+                        holding,
+                    }),
+                )
+            }
+        };
+        let vip_holding = vip_status.as_ref().map(|s| s.holding.clone());
         let epoch = Instant::now();
         let sessions = Arc::new(Sessions::default());
         let engine = service::spawn(raft.clone(), sessions.clone(), &cfg, epoch, stop_rx.clone());
@@ -383,6 +410,7 @@ impl Monitor {
             engine: engine.clone(),
             sessions: sessions.clone(),
             certs,
+            vip: vip_status,
         };
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
@@ -413,6 +441,8 @@ impl Monitor {
             raft_addr,
             raft_server,
             tls_state,
+            vip,
+            vip_holding,
         })
     }
 
@@ -460,6 +490,13 @@ impl Monitor {
         self.endpoint
             .close(close::SHUTDOWN.into(), b"monitor shutting down");
         self.accept.abort();
+        // `stop` made the VIP task remove the address; wait for it (bounded by the task:
+        // removal retries, then the hooks' own timeouts), so the process never exits holding it.
+        if let Some(task) = self.vip {
+            if let Err(e) = task.await {
+                error!("the VIP task ended abnormally: {e}");
+            }
+        }
         // The Raft server first: no peer RPC reaches a Raft that is shutting down.
         if let Some(server) = self.raft_server {
             server.shutdown().await;
@@ -468,6 +505,36 @@ impl Monitor {
         self.endpoint.wait_idle().await;
         info!("monitor stopped");
     }
+}
+
+/// The "this monitor leads" signal the VIP follows: `true` while Raft's metrics say this node
+/// is the leader (`state == Leader` and `current_leader == this node`). It is NOT checked
+/// against a quorum: a leader cut off from the others keeps it until openraft notices (which
+/// 0.9 never does by itself). Issue 12 item 2 replaces it with a quorum-checked signal; the
+/// VIP only sees the `watch::Receiver<bool>` this returns. Ends (dropping the sender, which
+/// the VIP treats as "not leading") when `stop` turns true.
+fn raft_leading_signal(raft: &RaftNode, mut stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let me = raft.node_id();
+    let mut metrics = raft.metrics_watch();
+    let leads = move |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
+        m.state == openraft::ServerState::Leader && m.current_leader == Some(me)
+    };
+    let (tx, rx) = watch::channel(leads(&metrics.borrow_and_update()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                r = metrics.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    let now = leads(&metrics.borrow_and_update());
+                    tx.send_if_modified(|v| std::mem::replace(v, now) != now);
+                }
+                _ = stop.changed() => break,
+            }
+        }
+    });
+    rx
 }
 
 /// Genuine but expired client certificates, refused at the handshake: reported, and an

@@ -135,6 +135,15 @@ pub fn status(s: &StatusView) -> String {
         s.version
     ));
     out.push_str(&server_table(&s.servers));
+    if let Some(v) = &s.vip {
+        out.push_str(&format!(
+            "VIP {} on {}: {} node {}\n",
+            v.address,
+            v.interface,
+            if v.held { "held by" } else { "not held by" },
+            s.node
+        ));
+    }
     out.push_str(&format!(
         "\nHOSTS  total {}, up {}, suspect {}, down {}, unknown {}; fencing {}, fenced {}, in maintenance {}\n",
         s.hosts_total,
@@ -528,6 +537,29 @@ mod tests {
         assert_eq!(timestamp(0), "1970-01-01 00:00:00.000");
         assert_eq!(timestamp(1_795_000_000_123), "2026-11-18 11:06:40.123");
         assert_eq!(timestamp(951_782_400_000), "2000-02-29 00:00:00.000");
+    }
+
+    #[test]
+    fn status_says_whether_the_answering_monitor_holds_the_vip() {
+        let mut doc = serde_json::json!({
+            "node": 2, "leader": 2, "term": 3, "servers": [],
+            "hosts_total": 0, "hosts_up": 0, "hosts_suspect": 0, "hosts_down": 0,
+            "hosts_unknown": 0, "agents_connected": 0, "heartbeats_total": 0,
+            "version": "0.1.0",
+        });
+        let old: StatusView = serde_json::from_value(doc.clone()).expect("a status without vip");
+        assert!(!status(&old).contains("VIP"), "no [vip], no line");
+        doc["vip"] =
+            serde_json::json!({"address": "198.18.0.10", "interface": "br0", "held": true});
+        let s: StatusView = serde_json::from_value(doc.clone()).expect("status");
+        assert!(
+            status(&s).contains("VIP 198.18.0.10 on br0: held by node 2\n"),
+            "{}",
+            status(&s)
+        );
+        doc["vip"]["held"] = serde_json::json!(false);
+        let s: StatusView = serde_json::from_value(doc).expect("status");
+        assert!(status(&s).contains("VIP 198.18.0.10 on br0: not held by node 2\n"));
     }
 
     #[test]
