@@ -415,6 +415,10 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             .await
         }
         AdminRequest::VmStop { vm } => {
+            // A write, and the destroy goes through the agent's session: the leader's.
+            if ctx.raft.has_peers() && !ctx.raft.is_leader() {
+                return not_leader(ctx);
+            }
             let v = match resolve(ctx, &vm).await {
                 Ok(v) => v,
                 Err(e) => return err(e),
@@ -460,6 +464,13 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             }
         }
         AdminRequest::HostPing { host } => {
+            // Agents are the leader's (issue 12 item 3): a follower sends the ping there.
+            if ctx.raft.has_peers()
+                && !ctx.raft.is_leader()
+                && !ctx.sessions.connected_hosts().contains(&host)
+            {
+                return not_leader(ctx);
+            }
             let nonce = vigil_common::unix_ms();
             let started = Instant::now();
             match ctx

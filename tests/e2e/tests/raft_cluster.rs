@@ -324,6 +324,13 @@ fn an_agent_follows_the_leader_and_its_host_never_goes_down() {
         tagged_everywhere(&members, "hv1", "ha").then_some(())
     })
     .expect("the redirected write replicated");
+    // A ping goes through the agent's session, which only the leader has.
+    let out = via_follower.run(&["host", "ping", "hv1"]);
+    assert!(
+        out.status.success(),
+        "host ping through a follower: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // SIGKILL the leader: the agent ends up on the new leader, and no survivor ever sees
     // hv1 Down.
