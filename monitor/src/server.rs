@@ -717,3 +717,42 @@ async fn accept_loop(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::RaftTuning;
+
+    #[tokio::test]
+    async fn admission_of_one_node_and_not_yet_joined_monitors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raft = Arc::new(
+            RaftNode::open(
+                dir.path(),
+                1,
+                "127.0.0.1:7440".into(),
+                RaftTuning::default(),
+            )
+            .await
+            .expect("open"),
+        );
+        // Not a member of anything yet: a monitor started with `[raft] listen` (`--join`)
+        // sends agents away; one without it (a one-node cluster starting) takes them, as
+        // before.
+        assert_eq!(
+            admission_check(raft.clone(), true)(),
+            Admission::Redirect { leader: None }
+        );
+        assert_eq!(admission_check(raft.clone(), false)(), Admission::Accept);
+        raft.initialize_single_if_new().await.expect("init");
+        raft.wait_for_leader(std::time::Duration::from_secs(5))
+            .await
+            .expect("a leader");
+        // A one-node cluster takes agents, with or without `[raft] listen`.
+        assert_eq!(admission_check(raft.clone(), true)(), Admission::Accept);
+        assert_eq!(admission_check(raft.clone(), false)(), Admission::Accept);
+        // It has no peers: nothing names it anywhere.
+        assert_eq!(leader_endpoint(&raft), None);
+        raft.shutdown().await;
+    }
+}
