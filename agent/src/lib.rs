@@ -5,6 +5,7 @@
 //! - [`facts`]: what the agent reports about its host;
 //! - [`session`]: one authenticated connection to a monitor (handshake, heartbeats, commands);
 //! - [`runner`]: keeps a session up, moving between monitors when one fails;
+//! - [`follow`]: which monitor to dial next (the Raft leader, by the followers' redirects);
 //! - [`libvirt`]: the hypervisor backend (a dedicated thread with deadlines, lifecycle events);
 //! - [`watch`]: watches the hypervisor (events, inventory, definitions, stale generations);
 //! - [`executor`]: carries out the monitor's orders, guarded by [`generations`];
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod executor;
 pub mod facts;
 pub mod fencing;
+pub mod follow;
 pub mod generations;
 pub mod isolation;
 pub mod lease;

@@ -15,10 +15,11 @@ use vigil_common::wire::{self, Hello};
 use crate::executor::Executor;
 use crate::facts::FactsCollector;
 use crate::fencing::Fencing;
+use crate::follow;
 use crate::generations::Generations;
 use crate::lease::Lease;
 use crate::libvirt::Hypervisor;
-use crate::session::{Session, SessionIo};
+use crate::session::{Session, SessionError, SessionIo};
 use crate::storage::StorageWorker;
 use crate::watchdog::Watchdog;
 use crate::{isolation, watch};
@@ -210,13 +211,17 @@ impl AgentRunner {
         }
         let mut backoff = self.reconnect;
         let max_backoff = self.reconnect * 8;
-        let mut next = 0usize;
+        let len = self.monitors.len();
+        // The monitor to dial, and how many attempts in a row ended without a welcome
+        // (redirects included: monitors that all say "not the leader" are backed off from
+        // like unreachable ones).
+        let mut current = 0usize;
+        let mut failed = 0usize;
         loop {
             if *stop.borrow() {
                 break;
             }
-            let addr = self.monitors[next % self.monitors.len()];
-            next += 1;
+            let addr = self.monitors[current % len];
             let hello = Hello {
                 host: self.host.clone(),
                 agent_version: vigil_common::VERSION.to_string(),
@@ -237,9 +242,12 @@ impl AgentRunner {
                 r = Session::open(&self.endpoint, self.current_client(), addr, hello) => r,
                 _ = stop_open.changed() => break,
             };
-            match opened {
+            // Whether to pause a little (randomly) before the next attempt: after a redirect
+            // or a lost session, many agents move at once.
+            let jitter = match opened {
                 Ok(session) => {
                     backoff = self.reconnect;
+                    failed = 0;
                     let io = SessionIo {
                         reports: Some(&mut reports),
                         latest: Some(latest.clone()),
@@ -252,23 +260,58 @@ impl AgentRunner {
                     };
                     match session.run(&mut facts, io, stop.clone()).await {
                         Ok(()) => break,
-                        Err(e) => warn!(%addr, error = %e, "lost the monitor"),
+                        Err(e) => {
+                            warn!(%addr, error = %e, "lost the monitor");
+                            current = follow::after_loss(len, current, &e);
+                        }
                     }
-                    // Retry the same monitor first: most losses are transient.
-                    next -= 1;
+                    // With one monitor, as before issue 12: `reconnect_ms` before dialling it
+                    // again.
+                    if len == 1 {
+                        let mut stop2 = stop.clone();
+                        tokio::select! {
+                            _ = tokio::time::sleep(self.reconnect) => {}
+                            _ = stop2.changed() => {}
+                        }
+                        continue;
+                    }
+                    true
                 }
-                Err(e) if e.is_permanent() => {
-                    error!(%addr, error = %e, "monitor refused this agent");
+                Err(SessionError::NotLeader { leader, .. }) => {
+                    failed += 1;
+                    let to =
+                        follow::after_redirect(&self.monitors, current % len, leader.as_deref());
+                    info!(%addr, ?leader, next = %self.monitors[to], "monitor is not the leader; trying the next");
+                    current = to;
+                    true
                 }
-                Err(e) => warn!(%addr, error = %e, "cannot reach monitor"),
-            }
-            if next % self.monitors.len() == 0 || backoff > self.reconnect {
+                Err(e) => {
+                    if e.is_permanent() {
+                        error!(%addr, error = %e, "monitor refused this agent");
+                    } else {
+                        warn!(%addr, error = %e, "cannot reach monitor");
+                    }
+                    failed += 1;
+                    current = follow::next(len, current);
+                    false
+                }
+            };
+            let pause = if failed > 0 && (failed % len == 0 || backoff > self.reconnect) {
+                // A whole round without a welcome: back off.
+                let b = backoff;
+                backoff = (backoff * 2).min(max_backoff);
+                b
+            } else if jitter {
+                follow::jitter(follow::JITTER_MAX)
+            } else {
+                Duration::ZERO
+            };
+            if !pause.is_zero() {
                 let mut stop2 = stop.clone();
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(pause) => {}
                     _ = stop2.changed() => {}
                 }
-                backoff = (backoff * 2).min(max_backoff);
             }
         }
         storage.stop();

@@ -41,6 +41,12 @@ pub enum SessionError {
     Closed { addr: SocketAddr },
     #[error("monitor {addr} sent no handshake answer within {timeout:?}")]
     HandshakeTimeout { addr: SocketAddr, timeout: Duration },
+    /// A follower's answer (or a leader that stopped leading): connect to the leader.
+    #[error("monitor {addr} is not the leader ({})", match leader { Some(l) => format!("the leader is at {l}"), None => "no leader known".to_string() })]
+    NotLeader {
+        addr: SocketAddr,
+        leader: Option<String>,
+    },
 }
 
 impl SessionError {
@@ -52,6 +58,11 @@ impl SessionError {
 
 fn map_conn_err(addr: SocketAddr, e: quinn::ConnectionError) -> SessionError {
     match e {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if close.error_code == wire::close::NOT_LEADER.into() =>
+        {
+            SessionError::NotLeader { addr, leader: None }
+        }
         quinn::ConnectionError::ApplicationClosed(close) => SessionError::Refused {
             addr,
             reason: String::from_utf8_lossy(&close.reason).into_owned(),
@@ -116,6 +127,18 @@ impl Session {
             })?;
             let welcome = match codec::read_frame::<_, MonitorToAgent>(&mut recv).await {
                 Ok(Some(MonitorToAgent::Welcome(w))) => w,
+                Ok(Some(MonitorToAgent::NotLeader { leader })) => {
+                    // Only the leader takes agents. Nothing else changes here: a redirect is
+                    // no lease grant.
+                    conn.close(wire::close::NORMAL.into(), b"redirected");
+                    return match wire::check_leader_addr(leader.as_deref()) {
+                        Ok(l) => Err(SessionError::NotLeader {
+                            addr,
+                            leader: l.map(String::from),
+                        }),
+                        Err(message) => Err(SessionError::Protocol { addr, message }),
+                    };
+                }
                 Ok(Some(other)) => {
                     return Err(SessionError::Protocol {
                         addr,
@@ -344,6 +367,12 @@ impl Session {
                     }
                     Some(Ok(MonitorToAgent::Welcome(_))) => {
                         break Err(SessionError::Protocol { addr, message: "unexpected second welcome".into() });
+                    }
+                    Some(Ok(MonitorToAgent::NotLeader { leader })) => {
+                        // The monitor stopped leading: go to the leader (the lease is untouched).
+                        conn.close(wire::close::NORMAL.into(), b"redirected");
+                        let leader = wire::check_leader_addr(leader.as_deref()).ok().flatten().map(String::from);
+                        break Err(SessionError::NotLeader { addr, leader });
                     }
                     Some(Err(e)) => break Err(codec_err(&conn, addr, e)),
                     None => break Err(closed_or(&conn, addr, "control stream ended".into())),

@@ -45,7 +45,13 @@ pub mod close {
     pub const REPLACED: u32 = 4;
     /// The monitor is shutting down.
     pub const SHUTDOWN: u32 = 5;
+    /// This monitor stopped leading (or never led): agents connect to the leader instead.
+    pub const NOT_LEADER: u32 = 6;
 }
+
+/// Longest leader address a [`MonitorToAgent::NotLeader`] may carry (a `host:port` is far
+/// shorter): a longer one is a protocol error, never an address to dial.
+pub const MAX_LEADER_ADDR_LEN: usize = 256;
 
 /// The raw bytes every control stream starts with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -323,6 +329,27 @@ pub enum MonitorToAgent {
         last: bool,
         entries: Vec<(String, u64)>,
     },
+    // --- issue 12 item 3: agents follow the Raft leader ---
+    /// The answer of a follower to a [`Hello`] (instead of a [`Welcome`]): only the leader
+    /// takes agents. `leader` is the leader's client address (its `advertise`) when this
+    /// monitor knows it; the follower then closes the connection. Not a lease grant: the
+    /// agent's lease is untouched. Added at the end of the enum, so every older variant keeps
+    /// its encoding; an older agent reads it as a malformed frame and tries its next monitor.
+    NotLeader {
+        leader: Option<String>,
+    },
+}
+
+/// Checks the leader address of a [`MonitorToAgent::NotLeader`]: `Err` when it is longer
+/// than [`MAX_LEADER_ADDR_LEN`] (a protocol error, never an address to dial).
+pub fn check_leader_addr(leader: Option<&str>) -> Result<Option<&str>, String> {
+    match leader {
+        Some(l) if l.len() > MAX_LEADER_ADDR_LEN => Err(format!(
+            "a not-leader answer names a leader address of {} bytes (at most {MAX_LEADER_ADDR_LEN})",
+            l.len()
+        )),
+        other => Ok(other),
+    }
 }
 
 /// A request from `vigilctl`.
@@ -487,5 +514,66 @@ mod tests {
             Preamble::check(junk, "monitor", "agent"),
             Err(PreambleError::BadMagic(_))
         ));
+    }
+
+    #[test]
+    fn not_leader_roundtrips_and_keeps_older_variants_encodings() {
+        use crate::codec::{decode_frame, encode_frame, encode_payload};
+        for leader in [None, Some("10.0.0.2:7440".to_string())] {
+            let m = MonitorToAgent::NotLeader {
+                leader: leader.clone(),
+            };
+            let back: MonitorToAgent =
+                decode_frame(&encode_frame(&m).expect("encode")).expect("decode");
+            assert_eq!(back, m);
+        }
+        // Appended at the end: variant index 7, and the older ones keep theirs.
+        let nl = encode_payload(&MonitorToAgent::NotLeader { leader: None }).expect("encode");
+        assert_eq!(nl, vec![7, 0]);
+        let grant = encode_payload(&MonitorToAgent::LeaseGrant {
+            seq: 1,
+            lease_ms: 2,
+        })
+        .expect("encode");
+        assert_eq!(grant[0], 3);
+    }
+
+    #[test]
+    fn not_leader_garbage_and_limits() {
+        use crate::codec::{decode_payload, CodecError};
+        // Variant 7, Some, then a string length of 2^40: refused before any allocation.
+        let mut huge = vec![7u8, 1, 253];
+        huge.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(matches!(
+            decode_payload::<MonitorToAgent>(&huge),
+            Err(CodecError::Malformed(_))
+        ));
+        // Truncated, trailing bytes, a bad option tag, invalid UTF-8: all refused.
+        for bad in [
+            vec![7u8],
+            vec![7, 0, 0],
+            vec![7, 2],
+            vec![7, 1, 2, 0xff, 0xfe],
+            vec![7, 1, 5, b'a'],
+        ] {
+            assert!(decode_payload::<MonitorToAgent>(&bad).is_err(), "{bad:?}");
+        }
+        // A decodable but over-long address is a protocol error, never dialled.
+        let long = "a".repeat(MAX_LEADER_ADDR_LEN + 1);
+        assert!(check_leader_addr(Some(&long)).is_err());
+        let ok = "a".repeat(MAX_LEADER_ADDR_LEN);
+        assert_eq!(check_leader_addr(Some(&ok)), Ok(Some(ok.as_str())));
+        assert_eq!(check_leader_addr(None), Ok(None));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn not_leader_garbage_never_panics(tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut payload = vec![7u8];
+            payload.extend_from_slice(&tail);
+            if let Ok(MonitorToAgent::NotLeader { leader }) = crate::codec::decode_payload::<MonitorToAgent>(&payload) {
+                let _ = check_leader_addr(leader.as_deref());
+            }
+        }
     }
 }

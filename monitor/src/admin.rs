@@ -417,6 +417,10 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             .await
         }
         AdminRequest::VmStop { vm } => {
+            // A write, and the destroy goes through the agent's session: the leader's.
+            if ctx.raft.has_peers() && !ctx.raft.is_leader() {
+                return not_leader(ctx);
+            }
             let v = match resolve(ctx, &vm).await {
                 Ok(v) => v,
                 Err(e) => return err(e),
@@ -462,6 +466,13 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             }
         }
         AdminRequest::HostPing { host } => {
+            // Agents are the leader's (issue 12 item 3): a follower sends the ping there.
+            if ctx.raft.has_peers()
+                && !ctx.raft.is_leader()
+                && !ctx.sessions.connected_hosts().contains(&host)
+            {
+                return not_leader(ctx);
+            }
             let nonce = vigil_common::unix_ms();
             let started = Instant::now();
             match ctx
@@ -500,24 +511,21 @@ fn not_leader(ctx: &AdminContext) -> AdminResponse {
 }
 
 /// A one-node cluster's membership holds the monitor's admin address, which `vigilctl`
-/// follows. With several monitors it holds Raft addresses, which `vigilctl` cannot use:
-/// the answer is then an error naming the leader (forwarding to it is a later step).
+/// follows. With several monitors the membership holds Raft addresses, which `vigilctl`
+/// cannot use: the answer names the leader's client endpoint from the replicated state
+/// (each leader records it, issue 12 item 3), or none while it is not known (an election
+/// under way, or a leader that has not recorded it yet): `vigilctl` then tries its next
+/// monitor.
 fn not_leader_answer(ctx: &AdminContext, nl: NotLeader) -> AdminResponse {
     if !ctx.raft.has_peers() {
         return AdminResponse::NotLeader {
             leader: nl.leader_addr,
         };
     }
-    let me = ctx.raft.node_id();
-    err(match nl.leader_id {
-        Some(id) => format!(
-            "monitor node {me} is not the Raft leader: node {id} is (Raft address {}). Send writes to node {id}'s admin address; followers do not forward them yet",
-            nl.leader_addr.as_deref().unwrap_or("unknown")
-        ),
-        None => format!(
-            "monitor node {me} is not the Raft leader and knows no leader (election under way, or no quorum); retry in a moment"
-        ),
-    })
+    let leader = nl
+        .leader_id
+        .and_then(|id| ctx.raft.read(|s| s.monitors.get(&id).cloned()));
+    AdminResponse::NotLeader { leader }
 }
 
 /// How long `server del` waits for the membership change to commit.

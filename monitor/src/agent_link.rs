@@ -212,11 +212,44 @@ impl Sessions {
 
     /// Closes every session (monitor shutdown).
     pub fn close_all(&self, reason: &str) {
-        for (_, e) in self.lock_hosts().drain() {
-            e.conn.close(close::SHUTDOWN.into(), reason.as_bytes());
+        self.close_all_with(close::SHUTDOWN, reason);
+    }
+
+    /// Closes every session with `code`; returns how many were open. With
+    /// [`close::NOT_LEADER`] when this monitor stopped leading: its agents go to the leader
+    /// (a session with a follower protects nobody: no grant, no decision).
+    ///
+    /// Unlike [`Sessions::close_all`] the sessions are not dropped here: each one's task sees
+    /// its connection end, removes itself and tells the engine the agent left, as for any
+    /// lost session.
+    pub fn close_all_with(&self, code: u32, reason: &str) -> usize {
+        let mut n = 0;
+        for e in self.lock_hosts().values() {
+            if e.conn.close_reason().is_none() {
+                e.conn.close(code.into(), reason.as_bytes());
+                n += 1;
+            }
         }
+        n
     }
 }
+
+/// Whether this monitor takes an agent's session now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// The leader (or a one-node cluster): welcome.
+    Accept,
+    /// A follower: answer [`MonitorToAgent::NotLeader`] with the leader's client address if
+    /// known, and close.
+    Redirect { leader: Option<String> },
+}
+
+/// Asked at every hello (cheap: reads Raft metrics and the applied state).
+pub type AdmissionCheck = Arc<dyn Fn() -> Admission + Send + Sync>;
+
+/// How long a follower waits for a redirected agent to close before closing itself (the
+/// answer must reach it: closing at once could discard the frame).
+const REDIRECT_LINGER: Duration = Duration::from_secs(2);
 
 /// What every agent session needs to know about this monitor.
 #[derive(Debug, Clone, Copy)]
@@ -257,6 +290,7 @@ pub async fn serve(
     sessions: Arc<Sessions>,
     link: LinkSettings,
     state: AppliedState,
+    admission: AdmissionCheck,
 ) {
     let LinkSettings {
         node_id,
@@ -300,6 +334,22 @@ pub async fn serve(
     };
     let (hello, mut send, mut recv) = hello;
     let host = peer.name.clone();
+    if let Admission::Redirect { leader } = admission() {
+        info!(%remote, %host, ?leader, "not the leader: redirecting the agent");
+        let answer = MonitorToAgent::NotLeader {
+            leader: leader.clone(),
+        };
+        if codec::write_frame(&mut send, &answer).await.is_ok() && send.finish().is_ok() {
+            // The agent closes once it read the answer.
+            let _ = tokio::time::timeout(REDIRECT_LINGER, conn.closed()).await;
+        }
+        let why = match &leader {
+            Some(l) => format!("not the leader; the leader is at {l}"),
+            None => "not the leader; no leader known yet".to_string(),
+        };
+        conn.close(close::NOT_LEADER.into(), why.as_bytes());
+        return;
+    }
     let refusal = {
         let st = state.read().unwrap_or_else(PoisonError::into_inner);
         placement_refusal(&st, &host, &hello.zone, &hello.cluster)

@@ -17,7 +17,7 @@ use vigil_common::tls::{
 use vigil_common::wire::{self, close};
 
 use crate::admin::{self, AdminContext};
-use crate::agent_link::{self, LinkSettings, Sessions};
+use crate::agent_link::{self, Admission, AdmissionCheck, LinkSettings, Sessions};
 use crate::certs::{self, CertWatch, Note};
 use crate::raft::quic::{QuicTuning, RaftEndpoint, RaftServer, TransportError};
 use crate::raft::{RaftNode, RaftTuning, DB_FILE_NAME};
@@ -412,9 +412,27 @@ impl Monitor {
             certs,
             vip: vip_status,
         };
+        // Issue 12 item 3: only the leader keeps agents; it records where they reach it.
+        let admission = admission_check(raft.clone(), raft_addr.is_some());
+        if raft_addr.is_some() && advertise.ip().is_unspecified() {
+            warn!(
+                %advertise,
+                "field `advertise` is not set and `listen` is a wildcard address: followers \
+                 cannot tell agents and vigilctl where this monitor is when it leads (they \
+                 try their next monitor instead). Set `advertise` to the address they dial"
+            );
+        }
+        tokio::spawn(follow_leadership(
+            raft.clone(),
+            sessions.clone(),
+            advertise.to_string(),
+            admission.clone(),
+            stop_rx.clone(),
+        ));
         let accept = tokio::spawn(accept_loop(
             endpoint.clone(),
             ctx,
+            admission,
             tls_state.clone(),
             LinkSettings {
                 node_id: cfg.node_id,
@@ -597,9 +615,112 @@ async fn expiry_ticker(st: Arc<TlsState>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Whether this monitor takes agents now: the leader does; so does a one-node cluster
+/// whatever its Raft state (as before issue 12: its one monitor is the leader as soon as
+/// Raft has started). A follower, or a monitor started with `[raft] listen` that is no
+/// member yet (`--join`), redirects them to the leader's client endpoint when the
+/// replicated state has it ([`StateCommand::MonitorEndpoint`]).
+pub fn admission_check(raft: Arc<RaftNode>, raft_configured: bool) -> AdmissionCheck {
+    Arc::new(move || {
+        if raft.is_leader() {
+            return Admission::Accept;
+        }
+        let (members, alone) = {
+            let metrics = raft.raft().metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            let members = membership.nodes().count();
+            let alone = membership.nodes().all(|(id, _)| *id == raft.node_id());
+            (members, alone)
+        };
+        if (members > 0 || !raft_configured) && alone {
+            return Admission::Accept;
+        }
+        Admission::Redirect {
+            leader: leader_endpoint(&raft),
+        }
+    })
+}
+
+/// The leader's client endpoint (what agents and `vigilctl` dial), when a leader is known
+/// and has recorded it.
+pub fn leader_endpoint(raft: &RaftNode) -> Option<String> {
+    let id = raft.current_leader()?;
+    raft.read(|s| s.monitors.get(&id).cloned())
+}
+
+/// How long the leader waits for its endpoint record to commit before trying again.
+const ENDPOINT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How often leadership is re-checked without a metrics change (a backstop).
+const LEADERSHIP_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Issue 12 item 3, on every Raft metrics change (and every [`LEADERSHIP_SWEEP`]): a
+/// leader of several monitors records its client endpoint `advertise` (once per change of
+/// it: followers name it in their redirects); a monitor that does not take agents (it lost
+/// leadership) closes the sessions it still has, with [`close::NOT_LEADER`], so those
+/// agents go to the leader. Not in the engine: this is transport, the engine only learns
+/// that the agents left.
+async fn follow_leadership(
+    raft: Arc<RaftNode>,
+    sessions: Arc<Sessions>,
+    advertise: String,
+    admission: AdmissionCheck,
+    mut stop: watch::Receiver<bool>,
+) {
+    let node = raft.node_id();
+    let mut metrics = raft.metrics_watch();
+    let mut writing: Option<JoinHandle<()>> = None;
+    loop {
+        if admission() != Admission::Accept {
+            let n = sessions.close_all_with(
+                close::NOT_LEADER,
+                "this monitor is not the leader: connect to the leader",
+            );
+            if n > 0 {
+                info!(
+                    sessions = n,
+                    "not the leader: closed the agent sessions so that they move to the leader"
+                );
+            }
+        } else if raft.is_leader()
+            && raft.has_peers()
+            && raft.read(|s| s.monitors.get(&node) != Some(&advertise))
+            && writing.as_ref().is_none_or(|h| h.is_finished())
+        {
+            let raft = raft.clone();
+            let addr = advertise.clone();
+            writing = Some(tokio::spawn(async move {
+                let cmd = StateCommand::MonitorEndpoint {
+                    node,
+                    addr: addr.clone(),
+                };
+                match tokio::time::timeout(ENDPOINT_WRITE_TIMEOUT, raft.write(cmd)).await {
+                    Ok(Ok(r)) => match r.into_result() {
+                        Ok(_) => info!(node, endpoint = %addr, "recorded this leader's client endpoint"),
+                        Err(why) => error!(node, endpoint = %addr, "the client endpoint was refused: {why}"),
+                    },
+                    Ok(Err(e)) => debug!(error = %e, "client endpoint not recorded (leadership lost?)"),
+                    Err(_) => warn!(
+                        "the client endpoint was not recorded within {ENDPOINT_WRITE_TIMEOUT:?} (no quorum?); retrying"
+                    ),
+                }
+            }));
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { break },
+            _ = tokio::time::sleep(LEADERSHIP_SWEEP) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    if let Some(h) = writing {
+        h.abort();
+    }
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     ctx: AdminContext,
+    admission: AdmissionCheck,
     st: Arc<TlsState>,
     link: LinkSettings,
     mut stop: watch::Receiver<bool>,
@@ -611,6 +732,7 @@ async fn accept_loop(
         };
         let ctx = ctx.clone();
         let st = st.clone();
+        let admission = admission.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let conn = match incoming.await {
@@ -645,6 +767,7 @@ async fn accept_loop(
                         ctx.sessions.clone(),
                         link,
                         ctx.raft.state(),
+                        admission,
                     )
                     .await
                 }
@@ -659,5 +782,44 @@ async fn accept_loop(
             }
             st.live().remove(&conn_id);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::RaftTuning;
+
+    #[tokio::test]
+    async fn admission_of_one_node_and_not_yet_joined_monitors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let raft = Arc::new(
+            RaftNode::open(
+                dir.path(),
+                1,
+                "127.0.0.1:7440".into(),
+                RaftTuning::default(),
+            )
+            .await
+            .expect("open"),
+        );
+        // Not a member of anything yet: a monitor started with `[raft] listen` (`--join`)
+        // sends agents away; one without it (a one-node cluster starting) takes them, as
+        // before.
+        assert_eq!(
+            admission_check(raft.clone(), true)(),
+            Admission::Redirect { leader: None }
+        );
+        assert_eq!(admission_check(raft.clone(), false)(), Admission::Accept);
+        raft.initialize_single_if_new().await.expect("init");
+        raft.wait_for_leader(std::time::Duration::from_secs(5))
+            .await
+            .expect("a leader");
+        // A one-node cluster takes agents, with or without `[raft] listen`.
+        assert_eq!(admission_check(raft.clone(), true)(), Admission::Accept);
+        assert_eq!(admission_check(raft.clone(), false)(), Admission::Accept);
+        // It has no peers: nothing names it anywhere.
+        assert_eq!(leader_endpoint(&raft), None);
+        raft.shutdown().await;
     }
 }

@@ -340,12 +340,39 @@ impl AgentProc {
         monitor: SocketAddr,
         extra: &str,
     ) -> AgentProc {
+        Self::start_listing(t, dir, host, &[monitor], extra)
+    }
+
+    /// An agent whose config lists every address of `monitors`, in that order.
+    pub fn start_with_monitors(
+        pki: &Pki,
+        dir: &Path,
+        host: &str,
+        monitors: &[SocketAddr],
+        extra: &str,
+    ) -> AgentProc {
+        let t = pki.issue(Role::Agent, host);
+        Self::start_listing(&t, dir, host, monitors, extra)
+    }
+
+    fn start_listing(
+        t: &TlsPaths,
+        dir: &Path,
+        host: &str,
+        monitors: &[SocketAddr],
+        extra: &str,
+    ) -> AgentProc {
         std::fs::create_dir_all(dir).expect("mkdir");
         let config = dir.join(format!("agent-{host}.toml"));
+        let list = monitors
+            .iter()
+            .map(|m| format!("\"{m}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         std::fs::write(
             &config,
             format!(
-                "monitors = [\"{monitor}\"]\nreconnect_ms = 100\nstate_dir = {:?}\n{}\n{extra}\n{}",
+                "monitors = [{list}]\nreconnect_ms = 100\nstate_dir = {:?}\n{}\n{extra}\n{}",
                 dir.join(format!("agent-{host}-state"))
                     .display()
                     .to_string(),

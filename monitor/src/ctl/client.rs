@@ -76,37 +76,62 @@ impl AdminClient {
     }
 
     /// Sends a request to the first monitor that answers, following leader redirects.
+    ///
+    /// Monitors are tried in the order given. A follower that names the leader
+    /// (`NotLeader { leader: Some(addr) }`) sends the request there next (each named address
+    /// at most once per round, so two monitors naming each other cannot loop); one that knows
+    /// no leader sends it to the next monitor. A round in which some monitor answered "not
+    /// the leader" is repeated after a pause, a few times: an election is under way.
     pub async fn request(&mut self, req: &AdminRequest) -> anyhow::Result<AdminResponse> {
         let mut errors = Vec::new();
-        let mut candidates = self.monitors.clone();
-        let mut redirects = 0;
-        let mut i = 0;
-        while i < candidates.len() {
-            let addr = candidates[i];
-            i += 1;
-            if self.stream.as_ref().map(|s| s.0) != Some(addr) {
-                self.stream = None;
-                if let Err(e) = self.connect(addr).await {
-                    errors.push(format!("{addr}: {e:#}"));
-                    continue;
+        for round in 0..=ELECTION_ROUNDS {
+            if round > 0 {
+                tokio::time::sleep(ELECTION_PAUSE).await;
+            }
+            errors.clear();
+            let mut candidates = self.monitors.clone();
+            let mut redirected: Vec<SocketAddr> = Vec::new();
+            let mut not_leader = false;
+            let mut i = 0;
+            while i < candidates.len() {
+                let addr = candidates[i];
+                i += 1;
+                if self.stream.as_ref().map(|s| s.0) != Some(addr) {
+                    self.stream = None;
+                    if let Err(e) = self.connect(addr).await {
+                        errors.push(format!("{addr}: {e:#}"));
+                        continue;
+                    }
+                }
+                match self.exchange(req).await {
+                    Ok(AdminResponse::NotLeader { leader }) => {
+                        not_leader = true;
+                        match redirect_target(leader.as_deref(), addr, &redirected) {
+                            Some(a) => {
+                                redirected.push(a);
+                                candidates.insert(i, a);
+                                errors
+                                    .push(format!("{addr}: not the leader (the leader is at {a})"));
+                            }
+                            None => errors.push(format!(
+                                "{addr}: not the leader ({})",
+                                match leader {
+                                    Some(l) => format!("it names {l:?}, already tried"),
+                                    None => "no leader known: an election under way, or no quorum"
+                                        .into(),
+                                }
+                            )),
+                        }
+                    }
+                    Ok(resp) => return Ok(resp),
+                    Err(e) => {
+                        self.stream = None;
+                        errors.push(format!("{addr}: {e:#}"));
+                    }
                 }
             }
-            match self.exchange(req).await {
-                Ok(AdminResponse::NotLeader { leader: Some(l) }) if redirects < 3 => {
-                    redirects += 1;
-                    if let Ok(a) = l.parse::<SocketAddr>() {
-                        candidates.insert(i, a);
-                    }
-                    errors.push(format!("{addr}: not the leader (leader at {l})"));
-                }
-                Ok(AdminResponse::NotLeader { leader }) => {
-                    errors.push(format!("{addr}: not the leader (leader {leader:?})"));
-                }
-                Ok(resp) => return Ok(resp),
-                Err(e) => {
-                    self.stream = None;
-                    errors.push(format!("{addr}: {e:#}"));
-                }
+            if !not_leader {
+                break;
             }
         }
         bail!("no monitor could answer:\n  {}", errors.join("\n  "))
@@ -157,11 +182,46 @@ impl AdminClient {
     }
 }
 
+/// Rounds repeated after the first when a monitor answered "not the leader" (an election is
+/// under way: it takes about a second).
+const ELECTION_ROUNDS: u32 = 4;
+/// The pause before each repeated round.
+const ELECTION_PAUSE: Duration = Duration::from_millis(500);
+
+/// Where a "not the leader" answer from `from` sends the request next: the named leader, if
+/// it is an address, not `from` itself, and not already followed this round.
+pub fn redirect_target(
+    leader: Option<&str>,
+    from: SocketAddr,
+    followed: &[SocketAddr],
+) -> Option<SocketAddr> {
+    let a = leader?.parse::<SocketAddr>().ok()?;
+    (a != from && !followed.contains(&a)).then_some(a)
+}
+
 fn describe_close(e: quinn::ConnectionError) -> String {
     match e {
         quinn::ConnectionError::ApplicationClosed(c) => {
             format!("monitor refused: {}", String::from_utf8_lossy(&c.reason))
         }
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_are_followed_once_and_never_to_garbage() {
+        let a: SocketAddr = "10.0.0.1:7440".parse().expect("addr");
+        let b: SocketAddr = "10.0.0.2:7440".parse().expect("addr");
+        assert_eq!(redirect_target(Some("10.0.0.2:7440"), a, &[]), Some(b));
+        // Already followed this round (two followers naming a dead leader): not again.
+        assert_eq!(redirect_target(Some("10.0.0.2:7440"), a, &[b]), None);
+        // A monitor naming itself, nothing, or something that is no address.
+        assert_eq!(redirect_target(Some("10.0.0.1:7440"), a, &[]), None);
+        assert_eq!(redirect_target(None, a, &[]), None);
+        assert_eq!(redirect_target(Some("not an address"), a, &[]), None);
     }
 }

@@ -424,7 +424,16 @@ pub enum StateCommand {
         cluster: String,
         by: String,
     },
+    // ---- Issue 12 item 3 ----
+    /// Monitor `node`'s client endpoint (its `advertise`, where agents and `vigilctl` reach
+    /// it), written by each monitor when it becomes leader: the membership holds only Raft
+    /// addresses, and followers name this one when they redirect agents and writes.
+    MonitorEndpoint { node: u64, addr: String },
 }
+
+/// Longest client endpoint a [`StateCommand::MonitorEndpoint`] may record (as the agents'
+/// wire limit, [`vigil_common::wire::MAX_LEADER_ADDR_LEN`]).
+pub const MAX_MONITOR_ENDPOINT_LEN: usize = vigil_common::wire::MAX_LEADER_ADDR_LEN;
 
 /// Outcome of applying one command.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -476,6 +485,11 @@ pub struct ClusterState {
     pub vms: BTreeMap<String, VmRecord>,
     pub events: VecDeque<Event>,
     pub next_event_id: u64,
+    /// Each monitor's client endpoint, by Raft node id, as it wrote it when it last became
+    /// leader ([`StateCommand::MonitorEndpoint`]). Absent in older snapshots (and never
+    /// written by a one-node cluster).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub monitors: BTreeMap<u64, String>,
 }
 
 impl ClusterState {
@@ -592,6 +606,31 @@ impl ClusterState {
                     kind.clone(),
                     message.clone(),
                 );
+                StateResponse::Ok
+            }
+            StateCommand::MonitorEndpoint { node, addr } => {
+                if *node == 0 {
+                    return StateResponse::Invalid {
+                        reason: "a monitor's node id is at least 1".into(),
+                    };
+                }
+                if addr.len() > MAX_MONITOR_ENDPOINT_LEN {
+                    return StateResponse::Invalid {
+                        reason: format!(
+                            "monitor endpoint of {} bytes (at most {MAX_MONITOR_ENDPOINT_LEN})",
+                            addr.len()
+                        ),
+                    };
+                }
+                if let Err(why) = vigil_common::config::check_host_port(addr) {
+                    return StateResponse::Invalid {
+                        reason: format!("monitor endpoint {addr:?} {why}"),
+                    };
+                }
+                if self.monitors.get(node) == Some(addr) {
+                    return StateResponse::Unchanged;
+                }
+                self.monitors.insert(*node, addr.clone());
                 StateResponse::Ok
             }
             StateCommand::Batch { commands } => StateResponse::Batch {
@@ -726,6 +765,41 @@ mod tests {
             ]
         );
         assert_eq!(s.events.iter().map(|e| e.id).collect::<Vec<_>>(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn monitor_endpoints_are_validated_and_old_states_load() {
+        let mut s = ClusterState::default();
+        let ep = |node: u64, addr: &str| StateCommand::MonitorEndpoint {
+            node,
+            addr: addr.into(),
+        };
+        assert_eq!(s.apply(&ep(2, "10.0.0.2:7440")), StateResponse::Ok);
+        assert_eq!(s.apply(&ep(2, "10.0.0.2:7440")), StateResponse::Unchanged);
+        assert_eq!(s.apply(&ep(2, "mon2.example:7440")), StateResponse::Ok);
+        assert_eq!(s.monitors[&2], "mon2.example:7440");
+        for bad in [
+            ep(0, "10.0.0.1:7440"),
+            ep(3, "nope"),
+            ep(3, &format!("{}:1", "a".repeat(300))),
+        ] {
+            assert!(
+                matches!(s.apply(&bad), StateResponse::Invalid { .. }),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(s.monitors.len(), 1);
+        // No event: a leader's own endpoint is bookkeeping, not news.
+        assert!(s.events.is_empty());
+        // A snapshot from before issue 12 item 3 (no `monitors`) loads; an empty map is not
+        // written, so a one-node cluster's snapshots stay as they were.
+        let old = serde_json::to_string(&ClusterState::default()).expect("json");
+        assert!(!old.contains("monitors"), "{old}");
+        let back: ClusterState = serde_json::from_str(&old).expect("old snapshot");
+        assert!(back.monitors.is_empty());
+        let json = serde_json::to_string(&s).expect("json");
+        let back: ClusterState = serde_json::from_str(&json).expect("roundtrip");
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! Three monitors as one Raft cluster over QUIC (issue 12): mon1 bootstraps with `--init`,
 //! mon2 and mon3 start with `--join` and are added by `vigilctl server add`; a host tag
 //! written on the leader is on every monitor; after a SIGKILL of the leader another monitor
-//! leads within 30 s and takes writes. And a monitor whose `node_id` disagrees with its
-//! certificate refuses to start, naming the field.
+//! leads within 30 s and takes writes. An agent listing every monitor (a follower first)
+//! ends up on the leader, and follows the next leader after a SIGKILL without its host ever
+//! going Down; vigilctl pointed at a follower writes through the leader (issue 12 item 3).
+//! And a monitor whose `node_id` disagrees with its certificate refuses to start, naming
+//! the field.
 //!
 //! `cargo test -p vigil-e2e --test raft_cluster`
 
@@ -152,19 +155,18 @@ fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
     })
     .expect("the tag replicated to every monitor");
 
-    // A follower refuses a write and names the leader.
-    let out = members[&follower]
-        .ctl
-        .run(&["host", "tag", "add", "hv1", "nope"]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "a follower took a write");
+    // A follower does not take a write itself: it names the leader's client endpoint and
+    // vigilctl (given only the follower) sends the write there.
+    let via_follower = Ctl::new(&pki, vec![members[&follower].mon.addr]);
+    let out = via_follower.run(&["host", "tag", "add", "hv1", "via-follower"]);
     assert!(
-        stderr.contains("not the Raft leader") && stderr.contains(&format!("node {leader} is")),
-        "{stderr}"
+        out.status.success(),
+        "a write through follower mon{follower}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(!tags(&members[&leader].ctl, "hv1")
+    assert!(tags(&members[&leader].ctl, "hv1")
         .iter()
-        .any(|t| t == "nope"));
+        .any(|t| t == "via-follower"));
 
     // SIGKILL the leader: another monitor leads within 30 s and takes a write.
     let mut dead = members.remove(&leader).expect("the leader");
@@ -232,6 +234,176 @@ fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
         tagged_everywhere(&members, "hv1", "after-del").then_some(())
     })
     .expect("replicated");
+}
+
+/// Three voters, mon1 added the others; returns the leader they agree on.
+fn three_voters(pki: &Pki) -> (BTreeMap<u64, Member>, u64) {
+    let mut members = BTreeMap::new();
+    members.insert(1, start(pki, 1, "--init"));
+    members.insert(2, start(pki, 2, "--join"));
+    members.insert(3, start(pki, 3, "--join"));
+    for id in [2u64, 3] {
+        let addr = members[&id].raft.to_string();
+        let out = members[&1]
+            .ctl
+            .run(&["server", "add", &id.to_string(), &addr]);
+        assert!(
+            out.status.success(),
+            "server add {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let leader = wait_for(WAIT, || agreed_leader(&members, 3)).expect("an agreed leader");
+    (members, leader)
+}
+
+/// `hv1` as monitor `m` sees it: (liveness, whether its agent is connected to `m`).
+fn hv1_on(m: &Member) -> Option<(String, bool)> {
+    let v = m.ctl.json(&["host", "show", "hv1"]).ok()?;
+    Some((
+        v["liveness"].as_str()?.to_string(),
+        v["connected"].as_bool()?,
+    ))
+}
+
+/// `hv1`'s liveness as `m` sees it while `m` leads (a follower's detector hears no agent:
+/// its own view of liveness is no verdict, and the engine of a follower decides nothing).
+fn hv1_as_leader(m: &Member) -> Option<String> {
+    let st = m.ctl.json(&["status"]).ok()?;
+    if st["leader"].as_u64()? != st["node"].as_u64()? {
+        return None;
+    }
+    hv1_on(m).map(|(live, _)| live)
+}
+
+fn agents_connected(m: &Member) -> Option<u64> {
+    m.ctl.json(&["status"]).ok()?["agents_connected"].as_u64()
+}
+
+#[test]
+fn an_agent_follows_the_leader_and_its_host_never_goes_down() {
+    let pki = Pki::new();
+    let (mut members, leader) = three_voters(&pki);
+    let followers: Vec<u64> = members.keys().copied().filter(|id| *id != leader).collect();
+    // Every monitor in the agent's list, the followers first.
+    let order: Vec<SocketAddr> = followers
+        .iter()
+        .chain(std::iter::once(&leader))
+        .map(|id| members[id].mon.addr)
+        .collect();
+    let agent = AgentProc::start_with_monitors(&pki, pki.dir.path(), "hv1", &order, "");
+    let on_leader = wait_for(WAIT, || {
+        let (live, connected) = hv1_on(&members[&leader])?;
+        let others = followers
+            .iter()
+            .map(|f| agents_connected(&members[f]))
+            .collect::<Option<Vec<u64>>>()?;
+        (live == "up" && connected && others.iter().all(|n| *n == 0)).then_some(())
+    });
+    assert!(
+        on_leader.is_some(),
+        "hv1 is not up and connected on the leader mon{leader} (followers hold no session): {:?}\nagent log:\n{}",
+        hv1_on(&members[&leader]),
+        log_tail(&agent.proc_.log_text(), 30)
+    );
+    assert!(
+        agent.proc_.log_text().contains("not the leader"),
+        "the agent was redirected: {}",
+        log_tail(&agent.proc_.log_text(), 30)
+    );
+
+    // vigilctl pointed at a follower only: the write goes to the leader.
+    let via_follower = Ctl::new(&pki, vec![members[&followers[0]].mon.addr]);
+    let out = via_follower.run(&["host", "tag", "add", "hv1", "ha"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(WAIT, || {
+        tagged_everywhere(&members, "hv1", "ha").then_some(())
+    })
+    .expect("the redirected write replicated");
+    // A ping goes through the agent's session, which only the leader has.
+    let out = via_follower.run(&["host", "ping", "hv1"]);
+    assert!(
+        out.status.success(),
+        "host ping through a follower: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // SIGKILL the leader: the agent ends up on the new leader, and no survivor ever sees
+    // hv1 Down.
+    let mut dead = members.remove(&leader).expect("the leader");
+    dead.mon.proc_.kill();
+    let mut seen: Vec<(u64, String)> = Vec::new();
+    let mut new_leader = None;
+    let followed = wait_for(WAIT, || {
+        for (id, m) in &members {
+            if let Some(live) = hv1_as_leader(m) {
+                seen.push((*id, live));
+            }
+        }
+        let l = agreed_leader(&members, 3).filter(|l| *l != leader)?;
+        new_leader = Some(l);
+        let (live, connected) = hv1_on(&members[&l])?;
+        (live == "up" && connected).then_some(l)
+    });
+    let Some(new_leader) = followed else {
+        panic!(
+            "hv1 did not reach the new leader {new_leader:?}: {:?}\nagent log:\n{}",
+            members.values().map(hv1_on).collect::<Vec<_>>(),
+            log_tail(&agent.proc_.log_text(), 40)
+        );
+    };
+    // A little longer: a late Down would show now.
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        if let Some(live) = hv1_as_leader(&members[&new_leader]) {
+            seen.push((new_leader, live));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        seen.iter().any(|(id, _)| *id == new_leader),
+        "never asked the new leader"
+    );
+    let downs: Vec<_> = seen.iter().filter(|(_, live)| live == "down").collect();
+    assert!(downs.is_empty(), "a leader saw hv1 down: {seen:?}");
+    let down_events: Vec<_> = members[&new_leader]
+        .ctl
+        .events()
+        .into_iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("hv1 is down"))
+        })
+        .collect();
+    assert!(down_events.is_empty(), "{down_events:?}");
+    let survivor = members
+        .keys()
+        .copied()
+        .find(|id| *id != new_leader)
+        .expect("a survivor");
+    assert_eq!(
+        agents_connected(&members[&survivor]),
+        Some(0),
+        "the follower holds no session"
+    );
+
+    // And a write through the surviving follower (the dead leader first in the list, as an
+    // operator's list would be) still reaches the new leader.
+    let ctl = Ctl::new(&pki, vec![dead.mon.addr, members[&survivor].mon.addr]);
+    let out = ctl.run(&["host", "tag", "add", "hv1", "after-failover"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tags(&members[&new_leader].ctl, "hv1")
+        .iter()
+        .any(|t| t == "after-failover"));
 }
 
 #[test]

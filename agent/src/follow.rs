@@ -1,0 +1,127 @@
+//! Which monitor the agent dials next (issue 12 item 3): only the Raft leader takes agents,
+//! a follower answers a hello with the leader's client address, and the agent follows it.
+//!
+//! The agent only ever dials addresses of its own `monitors` list (every monitor and the
+//! VIP, from its configuration): a redirect naming any other address is treated like a
+//! redirect naming none, and the agent tries its next monitor. A monitor's answer cannot
+//! send agents anywhere an operator did not list, so a misconfigured or hostile redirect
+//! cannot pull hosts away from the cluster, and an agent whose list is out of date still
+//! finds the leader by trying the list in order. Nothing here touches the lease: a redirect
+//! is not a grant.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::session::SessionError;
+
+/// The largest random pause before dialling after a redirect or a lost session, so that
+/// the agents of a cluster do not all reach the new leader in the same millisecond.
+pub const JITTER_MAX: Duration = Duration::from_millis(250);
+
+/// The index in `monitors` to dial after monitor `from` said it is not the leader and
+/// named `leader` (its client address) or no one: the named leader when it is in the list
+/// (and is not `from` itself), otherwise the next monitor after `from`.
+pub fn after_redirect(monitors: &[SocketAddr], from: usize, leader: Option<&str>) -> usize {
+    let named = leader
+        .and_then(|l| l.parse::<SocketAddr>().ok())
+        .and_then(|l| monitors.iter().position(|m| *m == l))
+        .filter(|i| *i != from);
+    named.unwrap_or_else(|| next(monitors.len(), from))
+}
+
+/// The index to dial after the session with monitor `from` ended with `error`. A monitor
+/// that went silent (the connection timed out: killed, powered off, cut off) is likely
+/// gone: the next one is tried first (a follower sends the agent to whichever leads now).
+/// Any other loss (a restart, a closed session, a leader that stepped down) retries the
+/// same monitor first: most losses are transient, and a monitor that stopped leading names
+/// its successor.
+pub fn after_loss(len: usize, from: usize, error: &SessionError) -> usize {
+    match error {
+        SessionError::Connection {
+            source: quinn::ConnectionError::TimedOut,
+            ..
+        } => next(len, from),
+        _ => from % len.max(1),
+    }
+}
+
+/// The index after `from` in a list of `len` (wrapping).
+pub fn next(len: usize, from: usize) -> usize {
+    (from + 1) % len.max(1)
+}
+
+/// A random pause in `0..=max`.
+pub fn jitter(max: Duration) -> Duration {
+    let ms = max.as_millis() as u64;
+    Duration::from_millis(rand::random::<u64>() % (ms + 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn list() -> Vec<SocketAddr> {
+        ["10.0.0.1:7440", "10.0.0.2:7440", "10.0.0.3:7440"]
+            .iter()
+            .map(|a| a.parse().expect("addr"))
+            .collect()
+    }
+
+    #[test]
+    fn a_redirect_to_a_listed_leader_is_followed() {
+        let m = list();
+        assert_eq!(after_redirect(&m, 0, Some("10.0.0.3:7440")), 2);
+        assert_eq!(after_redirect(&m, 2, Some("10.0.0.1:7440")), 0);
+    }
+
+    #[test]
+    fn without_a_usable_leader_the_next_monitor_is_tried() {
+        let m = list();
+        // No leader known (election under way).
+        assert_eq!(after_redirect(&m, 0, None), 1);
+        assert_eq!(after_redirect(&m, 2, None), 0);
+        // Not in the agent's list: never dialled.
+        assert_eq!(after_redirect(&m, 0, Some("192.0.2.9:7440")), 1);
+        // Garbage, an empty string, a name where an address belongs.
+        for junk in ["", "not an address", "mon3:7440", "10.0.0.3"] {
+            assert_eq!(after_redirect(&m, 1, Some(junk)), 2, "{junk:?}");
+        }
+        // A monitor naming itself (stale) does not keep the agent there.
+        assert_eq!(after_redirect(&m, 1, Some("10.0.0.2:7440")), 2);
+    }
+
+    #[test]
+    fn one_monitor_lists_stay_on_it() {
+        let m = vec!["10.0.0.1:7440".parse().expect("addr")];
+        assert_eq!(after_redirect(&m, 0, None), 0);
+        assert_eq!(after_redirect(&m, 0, Some("10.0.0.1:7440")), 0);
+        let lost = SessionError::Closed { addr: m[0] };
+        assert_eq!(after_loss(1, 0, &lost), 0);
+    }
+
+    #[test]
+    fn a_silent_monitor_is_left_for_the_next() {
+        let a: SocketAddr = "10.0.0.1:7440".parse().expect("addr");
+        let timed_out = SessionError::Connection {
+            addr: a,
+            source: quinn::ConnectionError::TimedOut,
+        };
+        assert_eq!(after_loss(3, 0, &timed_out), 1);
+        assert_eq!(after_loss(3, 2, &timed_out), 0);
+        // A leader that stepped down, a closed stream: the same monitor first.
+        let stepped_down = SessionError::NotLeader {
+            addr: a,
+            leader: None,
+        };
+        assert_eq!(after_loss(3, 1, &stepped_down), 1);
+        assert_eq!(after_loss(3, 1, &SessionError::Closed { addr: a }), 1);
+    }
+
+    #[test]
+    fn jitter_stays_within_its_bound() {
+        for _ in 0..1000 {
+            assert!(jitter(JITTER_MAX) <= JITTER_MAX);
+        }
+        assert_eq!(jitter(Duration::ZERO), Duration::ZERO);
+    }
+}
