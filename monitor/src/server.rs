@@ -20,7 +20,7 @@ use crate::admin::{self, AdminContext};
 use crate::agent_link::{self, Admission, AdmissionCheck, LinkSettings, Sessions};
 use crate::certs::{self, CertWatch, Note};
 use crate::raft::quic::{QuicTuning, RaftEndpoint, RaftServer, TransportError};
-use crate::raft::{RaftNode, RaftTuning, DB_FILE_NAME};
+use crate::raft::{leader_lease, RaftNode, RaftTuning, DB_FILE_NAME};
 use crate::service::{self, EngineHandle};
 use crate::state::{EventKind, Severity, StateCommand};
 use crate::vip;
@@ -370,10 +370,19 @@ impl Monitor {
         }
 
         let (stop, stop_rx) = watch::channel(false);
+        let epoch = Instant::now();
+        // Everything this monitor does as leader outside Raft (engine, VIP) follows its leader
+        // lease, not Raft's own view (openraft never steps a cut-off leader down).
+        let lease = leader_lease::spawn(
+            raft.clone(),
+            raft.election_timeout_min_ms(),
+            epoch,
+            stop_rx.clone(),
+        );
         let (vip, vip_status) = match &cfg.vip {
             None => (None, None),
             Some(v) => {
-                let leading = raft_leading_signal(&raft, stop_rx.clone());
+                let leading = serving_signal(lease.clone(), stop_rx.clone());
                 let (task, holding) = vip::spawn_with_holding(v.clone(), leading, stop_rx.clone());
                 info!(address = %v.address, interface = %v.interface, "the VIP follows this monitor's leadership");
                 (
@@ -387,9 +396,15 @@ impl Monitor {
             }
         };
         let vip_holding = vip_status.as_ref().map(|s| s.holding.clone());
-        let epoch = Instant::now();
         let sessions = Arc::new(Sessions::default());
-        let engine = service::spawn(raft.clone(), sessions.clone(), &cfg, epoch, stop_rx.clone());
+        let engine = service::spawn(
+            raft.clone(),
+            sessions.clone(),
+            &cfg,
+            epoch,
+            lease,
+            stop_rx.clone(),
+        );
         let certs = Arc::new(CertWatch::default());
         let tls_state = Arc::new(TlsState {
             certs: certs.clone(),
@@ -525,27 +540,23 @@ impl Monitor {
     }
 }
 
-/// The "this monitor leads" signal the VIP follows: `true` while Raft's metrics say this node
-/// is the leader (`state == Leader` and `current_leader == this node`). It is NOT checked
-/// against a quorum: a leader cut off from the others keeps it until openraft notices (which
-/// 0.9 never does by itself). Issue 12 item 2 replaces it with a quorum-checked signal; the
-/// VIP only sees the `watch::Receiver<bool>` this returns. Ends (dropping the sender, which
-/// the VIP treats as "not leading") when `stop` turns true.
-fn raft_leading_signal(raft: &RaftNode, mut stop: watch::Receiver<bool>) -> watch::Receiver<bool> {
-    let me = raft.node_id();
-    let mut metrics = raft.metrics_watch();
-    let leads = move |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
-        m.state == openraft::ServerState::Leader && m.current_leader == Some(me)
-    };
-    let (tx, rx) = watch::channel(leads(&metrics.borrow_and_update()));
+/// True while this monitor holds its leader lease (`raft::leader_lease`): the VIP's signal,
+/// so a leader cut off from its quorum drops the address when its lease runs out, before
+/// the majority's new leader (which waits a lease and more) takes it. Ends (dropping the
+/// sender, which the VIP treats as "not leading") when `stop` turns true.
+fn serving_signal(
+    mut lease: watch::Receiver<Option<leader_lease::Serving>>,
+    mut stop: watch::Receiver<bool>,
+) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(lease.borrow_and_update().is_some());
     tokio::spawn(async move {
         loop {
             tokio::select! {
-                r = metrics.changed() => {
+                r = lease.changed() => {
                     if r.is_err() {
                         break;
                     }
-                    let now = leads(&metrics.borrow_and_update());
+                    let now = lease.borrow_and_update().is_some();
                     tx.send_if_modified(|v| std::mem::replace(v, now) != now);
                 }
                 _ = stop.changed() => break,

@@ -16,6 +16,7 @@ use crate::agent_link::Sessions;
 use crate::engine::FailoverConfig;
 use crate::engine::{Action, CommandAnswer, Engine, Input, StorageCycle};
 use crate::fencing::{self, FenceAction, FenceFailure};
+use crate::raft::leader_lease::Serving;
 use crate::raft::{RaftNode, WriteError};
 use crate::state::{StateCommand, StateResponse};
 use crate::storage::{PoolReport, StorageWorker};
@@ -70,12 +71,15 @@ pub fn mono_ms(epoch: Instant) -> u64 {
 /// host's kernel answers).
 pub const PROBE_PORT: u16 = 22;
 
-/// Starts the engine and proposer tasks, and the storage worker.
+/// Starts the engine and proposer tasks, and the storage worker. The engine leads while
+/// `lease` says this monitor holds its leader lease (`raft::leader_lease`), not merely while
+/// Raft says it leads; `lease` counts in the same `epoch`.
 pub fn spawn(
     raft: Arc<RaftNode>,
     sessions: Arc<Sessions>,
     monitor: &MonitorConfig,
     epoch: Instant,
+    mut lease: watch::Receiver<Option<Serving>>,
     mut stop: watch::Receiver<bool>,
 ) -> EngineHandle {
     let cfg = monitor.detector.clone();
@@ -102,18 +106,17 @@ pub fn spawn(
             .map(|h| (h.host.clone(), h.clone()))
             .collect(),
     );
-    // A leader grants leases only while a quorum acknowledged it recently (the engine
-    // decides, from Input::Quorum): a deposed leader that has not noticed yet must not extend
-    // leases the new leader counts as expired.
+    // Nothing leaves the engine but proposals once the leader lease has run out (checked at
+    // every use, from Input::LeaderLease): a deposed leader that has not noticed yet must not
+    // extend leases the new leader counts as expired, fence, or write the leader record.
     let mut engine = Engine::new(cfg, policy, mono_ms(epoch))
         .with_failover(failover)
         .with_leases(monitor.lease.clone(), monitor.storage.interval_ms)
-        .with_quorum_check(raft.election_timeout_min_ms());
+        .with_leader_lease();
     // The leader's I/O on shared storage runs on its own threads; its reports come back here.
     let (storage_tx, mut storage_rx) = mpsc::unbounded_channel::<PoolReport>();
     let storage = StorageWorker::spawn(&monitor.storage, storage_tx);
     let self_handle = handle.clone();
-    let mut metrics = raft.metrics_watch();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,48 +146,29 @@ pub fn spawn(
                         acks: c.acks,
                     }),
                 }],
-                changed = metrics.changed() => {
+                changed = lease.changed() => {
                     if changed.is_err() { break; }
-                    let m = metrics.borrow_and_update().clone();
-                    let leading = m.current_leader == Some(node) && m.state.is_leader();
-                    // As a point in time, so it ages when RaftCore stalls and publishes no
-                    // more metrics.
-                    let now = mono_ms(epoch);
-                    let quorum = Input::Quorum {
-                        last_ack_ms: m
-                            .millis_since_quorum_ack
-                            .filter(|_| leading)
-                            .map(|ms| now.saturating_sub(ms)),
-                    };
-                    match (leading, leader_term) {
-                        (true, Some(t)) if t == m.current_term => vec![quorum],
-                        (true, _) => {
-                            leader_term = Some(m.current_term);
-                            info!(term = m.current_term, "this monitor is the leader");
-                            storage.set_leader(Some((m.current_term, node)));
-                            vec![Input::BecameLeader { term: m.current_term, node }, quorum]
+                    let serving = *lease.borrow_and_update();
+                    let until = Input::LeaderLease { until_ms: serving.map(|s| s.until_ms) };
+                    match (serving, leader_term) {
+                        (Some(s), Some(t)) if t == s.term => vec![until],
+                        (Some(s), _) => {
+                            leader_term = Some(s.term);
+                            info!(term = s.term, "this monitor is the leader (it holds the leader lease)");
+                            storage.set_leader(Some((s.term, node)));
+                            vec![until, Input::BecameLeader { term: s.term, node }]
                         }
-                        (false, Some(_)) => {
+                        (None, Some(_)) => {
                             leader_term = None;
                             storage.set_leader(None);
-                            info!("this monitor is no longer the leader");
-                            vec![Input::LostLeadership]
+                            info!("this monitor no longer leads (leader lease run out or leadership lost)");
+                            vec![until, Input::LostLeadership]
                         }
-                        (false, None) => vec![],
+                        (None, None) => vec![until],
                     }
                 }
                 _ = stop.changed() => break,
             };
-            let mut inputs = inputs;
-            if raft.is_single_node() && leader_term.is_some() {
-                // A single monitor is its own quorum.
-                inputs.insert(
-                    0,
-                    Input::Quorum {
-                        last_ack_ms: Some(mono_ms(epoch)),
-                    },
-                );
-            }
             for input in inputs {
                 let now = mono_ms(epoch);
                 let wall = vigil_common::unix_ms();

@@ -45,7 +45,7 @@
 //!                                    # later (every agent's when none is named)
 //! at 9996 reorder-reports hv1 on     # hv1's listings reach the monitor 400 ms late, after
 //!                                    # newer events and answers
-//! at 9997 quorum-stall on            # the leader hears no quorum ack (no lease grants)
+//! at 9997 quorum-stall on            # the leader's probes go unanswered: its leader lease runs out
 //! run 20000                          # simulate until this time
 //!
 //! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
@@ -96,8 +96,8 @@ const START_MS: u64 = 200;
 /// With `reorder-reports`, a host's listings reach the monitor this late (after the answer
 /// to a start that completed meanwhile).
 const REORDER_DELAY_MS: u64 = 400;
-/// The leader grants leases only with a quorum acknowledgement younger than this.
-const QUORUM_FRESH_MS: u64 = 300;
+/// The leader lease each answered probe gives (`raft::leader_lease`'s `L`).
+const LEADER_LEASE_MS: u64 = 300;
 
 #[derive(Debug, Clone)]
 struct SimDomain {
@@ -589,7 +589,7 @@ impl Sim {
             engine: Engine::new(detector(), sc.policy.clone(), 0)
                 .with_failover(sc.failover.clone())
                 .with_leases(sc.lease.clone(), 500)
-                .with_quorum_check(QUORUM_FRESH_MS),
+                .with_leader_lease(),
             state: ClusterState::default(),
             planned: BTreeMap::new(),
             plan_mismatch: Vec::new(),
@@ -1196,7 +1196,7 @@ impl Sim {
         self.engine = Engine::new(detector(), policy, self.now)
             .with_failover(self.failover.clone())
             .with_leases(self.lease.clone(), 500)
-            .with_quorum_check(QUORUM_FRESH_MS);
+            .with_leader_lease();
         for h in self.hosts.values_mut() {
             h.connected_to_engine = false;
         }
@@ -1613,8 +1613,8 @@ impl Sim {
         }
         if !self.quorum_stalled {
             let now = self.now;
-            self.input(Input::Quorum {
-                last_ack_ms: Some(now),
+            self.input(Input::LeaderLease {
+                until_ms: Some(now + LEADER_LEASE_MS),
             });
         }
         self.deliver_delayed();

@@ -66,7 +66,7 @@ fn measure(hosts: usize, silent_every: usize) -> (f64, f64) {
     };
     let mut engine = Engine::new(cfg, RecoveryConfig::default(), 0)
         .with_leases(lease, 500)
-        .with_quorum_check(150);
+        .with_leader_lease();
     let mut state = ClusterState::default();
     let names: Vec<String> = (0..hosts).map(|i| format!("sim{i:05}")).collect();
     let silent = |i: usize| silent_every > 0 && i % silent_every == 0;
@@ -115,8 +115,8 @@ fn measure(hosts: usize, silent_every: usize) -> (f64, f64) {
         drive(
             engine,
             state,
-            Input::Quorum {
-                last_ack_ms: Some(now),
+            Input::LeaderLease {
+                until_ms: Some(now + 150),
             },
             now,
         );

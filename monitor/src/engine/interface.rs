@@ -46,12 +46,13 @@ pub enum Input {
     /// The outcome of a command the engine sent (`Err`: it never got an answer). `seq`: the
     /// agent's observation sequence number of the answer (`None` without one).
     CommandDone(CommandAnswer),
-    /// When (monotonic ms) a quorum of monitors last acknowledged this leader, as Raft
-    /// reports it (`None`: not known). A leader grants leases only while that is recent
-    /// (see [`Engine::with_quorum_check`]): a deposed leader that has not noticed yet must not
-    /// extend leases that the new leader counts as expired.
-    Quorum {
-        last_ack_ms: Option<u64>,
+    /// Until when (monotonic ms) this monitor holds its leader lease (`None`: it does not;
+    /// see `raft::leader_lease`). With [`Engine::with_leader_lease`], no action that
+    /// [`Action::needs_leader_lease`] leaves the engine once that moment has passed: a deposed
+    /// leader that has not noticed yet must not grant leases the new leader counts as expired,
+    /// fence, or write storage.
+    LeaderLease {
+        until_ms: Option<u64>,
     },
     /// A fence agent finished: `Ok(detail)` only when it confirmed the host powered off.
     FenceDone {
@@ -207,6 +208,26 @@ pub enum Action {
     /// every tick while leading; the storage threads write the record only while these keep
     /// coming, so a stalled engine leaves it stale and makes nobody fence.
     LeaderRecord { condemned: Vec<String>, hold: bool },
+}
+
+impl Action {
+    /// Whether carrying this out needs the leader lease: what a deposed leader that has not
+    /// noticed yet must not do, because the new leader may be acting on the same host (lease
+    /// grants it counts as expired, fencing, storage slots and the leader record, destroying a
+    /// domain). Not needed: proposals (they cannot commit without a quorum), start orders (only
+    /// of a committed generation, which the agent runs at most once, on the host that the
+    /// committed state names), pings, probes, and notes to agents.
+    pub fn needs_leader_lease(&self) -> bool {
+        match self {
+            Action::Propose(_) => false,
+            Action::Send { command, .. } => matches!(command, AgentCommand::DestroyDomain { .. }),
+            Action::Notify { message, .. } => matches!(message, MonitorToAgent::LeaseGrant { .. }),
+            Action::Fence { .. }
+            | Action::RequestFence(_)
+            | Action::ClearFence { .. }
+            | Action::LeaderRecord { .. } => true,
+        }
+    }
 }
 
 /// How host failures are handled. (Placement preferences — ha_tag, its fallback, vCPU

@@ -145,10 +145,10 @@ pub struct Engine {
     /// No fencing of any kind (power, slot, lease) before this time (monotonic ms): a full
     /// lease plus drift margin after this monitor became leader.
     fence_after_ms: u64,
-    /// Lease grants need a quorum acknowledgement younger than this (`None`: not checked).
-    quorum_fresh_ms: Option<u64>,
-    /// When a quorum last acknowledged this leader ([`Input::Quorum`]).
-    quorum_ack_ms: Option<u64>,
+    /// Whether this engine acts only under a leader lease ([`Self::with_leader_lease`]).
+    lease_checked: bool,
+    /// Until when (monotonic ms) this monitor holds its leader lease ([`Input::LeaderLease`]).
+    lease_until_ms: Option<u64>,
     /// When (wall ms) each forced stop (`expected_stops` from [`forced_stop`]) was ordered.
     forced_stop_at: BTreeMap<String, u64>,
     /// VMs whose ordered destroy failed: not ordered again before this time (wall ms).
@@ -192,19 +192,26 @@ impl Engine {
             observed: BTreeMap::new(),
             seen_running: BTreeMap::new(),
             fence_after_ms: 0,
-            quorum_fresh_ms: None,
-            quorum_ack_ms: None,
+            lease_checked: false,
+            lease_until_ms: None,
             forced_stop_at: BTreeMap::new(),
             destroy_retry_at: BTreeMap::new(),
             identity: Default::default(),
         }
     }
 
-    /// Grants leases only while a quorum acknowledged this leader within `fresh_ms` (fed by
-    /// [`Input::Quorum`]); without this call the engine does not check.
-    pub fn with_quorum_check(mut self, fresh_ms: u64) -> Self {
-        self.quorum_fresh_ms = Some(fresh_ms);
+    /// Acts outside Raft (lease grants, fencing, storage slots, the leader record, commands
+    /// to agents) only while it holds the leader lease ([`Input::LeaderLease`], see
+    /// `raft::leader_lease`), checked against `now_ms` at every use; without this call the
+    /// engine does not check.
+    pub fn with_leader_lease(mut self) -> Self {
+        self.lease_checked = true;
         self
+    }
+
+    /// Whether this monitor may act as leader at `now_ms` (the leader lease, where checked).
+    pub(super) fn lease_holds(&self, now_ms: u64) -> bool {
+        !self.lease_checked || self.lease_until_ms.is_some_and(|t| now_ms < t)
     }
 
     /// Configures leases (duration, drift margin, isolation response) and the storage
@@ -258,7 +265,7 @@ impl Engine {
             Input::Definition(report) => self.on_definition(report, wall_ms, state, &mut out),
             Input::StaleDestroyed(report) => self.on_stale_destroyed(report, wall_ms, &mut out),
             Input::CommandDone(answer) => self.on_command_answer(answer, wall_ms, state, &mut out),
-            Input::Quorum { last_ack_ms } => self.quorum_ack_ms = last_ack_ms,
+            Input::LeaderLease { until_ms } => self.lease_until_ms = until_ms,
             Input::FenceDone { host, result } => {
                 self.on_fence_done(host, result, wall_ms, &mut out)
             }
@@ -281,6 +288,9 @@ impl Engine {
         if !self.leader {
             // Only the leader records or acts; followers keep soft state for a fast takeover.
             out.clear();
+        } else if !self.lease_holds(now_ms) {
+            // A leader whose lease ran out may already have been replaced.
+            out.retain(|a| !a.needs_leader_lease());
         }
         out
     }

@@ -12,8 +12,15 @@ impl Engine {
         self.fencing.conditions.get(host)
     }
 
+    /// The host's liveness as this monitor's detector sees it. A monitor that does not lead
+    /// (a follower, or a new leader still waiting out its predecessor's lease) hears no agent
+    /// and decides nothing: it says `unknown`, never `down`.
     pub fn liveness(&self, host: &str, now_ms: u64) -> Option<LivenessView> {
-        self.detector.view(host, now_ms)
+        let mut view = self.detector.view(host, now_ms)?;
+        if !self.leader {
+            view.state = Liveness::Unknown;
+        }
+        Some(view)
     }
 
     pub fn facts(&self, host: &str) -> Option<&HostFacts> {

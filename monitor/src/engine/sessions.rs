@@ -190,13 +190,9 @@ impl Engine {
             self.forget_fencing(&host);
         }
         // Only a leader grants leases (followers' output is dropped below), and only
-        // while a quorum acknowledged it recently. A grant withheld is not recorded:
-        // the lease book counts from the grants that went out.
-        let quorum_ok = self.quorum_fresh_ms.is_none_or(|fresh| {
-            self.quorum_ack_ms
-                .is_some_and(|t| now_ms.saturating_sub(t) < fresh)
-        });
-        if self.leader && quorum_ok {
+        // while it holds its leader lease. A grant withheld is not recorded: the lease book
+        // counts from the grants that went out.
+        if self.leader && self.lease_holds(now_ms) {
             self.leases.grant(&host, now_ms);
             out.push(Action::Notify {
                 host: Some(host),

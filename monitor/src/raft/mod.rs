@@ -13,6 +13,7 @@
 // helpers return it as is rather than boxing and unboxing it at every trait boundary.
 #![allow(clippy::result_large_err)]
 
+pub mod leader_lease;
 pub mod log_store;
 pub mod network;
 pub mod quic;

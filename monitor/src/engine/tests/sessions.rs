@@ -405,9 +405,9 @@ fn an_expected_stop_whose_destroy_never_answers_expires() {
 }
 
 #[test]
-fn no_lease_grant_without_a_recent_quorum_acknowledgement() {
+fn no_lease_grant_fence_or_leader_record_without_the_leader_lease() {
     let mut s = Sim::new();
-    s.engine = s.engine.clone().with_quorum_check(300);
+    s.engine = s.engine.clone().with_leader_lease();
     s.connect("hv1", 0);
     let grants = |s: &Sim| {
         s.sent
@@ -423,23 +423,42 @@ fn no_lease_grant_without_a_recent_quorum_acknowledgement() {
             })
             .count()
     };
+    let records = |s: &Sim| {
+        s.sent
+            .iter()
+            .filter(|a| matches!(a, Action::LeaderRecord { .. }))
+            .count()
+    };
     s.beat("hv1", 100);
-    assert_eq!(grants(&s), 0, "no quorum ack known yet");
+    s.input(Input::Tick, 110);
+    assert_eq!(grants(&s), 0, "no leader lease yet");
+    assert_eq!(records(&s), 0, "no leader record without a lease");
     s.input(
-        Input::Quorum {
-            last_ack_ms: Some(150),
+        Input::LeaderLease {
+            until_ms: Some(450),
         },
         200,
     );
     s.beat("hv1", 300);
     assert_eq!(grants(&s), 1);
-    // Raft reports nothing more (a stalled core): the ack ages, grants stop, and the
-    // lease book counts from the last grant that went out.
-    s.beat("hv1", 500);
-    assert_eq!(grants(&s), 1);
+    s.input(Input::Tick, 310);
+    assert_eq!(records(&s), 1);
+    // No probe answered since (a leader cut off from its quorum, or a stalled core): at 450
+    // the lease is out, checked against the clock, with no input saying so.
+    s.beat("hv1", 449);
+    assert_eq!(grants(&s), 2);
+    s.beat("hv1", 450);
+    s.input(Input::Tick, 460);
+    assert_eq!(grants(&s), 2, "no grant once the lease ran out");
+    assert_eq!(records(&s), 1, "no leader record once the lease ran out");
+    // The lease book counts from the last grant that went out.
     let l = s.engine.lease_config().clone();
     assert_eq!(
         s.engine.leases.expires_at("hv1"),
-        Some(300 + l.duration_ms + l.drift_margin_ms)
+        Some(449 + l.duration_ms + l.drift_margin_ms)
     );
+    // Still proposing (a proposal cannot commit without a quorum): only effects stop.
+    s.input(Input::LeaderLease { until_ms: None }, 500);
+    s.beat("hv1", 600);
+    assert_eq!(grants(&s), 2);
 }
