@@ -10,8 +10,13 @@ pub const FENCE_RETRY_MS: u64 = 5_000;
 /// (what a predecessor was doing is read again from committed state and the storage slots).
 #[derive(Debug, Clone, Default)]
 pub(super) struct FencingBook {
-    /// Fence agent calls in flight.
+    /// Fence agent calls in flight, or proposed and waiting for their commit.
     pub(super) in_flight: BTreeSet<String>,
+    /// Power fences proposed (`FenceStarted`) and not yet committed: the fence agent runs
+    /// only once the attempt is in the committed state (so two leaders never fence at once
+    /// for different reasons, and a leader that cannot commit never fences). Per host: the
+    /// committed attempt number that releases it, and when it was proposed (monotonic ms).
+    pub(super) awaiting_commit: BTreeMap<String, (u32, u64)>,
     /// Earliest time (wall ms) for the next fence attempt of a host.
     pub(super) retry_at: BTreeMap<String, u64>,
     /// Clusters whose automatic fencing is held (mass failure), to say so once.
@@ -279,11 +284,68 @@ impl Engine {
         if power {
             self.fencing.power_after.insert(name.clone(), power_at);
         }
-        if slot {
-            self.request_fence(name, condition, wall_ms, state, out);
-        }
+        // The slot request and the power fence follow once FenceStarted is committed
+        // (`continue_fencing`, `release_committed_fences`).
         if power && power_at <= now_ms && self.fencing.in_flight.insert(name.clone()) {
-            out.push(Action::Fence { host: name.clone() });
+            self.fencing
+                .awaiting_commit
+                .insert(name.clone(), (1, now_ms));
+        }
+    }
+
+    /// Proposes a power-fence attempt of `host` (`FenceStarted`); the fence agent runs once
+    /// the attempt is committed ([`Self::release_committed_fences`]).
+    pub(super) fn propose_power_fence(
+        &mut self,
+        host: &str,
+        reason: String,
+        now_ms: u64,
+        wall_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let attempt = match state.hosts.get(host).map(|h| &h.phase) {
+            Some(HostPhase::Fencing { attempts, .. }) => attempts + 1,
+            _ => 1,
+        };
+        self.fencing.in_flight.insert(host.to_string());
+        self.fencing.retry_at.remove(host);
+        self.fencing
+            .awaiting_commit
+            .insert(host.to_string(), (attempt, now_ms));
+        out.push(Action::Propose(StateCommand::FenceStarted {
+            at_ms: wall_ms,
+            host: host.to_string(),
+            reason,
+        }));
+    }
+
+    /// Runs the fence agent for every proposed attempt that is now committed; forgets one that
+    /// has not committed within [`FENCE_RETRY_MS`] (the proposal was lost) so it is tried again.
+    pub(super) fn release_committed_fences(
+        &mut self,
+        now_ms: u64,
+        state: &ClusterState,
+        out: &mut Vec<Action>,
+    ) {
+        let hosts: Vec<(String, u32, u64)> = self
+            .fencing
+            .awaiting_commit
+            .iter()
+            .map(|(h, (a, t))| (h.clone(), *a, *t))
+            .collect();
+        for (host, attempt, since) in hosts {
+            let committed = match state.hosts.get(&host).map(|h| &h.phase) {
+                Some(HostPhase::Fencing { attempts, .. }) => *attempts >= attempt,
+                _ => false,
+            };
+            if committed {
+                self.fencing.awaiting_commit.remove(&host);
+                out.push(Action::Fence { host });
+            } else if now_ms.saturating_sub(since) > FENCE_RETRY_MS {
+                self.fencing.awaiting_commit.remove(&host);
+                self.fencing.in_flight.remove(&host);
+            }
         }
     }
 
@@ -343,15 +405,8 @@ impl Engine {
                 .get(name)
                 .is_none_or(|t| wall_ms >= *t);
         if due && !self.fencing.in_flight.contains(name) {
-            self.fencing.in_flight.insert(name.clone());
-            self.fencing.retry_at.remove(name);
-            out.push(Action::Propose(StateCommand::FenceStarted {
-                at_ms: wall_ms,
-                host: name.clone(),
-                reason: "power fencing (no other proof yet, or retrying after a failed attempt)"
-                    .into(),
-            }));
-            out.push(Action::Fence { host: name.clone() });
+            let reason = "power fencing (no other proof yet, or retrying after a failed attempt)";
+            self.propose_power_fence(name, reason.into(), now_ms, wall_ms, state, out);
         }
     }
 

@@ -270,7 +270,7 @@ impl Engine {
                 self.on_fence_done(host, result, wall_ms, &mut out)
             }
             Input::Tick => self.tick(now_ms, wall_ms, state, &mut out),
-            Input::Applied => self.applied(wall_ms, state, &mut out),
+            Input::Applied => self.applied(now_ms, wall_ms, state, &mut out),
             Input::BecameLeader { term, node } => {
                 self.on_became_leader(term, node, now_ms, wall_ms, state, &mut out)
             }
@@ -305,6 +305,7 @@ impl Engine {
             self.transition_event(t, wall_ms, out);
         }
         self.reconcile_hosts(now_ms, wall_ms, state, out);
+        self.release_committed_fences(now_ms, state, out);
         self.reconcile_storage(now_ms, wall_ms, state, out);
         self.reconcile(wall_ms, state, out);
         if self.leader {
@@ -314,8 +315,9 @@ impl Engine {
     }
 
     /// Committed state changed: mirror it and derive the work it implies.
-    fn applied(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+    fn applied(&mut self, now_ms: u64, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
         self.mirror_maintenance(state);
+        self.release_committed_fences(now_ms, state, out);
         self.reconcile(wall_ms, state, out);
     }
 }

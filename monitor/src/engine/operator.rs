@@ -20,18 +20,12 @@ impl Engine {
                 .get(&host)
                 .is_some_and(|h| !matches!(h.phase, HostPhase::Fenced { .. }))
         {
-            self.fencing.in_flight.insert(host.clone());
-            self.fencing.retry_at.remove(&host);
             // A failed attempt is retried like any power fence.
             self.fencing.power_after.insert(host.clone(), now_ms);
-            out.push(Action::Propose(StateCommand::FenceStarted {
-                at_ms: wall_ms,
-                host: host.clone(),
-                reason: format!(
-                    "operator {by} asked for it (vigilctl host fence): powering it off through its fence agent now"
-                ),
-            }));
-            out.push(Action::Fence { host });
+            let reason = format!(
+                "operator {by} asked for it (vigilctl host fence): powering it off through its fence agent now"
+            );
+            self.propose_power_fence(&host, reason, now_ms, wall_ms, state, out);
         }
     }
 

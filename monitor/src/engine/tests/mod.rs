@@ -27,16 +27,24 @@ struct Sim {
     engine: Engine,
     state: ClusterState,
     sent: Vec<Action>,
+    /// Proposals not committed (yet): a leader whose writes do not reach a quorum.
+    uncommitted: Option<Vec<StateCommand>>,
 }
 impl Sim {
+    /// A leader of term 1.
     fn new() -> Self {
-        let mut s = Sim {
+        let mut s = Sim::follower();
+        s.input(Input::BecameLeader { term: 1, node: 1 }, 0);
+        s
+    }
+    /// An engine that does not lead (yet).
+    fn follower() -> Self {
+        Sim {
             engine: Engine::new(cfg(), RecoveryConfig::default(), 0),
             state: ClusterState::default(),
             sent: Vec::new(),
-        };
-        s.input(Input::BecameLeader { term: 1, node: 1 }, 0);
-        s
+            uncommitted: None,
+        }
     }
     fn input(&mut self, input: Input, now: u64) {
         let mut queue = vec![input];
@@ -44,10 +52,13 @@ impl Sim {
             let mut applied = false;
             for a in self.engine.handle(input, now, 1_000_000 + now, &self.state) {
                 match a {
-                    Action::Propose(cmd) => {
-                        self.state.apply(&cmd);
-                        applied = true;
-                    }
+                    Action::Propose(cmd) => match &mut self.uncommitted {
+                        Some(held) => held.push(cmd),
+                        None => {
+                            self.state.apply(&cmd);
+                            applied = true;
+                        }
+                    },
                     other => self.sent.push(other),
                 }
             }

@@ -47,11 +47,7 @@ fn a_relocation_without_a_stored_definition_waits_loudly() {
 
 #[test]
 fn an_agent_connected_before_leadership_is_registered_when_it_comes() {
-    let mut s = Sim {
-        engine: Engine::new(cfg(), RecoveryConfig::default(), 0),
-        state: ClusterState::default(),
-        sent: Vec::new(),
-    };
+    let mut s = Sim::follower();
     s.connect("hv1", 0);
     assert!(s.state.hosts.is_empty(), "a follower registers nothing");
     s.input(Input::BecameLeader { term: 1, node: 1 }, 50);

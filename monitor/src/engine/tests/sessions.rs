@@ -7,11 +7,7 @@ use super::*;
 /// it listed (seen as a tiny benchmark waiting 30 minutes for 200 VMs).
 #[test]
 fn ha_domains_listed_before_this_monitor_led_are_registered_when_it_leads() {
-    let mut s = Sim {
-        engine: Engine::new(cfg(), RecoveryConfig::default(), 0),
-        state: ClusterState::default(),
-        sent: Vec::new(),
-    };
+    let mut s = Sim::follower();
     s.connect("hv1", 0);
     s.input(
         Input::Inventory(Listing {
@@ -260,6 +256,52 @@ fn no_host_is_fenced_in_the_first_full_lease_after_an_election() {
         s.input(Input::Tick, t);
     }
     assert!(fenced(&s), "{:#?}", s.log());
+}
+
+#[test]
+fn a_fence_agent_runs_only_once_its_fence_attempt_is_committed() {
+    let mut s = Sim::new();
+    s.engine = s.engine.clone().with_failover(FailoverConfig {
+        fence_hosts: ["hv1".to_string()].into(),
+        mass_failure_percent: 100,
+        ..FailoverConfig::default()
+    });
+    s.connect("hv1", 0);
+    s.connect("hv2", 0);
+    s.inventory("hv1", vec![running("u1", None)], 10);
+    s.beat("hv1", 50);
+    // From here on nothing this leader proposes commits (cut off from its quorum, its
+    // lease not yet run out): hv1 goes quiet and is due for fencing after the first lease.
+    s.uncommitted = Some(Vec::new());
+    let fenced = |s: &Sim| {
+        s.sent
+            .iter()
+            .filter(|a| matches!(a, Action::Fence { host } if host == "hv1"))
+            .count()
+    };
+    for t in (100..12_000).step_by(100) {
+        s.beat("hv2", t);
+        s.input(Input::Tick, t);
+    }
+    let proposed = s.uncommitted.clone().unwrap_or_default();
+    assert!(
+        proposed
+            .iter()
+            .any(|c| matches!(c, StateCommand::FenceStarted { host, .. } if host == "hv1")),
+        "fencing was proposed: {proposed:#?}"
+    );
+    assert_eq!(
+        fenced(&s),
+        0,
+        "the fence agent ran before its attempt committed"
+    );
+    // The proposals commit: the fence agent runs, once.
+    for cmd in s.uncommitted.take().unwrap_or_default() {
+        s.state.apply(&cmd);
+    }
+    s.input(Input::Applied, 12_000);
+    s.input(Input::Tick, 12_100);
+    assert_eq!(fenced(&s), 1, "{:#?}", s.log());
 }
 
 #[test]
