@@ -215,8 +215,8 @@ fn a_new_leader_grants_grace_to_known_hosts() {
     );
 }
 
-#[test]
-fn no_host_is_fenced_in_the_first_full_lease_after_an_election() {
+/// hv1 (with a fence agent) runs HA VM u1; hv2 is empty; both connected at 0.
+fn fenceable_hv1_with_an_ha_vm() -> Sim {
     let mut s = Sim::new();
     s.engine = s.engine.clone().with_failover(FailoverConfig {
         fence_hosts: ["hv1".to_string()].into(),
@@ -226,6 +226,12 @@ fn no_host_is_fenced_in_the_first_full_lease_after_an_election() {
     s.connect("hv1", 0);
     s.connect("hv2", 0);
     s.inventory("hv1", vec![running("u1", None)], 10);
+    s
+}
+
+#[test]
+fn no_host_is_fenced_in_the_first_full_lease_after_an_election() {
+    let mut s = fenceable_hv1_with_an_ha_vm();
     s.input(Input::LostLeadership, 20);
     // hv1 was heard once after the election, then its agent went quiet (reconnecting
     // slowly after the monitor restart); hv2 beats on.
@@ -260,15 +266,7 @@ fn no_host_is_fenced_in_the_first_full_lease_after_an_election() {
 
 #[test]
 fn a_fence_agent_runs_only_once_its_fence_attempt_is_committed() {
-    let mut s = Sim::new();
-    s.engine = s.engine.clone().with_failover(FailoverConfig {
-        fence_hosts: ["hv1".to_string()].into(),
-        mass_failure_percent: 100,
-        ..FailoverConfig::default()
-    });
-    s.connect("hv1", 0);
-    s.connect("hv2", 0);
-    s.inventory("hv1", vec![running("u1", None)], 10);
+    let mut s = fenceable_hv1_with_an_ha_vm();
     s.beat("hv1", 50);
     // From here on nothing this leader proposes commits (cut off from its quorum, its
     // lease not yet run out): hv1 goes quiet and is due for fencing after the first lease.
