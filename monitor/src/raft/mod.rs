@@ -14,6 +14,8 @@
 #![allow(clippy::result_large_err)]
 
 pub mod leader_lease;
+#[cfg(test)]
+mod leader_lease_tests;
 pub mod log_store;
 pub mod network;
 pub mod quic;

@@ -19,15 +19,15 @@ use super::{RaftNode, RaftTuning, WriteError};
 use crate::state::StateCommand;
 
 /// Generous: CI is a loaded 2-core machine.
-const WAIT: Duration = Duration::from_secs(30);
+pub(super) const WAIT: Duration = Duration::from_secs(30);
 
-struct Pki {
+pub(super) struct Pki {
     _dir: tempfile::TempDir,
     ca: CaSigner,
 }
 
 impl Pki {
-    fn new(name: &str) -> Pki {
+    pub(super) fn new(name: &str) -> Pki {
         let dir = tempfile::tempdir().expect("tempdir");
         init_ca(dir.path(), name).expect("init ca");
         let ca = CaSigner::load(dir.path()).expect("load ca");
@@ -35,7 +35,7 @@ impl Pki {
     }
 
     /// The same certificate loaded twice (server side, client side).
-    fn material(&self, role: Role, name: &str) -> (TlsMaterial, TlsMaterial) {
+    pub(super) fn material(&self, role: Role, name: &str) -> (TlsMaterial, TlsMaterial) {
         let (cert, key) = self.ca.issue(role, name, &[], 30).expect("issue");
         let load = || TlsMaterial::from_pem(&self.ca.cert_pem, &cert, &key).expect("material");
         (load(), load())
@@ -109,7 +109,7 @@ impl TestNode {
     }
 }
 
-fn register(name: &str) -> StateCommand {
+pub(super) fn register(name: &str) -> StateCommand {
     StateCommand::RegisterHost {
         at_ms: 1,
         name: name.into(),
@@ -119,7 +119,7 @@ fn register(name: &str) -> StateCommand {
     }
 }
 
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+pub(super) async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !cond() {
         assert!(
