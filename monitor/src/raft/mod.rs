@@ -359,24 +359,14 @@ impl RaftNode {
     /// Makes this node a one-voter cluster if it has never been initialized (no vote, no log).
     /// After a restart from existing data it does nothing. Idempotent.
     pub async fn initialize_single_if_new(&self) -> Result<(), InitError> {
-        if self.raft.is_initialized().await? {
-            tracing::debug!(node_id = self.node_id, "Raft already initialized");
-            return Ok(());
-        }
         let members = BTreeMap::from([(self.node_id, BasicNode::new(&self.addr))]);
-        match self.raft.initialize(members).await {
-            Ok(()) => {
-                tracing::info!(
-                    node_id = self.node_id,
-                    "initialized single-node Raft cluster"
-                );
-                Ok(())
-            }
-            // Initialized meanwhile (for example by a concurrent call): that is the goal.
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
-            Err(RaftError::APIError(e)) => Err(InitError::Rejected(e.to_string())),
-            Err(RaftError::Fatal(f)) => Err(InitError::Fatal(f)),
+        if self.initialize_if_new(members).await? {
+            tracing::info!(
+                node_id = self.node_id,
+                "initialized single-node Raft cluster"
+            );
         }
+        Ok(())
     }
 
     /// Makes this node the first member of a new cluster with `others` (id → Raft address)
@@ -386,25 +376,36 @@ impl RaftNode {
         &self,
         others: &BTreeMap<u64, String>,
     ) -> Result<(), InitError> {
-        if self.raft.is_initialized().await? {
-            return Ok(());
-        }
         let mut members: BTreeMap<u64, BasicNode> = others
             .iter()
             .map(|(id, addr)| (*id, BasicNode::new(addr)))
             .collect();
         members.insert(self.node_id, BasicNode::new(&self.addr));
         let n = members.len();
+        if self.initialize_if_new(members).await? {
+            tracing::info!(
+                node_id = self.node_id,
+                voters = n,
+                "initialized Raft cluster"
+            );
+        }
+        Ok(())
+    }
+
+    /// Initializes the cluster with `members` as voters unless it already is: `Ok(true)` when
+    /// this call did it, `Ok(false)` when the node was initialized before (or meanwhile).
+    async fn initialize_if_new(
+        &self,
+        members: BTreeMap<u64, BasicNode>,
+    ) -> Result<bool, InitError> {
+        if self.raft.is_initialized().await? {
+            tracing::debug!(node_id = self.node_id, "Raft already initialized");
+            return Ok(false);
+        }
         match self.raft.initialize(members).await {
-            Ok(()) => {
-                tracing::info!(
-                    node_id = self.node_id,
-                    voters = n,
-                    "initialized Raft cluster"
-                );
-                Ok(())
-            }
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+            Ok(()) => Ok(true),
+            // Initialized meanwhile (for example by a concurrent call): that is the goal.
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(false),
             Err(RaftError::APIError(e)) => Err(InitError::Rejected(e.to_string())),
             Err(RaftError::Fatal(f)) => Err(InitError::Fatal(f)),
         }
@@ -711,6 +712,7 @@ impl RaftNode {
 mod tests {
     use super::*;
     use crate::state::{EventKind, Severity};
+    use openraft::LogId;
 
     const WAIT: Duration = Duration::from_secs(10);
 
@@ -741,6 +743,64 @@ mod tests {
         RaftNode::open(dir, 1, "127.0.0.1:7001".into(), RaftTuning::default())
             .await
             .expect("open raft node")
+    }
+
+    /// Opens a fresh node in `dir`, makes it a one-voter cluster and waits until it leads.
+    async fn open_leader(dir: &Path) -> RaftNode {
+        let node = open(dir).await;
+        node.initialize_single_if_new().await.expect("initialize");
+        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        node
+    }
+
+    /// Triggers a snapshot and waits until one covers at least what the metrics say is
+    /// applied now; returns its log id.
+    async fn snapshot_now(node: &RaftNode) -> LogId<u64> {
+        // Metrics may trail the write responses a little; the snapshot covers at least this.
+        let applied = node.metrics().last_applied.expect("applied");
+        node.raft()
+            .trigger()
+            .snapshot()
+            .await
+            .expect("trigger snapshot");
+        node.raft()
+            .wait(Some(WAIT))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
+                "snapshot built",
+            )
+            .await
+            .expect("snapshot")
+            .snapshot
+            .expect("snapshot log id")
+    }
+
+    /// Waits until the metrics show `index` applied.
+    async fn metrics_caught_up(node: &RaftNode, index: u64) -> RaftMetrics<u64, BasicNode> {
+        node.raft()
+            .wait(Some(WAIT))
+            .applied_index(Some(index), "metrics caught up")
+            .await
+            .expect("applied")
+    }
+
+    /// Waits, after a reopen, until the core has loaded the storage into the metrics.
+    async fn storage_loaded(node: &RaftNode) -> RaftMetrics<u64, BasicNode> {
+        node.raft()
+            .wait(Some(WAIT))
+            .metrics(|m| m.last_applied.is_some(), "storage loaded")
+            .await
+            .expect("loaded")
+    }
+
+    /// After a reopen: initializing again is a no-op, the node leads again, takes one more
+    /// host (`late`, at `at_ms`) and then holds `hosts` hosts. Shuts the node down.
+    async fn leads_again_and_writes(node: RaftNode, at_ms: u64, hosts: usize) {
+        node.initialize_single_if_new().await.expect("no-op");
+        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        node.write(register(at_ms, "late")).await.expect("write");
+        assert_eq!(node.read(|s| s.hosts.len()), hosts);
+        node.shutdown().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -832,32 +892,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn restart_after_snapshot_and_purge() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let node = open(dir.path()).await;
-        node.initialize_single_if_new().await.expect("initialize");
-        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        let node = open_leader(dir.path()).await;
         for i in 0..20 {
             node.write(register(i, &format!("hv{i}")))
                 .await
                 .expect("write");
         }
-        // Metrics may trail the write responses a little; the snapshot covers at least this.
-        let applied = node.metrics().last_applied.expect("applied");
-        node.raft()
-            .trigger()
-            .snapshot()
-            .await
-            .expect("trigger snapshot");
-        let snapshot = node
-            .raft()
-            .wait(Some(WAIT))
-            .metrics(
-                |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
-                "snapshot built",
-            )
-            .await
-            .expect("snapshot")
-            .snapshot
-            .expect("snapshot log id");
+        let snapshot = snapshot_now(&node).await;
         node.raft()
             .trigger()
             .purge_log(snapshot.index)
@@ -882,11 +923,7 @@ mod tests {
             )
             .await
             .expect("reloaded");
-        node.initialize_single_if_new().await.expect("no-op");
-        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
-        node.write(register(99, "late")).await.expect("write");
-        assert_eq!(node.read(|s| s.hosts.len()), 21);
-        node.shutdown().await;
+        leads_again_and_writes(node, 99, 21).await;
     }
 
     /// Enough entries for several policy snapshots and purges, then restart: the state comes
@@ -896,9 +933,7 @@ mod tests {
         const N: u64 = 3_000;
         const AFTER_SNAPSHOT: u64 = 25;
         let dir = tempfile::tempdir().expect("tempdir");
-        let node = open(dir.path()).await;
-        node.initialize_single_if_new().await.expect("initialize");
-        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        let node = open_leader(dir.path()).await;
         node.write(register(0, "hv0")).await.expect("write");
         for i in 1..N - AFTER_SNAPSHOT {
             node.write(liveness_event(i, 1)).await.expect("write");
@@ -910,23 +945,8 @@ mod tests {
             .snapshot
             .is_some_and(|s| s.index >= 2 * SNAPSHOT_EVERY_LOGS - 2));
         assert!(m.purged.is_some());
-        let applied = m.last_applied.expect("applied");
-        node.raft()
-            .trigger()
-            .snapshot()
-            .await
-            .expect("trigger snapshot");
-        let snapshot = node
-            .raft()
-            .wait(Some(WAIT))
-            .metrics(
-                |m| m.snapshot.is_some_and(|s| s.index >= applied.index),
-                "snapshot built",
-            )
-            .await
-            .expect("snapshot")
-            .snapshot
-            .expect("snapshot log id");
+        assert!(m.last_applied.is_some());
+        let snapshot = snapshot_now(&node).await;
         let mut last_applied = None;
         for i in N - AFTER_SNAPSHOT..N {
             // Through openraft directly for the log id (metrics may trail the response).
@@ -942,30 +962,16 @@ mod tests {
         assert_eq!(before.events.len() as u64, N); // One HostRegistered, N - 1 recorded.
         assert_eq!(last_applied.index, snapshot.index + AFTER_SNAPSHOT);
         // No snapshot after the one taken by hand: the restart replays AFTER_SNAPSHOT entries.
-        let m = node
-            .raft()
-            .wait(Some(WAIT))
-            .applied_index(Some(last_applied.index), "metrics caught up")
-            .await
-            .expect("applied");
+        let m = metrics_caught_up(&node, last_applied.index).await;
         assert_eq!(m.snapshot, Some(snapshot));
         node.shutdown().await;
 
         let node = open(dir.path()).await;
         assert_eq!(node.read(|s| s.clone()), before);
-        let m = node
-            .raft()
-            .wait(Some(WAIT))
-            .metrics(|m| m.last_applied.is_some(), "storage loaded")
-            .await
-            .expect("loaded");
+        let m = storage_loaded(&node).await;
         assert_eq!(m.snapshot, Some(snapshot));
         assert_eq!(m.last_applied, Some(last_applied));
-        node.initialize_single_if_new().await.expect("no-op");
-        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
-        node.write(register(N, "late")).await.expect("write");
-        assert_eq!(node.read(|s| s.hosts.len()), 2);
-        node.shutdown().await;
+        leads_again_and_writes(node, N, 2).await;
     }
 
     /// A crash after writes and before any snapshot: nothing but the log is on disk, and it
@@ -974,9 +980,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn crash_before_any_snapshot_loses_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let node = open(dir.path()).await;
-        node.initialize_single_if_new().await.expect("initialize");
-        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        let node = open_leader(dir.path()).await;
         for i in 0..50 {
             node.write(register(i, &format!("hv{i:05}")))
                 .await
@@ -997,12 +1001,7 @@ mod tests {
             .expect("write")
             .log_id;
         let before = node.read(|s| s.clone());
-        let m = node
-            .raft()
-            .wait(Some(WAIT))
-            .applied_index(Some(last_applied.index), "metrics caught up")
-            .await
-            .expect("applied");
+        let m = metrics_caught_up(&node, last_applied.index).await;
         assert_eq!(m.snapshot, None);
         let last_applied = Some(last_applied);
 
@@ -1018,19 +1017,10 @@ mod tests {
         let node = open(crashed.path()).await;
         assert_eq!(node.read(|s| s.clone()), before);
         assert!(node.read(|s| s.hosts["hv00007"].tags.contains("ha")));
-        let m = node
-            .raft()
-            .wait(Some(WAIT))
-            .metrics(|m| m.last_applied.is_some(), "storage loaded")
-            .await
-            .expect("loaded");
+        let m = storage_loaded(&node).await;
         assert_eq!(m.last_applied, last_applied);
         assert_eq!(m.snapshot, None);
-        node.initialize_single_if_new().await.expect("no-op");
-        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
-        node.write(register(1_000, "late")).await.expect("write");
-        assert_eq!(node.read(|s| s.hosts.len()), 51);
-        node.shutdown().await;
+        leads_again_and_writes(node, 1_000, 51).await;
     }
 
     /// Write throughput with a large state: registers `BENCH_HOSTS` hosts, then times
@@ -1043,9 +1033,7 @@ mod tests {
         const BENCH_HOSTS: u64 = 10_000;
         const BENCH_EVENTS: u64 = 20_000;
         let dir = tempfile::tempdir().expect("tempdir");
-        let node = open(dir.path()).await;
-        node.initialize_single_if_new().await.expect("initialize");
-        assert_eq!(node.wait_for_leader(WAIT).await, Some(1));
+        let node = open_leader(dir.path()).await;
 
         let start = std::time::Instant::now();
         for i in 0..BENCH_HOSTS {
