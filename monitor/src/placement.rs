@@ -279,6 +279,29 @@ mod tests {
         }
     }
 
+    /// Hosts by name, from (name, zone, cluster).
+    fn hosts(list: &[(&str, &str, &str)]) -> BTreeMap<String, HostRecord> {
+        list.iter()
+            .map(|(name, zone, cluster)| host(name, zone, cluster))
+            .collect()
+    }
+
+    /// Host views by name, from (name, usable, GiB free).
+    fn views(list: &[(&str, bool, u64)]) -> BTreeMap<String, HostView> {
+        list.iter()
+            .map(|(name, usable, gib)| (name.to_string(), view(*usable, *gib)))
+            .collect()
+    }
+
+    /// The host [`relocation_target`] picks, by name.
+    fn relocation_host(
+        hosts: &BTreeMap<String, HostRecord>,
+        views: &BTreeMap<String, HostView>,
+        need: &Need,
+    ) -> Option<String> {
+        relocation_target(hosts, views, "a1", need).map(|c| c.host)
+    }
+
     fn mem(kib: u64) -> Need<'static> {
         Need {
             memory_kib: kib,
@@ -289,32 +312,14 @@ mod tests {
 
     #[test]
     fn ha_tag_hosts_first_then_the_fallback() {
-        let mut hosts: BTreeMap<_, _> = [
-            host("a1", "z1", "c1"),
-            host("a2", "z1", "c1"),
-            host("a3", "z1", "c2"),
-        ]
-        .into_iter()
-        .collect();
-        if let Some(h) = hosts.get_mut("a3") {
-            h.tags.insert("ha".into());
-        }
-        let mut views: BTreeMap<String, HostView> = [
-            ("a1".to_string(), view(true, 8)),
-            ("a2".to_string(), view(true, 64)),
-            ("a3".to_string(), view(true, 2)),
-        ]
-        .into_iter()
-        .collect();
+        let mut hosts = hosts(&[("a1", "z1", "c1"), ("a2", "z1", "c1"), ("a3", "z1", "c2")]);
+        hosts.get_mut("a3").expect("a3").tags.insert("ha".into());
+        let mut views = views(&[("a1", true, 8), ("a2", true, 64), ("a3", true, 2)]);
+        let failover = |views: &BTreeMap<String, HostView>, fallback: TagFallback| {
+            failover_target(&hosts, views, "a1", &mem(1 << 20), Some("ha"), fallback)
+        };
         // The tagged host wins even from another cluster and with less memory.
-        let (t, w) = failover_target(
-            &hosts,
-            &views,
-            "a1",
-            &mem(1 << 20),
-            Some("ha"),
-            TagFallback::Any,
-        );
+        let (t, w) = failover(&views, TagFallback::Any);
         assert_eq!(w, None);
         let chosen = t.expect("a tagged host");
         assert_eq!(chosen.host, "a3");
@@ -332,57 +337,35 @@ mod tests {
             chosen.why
         );
         views.insert("a3".into(), view(false, 2));
-        let (t, w) = failover_target(
-            &hosts,
-            &views,
-            "a1",
-            &mem(1 << 20),
-            Some("ha"),
-            TagFallback::Any,
-        );
+        let (t, w) = failover(&views, TagFallback::Any);
         assert_eq!(t.map(|c| c.host).as_deref(), Some("a2"));
         assert!(w.is_some_and(|w| w.contains("ha_tag")));
-        let (t, w) = failover_target(
-            &hosts,
-            &views,
-            "a1",
-            &mem(1 << 20),
-            Some("ha"),
-            TagFallback::Wait,
-        );
+        let (t, w) = failover(&views, TagFallback::Wait);
         assert_eq!(t, None);
         assert!(w.is_some_and(|w| w.contains("queued")));
     }
 
     #[test]
     fn never_crosses_zones_prefers_cluster_and_needs_room() {
-        let hosts: BTreeMap<_, _> = [
-            host("a1", "z1", "c1"),
-            host("a2", "z1", "c1"),
-            host("a3", "z1", "c2"),
-            host("b1", "z2", "c1"),
-        ]
-        .into_iter()
-        .collect();
-        let mut views: BTreeMap<String, HostView> = [
-            ("a1".to_string(), view(true, 8)),
-            ("a2".to_string(), view(true, 2)),
-            ("a3".to_string(), view(true, 64)),
-            ("b1".to_string(), view(true, 128)),
-        ]
-        .into_iter()
-        .collect();
+        let hosts = hosts(&[
+            ("a1", "z1", "c1"),
+            ("a2", "z1", "c1"),
+            ("a3", "z1", "c2"),
+            ("b1", "z2", "c1"),
+        ]);
+        let mut views = views(&[
+            ("a1", true, 8),
+            ("a2", true, 2),
+            ("a3", true, 64),
+            ("b1", true, 128),
+        ]);
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", &mem(1 << 20))
-                .map(|c| c.host)
-                .as_deref(),
+            relocation_host(&hosts, &views, &mem(1 << 20)).as_deref(),
             Some("a2")
         );
         // a2 lacks room for 4 GiB: the other cluster of the same zone, never zone z2.
         assert_eq!(
-            relocation_target(&hosts, &views, "a1", &mem(4 << 20))
-                .map(|c| c.host)
-                .as_deref(),
+            relocation_host(&hosts, &views, &mem(4 << 20)).as_deref(),
             Some("a3")
         );
         views.insert("a3".into(), view(false, 64));
@@ -391,45 +374,19 @@ mod tests {
 
     #[test]
     fn anti_affinity_maintenance_vcpus_and_reservations() {
-        let mut hosts: BTreeMap<_, _> = [
-            host("a1", "z1", "c1"),
-            host("a2", "z1", "c1"),
-            host("a3", "z1", "c1"),
-        ]
-        .into_iter()
-        .collect();
-        let mut views: BTreeMap<String, HostView> = [
-            ("a1".to_string(), view(true, 8)),
-            ("a2".to_string(), view(true, 64)),
-            ("a3".to_string(), view(true, 32)),
-        ]
-        .into_iter()
-        .collect();
+        let mut hosts = hosts(&[("a1", "z1", "c1"), ("a2", "z1", "c1"), ("a3", "z1", "c1")]);
+        let mut views = views(&[("a1", true, 8), ("a2", true, 64), ("a3", true, 32)]);
         let db = Need {
             memory_kib: 1 << 20,
             vcpus: 2,
             group: Some("db"),
         };
         // a2 has the most memory but already runs a member of "db": a3 wins.
-        if let Some(v) = views.get_mut("a2") {
-            v.groups.insert("db".into());
-        }
-        assert_eq!(
-            relocation_target(&hosts, &views, "a1", &db)
-                .map(|c| c.host)
-                .as_deref(),
-            Some("a3")
-        );
+        views.get_mut("a2").expect("a2").groups.insert("db".into());
+        assert_eq!(relocation_host(&hosts, &views, &db).as_deref(), Some("a3"));
         // Every host with room shares the group: placed anyway (a preference).
-        if let Some(v) = views.get_mut("a3") {
-            v.groups.insert("db".into());
-        }
-        assert_eq!(
-            relocation_target(&hosts, &views, "a1", &db)
-                .map(|c| c.host)
-                .as_deref(),
-            Some("a2")
-        );
+        views.get_mut("a3").expect("a3").groups.insert("db".into());
+        assert_eq!(relocation_host(&hosts, &views, &db).as_deref(), Some("a2"));
         assert!(shares_group(&views, "a2", &db));
         let why = relocation_target(&hosts, &views, "a1", &db)
             .expect("a2")
@@ -439,19 +396,10 @@ mod tests {
             "{why}"
         );
         // A host in maintenance takes nothing.
-        if let Some(h) = hosts.get_mut("a2") {
-            h.maintenance = true;
-        }
-        assert_eq!(
-            relocation_target(&hosts, &views, "a1", &db)
-                .map(|c| c.host)
-                .as_deref(),
-            Some("a3")
-        );
+        hosts.get_mut("a2").expect("a2").maintenance = true;
+        assert_eq!(relocation_host(&hosts, &views, &db).as_deref(), Some("a3"));
         // Too few vCPUs left: not a candidate.
-        if let Some(v) = views.get_mut("a3") {
-            v.vcpus_available = 1;
-        }
+        views.get_mut("a3").expect("a3").vcpus_available = 1;
         assert_eq!(relocation_target(&hosts, &views, "a1", &db), None);
         // Why nothing fits, host by host, for the queued VM's event.
         assert_eq!(
@@ -459,31 +407,17 @@ mod tests {
             "in zone z1: a2 is in maintenance; a3 has 1 vCPUs free, needs 2"
         );
         // Reservations: two 20 GiB VMs from one pass do not both land on a3 (32 GiB).
-        if let Some(v) = views.get_mut("a3") {
-            v.vcpus_available = 64;
-        }
-        if let Some(h) = hosts.get_mut("a2") {
-            h.maintenance = false;
-        }
+        views.get_mut("a3").expect("a3").vcpus_available = 64;
+        hosts.get_mut("a2").expect("a2").maintenance = false;
         // a2 24 GiB, a3 32 GiB free.
-        if let Some(v) = views.get_mut("a2") {
-            v.memory_available_bytes = 24 << 30;
-        }
+        views.get_mut("a2").expect("a2").memory_available_bytes = 24 << 30;
         let big = mem(20 << 20);
-        let first = relocation_target(&hosts, &views, "a1", &big)
-            .expect("room")
-            .host;
+        let first = relocation_host(&hosts, &views, &big).expect("room");
         assert_eq!(first, "a3");
-        if let Some(v) = views.get_mut(&first) {
-            v.reserve(&big);
-        }
-        let second = relocation_target(&hosts, &views, "a1", &big)
-            .expect("room")
-            .host;
+        views.get_mut(&first).expect("first").reserve(&big);
+        let second = relocation_host(&hosts, &views, &big).expect("room");
         assert_eq!(second, "a2");
-        if let Some(v) = views.get_mut(&second) {
-            v.reserve(&big);
-        }
+        views.get_mut(&second).expect("second").reserve(&big);
         assert_eq!(relocation_target(&hosts, &views, "a1", &big), None);
     }
 }

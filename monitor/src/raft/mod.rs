@@ -745,6 +745,13 @@ mod tests {
             .expect("open raft node")
     }
 
+    /// Writes `cmds` one by one, each to be accepted.
+    async fn write_all(node: &RaftNode, cmds: impl IntoIterator<Item = StateCommand>) {
+        for cmd in cmds {
+            node.write(cmd).await.expect("write");
+        }
+    }
+
     /// Opens a fresh node in `dir`, makes it a one-voter cluster and waits until it leads.
     async fn open_leader(dir: &Path) -> RaftNode {
         let node = open(dir).await;
@@ -893,11 +900,7 @@ mod tests {
     async fn restart_after_snapshot_and_purge() {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = open_leader(dir.path()).await;
-        for i in 0..20 {
-            node.write(register(i, &format!("hv{i}")))
-                .await
-                .expect("write");
-        }
+        write_all(&node, (0..20).map(|i| register(i, &format!("hv{i}")))).await;
         let snapshot = snapshot_now(&node).await;
         node.raft()
             .trigger()
@@ -935,9 +938,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = open_leader(dir.path()).await;
         node.write(register(0, "hv0")).await.expect("write");
-        for i in 1..N - AFTER_SNAPSHOT {
-            node.write(liveness_event(i, 1)).await.expect("write");
-        }
+        write_all(&node, (1..N - AFTER_SNAPSHOT).map(|i| liveness_event(i, 1))).await;
         // Policy snapshots (every SNAPSHOT_EVERY_LOGS) were built and the log purged behind
         // them; take one more by hand so that exactly AFTER_SNAPSHOT entries follow it.
         let m = node.metrics();
@@ -981,14 +982,8 @@ mod tests {
     async fn crash_before_any_snapshot_loses_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = open_leader(dir.path()).await;
-        for i in 0..50 {
-            node.write(register(i, &format!("hv{i:05}")))
-                .await
-                .expect("write");
-        }
-        for i in 0..150 {
-            node.write(liveness_event(i, 50)).await.expect("write");
-        }
+        write_all(&node, (0..50).map(|i| register(i, &format!("hv{i:05}")))).await;
+        write_all(&node, (0..150).map(|i| liveness_event(i, 50))).await;
         // Through openraft directly for the log id (metrics may trail the response).
         let last_applied = node
             .raft()

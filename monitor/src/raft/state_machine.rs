@@ -81,6 +81,23 @@ fn sm_write_err(e: &(impl std::error::Error + 'static)) -> StorageError<u64> {
     StorageIOError::write_state_machine(e).into()
 }
 
+/// Stores `meta` and `data` (both serialized) as the current snapshot.
+fn put_snapshot(
+    table: &mut redb::Table<&str, &[u8]>,
+    meta: &[u8],
+    data: &[u8],
+    subject: &ErrorSubject<u64>,
+) -> StoreResult<()> {
+    let verb = ErrorVerb::Write;
+    table
+        .insert(KEY_SNAPSHOT_META, meta)
+        .or_sto(subject, verb)?;
+    table
+        .insert(KEY_SNAPSHOT_DATA, data)
+        .or_sto(subject, verb)?;
+    Ok(())
+}
+
 fn get_json<T, Tbl>(table: &Tbl, key: &str, subject: &ErrorSubject<u64>) -> StoreResult<Option<T>>
 where
     T: for<'de> Deserialize<'de>,
@@ -259,12 +276,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let txn = db.begin_write().or_sto(&subject, verb)?;
             {
                 let mut table = txn.open_table(SM_TABLE).or_sto(&subject, verb)?;
-                table
-                    .insert(KEY_SNAPSHOT_META, meta_bytes.as_slice())
-                    .or_sto(&subject, verb)?;
-                table
-                    .insert(KEY_SNAPSHOT_DATA, data.as_slice())
-                    .or_sto(&subject, verb)?;
+                put_snapshot(&mut table, &meta_bytes, &data, &subject)?;
             }
             txn.commit().or_sto(&subject, verb)
         })
@@ -323,12 +335,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 // A snapshot installed from the leader meanwhile may be newer: keep it.
                 let current: Option<Meta> = get_json(&table, KEY_SNAPSHOT_META, &subject)?;
                 if current.is_none_or(|c| c.last_log_id <= last_applied) {
-                    table
-                        .insert(KEY_SNAPSHOT_META, meta_bytes.as_slice())
-                        .or_sto(&subject, verb)?;
-                    table
-                        .insert(KEY_SNAPSHOT_DATA, data.as_slice())
-                        .or_sto(&subject, verb)?;
+                    put_snapshot(&mut table, &meta_bytes, &data, &subject)?;
                 }
             }
             txn.commit().or_sto(&subject, verb)?;
@@ -374,6 +381,19 @@ mod tests {
             .expect("state machine")
     }
 
+    /// The snapshot the state machine holds now; there must be one.
+    async fn current_snapshot(sm: &mut StateMachineStore) -> Snapshot<TypeConfig> {
+        sm.get_current_snapshot()
+            .await
+            .expect("snapshot")
+            .expect("some snapshot")
+    }
+
+    /// A copy of the state the state machine shares.
+    fn state_of(sm: &StateMachineStore) -> ClusterState {
+        sm.state().read().expect("lock").clone()
+    }
+
     #[tokio::test]
     async fn snapshots_capture_their_moment_survive_reopen_and_transfer() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -399,7 +419,7 @@ mod tests {
             assert_eq!(responses[1], StateResponse::Ok);
             assert_eq!(responses[2], StateResponse::Unchanged);
             assert!(matches!(responses[3], StateResponse::Invalid { .. }));
-            let expected = sm.state().read().expect("lock").clone();
+            let expected = state_of(&sm);
             assert!(expected.hosts.contains_key("hv1"));
             // Applies are in memory only: nothing is persisted before a snapshot.
             assert!(sm.get_current_snapshot().await.expect("snapshot").is_none());
@@ -417,11 +437,7 @@ mod tests {
             );
             let payload = decode_snapshot(&built.meta, built.snapshot.get_ref()).expect("decode");
             assert_eq!(payload.state, expected);
-            let current = sm
-                .get_current_snapshot()
-                .await
-                .expect("snapshot")
-                .expect("some snapshot");
+            let current = current_snapshot(&mut sm).await;
             assert_eq!(current.meta, built.meta);
             assert_eq!(current.snapshot.get_ref(), built.snapshot.get_ref());
             (expected, built)
@@ -429,15 +445,11 @@ mod tests {
 
         // Reopened: the snapshot's state and position (openraft re-applies the log after it).
         let mut sm = open(dir.path()).await;
-        assert_eq!(*sm.state().read().expect("lock"), expected);
+        assert_eq!(state_of(&sm), expected);
         let (applied, membership) = sm.applied_state().await.expect("applied");
         assert_eq!(applied, Some(lid(1, 4)));
         assert_eq!(membership, StoredMembership::new(Some(lid(1, 1)), members));
-        let current = sm
-            .get_current_snapshot()
-            .await
-            .expect("snapshot")
-            .expect("some snapshot");
+        let current = current_snapshot(&mut sm).await;
         assert_eq!(current.meta, built.meta);
 
         // Install on a fresh state machine elsewhere, then reopen it.
@@ -450,19 +462,15 @@ mod tests {
                 .install_snapshot(&current.meta, rx)
                 .await
                 .expect("install");
-            assert_eq!(*other.state().read().expect("lock"), expected);
+            assert_eq!(state_of(&other), expected);
         }
         let mut other = open(other_dir.path()).await;
-        assert_eq!(*other.state().read().expect("lock"), expected);
+        assert_eq!(state_of(&other), expected);
         assert_eq!(
             other.applied_state().await.expect("applied"),
             sm.applied_state().await.expect("applied")
         );
-        let installed = other
-            .get_current_snapshot()
-            .await
-            .expect("snapshot")
-            .expect("some snapshot");
+        let installed = current_snapshot(&mut other).await;
         assert_eq!(installed.meta, built.meta);
 
         // A build older than the current snapshot does not replace it.
@@ -471,11 +479,7 @@ mod tests {
         let mut stale = fresh.get_snapshot_builder().await;
         stale.db = other.db.clone();
         stale.build_snapshot().await.expect("build");
-        let kept = other
-            .get_current_snapshot()
-            .await
-            .expect("snapshot")
-            .expect("some snapshot");
+        let kept = current_snapshot(&mut other).await;
         assert_eq!(kept.meta, built.meta);
     }
 
@@ -501,7 +505,7 @@ mod tests {
             txn.commit().expect("commit");
         }
         let mut sm = open(dir.path()).await;
-        assert_eq!(*sm.state().read().expect("lock"), ClusterState::default());
+        assert_eq!(state_of(&sm), ClusterState::default());
         assert_eq!(
             sm.applied_state().await.expect("applied"),
             (None, Membership::default())
