@@ -224,16 +224,21 @@ fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
     wait_for(WAIT, || agreed_leader(&members, 2)).expect("two voters left, one leader");
     // And the cluster still commits (a learner that never caught up is never promoted: a
     // joint configuration with it and the old leader dead could not commit anything).
-    let out = leader_ctl.run(&["host", "tag", "add", "hv1", "after-del"]);
+    tag_hv1_and_wait_replicated(leader_ctl, &members, "after-del");
+}
+
+/// `host tag add hv1 TAG` through `ctl` succeeds and the tag reaches every member.
+fn tag_hv1_and_wait_replicated(ctl: &Ctl, members: &BTreeMap<u64, Member>, tag: &str) {
+    let out = ctl.run(&["host", "tag", "add", "hv1", tag]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     wait_for(WAIT, || {
-        tagged_everywhere(&members, "hv1", "after-del").then_some(())
+        tagged_everywhere(members, "hv1", tag).then_some(())
     })
-    .expect("replicated");
+    .unwrap_or_else(|| panic!("tag {tag} did not replicate to every monitor"));
 }
 
 /// Three voters, mon1 added the others; returns the leader they agree on.
@@ -314,16 +319,7 @@ fn an_agent_follows_the_leader_and_its_host_never_goes_down() {
 
     // vigilctl pointed at a follower only: the write goes to the leader.
     let via_follower = Ctl::new(&pki, vec![members[&followers[0]].mon.addr]);
-    let out = via_follower.run(&["host", "tag", "add", "hv1", "ha"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for(WAIT, || {
-        tagged_everywhere(&members, "hv1", "ha").then_some(())
-    })
-    .expect("the redirected write replicated");
+    tag_hv1_and_wait_replicated(&via_follower, &members, "ha");
     // A ping goes through the agent's session, which only the leader has.
     let out = via_follower.run(&["host", "ping", "hv1"]);
     assert!(
