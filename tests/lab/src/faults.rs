@@ -14,7 +14,7 @@ use crate::cmd::run;
 use crate::lab::{
     agent_spec, host_pids, load_up, monitor_spec, power_is_on, proc_name, qemu_pids, record_event,
     sandbox_timeout, set_power, start_sandbox, wait_monitor_answers, wait_sandbox, watchdog_ctl,
-    Report,
+    MonitorStart, Report,
 };
 use crate::layout::{self, now_ms, Lab, Program};
 use crate::net;
@@ -285,7 +285,7 @@ pub fn start_agent(lab: &Lab, host: &str) -> anyhow::Result<Report> {
 fn started_monitor(st: &LabState, mon: &str) -> anyhow::Result<Node> {
     let m = st.monitor(mon)?.clone();
     if !st.monitors_started.contains(&m.name) {
-        bail!("{mon} runs no vigil-monitor (multi-monitor Raft is not supported yet; only mon1 runs one)");
+        bail!("{mon} runs no vigil-monitor in this lab");
     }
     Ok(m)
 }
@@ -322,7 +322,7 @@ pub fn restart_monitor(lab: &Lab, mon: &str) -> anyhow::Result<Report> {
     }
     let t0 = Instant::now();
     // Never --init here: the monitor must find the cluster `up` created.
-    let e = supervisor::spawn(lab, monitor_spec(lab, &st, &m, false)?)?;
+    let e = supervisor::spawn(lab, monitor_spec(lab, &st, &m, MonitorStart::Existing)?)?;
     wait_monitor_answers(lab, &st, Duration::from_secs(30))?;
     Ok(fault(
         lab,
@@ -349,17 +349,40 @@ pub enum PartitionFrom {
     All,
 }
 
+/// The node a partition or heal is about: a host, or a monitor (a split of the monitors).
+fn partitionable(st: &LabState, name: &str) -> anyhow::Result<Node> {
+    match st.host(name) {
+        Ok(h) => Ok(h.clone()),
+        Err(e) => st.monitor(name).cloned().map_err(|_| {
+            e.context(format!(
+                "{name} is neither a host nor a monitor of this lab (monitors: {})",
+                st.monitors
+                    .iter()
+                    .map(|m| m.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        }),
+    }
+}
+
 pub fn partition(lab: &Lab, host: &str, from: PartitionFrom) -> anyhow::Result<Report> {
     let st = load_up(lab)?;
-    let h = st.host(host)?.clone();
+    let h = partitionable(&st, host)?;
     let ts = now_ms();
     let text = match from {
         PartitionFrom::Monitors => {
             net::partition_from_monitors(&st, &h)?;
             format!(
-                "cut from the monitors ({}), both directions, silently; processes keep running",
+                "cut from the {}monitors ({}), both directions, silently; processes keep running",
+                if st.monitors.iter().any(|m| m.name == h.name) {
+                    "other "
+                } else {
+                    ""
+                },
                 st.monitors
                     .iter()
+                    .filter(|m| m.name != h.name)
                     .map(|m| m.addr.to_string())
                     .collect::<Vec<_>>()
                     .join(",")
@@ -386,7 +409,7 @@ pub fn partition(lab: &Lab, host: &str, from: PartitionFrom) -> anyhow::Result<R
 
 pub fn heal(lab: &Lab, host: &str) -> anyhow::Result<Report> {
     let st = load_up(lab)?;
-    let h = st.host(host)?.clone();
+    let h = partitionable(&st, host)?;
     let before = net::partition_state(&st, &h);
     net::heal(&st, &h)?;
     let ts = now_ms();

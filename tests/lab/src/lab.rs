@@ -34,10 +34,6 @@ pub const ORDER_OBSERVER: u32 = 35;
 pub const ORDER_MONITOR: u32 = 40;
 pub const ORDER_FAULTFS: u32 = 50;
 
-/// Multi-monitor Raft (RaftNetwork between monitors) is a later issue: until it exists only
-/// node 1 runs a vigil-monitor; the other monitor namespaces are created but stay empty.
-pub const MULTI_MONITOR_SUPPORTED: bool = false;
-
 /// A verb's result: a JSON document (`--json`) and the human text.
 pub struct Report {
     pub json: Value,
@@ -160,18 +156,36 @@ pub fn agent_spec(lab: &Lab, st: &LabState, host: &Node) -> anyhow::Result<Spawn
     })
 }
 
-/// The monitor's process. `init`: start it with `--init`, which creates a new cluster and
-/// is refused on an existing database: only `up` (a fresh lab) passes it; every later start
-/// (`restart-monitor`) must open the database the first start created.
-pub fn monitor_spec(lab: &Lab, st: &LabState, mon: &Node, init: bool) -> anyhow::Result<SpawnSpec> {
+/// How a monitor process starts (the flag it is given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitorStart {
+    /// `--init`: creates the cluster, with every lab monitor as a voter; refused on an
+    /// existing database. Only `up` passes it, to the first monitor.
+    Init,
+    /// `--join`: an empty database that the first monitor's replication fills (`up`, every
+    /// other monitor).
+    Join,
+    /// No flag: opens the database an earlier start created (`restart-monitor`).
+    Existing,
+}
+
+/// The monitor's process.
+pub fn monitor_spec(
+    lab: &Lab,
+    st: &LabState,
+    mon: &Node,
+    start: MonitorStart,
+) -> anyhow::Result<SpawnSpec> {
     let name = proc_name(&mon.name, "monitor");
     let mut argv = vec![
         path_str(&Program::Monitor.require()?),
         "--config".into(),
         path_str(&lab.monitor_dir(&mon.name).join("monitor.toml")),
     ];
-    if init {
-        argv.push("--init".into());
+    match start {
+        MonitorStart::Init => argv.push("--init".into()),
+        MonitorStart::Join => argv.push("--join".into()),
+        MonitorStart::Existing => {}
     }
     Ok(SpawnSpec {
         log: lab.log_file(&name),
@@ -318,13 +332,14 @@ pub fn watchdog_status(lab: &Lab, host: &str) -> Value {
 // ------------------------------------------------------------------------------------------
 // vigilctl against the lab.
 
-/// argv of `vigilctl` run inside a monitor namespace with the lab's admin certificate.
+/// argv of `vigilctl` run on the operator's machine (`ops`; older labs: a monitor
+/// namespace) with the lab's admin certificate, given the VIP first and then every monitor.
 pub fn vigilctl_argv(lab: &Lab, st: &LabState, args: &[String]) -> anyhow::Result<Vec<String>> {
     let ns = st
-        .monitors
+        .ops
         .iter()
-        .find(|m| st.monitors_started.contains(&m.name))
-        .or(st.monitors.first())
+        .chain(&st.monitors)
+        .next()
         .context("the lab has no monitor")?
         .netns
         .clone();
@@ -336,7 +351,7 @@ pub fn vigilctl_argv(lab: &Lab, st: &LabState, args: &[String]) -> anyhow::Resul
         ns,
         path_str(&Program::Vigilctl.require()?),
     ];
-    for ep in st.monitor_endpoints() {
+    for ep in st.client_endpoints() {
         v.push("--monitor".into());
         v.push(ep);
     }

@@ -12,6 +12,8 @@ pub const DEFAULT_ROOT: &str = "/var/lib/vigil-lab";
 pub const DEFAULT_PREFIX: &str = "vl";
 /// UDP port of every monitor.
 pub const MONITOR_PORT: u16 = 7440;
+/// The monitors' Raft port (`[raft] listen`), for the other monitors only.
+pub const RAFT_PORT: u16 = 7441;
 /// Zone and cluster of every lab host.
 pub const ZONE: &str = "z1";
 pub const CLUSTER: &str = "c1";
@@ -183,6 +185,16 @@ pub fn monitor_addr(j: u32) -> Ipv4Addr {
 }
 pub fn bmc_addr(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 2, i as u8)
+}
+/// The monitors' floating VIP (`[vip]`): held by whichever monitor leads, on its `eth0`.
+pub fn vip_addr() -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 250)
+}
+/// The operator's machine (`ops`): where `vigil-lab ctl` runs vigilctl, through the VIP,
+/// on no host and no monitor, so that no host or monitor fault takes the operator with it.
+pub const OPS_NAME: &str = "ops";
+pub fn ops_addr() -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 3, 1)
 }
 /// Prefix length of every lab address (all inside 198.18.0.0/15).
 pub const PREFIX_LEN: u8 = 16;

@@ -37,7 +37,7 @@ enum Cmd {
         /// Hypervisor hosts hv1..hvN (198.18.1.N).
         #[arg(long, default_value_t = 3)]
         hosts: u32,
-        /// Monitor hosts mon1..monM (198.18.0.M); only mon1 runs vigil-monitor for now.
+        /// Monitor hosts mon1..monM (198.18.0.M), each running vigil-monitor; with more than one they form a Raft cluster and the leader holds the VIP 198.18.0.250.
         #[arg(long, default_value_t = 1)]
         monitors: u32,
         /// QEMU (TCG, 64 MiB, diskless) domains per host, started and marked HA.
@@ -83,15 +83,17 @@ enum Cmd {
     },
     /// After crash-host: start the host's libvirt and agent again, with no domain running.
     PowerOn { host: String },
-    /// Cut a host's network; its processes keep running.
+    /// Cut a host's or a monitor's network; its processes keep running.
     Partition {
+        /// A host (hv1) or a monitor (mon2).
         host: String,
-        /// monitors: silently drop traffic between the host and every monitor (both ways);
-        /// all: take the host's switch port down.
+        /// monitors: silently drop traffic between it and every (other) monitor, both ways;
+        /// for a host that includes the VIP, for a monitor it splits the monitor cluster
+        /// and the hosts still reach it; all: take its switch port down.
         #[arg(long, value_enum, default_value = "monitors")]
         from: PartitionFrom,
     },
-    /// Undo every partition of a host.
+    /// Undo every partition of a host or a monitor.
     Heal { host: String },
     /// SIGKILL a host's agent (its VMs keep running).
     KillAgent { host: String },

@@ -146,13 +146,27 @@ fn neigh_blackholed(ns: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Cuts `host` off the monitors (both directions, silently).
-pub fn partition_from_monitors(st: &LabState, host: &Node) -> anyhow::Result<()> {
-    for m in &st.monitors {
-        blackhole(&host.netns, &m.addr)?;
-        blackhole(&m.netns, &host.addr)?;
+/// The monitors other than `node` (all of them for a host).
+fn other_monitors<'a>(st: &'a LabState, node: &'a Node) -> impl Iterator<Item = &'a Node> {
+    st.monitors.iter().filter(move |m| m.name != node.name)
+}
+
+/// Cuts `node` off the (other) monitors, both directions, silently. For a host that
+/// includes the VIP (whoever holds it: every monitor also drops the host's frames); for a
+/// monitor it is a split of the monitor cluster, the hosts still reach it.
+pub fn partition_from_monitors(st: &LabState, node: &Node) -> anyhow::Result<()> {
+    for m in other_monitors(st, node) {
+        blackhole(&node.netns, &m.addr)?;
+        blackhole(&m.netns, &node.addr)?;
+    }
+    if let Some(vip) = st.vip.filter(|_| !is_monitor(st, node)) {
+        blackhole(&node.netns, &vip)?;
     }
     Ok(())
+}
+
+fn is_monitor(st: &LabState, node: &Node) -> bool {
+    st.monitors.iter().any(|m| m.name == node.name)
 }
 
 /// Cuts `host` off everything: its switch port goes down.
@@ -182,14 +196,17 @@ pub fn set_nic(host: &Node, up: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Undoes every partition of `host`. Idempotent.
-pub fn heal(st: &LabState, host: &Node) -> anyhow::Result<()> {
+/// Undoes every partition of `node` (a host or a monitor). Idempotent.
+pub fn heal(st: &LabState, node: &Node) -> anyhow::Result<()> {
     if ns_exists(&st.switch_ns) {
-        ip(&["-n", &st.switch_ns, "link", "set", &host.switch_port, "up"])?;
+        ip(&["-n", &st.switch_ns, "link", "set", &node.switch_port, "up"])?;
     }
-    for m in &st.monitors {
-        unblackhole(&host.netns, &m.addr);
-        unblackhole(&m.netns, &host.addr);
+    for m in other_monitors(st, node) {
+        unblackhole(&node.netns, &m.addr);
+        unblackhole(&m.netns, &node.addr);
+    }
+    if let Some(vip) = st.vip {
+        unblackhole(&node.netns, &vip);
     }
     Ok(())
 }
@@ -204,7 +221,7 @@ pub enum Partition {
     Partial,
 }
 
-/// What the namespaces say about `host`'s partition state.
+/// What the namespaces say about `node`'s partition state (a host or a monitor).
 pub fn partition_state(st: &LabState, host: &Node) -> Partition {
     if !ns_exists(&st.switch_ns) {
         return Partition::None;
@@ -223,16 +240,38 @@ pub fn partition_state(st: &LabState, host: &Node) -> Partition {
         return Partition::FromAll;
     }
     let holes = neigh_blackholed(&host.netns);
-    let n = st
-        .monitors
-        .iter()
+    let others = other_monitors(st, host).count();
+    let n = other_monitors(st, host)
         .filter(|m| holes.contains(&m.addr.to_string()))
         .count();
     if n == 0 {
         Partition::None
-    } else if n == st.monitors.len() {
+    } else if n == others {
         Partition::FromMonitors
     } else {
         Partition::Partial
     }
+}
+
+/// Whether namespace `ns` has `addr` on its lab interface (the VIP check: what the kernel
+/// says, not what a monitor claims).
+pub fn has_addr(ns: &str, addr: &std::net::Ipv4Addr) -> bool {
+    if !ns_exists(ns) {
+        return false;
+    }
+    let Ok(out) = ip(&["-j", "-n", ns, "addr", "show", "dev", NODE_IF]) else {
+        return false;
+    };
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let want = addr.to_string();
+    v.as_array().is_some_and(|ifs| {
+        ifs.iter().any(|i| {
+            i.get("addr_info")
+                .and_then(|a| a.as_array())
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x.get("local").and_then(|l| l.as_str()) == Some(want.as_str()))
+                })
+        })
+    })
 }

@@ -63,8 +63,14 @@ pub struct LabState {
     pub hosts: Vec<Node>,
     pub monitors: Vec<Node>,
     pub bmcs: Vec<Node>,
-    /// Monitors that run a vigil-monitor (only node 1 until multi-monitor Raft exists).
+    /// Monitors that run a vigil-monitor (every monitor of the lab).
     pub monitors_started: Vec<String>,
+    /// The monitors' floating VIP (labs made before it existed have none).
+    #[serde(default)]
+    pub vip: Option<Ipv4Addr>,
+    /// The operator's machine, where vigilctl runs (labs made before it existed have none).
+    #[serde(default)]
+    pub ops: Option<Node>,
     pub vms: Vec<VmSpec>,
     pub components: Components,
     /// FUSE mount points (faultfs), for `down`.
@@ -139,6 +145,7 @@ impl LabState {
             .iter()
             .chain(&self.monitors)
             .chain(&self.bmcs)
+            .chain(&self.ops)
             .find(|n| n.name == name)
             .with_context(|| format!("no node {name} in this lab"))
     }
@@ -153,6 +160,16 @@ impl LabState {
             .iter()
             .filter(|m| self.monitors_started.contains(&m.name))
             .map(|m| format!("{}:{}", m.addr, crate::layout::MONITOR_PORT))
+            .collect()
+    }
+
+    /// What agents and vigilctl are given: the VIP first (it follows the leader), then every
+    /// monitor, so that a VIP in flight cuts nobody off (design brief, "The monitors' own HA").
+    pub fn client_endpoints(&self) -> Vec<String> {
+        self.vip
+            .map(|v| format!("{v}:{}", crate::layout::MONITOR_PORT))
+            .into_iter()
+            .chain(self.monitor_endpoints())
             .collect()
     }
 }

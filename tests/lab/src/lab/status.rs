@@ -240,15 +240,17 @@ pub fn status(lab: &Lab) -> anyhow::Result<Report> {
     }
     let mut monitors = Vec::new();
     text.push_str(&format!(
-        "{:<6} {:<10} {:<13} {}\n",
-        "MON", "NETNS", "ADDRESS", "MONITOR"
+        "{:<6} {:<10} {:<13} {:<4} {:<16} {}\n",
+        "MON", "NETNS", "ADDRESS", "VIP", "PARTITION", "MONITOR"
     ));
     for m in &st.monitors {
         let e = entry(&proc_name(&m.name, "monitor"));
         let alive = e.as_ref().is_some_and(|e| e.alive());
         let started = st.monitors_started.contains(&m.name);
+        let holds_vip = st.vip.is_some_and(|v| net::has_addr(&m.netns, &v));
+        let partition = net::partition_state(&st, m);
         text.push_str(&format!(
-            "{:<6} {:<10} {:<13} {}\n",
+            "{:<6} {:<10} {:<13} {:<4} {:<16} {}\n",
             m.name,
             if net::ns_exists(&m.netns) {
                 m.netns.as_str()
@@ -256,8 +258,13 @@ pub fn status(lab: &Lab) -> anyhow::Result<Report> {
                 "(missing)"
             },
             m.addr.to_string(),
+            if holds_vip { "yes" } else { "-" },
+            serde_json::to_value(partition)?
+                .as_str()
+                .unwrap_or("?")
+                .to_string(),
             if !started {
-                "none (multi-monitor Raft not supported yet)".to_string()
+                "none".to_string()
             } else if alive {
                 format!("pid {}", e.as_ref().map(|e| e.pid).unwrap_or(0))
             } else {
@@ -267,6 +274,8 @@ pub fn status(lab: &Lab) -> anyhow::Result<Report> {
         monitors.push(json!({
             "name": m.name, "netns": m.netns, "addr": m.addr.to_string(),
             "started": started,
+            "holds_vip": holds_vip,
+            "partition": partition,
             "monitor": {"pid": e.as_ref().map(|e| e.pid), "alive": alive,
                         "exit": e.as_ref().and_then(|e| e.exit.clone())},
         }));
@@ -302,6 +311,8 @@ pub fn status(lab: &Lab) -> anyhow::Result<Report> {
             "supervisor": {"pid": table.as_ref().map(|t| t.supervisor_pid), "alive": sup_alive},
             "hosts": hosts,
             "monitors": monitors,
+            "vip": st.vip.map(|v| v.to_string()),
+            "ops": st.ops.as_ref().map(|o| o.addr.to_string()),
             "vms": st.vms,
             "components": st.components,
             "faults": faults,

@@ -14,8 +14,9 @@ use vigil_common::tls::{self, Role};
 use super::*;
 use crate::cmd::run_ok;
 use crate::layout::{
-    self, bmc_addr, bmc_name, host_addr, host_name, monitor_addr, monitor_name, now_ms, Lab,
-    Program, BMC_PORT, CLUSTER, MONITOR_PORT, VM_DISK_SIZE, VM_MEMORY_MIB, ZONE,
+    self, bmc_addr, bmc_name, host_addr, host_name, monitor_addr, monitor_name, now_ms, ops_addr,
+    vip_addr, Lab, Program, BMC_PORT, CLUSTER, MONITOR_PORT, OPS_NAME, RAFT_PORT, VM_DISK_SIZE,
+    VM_MEMORY_MIB, ZONE,
 };
 use crate::net;
 use crate::procfs;
@@ -243,6 +244,7 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
     } else {
         Vec::new()
     };
+    let ops = node(lab, OPS_NAME.to_string(), 1, ops_addr());
     let switch_ns = lab.switch_ns();
     let mut namespaces = vec![switch_ns.clone()];
     namespaces.extend(
@@ -250,6 +252,7 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
             .iter()
             .chain(&monitors)
             .chain(&bmcs)
+            .chain(std::iter::once(&ops))
             .map(|n| n.netns.clone()),
     );
     let existing: Vec<&String> = namespaces.iter().filter(|n| net::ns_exists(n)).collect();
@@ -261,23 +264,8 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
         );
     }
     wipe_root(lab, sup_running)?;
-    let started_monitors: Vec<String> = if MULTI_MONITOR_SUPPORTED {
-        monitors.iter().map(|m| m.name.clone()).collect()
-    } else {
-        vec![monitors[0].name.clone()]
-    };
+    let started_monitors: Vec<String> = monitors.iter().map(|m| m.name.clone()).collect();
     let mut notes = Vec::new();
-    if o.monitors > 1 && !MULTI_MONITOR_SUPPORTED {
-        notes.push(format!(
-            "multi-monitor Raft is not supported yet (a later issue): only mon1 runs vigil-monitor; \
-             {} exist as empty namespaces",
-            monitors[1..]
-                .iter()
-                .map(|m| m.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
     for (c, on, what) in [
         (
             "faultfs",
@@ -335,6 +323,8 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
         monitors,
         bmcs,
         monitors_started: started_monitors,
+        vip: Some(vip_addr()),
+        ops: Some(ops),
         vms: Vec::new(),
         components: components.clone(),
         mountpoints: Vec::new(),
@@ -399,8 +389,14 @@ pub fn up(lab: &Lab, o: &UpOpts) -> anyhow::Result<Report> {
                     if st.monitors_started.contains(&m.name) {
                         "vigil-monitor"
                     } else {
-                        "(no monitor: multi-monitor Raft not supported yet)"
+                        "(no monitor)"
                     }
+                ));
+            }
+            if let (Some(vip), Some(ops)) = (st.vip, &st.ops) {
+                human.push_str(&format!(
+                    "  {:<6} {:<10} {:<15} the operator's machine (vigil-lab ctl runs here, through the VIP {vip})\n",
+                    ops.name, ops.netns, ops.addr
                 ));
             }
             for b in &st.bmcs {
@@ -483,7 +479,13 @@ fn up_inner(
 
     // Network.
     net::create_switch(&st.switch_ns)?;
-    for n in st.hosts.iter().chain(&st.monitors).chain(&st.bmcs) {
+    for n in st
+        .hosts
+        .iter()
+        .chain(&st.monitors)
+        .chain(&st.bmcs)
+        .chain(&st.ops)
+    {
         net::create_node(&st.switch_ns, n)?;
     }
     phase("network", &mut t);
@@ -527,12 +529,17 @@ fn up_inner(
         phase("watchdogs", &mut t);
     }
 
-    // Monitor(s).
-    for name in st.monitors_started.clone() {
-        let m = st.monitor(&name)?.clone();
+    // Monitors: the first creates the cluster with every monitor as a voter, the others
+    // start empty and are filled by its replication.
+    for (k, name) in st.monitors_started.clone().iter().enumerate() {
+        let m = st.monitor(name)?.clone();
         fs::create_dir_all(lab.monitor_dir(&m.name).join("data"))?;
-        // A fresh lab: the first start creates the cluster.
-        supervisor::spawn(lab, monitor_spec(lab, st, &m, true)?)?;
+        let start = if k == 0 {
+            MonitorStart::Init
+        } else {
+            MonitorStart::Join
+        };
+        supervisor::spawn(lab, monitor_spec(lab, st, &m, start)?)?;
     }
 
     // Libvirt sandboxes: with a cold capabilities cache the first one probes QEMU (~20 s) and
@@ -635,7 +642,7 @@ fn write_monitor_config(lab: &Lab, m: &Node, st: &LabState, o: &UpOpts) -> anyho
     fs::create_dir_all(&dir)?;
     let tls_dir = lab.tls_dir();
     let text = format!(
-        "# written by vigil-lab up\nnode_id = {id}\ndata_dir = \"{data}\"\nlisten = \"{addr}:{port}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[detector]\nheartbeat_interval_ms = 200\nsuspect_after_ms = 500\ndown_after_ms = 1000\n",
+        "# written by vigil-lab up\nnode_id = {id}\ndata_dir = \"{data}\"\n# every address of the namespace, so that the VIP answers too; the own address is what\n# followers name when they redirect\nlisten = \"0.0.0.0:{port}\"\nadvertise = \"{addr}:{port}\"\n\n[tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n[detector]\nheartbeat_interval_ms = 200\nsuspect_after_ms = 500\ndown_after_ms = 1000\n",
         id = m.index,
         data = dir.join("data").display(),
         addr = m.addr,
@@ -645,6 +652,24 @@ fn write_monitor_config(lab: &Lab, m: &Node, st: &LabState, o: &UpOpts) -> anyho
         key = tls_dir.join(format!("{}.key", m.name)).display(),
     );
     let mut text = text;
+    // Raft between the monitors (a one-monitor lab is a cluster of one, on the same port).
+    text.push_str(&format!("\n[raft]\nlisten = \"{}:{RAFT_PORT}\"\n", m.addr));
+    if m.index == 1 {
+        // Read by `--init` only: the cluster starts with every monitor as a voter.
+        for p in st.monitors.iter().filter(|p| p.name != m.name) {
+            text.push_str(&format!(
+                "[[raft.peers]]\nid = {}\naddr = \"{}:{RAFT_PORT}\"\n",
+                p.index, p.addr
+            ));
+        }
+    }
+    if let Some(vip) = st.vip {
+        // The VIP on the lab bridge: every machine of the lab reaches it.
+        text.push_str(&format!(
+            "\n[vip]\naddress = \"{vip}\"\nprefix = 32\ninterface = \"{}\"\n",
+            net::NODE_IF
+        ));
+    }
     if let Some(tag) = &o.ha_tag {
         text.push_str(&format!("\n[recovery]\nha_tag = \"{tag}\"\n"));
     }
@@ -681,7 +706,7 @@ fn write_agent_config(lab: &Lab, st: &LabState, h: &Node) -> anyhow::Result<()> 
     fs::create_dir_all(dir.join("agent-state"))?;
     let tls_dir = lab.tls_dir();
     let monitors: Vec<String> = st
-        .monitor_endpoints()
+        .client_endpoints()
         .iter()
         .map(|e| format!("\"{e}\""))
         .collect();
