@@ -52,8 +52,8 @@ wait_for() { # timeout_s description command...
 liveness() { [[ $(ctl --json host show "$1" | jq -r .liveness) == "$2" ]]; }
 vm_is() { [[ $(ctl --json vm show "$1" | jq -r '"\(.generation) \(.phase) \(.state)"') == "$2" ]]; }
 
-say "vigil-lab up: 3 hypervisor hosts (hv1 tagged ha), 1 monitor with a fence agent per host, 1 HA VM per host"
-lab up --hosts 3 --monitors 1 --vms-per-host 1 --ha-tag ha --tagged-hosts 1 --fencing
+say "vigil-lab up: 3 hypervisor hosts (hv1 tagged ha), 3 monitors (Raft, VIP 198.18.0.250) with a fence agent per host, 1 HA VM per host"
+lab up --hosts 3 --monitors 3 --vms-per-host 1 --ha-tag ha --tagged-hosts 1 --fencing
 defined() { ctl --json vm show "$1" | jq -e '.definition_stored == true'; }
 for v in hv1-vm1 hv2-vm1 hv3-vm1; do wait_for 30 "$v's definition stored" defined "$v"; done
 
@@ -73,6 +73,19 @@ wait_for 60 "$VM running again with generation 1" vm_is "$VM" "1 running running
 echo "$VM running again $(($(ms) - T0)) ms after the kill, new qemu pid $(cat "$VIGIL_LAB_DIR/hosts/hv1/libvirt/run/libvirt/qemu/$VM.pid")"
 say "vigilctl vm show $VM"
 ctl vm show "$VM"
+
+say "vigilctl server list: three voters; the leader holds the VIP"
+ctl server list
+LEADER=$(lab status --json | jq -r '[.monitors[] | select(.holds_vip)][0].name')
+new_holder() { lab status --json | jq -e --arg l "$LEADER" '[.monitors[] | select(.holds_vip and .monitor.alive and .name != $l)] | length == 1'; }
+say "killing the leader monitor $LEADER with SIGKILL (hosts and VMs are not touched)"
+T0=$(ms)
+lab kill-monitor "$LEADER"
+wait_for 30 "the VIP on a new leader" new_holder
+echo "VIP on $(lab status --json | jq -r --arg l "$LEADER" '[.monitors[] | select(.holds_vip and .name != $l)][0].name') $(($(ms) - T0)) ms after the SIGKILL of $LEADER"
+lab restart-monitor "$LEADER"
+for h in hv1 hv2 hv3; do wait_for 30 "$h up under the new leader" liveness "$h" up; done
+ctl server list
 
 on_host() { [[ $(ctl --json vm show "$1" | jq -r '"\(.host) \(.state)"') == "$2 running" ]]; }
 
