@@ -33,17 +33,7 @@ fn event_messages() -> Vec<String> {
 
 #[test]
 fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
-    if support::skip(
-        "the failover test",
-        &[
-            "ip",
-            "libvirtd",
-            "virsh",
-            "qemu-system-x86_64",
-            "ipmi_sim",
-            "fence_ipmilan",
-        ],
-    ) {
+    if support::skip("the failover test", support::FENCED_LAB_PROGS) {
         return;
     }
     let _ = lab(&["down"]);

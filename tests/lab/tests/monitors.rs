@@ -20,12 +20,7 @@ const LAB: support::LabCli = support::LabCli {
 const HOSTS: [&str; 3] = ["hv1", "hv2", "hv3"];
 const VMS: [&str; 3] = ["hv1-vm1", "hv2-vm1", "hv3-vm1"];
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use support::now_ms;
 
 fn status() -> serde_json::Value {
     let o = LAB.run(&["status", "--json"]);
@@ -110,36 +105,12 @@ fn assert_hosts_untouched(since_ms: u64) {
 
 #[test]
 fn losing_the_leader_moves_the_vip_and_touches_no_host() {
-    if support::skip(
-        "the monitors test",
-        &[
-            "ip",
-            "libvirtd",
-            "virsh",
-            "qemu-system-x86_64",
-            "ipmi_sim",
-            "fence_ipmilan",
-        ],
-    ) {
+    if support::skip("the monitors test", support::FENCED_LAB_PROGS) {
         return;
     }
     let _ = LAB.run(&["down"]);
     let _guard = support::start_supervisor(LAB.root, |a| LAB.cmd(a), || LAB.run(&["down"]));
-    LAB.ok(&[
-        "up",
-        "--hosts",
-        "3",
-        "--monitors",
-        "3",
-        "--vms-per-host",
-        "1",
-        "--ha-tag",
-        "ha",
-        "--tagged-hosts",
-        "1",
-        "--fencing",
-    ]);
-    LAB.wait_definitions(&VMS);
+    LAB.up_three_hosts_fenced_monitors("3", &[]);
 
     // 1. Three voters, one leader, and the VIP on exactly that monitor.
     let servers = LAB

@@ -26,12 +26,7 @@ const LAB: support::LabCli = support::LabCli {
 const W: u64 = 2;
 const HOSTS: [&str; 3] = ["hv1", "hv2", "hv3"];
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use support::now_ms;
 
 fn no_watchdog_reset_anywhere(what: &str) {
     for h in HOSTS {

@@ -34,6 +34,24 @@ pub fn missing_prerequisite(progs: &[&str]) -> Option<String> {
 }
 
 /// `true` when the test should skip (outside CI); panics under `CI`.
+/// What a lab with BMCs and fencing needs on this machine.
+pub const FENCED_LAB_PROGS: &[&str] = &[
+    "ip",
+    "libvirtd",
+    "virsh",
+    "qemu-system-x86_64",
+    "ipmi_sim",
+    "fence_ipmilan",
+];
+
+/// Wall-clock Unix milliseconds, the observer's and the lab timeline's time base.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 pub fn skip(test: &str, progs: &[&str]) -> bool {
     let Some(why) = missing_prerequisite(progs) else {
         return false;
@@ -262,12 +280,18 @@ impl LabCli {
 
     /// [`Self::up_three_hosts_fenced`] with more `up` options.
     pub fn up_three_hosts_fenced_with(&self, extra: &[&str]) {
+        self.up_three_hosts_fenced_monitors("1", extra);
+    }
+
+    /// [`Self::up_three_hosts_fenced_with`] with `monitors` monitors (a Raft cluster and the
+    /// VIP when more than one).
+    pub fn up_three_hosts_fenced_monitors(&self, monitors: &str, extra: &[&str]) {
         let mut args = vec![
             "up",
             "--hosts",
             "3",
             "--monitors",
-            "1",
+            monitors,
             "--vms-per-host",
             "1",
             "--ha-tag",
