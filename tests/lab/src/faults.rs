@@ -356,11 +356,7 @@ fn partitionable(st: &LabState, name: &str) -> anyhow::Result<Node> {
         Err(e) => st.monitor(name).cloned().map_err(|_| {
             e.context(format!(
                 "{name} is neither a host nor a monitor of this lab (monitors: {})",
-                st.monitors
-                    .iter()
-                    .map(|m| m.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                crate::state::names(&st.monitors)
             ))
         }),
     }

@@ -111,16 +111,10 @@ impl LabState {
     }
 
     pub fn host(&self, name: &str) -> anyhow::Result<&Node> {
-        self.hosts.iter().find(|h| h.name == name).with_context(|| {
-            format!(
-                "no host {name} in this lab (hosts: {})",
-                self.hosts
-                    .iter()
-                    .map(|h| h.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .with_context(|| format!("no host {name} in this lab (hosts: {})", names(&self.hosts)))
     }
 
     pub fn monitor(&self, name: &str) -> anyhow::Result<&Node> {
@@ -130,11 +124,7 @@ impl LabState {
             .with_context(|| {
                 format!(
                     "no monitor {name} in this lab (monitors: {})",
-                    self.monitors
-                        .iter()
-                        .map(|h| h.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    names(&self.monitors)
                 )
             })
     }
@@ -234,4 +224,13 @@ pub fn new_lab_id() -> anyhow::Result<String> {
     let mut b = [0u8; 16];
     fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// `hv1, hv2, hv3`: the nodes' names, for an error that lists what exists.
+pub fn names(nodes: &[Node]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
