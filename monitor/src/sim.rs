@@ -81,7 +81,7 @@ use crate::engine::{
     LifecycleReport, Listing, SelfFenceReport, StaleCopyDestroyed, StorageCycle,
 };
 use crate::fencing::{FenceAction, FenceError, FenceFailure};
-use crate::state::ClusterState;
+use crate::state::{ClusterState, StateCommand};
 
 /// Wall-clock offset: simulated time 0 is this Unix ms (keeps timestamps plausible).
 const WALL0: u64 = 1_800_000_000_000;
@@ -575,6 +575,16 @@ pub struct Sim {
     quorum_stalled: bool,
 }
 
+/// Takes the entries of `queue` that are due at `now` (`at` reads an entry's time), in queue
+/// order, and leaves the later ones.
+fn take_due<T>(queue: &mut Vec<T>, now: u64, at: impl Fn(&T) -> u64) -> Vec<T> {
+    let (due, later) = std::mem::take(queue)
+        .into_iter()
+        .partition(|entry| at(entry) <= now);
+    *queue = later;
+    due
+}
+
 fn detector() -> DetectorConfig {
     DetectorConfig {
         heartbeat_interval_ms: 100,
@@ -708,7 +718,7 @@ impl Sim {
             for a in actions {
                 match a {
                     Action::Propose(cmd) => {
-                        if let crate::state::StateCommand::OrderStart { uuid, host, .. } = &cmd {
+                        if let StateCommand::OrderStart { uuid, host, .. } = &cmd {
                             if let Some(planned) = self.planned.remove(uuid) {
                                 if planned != *host {
                                     self.plan_mismatch.push(format!(
@@ -1025,13 +1035,8 @@ impl Sim {
             Fault::Maintenance(h, on) => {
                 // An operator's command, committed through Raft like any other.
                 if !self.monitors_down {
-                    self.state
-                        .apply(&crate::state::StateCommand::SetMaintenance {
-                            at_ms: self.wall(),
-                            host: h,
-                            on,
-                        });
-                    self.input(Input::Applied);
+                    let at_ms = self.wall();
+                    self.commit(StateCommand::SetMaintenance { at_ms, host: h, on });
                 }
             }
             // Operators' commands, checked the way the admin API checks them.
@@ -1042,13 +1047,8 @@ impl Sim {
                 match self.engine.confirm_off_refusal(&h, self.now) {
                     Some(why) => self.log.push(format!("{:>6} REFUSED {why}", self.now)),
                     None => {
-                        self.state
-                            .apply(&crate::state::StateCommand::OperatorConfirmedOff {
-                                at_ms: self.wall(),
-                                host: h,
-                                by,
-                            });
-                        self.input(Input::Applied);
+                        let at_ms = self.wall();
+                        self.commit(StateCommand::OperatorConfirmedOff { at_ms, host: h, by });
                     }
                 }
             }
@@ -1127,11 +1127,7 @@ impl Sim {
     /// Reports whose time has come, if the agent process that took them still talks to the
     /// monitor (a session that ended takes its queue with it).
     fn deliver_delayed(&mut self) {
-        let now = self.now;
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed)
-            .into_iter()
-            .partition(|(t, _, _, _)| *t <= now);
-        self.delayed = later;
+        let due = take_due(&mut self.delayed, self.now, |(t, _, _, _)| *t);
         for (_, host, instance, input) in due {
             let live = self
                 .hosts
@@ -1622,13 +1618,7 @@ impl Sim {
             self.storage_cycle();
         }
         // Crashes right after start.
-        let due: Vec<(u64, String, String)> = self
-            .pending_crash
-            .iter()
-            .filter(|(t, _, _)| *t <= self.now)
-            .cloned()
-            .collect();
-        self.pending_crash.retain(|(t, _, _)| *t > self.now);
+        let due = take_due(&mut self.pending_crash, self.now, |(t, _, _)| *t);
         for (_, h, u) in due {
             self.stop_event(&h, &u, LifecycleKind::Crashed, StateReason::Crashed);
         }
@@ -1663,14 +1653,7 @@ impl Sim {
             }
             if h.connected_to_engine && !h.queued.is_empty() {
                 // A session that survived a partition delivers what queued up meanwhile.
-                let queued = self
-                    .hosts
-                    .get_mut(name)
-                    .map(|hm| std::mem::take(&mut hm.queued))
-                    .unwrap_or_default();
-                for q in queued {
-                    self.input(q);
-                }
+                self.deliver_queued(name);
             }
             if !h.connected_to_engine {
                 if let Some(hm) = self.hosts.get_mut(name) {
@@ -1687,14 +1670,7 @@ impl Sim {
                     addr: Some(std::net::IpAddr::from([198, 18, 0, 1])),
                 }));
                 // What happened while cut off, then the current inventory (as the session).
-                let queued = self
-                    .hosts
-                    .get_mut(name)
-                    .map(|hm| std::mem::take(&mut hm.queued))
-                    .unwrap_or_default();
-                for q in queued {
-                    self.input(q);
-                }
+                self.deliver_queued(name);
                 let domains = self.domain_infos(name);
                 let seq = self.hosts.get_mut(name).map_or(0, SimHost::observe);
                 self.input(Input::Inventory(Listing {
@@ -1744,13 +1720,7 @@ impl Sim {
         }
         self.stale_check();
         // Commands that are due.
-        let due: Vec<(u64, String, AgentCommand)> = self
-            .pending
-            .iter()
-            .filter(|(t, _, _)| *t <= self.now)
-            .cloned()
-            .collect();
-        self.pending.retain(|(t, _, _)| *t > self.now);
+        let due = take_due(&mut self.pending, self.now, |(t, _, _)| *t);
         for (_, host, command) in due {
             let alive = self.hosts.get(&host).is_some_and(SimHost::reachable);
             let result = if !alive {
@@ -1813,13 +1783,7 @@ impl Sim {
             }));
         }
         // Fence agents that are due.
-        let fences: Vec<(u64, String)> = self
-            .pending_fence
-            .iter()
-            .filter(|(t, _)| *t <= self.now)
-            .cloned()
-            .collect();
-        self.pending_fence.retain(|(t, _)| *t > self.now);
+        let fences = take_due(&mut self.pending_fence, self.now, |(t, _)| *t);
         for (_, host) in fences {
             let result = match self.hosts.get_mut(&host) {
                 Some(h) if !h.fence_fails => {
@@ -1846,12 +1810,11 @@ impl Sim {
                 .all(|(u, _)| self.state.vms.contains_key(u))
         {
             for (uuid, group) in std::mem::take(&mut self.groups) {
-                self.state
-                    .apply(&crate::state::StateCommand::SetAntiAffinity {
-                        at_ms: self.wall(),
-                        uuid,
-                        group: Some(group),
-                    });
+                self.state.apply(&StateCommand::SetAntiAffinity {
+                    at_ms: self.wall(),
+                    uuid,
+                    group: Some(group),
+                });
             }
         }
         // Host tags, once the hosts are registered.
@@ -1862,7 +1825,7 @@ impl Sim {
                 .all(|(h, _)| self.state.hosts.contains_key(h))
         {
             for (host, tag) in std::mem::take(&mut self.tags) {
-                self.state.apply(&crate::state::StateCommand::AddTag {
+                self.state.apply(&StateCommand::AddTag {
                     at_ms: self.wall(),
                     host,
                     tag,
@@ -1871,6 +1834,25 @@ impl Sim {
         }
         self.input(Input::Tick);
         self.stale_check();
+    }
+
+    /// Delivers what `host`'s agent queued up while it was cut off.
+    fn deliver_queued(&mut self, host: &str) {
+        let queued = self
+            .hosts
+            .get_mut(host)
+            .map(|hm| std::mem::take(&mut hm.queued))
+            .unwrap_or_default();
+        for q in queued {
+            self.input(q);
+        }
+    }
+
+    /// An operator's command: committed (the simulated Raft commits at once), then the engine
+    /// is told, as after any commit.
+    fn commit(&mut self, cmd: StateCommand) {
+        self.state.apply(&cmd);
+        self.input(Input::Applied);
     }
 
     /// The agents' own stale check (the real agent destroys stale copies on each poll and when

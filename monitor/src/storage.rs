@@ -764,13 +764,9 @@ mod tests {
         stop(&worker);
     }
 
-    #[test]
-    fn fence_requests_are_written_acked_and_cleared() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let pool = dir.path().to_path_buf();
-        let (tx, mut rx) = unbounded_channel();
-        let worker = StorageWorker::spawn(&config(&[("p1", &pool)]), tx);
-        let request = FenceRequest {
+    /// Request 42 to fence agent instance 7 of hv1.
+    fn fence_request_for_hv1() -> FenceRequest {
+        FenceRequest {
             id: 42,
             host: "hv1".into(),
             instance: 7,
@@ -779,16 +775,30 @@ mod tests {
             wall_ms: 1,
             reason: "test".into(),
             vms: vec![],
-        };
+        }
+    }
+
+    /// Whether the fence slot at `path` holds `request`.
+    fn slot_holds(path: &Path, request: &FenceRequest) -> bool {
+        records::read_record::<FenceRequest>(path)
+            .ok()
+            .flatten()
+            .as_ref()
+            == Some(request)
+    }
+
+    #[test]
+    fn fence_requests_are_written_acked_and_cleared() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pool = dir.path().to_path_buf();
+        let (tx, mut rx) = unbounded_channel();
+        let worker = StorageWorker::spawn(&config(&[("p1", &pool)]), tx);
+        let request = fence_request_for_hv1();
         worker.request_fence(request.clone());
         let request_path = records::fence_request_path(&pool, "hv1");
         let ack_path = records::fence_ack_path(&pool, "hv1");
         assert!(wait_until(Duration::from_secs(5), || {
-            records::read_record::<FenceRequest>(&request_path)
-                .ok()
-                .flatten()
-                .as_ref()
-                == Some(&request)
+            slot_holds(&request_path, &request)
         }));
 
         let ack = |id| FenceAck {
@@ -830,16 +840,7 @@ mod tests {
         let pool = dir.path().to_path_buf();
         let (tx, _rx) = unbounded_channel();
         let worker = StorageWorker::spawn(&config(&[("p1", &pool)]), tx);
-        let request = FenceRequest {
-            id: 42,
-            host: "hv1".into(),
-            instance: 7,
-            term: 3,
-            node: 1,
-            wall_ms: 1,
-            reason: "test".into(),
-            vms: vec![],
-        };
+        let request = fence_request_for_hv1();
         let request_path = records::fence_request_path(&pool, "hv1");
         // Left by an earlier leader: this monitor never wrote it.
         records::write_record(&request_path, &request).expect("left-over request");
@@ -857,11 +858,7 @@ mod tests {
         again.id = 43;
         worker.request_fence(again.clone());
         assert!(wait_until(Duration::from_secs(5), || {
-            records::read_record::<FenceRequest>(&request_path)
-                .ok()
-                .flatten()
-                .as_ref()
-                == Some(&again)
+            slot_holds(&request_path, &again)
         }));
         std::thread::sleep(Duration::from_millis(200));
         assert!(request_path.exists());

@@ -17,7 +17,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{
     ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
 };
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -68,6 +68,18 @@ impl LogStore {
     pub async fn store_node_id(&self, node_id: u64) -> StoreResult<()> {
         self.write_meta(KEY_NODE_ID, Some(&node_id), ErrorSubject::Store)
             .await
+    }
+
+    /// The log table, for reading.
+    fn read_log_table(&self) -> StoreResult<ReadOnlyTable<u64, &'static [u8]>> {
+        let txn = self
+            .db
+            .begin_read()
+            .map_err(|e| StorageIOError::read_logs(&e))?;
+        let table = txn
+            .open_table(LOG_TABLE)
+            .map_err(|e| StorageIOError::read_logs(&e))?;
+        Ok(table)
     }
 
     fn read_meta<T: DeserializeOwned>(
@@ -140,13 +152,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     ) -> StoreResult<Vec<Entry>> {
         let bounds: (Bound<u64>, Bound<u64>) =
             (range.start_bound().cloned(), range.end_bound().cloned());
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| StorageIOError::read_logs(&e))?;
-        let table = txn
-            .open_table(LOG_TABLE)
-            .map_err(|e| StorageIOError::read_logs(&e))?;
+        let table = self.read_log_table()?;
         let mut entries = Vec::new();
         for item in table
             .range::<u64>(bounds)
@@ -165,13 +171,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> StoreResult<LogState<TypeConfig>> {
         let last_purged_log_id: Option<LogId<u64>> =
             self.read_meta(KEY_LAST_PURGED, ErrorSubject::Logs)?;
-        let txn = self
-            .db
-            .begin_read()
-            .map_err(|e| StorageIOError::read_logs(&e))?;
-        let table = txn
-            .open_table(LOG_TABLE)
-            .map_err(|e| StorageIOError::read_logs(&e))?;
+        let table = self.read_log_table()?;
         let last_entry = match table.last().map_err(|e| StorageIOError::read_logs(&e))? {
             Some((key, value)) => Some(decode_entry(key.value(), value.value())?.log_id),
             None => None,

@@ -143,6 +143,17 @@ fn domain(
         persistent: true,
     }
 }
+/// A lifecycle event of `uuid` (`raw`: libvirt's event and detail codes) received at `at_ms`.
+fn domain_event(uuid: &str, kind: LifecycleKind, raw: (i32, i32), at_ms: u64) -> DomainEvent {
+    DomainEvent {
+        uuid: uuid.into(),
+        name: format!("vm-{uuid}"),
+        kind,
+        raw_event: raw.0,
+        raw_detail: raw.1,
+        at_ms,
+    }
+}
 impl Sim {
     fn inventory(&mut self, host: &str, domains: Vec<DomainInfo>, now: u64) {
         self.input(
@@ -163,19 +174,24 @@ impl Sim {
         generation: Option<u64>,
         now: u64,
     ) {
+        let event = domain_event(uuid, kind, (5, 5), now);
+        self.lifecycle(host, event, generation, obs(), now);
+    }
+    /// `event` as `host`'s agent reports it (observation `seq`), delivered at `now`.
+    fn lifecycle(
+        &mut self,
+        host: &str,
+        event: DomainEvent,
+        generation: Option<u64>,
+        seq: u64,
+        now: u64,
+    ) {
         self.input(
             Input::DomainEvent(LifecycleReport {
                 host: host.into(),
-                event: DomainEvent {
-                    uuid: uuid.into(),
-                    name: format!("vm-{uuid}"),
-                    kind,
-                    raw_event: 5,
-                    raw_detail: 5,
-                    at_ms: now,
-                },
+                event,
                 generation,
-                seq: obs(),
+                seq,
             }),
             now,
         );
@@ -195,6 +211,10 @@ impl Sim {
                 _ => None,
             })
             .collect()
+    }
+    /// Whether every start order so far went to `host` (or none was sent).
+    fn started_only_on(&self, host: &str) -> bool {
+        self.starts().iter().all(|(h, _, _)| h == host)
     }
     fn answer_start(&mut self, host: &str, uuid: &str, generation: u64, ok: bool, now: u64) {
         self.input(

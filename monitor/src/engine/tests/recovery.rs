@@ -184,22 +184,8 @@ fn generations_are_announced_before_the_start_is_sent() {
 fn a_guest_panic_that_leaves_qemu_running_is_not_proof() {
     let mut s = sim_with_ha_vm();
     // VIR_DOMAIN_EVENT_CRASHED (8): the guest panicked, qemu may still be there.
-    s.input(
-        Input::DomainEvent(LifecycleReport {
-            host: "hv1".into(),
-            event: DomainEvent {
-                uuid: "u1".into(),
-                name: "vm-u1".into(),
-                kind: LifecycleKind::Crashed,
-                raw_event: 8,
-                raw_detail: 0,
-                at_ms: 100,
-            },
-            generation: Some(0),
-            seq: obs(),
-        }),
-        100,
-    );
+    let panic = domain_event("u1", LifecycleKind::Crashed, (8, 0), 100);
+    s.lifecycle("hv1", panic, Some(0), obs(), 100);
     // Nor is a "crashed" state with qemu preserved.
     s.inventory(
         "hv1",

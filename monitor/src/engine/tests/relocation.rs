@@ -14,7 +14,7 @@ fn never_relocates_while_the_old_host_may_still_run_it() {
     s.answer_start("hv1", "u1", 1, false, 200);
     s.live_ticks_both(300..5_000);
     assert!(
-        s.starts().iter().all(|(h, _, _)| h == "hv1"),
+        s.started_only_on("hv1"),
         "relocated without proof: {:?}",
         s.starts()
     );
@@ -37,11 +37,7 @@ fn a_relocation_without_a_stored_definition_waits_loudly() {
     s.inventory("hv1", vec![shut_off("u1", 1)], 150);
     s.answer_start("hv1", "u1", 1, false, 200);
     s.live_ticks_both(300..10_000);
-    assert!(
-        s.starts().iter().all(|(h, _, _)| h == "hv1"),
-        "{:?}",
-        s.starts()
-    );
+    assert!(s.started_only_on("hv1"), "{:?}", s.starts());
     s.assert_logged("its definition never reached the monitor");
 }
 

@@ -344,22 +344,8 @@ fn an_event_older_than_the_newest_observation_of_the_vm_is_ignored() {
     // A newer listing shows it running...
     s.inventory("hv1", vec![running("u1", Some(0))], 100);
     // ...then a stop event that was taken before it arrives.
-    s.input(
-        Input::DomainEvent(LifecycleReport {
-            host: "hv1".into(),
-            event: DomainEvent {
-                uuid: "u1".into(),
-                name: "vm-u1".into(),
-                kind: LifecycleKind::Destroyed,
-                raw_event: 5,
-                raw_detail: 1,
-                at_ms: 50,
-            },
-            generation: Some(0),
-            seq: old,
-        }),
-        150,
-    );
+    let stop = domain_event("u1", LifecycleKind::Destroyed, (5, 1), 50);
+    s.lifecycle("hv1", stop, Some(0), old, 150);
     assert_eq!(s.phase("u1"), "running", "{:#?}", s.log());
 }
 
