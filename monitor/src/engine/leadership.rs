@@ -42,6 +42,15 @@ impl Engine {
         for name in state.hosts.keys() {
             self.detector.track(name);
         }
+        // Placement waits for the agents still finding this leader (see awaiting_reconnect).
+        self.awaiting_reconnect = state
+            .hosts
+            .iter()
+            .filter(|(name, h)| {
+                h.phase == HostPhase::Active && !h.maintenance && !self.connected.contains(*name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
         for name in self.connected.clone() {
             self.detector.heartbeat(&name, now_ms);
             // An agent that connected before this monitor led was never registered.
@@ -76,6 +85,19 @@ impl Engine {
     pub(super) fn on_lost_leadership(&mut self) {
         self.leader = false;
         self.leases.lost_leadership();
+    }
+
+    /// Why no relocation may be placed now (`None`: it may): active hosts whose agents have
+    /// not reconnected to this new leader yet, within the first lease after its election.
+    pub(super) fn placement_waits(&self) -> Option<String> {
+        if self.awaiting_reconnect.is_empty() {
+            return None;
+        }
+        let hosts: Vec<&str> = self.awaiting_reconnect.iter().map(String::as_str).collect();
+        Some(format!(
+            "waiting for the agents of {} to reconnect to the new leader (at most until the first lease after its election ends)",
+            hosts.join(", ")
+        ))
     }
 
     /// The first full lease (plus drift margin) after an election.

@@ -145,6 +145,11 @@ pub struct Engine {
     /// No fencing of any kind (power, slot, lease) before this time (monotonic ms): a full
     /// lease plus drift margin after this monitor became leader.
     fence_after_ms: u64,
+    /// Hosts that were active when this monitor became leader but had no agent connected to
+    /// it: their agents are still finding the new leader. Until each one reconnects (or
+    /// `fence_after_ms` passes) no VM is placed on a relocation: a partial view would send
+    /// VMs past the ha_tag host, or a host with room, only because its agent is late.
+    awaiting_reconnect: BTreeSet<String>,
     /// Whether this engine acts only under a leader lease ([`Self::with_leader_lease`]).
     lease_checked: bool,
     /// Until when (monotonic ms) this monitor holds its leader lease ([`Input::LeaderLease`]).
@@ -192,6 +197,7 @@ impl Engine {
             observed: BTreeMap::new(),
             seen_running: BTreeMap::new(),
             fence_after_ms: 0,
+            awaiting_reconnect: BTreeSet::new(),
             lease_checked: false,
             lease_until_ms: None,
             forced_stop_at: BTreeMap::new(),
@@ -297,6 +303,9 @@ impl Engine {
 
     /// The periodic pass: detector, maintenance, hosts, storage, recovery, leader record.
     fn tick(&mut self, now_ms: u64, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+        if now_ms >= self.fence_after_ms {
+            self.awaiting_reconnect.clear();
+        }
         self.detector.track_sorted(state.hosts.keys());
         self.expire_forced_stops(wall_ms);
         self.mirror_maintenance(state);

@@ -32,8 +32,10 @@ impl Engine {
             }
             let need = need_of(vm);
             let policy = self.policy.clone();
-            let (target, warning) =
-                failover_choice(&policy, &state.hosts, self.views(state), name, &need);
+            let (target, warning) = match self.placement_waits() {
+                Some(why) => (Err(why), None),
+                None => failover_choice(&policy, &state.hosts, self.views(state), name, &need),
+            };
             self.warn_tag(vm, warning, wall_ms, out);
             let decision = recovery::decide_host_failure(vm, wall_ms, &self.policy, target);
             self.recovery

@@ -63,7 +63,12 @@ impl Engine {
                     let relocate = &(*relocate || target_fenced || self.maintenance.contains(host));
                     let need = need_of(vm);
                     // Where it starts, and (when placement runs again here) why there.
-                    let target: Option<(String, String)> = if *relocate && !self.host_usable(host) {
+                    let target: Option<(String, String)> = if *relocate
+                        && !self.host_usable(host)
+                        && self.placement_waits().is_some()
+                    {
+                        None
+                    } else if *relocate && !self.host_usable(host) {
                         let (tag, fallback) =
                             (self.policy.ha_tag.clone(), self.policy.ha_tag_fallback);
                         let views = self.views(state);

@@ -68,6 +68,7 @@ impl Engine {
             }));
         }
         self.connected.insert(host.clone());
+        self.awaiting_reconnect.remove(&host);
         self.facts.insert(host.clone(), facts);
         if let Some(t) = self.detector.heartbeat(&host, now_ms) {
             self.transition_event(t, wall_ms, out);
