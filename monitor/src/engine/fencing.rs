@@ -127,7 +127,9 @@ impl Engine {
             let condition = self
                 .evidence
                 .condition(name, silent, down, has_pools, now_ms);
-            self.record_condition(name, &condition, wall_ms, out);
+            if !self.fenced_before_election.contains(name) {
+                self.record_condition(name, &condition, wall_ms, out);
+            }
             let has_ha = hosts_with_ha.contains(name.as_str());
             // Through the slot only with the host's agent instance known (never instance 0: a
             // request for "any" agent would also kill the guests of one that rejoined).

@@ -51,6 +51,25 @@ impl Engine {
             })
             .map(|(name, _)| name.clone())
             .collect();
+        self.logged_liveness = state
+            .events
+            .iter()
+            .filter_map(|e| match (&e.host, &e.kind) {
+                (Some(h), EventKind::HostLiveness { to, .. }) => Some((h.clone(), to.clone())),
+                _ => None,
+            })
+            .collect();
+        self.fenced_before_election = state
+            .hosts
+            .iter()
+            .filter(|(name, h)| {
+                matches!(
+                    h.phase,
+                    HostPhase::Fencing { .. } | HostPhase::Fenced { .. }
+                ) && !self.connected.contains(*name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
         for name in self.connected.clone() {
             self.detector.heartbeat(&name, now_ms);
             // An agent that connected before this monitor led was never registered.

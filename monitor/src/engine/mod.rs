@@ -150,6 +150,15 @@ pub struct Engine {
     /// `fence_after_ms` passes) no VM is placed on a relocation: a partial view would send
     /// VMs past the ha_tag host, or a host with room, only because its agent is late.
     awaiting_reconnect: BTreeSet<String>,
+    /// Hosts being fenced or fenced when this monitor became leader, and not heard since:
+    /// their silence is on record (down, and being or already proven off), so this leader's detector and investigation
+    /// finding them silent again is no new state, and no new event.
+    fenced_before_election: BTreeSet<String>,
+    /// The liveness the event log last recorded per host ("up", "down", ...), read from the
+    /// log at election: a new leader's detector starts every host at unknown and finds it up
+    /// again, which is no state change and gets no event (one per host per election, ten
+    /// thousand for a large cloud, before this).
+    logged_liveness: BTreeMap<String, String>,
     /// Whether this engine acts only under a leader lease ([`Self::with_leader_lease`]).
     lease_checked: bool,
     /// Until when (monotonic ms) this monitor holds its leader lease ([`Input::LeaderLease`]).
@@ -198,6 +207,8 @@ impl Engine {
             seen_running: BTreeMap::new(),
             fence_after_ms: 0,
             awaiting_reconnect: BTreeSet::new(),
+            fenced_before_election: BTreeSet::new(),
+            logged_liveness: BTreeMap::new(),
             lease_checked: false,
             lease_until_ms: None,
             forced_stop_at: BTreeMap::new(),
@@ -311,7 +322,9 @@ impl Engine {
         self.mirror_maintenance(state);
         self.reconcile_maintenance(wall_ms, state, out);
         for t in self.detector.tick(now_ms) {
-            self.transition_event(t, wall_ms, out);
+            if !self.fenced_before_election.contains(&t.host) {
+                self.transition_event(t, wall_ms, out);
+            }
         }
         self.reconcile_hosts(now_ms, wall_ms, state, out);
         self.release_committed_fences(now_ms, state, out);

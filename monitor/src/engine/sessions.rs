@@ -69,6 +69,7 @@ impl Engine {
         }
         self.connected.insert(host.clone());
         self.awaiting_reconnect.remove(&host);
+        self.fenced_before_election.remove(&host);
         self.facts.insert(host.clone(), facts);
         if let Some(t) = self.detector.heartbeat(&host, now_ms) {
             self.transition_event(t, wall_ms, out);
@@ -173,6 +174,7 @@ impl Engine {
                 self.pool_status.insert(key, p);
             }
         }
+        self.fenced_before_election.remove(&host);
         if let Some(t) = self.detector.heartbeat(&host, now_ms) {
             self.transition_event(t, wall_ms, out);
         }
@@ -260,7 +262,14 @@ impl Engine {
             })
     }
 
-    pub(super) fn transition_event(&self, t: Transition, wall_ms: u64, out: &mut Vec<Action>) {
+    pub(super) fn transition_event(&mut self, t: Transition, wall_ms: u64, out: &mut Vec<Action>) {
+        if t.to != Liveness::Unknown {
+            let to = t.to.to_string();
+            if self.logged_liveness.get(&t.host) == Some(&to) {
+                return;
+            }
+            self.logged_liveness.insert(t.host.clone(), to);
+        }
         let (severity, message) = match t.to {
             Liveness::Up => (
                 Severity::Info,
