@@ -170,6 +170,7 @@ pub fn spawn(
                         + Duration::from_millis(lease.heartbeat_interval_ms()),
                 },
                 &pools,
+                lease.unmanaged_within(now, lease_span).as_deref(),
             );
             if feeds_watchdog(&verdict) {
                 host_watchdog.keep(now);

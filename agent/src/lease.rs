@@ -89,6 +89,9 @@ struct Inner {
     last_grant: Option<Instant>,
     persisted_at: Option<Instant>,
     heartbeat_interval_ms: u64,
+    /// When a monitor last answered but could not manage this agent, and why
+    /// ([`crate::session::SessionError::unmanaged_reason`]).
+    unmanaged: Option<(Instant, String)>,
 }
 
 /// How the persister writes a file (injectable: tests stand in a disk that hangs).
@@ -190,6 +193,7 @@ impl Lease {
             last_grant: None,
             persisted_at: None,
             heartbeat_interval_ms: 500,
+            unmanaged: None,
         };
         match std::fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice::<OnDisk>(&bytes) {
@@ -253,6 +257,7 @@ impl Lease {
                 last_grant: None,
                 persisted_at: None,
                 heartbeat_interval_ms: 500,
+                unmanaged: None,
             })),
             path: None,
             boot: Arc::new(BootClock::read),
@@ -350,6 +355,22 @@ impl Lease {
         self.lock()
             .last_grant
             .is_some_and(|t| now.saturating_duration_since(t) < window)
+    }
+
+    /// A monitor answered at `at` but cannot manage this agent (`why`): the monitors treat
+    /// the host as alive and never condemn it for it.
+    pub fn note_unmanaged(&self, at: Instant, why: String) {
+        self.lock().unmanaged = Some((at, why));
+    }
+
+    /// Why a monitor answered without being able to manage this agent, if it did within
+    /// `window` before `now`.
+    pub fn unmanaged_within(&self, now: Instant, window: Duration) -> Option<String> {
+        self.lock()
+            .unmanaged
+            .as_ref()
+            .filter(|(t, _)| now.saturating_duration_since(*t) < window)
+            .map(|(_, why)| why.clone())
     }
 
     pub fn status(&self, now: Instant) -> LeaseStatus {

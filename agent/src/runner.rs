@@ -286,7 +286,11 @@ impl AgentRunner {
                     true
                 }
                 Err(e) => {
-                    if e.is_permanent() {
+                    if let Some(why) = e.unmanaged_reason() {
+                        // Loud on this side too: the host is alive but unprotected.
+                        error!(%addr, error = %e, "a monitor answered but cannot manage this agent: {why}; the guests keep running, unprotected, until this is fixed");
+                        self.lease.note_unmanaged(Instant::now(), why);
+                    } else if e.is_permanent() {
                         error!(%addr, error = %e, "monitor refused this agent");
                     } else {
                         warn!(%addr, error = %e, "cannot reach monitor");

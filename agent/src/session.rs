@@ -29,7 +29,12 @@ pub enum SessionError {
         source: quinn::ConnectionError,
     },
     #[error("monitor {addr} refused us: {reason}")]
-    Refused { addr: SocketAddr, reason: String },
+    Refused {
+        addr: SocketAddr,
+        /// The close code ([`wire::close`]).
+        code: u32,
+        reason: String,
+    },
     #[error("monitor {addr}: {message}")]
     Protocol { addr: SocketAddr, message: String },
     #[error("monitor {addr}: {source}")]
@@ -49,10 +54,41 @@ pub enum SessionError {
     },
 }
 
+/// TLS alert `certificate_expired` (RFC 8446 section 6.2), as QUIC carries it (a crypto
+/// error, 0x100 + the alert).
+const TLS_CERTIFICATE_EXPIRED: u8 = 45;
+
 impl SessionError {
     /// Errors that will not go away by retrying the same monitor (version, authorization).
     pub fn is_permanent(&self) -> bool {
-        matches!(self, SessionError::Refused { .. })
+        matches!(self, SessionError::Refused { .. }) || self.unmanaged_reason().is_some()
+    }
+
+    /// A monitor answered, but this agent cannot be managed by it: another protocol version,
+    /// or an expired certificate (ours, refused by the monitor, or the monitor's, refused by
+    /// us). The monitors treat such a host as alive and never condemn it for it (issue 9
+    /// item 4), so its guests must keep running: `Some(why)` is what the isolation guard
+    /// and the log say. Anything else (unreachable, timed out, redirected) is `None`.
+    pub fn unmanaged_reason(&self) -> Option<String> {
+        let expired = quinn::TransportErrorCode::crypto(TLS_CERTIFICATE_EXPIRED);
+        match self {
+            SessionError::Refused { code, reason, .. } if *code == wire::close::VERSION_MISMATCH => {
+                Some(format!("the monitor speaks another protocol version: {reason}"))
+            }
+            SessionError::Connection {
+                source: quinn::ConnectionError::ConnectionClosed(c),
+                ..
+            } if c.error_code == expired => Some(
+                "the monitor refused this agent's certificate as expired: renew it (`vigilctl cert renew`) and send the agent SIGHUP".to_string(),
+            ),
+            SessionError::Connection {
+                source: quinn::ConnectionError::TransportError(e),
+                ..
+            } if e.code == expired => Some(format!(
+                "the monitor's certificate has expired ({e}): renew it (`vigilctl cert renew`) and send the monitor SIGHUP"
+            )),
+            _ => None,
+        }
     }
 }
 
@@ -65,6 +101,7 @@ fn map_conn_err(addr: SocketAddr, e: quinn::ConnectionError) -> SessionError {
         }
         quinn::ConnectionError::ApplicationClosed(close) => SessionError::Refused {
             addr,
+            code: u32::try_from(close.error_code.into_inner()).unwrap_or(u32::MAX),
             reason: String::from_utf8_lossy(&close.reason).into_owned(),
         },
         other => SessionError::Connection {
@@ -122,6 +159,7 @@ impl Session {
                 );
                 SessionError::Refused {
                     addr,
+                    code: wire::close::VERSION_MISMATCH,
                     reason: e.to_string(),
                 }
             })?;

@@ -15,7 +15,10 @@
 //!   isolated host from an outage of every monitor (and the monitors never count lease
 //!   expiry as proof for such a host);
 //! - lease expired and no configured pool reachable: self-fence (cut from the monitors *and*
-//!   the storage: the guests cannot do I/O anyway);
+//!   the storage: the guests cannot do I/O anyway) — unless a monitor answered within the
+//!   last lease but could not manage this agent (another protocol version, an expired
+//!   certificate on either side): the monitors hear such a host and never condemn it, so
+//!   this host is not cut off, and nobody would restart its guests elsewhere;
 //! - lease expired and the leader record on some reachable pool is **fresh and condemns this
 //!   host** (names it, no hold): self-fence. Fresh means it changed within the last lease *and*
 //!   well after the last renewal this agent received (more than two storage intervals plus one
@@ -106,6 +109,7 @@ pub fn decide(
     response: IsolationResponse,
     fresh: Freshness,
     pools: &[PoolEvidence],
+    unmanaged: Option<&str>,
 ) -> Verdict {
     if let Some((pool, req)) = pools
         .iter()
@@ -137,6 +141,11 @@ pub fn decide(
     if reachable.is_empty() && pools.iter().any(|p| !p.checked) {
         return Verdict::Keep(format!(
             "lease expired {ago} ms ago; storage not checked yet (the agent just started)"
+        ));
+    }
+    if let (true, Some(why)) = (reachable.is_empty(), unmanaged) {
+        return Verdict::Keep(format!(
+            "lease expired {ago} ms ago and no storage pool is reachable, but a monitor answered within the lease without being able to manage this agent ({why}): the monitors hear this host and never condemn it for that, so the guests keep running, unprotected"
         ));
     }
     if reachable.is_empty() {
@@ -218,6 +227,7 @@ mod tests {
             IsolationResponse::SelfFence,
             long_ago(now),
             pools,
+            None,
         )
     }
 
@@ -233,6 +243,7 @@ mod tests {
             IsolationResponse::SelfFence,
             long_ago(now),
             &[pool(true, Some(now))],
+            None,
         );
         assert!(!is_fence(&v), "{v:?}");
         assert!(feeds_watchdog(&v));
@@ -257,6 +268,29 @@ mod tests {
         let v = expired_verdict(now, &[p]);
         assert!(!is_fence(&v), "{v:?}");
         assert!(feeds_watchdog(&v));
+    }
+
+    /// Issue 9 item 4, the edge a review found: a version mismatch (or an expired
+    /// certificate) during a storage fault. No pool answers, but a monitor does, refusing to
+    /// manage this agent: the monitors hear the host and never condemn it, so nobody would
+    /// restart its guests elsewhere — destroying them is a needless kill.
+    #[test]
+    fn a_version_mismatch_during_a_storage_fault_keeps_the_guests() {
+        let now = Instant::now();
+        let pools = [pool(false, None)];
+        let refused = decide(
+            now,
+            expired(),
+            5_000,
+            IsolationResponse::SelfFence,
+            long_ago(now),
+            &pools,
+            Some("the monitor speaks another protocol version"),
+        );
+        assert!(!is_fence(&refused), "{refused:?}");
+        assert!(feeds_watchdog(&refused));
+        // Without an answer from any monitor it is cut off from both: fence.
+        assert!(is_fence(&expired_verdict(now, &pools)));
     }
 
     #[test]
@@ -290,6 +324,7 @@ mod tests {
             IsolationResponse::SelfFence,
             fresh,
             &[pool(true, Some(now - Duration::from_millis(4_500)))],
+            None,
         );
         assert!(!is_fence(&v), "{v:?}");
         // Alive monitors keep changing it well after the renewal: isolated.
@@ -300,6 +335,7 @@ mod tests {
             IsolationResponse::SelfFence,
             fresh,
             &[pool(true, Some(now - Duration::from_millis(300)))],
+            None,
         );
         assert!(is_fence(&v), "{v:?}");
     }
@@ -346,6 +382,7 @@ mod tests {
             IsolationResponse::KeepRunning,
             long_ago(now),
             &[pool(true, Some(now))],
+            None,
         );
         assert!(!is_fence(&v), "{v:?}");
     }
@@ -373,6 +410,7 @@ mod tests {
             IsolationResponse::KeepRunning,
             long_ago(now),
             &[p],
+            None,
         );
         match v {
             Verdict::SelfFence { request, reason } => {

@@ -154,6 +154,9 @@ struct SimHost {
     watchdog_fed: Option<u64>,
     /// The agent speaks another protocol version: it reaches the monitor, which refuses it.
     incompatible: bool,
+    /// When a monitor last refused it for that (what the real agent notes through
+    /// `SessionError::unmanaged_reason`).
+    unmanaged_at: Option<u64>,
     /// The agent acknowledges fence requests from an empty cache: destroys nothing.
     stale_ack: bool,
     /// The agent's fencing episode (id, since when): it refuses starts until a grant.
@@ -675,6 +678,7 @@ impl Sim {
                     partitioned_at: None,
                     watchdog_fed: None,
                     incompatible: false,
+                    unmanaged_at: None,
                     stale_ack: false,
                     episode: None,
                     known_term: 0,
@@ -1284,6 +1288,9 @@ impl Sim {
                     after: Duration::from_millis(2 * 500 + 100),
                 },
                 &pools,
+                h.unmanaged_at
+                    .filter(|t| now.saturating_sub(*t) < lease.duration_ms)
+                    .map(|_| "protocol version mismatch (simulated)"),
             );
             if feeds_watchdog(&verdict) && watchdog.is_some() {
                 h.watchdog_fed = Some(now);
@@ -1598,9 +1605,14 @@ impl Sim {
                 .hosts
                 .iter()
                 .filter(|(_, h)| h.incompatible && h.agent_alive && h.powered && !h.partitioned)
+                .filter(|_| !self.monitors_down)
                 .map(|(n, _)| n.clone())
                 .collect();
             for host in knocking {
+                let now = self.now;
+                if let Some(h) = self.hosts.get_mut(&host) {
+                    h.unmanaged_at = Some(now);
+                }
                 self.input(Input::AgentIncompatible {
                     host,
                     detail: "protocol version mismatch (simulated)".into(),
