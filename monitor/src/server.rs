@@ -419,7 +419,11 @@ impl Monitor {
             engine.clone(),
             stop_rx.clone(),
         ));
-        tokio::spawn(expiry_ticker(tls_state.clone(), stop_rx.clone()));
+        tokio::spawn(expiry_ticker(
+            tls_state.clone(),
+            engine.clone(),
+            stop_rx.clone(),
+        ));
         let ctx = AdminContext {
             raft: raft.clone(),
             engine: engine.clone(),
@@ -612,9 +616,26 @@ async fn expired_loop(
 
 /// Re-checks this monitor's own certificate and those of long sessions (an expiry window is
 /// crossed without any new connection), and retries warnings not recorded yet.
-async fn expiry_ticker(st: Arc<TlsState>, mut stop: watch::Receiver<bool>) {
+async fn expiry_ticker(st: Arc<TlsState>, engine: EngineHandle, mut stop: watch::Receiver<bool>) {
+    // What the engine was last told about this monitor's own certificate.
+    let mut told: Option<Option<String>> = None;
     loop {
-        st.in_use(&st.own());
+        let own = st.own();
+        st.in_use(&own);
+        // Agents refuse an expired monitor certificate: the engine must not read their
+        // silence as death (issue 9 item 4).
+        let expired = (own.not_after <= unix_s()).then(|| certs::describe(&own));
+        if told.as_ref() != Some(&expired) {
+            if let Some(what) = &expired {
+                error!("this monitor's own certificate has expired ({what}): agents cannot connect; no host is fenced until it is renewed (`vigilctl cert renew`, then SIGHUP)");
+            }
+            engine
+                .input(crate::engine::Input::OwnCertificate {
+                    expired: expired.clone(),
+                })
+                .await;
+            told = Some(expired);
+        }
         let infos: Vec<CertInfo> = st.live().values().map(|(_, i)| i.clone()).collect();
         for i in &infos {
             st.in_use(i);

@@ -70,6 +70,12 @@ pub enum Input {
     },
     /// This monitor is no longer the leader.
     LostLeadership,
+    /// Whether this monitor's own certificate has expired (`Some(what)`) or is valid
+    /// (`None`), from the edge's periodic check: agents refuse an expired one, so every host
+    /// falls silent at once, and silence then proves nothing.
+    OwnCertificate {
+        expired: Option<String>,
+    },
     /// An operator asks to power `host` off through its fence agent now (`vigilctl host fence
     /// H`, like Pacemaker's `stonith_admin --fence`); `by` is the admin certificate's name.
     /// The admin API checks [`Engine::fence_refusal`] first.

@@ -37,7 +37,7 @@ impl Engine {
         // must not be condemned for it.
         let cfg = self.detector.config().clone();
         let grace = self.election_grace_ms();
-        self.fence_after_ms = now_ms + grace;
+        self.fence_after_ms = self.fencing_resumes_at(now_ms);
         self.detector = FailureDetector::new(cfg, now_ms).with_unknown_grace(grace);
         for name in state.hosts.keys() {
             self.detector.track(name);

@@ -35,6 +35,7 @@ mod leadership;
 mod maintenance;
 mod observation;
 mod operator;
+mod own_certificate;
 mod plan;
 mod proof;
 mod queries;
@@ -159,6 +160,9 @@ pub struct Engine {
     /// again, which is no state change and gets no event (one per host per election, ten
     /// thousand for a large cloud, before this).
     logged_liveness: BTreeMap<String, String>,
+    /// `Some(what)` while this monitor's own certificate is expired ([`Input::OwnCertificate`]):
+    /// no fencing of any kind then.
+    own_certificate_expired: Option<String>,
     /// Whether this engine acts only under a leader lease ([`Self::with_leader_lease`]).
     lease_checked: bool,
     /// Until when (monotonic ms) this monitor holds its leader lease ([`Input::LeaderLease`]).
@@ -209,6 +213,7 @@ impl Engine {
             awaiting_reconnect: BTreeSet::new(),
             fenced_before_election: BTreeSet::new(),
             logged_liveness: BTreeMap::new(),
+            own_certificate_expired: None,
             lease_checked: false,
             lease_until_ms: None,
             forced_stop_at: BTreeMap::new(),
@@ -292,6 +297,9 @@ impl Engine {
                 self.on_became_leader(term, node, now_ms, wall_ms, state, &mut out)
             }
             Input::LostLeadership => self.on_lost_leadership(),
+            Input::OwnCertificate { expired } => {
+                self.on_own_certificate(expired, now_ms, wall_ms, &mut out)
+            }
             Input::OperatorFence { host, by } => {
                 self.on_operator_fence(host, by, now_ms, wall_ms, state, &mut out)
             }

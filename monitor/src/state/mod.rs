@@ -212,6 +212,11 @@ pub enum EventKind {
     },
     /// A genuine certificate (of the cluster CA, not revoked) was refused at the handshake
     /// because it expired. Once per certificate (serial).
+    /// This monitor's own certificate expired (`expired`), or was renewed: while expired,
+    /// no agent can connect and the monitor fences nobody.
+    OwnCertificate {
+        expired: bool,
+    },
     CertificateExpired {
         role: String,
         name: String,

@@ -539,3 +539,85 @@ fn an_expired_agent_certificate_is_reported_and_the_host_is_not_condemned() {
     );
     assert_eq!(h["phase"]["phase"], "active", "{h:#}");
 }
+
+/// Issue 9 item 4 (a gap a review found): the monitor's own certificate expires. Agents
+/// refuse it, so every host falls silent at once; neither side may read that as death. Both
+/// say so loudly (the agent: "the monitor's certificate has expired", from the real TLS
+/// failure; the monitor: its own certificate expired, no host is fenced), and after the
+/// renewal and a SIGHUP the agent is back and the event log tells the story.
+#[test]
+fn an_expired_monitor_certificate_is_loud_on_both_sides_and_condemns_nobody() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon_tls = pki.issue(Role::Monitor, "mon1");
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let mut hv1 = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    up(&ctl, "hv1");
+
+    // The monitor's certificate and key swapped for a genuine one that expired an hour ago.
+    let valid = (
+        std::fs::read(&mon_tls.cert).expect("cert"),
+        std::fs::read(&mon_tls.key).expect("key"),
+    );
+    let signer = tls::CaSigner::load(&pki.ca_dir()).expect("CA");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let (cert, key) = signer
+        .issue_between(Role::Monitor, "mon1", now - 40 * 86_400, now - 3600)
+        .expect("issue expired");
+    std::fs::write(&mon_tls.cert, cert).expect("write cert");
+    std::fs::write(&mon_tls.key, key).expect("write key");
+    mon.proc_.hup();
+    wait_for(Duration::from_secs(15), || {
+        mon.proc_
+            .log_text()
+            .contains("own certificate has expired")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the monitor did not say so:\n{}", mon.proc_.log_text()));
+
+    // The agent restarts and meets the expired certificate: it names it, loudly.
+    hv1.proc_.kill();
+    let hv1 = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    wait_for(Duration::from_secs(15), || {
+        hv1.proc_
+            .log_text()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("the monitor's certificate has expired"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("the agent did not say so:\n{}", hv1.proc_.log_text()));
+    assert!(
+        !hv1.proc_.log_text().contains("fencing itself"),
+        "{}",
+        hv1.proc_.log_text()
+    );
+    assert!(
+        !mon.proc_.log_text().contains("fencing host hv1"),
+        "{}",
+        mon.proc_.log_text()
+    );
+
+    // Renewed (the valid files back) and SIGHUP: the agent reconnects, and the log says
+    // when the monitor's certificate expired and when it was valid again.
+    std::fs::write(&mon_tls.cert, &valid.0).expect("write cert");
+    std::fs::write(&mon_tls.key, &valid.1).expect("write key");
+    mon.proc_.hup();
+    up(&ctl, "hv1");
+    let own: Vec<Value> = wait_for(Duration::from_secs(10), || {
+        let own = events_of_kind(&ctl, "own_certificate");
+        own.iter().any(|e| e["expired"] == false).then_some(own)
+    })
+    .unwrap_or_else(|| panic!("no renewal event: {:#?}", ctl.events()));
+    assert!(
+        own.iter()
+            .any(|e| e["expired"] == true && e["severity"] == "critical"),
+        "{own:#?}"
+    );
+    let h = ctl.json(&["host", "show", "hv1"]).expect("hv1");
+    assert_eq!(h["phase"]["phase"], "active", "{h:#}");
+}

@@ -488,3 +488,53 @@ fn no_lease_grant_fence_or_leader_record_without_the_leader_lease() {
     s.beat("hv1", 600);
     assert_eq!(grants(&s), 2);
 }
+
+/// Issue 9 item 4: this monitor's own certificate expired. Agents refuse it, so every host
+/// falls silent at once; that silence is no proof, and nothing is fenced until the
+/// certificate is renewed, and then only a full lease later (the agents reconnect first).
+#[test]
+fn an_expired_monitor_certificate_fences_nobody() {
+    let mut s = fenceable_hv1_with_an_ha_vm();
+    s.beat("hv1", 50);
+    s.input(
+        Input::OwnCertificate {
+            expired: Some("monitor certificate mon1".into()),
+        },
+        100,
+    );
+    let fenced = |s: &Sim| {
+        s.sent
+            .iter()
+            .any(|a| matches!(a, Action::Fence { host } if host == "hv1"))
+    };
+    for t in (100..20_000).step_by(100) {
+        s.input(Input::Tick, t);
+    }
+    assert!(
+        !fenced(&s),
+        "fenced while its own certificate was expired: {:#?}",
+        s.log()
+    );
+    assert!(
+        s.log()
+            .iter()
+            .any(|m| m.contains("this monitor's certificate expired")
+                && m.contains("no host is fenced")),
+        "{:#?}",
+        s.log()
+    );
+    // Renewed at 20 s: hv1 stays silent, so a full lease (plus margin) later it is fenced.
+    s.input(Input::OwnCertificate { expired: None }, 20_000);
+    for t in (20_000..25_900).step_by(100) {
+        s.input(Input::Tick, t);
+    }
+    assert!(
+        !fenced(&s),
+        "fenced within a lease of the renewal: {:#?}",
+        s.log()
+    );
+    for t in (26_000..28_000).step_by(100) {
+        s.input(Input::Tick, t);
+    }
+    assert!(fenced(&s), "{:#?}", s.log());
+}
