@@ -69,7 +69,9 @@ impl CertWatch {
     /// A certificate in use (the handshake accepted it). `now`: Unix seconds.
     pub fn in_use(&self, info: &CertInfo, now: i64) -> Note {
         let mut seen = self.lock();
-        let entry = seen.entry(key(info)).or_insert_with(|| Seen::first_sight(info));
+        let entry = seen
+            .entry(key(info))
+            .or_insert_with(|| Seen::first_sight(info));
         if entry.info.serial != info.serial {
             *entry = Seen::first_sight(info);
         }
@@ -85,7 +87,9 @@ impl CertWatch {
     /// A genuine certificate refused at the handshake because it expired.
     pub fn refused_expired(&self, info: &CertInfo, now: i64) -> Note {
         let mut seen = self.lock();
-        let entry = seen.entry(key(info)).or_insert_with(|| Seen::first_sight(info));
+        let entry = seen
+            .entry(key(info))
+            .or_insert_with(|| Seen::first_sight(info));
         let first = entry.info.serial != info.serial || entry.refused_at.is_none();
         *entry = Seen {
             info: info.clone(),

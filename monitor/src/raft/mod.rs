@@ -717,7 +717,6 @@ mod tests {
 
     const WAIT: Duration = Duration::from_secs(10);
 
-
     fn liveness_event(i: u64, hosts: u64) -> StateCommand {
         StateCommand::RecordEvent {
             at_ms: 1_000_000 + i,
