@@ -27,6 +27,18 @@ struct Seen {
     warned: bool,
 }
 
+impl Seen {
+    /// A certificate (or a renewal's new serial) seen for the first time: neither refused
+    /// nor warned about yet.
+    fn first_sight(info: &CertInfo) -> Self {
+        Seen {
+            info: info.clone(),
+            refused_at: None,
+            warned: false,
+        }
+    }
+}
+
 /// What happened to a certificate the monitor just saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Note {
@@ -57,17 +69,11 @@ impl CertWatch {
     /// A certificate in use (the handshake accepted it). `now`: Unix seconds.
     pub fn in_use(&self, info: &CertInfo, now: i64) -> Note {
         let mut seen = self.lock();
-        let entry = seen.entry(key(info)).or_insert_with(|| Seen {
-            info: info.clone(),
-            refused_at: None,
-            warned: false,
-        });
+        let entry = seen
+            .entry(key(info))
+            .or_insert_with(|| Seen::first_sight(info));
         if entry.info.serial != info.serial {
-            *entry = Seen {
-                info: info.clone(),
-                refused_at: None,
-                warned: false,
-            };
+            *entry = Seen::first_sight(info);
         }
         entry.refused_at = None;
         if info.not_after - now <= EXPIRY_WARNING_DAYS * DAY_S && !entry.warned {
@@ -81,11 +87,9 @@ impl CertWatch {
     /// A genuine certificate refused at the handshake because it expired.
     pub fn refused_expired(&self, info: &CertInfo, now: i64) -> Note {
         let mut seen = self.lock();
-        let entry = seen.entry(key(info)).or_insert_with(|| Seen {
-            info: info.clone(),
-            refused_at: None,
-            warned: false,
-        });
+        let entry = seen
+            .entry(key(info))
+            .or_insert_with(|| Seen::first_sight(info));
         let first = entry.info.serial != info.serial || entry.refused_at.is_none();
         *entry = Seen {
             info: info.clone(),

@@ -269,14 +269,19 @@ mod tests {
         vec!["hv1".to_string()]
     }
 
+    /// Lease expiry proves hv1 off (pool p) from `at_ms` on, and not a millisecond before.
+    fn assert_proof_from(b: &LeaseBook, at_ms: u64) -> HostProof {
+        let pools = vec!["p".to_string()];
+        assert!(b.proof("hv1", &pools, at_ms - 1).is_err());
+        b.proof("hv1", &pools, at_ms).expect("proof")
+    }
+
     #[test]
     fn expiry_is_proof_only_after_lease_plus_margin_from_the_last_grant() {
         let mut b = book();
         b.grant("hv1", 10_000);
-        let pools = vec!["p".to_string()];
         // Lease + margin end at 16 s; the watchdog (2 s) after that.
-        assert!(b.proof("hv1", &pools, 17_999).is_err());
-        assert!(b.proof("hv1", &pools, 18_000).is_ok());
+        assert_proof_from(&b, 18_000);
     }
 
     #[test]
@@ -285,9 +290,7 @@ mod tests {
         b.became_leader(20_000);
         b.record_condemning("p", true, &hv1(), 20_000);
         b.watchdog("hv1", Some(2_000));
-        let pools = vec!["p".to_string()];
-        assert!(b.proof("hv1", &pools, 27_999).is_err());
-        assert!(b.proof("hv1", &pools, 28_000).is_ok());
+        assert_proof_from(&b, 28_000);
     }
 
     #[test]
@@ -365,8 +368,7 @@ mod tests {
             }
         }
         // 40 s + 2 intervals (1 s) + margin (1 s) + watchdog (2 s) = 44 s.
-        assert!(b.proof("hv1", &pools, 43_999).is_err());
-        let ok = b.proof("hv1", &pools, 44_000).expect("proof");
+        let ok = assert_proof_from(&b, 44_000);
         let HostProof::LeaseExpired { detail } = &ok else {
             panic!("not a lease proof: {ok:?}");
         };

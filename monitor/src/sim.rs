@@ -588,6 +588,19 @@ fn take_due<T>(queue: &mut Vec<T>, now: u64, at: impl Fn(&T) -> u64) -> Vec<T> {
     due
 }
 
+/// Takes all of `pending` ((key, value) pairs) once `known` holds for every key, and none of
+/// it before.
+fn take_once_known(
+    pending: &mut Vec<(String, String)>,
+    known: impl Fn(&str) -> bool,
+) -> Vec<(String, String)> {
+    if pending.iter().all(|(key, _)| known(key)) {
+        std::mem::take(pending)
+    } else {
+        Vec::new()
+    }
+}
+
 fn detector() -> DetectorConfig {
     DetectorConfig {
         heartbeat_interval_ms: 100,
@@ -1815,34 +1828,20 @@ impl Sim {
             self.input(Input::FenceDone { host, result });
         }
         // Anti-affinity groups, once the VMs are registered.
-        if !self.groups.is_empty()
-            && self
-                .groups
-                .iter()
-                .all(|(u, _)| self.state.vms.contains_key(u))
-        {
-            for (uuid, group) in std::mem::take(&mut self.groups) {
-                self.state.apply(&StateCommand::SetAntiAffinity {
-                    at_ms: self.wall(),
-                    uuid,
-                    group: Some(group),
-                });
-            }
+        for (uuid, group) in take_once_known(&mut self.groups, |u| self.state.vms.contains_key(u)) {
+            self.state.apply(&StateCommand::SetAntiAffinity {
+                at_ms: self.wall(),
+                uuid,
+                group: Some(group),
+            });
         }
         // Host tags, once the hosts are registered.
-        if !self.tags.is_empty()
-            && self
-                .tags
-                .iter()
-                .all(|(h, _)| self.state.hosts.contains_key(h))
-        {
-            for (host, tag) in std::mem::take(&mut self.tags) {
-                self.state.apply(&StateCommand::AddTag {
-                    at_ms: self.wall(),
-                    host,
-                    tag,
-                });
-            }
+        for (host, tag) in take_once_known(&mut self.tags, |h| self.state.hosts.contains_key(h)) {
+            self.state.apply(&StateCommand::AddTag {
+                at_ms: self.wall(),
+                host,
+                tag,
+            });
         }
         self.input(Input::Tick);
         self.stale_check();

@@ -18,8 +18,8 @@ use std::hash::{Hash, Hasher};
 use vigil_common::domain::{DomainInfo, DomainState};
 use vigil_common::domain_policy::{self, DomainPolicy};
 
-use super::{record_event, Action, DefinitionReport, Engine};
-use crate::state::{ClusterState, EventKind, HostRecord, Phase, Severity, StateCommand, VmRecord};
+use super::{record_event, Action, Context, DefinitionReport, Engine};
+use crate::state::{EventKind, HostRecord, Phase, Severity, StateCommand, VmRecord};
 
 /// What this leader already recorded, to say it once per episode.
 #[derive(Debug, Clone, Default)]
@@ -222,16 +222,10 @@ impl Engine {
 
     /// The inactive XML of `uuid` from `host`: stored only from the host that owns the VM,
     /// and only if the domain policy accepts it.
-    pub(super) fn on_definition(
-        &mut self,
-        report: DefinitionReport,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_definition(&mut self, report: DefinitionReport, cx: &mut Context<'_>) {
         let DefinitionReport { host, uuid, xml } = report;
         let host = host.as_str();
-        let Some(vm) = state.vms.get(&uuid) else {
+        let Some(vm) = cx.state.vms.get(&uuid) else {
             return;
         };
         if vm.host != host {
@@ -246,8 +240,8 @@ impl Engine {
         match domain_policy::check(&xml, &DomainPolicy::default()) {
             Ok(()) => {
                 self.identity.refused_definitions.remove(&uuid);
-                out.push(Action::Propose(StateCommand::StoreDefinition {
-                    at_ms: wall_ms,
+                cx.out.push(Action::Propose(StateCommand::StoreDefinition {
+                    at_ms: cx.wall_ms,
                     uuid,
                     xml,
                 }));
@@ -262,7 +256,7 @@ impl Engine {
                 } else {
                     "no definition is stored, so it cannot start on another host"
                 };
-                record_event(out, wall_ms, Severity::Critical, Some(host.to_string()), EventKind::VmDefinitionRefused, format!(
+                record_event(&mut cx.out, cx.wall_ms, Severity::Critical, Some(host.to_string()), EventKind::VmDefinitionRefused, format!(
                         "refused the definition of VM {} ({uuid}) from {host}: {e}; {kept} (docs/domain-policy.md)",
                         vm.name
                     ));

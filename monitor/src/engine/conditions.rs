@@ -5,20 +5,13 @@ use super::*;
 
 impl Engine {
     /// Asks up to three live peers of the same cluster whether `host`'s kernel answers.
-    pub(super) fn probe(
-        &mut self,
-        host: &str,
-        cluster: &str,
-        now_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn probe(&mut self, host: &str, cluster: &str, cx: &mut Context<'_>) {
         // Learned from its connection; a new leader that has not seen it connect yet uses
         // the replicated address.
         let Some(ip) = self
             .evidence
             .addr_of(host)
-            .or_else(|| state.hosts.get(host).and_then(|h| h.addr))
+            .or_else(|| cx.state.hosts.get(host).and_then(|h| h.addr))
         else {
             return;
         };
@@ -30,15 +23,16 @@ impl Engine {
         if self.evidence.probing(host) {
             return;
         }
-        let peers: Vec<String> = state
+        let peers: Vec<String> = cx
+            .state
             .hosts
             .iter()
             .filter(|(n, h)| *n != host && h.cluster == cluster && self.host_usable(n))
             .map(|(n, _)| n.clone())
             .take(investigation::PROBE_PEERS)
             .collect();
-        for peer in self.evidence.start_probe(host, peers, now_ms) {
-            out.push(Action::Send {
+        for peer in self.evidence.start_probe(host, peers, cx.now_ms) {
+            cx.out.push(Action::Send {
                 host: peer,
                 command: AgentCommand::ProbeHost {
                     host: host.to_string(),

@@ -42,28 +42,27 @@ impl Engine {
         &mut self,
         host: String,
         result: Result<String, FenceFailure>,
-        wall_ms: u64,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
         self.fencing.in_flight.remove(&host);
         let cmd = match result {
             Ok(detail) => StateCommand::HostProvenOff {
-                at_ms: wall_ms,
+                at_ms: cx.wall_ms,
                 host,
                 proof: HostProof::Power { detail },
             },
             Err(e) => {
                 self.fencing
                     .retry_at
-                    .insert(host.clone(), wall_ms + FENCE_RETRY_MS);
+                    .insert(host.clone(), cx.wall_ms + FENCE_RETRY_MS);
                 StateCommand::FenceFailed {
-                    at_ms: wall_ms,
+                    at_ms: cx.wall_ms,
                     host,
                     detail: e.to_string(),
                 }
             }
         };
-        out.push(Action::Propose(cmd));
+        cx.out.push(Action::Propose(cmd));
     }
 
     /// Host failures: investigate silent hosts, fence the ones that are down and hold HA
@@ -79,22 +78,17 @@ impl Engine {
     /// Lease expiry is never proof for a host whose agent reported no armed watchdog
     /// (`LeaseBook::usable`), nor while a mass-failure hold keeps the leader record from
     /// condemning anyone (`LeaderRecord::condemned_hosts`).
-    pub(super) fn reconcile_hosts(
-        &mut self,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn reconcile_hosts(&mut self, cx: &mut Context<'_>) {
         // Hosts holding protected VMs, computed once (not once per host: this runs every tick).
-        let hosts_with_ha: BTreeSet<&str> = state
+        let hosts_with_ha: BTreeSet<&str> = cx
+            .state
             .vms
             .values()
             .filter(|v| v.ha && !matches!(v.phase, Phase::Stopped { .. } | Phase::GaveUp { .. }))
             .map(|v| v.host.as_str())
             .collect();
-        for (name, h) in &state.hosts {
-            if self.incompatible_alive(name, now_ms) {
+        for (name, h) in &cx.state.hosts {
+            if self.incompatible_alive(name, cx.now_ms) {
                 // It spoke to us: alive, whatever its silence on the agent protocol says.
                 continue;
             }
@@ -116,7 +110,7 @@ impl Engine {
                 continue;
             }
             if silent {
-                self.probe(name, &h.cluster, now_ms, state, out);
+                self.probe(name, &h.cluster, cx);
             }
             let pools = if h.pools.is_empty() {
                 self.host_pools.get(name).cloned().unwrap_or_default()
@@ -126,9 +120,9 @@ impl Engine {
             let has_pools = !pools.is_empty();
             let condition = self
                 .evidence
-                .condition(name, silent, down, has_pools, now_ms);
+                .condition(name, silent, down, has_pools, cx.now_ms);
             if !self.fenced_before_election.contains(name) {
-                self.record_condition(name, &condition, wall_ms, out);
+                self.record_condition(name, &condition, cx.wall_ms, &mut cx.out);
             }
             let has_ha = hosts_with_ha.contains(name.as_str());
             // Through the slot only with the host's agent instance known (never instance 0: a
@@ -148,30 +142,26 @@ impl Engine {
             };
             match &h.phase {
                 // No fencing of any kind in the first full lease after the election.
-                HostPhase::Active if down && has_ha && now_ms >= self.fence_after_ms => {
-                    self.start_fencing(&silent, now_ms, wall_ms, state, out)
+                HostPhase::Active if down && has_ha && cx.now_ms >= self.fence_after_ms => {
+                    self.start_fencing(&silent, cx)
                 }
-                HostPhase::Fencing { .. } => {
-                    self.continue_fencing(&silent, now_ms, wall_ms, state, out)
-                }
-                HostPhase::Fenced { proof, .. } => {
-                    self.fail_vms_of_fenced_host(name, proof, wall_ms, state, out)
-                }
+                HostPhase::Fencing { .. } => self.continue_fencing(&silent, cx),
+                HostPhase::Fenced { proof, .. } => self.fail_vms_of_fenced_host(name, proof, cx),
                 _ => {}
             }
         }
         // A cluster whose hosts are back below the threshold may be fenced again.
-        let still_held: BTreeSet<String> =
-            self.fencing
-                .held
-                .iter()
-                .filter(|c| {
-                    state.hosts.iter().any(|(n, h)| {
-                        &h.cluster == *c && self.mass_failure(n, state, now_ms).is_some()
-                    })
+        let still_held: BTreeSet<String> = self
+            .fencing
+            .held
+            .iter()
+            .filter(|c| {
+                cx.state.hosts.iter().any(|(n, h)| {
+                    &h.cluster == *c && self.mass_failure(n, cx.state, cx.now_ms).is_some()
                 })
-                .cloned()
-                .collect();
+            })
+            .cloned()
+            .collect();
         self.fencing.held = still_held;
         // A released host that is heard again starts afresh.
         let released: BTreeSet<String> = self
@@ -187,14 +177,7 @@ impl Engine {
     /// An active host that is down and holds HA VMs: start fencing it by every method that can
     /// prove something for its condition, unless nothing can (say so once) or a mass failure
     /// holds fencing (say so once).
-    fn start_fencing(
-        &mut self,
-        silent: &SilentHost<'_>,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    fn start_fencing(&mut self, silent: &SilentHost<'_>, cx: &mut Context<'_>) {
         let SilentHost {
             name,
             cluster,
@@ -208,30 +191,30 @@ impl Engine {
         let (lease_usable, power_at) = match condition {
             // Whether peers confirmed it unreachable or not: a dead agent on a
             // live host is reset by its watchdog, which `usable` requires.
-            Condition::Dead { .. } => (true, now_ms),
+            Condition::Dead { .. } => (true, cx.now_ms),
             Condition::Isolated { .. } => {
                 let lease_ok = self.leases.usable(name, pools).is_ok();
                 let at = if lease_ok || slot {
-                    self.leases.expires_at(name).unwrap_or(now_ms)
+                    self.leases.expires_at(name).unwrap_or(cx.now_ms)
                 } else {
-                    now_ms
+                    cx.now_ms
                 };
                 (true, at)
             }
             Condition::AgentDown { .. } => {
                 // Give the agent one lease to come back before fencing at all.
-                if self.leases.expires_at(name).is_some_and(|t| now_ms < t) {
+                if self.leases.expires_at(name).is_some_and(|t| cx.now_ms < t) {
                     return;
                 }
                 // The agent is dead: only its host watchdog can back a lease.
-                (true, now_ms)
+                (true, cx.now_ms)
             }
             Condition::Alive | Condition::Investigating => return,
         };
         let lease_possible = lease_usable && self.leases.usable(name, pools).is_ok();
         if !power && !slot && !lease_possible {
             if self.fencing.unfenceable.insert(name.clone()) {
-                record_event(out, wall_ms, Severity::Critical, Some(name.clone()), EventKind::HostUnfenceable, format!(
+                record_event(&mut cx.out, cx.wall_ms, Severity::Critical, Some(name.clone()), EventKind::HostUnfenceable, format!(
                         "host {name} is {} ({}) and holds HA VMs, but nothing can prove it fenced: no fence agent configured, no storage slot, and lease expiry proves nothing here ({}). Its HA VMs wait; fence it by hand",
                         condition.name(),
                         condition_evidence(condition),
@@ -240,11 +223,11 @@ impl Engine {
             }
             return;
         }
-        if let Some(why) = self.mass_failure(name, state, now_ms) {
+        if let Some(why) = self.mass_failure(name, cx.state, cx.now_ms) {
             if self.fencing.held.insert(cluster.to_string()) {
                 record_event(
-                    out,
-                    wall_ms,
+                    &mut cx.out,
+                    cx.wall_ms,
                     Severity::Critical,
                     Some(name.clone()),
                     EventKind::FencingHeld,
@@ -255,7 +238,7 @@ impl Engine {
         }
         let mut methods = Vec::new();
         if power {
-            methods.push(if power_at <= now_ms {
+            methods.push(if power_at <= cx.now_ms {
                 "power (now)"
             } else {
                 "power (if no other proof before the lease ends)"
@@ -267,8 +250,8 @@ impl Engine {
         if lease_possible {
             methods.push("lease expiry");
         }
-        out.push(Action::Propose(StateCommand::FenceStarted {
-            at_ms: wall_ms,
+        cx.out.push(Action::Propose(StateCommand::FenceStarted {
+            at_ms: cx.wall_ms,
             host: name.clone(),
             reason: format!(
                 "{} ({}), holds HA VMs; proof by {}{}",
@@ -288,25 +271,17 @@ impl Engine {
         }
         // The slot request and the power fence follow once FenceStarted is committed
         // (`continue_fencing`, `release_committed_fences`).
-        if power && power_at <= now_ms && self.fencing.in_flight.insert(name.clone()) {
+        if power && power_at <= cx.now_ms && self.fencing.in_flight.insert(name.clone()) {
             self.fencing
                 .awaiting_commit
-                .insert(name.clone(), (1, now_ms));
+                .insert(name.clone(), (1, cx.now_ms));
         }
     }
 
     /// Proposes a power-fence attempt of `host` (`FenceStarted`); the fence agent runs once
     /// the attempt is committed ([`Self::release_committed_fences`]).
-    pub(super) fn propose_power_fence(
-        &mut self,
-        host: &str,
-        reason: String,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
-        let attempt = match state.hosts.get(host).map(|h| &h.phase) {
+    pub(super) fn propose_power_fence(&mut self, host: &str, reason: String, cx: &mut Context<'_>) {
+        let attempt = match cx.state.hosts.get(host).map(|h| &h.phase) {
             Some(HostPhase::Fencing { attempts, .. }) => attempts + 1,
             _ => 1,
         };
@@ -314,9 +289,9 @@ impl Engine {
         self.fencing.retry_at.remove(host);
         self.fencing
             .awaiting_commit
-            .insert(host.to_string(), (attempt, now_ms));
-        out.push(Action::Propose(StateCommand::FenceStarted {
-            at_ms: wall_ms,
+            .insert(host.to_string(), (attempt, cx.now_ms));
+        cx.out.push(Action::Propose(StateCommand::FenceStarted {
+            at_ms: cx.wall_ms,
             host: host.to_string(),
             reason,
         }));
@@ -324,12 +299,7 @@ impl Engine {
 
     /// Runs the fence agent for every proposed attempt that is now committed; forgets one that
     /// has not committed within [`FENCE_RETRY_MS`] (the proposal was lost) so it is tried again.
-    pub(super) fn release_committed_fences(
-        &mut self,
-        now_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn release_committed_fences(&mut self, cx: &mut Context<'_>) {
         let hosts: Vec<(String, u32, u64)> = self
             .fencing
             .awaiting_commit
@@ -337,14 +307,14 @@ impl Engine {
             .map(|(h, (a, t))| (h.clone(), *a, *t))
             .collect();
         for (host, attempt, since) in hosts {
-            let committed = match state.hosts.get(&host).map(|h| &h.phase) {
+            let committed = match cx.state.hosts.get(&host).map(|h| &h.phase) {
                 Some(HostPhase::Fencing { attempts, .. }) => *attempts >= attempt,
                 _ => false,
             };
             if committed {
                 self.fencing.awaiting_commit.remove(&host);
-                out.push(Action::Fence { host });
-            } else if now_ms.saturating_sub(since) > FENCE_RETRY_MS {
+                cx.out.push(Action::Fence { host });
+            } else if cx.now_ms.saturating_sub(since) > FENCE_RETRY_MS {
                 self.fencing.awaiting_commit.remove(&host);
                 self.fencing.in_flight.remove(&host);
             }
@@ -353,14 +323,7 @@ impl Engine {
 
     /// A host being fenced: ask its slot again (a new leader), take lease expiry as proof where
     /// the host watchdog backs it, and power it off when due.
-    fn continue_fencing(
-        &mut self,
-        silent: &SilentHost<'_>,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    fn continue_fencing(&mut self, silent: &SilentHost<'_>, cx: &mut Context<'_>) {
         let SilentHost {
             name,
             condition,
@@ -371,21 +334,21 @@ impl Engine {
             ..
         } = silent;
         let (name, slot, power, down) = (*name, *slot, *power, *down);
-        if !down || now_ms < self.fence_after_ms {
+        if !down || cx.now_ms < self.fence_after_ms {
             return;
         }
         if slot && !self.fencing.slot_requests.contains_key(name) {
             // A new leader asks again (its predecessor's request may be gone).
-            self.request_fence(name, condition, wall_ms, state, out);
+            self.request_fence(name, condition, cx);
         }
         // Lease expiry is proof only where the host watchdog backs it: then a
         // dead or hung agent cannot keep the guests past lease + W either.
         let lease_usable = self.leases.usable(name, pools).is_ok();
         if lease_usable && !self.fencing.proof_proposed.contains(name) {
-            if let Ok(proof) = self.leases.proof(name, pools, now_ms) {
+            if let Ok(proof) = self.leases.proof(name, pools, cx.now_ms) {
                 self.fencing.proof_proposed.insert(name.clone());
-                out.push(Action::Propose(StateCommand::HostProvenOff {
-                    at_ms: wall_ms,
+                cx.out.push(Action::Propose(StateCommand::HostProvenOff {
+                    at_ms: cx.wall_ms,
                     host: name.clone(),
                     proof,
                 }));
@@ -399,16 +362,16 @@ impl Engine {
             .fencing
             .power_after
             .entry(name.clone())
-            .or_insert(now_ms);
-        let due = now_ms >= power_at
+            .or_insert(cx.now_ms);
+        let due = cx.now_ms >= power_at
             && self
                 .fencing
                 .retry_at
                 .get(name)
-                .is_none_or(|t| wall_ms >= *t);
+                .is_none_or(|t| cx.wall_ms >= *t);
         if due && !self.fencing.in_flight.contains(name) {
             let reason = "power fencing (no other proof yet, or retrying after a failed attempt)";
-            self.propose_power_fence(name, reason.into(), now_ms, wall_ms, state, out);
+            self.propose_power_fence(name, reason.into(), cx);
         }
     }
 
@@ -438,9 +401,7 @@ impl Engine {
         &mut self,
         host: &str,
         condition: &Condition,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
         let Some(instance) = self.instances.get(host).copied().filter(|i| *i != 0) else {
             return;
@@ -454,20 +415,21 @@ impl Engine {
             .unwrap_or(0);
         // Every VM the leader holds as HA on the host: the agent treats them as HA even if
         // it never heard the flag, and must show each one not running.
-        let vms = state
+        let vms = cx
+            .state
             .vms
             .values()
             .filter(|v| v.ha && v.host == host)
             .map(|v| v.uuid.clone())
             .collect();
         let req = FenceRequest {
-            id: wall_ms.max(last + 1),
+            id: cx.wall_ms.max(last + 1),
             host: host.to_string(),
             instance,
             vms,
             term: self.term_node.0,
             node: self.term_node.1,
-            wall_ms,
+            wall_ms: cx.wall_ms,
             reason: format!(
                 "{} to the monitors ({})",
                 condition.name(),
@@ -477,7 +439,7 @@ impl Engine {
         self.fencing
             .slot_requests
             .insert(host.to_string(), req.clone());
-        out.push(Action::RequestFence(req));
+        cx.out.push(Action::RequestFence(req));
     }
 
     /// `Some(explanation)` when too many hosts of `host`'s cluster (a Down host) are down at

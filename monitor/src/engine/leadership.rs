@@ -5,18 +5,10 @@ use super::*;
 
 impl Engine {
     /// This monitor became leader: forget what a predecessor may have changed, re-register connected hosts, and fence nobody for a full lease.
-    pub(super) fn on_became_leader(
-        &mut self,
-        term: u64,
-        node: u64,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_became_leader(&mut self, term: u64, node: u64, cx: &mut Context<'_>) {
         self.leader = true;
         self.term_node = (term, node);
-        self.leases.became_leader(now_ms);
+        self.leases.became_leader(cx.now_ms);
         // This leadership's bookkeeping starts empty: what predecessors did is in committed
         // state (and in the storage slots, cleared below).
         self.fencing = FencingBook::default();
@@ -25,9 +17,9 @@ impl Engine {
         // A request its predecessor left in the slot of a host that is back (Active)
         // must not kill what that host runs: clear them all (durably, by the storage
         // worker). Hosts still fencing are asked again by this leader.
-        for (name, h) in &state.hosts {
+        for (name, h) in &cx.state.hosts {
             if h.phase == HostPhase::Active {
-                out.push(Action::ClearFence { host: name.clone() });
+                cx.out.push(Action::ClearFence { host: name.clone() });
             }
         }
         // A new leader knows nothing fresh: every host gets the full grace period
@@ -37,13 +29,14 @@ impl Engine {
         // must not be condemned for it.
         let cfg = self.detector.config().clone();
         let grace = self.election_grace_ms();
-        self.fence_after_ms = self.fencing_resumes_at(now_ms);
-        self.detector = FailureDetector::new(cfg, now_ms).with_unknown_grace(grace);
-        for name in state.hosts.keys() {
+        self.fence_after_ms = self.fencing_resumes_at(cx.now_ms);
+        self.detector = FailureDetector::new(cfg, cx.now_ms).with_unknown_grace(grace);
+        for name in cx.state.hosts.keys() {
             self.detector.track(name);
         }
         // Placement waits for the agents still finding this leader (see awaiting_reconnect).
-        self.awaiting_reconnect = state
+        self.awaiting_reconnect = cx
+            .state
             .hosts
             .iter()
             .filter(|(name, h)| {
@@ -51,7 +44,8 @@ impl Engine {
             })
             .map(|(name, _)| name.clone())
             .collect();
-        self.logged_liveness = state
+        self.logged_liveness = cx
+            .state
             .events
             .iter()
             .filter_map(|e| match (&e.host, &e.kind) {
@@ -59,7 +53,8 @@ impl Engine {
                 _ => None,
             })
             .collect();
-        self.fenced_before_election = state
+        self.fenced_before_election = cx
+            .state
             .hosts
             .iter()
             .filter(|(name, h)| {
@@ -71,19 +66,20 @@ impl Engine {
             .map(|(name, _)| name.clone())
             .collect();
         for name in self.connected.clone() {
-            self.detector.heartbeat(&name, now_ms);
+            self.detector.heartbeat(&name, cx.now_ms);
             // An agent that connected before this monitor led was never registered.
             if let Some(hello) = self.hellos.get(&name) {
-                self.register_host(&name, hello, wall_ms, state, out);
+                self.register_host(&name, hello, cx);
             }
             // Nor were the HA domains it listed then that the cluster does not know:
             // unprotected until its next listing (an agent resends every 10 s, and
             // only when something changed before that).
             if let Some(inv) = self.inventory.get(&name) {
                 for d in inv.domains.values() {
-                    if d.meta.ha == Some(true) && !state.vms.contains_key(&d.uuid) {
+                    if d.meta.ha == Some(true) && !cx.state.vms.contains_key(&d.uuid) {
                         let running = matches!(d.state, DomainState::Running | DomainState::Paused);
-                        out.push(Action::Propose(vm_seen(wall_ms, &name, d, running)));
+                        cx.out
+                            .push(Action::Propose(vm_seen(cx.wall_ms, &name, d, running)));
                     }
                 }
             }
@@ -91,8 +87,8 @@ impl Engine {
         // What a follower noted was never recorded (its output is dropped).
         self.identity = Default::default();
         record_event(
-            out,
-            wall_ms,
+            &mut cx.out,
+            cx.wall_ms,
             Severity::Info,
             None,
             EventKind::LeaderElected { term, node },

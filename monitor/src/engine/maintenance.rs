@@ -23,16 +23,11 @@ impl Engine {
     /// Drains hosts in maintenance: each HA VM running there is destroyed through its agent
     /// (which proves it stopped) and started on another host. A cold move: live migration is
     /// not built yet (docs/architecture.md).
-    pub(super) fn reconcile_maintenance(
-        &mut self,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn reconcile_maintenance(&mut self, cx: &mut Context<'_>) {
         if self.maintenance.is_empty() {
             return;
         }
-        for vm in state.vms.values() {
+        for vm in cx.state.vms.values() {
             if !(vm.ha && vm.phase == Phase::Running && self.maintenance.contains(&vm.host)) {
                 continue;
             }
@@ -44,18 +39,18 @@ impl Engine {
             }
             // Only when it has somewhere to go: a drain must not leave a VM down.
             let need = need_of(vm);
-            let views = self.views(state);
-            if placement::relocation_target(&state.hosts, views, &vm.host, &need).is_none() {
+            let views = self.views(cx.state);
+            if placement::relocation_target(&cx.state.hosts, views, &vm.host, &need).is_none() {
                 continue;
             }
             self.expected_stops
                 .insert(vm.uuid.clone(), forced_stop(FailureKind::Maintenance));
-            self.forced_stop_at.insert(vm.uuid.clone(), wall_ms);
-            record_event(out, wall_ms, Severity::Info, Some(vm.host.clone()), EventKind::VmDraining, format!(
+            self.forced_stop_at.insert(vm.uuid.clone(), cx.wall_ms);
+            record_event(&mut cx.out, cx.wall_ms, Severity::Info, Some(vm.host.clone()), EventKind::VmDraining, format!(
                     "moving VM {} off {} (maintenance): stopping it there, then starting it elsewhere",
                     vm.name, vm.host
                 ));
-            out.push(Action::Send {
+            cx.out.push(Action::Send {
                 host: vm.host.clone(),
                 command: AgentCommand::DestroyDomain {
                     uuid: vm.uuid.clone(),

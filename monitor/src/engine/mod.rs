@@ -267,49 +267,41 @@ impl Engine {
         wall_ms: u64,
         state: &ClusterState,
     ) -> Vec<Action> {
-        let mut out = Vec::new();
+        let mut cx = Context {
+            now_ms,
+            wall_ms,
+            state,
+            out: Vec::new(),
+        };
         self.views = None;
         match input {
-            Input::AgentConnected(hello) => {
-                self.on_agent_connected(hello, now_ms, wall_ms, state, &mut out)
-            }
+            Input::AgentConnected(hello) => self.on_agent_connected(hello, &mut cx),
             Input::AgentIncompatible { host, detail } => {
-                self.on_agent_incompatible(host, detail, now_ms, wall_ms, &mut out)
+                self.on_agent_incompatible(host, detail, &mut cx)
             }
             Input::AgentDisconnected { host } => self.on_agent_disconnected(host, state),
-            Input::Heartbeat(beat) => self.on_heartbeat(beat, now_ms, wall_ms, &mut out),
-            Input::SelfFenced(report) => self.on_self_fenced(report, wall_ms, state, &mut out),
-            Input::Storage { pool, result } => {
-                self.on_storage(&pool, result, now_ms, wall_ms, state, &mut out)
-            }
-            Input::Inventory(listing) => self.on_inventory(listing, wall_ms, state, &mut out),
-            Input::DomainEvent(report) => self.on_lifecycle(report, wall_ms, state, &mut out),
-            Input::Definition(report) => self.on_definition(report, wall_ms, state, &mut out),
-            Input::StaleDestroyed(report) => self.on_stale_destroyed(report, wall_ms, &mut out),
-            Input::CommandDone(answer) => self.on_command_answer(answer, wall_ms, state, &mut out),
+            Input::Heartbeat(beat) => self.on_heartbeat(beat, &mut cx),
+            Input::SelfFenced(report) => self.on_self_fenced(report, &mut cx),
+            Input::Storage { pool, result } => self.on_storage(&pool, result, &mut cx),
+            Input::Inventory(listing) => self.on_inventory(listing, &mut cx),
+            Input::DomainEvent(report) => self.on_lifecycle(report, &mut cx),
+            Input::Definition(report) => self.on_definition(report, &mut cx),
+            Input::StaleDestroyed(report) => self.on_stale_destroyed(report, &mut cx),
+            Input::CommandDone(answer) => self.on_command_answer(answer, &mut cx),
             Input::LeaderLease { until_ms } => self.lease_until_ms = until_ms,
-            Input::FenceDone { host, result } => {
-                self.on_fence_done(host, result, wall_ms, &mut out)
-            }
-            Input::Tick => self.tick(now_ms, wall_ms, state, &mut out),
-            Input::Applied => self.applied(now_ms, wall_ms, state, &mut out),
-            Input::BecameLeader { term, node } => {
-                self.on_became_leader(term, node, now_ms, wall_ms, state, &mut out)
-            }
+            Input::FenceDone { host, result } => self.on_fence_done(host, result, &mut cx),
+            Input::Tick => self.tick(&mut cx),
+            Input::Applied => self.applied(&mut cx),
+            Input::BecameLeader { term, node } => self.on_became_leader(term, node, &mut cx),
             Input::LostLeadership => self.on_lost_leadership(),
-            Input::OwnCertificate { expired } => {
-                self.on_own_certificate(expired, now_ms, wall_ms, &mut out)
-            }
-            Input::OperatorFence { host, by } => {
-                self.on_operator_fence(host, by, now_ms, wall_ms, state, &mut out)
-            }
-            Input::ReleaseHold { cluster, by } => {
-                self.on_release_hold(cluster, by, now_ms, wall_ms, state, &mut out)
-            }
+            Input::OwnCertificate { expired } => self.on_own_certificate(expired, &mut cx),
+            Input::OperatorFence { host, by } => self.on_operator_fence(host, by, &mut cx),
+            Input::ReleaseHold { cluster, by } => self.on_release_hold(cluster, by, &mut cx),
             Input::HostPlacementRefused { host, detail } => {
-                self.placement_refused(&host, detail, wall_ms, &mut out)
+                self.placement_refused(&host, detail, wall_ms, &mut cx.out)
             }
         }
+        let mut out = cx.out;
         if !self.leader {
             // Only the leader records or acts; followers keep soft state for a fast takeover.
             out.clear();
@@ -321,35 +313,45 @@ impl Engine {
     }
 
     /// The periodic pass: detector, maintenance, hosts, storage, recovery, leader record.
-    fn tick(&mut self, now_ms: u64, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
-        if now_ms >= self.fence_after_ms {
+    fn tick(&mut self, cx: &mut Context<'_>) {
+        if cx.now_ms >= self.fence_after_ms {
             self.awaiting_reconnect.clear();
         }
-        self.detector.track_sorted(state.hosts.keys());
-        self.expire_forced_stops(wall_ms);
-        self.mirror_maintenance(state);
-        self.reconcile_maintenance(wall_ms, state, out);
-        for t in self.detector.tick(now_ms) {
+        self.detector.track_sorted(cx.state.hosts.keys());
+        self.expire_forced_stops(cx.wall_ms);
+        self.mirror_maintenance(cx.state);
+        self.reconcile_maintenance(cx);
+        for t in self.detector.tick(cx.now_ms) {
             if !self.fenced_before_election.contains(&t.host) {
-                self.transition_event(t, wall_ms, out);
+                self.transition_event(t, cx.wall_ms, &mut cx.out);
             }
         }
-        self.reconcile_hosts(now_ms, wall_ms, state, out);
-        self.release_committed_fences(now_ms, state, out);
-        self.reconcile_storage(now_ms, wall_ms, state, out);
-        self.reconcile(wall_ms, state, out);
+        self.reconcile_hosts(cx);
+        self.release_committed_fences(cx);
+        self.reconcile_storage(cx);
+        self.reconcile(cx);
         if self.leader {
-            self.check_capacity(now_ms, wall_ms, state, out);
-            out.push(self.leader_record(state, now_ms));
+            self.check_capacity(cx);
+            cx.out.push(self.leader_record(cx.state, cx.now_ms));
         }
     }
 
     /// Committed state changed: mirror it and derive the work it implies.
-    fn applied(&mut self, now_ms: u64, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
-        self.mirror_maintenance(state);
-        self.release_committed_fences(now_ms, state, out);
-        self.reconcile(wall_ms, state, out);
+    fn applied(&mut self, cx: &mut Context<'_>) {
+        self.mirror_maintenance(cx.state);
+        self.release_committed_fences(cx);
+        self.reconcile(cx);
     }
+}
+
+/// What handling one input reads and writes besides the engine itself: the clocks it is
+/// handled at (`now_ms` monotonic, `wall_ms` Unix time), the committed state it reads, and the
+/// actions decided so far. [`Engine::handle`] makes one per input; its handlers pass it on.
+pub(super) struct Context<'a> {
+    pub(super) now_ms: u64,
+    pub(super) wall_ms: u64,
+    pub(super) state: &'a ClusterState,
+    pub(super) out: Vec<Action>,
 }
 
 /// Proposes an event for the replicated log: the one way the engine records one.

@@ -17,13 +17,7 @@ pub(super) struct HostInventory {
 
 impl Engine {
     /// A host's agent fenced itself: one event per episode, its HA domains failed.
-    pub(super) fn on_self_fenced(
-        &mut self,
-        report: SelfFenceReport,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_self_fenced(&mut self, report: SelfFenceReport, cx: &mut Context<'_>) {
         let SelfFenceReport {
             host,
             id,
@@ -38,7 +32,7 @@ impl Engine {
                 noted.remove(&oldest);
             }
         }
-        out.push(Action::Notify {
+        cx.out.push(Action::Notify {
             host: Some(host.clone()),
             message: MonitorToAgent::SelfFenceNoted { id },
         });
@@ -53,8 +47,8 @@ impl Engine {
         }
         if first {
             record_event(
-                out,
-                wall_ms,
+                &mut cx.out,
+                cx.wall_ms,
                 Severity::Critical,
                 Some(host.clone()),
                 EventKind::HostSelfFenced,
@@ -66,7 +60,7 @@ impl Engine {
         }
         // Stops that its agent reported before this message are failures too.
         for uuid in destroyed {
-            if let Some(vm) = state.vms.get(&uuid) {
+            if let Some(vm) = cx.state.vms.get(&uuid) {
                 if vm.ha
                     && vm.host == host
                     && vm.phase == Phase::Running
@@ -77,20 +71,14 @@ impl Engine {
                         detail: format!("its agent destroyed it when fencing itself: {reason}"),
                         observed_at_ms: None,
                     };
-                    self.vm_failed(vm, &host, FailureKind::Crashed, proof, wall_ms, state, out);
+                    self.vm_failed(vm, &host, FailureKind::Crashed, proof, cx);
                 }
             }
         }
     }
 
     /// A lifecycle event, unless something newer was already seen of this VM on this host.
-    pub(super) fn on_lifecycle(
-        &mut self,
-        report: LifecycleReport,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_lifecycle(&mut self, report: LifecycleReport, cx: &mut Context<'_>) {
         let LifecycleReport {
             host,
             event,
@@ -103,25 +91,20 @@ impl Engine {
                 self.seen_running
                     .insert((host.clone(), event.uuid.clone()), seq);
             }
-            self.on_domain_event(&host, &event, generation, wall_ms, state, out);
+            self.on_domain_event(&host, &event, generation, cx);
         }
     }
 
     /// An agent destroyed a stale copy (older generation) of a VM.
-    pub(super) fn on_stale_destroyed(
-        &mut self,
-        report: StaleCopyDestroyed,
-        wall_ms: u64,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_stale_destroyed(&mut self, report: StaleCopyDestroyed, cx: &mut Context<'_>) {
         let StaleCopyDestroyed {
             host,
             uuid,
             found,
             newest,
         } = report;
-        out.push(Action::Propose(StateCommand::StaleDestroyed {
-            at_ms: wall_ms,
+        cx.out.push(Action::Propose(StateCommand::StaleDestroyed {
+            at_ms: cx.wall_ms,
             uuid,
             host,
             found,
@@ -130,13 +113,7 @@ impl Engine {
     }
 
     /// An answer to a command; an answer about a domain is also an observation of it.
-    pub(super) fn on_command_answer(
-        &mut self,
-        answer: CommandAnswer,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_command_answer(&mut self, answer: CommandAnswer, cx: &mut Context<'_>) {
         let CommandAnswer {
             host,
             command,
@@ -156,17 +133,11 @@ impl Engine {
                 self.seen_running.insert((host.clone(), uuid.clone()), seq);
             }
         }
-        self.on_command_done(&host, command, result, wall_ms, state, out);
+        self.on_command_done(&host, command, result, cx);
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn on_inventory(
-        &mut self,
-        listing: Listing,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_inventory(&mut self, listing: Listing, cx: &mut Context<'_>) {
         let Listing {
             host,
             domains,
@@ -187,10 +158,11 @@ impl Engine {
                 continue;
             }
             let running = d.state == DomainState::Running || d.state == DomainState::Paused;
-            match state.vms.get(&d.uuid) {
+            match cx.state.vms.get(&d.uuid) {
                 None => {
                     if d.meta.ha == Some(true) {
-                        out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
+                        cx.out
+                            .push(Action::Propose(vm_seen(cx.wall_ms, host, d, running)));
                     }
                 }
                 Some(vm) if !claims::owns(vm, host) => {
@@ -198,9 +170,11 @@ impl Engine {
                     // normal and says nothing; running, it is a move only when its own
                     // host lets it go (a live migration), else a conflict.
                     if running
-                        && self.foreign_claim(host, vm, d, wall_ms, out) == claims::Claim::Accept
+                        && self.foreign_claim(host, vm, d, cx.wall_ms, &mut cx.out)
+                            == claims::Claim::Accept
                     {
-                        out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
+                        cx.out
+                            .push(Action::Propose(vm_seen(cx.wall_ms, host, d, running)));
                     }
                 }
                 Some(vm) => {
@@ -216,14 +190,15 @@ impl Engine {
                         && matches!(vm.phase, Phase::Stopped { .. } | Phase::GaveUp { .. });
                     let moved = running && current && vm.phase == Phase::Running && vm.host != host;
                     if differs || resumed || moved {
-                        out.push(Action::Propose(vm_seen(wall_ms, host, d, running)));
+                        cx.out
+                            .push(Action::Propose(vm_seen(cx.wall_ms, host, d, running)));
                     }
                     // Backstop for a lost start answer: the target reports it running with
                     // the ordered generation.
                     if let Phase::Recovering { host: target, .. } = &vm.phase {
                         if target == host && running && d.meta.generation == Some(vm.generation) {
-                            out.push(Action::Propose(StateCommand::VmStarted {
-                                at_ms: wall_ms,
+                            cx.out.push(Action::Propose(StateCommand::VmStarted {
+                                at_ms: cx.wall_ms,
                                 uuid: vm.uuid.clone(),
                                 host: host.to_string(),
                                 generation: vm.generation,
@@ -258,8 +233,8 @@ impl Engine {
                         && vm.host == host
                         && d.meta.generation.unwrap_or(0) == vm.generation
                     {
-                        out.push(Action::Propose(StateCommand::VmStopped {
-                            at_ms: wall_ms,
+                        cx.out.push(Action::Propose(StateCommand::VmStopped {
+                            at_ms: cx.wall_ms,
                             uuid: vm.uuid.clone(),
                             host: host.to_string(),
                             reason: if d.reason == StateReason::GuestShutdown {
@@ -280,7 +255,7 @@ impl Engine {
                             detail: format!("inventory: {why}"),
                             observed_at_ms: None,
                         };
-                        self.vm_failed(vm, host, kind, proof, wall_ms, state, out);
+                        self.vm_failed(vm, host, kind, proof, cx);
                     } else if crashed
                         && vm.ha
                         && vm.phase == Phase::Running
@@ -292,7 +267,7 @@ impl Engine {
                             detail: format!("inventory: shut off ({:?})", d.reason).to_lowercase(),
                             observed_at_ms: None,
                         };
-                        self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
+                        self.vm_failed(vm, host, FailureKind::Crashed, proof, cx);
                     }
                 }
             }
@@ -327,11 +302,9 @@ impl Engine {
         host: &str,
         event: &DomainEvent,
         generation: Option<u64>,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
-        let Some(vm) = state.vms.get(&event.uuid) else {
+        let Some(vm) = cx.state.vms.get(&event.uuid) else {
             return;
         };
         if !claims::owns(vm, host)
@@ -348,8 +321,8 @@ impl Engine {
                     generation.unwrap_or(0),
                     vm.generation
                 ),
-                wall_ms,
-                out,
+                cx.wall_ms,
+                &mut cx.out,
             );
             return;
         }
@@ -370,7 +343,7 @@ impl Engine {
                     ),
                     observed_at_ms: Some(event.at_ms),
                 };
-                self.vm_failed(vm, host, FailureKind::Crashed, proof, wall_ms, state, out);
+                self.vm_failed(vm, host, FailureKind::Crashed, proof, cx);
             }
             LifecycleKind::Destroyed
                 if event.proves_stopped() && self.expected_stops.contains_key(&event.uuid) =>
@@ -385,7 +358,7 @@ impl Engine {
                     detail: why,
                     observed_at_ms: Some(event.at_ms),
                 };
-                self.vm_failed(vm, host, kind, proof, wall_ms, state, out);
+                self.vm_failed(vm, host, kind, proof, cx);
             }
             LifecycleKind::GuestShutdown | LifecycleKind::Destroyed if event.proves_stopped() => {
                 let reason = if event.kind == LifecycleKind::GuestShutdown {
@@ -393,8 +366,8 @@ impl Engine {
                 } else {
                     StopReason::OperatorDestroy
                 };
-                out.push(Action::Propose(StateCommand::VmStopped {
-                    at_ms: wall_ms,
+                cx.out.push(Action::Propose(StateCommand::VmStopped {
+                    at_ms: cx.wall_ms,
                     uuid: vm.uuid.clone(),
                     host: host.to_string(),
                     reason,
@@ -409,9 +382,7 @@ impl Engine {
         host: &str,
         command: AgentCommand,
         result: Result<CommandOutcome, CommandError>,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
         if let AgentCommand::ProbeHost { host: target, .. } = &command {
             let reachable = matches!(&result, Ok(CommandOutcome::Done { detail }) if detail.starts_with("reachable"));
@@ -426,12 +397,13 @@ impl Engine {
                 if self.forced_stop_at.remove(uuid).is_some() {
                     self.expected_stops.remove(uuid);
                     self.destroy_retry_at
-                        .insert(uuid.clone(), wall_ms + DESTROY_RETRY_MS);
-                    let name = state
+                        .insert(uuid.clone(), cx.wall_ms + DESTROY_RETRY_MS);
+                    let name = cx
+                        .state
                         .vms
                         .get(uuid)
                         .map_or(uuid.as_str(), |v| v.name.as_str());
-                    record_event(out, wall_ms, Severity::Critical, Some(host.to_string()), EventKind::VmStopFailed, format!(
+                    record_event(&mut cx.out, cx.wall_ms, Severity::Critical, Some(host.to_string()), EventKind::VmStopFailed, format!(
                             "could not stop VM {name} on {host} to move it: {reason}; it stays there for now (tried again in {} s)",
                             DESTROY_RETRY_MS / 1000
                         ));
@@ -445,15 +417,15 @@ impl Engine {
         else {
             return;
         };
-        let Some(vm) = state.vms.get(&uuid) else {
+        let Some(vm) = cx.state.vms.get(&uuid) else {
             return;
         };
         let current = matches!(&vm.phase, Phase::Recovering { host: t, .. } if t == host)
             && vm.generation == generation;
         match result {
             Ok(CommandOutcome::Done { .. }) if current => {
-                out.push(Action::Propose(StateCommand::VmStarted {
-                    at_ms: wall_ms,
+                cx.out.push(Action::Propose(StateCommand::VmStarted {
+                    at_ms: cx.wall_ms,
                     uuid,
                     host: host.to_string(),
                     generation,
@@ -464,15 +436,7 @@ impl Engine {
                     host: host.to_string(),
                     detail: reason,
                 };
-                self.vm_failed(
-                    vm,
-                    host,
-                    FailureKind::StartFailed,
-                    proof,
-                    wall_ms,
-                    state,
-                    out,
-                );
+                self.vm_failed(vm, host, FailureKind::StartFailed, proof, cx);
             }
             // No answer: the start may or may not have happened, so this is no proof of
             // anything. Send the same order (same generation: idempotent) again later.

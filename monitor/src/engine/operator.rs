@@ -5,27 +5,20 @@ use super::*;
 
 impl Engine {
     /// `vigilctl host fence`: power the host off through its fence agent now.
-    pub(super) fn on_operator_fence(
-        &mut self,
-        host: String,
-        by: String,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
-        if self.fence_refusal(&host, true, now_ms).is_none()
-            && state
+    pub(super) fn on_operator_fence(&mut self, host: String, by: String, cx: &mut Context<'_>) {
+        if self.fence_refusal(&host, true, cx.now_ms).is_none()
+            && cx
+                .state
                 .hosts
                 .get(&host)
                 .is_some_and(|h| !matches!(h.phase, HostPhase::Fenced { .. }))
         {
             // A failed attempt is retried like any power fence.
-            self.fencing.power_after.insert(host.clone(), now_ms);
+            self.fencing.power_after.insert(host.clone(), cx.now_ms);
             let reason = format!(
                 "operator {by} asked for it (vigilctl host fence): powering it off through its fence agent now"
             );
-            self.propose_power_fence(&host, reason, now_ms, wall_ms, state, out);
+            self.propose_power_fence(&host, reason, cx);
         }
     }
 
@@ -34,10 +27,7 @@ impl Engine {
         &mut self,
         cluster: Option<String>,
         by: String,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
         let clusters: Vec<String> = self
             .fencing
@@ -47,7 +37,8 @@ impl Engine {
             .cloned()
             .collect();
         for c in clusters {
-            let hosts: Vec<String> = state
+            let hosts: Vec<String> = cx
+                .state
                 .hosts
                 .iter()
                 .filter(|(n, h)| {
@@ -59,7 +50,7 @@ impl Engine {
                 .collect();
             self.fencing.released.extend(hosts.iter().cloned());
             self.fencing.held.remove(&c);
-            record_event(out, wall_ms, Severity::Critical, None, EventKind::FencingReleased {
+            record_event(&mut cx.out, cx.wall_ms, Severity::Critical, None, EventKind::FencingReleased {
                     cluster: c.clone(),
                     by: by.clone(),
                 }, format!(
@@ -71,7 +62,7 @@ impl Engine {
                     }
                 ));
         }
-        self.reconcile_hosts(now_ms, wall_ms, state, out);
+        self.reconcile_hosts(cx);
     }
 
     /// Clusters whose automatic fencing is held now (a mass failure).

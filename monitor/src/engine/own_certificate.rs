@@ -8,13 +8,8 @@ use super::*;
 
 impl Engine {
     /// The edge's periodic check of the certificate this monitor serves.
-    pub(super) fn on_own_certificate(
-        &mut self,
-        expired: Option<String>,
-        now_ms: u64,
-        wall_ms: u64,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_own_certificate(&mut self, expired: Option<String>, cx: &mut Context<'_>) {
+        let (now_ms, wall_ms, out) = (cx.now_ms, cx.wall_ms, &mut cx.out);
         match (&self.own_certificate_expired, expired) {
             (None, Some(what)) => {
                 self.fence_after_ms = u64::MAX;

@@ -80,25 +80,22 @@ impl Engine {
 
     /// Recomputes N+k when due and says once when a cluster drops below
     /// `recovery.min_failures_tolerated` (and once when it is back).
-    pub(super) fn check_capacity(
-        &mut self,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn check_capacity(&mut self, cx: &mut Context<'_>) {
         // Due every CAPACITY_CHECK_MS, and sooner (at most once a second) when hosts joined or
         // left the active set or VMs came or went, so `vigilctl status` is not stale for long
         // after a change.
         let basis = (
-            state
+            cx.state
                 .hosts
                 .values()
                 .filter(|h| h.phase == HostPhase::Active && !h.maintenance)
                 .count(),
-            state.vms.len(),
+            cx.state.vms.len(),
         );
-        let since = self.capacity.checked_ms.map(|t| now_ms.saturating_sub(t));
+        let since = self
+            .capacity
+            .checked_ms
+            .map(|t| cx.now_ms.saturating_sub(t));
         let due = match since {
             None => true,
             Some(ago) => ago >= CAPACITY_CHECK_MS || (ago >= 1_000 && basis != self.capacity.basis),
@@ -106,10 +103,10 @@ impl Engine {
         if !due {
             return;
         }
-        self.capacity.checked_ms = Some(now_ms);
+        self.capacity.checked_ms = Some(cx.now_ms);
         self.capacity.basis = basis;
         let level = self.policy.min_failures_tolerated as usize;
-        self.capacity.clusters = self.failures_tolerated(state, wall_ms, level.max(2));
+        self.capacity.clusters = self.failures_tolerated(cx.state, cx.wall_ms, level.max(2));
         if level == 0 {
             return;
         }
@@ -144,7 +141,7 @@ impl Engine {
             } else {
                 continue;
             };
-            record_event(out, wall_ms, sev, None, kind, message);
+            record_event(&mut cx.out, cx.wall_ms, sev, None, kind, message);
         }
     }
 

@@ -16,11 +16,10 @@ impl Engine {
         &mut self,
         name: &str,
         proof: &HostProof,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
-        let vms: Vec<&VmRecord> = state
+        let vms: Vec<&VmRecord> = cx
+            .state
             .vms
             .values()
             .filter(|v| v.ha && v.host == name)
@@ -34,15 +33,17 @@ impl Engine {
             let policy = self.policy.clone();
             let (target, warning) = match self.placement_waits() {
                 Some(why) => (Err(why), None),
-                None => failover_choice(&policy, &state.hosts, self.views(state), name, &need),
+                None => {
+                    failover_choice(&policy, &cx.state.hosts, self.views(cx.state), name, &need)
+                }
             };
-            self.warn_tag(vm, warning, wall_ms, out);
-            let decision = recovery::decide_host_failure(vm, wall_ms, &self.policy, target);
+            self.warn_tag(vm, warning, cx.wall_ms, &mut cx.out);
+            let decision = recovery::decide_host_failure(vm, cx.wall_ms, &self.policy, target);
             self.recovery
                 .proposed_failure
                 .insert(vm.uuid.clone(), vm.generation);
-            out.push(Action::Propose(StateCommand::VmFailed {
-                at_ms: wall_ms,
+            cx.out.push(Action::Propose(StateCommand::VmFailed {
+                at_ms: cx.wall_ms,
                 uuid: vm.uuid.clone(),
                 generation: vm.generation,
                 failure: FailureKind::HostFailed,
@@ -64,37 +65,35 @@ impl Engine {
         host: &str,
         failure: FailureKind,
         proof: Proof,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
         if self.recovery.proposed_failure.get(&vm.uuid) == Some(&vm.generation) {
             return;
         }
         let need = need_of(vm);
-        let views = self.views(state).clone();
+        let views = self.views(cx.state).clone();
         // Relocating starts a copy elsewhere: only when this host's own inventory shows the
         // domain shut off (a refused start, say because it still runs, is no such proof).
         let gone_here = self.shut_off_on(host, &vm.uuid);
         let decision = if matches!(failure, FailureKind::StorageLost | FailureKind::Maintenance) {
             // Its host lost the VM's storage, or is being drained: not back there.
-            let target = placement::relocation_target(&state.hosts, &views, host, &need)
-                .ok_or_else(|| placement::no_room(&state.hosts, &views, host, &need, None));
-            recovery::decide_host_failure(vm, wall_ms, &self.policy, target)
+            let target = placement::relocation_target(&cx.state.hosts, &views, host, &need)
+                .ok_or_else(|| placement::no_room(&cx.state.hosts, &views, host, &need, None));
+            recovery::decide_host_failure(vm, cx.wall_ms, &self.policy, target)
         } else {
-            recovery::decide(vm, host, wall_ms, &self.policy, || {
+            recovery::decide(vm, host, cx.wall_ms, &self.policy, || {
                 if !gone_here {
                     return None;
                 }
-                placement::relocation_target(&state.hosts, &views, host, &need)
+                placement::relocation_target(&cx.state.hosts, &views, host, &need)
             })
         };
         self.recovery
             .proposed_failure
             .insert(vm.uuid.clone(), vm.generation);
         self.expected_stops.remove(&vm.uuid);
-        out.push(Action::Propose(StateCommand::VmFailed {
-            at_ms: wall_ms,
+        cx.out.push(Action::Propose(StateCommand::VmFailed {
+            at_ms: cx.wall_ms,
             uuid: vm.uuid.clone(),
             generation: vm.generation,
             failure,

@@ -85,22 +85,14 @@ impl Engine {
 
     /// Records a start placed on `target`: reserves its capacity for the rest of this pass,
     /// and says so when anti-affinity could not be honoured.
-    pub(super) fn place(
-        &mut self,
-        vm: &VmRecord,
-        target: &str,
-        need: &Need,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
-        let views = self.views(state);
+    pub(super) fn place(&mut self, vm: &VmRecord, target: &str, need: &Need, cx: &mut Context<'_>) {
+        let views = self.views(cx.state);
         let shared = need.group.is_some() && placement::shares_group(views, target, need);
         if let Some(v) = views.get_mut(target) {
             v.reserve(need);
         }
         if shared {
-            record_event(out, wall_ms, Severity::Warning, Some(target.to_string()), EventKind::AntiAffinityBroken, format!(
+            record_event(&mut cx.out, cx.wall_ms, Severity::Warning, Some(target.to_string()), EventKind::AntiAffinityBroken, format!(
                     "VM {} starts on {target} next to another member of anti-affinity group {}: no other host with room",
                     vm.name,
                     need.group.unwrap_or_default()

@@ -25,10 +25,11 @@ pub(super) struct RecoveryBook {
 impl Engine {
     /// Work derived from committed state: due restarts, start orders to send, generations to
     /// announce.
-    pub(super) fn reconcile(&mut self, wall_ms: u64, state: &ClusterState, out: &mut Vec<Action>) {
+    pub(super) fn reconcile(&mut self, cx: &mut Context<'_>) {
         let mut changed_generations = Vec::new();
         // Highest priority first.
-        let mut order: Vec<&VmRecord> = state
+        let mut order: Vec<&VmRecord> = cx
+            .state
             .vms
             .values()
             .filter(|v| {
@@ -47,7 +48,8 @@ impl Engine {
                     relocate,
                 } => {
                     let next = vm.generation + 1;
-                    let old_fenced = state
+                    let old_fenced = cx
+                        .state
                         .hosts
                         .get(&vm.host)
                         .is_some_and(|h| matches!(h.phase, HostPhase::Fenced { .. }));
@@ -56,7 +58,8 @@ impl Engine {
                     let safe = !*relocate || old_fenced || self.shut_off_on(&vm.host, &vm.uuid);
                     // A relocation whose target is gone (or that had none) is placed again;
                     // so is a restart in place whose host has since been fenced.
-                    let target_fenced = state
+                    let target_fenced = cx
+                        .state
                         .hosts
                         .get(host)
                         .is_some_and(|h| matches!(h.phase, HostPhase::Fenced { .. }));
@@ -71,29 +74,30 @@ impl Engine {
                     } else if *relocate && !self.host_usable(host) {
                         let (tag, fallback) =
                             (self.policy.ha_tag.clone(), self.policy.ha_tag_fallback);
-                        let views = self.views(state);
+                        let views = self.views(cx.state);
                         let (t, warning) = placement::failover_target(
-                            &state.hosts,
+                            &cx.state.hosts,
                             views,
                             &vm.host,
                             &need,
                             tag.as_deref(),
                             fallback,
                         );
-                        self.warn_tag(vm, warning, wall_ms, out);
+                        self.warn_tag(vm, warning, cx.wall_ms, &mut cx.out);
                         // Nowhere else, but its own host is back (rejoined after fencing, or
                         // storage healed): it may start there again; the proof check below
                         // still applies.
                         match t {
                             Some(c) => Some((c.host, c.why)),
                             None => {
-                                let home_ok = state
+                                let home_ok = cx
+                                    .state
                                     .hosts
                                     .get(&vm.host)
                                     .is_some_and(|h| h.phase == HostPhase::Active);
                                 (home_ok && self.host_usable(&vm.host)).then(|| {
-                                    let views = self.views(state);
-                                    let why = placement::no_room(&state.hosts, views, &vm.host, &need, tag.as_deref().filter(|_| fallback == TagFallback::Wait));
+                                    let views = self.views(cx.state);
+                                    let why = placement::no_room(&cx.state.hosts, views, &vm.host, &need, tag.as_deref().filter(|_| fallback == TagFallback::Wait));
                                     (vm.host.clone(), format!("back on its own host, the only one that can take it ({why})"))
                                 })
                             }
@@ -105,7 +109,7 @@ impl Engine {
                     let target = match target {
                         Some((t, _)) if t != vm.host && vm.definition.is_none() => {
                             if self.recovery.def_warned.insert(vm.uuid.clone()) {
-                                record_event(out, wall_ms, Severity::Critical, Some(vm.host.clone()), EventKind::NoDefinition, format!(
+                                record_event(&mut cx.out, cx.wall_ms, Severity::Critical, Some(vm.host.clone()), EventKind::NoDefinition, format!(
                                         "cannot start VM {} on {t}: its definition never reached the monitor (its agent ships it within a poll of HA being enabled); queued",
                                         vm.name
                                     ));
@@ -115,7 +119,7 @@ impl Engine {
                         other => other,
                     };
                     if let Some((target, why)) = target {
-                        if wall_ms >= *not_before_ms
+                        if cx.wall_ms >= *not_before_ms
                             && safe
                             && self.host_usable(&target)
                             && self.recovery.proposed_start.get(&vm.uuid) != Some(&next)
@@ -124,11 +128,19 @@ impl Engine {
                             if !why.is_empty() {
                                 // The failure's event named another host (or none): say why
                                 // the start goes here instead, before it is ordered.
-                                self.placed_again(vm, host, &target, &why, next, wall_ms, out);
+                                self.placed_again(
+                                    vm,
+                                    host,
+                                    &target,
+                                    &why,
+                                    next,
+                                    cx.wall_ms,
+                                    &mut cx.out,
+                                );
                             }
-                            self.place(vm, &target, &need, wall_ms, state, out);
-                            out.push(Action::Propose(StateCommand::OrderStart {
-                                at_ms: wall_ms,
+                            self.place(vm, &target, &need, cx);
+                            cx.out.push(Action::Propose(StateCommand::OrderStart {
+                                at_ms: cx.wall_ms,
                                 uuid: vm.uuid.clone(),
                                 host: target,
                                 generation: next,
@@ -143,7 +155,7 @@ impl Engine {
                     self.recovery
                         .dispatched
                         .insert(vm.uuid.clone(), vm.generation);
-                    out.push(Action::Send {
+                    cx.out.push(Action::Send {
                         host: host.clone(),
                         command: AgentCommand::StartDomain {
                             uuid: vm.uuid.clone(),
@@ -155,7 +167,7 @@ impl Engine {
                 _ => {}
             }
         }
-        for vm in state.vms.values() {
+        for vm in cx.state.vms.values() {
             if vm.ha && self.recovery.announced.get(&vm.uuid) != Some(&vm.generation) {
                 self.recovery
                     .announced
@@ -166,9 +178,9 @@ impl Engine {
         // Forget proposals that committed state has overtaken.
         self.recovery
             .proposed_start
-            .retain(|u, g| state.vms.get(u).is_some_and(|v| v.generation < *g));
+            .retain(|u, g| cx.state.vms.get(u).is_some_and(|v| v.generation < *g));
         self.recovery.proposed_failure.retain(|u, g| {
-            state.vms.get(u).is_some_and(|v| {
+            cx.state.vms.get(u).is_some_and(|v| {
                 v.generation == *g && matches!(v.phase, Phase::Running | Phase::Recovering { .. })
             })
         });
@@ -176,7 +188,7 @@ impl Engine {
             // Announced to every agent *before* any start of that generation is dispatched
             // (dispatch happens on a later pass), so a host holding an older copy learns it
             // is stale.
-            out.insert(
+            cx.out.insert(
                 0,
                 Action::Notify {
                     host: None,

@@ -9,14 +9,7 @@ pub const INCOMPATIBLE_ALIVE_MS: u64 = 30_000;
 
 impl Engine {
     /// An agent completed its handshake: register the host, end any fencing episode, send it the generation table.
-    pub(super) fn on_agent_connected(
-        &mut self,
-        hello: Hello,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_agent_connected(&mut self, hello: Hello, cx: &mut Context<'_>) {
         let Hello {
             host,
             zone,
@@ -39,14 +32,15 @@ impl Engine {
         if let Some(ip) = addr {
             self.evidence.address(&host, ip);
         }
-        self.evidence.beat(&host, instance, 0, now_ms);
-        if state
+        self.evidence.beat(&host, instance, 0, cx.now_ms);
+        if cx
+            .state
             .hosts
             .get(&host)
             .is_some_and(|h| h.phase != HostPhase::Active)
             || self.fencing.slot_requests.contains_key(&host)
         {
-            self.end_fencing_episode(&host, out);
+            self.end_fencing_episode(&host, &mut cx.out);
         }
         self.forget_fencing(&host);
         self.identity.placement_refused.remove(&host);
@@ -55,15 +49,16 @@ impl Engine {
             cluster,
             agent_version,
         };
-        self.register_host(&host, &hello, wall_ms, state, out);
+        self.register_host(&host, &hello, cx);
         self.hellos.insert(host.clone(), hello);
-        if state
+        if cx
+            .state
             .hosts
             .get(&host)
             .is_some_and(|h| h.phase != HostPhase::Active)
         {
-            out.push(Action::Propose(StateCommand::HostRejoined {
-                at_ms: wall_ms,
+            cx.out.push(Action::Propose(StateCommand::HostRejoined {
+                at_ms: cx.wall_ms,
                 host: host.clone(),
             }));
         }
@@ -71,18 +66,18 @@ impl Engine {
         self.awaiting_reconnect.remove(&host);
         self.fenced_before_election.remove(&host);
         self.facts.insert(host.clone(), facts);
-        if let Some(t) = self.detector.heartbeat(&host, now_ms) {
-            self.transition_event(t, wall_ms, out);
+        if let Some(t) = self.detector.heartbeat(&host, cx.now_ms) {
+            self.transition_event(t, cx.wall_ms, &mut cx.out);
         }
         // A fresh session: it needs the whole generation table, and any start order
         // for this host that was in flight must be sent again.
-        out.push(Action::Notify {
+        cx.out.push(Action::Notify {
             host: Some(host.clone()),
-            message: generation_table(state),
+            message: generation_table(cx.state),
         });
         self.recovery
             .dispatched
-            .retain(|uuid, _| state.vms.get(uuid).is_none_or(|v| v.host != host));
+            .retain(|uuid, _| cx.state.vms.get(uuid).is_none_or(|v| v.host != host));
     }
 
     /// An agent that cannot be managed (another protocol version) is alive: say so once.
@@ -90,17 +85,15 @@ impl Engine {
         &mut self,
         host: String,
         detail: String,
-        now_ms: u64,
-        wall_ms: u64,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
         let known = self
             .incompatible
             .get(&host)
-            .is_some_and(|t| now_ms.saturating_sub(*t) < INCOMPATIBLE_ALIVE_MS);
-        self.incompatible.insert(host.clone(), now_ms);
+            .is_some_and(|t| cx.now_ms.saturating_sub(*t) < INCOMPATIBLE_ALIVE_MS);
+        self.incompatible.insert(host.clone(), cx.now_ms);
         if !known && self.leader {
-            record_event(out, wall_ms, Severity::Critical, Some(host.clone()), EventKind::HostIncompatible, format!(
+            record_event(&mut cx.out, cx.wall_ms, Severity::Critical, Some(host.clone()), EventKind::HostIncompatible, format!(
                     "host {host}'s agent cannot be managed: {detail}. The host is alive, so it is not fenced and its guests keep running, unprotected, until its agent and the monitors run compatible versions"
                 ));
         }
@@ -117,13 +110,7 @@ impl Engine {
     }
 
     /// A heartbeat: facts, evidence, pool states, liveness, and a lease grant while leading.
-    pub(super) fn on_heartbeat(
-        &mut self,
-        beat: Beat,
-        now_ms: u64,
-        wall_ms: u64,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn on_heartbeat(&mut self, beat: Beat, cx: &mut Context<'_>) {
         let Beat {
             host,
             seq,
@@ -141,14 +128,14 @@ impl Engine {
             }
         }
         let instance = self.instances.get(&host).copied().unwrap_or(0);
-        self.evidence.beat(&host, instance, mono_ms, now_ms);
+        self.evidence.beat(&host, instance, mono_ms, cx.now_ms);
         for p in pools {
             let key = (host.clone(), p.name.clone());
             if self.pool_status.get(&key) != Some(&p) {
                 if self.pool_status.get(&key).is_none_or(|o| o.ok != p.ok) {
                     record_event(
-                        out,
-                        wall_ms,
+                        &mut cx.out,
+                        cx.wall_ms,
                         if p.ok {
                             Severity::Info
                         } else {
@@ -169,14 +156,14 @@ impl Engine {
                 if p.ok {
                     self.pool_down_since.remove(&key);
                 } else {
-                    self.pool_down_since.entry(key.clone()).or_insert(now_ms);
+                    self.pool_down_since.entry(key.clone()).or_insert(cx.now_ms);
                 }
                 self.pool_status.insert(key, p);
             }
         }
         self.fenced_before_election.remove(&host);
-        if let Some(t) = self.detector.heartbeat(&host, now_ms) {
-            self.transition_event(t, wall_ms, out);
+        if let Some(t) = self.detector.heartbeat(&host, cx.now_ms) {
+            self.transition_event(t, cx.wall_ms, &mut cx.out);
         }
         // A host fenced through its storage slot or its lease keeps running, and its
         // session may outlive a short partition: heard again, it rejoins here (a new
@@ -185,19 +172,19 @@ impl Engine {
             && self.connected.contains(&host)
             && self.rejoining.insert(host.clone())
         {
-            out.push(Action::Propose(StateCommand::HostRejoined {
-                at_ms: wall_ms,
+            cx.out.push(Action::Propose(StateCommand::HostRejoined {
+                at_ms: cx.wall_ms,
                 host: host.clone(),
             }));
-            self.end_fencing_episode(&host, out);
+            self.end_fencing_episode(&host, &mut cx.out);
             self.forget_fencing(&host);
         }
         // Only a leader grants leases (followers' output is dropped below), and only
         // while it holds its leader lease. A grant withheld is not recorded: the lease book
         // counts from the grants that went out.
-        if self.leader && self.lease_holds(now_ms) {
-            self.leases.grant(&host, now_ms);
-            out.push(Action::Notify {
+        if self.leader && self.lease_holds(cx.now_ms) {
+            self.leases.grant(&host, cx.now_ms);
+            cx.out.push(Action::Notify {
                 host: Some(host),
                 message: MonitorToAgent::LeaseGrant {
                     seq,
@@ -210,31 +197,24 @@ impl Engine {
     /// Registers the host (or updates its record) with what its agent's hello claims: zone and
     /// cluster are pinned in the host record (issue 10 item 3), so a hello never moves a
     /// registered host, only `vigilctl host place` does; then its pools and address.
-    pub(super) fn register_host(
-        &self,
-        host: &str,
-        hello: &HelloClaims,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
-        let known = state.hosts.get(host);
+    pub(super) fn register_host(&self, host: &str, hello: &HelloClaims, cx: &mut Context<'_>) {
+        let known = cx.state.hosts.get(host);
         let (zone, cluster) =
             claims::pinned_placement(known, hello.zone.clone(), hello.cluster.clone());
         let changed = known.is_none_or(|h| {
             h.zone != zone || h.cluster != cluster || h.agent_version != hello.agent_version
         });
         if changed {
-            out.push(Action::Propose(StateCommand::RegisterHost {
-                at_ms: wall_ms,
+            cx.out.push(Action::Propose(StateCommand::RegisterHost {
+                at_ms: cx.wall_ms,
                 name: host.to_string(),
                 zone,
                 cluster,
                 agent_version: hello.agent_version.clone(),
             }));
         }
-        if let Some(cmd) = self.host_info_update(host, wall_ms, state) {
-            out.push(Action::Propose(cmd));
+        if let Some(cmd) = self.host_info_update(host, cx.wall_ms, cx.state) {
+            cx.out.push(Action::Propose(cmd));
         }
     }
 

@@ -14,30 +14,28 @@ impl Engine {
         &mut self,
         pool: &str,
         result: Result<StorageCycle, PoolFault>,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
+        cx: &mut Context<'_>,
     ) {
         let cycle = match result {
             Ok(c) => c,
             Err(_) => {
-                self.leases.record_written(pool, false, now_ms);
+                self.leases.record_written(pool, false, cx.now_ms);
                 return;
             }
         };
         if self.leader {
             self.leases
-                .record_condemning(pool, cycle.leader_written, &cycle.condemned, now_ms);
+                .record_condemning(pool, cycle.leader_written, &cycle.condemned, cx.now_ms);
         }
         for hb in cycle.heartbeats {
-            self.evidence.storage_beat(pool, hb, now_ms);
+            self.evidence.storage_beat(pool, hb, cx.now_ms);
         }
         for ack in cycle.acks {
             let Some(req) = self.fencing.slot_requests.get(&ack.host).cloned() else {
                 continue;
             };
-            let fencing = state
+            let fencing = cx
+                .state
                 .hosts
                 .get(&ack.host)
                 .is_some_and(|h| matches!(h.phase, HostPhase::Fencing { .. }));
@@ -46,7 +44,7 @@ impl Engine {
             }
             if let Err(why) = vigil_common::storage::ack_proves(&req, &ack) {
                 if self.acks_refused.insert(req.id) {
-                    record_event(out, wall_ms, Severity::Critical, Some(ack.host.clone()), EventKind::FenceAckRefused, format!(
+                    record_event(&mut cx.out, cx.wall_ms, Severity::Critical, Some(ack.host.clone()), EventKind::FenceAckRefused, format!(
                             "host {}: the acknowledgement of fence request {} on pool {pool} is not proof: {why}; waiting for another proof",
                             ack.host, ack.id
                         ));
@@ -54,8 +52,8 @@ impl Engine {
                 continue;
             }
             self.fencing.proof_proposed.insert(ack.host.clone());
-            out.push(Action::Propose(StateCommand::HostProvenOff {
-                at_ms: wall_ms,
+            cx.out.push(Action::Propose(StateCommand::HostProvenOff {
+                at_ms: cx.wall_ms,
                 host: ack.host.clone(),
                 proof: HostProof::StorageSlot {
                     request: ack.id,
@@ -72,13 +70,7 @@ impl Engine {
     /// its VMs wait, and those it stopped restart as soon as it is back (placement skips
     /// hosts with a pool down). A pool down on *some* hosts only: the HA VMs running there
     /// are destroyed through their agent (which proves them stopped) and start elsewhere.
-    pub(super) fn reconcile_storage(
-        &mut self,
-        now_ms: u64,
-        wall_ms: u64,
-        state: &ClusterState,
-        out: &mut Vec<Action>,
-    ) {
+    pub(super) fn reconcile_storage(&mut self, cx: &mut Context<'_>) {
         let mut by_pool: BTreeMap<&str, (Vec<&str>, Vec<&str>)> = BTreeMap::new();
         for ((host, pool), st) in &self.pool_status {
             if !self.connected.contains(host) {
@@ -117,8 +109,8 @@ impl Engine {
             };
             if self.outages.get(pool) != Some(&scope) {
                 record_event(
-                    out,
-                    wall_ms,
+                    &mut cx.out,
+                    cx.wall_ms,
                     Severity::Critical,
                     None,
                     EventKind::StorageOutage {
@@ -130,12 +122,12 @@ impl Engine {
             }
             let since = match self.scope_since.get(pool) {
                 Some((s, t)) if *s == scope => *t,
-                _ => now_ms,
+                _ => cx.now_ms,
             };
             self.scope_since
                 .insert(pool.to_string(), (scope.clone(), since));
             outages.insert(pool.to_string(), scope);
-            if up.is_empty() || now_ms.saturating_sub(since) < STORAGE_FAULT_GRACE_MS {
+            if up.is_empty() || cx.now_ms.saturating_sub(since) < STORAGE_FAULT_GRACE_MS {
                 continue;
             }
             let lasting: Vec<&str> = down
@@ -144,10 +136,10 @@ impl Engine {
                 .filter(|h| {
                     self.pool_down_since
                         .get(&(h.to_string(), pool.to_string()))
-                        .is_some_and(|t| now_ms.saturating_sub(*t) >= STORAGE_FAULT_GRACE_MS)
+                        .is_some_and(|t| cx.now_ms.saturating_sub(*t) >= STORAGE_FAULT_GRACE_MS)
                 })
                 .collect();
-            for vm in state.vms.values() {
+            for vm in cx.state.vms.values() {
                 // Only VMs with a disk on the failed pool: the others' storage is fine.
                 if vm.ha
                     && vm.phase == Phase::Running
@@ -158,8 +150,8 @@ impl Engine {
                 {
                     self.expected_stops
                         .insert(vm.uuid.clone(), forced_stop(FailureKind::StorageLost));
-                    self.forced_stop_at.insert(vm.uuid.clone(), wall_ms);
-                    out.push(Action::Send {
+                    self.forced_stop_at.insert(vm.uuid.clone(), cx.wall_ms);
+                    cx.out.push(Action::Send {
                         host: vm.host.clone(),
                         command: AgentCommand::DestroyDomain {
                             uuid: vm.uuid.clone(),

@@ -19,7 +19,7 @@ use vigil_common::tls::Role;
 
 use super::leader_lease::{self, Serving};
 use super::quic::{QuicNetworkFactory, QuicPeer, QuicTuning, RaftEndpoint, RaftServer};
-use super::quic_tests::{register, wait_until, Pki, WAIT};
+use super::quic_tests::{register, temp_dirs, wait_until, Pki, WAIT};
 use super::{RaftNode, RaftTuning, TypeConfig};
 
 /// Links cut, as (from, to).
@@ -132,9 +132,7 @@ const LEASE_MS: u64 = 400;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_from_its_quorum_stops_acting_before_the_new_leader_starts() {
     let pki = Pki::new("test");
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = temp_dirs(3);
     let cuts = Cuts::default();
     let epoch = Instant::now();
     let (_stop_tx, stop) = watch::channel(false);

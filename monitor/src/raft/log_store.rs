@@ -312,6 +312,19 @@ mod tests {
         LogStore::new(db).expect("log store")
     }
 
+    /// Opens the store in `dir` again and checks the log state read back from disk.
+    async fn reopen(dir: &std::path::Path, last_purged: LogId<u64>, last: LogId<u64>) -> LogStore {
+        let mut store = open(dir).await;
+        assert_eq!(
+            store.get_log_state().await.expect("state"),
+            LogState {
+                last_purged_log_id: Some(last_purged),
+                last_log_id: Some(last),
+            }
+        );
+        store
+    }
+
     #[tokio::test]
     async fn log_store_round_trips_across_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -363,14 +376,7 @@ mod tests {
             store.purge(lid(2, 4)).await.expect("purge");
         }
         // Reopen from disk.
-        let mut store = open(dir.path()).await;
-        assert_eq!(
-            store.get_log_state().await.expect("state"),
-            LogState {
-                last_purged_log_id: Some(lid(2, 4)),
-                last_log_id: Some(lid(3, 9)),
-            }
-        );
+        let mut store = reopen(dir.path(), lid(2, 4), lid(3, 9)).await;
         assert_eq!(
             store.read_vote().await.expect("vote"),
             Some(Vote::new_committed(2, 1))
@@ -396,14 +402,7 @@ mod tests {
         store.purge(lid(3, 9)).await.expect("purge");
         store.save_committed(None).await.expect("committed");
         drop(store);
-        let mut store = open(dir.path()).await;
-        assert_eq!(
-            store.get_log_state().await.expect("state"),
-            LogState {
-                last_purged_log_id: Some(lid(3, 9)),
-                last_log_id: Some(lid(3, 9)),
-            }
-        );
+        let mut store = reopen(dir.path(), lid(3, 9), lid(3, 9)).await;
         assert!(store
             .try_get_log_entries(..)
             .await

@@ -711,20 +711,11 @@ impl RaftNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::registration as register;
     use crate::state::{EventKind, Severity};
     use openraft::LogId;
 
     const WAIT: Duration = Duration::from_secs(10);
-
-    fn register(at_ms: u64, name: &str) -> StateCommand {
-        StateCommand::RegisterHost {
-            at_ms,
-            name: name.into(),
-            zone: "z1".into(),
-            cluster: "c1".into(),
-            agent_version: "0.1.0".into(),
-        }
-    }
 
     fn liveness_event(i: u64, hosts: u64) -> StateCommand {
         StateCommand::RecordEvent {

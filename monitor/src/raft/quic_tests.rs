@@ -110,13 +110,14 @@ impl TestNode {
 }
 
 pub(super) fn register(name: &str) -> StateCommand {
-    StateCommand::RegisterHost {
-        at_ms: 1,
-        name: name.into(),
-        zone: "z1".into(),
-        cluster: "c1".into(),
-        agent_version: "0.1.0".into(),
-    }
+    crate::state::registration(1, name)
+}
+
+/// `n` fresh temporary directories, one per node's store.
+pub(super) fn temp_dirs(n: usize) -> Vec<tempfile::TempDir> {
+    (0..n)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect()
 }
 
 pub(super) async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
@@ -196,9 +197,7 @@ async fn form_cluster(pki: &Pki, dirs: &[&Path], config: openraft::Config) -> Ve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_monitors_replicate_a_write_and_elect_a_new_leader_when_the_leader_stops() {
     let pki = Pki::new("test");
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = temp_dirs(3);
     let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
     let mut nodes = form_cluster(&pki, &paths, tuning()).await;
 
@@ -242,9 +241,7 @@ async fn a_follower_that_was_down_while_the_log_was_purged_catches_up_through_a_
     let mut config = tuning();
     config.snapshot_policy = openraft::SnapshotPolicy::LogsSinceLast(20);
     config.max_in_snapshot_log_to_keep = 0;
-    let dirs: Vec<_> = (0..3)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
+    let dirs = temp_dirs(3);
     let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
     let mut nodes = form_cluster(&pki, &paths, config.clone()).await;
     write_on_leader(&nodes.iter().collect::<Vec<_>>(), register("before")).await;

@@ -82,15 +82,28 @@ impl std::fmt::Display for HostProof {
 /// (as [`HostProof::Recorded`]), so nothing already stored is lost. For
 /// `#[serde(deserialize_with)]` on every field that holds one.
 pub fn host_proof_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HostProof, D::Error> {
+    typed_or_text(d, |text| HostProof::Recorded { text })
+}
+
+/// Reads a stored proof of type `T`: its typed form, or the plain text that older monitors
+/// stored, which `recorded` wraps (the proof types' `Recorded` variant).
+pub(super) fn typed_or_text<'de, D, T>(
+    d: D,
+    recorded: impl FnOnce(String) -> T,
+) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum Stored {
-        Typed(HostProof),
+    enum Stored<T> {
+        Typed(T),
         Text(String),
     }
     Ok(match Stored::deserialize(d)? {
         Stored::Typed(p) => p,
-        Stored::Text(text) => HostProof::Recorded { text },
+        Stored::Text(text) => recorded(text),
     })
 }
 

@@ -726,18 +726,24 @@ impl ClusterState {
     }
 }
 
+/// Host `name`'s registration as the tests write it (zone z1, cluster c1).
+#[cfg(test)]
+pub(crate) fn registration(at_ms: u64, name: &str) -> StateCommand {
+    StateCommand::RegisterHost {
+        at_ms,
+        name: name.into(),
+        zone: "z1".into(),
+        cluster: "c1".into(),
+        agent_version: "0.1.0".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn register(name: &str) -> StateCommand {
-        StateCommand::RegisterHost {
-            at_ms: 1,
-            name: name.into(),
-            zone: "z1".into(),
-            cluster: "c1".into(),
-            agent_version: "0.1.0".into(),
-        }
+        registration(1, name)
     }
 
     #[test]

@@ -98,16 +98,7 @@ pub enum Proof {
 /// Reads a stored [`Proof`]: the typed form, or the plain text older monitors stored (as
 /// [`Proof::Recorded`]). For `#[serde(deserialize_with)]` on the fields that hold one.
 fn proof_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Proof, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Stored {
-        Typed(Proof),
-        Text(String),
-    }
-    Ok(match Stored::deserialize(d)? {
-        Stored::Typed(p) => p,
-        Stored::Text(text) => Proof::Recorded { text },
-    })
+    super::host::typed_or_text(d, |text| Proof::Recorded { text })
 }
 
 impl Proof {
