@@ -502,16 +502,17 @@ fn an_expired_monitor_certificate_fences_nobody() {
         },
         100,
     );
-    let fenced = |s: &Sim| {
+    // Ticks from `from` to `to` (ms); whether hv1 has been power-fenced by then.
+    let fenced_after_ticks = |s: &mut Sim, from: u64, to: u64| {
+        for t in (from..to).step_by(100) {
+            s.input(Input::Tick, t);
+        }
         s.sent
             .iter()
             .any(|a| matches!(a, Action::Fence { host } if host == "hv1"))
     };
-    for t in (100..20_000).step_by(100) {
-        s.input(Input::Tick, t);
-    }
     assert!(
-        !fenced(&s),
+        !fenced_after_ticks(&mut s, 100, 20_000),
         "fenced while its own certificate was expired: {:#?}",
         s.log()
     );
@@ -525,16 +526,10 @@ fn an_expired_monitor_certificate_fences_nobody() {
     );
     // Renewed at 20 s: hv1 stays silent, so a full lease (plus margin) later it is fenced.
     s.input(Input::OwnCertificate { expired: None }, 20_000);
-    for t in (20_000..25_900).step_by(100) {
-        s.input(Input::Tick, t);
-    }
     assert!(
-        !fenced(&s),
+        !fenced_after_ticks(&mut s, 20_000, 25_900),
         "fenced within a lease of the renewal: {:#?}",
         s.log()
     );
-    for t in (26_000..28_000).step_by(100) {
-        s.input(Input::Tick, t);
-    }
-    assert!(fenced(&s), "{:#?}", s.log());
+    assert!(fenced_after_ticks(&mut s, 26_000, 28_000), "{:#?}", s.log());
 }
