@@ -533,6 +533,37 @@ async fn events_all(
     })
 }
 
+/// The common shape of a read: ask, then print the JSON answer as it came (`--json`) or
+/// rendered for a person.
+async fn show<T: serde::de::DeserializeOwned>(
+    c: &mut AdminClient,
+    req: &AdminRequest,
+    json: bool,
+    render: fn(&T) -> String,
+) -> anyhow::Result<()> {
+    let (v, raw) = c.call::<T>(req).await?;
+    if json {
+        print_json(&raw)
+    } else {
+        print!("{}", render(&v));
+        Ok(())
+    }
+}
+
+/// A value fetched in pages: pretty JSON (`--json`) or `text` for a person.
+fn print_either<V: serde::Serialize>(
+    json: bool,
+    raw: &V,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(raw)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(())
+}
+
 fn print_json(raw: &str) -> anyhow::Result<()> {
     let v: serde_json::Value = serde_json::from_str(raw)?;
     println!("{}", serde_json::to_string_pretty(&v)?);
@@ -629,12 +660,7 @@ async fn server_change(c: &mut AdminClient, args: &Args, req: &AdminRequest) -> 
 async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
     match &args.command {
         Command::Server(ServerCmd::List) => {
-            let (v, raw) = c.call::<ServersView>(&AdminRequest::ServerList).await?;
-            if args.json {
-                print_json(&raw)?
-            } else {
-                print!("{}", render::servers(&v))
-            }
+            show::<ServersView>(c, &AdminRequest::ServerList, args.json, render::servers).await?;
         }
         Command::Server(ServerCmd::Add { id, addr, wait }) => {
             // The monitor answers once the new server caught up (or gave up).
@@ -651,40 +677,29 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
             server_change(c, args, &AdminRequest::ServerDel { id: *id }).await?
         }
         Command::Status => {
-            let (v, raw) = c.call::<StatusView>(&AdminRequest::Status).await?;
-            if args.json {
-                print_json(&raw)?
-            } else {
-                print!("{}", render::status(&v))
-            }
+            show::<StatusView>(c, &AdminRequest::Status, args.json, render::status).await?;
         }
         Command::Plan { fail } => {
-            let (v, raw) = c
-                .call::<PlanView>(&AdminRequest::Plan { fail: fail.clone() })
-                .await?;
-            if args.json {
-                print_json(&raw)?
-            } else {
-                print!("{}", render::plan(&v))
-            }
+            show::<PlanView>(
+                c,
+                &AdminRequest::Plan { fail: fail.clone() },
+                args.json,
+                render::plan,
+            )
+            .await?;
         }
         Command::Host(HostCmd::List) => {
             let (v, raw) = host_list_all(c, args.json).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&raw)?)
-            } else {
-                print!("{}", render::host_list(&v))
-            }
+            print_either(args.json, &raw, || render::host_list(&v))?;
         }
         Command::Host(HostCmd::Show { host }) => {
-            let (v, raw) = c
-                .call::<HostView>(&AdminRequest::HostShow { host: host.clone() })
-                .await?;
-            if args.json {
-                print_json(&raw)?
-            } else {
-                print!("{}", render::host_show(&v))
-            }
+            show::<HostView>(
+                c,
+                &AdminRequest::HostShow { host: host.clone() },
+                args.json,
+                render::host_show,
+            )
+            .await?;
         }
         Command::Host(HostCmd::Maintenance { state, host }) => {
             let on = state == "on";
@@ -763,11 +778,7 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
         }
         Command::Vm(VmCmd::List) => {
             let (v, raw) = vm_list_all(c, args.json).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&raw)?)
-            } else {
-                print!("{}", render::vm_list(&v))
-            }
+            print_either(args.json, &raw, || render::vm_list(&v))?;
         }
         Command::Vm(VmCmd::Show { vm }) => {
             let (v, raw) = c
@@ -856,11 +867,7 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
                 None => None,
             };
             let v = events_all(c, *limit, host.clone(), vm_uuid).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&v)?)
-            } else {
-                print!("{}", render::events(&v))
-            }
+            print_either(args.json, &v, || render::events(&v))?;
         }
         Command::Host(HostCmd::Fence { host, force }) => {
             let req = AdminRequest::HostFence {
