@@ -24,9 +24,14 @@ impl Engine {
             reason,
             destroyed,
         } = report;
-        // Resent until noted (also to a new leader): one event per episode.
+        // Resent until noted (also to a new leader, which finds the episode in the log):
+        // one event per episode.
+        let on_record = cx.state.events.iter().any(|e| {
+            e.host.as_deref() == Some(host.as_str())
+                && e.kind == EventKind::HostSelfFenced { episode: Some(id) }
+        });
         let noted = self.self_fence_noted.entry(host.clone()).or_default();
-        let first = noted.insert(id);
+        let first = noted.insert(id) && !on_record;
         if noted.len() > 64 {
             if let Some(oldest) = noted.iter().next().copied() {
                 noted.remove(&oldest);
@@ -51,7 +56,7 @@ impl Engine {
                 cx.wall_ms,
                 Severity::Critical,
                 Some(host.clone()),
-                EventKind::HostSelfFenced,
+                EventKind::HostSelfFenced { episode: Some(id) },
                 format!(
                     "host {host} fenced itself ({} HA domain(s) destroyed): {reason}",
                     destroyed.len()

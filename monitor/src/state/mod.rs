@@ -115,7 +115,13 @@ pub enum EventKind {
     /// VMs stopped (it does not cover every VM the request named): not proof.
     FenceAckRefused,
     /// A host's agent fenced itself (destroyed its HA domains).
-    HostSelfFenced,
+    /// A host's agent fenced itself; `episode` is the report's id (its agent resends the
+    /// report until noted, also to a new leader: one event per episode, whoever leads).
+    /// Absent in events recorded before it was kept.
+    HostSelfFenced {
+        #[serde(default)]
+        episode: Option<u64>,
+    },
     /// A host entered or left maintenance.
     HostMaintenance {
         on: bool,
@@ -744,6 +750,24 @@ mod tests {
 
     fn register(name: &str) -> StateCommand {
         registration(1, name)
+    }
+
+    /// Events stored before the self-fence episode was kept still load (and the episode
+    /// does not collide with the event's own `id` when flattened).
+    #[test]
+    fn a_self_fenced_event_with_or_without_its_episode_loads() {
+        let old = r#"{"id":7,"at_ms":1,"severity":"critical","host":"hv1","kind":"host_self_fenced","message":"m"}"#;
+        let e: Event = serde_json::from_str(old).expect("old event");
+        assert_eq!(e.kind, EventKind::HostSelfFenced { episode: None });
+        let new = serde_json::to_value(Event {
+            kind: EventKind::HostSelfFenced { episode: Some(9) },
+            ..e
+        })
+        .expect("json");
+        assert_eq!(
+            (new["id"].as_u64(), new["episode"].as_u64()),
+            (Some(7), Some(9))
+        );
     }
 
     #[test]

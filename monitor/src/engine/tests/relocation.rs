@@ -102,4 +102,46 @@ fn one_isolation_episode_records_one_self_fenced_event() {
     assert_eq!(noted, 5, "{:?}", s.sent);
 }
 
+/// Issue 9 item 12 (a gap a review found): the agent resends its report until noted, also
+/// to a new leader whose in-memory notes are empty. The episode is in the replicated log, so
+/// the new leader records nothing more, and still answers so that the agent stops.
+#[test]
+fn a_self_fence_report_resent_to_a_new_leader_is_still_one_event() {
+    let report = || {
+        Input::SelfFenced(SelfFenceReport {
+            host: "hv1".into(),
+            id: 9,
+            reason: "lease expired and no storage pool is reachable".into(),
+            destroyed: vec![],
+        })
+    };
+    let mut s = Sim::new();
+    s.connect("hv1", 0);
+    s.input(report(), 100);
+    // Another monitor takes over with the same committed state and nothing in memory.
+    s.engine = Engine::new(cfg(), RecoveryConfig::default(), 200);
+    s.input(Input::BecameLeader { term: 2, node: 2 }, 200);
+    s.connect("hv1", 300);
+    s.input(report(), 400);
+    let n = s
+        .log()
+        .iter()
+        .filter(|m| m.contains("fenced itself"))
+        .count();
+    assert_eq!(n, 1, "{:#?}", s.log());
+    assert!(
+        s.sent
+            .iter()
+            .filter(|a| matches!(
+                a,
+                Action::Notify {
+                    message: MonitorToAgent::SelfFenceNoted { id: 9 },
+                    ..
+                }
+            ))
+            .count()
+            >= 2
+    );
+}
+
 // ---- Issue 10: a host speaks only for itself ----
