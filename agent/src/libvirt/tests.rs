@@ -252,6 +252,45 @@ async fn destroy_is_reported_as_a_destroyed_event() {
     assert_eq!(hv.events_dropped(), 0);
 }
 
+/// Issue 9 item 1 (a sub-case no test covered): a start already queued on the libvirt worker
+/// when fencing begins must not reach libvirt. The refusal is checked on the worker right
+/// before `virDomainCreate`, so a start queued behind a slow call, whose flag is set while
+/// it waits, is refused and the domain stays off.
+#[tokio::test]
+async fn a_start_queued_when_fencing_begins_never_reaches_libvirt() {
+    let hv = Hypervisor::open(URI, Duration::from_secs(5));
+    let victim = hv
+        .define(domain_xml(&unique_name("queued"), ""))
+        .await
+        .expect("define");
+    let fencing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The worker is busy for 300 ms (within its deadline); the start queues behind it.
+    let stall = {
+        let hv = hv.clone();
+        tokio::spawn(async move { hv.stall_for_test(Duration::from_millis(300)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let start = {
+        let (hv, victim, fencing) = (hv.clone(), victim.clone(), fencing.clone());
+        tokio::spawn(async move { hv.start_unless(&victim, fencing).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Fencing begins while the start waits in the queue.
+    fencing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let _ = stall.await.expect("join");
+    let err = start
+        .await
+        .expect("join")
+        .expect_err("a start queued before fencing began must be refused");
+    assert!(err.to_string().contains("fencing itself"), "{err}");
+    assert_eq!(get_some(&hv, &victim).await.state, DomainState::Shutoff);
+    // Control: with the flag clear the same start goes through.
+    fencing.store(false, std::sync::atomic::Ordering::SeqCst);
+    hv.start_unless(&victim, fencing).await.expect("start");
+    assert_eq!(get_some(&hv, &victim).await.state, DomainState::Running);
+    hv.destroy(&victim).await.expect("destroy");
+}
+
 #[tokio::test]
 async fn a_stuck_worker_times_out_fails_fast_and_recovers() {
     let deadline = Duration::from_millis(300);
