@@ -189,6 +189,15 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
 /// entry in the event log (issue 10 items 4 and 6).
 pub async fn handle(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> AdminResponse {
     let Some((request, host)) = write_summary(&req) else {
+        if needs_the_leaders_view(&req) && ctx.raft.has_peers() && !ctx.raft.is_leader() {
+            // Liveness, sessions and conditions are the leader's to know: a follower's own
+            // view says `unknown` for every host. Sent to the leader when one is known; without one (an election, a lost quorum) the
+            // follower answers with what it has rather than nothing.
+            let redirect = not_leader(ctx);
+            if matches!(&redirect, AdminResponse::NotLeader { leader: Some(_) }) {
+                return redirect;
+            }
+        }
         return answer(ctx, peer, req).await;
     };
     if peer.role != Role::Admin {
@@ -219,6 +228,18 @@ pub async fn handle(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) 
     };
     audit(ctx, peer, request, host, result).await;
     resp
+}
+
+/// Reads whose answer is the leader's live view of every host (liveness, sessions,
+/// conditions) or its placement: a follower sends them to the leader ([`handle`]). VM
+/// records and events are committed state, the same on every monitor; `status`,
+/// `server list` and `host show` stay with the monitor asked, so that one monitor can be
+/// inspected on its own (`status` names the node that answered and the leader).
+fn needs_the_leaders_view(req: &AdminRequest) -> bool {
+    matches!(
+        req,
+        AdminRequest::HostList | AdminRequest::HostListPage { .. } | AdminRequest::Plan { .. }
+    )
 }
 
 /// How long an admin answer waits for its audit entry to commit.

@@ -320,6 +320,18 @@ fn an_agent_follows_the_leader_and_its_host_never_goes_down() {
     // vigilctl pointed at a follower only: the write goes to the leader.
     let via_follower = Ctl::new(&pki, vec![members[&followers[0]].mon.addr]);
     tag_hv1_and_wait_replicated(&via_follower, &members, "ha");
+    // The host list through a follower is the leader's view (a follower's own says
+    // `unknown` for every host: its detector hears no agent).
+    let listed = via_follower
+        .json(&["host", "list"])
+        .expect("host list via a follower");
+    assert!(
+        listed.as_array().is_some_and(|h| h
+            .iter()
+            .any(|h| h["name"] == "hv1" && h["liveness"] == "up")),
+        "host list through follower mon{} is not the leader's view: {listed:#}",
+        followers[0]
+    );
     // A ping goes through the agent's session, which only the leader has.
     let out = via_follower.run(&["host", "ping", "hv1"]);
     assert!(
