@@ -38,7 +38,7 @@ fn failed_hosts_are_fenced_then_their_vms_move_to_the_ha_tag_host() {
     }
     let _ = lab(&["down"]);
     let _guard = support::start_supervisor(LAB.root, |a| LAB.cmd(a), || lab(&["down"]));
-    LAB.up_three_hosts_fenced();
+    LAB.up_three_hosts_fenced_monitors("3", &[]);
 
     // 0. Asked before the failure (issue 11 item 3): `vigilctl plan --fail hv2` names the host
     //    the real crash then uses, and changes nothing.

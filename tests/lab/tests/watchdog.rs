@@ -24,6 +24,7 @@ const LAB: support::LabCli = support::LabCli {
 
 /// `--watchdog-secs` of this lab.
 const W: u64 = 2;
+const MONITORS: [&str; 3] = ["mon1", "mon2", "mon3"];
 const HOSTS: [&str; 3] = ["hv1", "hv2", "hv3"];
 
 use support::now_ms;
@@ -55,7 +56,7 @@ fn watchdogs_reset_a_dead_agents_cut_off_host_before_its_vm_moves_and_nothing_wh
         "--hosts",
         "3",
         "--monitors",
-        "1",
+        "3",
         "--vms-per-host",
         "1",
         "--ha-tag",
@@ -84,14 +85,18 @@ fn watchdogs_reset_a_dead_agents_cut_off_host_before_its_vm_moves_and_nothing_wh
 
     // 1. Every monitor down for well over W and a lease: nothing is reset, nothing stops.
     let t_mon = now_ms();
-    LAB.ok(&["kill-monitor", "mon1"]);
+    for m in MONITORS {
+        LAB.ok(&["kill-monitor", m]);
+    }
     std::thread::sleep(Duration::from_secs(6 * W + 10));
     no_watchdog_reset_anywhere("monitors down");
     LAB.assert_not_stopped(&[], t_mon);
     for h in HOSTS {
         LAB.wait_watchdog(h, "armed", Duration::from_secs(1));
     }
-    LAB.ok(&["restart-monitor", "mon1"]);
+    for m in MONITORS {
+        LAB.ok(&["restart-monitor", m]);
+    }
     for h in HOSTS {
         LAB.wait_host_up(h);
     }
