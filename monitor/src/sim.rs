@@ -72,6 +72,9 @@ use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason, VigilMeta,
     RAW_EVENT_STOPPED,
 };
+use vigil_common::generation_guard::{
+    admit_order, stale_verdict, start_verdict, LocalCopy, StaleVerdict, StartVerdict,
+};
 use vigil_common::storage::{FenceAck, FenceRequest, LeaderRecord, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
@@ -576,6 +579,13 @@ pub struct Sim {
     delayed: Vec<(u64, String, u64, Input)>,
     /// No quorum acknowledgement reaches the leader (`quorum-stall`).
     quorum_stalled: bool,
+}
+
+/// Raises a generation table entry (generations only ever go up), as the agent's
+/// `Generations` does.
+fn raise(table: &mut BTreeMap<String, u64>, uuid: &str, generation: u64) {
+    let e = table.entry(uuid.to_string()).or_insert(generation);
+    *e = (*e).max(generation);
 }
 
 /// Takes the entries of `queue` that are due at `now` (`at` reads an entry's time), in queue
@@ -1153,7 +1163,8 @@ impl Sim {
         if !h.reachable() || h.domains.contains_key(uuid) {
             return;
         }
-        if h.newest.get(uuid).is_some_and(|n| generation < *n) {
+        // The agent defines nothing for an order it does not admit (fencing, stale).
+        if admit_order(h.episode.is_some(), h.newest.get(uuid).copied(), generation).is_err() {
             return;
         }
         h.domains.insert(
@@ -1487,7 +1498,8 @@ impl Sim {
         self.policy.clone()
     }
 
-    /// Carries out a start order the way the real agent does.
+    /// Carries out a start order the way the real agent does (`agent/src/executor.rs`), with
+    /// its own decisions: `vigil_common::generation_guard::{admit_order, start_verdict}`.
     fn agent_start(&mut self, host: &str, uuid: &str, generation: u64) -> CommandOutcome {
         let crash = self.crash_on_start.contains(uuid);
         let Some(h) = self.hosts.get_mut(host) else {
@@ -1495,44 +1507,52 @@ impl Sim {
                 reason: "no such host".into(),
             };
         };
-        if h.newest.get(uuid).is_some_and(|n| generation < *n) {
+        // 1. No start while fencing, never a stale order; the generation is recorded as the
+        // newest seen before anything else happens.
+        if let Err(refusal) =
+            admit_order(h.episode.is_some(), h.newest.get(uuid).copied(), generation)
+        {
             return CommandOutcome::Failed {
-                reason: format!("stale generation {generation}"),
+                reason: refusal.reason(uuid, generation),
             };
         }
-        if h.episode.is_some() {
-            return CommandOutcome::Failed {
-                reason: "this host is fencing itself".into(),
-            };
-        }
-        h.newest.insert(uuid.to_string(), generation);
-        if h.start_fails {
-            return CommandOutcome::Failed {
-                reason: "libvirt refused".into(),
-            };
-        }
+        raise(&mut h.newest, uuid, generation);
+        // 2. Defined from the order if this host does not have it.
         let d = h.domains.entry(uuid.to_string()).or_insert(SimDomain {
             running: false,
             generation,
             reason: StateReason::NeverStarted,
         });
-        if d.running {
-            return if d.generation == generation {
-                CommandOutcome::Done {
-                    detail: "already running".into(),
+        // 3. This very activation already running, a second copy, a late duplicate.
+        let here = if d.running {
+            LocalCopy::Running {
+                generation: Some(d.generation),
+            }
+        } else {
+            LocalCopy::NotRunning
+        };
+        match start_verdict(here, h.started.get(uuid).copied(), generation) {
+            StartVerdict::Start => {}
+            StartVerdict::AlreadyRunning => {
+                return CommandOutcome::Done {
+                    detail: format!("{uuid} already running with generation {generation}"),
                 }
-            } else {
-                CommandOutcome::Failed {
-                    reason: "already running with another generation".into(),
+            }
+            StartVerdict::Refused(refusal) => {
+                return CommandOutcome::Failed {
+                    reason: refusal.reason(uuid, generation),
                 }
-            };
+            }
         }
-        if h.started.get(uuid).is_some_and(|s| *s >= generation) {
+        // Recorded before libvirt is asked, as the agent does: a start libvirt refuses has
+        // used up its generation.
+        raise(&mut h.started, uuid, generation);
+        // 4. libvirt starts it (or refuses).
+        if h.start_fails {
             return CommandOutcome::Failed {
-                reason: format!("generation {generation} already ran here and stopped"),
+                reason: "libvirt refused".into(),
             };
         }
-        h.started.insert(uuid.to_string(), generation);
         let Some(d) = h.domains.get_mut(uuid) else {
             return CommandOutcome::Failed {
                 reason: "vanished".into(),
@@ -1547,7 +1567,7 @@ impl Sim {
                 .push((self.now + 50, host.to_string(), uuid.to_string()));
         }
         CommandOutcome::Done {
-            detail: "started".into(),
+            detail: format!("{uuid} started with generation {generation}"),
         }
     }
 
@@ -1868,8 +1888,9 @@ impl Sim {
     }
 
     /// The agents' own stale check (the real agent destroys stale copies on each poll and when
-    /// it learns a newer generation); run at the start and at the end of every step, since a
-    /// newer generation can be announced in the middle of one.
+    /// it learns a newer generation), with the agent's decision
+    /// (`vigil_common::generation_guard::stale_verdict`); run at the start and at the end of
+    /// every step, since a newer generation can be announced in the middle of one.
     fn stale_check(&mut self) {
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in &names {
@@ -1882,8 +1903,12 @@ impl Sim {
                         .iter()
                         .filter(|(_, d)| d.running)
                         .filter_map(|(u, d)| {
-                            let n = *h.newest.get(u)?;
-                            (d.generation < n).then(|| (u.clone(), d.generation, n))
+                            match stale_verdict(Some(d.generation), h.newest.get(u).copied()) {
+                                StaleVerdict::Stale { newest, .. } => {
+                                    Some((u.clone(), d.generation, newest))
+                                }
+                                StaleVerdict::Current => None,
+                            }
                         })
                         .collect()
                 })
