@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tracing::{info, warn};
 use vigil_common::domain::DomainState;
+use vigil_common::generation_guard::{admit_order, start_verdict, LocalCopy, StartVerdict};
 use vigil_common::wire::{AgentCommand, CommandOutcome};
 
 use crate::generations::Generations;
@@ -148,20 +149,12 @@ impl Executor {
         let Some(hv) = &self.hv else {
             return failed("this agent has no hypervisor backend".into());
         };
-        if self.is_fencing() {
-            return failed(format!(
-                "refusing to start {uuid}: this host is fencing itself (until the monitors grant it a lease again)"
-            ));
-        }
-        // 1. Never go back in time, and remember the new generation before acting on it.
+        // 1. No start while fencing; never go back in time (`admit_order`, shared with the
+        // simulator); remember the new generation before acting on it.
         {
             let mut gens = self.gens();
-            if let Some(newest) = gens.newest(uuid) {
-                if generation < newest {
-                    return failed(format!(
-                        "refusing to start {uuid} with generation {generation}: generation {newest} is newer (stale order)"
-                    ));
-                }
+            if let Err(refusal) = admit_order(self.is_fencing(), gens.newest(uuid), generation) {
+                return failed(refusal.reason(uuid, generation));
             }
             if let Err(e) = gens.raise(uuid, generation) {
                 return failed(format!(
@@ -209,28 +202,29 @@ impl Executor {
                 }
             }
         };
-        // 3. Already running: fine if it is this very activation, never a second copy.
-        if matches!(current.state, DomainState::Running | DomainState::Paused) {
-            return if current.meta.generation == Some(generation) {
-                CommandOutcome::Done {
-                    detail: format!("{uuid} already running with generation {generation}"),
-                }
-            } else {
-                failed(format!(
-                    "{uuid} is already running here with generation {:?}; refusing a second start",
-                    current.meta.generation
-                ))
-            };
-        }
-        // A generation activates at most once: if it already ran here and stopped, this is a
+        // 3. Already running: fine if it is this very activation, never a second copy. A
+        // generation activates at most once: if it already ran here and stopped, this is a
         // late duplicate of an old order (the monitor needs a new generation to start it).
+        // (`start_verdict`, shared with the simulator.)
+        let here = if matches!(current.state, DomainState::Running | DomainState::Paused) {
+            LocalCopy::Running {
+                generation: current.meta.generation,
+            }
+        } else {
+            LocalCopy::NotRunning
+        };
         {
             let mut gens = self.gens();
-            if gens.started(uuid).is_some_and(|s| s >= generation) {
-                return failed(format!(
-                    "generation {generation} of {uuid} already ran on this host and stopped; a new start needs a new generation"
-                ));
+            match start_verdict(here, gens.started(uuid), generation) {
+                StartVerdict::Start => {}
+                StartVerdict::AlreadyRunning => {
+                    return CommandOutcome::Done {
+                        detail: format!("{uuid} already running with generation {generation}"),
+                    }
+                }
+                StartVerdict::Refused(refusal) => return failed(refusal.reason(uuid, generation)),
             }
+            // Recorded before libvirt is asked: a start it refuses has used up its generation.
             if let Err(e) = gens.mark_started(uuid, generation) {
                 return failed(format!(
                     "cannot record the start of generation {generation} of {uuid}: {e}"

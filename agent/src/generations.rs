@@ -2,9 +2,10 @@
 //!
 //! This is the agent's half of "a VM never runs twice": a start order older than the newest
 //! generation is refused, and a domain found running with an older generation is destroyed.
-//! The table survives agent restarts (a restarted agent must not forget that a VM moved
-//! away), so every raise is written to disk (temporary file, fsync, rename) *before* the
-//! agent acts on it.
+//! Those decisions are pure functions in `vigil_common::generation_guard`, shared with the
+//! monitor's simulator; this module is the table they read. The table survives agent
+//! restarts (a restarted agent must not forget that a VM moved away), so every raise is
+//! written to disk (temporary file, fsync, rename) *before* the agent acts on it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

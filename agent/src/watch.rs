@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, warn};
 use vigil_common::domain::{DomainInfo, DomainState, HypervisorHealth, LifecycleKind};
+use vigil_common::generation_guard::{stale_verdict, StaleVerdict};
 use vigil_common::wire::AgentToMonitor;
 
 use crate::executor::Executor;
@@ -146,7 +147,8 @@ pub fn spawn(exec: Executor, poll: Duration, reports: mpsc::Sender<AgentToMonito
     latest_rx
 }
 
-/// Destroys HA domains running with a generation older than the newest known.
+/// Destroys HA domains running with a generation older than the newest known
+/// (`vigil_common::generation_guard::stale_verdict`, shared with the simulator).
 async fn enforce_generations(
     exec: &Executor,
     domains: &[DomainInfo],
@@ -158,10 +160,12 @@ async fn enforce_generations(
         domains
             .iter()
             .filter(|d| matches!(d.state, DomainState::Running | DomainState::Paused))
-            .filter_map(|d| {
-                let newest = gens.newest(&d.uuid)?;
-                (d.meta.generation.unwrap_or(0) < newest).then(|| (d.clone(), newest))
-            })
+            .filter_map(
+                |d| match stale_verdict(d.meta.generation, gens.newest(&d.uuid)) {
+                    StaleVerdict::Stale { newest, .. } => Some((d.clone(), newest)),
+                    StaleVerdict::Current => None,
+                },
+            )
             .collect()
     };
     for (d, newest) in stale {

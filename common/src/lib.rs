@@ -7,6 +7,7 @@ pub mod codec;
 pub mod config;
 pub mod domain;
 pub mod domain_policy;
+pub mod generation_guard;
 pub mod isolation;
 pub mod logging;
 pub mod pem {

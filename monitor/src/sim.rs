@@ -45,6 +45,8 @@
 //!                                    # later (every agent's when none is named)
 //! at 9996 reorder-reports hv1 on     # hv1's listings reach the monitor 400 ms late, after
 //!                                    # newer events and answers
+//! at 9996 reorder-reports hv1 on all # hv1's listings, lifecycle events and command answers
+//!                                    # each 0-400 ms late, varying report by report
 //! at 9997 quorum-stall on            # the leader's probes go unanswered: its leader lease runs out
 //! run 20000                          # simulate until this time
 //!
@@ -72,6 +74,9 @@ use vigil_common::domain::{
     DomainEvent, DomainInfo, DomainState, HypervisorHealth, LifecycleKind, StateReason, VigilMeta,
     RAW_EVENT_STOPPED,
 };
+use vigil_common::generation_guard::{
+    admit_order, stale_verdict, start_verdict, LocalCopy, StaleVerdict, StartVerdict,
+};
 use vigil_common::storage::{FenceAck, FenceRequest, LeaderRecord, StorageHeartbeat};
 use vigil_common::wire::{AgentCommand, CommandOutcome, HostFacts, MonitorToAgent, PoolStatus};
 
@@ -94,8 +99,28 @@ const SYSTEMD_RESTART_MS: u64 = 1_000;
 /// Time a simulated domain start takes.
 const START_MS: u64 = 200;
 /// With `reorder-reports`, a host's listings reach the monitor this late (after the answer
-/// to a start that completed meanwhile).
+/// to a start that completed meanwhile); with `reorder-reports H on all`, each of its
+/// reports is up to this late (see [`scrambled_delay`]).
 const REORDER_DELAY_MS: u64 = 400;
+
+/// Which of a host's reports reach the monitor late (`reorder-reports`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reorder {
+    Off,
+    /// Listings, [`REORDER_DELAY_MS`] late (after newer events and answers).
+    Listings,
+    /// Listings, lifecycle events and command answers, each late by its own
+    /// [`scrambled_delay`]: any of them can overtake any other, older or newer.
+    All,
+}
+
+/// With [`Reorder::All`], how late the report with observation number `seq` arrives: 0 to
+/// [`REORDER_DELAY_MS`] in steps, a fixed scramble of the number (deterministic, and
+/// neighbouring reports get unrelated delays).
+fn scrambled_delay(seq: u64) -> u64 {
+    let steps = REORDER_DELAY_MS / STEP_MS + 1;
+    STEP_MS * ((seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40) % steps)
+}
 /// The leader lease each answered probe gives (`raft::leader_lease`'s `L`).
 const LEADER_LEASE_MS: u64 = 300;
 
@@ -166,8 +191,8 @@ struct SimHost {
     withdrawn: BTreeSet<u64>,
     /// The agent process's observation counter (listings, events, answers).
     obs_seq: u64,
-    /// Its listings reach the monitor late (`reorder-reports`).
-    reorder: bool,
+    /// Which of its reports reach the monitor late (`reorder-reports`).
+    reorder: Reorder,
 }
 
 #[derive(Debug, Clone)]
@@ -205,7 +230,11 @@ enum Fault {
     /// A new leader; the listed agents (all when none is listed) reconnect only this many
     /// ms later, the others after 200 ms.
     MonitorRestart(u64, Vec<String>),
+    /// `reorder-reports H on|off`: H's listings arrive late (off: no report does).
     ReorderReports(String, bool),
+    /// `reorder-reports H on|off all`: H's listings, lifecycle events and command answers
+    /// arrive late, each by its own delay (off: no report does).
+    ReorderAllReports(String, bool),
     QuorumStall(bool),
     /// `vigilctl plan --fail H[,H]`: logged, and every start ordered later for a VM the plan
     /// placed must go to the planned host (else a PLAN MISMATCH violation).
@@ -443,7 +472,15 @@ impl Scenario {
                             num(&arg(0)?)?,
                             args.iter().skip(1).map(|a| a.to_string()).collect(),
                         ),
-                        "reorder-reports" => Fault::ReorderReports(arg(0)?, on(1)?),
+                        "reorder-reports" => match args.get(2) {
+                            None => Fault::ReorderReports(arg(0)?, on(1)?),
+                            Some(&"all") => Fault::ReorderAllReports(arg(0)?, on(1)?),
+                            Some(other) => {
+                                return Err(err(format!(
+                                    "reorder-reports H on|off [all]: unexpected {other:?}"
+                                )))
+                            }
+                        },
                         "quorum-stall" => Fault::QuorumStall(on(0)?),
                         other => return Err(err(format!("unknown fault {other:?}"))),
                     };
@@ -481,6 +518,16 @@ impl SimHost {
     fn observe(&mut self) -> u64 {
         self.obs_seq += 1;
         self.obs_seq
+    }
+
+    /// How late its report numbered `seq` reaches the monitor (0: at once): a listing, or
+    /// else a lifecycle event or a command answer (`reorder-reports`).
+    fn late_by(&self, listing: bool, seq: u64) -> u64 {
+        match (self.reorder, listing) {
+            (Reorder::Off, _) | (Reorder::Listings, false) => 0,
+            (Reorder::Listings, true) => REORDER_DELAY_MS,
+            (Reorder::All, _) => scrambled_delay(seq),
+        }
     }
 
     /// Power loss: the agent and every domain are gone at once, silently.
@@ -576,6 +623,13 @@ pub struct Sim {
     delayed: Vec<(u64, String, u64, Input)>,
     /// No quorum acknowledgement reaches the leader (`quorum-stall`).
     quorum_stalled: bool,
+}
+
+/// Raises a generation table entry (generations only ever go up), as the agent's
+/// `Generations` does.
+fn raise(table: &mut BTreeMap<String, u64>, uuid: &str, generation: u64) {
+    let e = table.entry(uuid.to_string()).or_insert(generation);
+    *e = (*e).max(generation);
 }
 
 /// Takes the entries of `queue` that are due at `now` (`at` reads an entry's time), in queue
@@ -697,7 +751,7 @@ impl Sim {
                     known_term: 0,
                     withdrawn: BTreeSet::new(),
                     obs_seq: 0,
-                    reorder: false,
+                    reorder: Reorder::Off,
                 },
             );
         }
@@ -870,6 +924,7 @@ impl Sim {
         let generation = Some(d.generation);
         let seq = h.observe();
         if h.reachable() {
+            let (late, instance) = (h.late_by(false, seq), h.instance);
             let ev = DomainEvent {
                 uuid: uuid.to_string(),
                 name: format!("vm-{uuid}"),
@@ -878,12 +933,19 @@ impl Sim {
                 raw_detail: 0,
                 at_ms: self.wall(),
             };
-            self.input(Input::DomainEvent(LifecycleReport {
+            let report = Input::DomainEvent(LifecycleReport {
                 host: host.to_string(),
                 event: ev,
                 generation,
                 seq,
-            }));
+            });
+            if late == 0 {
+                self.input(report);
+            } else {
+                // Late (`reorder-reports H on all`): after newer reports, maybe.
+                self.delayed
+                    .push((self.now + late, host.to_string(), instance, report));
+            }
         }
     }
 
@@ -1045,7 +1107,12 @@ impl Sim {
             }
             Fault::ReorderReports(h, on) => {
                 if let Some(host) = self.hosts.get_mut(&h) {
-                    host.reorder = on;
+                    host.reorder = if on { Reorder::Listings } else { Reorder::Off };
+                }
+            }
+            Fault::ReorderAllReports(h, on) => {
+                if let Some(host) = self.hosts.get_mut(&h) {
+                    host.reorder = if on { Reorder::All } else { Reorder::Off };
                 }
             }
             Fault::QuorumStall(on) => self.quorum_stalled = on,
@@ -1122,11 +1189,7 @@ impl Sim {
             return;
         };
         let seq = h.observe();
-        let due = if h.reorder {
-            now + REORDER_DELAY_MS
-        } else {
-            now
-        };
+        let due = now + h.late_by(true, seq);
         let input = Input::Inventory(Listing {
             host: host.to_string(),
             domains,
@@ -1142,16 +1205,41 @@ impl Sim {
     }
 
     /// Reports whose time has come, if the agent process that took them still talks to the
-    /// monitor (a session that ended takes its queue with it).
+    /// monitor (a session that ended takes its queue with it). A command answer waits while
+    /// the session lasts (a partition it survives); when it ends, the monitor hears that the
+    /// agent disconnected before answering (see [`Sim::answers_lost`]).
     fn deliver_delayed(&mut self) {
         let due = take_due(&mut self.delayed, self.now, |(t, _, _, _)| *t);
-        for (_, host, instance, input) in due {
-            let live = self
-                .hosts
-                .get(&host)
-                .is_some_and(|h| h.reachable() && h.connected_to_engine && h.instance == instance);
+        for (t, host, instance, input) in due {
+            let (live, session) = self.hosts.get(&host).map_or((false, false), |h| {
+                (
+                    h.reachable() && h.connected_to_engine && h.instance == instance,
+                    h.connected_to_engine && h.instance == instance,
+                )
+            });
             if live {
                 self.input(input);
+            } else if session && matches!(input, Input::CommandDone(_)) {
+                self.delayed.push((t, host, instance, input));
+            }
+        }
+    }
+
+    /// `host`'s session ended: the answers still in flight on it are lost, and the monitor
+    /// hears so (`CommandError::Lost`, as `agent_link` reports a session that ended before
+    /// the answer came).
+    fn answers_lost(&mut self, host: &str) {
+        let (lost, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed)
+            .into_iter()
+            .partition(|(_, h, _, i)| h == host && matches!(i, Input::CommandDone(_)));
+        self.delayed = kept;
+        for (_, _, _, input) in lost {
+            if let Input::CommandDone(answer) = input {
+                self.input(Input::CommandDone(CommandAnswer {
+                    result: Err(CommandError::Lost(host.to_string())),
+                    seq: None,
+                    ..answer
+                }));
             }
         }
     }
@@ -1166,7 +1254,8 @@ impl Sim {
         if !h.reachable() || h.domains.contains_key(uuid) {
             return;
         }
-        if h.newest.get(uuid).is_some_and(|n| generation < *n) {
+        // The agent defines nothing for an order it does not admit (fencing, stale).
+        if admit_order(h.episode.is_some(), h.newest.get(uuid).copied(), generation).is_err() {
             return;
         }
         h.domains.insert(
@@ -1183,7 +1272,7 @@ impl Sim {
             return;
         };
         let seq = h.observe();
-        let due = now + if h.reorder { REORDER_DELAY_MS } else { STEP_MS };
+        let due = now + h.late_by(true, seq).max(STEP_MS);
         self.delayed.push((
             due,
             host.to_string(),
@@ -1213,6 +1302,10 @@ impl Sim {
         for h in self.hosts.values_mut() {
             h.connected_to_engine = false;
         }
+        // Answers in flight to the old leader die with its sessions (this one never sent
+        // those commands).
+        self.delayed
+            .retain(|(_, _, _, i)| !matches!(i, Input::CommandDone(_)));
         self.input(Input::BecameLeader {
             term: self.term,
             node: self.term,
@@ -1500,7 +1593,8 @@ impl Sim {
         self.policy.clone()
     }
 
-    /// Carries out a start order the way the real agent does.
+    /// Carries out a start order the way the real agent does (`agent/src/executor.rs`), with
+    /// its own decisions: `vigil_common::generation_guard::{admit_order, start_verdict}`.
     fn agent_start(&mut self, host: &str, uuid: &str, generation: u64) -> CommandOutcome {
         let crash = self.crash_on_start.contains(uuid);
         let Some(h) = self.hosts.get_mut(host) else {
@@ -1508,44 +1602,52 @@ impl Sim {
                 reason: "no such host".into(),
             };
         };
-        if h.newest.get(uuid).is_some_and(|n| generation < *n) {
+        // 1. No start while fencing, never a stale order; the generation is recorded as the
+        // newest seen before anything else happens.
+        if let Err(refusal) =
+            admit_order(h.episode.is_some(), h.newest.get(uuid).copied(), generation)
+        {
             return CommandOutcome::Failed {
-                reason: format!("stale generation {generation}"),
+                reason: refusal.reason(uuid, generation),
             };
         }
-        if h.episode.is_some() {
-            return CommandOutcome::Failed {
-                reason: "this host is fencing itself".into(),
-            };
-        }
-        h.newest.insert(uuid.to_string(), generation);
-        if h.start_fails {
-            return CommandOutcome::Failed {
-                reason: "libvirt refused".into(),
-            };
-        }
+        raise(&mut h.newest, uuid, generation);
+        // 2. Defined from the order if this host does not have it.
         let d = h.domains.entry(uuid.to_string()).or_insert(SimDomain {
             running: false,
             generation,
             reason: StateReason::NeverStarted,
         });
-        if d.running {
-            return if d.generation == generation {
-                CommandOutcome::Done {
-                    detail: "already running".into(),
+        // 3. This very activation already running, a second copy, a late duplicate.
+        let here = if d.running {
+            LocalCopy::Running {
+                generation: Some(d.generation),
+            }
+        } else {
+            LocalCopy::NotRunning
+        };
+        match start_verdict(here, h.started.get(uuid).copied(), generation) {
+            StartVerdict::Start => {}
+            StartVerdict::AlreadyRunning => {
+                return CommandOutcome::Done {
+                    detail: format!("{uuid} already running with generation {generation}"),
                 }
-            } else {
-                CommandOutcome::Failed {
-                    reason: "already running with another generation".into(),
+            }
+            StartVerdict::Refused(refusal) => {
+                return CommandOutcome::Failed {
+                    reason: refusal.reason(uuid, generation),
                 }
-            };
+            }
         }
-        if h.started.get(uuid).is_some_and(|s| *s >= generation) {
+        // Recorded before libvirt is asked, as the agent does: a start libvirt refuses has
+        // used up its generation.
+        raise(&mut h.started, uuid, generation);
+        // 4. libvirt starts it (or refuses).
+        if h.start_fails {
             return CommandOutcome::Failed {
-                reason: format!("generation {generation} already ran here and stopped"),
+                reason: "libvirt refused".into(),
             };
         }
-        h.started.insert(uuid.to_string(), generation);
         let Some(d) = h.domains.get_mut(uuid) else {
             return CommandOutcome::Failed {
                 reason: "vanished".into(),
@@ -1560,7 +1662,7 @@ impl Sim {
                 .push((self.now + 50, host.to_string(), uuid.to_string()));
         }
         CommandOutcome::Done {
-            detail: "started".into(),
+            detail: format!("{uuid} started with generation {generation}"),
         }
     }
 
@@ -1666,6 +1768,7 @@ impl Sim {
                         hm.connected_to_engine = false;
                     }
                     self.input(Input::AgentDisconnected { host: name.clone() });
+                    self.answers_lost(name);
                 }
                 continue;
             }
@@ -1795,17 +1898,26 @@ impl Sim {
                     }
                 }
             };
-            // Stamped when the command finished, like the real agent's answers.
-            let seq = match (&result, self.hosts.get_mut(&host)) {
-                (Ok(_), Some(h)) => Some(h.observe()),
-                _ => None,
+            // Stamped when the command finished, like the real agent's answers; late with
+            // `reorder-reports H on all`.
+            let (seq, late, instance) = match (&result, self.hosts.get_mut(&host)) {
+                (Ok(_), Some(h)) => {
+                    let seq = h.observe();
+                    (Some(seq), h.late_by(false, seq), h.instance)
+                }
+                _ => (None, 0, 0),
             };
-            self.input(Input::CommandDone(CommandAnswer {
-                host,
+            let answer = Input::CommandDone(CommandAnswer {
+                host: host.clone(),
                 command,
                 result,
                 seq,
-            }));
+            });
+            if late == 0 {
+                self.input(answer);
+            } else {
+                self.delayed.push((self.now + late, host, instance, answer));
+            }
         }
         // Fence agents that are due.
         let fences = take_due(&mut self.pending_fence, self.now, |(t, _)| *t);
@@ -1867,8 +1979,9 @@ impl Sim {
     }
 
     /// The agents' own stale check (the real agent destroys stale copies on each poll and when
-    /// it learns a newer generation); run at the start and at the end of every step, since a
-    /// newer generation can be announced in the middle of one.
+    /// it learns a newer generation), with the agent's decision
+    /// (`vigil_common::generation_guard::stale_verdict`); run at the start and at the end of
+    /// every step, since a newer generation can be announced in the middle of one.
     fn stale_check(&mut self) {
         let names: Vec<String> = self.hosts.keys().cloned().collect();
         for name in &names {
@@ -1881,8 +1994,12 @@ impl Sim {
                         .iter()
                         .filter(|(_, d)| d.running)
                         .filter_map(|(u, d)| {
-                            let n = *h.newest.get(u)?;
-                            (d.generation < n).then(|| (u.clone(), d.generation, n))
+                            match stale_verdict(Some(d.generation), h.newest.get(u).copied()) {
+                                StaleVerdict::Stale { newest, .. } => {
+                                    Some((u.clone(), d.generation, newest))
+                                }
+                                StaleVerdict::Current => None,
+                            }
                         })
                         .collect()
                 })
