@@ -395,7 +395,10 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
         .filter(|(h, d)| (h == "hv2" || h == "hv3") && !d.is_empty())
         .collect();
     let lost: Vec<String> = lost_with.iter().flat_map(|(_, d)| d.clone()).collect();
-    assert!(!lost.is_empty(), "hv2 or hv3 runs a VM before the mass failure");
+    assert!(
+        !lost.is_empty(),
+        "hv2 or hv3 runs a VM before the mass failure"
+    );
     LAB.ok(&["crash-host", "hv2"]);
     LAB.ok(&["crash-host", "hv3"]);
     let ev = wait_event(n, "mass failure", Duration::from_secs(20));
