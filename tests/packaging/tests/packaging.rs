@@ -458,7 +458,8 @@ fn rpms_list_their_files_config_requirements_and_scriptlets() {
         let dir = workspace().join(package.trim_start_matches("vigil-"));
         let rpm = s.out.join(format!("{package}.rpm"));
         run(Command::new("cargo")
-            .args(["generate-rpm", "-p"])
+            // No compression: the test profile's unstripped binaries take minutes to compress.
+            .args(["generate-rpm", "--payload-compress", "none", "-p"])
             .arg(&dir)
             .arg("--target-dir")
             .arg(&s.target)
