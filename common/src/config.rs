@@ -985,8 +985,9 @@ pub struct AgentConfig {
 /// fencing or a storage-slot acknowledgement.
 ///
 /// Off by default: opening a watchdog device arms it, and a softdog on a development machine
-/// would reset it. Packages set `device = "/dev/watchdog"` (hardware, or softdog with
-/// `nowayout`; systemd's `RuntimeWatchdogSec` must be off so the agent is the only opener).
+/// would reset it. The packaged agent.toml sets `device = "/dev/watchdog"` (hardware, or the
+/// softdog its unit loads; systemd's `RuntimeWatchdogSec` must be off so the agent is the only
+/// opener; docs/packaging.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchdogConfig {
