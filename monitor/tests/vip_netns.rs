@@ -701,7 +701,12 @@ fn drop_vip_removes_a_leftover_vip_and_is_idempotent() {
     std::fs::write(&without_vip, "listen = \"0.0.0.0:7440\"\n").expect("write config");
     let drop_vip = |config: &Path| {
         let out = Command::new("ip")
-            .args(["netns", "exec", &pair.a, env!("CARGO_BIN_EXE_vigil-monitor")])
+            .args([
+                "netns",
+                "exec",
+                &pair.a,
+                env!("CARGO_BIN_EXE_vigil-monitor"),
+            ])
             .arg("--config")
             .arg(config)
             .arg("--drop-vip")
@@ -715,7 +720,15 @@ fn drop_vip_removes_a_leftover_vip_and_is_idempotent() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    ip(&["-n", &pair.a, "addr", "add", &format!("{VIP}/32"), "dev", DEV]);
+    ip(&[
+        "-n",
+        &pair.a,
+        "addr",
+        "add",
+        &format!("{VIP}/32"),
+        "dev",
+        DEV,
+    ]);
     assert!(pair.has_vip());
     drop_vip(&with_vip);
     assert!(!pair.has_vip(), "--drop-vip removed the leftover VIP");

@@ -19,7 +19,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
 
 /// Highest acceptable `systemd-analyze security` exposure for the monitor unit (0 = fully
 /// sandboxed, 10 = nothing). It measured 1.8 when written: what remains is what the VIP and
@@ -191,27 +190,25 @@ struct Staged {
     out: PathBuf,
 }
 
-fn staged() -> &'static Staged {
-    static STAGED: OnceLock<Staged> = OnceLock::new();
-    STAGED.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let target = dir.path().join("target");
-        for (name, built) in BINARIES {
-            place(Path::new(built), &target.join("release").join(name));
-        }
-        let out = dir.path().join("out");
-        fs::create_dir_all(&out).expect("mkdir out");
-        Staged {
-            _dir: dir,
-            target,
-            out,
-        }
-    })
+/// A fresh staging directory per test (hard links: no copies), removed on drop, also when
+/// the test fails.
+fn staged() -> Staged {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let target = dir.path().join("target");
+    for (name, built) in BINARIES {
+        place(Path::new(built), &target.join("release").join(name));
+    }
+    let out = dir.path().join("out");
+    fs::create_dir_all(&out).expect("mkdir out");
+    Staged {
+        _dir: dir,
+        target,
+        out,
+    }
 }
 
 /// Builds `package`'s .deb at `version` (Debian revision included) and returns its path.
-fn build_deb(package: &str, version: &str) -> PathBuf {
-    let s = staged();
+fn build_deb(s: &Staged, package: &str, version: &str) -> PathBuf {
     let dest = s.out.join(format!("{package}_{version}_amd64.deb"));
     run(Command::new("cargo")
         .args(["deb", "--no-build", "--fast", "-p", package])
@@ -331,11 +328,23 @@ fn debs_install_upgrade_and_purge_in_a_clean_debian_root() {
         return;
     }
     let t0 = std::time::Instant::now();
-    let agent = build_deb("vigil-agent", "0.1.0-1");
-    let monitor = build_deb("vigil-monitor", "0.1.0-1");
+    let s = staged();
+    let agent = build_deb(&s, "vigil-agent", "0.1.0-1");
+    let monitor = build_deb(&s, "vigil-monitor", "0.1.0-1");
     let c = Chroot::new();
     let (a, m) = (c.put(&agent), c.put(&monitor));
     println!("debs built and root ready in {:?}", t0.elapsed());
+    // The maintainer scripts as under a running systemd: /run/systemd/system exists and a
+    // stand-in systemctl (the base has no systemd; apt runs dpkg with PATH
+    // /usr/sbin:/usr/bin:/sbin:/bin, so it goes to /usr/bin) records what they ask for.
+    c.sh(
+        "mkdir -p /run/systemd/system && printf '%s\\n' '#!/bin/sh' \
+          'echo \"$*\" >>/var/log/systemctl.calls' \
+          'case \"$*\" in *MainPID*) echo 0 ;; esac' >/usr/bin/systemctl \
+          && chmod 755 /usr/bin/systemctl",
+    );
+    let calls =
+        |c: &Chroot| fs::read_to_string(c.path("/var/log/systemctl.calls")).unwrap_or_default();
 
     // Install (apt resolves the dependencies from what the base already holds: offline).
     c.sh(&format!(
@@ -355,6 +364,11 @@ fn debs_install_upgrade_and_purge_in_a_clean_debian_root() {
     ] {
         assert!(c.path(f).exists(), "{f} is not installed");
     }
+    let installed = calls(&c);
+    assert!(
+        installed.contains("daemon-reload") && !installed.contains("start"),
+        "a fresh install reloads systemd and starts nothing (no certificate yet):\n{installed}"
+    );
     let conffiles = c.sh("dpkg-query -W -f='${Conffiles}\\n' vigil-agent vigil-monitor");
     for f in ["/etc/vigil/agent.toml", "/etc/vigil/monitor.toml"] {
         assert!(conffiles.contains(f), "{f} is not a conffile: {conffiles}");
@@ -387,8 +401,8 @@ fn debs_install_upgrade_and_purge_in_a_clean_debian_root() {
     // Upgrade: the same version again, then a newer one; an edited conffile is kept.
     c.sh("sed -i 's/^node_id = 1 /node_id = 7 /' /etc/vigil/monitor.toml && grep -q '^node_id = 7 ' /etc/vigil/monitor.toml");
     c.sh(&format!("dpkg -i {a} {m} >/dev/null"));
-    let agent2 = build_deb("vigil-agent", "0.1.0-2");
-    let monitor2 = build_deb("vigil-monitor", "0.1.0-2");
+    let agent2 = build_deb(&s, "vigil-agent", "0.1.0-2");
+    let monitor2 = build_deb(&s, "vigil-monitor", "0.1.0-2");
     let (a2, m2) = (c.put(&agent2), c.put(&monitor2));
     c.sh(&format!("dpkg -i {a2} {m2} >/dev/null"));
     assert_eq!(
@@ -400,6 +414,19 @@ fn debs_install_upgrade_and_purge_in_a_clean_debian_root() {
         "the upgrade kept the edited monitor.toml"
     );
     assert!(c.sh("vigil-monitor --check").contains("is valid"));
+    // Two upgrades (reinstall, then 0.1.0-2): each restarted the agent exactly once, with
+    // try-restart, and nothing ever stopped it.
+    let all = calls(&c);
+    let upgraded = all.strip_prefix(installed.as_str()).unwrap_or(&all);
+    assert_eq!(
+        upgraded.matches("try-restart vigil-agent.service").count(),
+        2,
+        "one try-restart of the agent per upgrade:\n{upgraded}"
+    );
+    assert!(
+        !upgraded.contains("stop vigil-agent") && !upgraded.contains("stop vigil-monitor"),
+        "an upgrade never stops a daemon:\n{upgraded}"
+    );
 
     // Purge: the packages' files and state go; the operator's certificates stay.
     c.sh("mkdir -p /var/lib/vigil/monitor/x && dpkg --purge vigil-agent vigil-monitor >/dev/null");
@@ -415,6 +442,10 @@ fn debs_install_upgrade_and_purge_in_a_clean_debian_root() {
     ] {
         assert!(!c.path(f).exists(), "{f} is still there after the purge");
     }
+    assert!(
+        calls(&c).contains("stop vigil-agent.service"),
+        "removal stops the agent (it holds no watchdog here)"
+    );
     for f in [
         "/etc/vigil/tls/agent.key",
         "/root/ca/ca.key",
@@ -483,6 +514,23 @@ fn rpms_list_their_files_config_requirements_and_scriptlets() {
         // path size mtime digest mode owner group isconfig isdoc ...: config, noreplace.
         let fields: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(fields.get(7), Some(&"1"), "{config} is %config: {line}");
+        let flags = stdout(
+            Command::new("rpm")
+                .args(["-qp", "--qf", "[%{FILENAMES} %{FILEFLAGS:fflags}\\n]"])
+                .arg(&rpm),
+        );
+        assert!(
+            flags.lines().any(|l| l == format!("{config} cn")),
+            "{config} is %config(noreplace): an upgrade keeps an edited one:\n{flags}"
+        );
+        if package == "vigil-monitor" {
+            // Fence-agent passwords: readable by the monitor's group only.
+            assert!(
+                fields.get(4).is_some_and(|m| m.ends_with("640"))
+                    && fields.get(6) == Some(&"vigil"),
+                "{config} is mode 0640, group vigil: {line}"
+            );
+        }
         let scripts = stdout(Command::new("rpm").args(["-qp", "--scripts"]).arg(&rpm));
         for needle in [
             "postinstall scriptlet",
