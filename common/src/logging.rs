@@ -102,6 +102,17 @@ fn stderr_id() -> Option<(u64, u64)> {
     Some((meta.dev(), meta.ino()))
 }
 
+/// Whether stderr is the journal's stream (`JOURNAL_STREAM` names it; see [`plain_style`]).
+pub fn stderr_is_journal() -> bool {
+    let journal_stream = std::env::var("JOURNAL_STREAM").ok();
+    plain_style(
+        std::io::stderr().is_terminal(),
+        journal_stream.as_deref(),
+        stderr_id(),
+    )
+    .priority_prefix
+}
+
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`).
 /// Logs go to stderr, which systemd hands to the journal.
 pub fn init(format: LogFormat) {

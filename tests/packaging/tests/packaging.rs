@@ -557,3 +557,79 @@ fn rpms_list_their_files_config_requirements_and_scriptlets() {
         println!("{package}.rpm: {} files", list.lines().count());
     }
 }
+
+/// Runs the packaged agent's `--check` on a config whose certificate is missing (it logs
+/// that at error level and exits 1), stderr to a file, with `JOURNAL_STREAM` naming that
+/// file (as systemd does for the journal's stream) or unset. Returns what it wrote.
+fn agent_error_log(journal: bool) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "[tls]\nca = \"{0}/ca.crt\"\ncert = \"{0}/missing.crt\"\nkey = \"{0}/missing.key\"\n",
+            dir.path().display()
+        ),
+    )
+    .expect("write agent.toml");
+    let log = dir.path().join("stderr");
+    let file = fs::File::create(&log).expect("create the stderr file");
+    let meta = file.metadata().expect("stat");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pkg-vigil-agent"));
+    cmd.arg("--check")
+        .arg("--config")
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .env_remove("JOURNAL_STREAM")
+        .stderr(file);
+    if journal {
+        cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()));
+    }
+    let status = cmd.status().expect("run vigil-agent --check");
+    assert!(!status.success(), "a missing certificate fails the check");
+    fs::read_to_string(&log).expect("read stderr")
+}
+
+#[test]
+fn under_journald_an_error_line_carries_priority_3_and_no_escape_codes_or_timestamp() {
+    let journal = agent_error_log(true);
+    let line = journal
+        .lines()
+        .find(|l| l.contains("missing.crt") && l.starts_with('<'))
+        .unwrap_or_else(|| panic!("no prefixed error line in:\n{journal}"));
+    assert!(
+        line.starts_with("<3>"),
+        "error is priority 3 (journalctl -p err): {line:?}"
+    );
+    assert!(
+        !journal.contains('\u{1b}'),
+        "no ANSI escape codes: {journal:?}"
+    );
+    // The program's own last word (printed also when logging is not set up yet) too.
+    assert!(
+        journal.contains("<3>vigil-agent: reading tls.cert"),
+        "the exit message is priority 3 too: {journal:?}"
+    );
+    // No timestamp of its own (journald adds one): the level follows the prefix.
+    assert!(
+        line[3..].trim_start().starts_with("ERROR"),
+        "prefix, level, message: {line:?}"
+    );
+
+    // Not the journal (a file, JOURNAL_STREAM unset): a timestamp, still no escape codes,
+    // no priority prefix.
+    let file = agent_error_log(false);
+    let line = file
+        .lines()
+        .find(|l| l.contains("missing.crt") && l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("no error line in:\n{file}"));
+    assert!(
+        !file.contains('\u{1b}'),
+        "no ANSI escape codes in a file: {file:?}"
+    );
+    assert!(
+        line.starts_with(|c: char| c.is_ascii_digit()),
+        "timestamp first: {line:?}"
+    );
+}
