@@ -35,7 +35,9 @@ fi
 
 stamp=/var/lib/vigil-setup.stamp
 # tcpdump: to watch the VIP's gratuitous ARPs by hand (the VIP tests capture with their own AF_PACKET socket).
-want_base=(build-essential pkg-config ca-certificates curl iproute2 procps psmisc jq fuse3 libfuse3-dev openipmi fence-agents ipmitool tcpdump)
+# systemd, mmdebstrap, rpm: the packaging tests (tests/packaging: systemd-analyze on the units,
+# the .debs installed into a clean bookworm root, the .rpms read back).
+want_base=(build-essential pkg-config ca-certificates curl iproute2 procps psmisc jq fuse3 libfuse3-dev openipmi fence-agents ipmitool tcpdump systemd mmdebstrap rpm)
 want_bpo=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils)
 missing=0
 for p in "${want_base[@]}" "${want_bpo[@]}"; do
@@ -59,4 +61,13 @@ if ! command -v cargo >/dev/null 2>&1; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
   fi
 fi
+# The package builders (tests/packaging and packaging/build.sh), pinned; built once (~5 min each
+# on 2 cores), then found in ~/.cargo/bin.
+[[ -f "$HOME/.cargo/env" ]] && source "$HOME/.cargo/env"
+for tool in cargo-deb@3.8.0 cargo-generate-rpm@0.21.1; do
+  if ! command -v "${tool%@*}" >/dev/null 2>&1 || ! "${tool%@*}" --version 2>/dev/null | grep -q "${tool#*@}"; then
+    log "installing ${tool} (cargo install --locked)"
+    cargo install --locked --quiet "${tool%@*}" --version "${tool#*@}"
+  fi
+done
 log "done: $(libvirtd --version 2>/dev/null | head -n1), $(qemu-system-x86_64 --version | head -n1)"

@@ -206,9 +206,10 @@ impl AgentRunner {
             },
             stop.clone(),
         );
-        if self.watchdog {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        }
+        // Always, whatever `systemd_watchdog` says: the unit is `Type=notify`, and an agent
+        // that never said READY=1 would be killed by systemd at TimeoutStartSec and
+        // restarted, forever. (Without NOTIFY_SOCKET this does nothing.)
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let mut backoff = self.reconnect;
         let max_backoff = self.reconnect * 8;
         let len = self.monitors.len();

@@ -965,9 +965,11 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// Shared primary storage pools as mounted on this host (`[storage]`).
     pub storage: StorageConfig,
-    /// Feed the systemd watchdog (`WatchdogSec=` in the unit) from the agent's main loop, so
-    /// that a hung agent gets the host reset by systemd's hardware watchdog. Only has an effect
-    /// under systemd with `WATCHDOG_USEC` set.
+    /// Feed the systemd service watchdog (`WatchdogSec=` in the unit) from the agent's
+    /// isolation guard loop, so that systemd kills and restarts a hung agent. That restarts the
+    /// agent only; it never resets the host (the host watchdog that backs lease proofs is
+    /// `[watchdog]`, opened by the agent itself). Only has an effect under systemd with
+    /// `WATCHDOG_USEC` set.
     pub systemd_watchdog: bool,
     /// The host watchdog that backs lease expiry as a proof (`[watchdog]`).
     pub watchdog: WatchdogConfig,
@@ -983,8 +985,9 @@ pub struct AgentConfig {
 /// fencing or a storage-slot acknowledgement.
 ///
 /// Off by default: opening a watchdog device arms it, and a softdog on a development machine
-/// would reset it. Packages set `device = "/dev/watchdog"` (hardware, or softdog with
-/// `nowayout`; systemd's `RuntimeWatchdogSec` must be off so the agent is the only opener).
+/// would reset it. The packaged agent.toml sets `device = "/dev/watchdog"` (hardware, or the
+/// softdog its unit loads; systemd's `RuntimeWatchdogSec` must be off so the agent is the only
+/// opener; docs/packaging.md).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WatchdogConfig {

@@ -1,8 +1,117 @@
 //! Logging setup shared by the binaries: plain lines by default, JSON on request.
+//!
+//! Plain lines adapt to where stderr goes ([`plain_style`]):
+//! - a terminal: colours and a timestamp, as before;
+//! - a pipe or a file: no ANSI escape codes, a timestamp;
+//! - the journal (systemd sets `JOURNAL_STREAM` to the `device:inode` of the stream it
+//!   connected to stderr): no colours, no timestamp (journald stamps every line itself), and a
+//!   syslog priority prefix per level (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug and
+//!   trace), which journald parses from stream output (`SyslogLevelPrefix=` defaults to on),
+//!   so `journalctl -p err` finds the errors.
+//!
+//! `--log-format json` is unchanged: one JSON object per line, with its own timestamp and level.
 
-use tracing_subscriber::{fmt, EnvFilter};
+use std::fmt;
+use std::io::IsTerminal;
+
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
+
+/// How plain lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlainStyle {
+    /// ANSI colour codes.
+    pub ansi: bool,
+    /// A timestamp at the start of each line.
+    pub timestamp: bool,
+    /// A syslog priority prefix (`<3>` ...) for journald.
+    pub priority_prefix: bool,
+}
+
+/// The style for plain lines, from whether stderr is a terminal, the value of
+/// `JOURNAL_STREAM` (if set) and stderr's own `(device, inode)` (if known).
+///
+/// stderr counts as the journal when `JOURNAL_STREAM` names stderr's device and inode, as
+/// systemd documents it (a child that inherited the variable but writes elsewhere does not
+/// get journal lines). When stderr's identity is unknown, the variable's presence decides.
+pub fn plain_style(
+    stderr_is_terminal: bool,
+    journal_stream: Option<&str>,
+    stderr_id: Option<(u64, u64)>,
+) -> PlainStyle {
+    let journal = match (journal_stream.map(parse_journal_stream), stderr_id) {
+        (None, _) => false,
+        (Some(Some(named)), Some(actual)) => named == actual,
+        // Set but unparsable, or stderr not inspectable: trust that systemd set it.
+        (Some(_), _) => true,
+    };
+    PlainStyle {
+        ansi: stderr_is_terminal && !journal,
+        timestamp: !journal,
+        priority_prefix: journal,
+    }
+}
+
+/// `JOURNAL_STREAM`'s `device:inode`, both decimal.
+fn parse_journal_stream(v: &str) -> Option<(u64, u64)> {
+    let (dev, ino) = v.trim().split_once(':')?;
+    Some((dev.parse().ok()?, ino.parse().ok()?))
+}
+
+/// The syslog priority journald reads from the start of a line.
+pub fn syslog_prefix(level: &Level) -> &'static str {
+    match *level {
+        Level::ERROR => "<3>",
+        Level::WARN => "<4>",
+        Level::INFO => "<6>",
+        Level::DEBUG | Level::TRACE => "<7>",
+    }
+}
+
+/// Formats an event with `inner`, preceded by its syslog priority prefix.
+struct Prefixed<F>(F);
+
+impl<S, N, F> FormatEvent<S, N> for Prefixed<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        writer.write_str(syslog_prefix(event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
+    }
+}
+
+/// stderr's `(device, inode)`, to compare with `JOURNAL_STREAM`.
+fn stderr_id() -> Option<(u64, u64)> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let fd = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
+    let meta = std::fs::File::from(fd).metadata().ok()?;
+    Some((meta.dev(), meta.ino()))
+}
+
+/// Whether stderr is the journal's stream (`JOURNAL_STREAM` names it; see [`plain_style`]).
+pub fn stderr_is_journal() -> bool {
+    let journal_stream = std::env::var("JOURNAL_STREAM").ok();
+    plain_style(
+        std::io::stderr().is_terminal(),
+        journal_stream.as_deref(),
+        stderr_id(),
+    )
+    .priority_prefix
+}
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`).
 /// Logs go to stderr, which systemd hands to the journal.
@@ -10,9 +119,96 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new("info,quinn=warn,quinn_proto=warn,openraft=warn,rustls=warn")
     });
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Plain => builder.with_target(false).try_init(),
+        LogFormat::Plain => {
+            let journal_stream = std::env::var("JOURNAL_STREAM").ok();
+            let style = plain_style(
+                std::io::stderr().is_terminal(),
+                journal_stream.as_deref(),
+                stderr_id(),
+            );
+            let builder = builder.with_target(false).with_ansi(style.ansi);
+            let base = tracing_subscriber::fmt::format()
+                .with_target(false)
+                .with_ansi(style.ansi);
+            match (style.timestamp, style.priority_prefix) {
+                (true, false) => builder.event_format(base).try_init(),
+                (true, true) => builder.event_format(Prefixed(base)).try_init(),
+                (false, false) => builder.event_format(base.without_time()).try_init(),
+                (false, true) => builder
+                    .event_format(Prefixed(base.without_time()))
+                    .try_init(),
+            }
+        }
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: (u64, u64) = (25, 4242);
+
+    #[test]
+    fn a_terminal_gets_colours_and_timestamps() {
+        let s = plain_style(true, None, Some(ID));
+        assert_eq!(
+            s,
+            PlainStyle {
+                ansi: true,
+                timestamp: true,
+                priority_prefix: false
+            }
+        );
+    }
+
+    #[test]
+    fn a_pipe_or_file_gets_no_escape_codes() {
+        let s = plain_style(false, None, Some(ID));
+        assert!(!s.ansi && s.timestamp && !s.priority_prefix);
+    }
+
+    #[test]
+    fn the_journal_gets_priorities_and_no_timestamp_nor_colours() {
+        for tty in [false, true] {
+            let s = plain_style(tty, Some("25:4242"), Some(ID));
+            assert_eq!(
+                s,
+                PlainStyle {
+                    ansi: false,
+                    timestamp: false,
+                    priority_prefix: true
+                },
+                "tty={tty}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_inherited_journal_stream_naming_another_file_is_not_the_journal() {
+        // A child started from a unit, its stderr redirected to a file.
+        let s = plain_style(false, Some("25:9999"), Some(ID));
+        assert!(!s.priority_prefix && s.timestamp && !s.ansi);
+        let s = plain_style(true, Some("25:9999"), Some(ID));
+        assert!(s.ansi && s.timestamp && !s.priority_prefix);
+    }
+
+    #[test]
+    fn a_journal_stream_that_cannot_be_compared_is_trusted() {
+        assert!(plain_style(false, Some("garbage"), Some(ID)).priority_prefix);
+        assert!(plain_style(false, Some("25:4242"), None).priority_prefix);
+    }
+
+    #[test]
+    fn priorities_are_the_syslog_ones() {
+        assert_eq!(syslog_prefix(&Level::ERROR), "<3>");
+        assert_eq!(syslog_prefix(&Level::WARN), "<4>");
+        assert_eq!(syslog_prefix(&Level::INFO), "<6>");
+        assert_eq!(syslog_prefix(&Level::DEBUG), "<7>");
+        assert_eq!(syslog_prefix(&Level::TRACE), "<7>");
+    }
 }

@@ -26,7 +26,14 @@ pub fn exit_code(program: &str, result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("{program}: {e:#}");
+            // Also before the subscriber exists (a config that does not load); under journald
+            // with the error priority, so `journalctl -p err` shows it.
+            let priority = if crate::logging::stderr_is_journal() {
+                "<3>"
+            } else {
+                ""
+            };
+            eprintln!("{priority}{program}: {e:#}");
             ExitCode::FAILURE
         }
     }

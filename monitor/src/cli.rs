@@ -32,6 +32,11 @@ pub struct Args {
     /// Refused when `data_dir` already holds a cluster.
     #[arg(long)]
     pub join: bool,
+    /// Remove the `[vip]` address from its interface if it is there, and exit (0 when it is
+    /// absent, or when there is no `[vip]`). For the unit's `ExecStopPost=`: a monitor
+    /// killed with SIGKILL cannot remove the VIP itself. Never starts the monitor.
+    #[arg(long, conflicts_with_all = ["init", "join", "check"])]
+    pub drop_vip: bool,
 }
 
 /// Entry point of the `vigil-monitor` binary.
@@ -57,6 +62,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{} is valid", args.config.display());
         return Ok(());
     }
+    if args.drop_vip {
+        return drop_vip(&cfg);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("vigil-monitor")
@@ -74,6 +82,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("installing the SIGHUP handler")?;
         let monitor = Monitor::start(cfg, mode).await?;
+        // The unit is `Type=notify`: ready once agents and vigilctl are served. (Without
+        // NOTIFY_SOCKET this does nothing.)
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let shutdown = vigil_common::process::shutdown_signal();
         tokio::pin!(shutdown);
         loop {
@@ -83,6 +94,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         info!("shutdown requested");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         monitor.shutdown().await;
         anyhow::Ok(())
     })
@@ -98,4 +110,23 @@ fn reload(monitor: &Monitor, config: &std::path::Path) {
         Ok(msg) => info!("SIGHUP: {msg} (other settings need a restart)"),
         Err(e) => error!("SIGHUP: reload failed, keeping the current certificates: {e:#}"),
     }
+}
+
+/// `--drop-vip`: removes a VIP left on this machine by a monitor that could not remove it
+/// (SIGKILL, a crash). Idempotent.
+fn drop_vip(cfg: &MonitorConfig) -> anyhow::Result<()> {
+    let Some(vip) = &cfg.vip else {
+        println!("no [vip] configured: nothing to remove");
+        return Ok(());
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let target = rt.block_on(crate::vip::drop_configured(vip))?;
+    println!(
+        "VIP {}/{} is not on {} (removed if it was)",
+        target.0, target.1, vip.interface
+    );
+    Ok(())
 }

@@ -339,6 +339,21 @@ pub async fn remove(
     Ok(())
 }
 
+/// Removes the configured VIP from its interface if present, outside a running monitor
+/// (`vigil-monitor --drop-vip`, the unit's `ExecStopPost=`). Absent, or the interface gone,
+/// is success. Returns the address and prefix it looked for.
+pub async fn drop_configured(cfg: &VipConfig) -> Result<(IpAddr, u8), VipError> {
+    let conf = |(field, message)| VipError::Config { field, message };
+    cfg.validate().map_err(conf)?;
+    let addr = cfg.ip().map_err(conf)?;
+    let prefix = cfg.prefix_len().map_err(conf)?;
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(VipError::Netlink)?;
+    let conn = tokio::spawn(conn);
+    let result = remove(&handle, &cfg.interface, addr, prefix).await;
+    conn.abort();
+    result.map(|()| (addr, prefix))
+}
+
 /// The Ethernet frame of a gratuitous ARP for `ip` from `mac`: an ARP request to
 /// ff:ff:ff:ff:ff:ff with sender and target protocol address both `ip`, target hardware
 /// address zero, padded to the 60-byte Ethernet minimum.

@@ -681,3 +681,61 @@ fn the_gratuitous_arps_correct_a_stale_neighbour_entry_on_the_peer() {
     }
     vip.stop();
 }
+
+/// `vigil-monitor --drop-vip` (the unit's `ExecStopPost=`): removes a VIP that a SIGKILLed
+/// monitor left behind, succeeds again when it is gone, and with no `[vip]` at all.
+#[test]
+fn drop_vip_removes_a_leftover_vip_and_is_idempotent() {
+    if !can_run() {
+        return;
+    }
+    let pair = Pair::new("dropvip");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let with_vip = dir.path().join("monitor.toml");
+    std::fs::write(
+        &with_vip,
+        format!("listen = \"0.0.0.0:7440\"\nadvertise = \"198.18.7.1:7440\"\n[vip]\naddress = \"{VIP}\"\ninterface = \"{DEV}\"\n"),
+    )
+    .expect("write config");
+    let without_vip = dir.path().join("plain.toml");
+    std::fs::write(&without_vip, "listen = \"0.0.0.0:7440\"\n").expect("write config");
+    let drop_vip = |config: &Path| {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &pair.a,
+                env!("CARGO_BIN_EXE_vigil-monitor"),
+            ])
+            .arg("--config")
+            .arg(config)
+            .arg("--drop-vip")
+            .output()
+            .expect("run vigil-monitor --drop-vip");
+        assert!(
+            out.status.success(),
+            "--drop-vip with {}: {}{}",
+            config.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(&[
+        "-n",
+        &pair.a,
+        "addr",
+        "add",
+        &format!("{VIP}/32"),
+        "dev",
+        DEV,
+    ]);
+    assert!(pair.has_vip());
+    drop_vip(&with_vip);
+    assert!(!pair.has_vip(), "--drop-vip removed the leftover VIP");
+    assert!(
+        ip(&["-n", &pair.a, "-4", "addr", "show", "dev", DEV]).contains("198.18.7.1/24"),
+        "and nothing else"
+    );
+    drop_vip(&with_vip);
+    drop_vip(&without_vip);
+}
