@@ -330,12 +330,36 @@ impl AgentRunner {
             warn!("the newest lease renewal may not be on disk: a restarted agent may start with an older lease (safe, it only ends sooner)");
         }
         guard.abort();
-        // The host watchdog stays armed if it is: HA domains that keep running on this host
-        // must stay guarded while no agent watches them (a restarted agent feeds it again
-        // within its timeout; a stopped one lets it reset the host). Drain the host first
-        // (`vigilctl host maintenance on`) to stop an agent for longer.
+        // The host watchdog stays armed while HA domains run here: they must stay guarded
+        // while no agent watches them (a restarted agent feeds it again within its timeout; a
+        // stopped one lets it reset the host, which is what makes lease expiry a proof). With
+        // no HA domain running (a fresh listing, taken after the session ended and with starts
+        // refused, so no order can come and a start still queued on the libvirt worker cannot
+        // slip in after it), nothing needs guarding: disarm, so that `systemctl stop`, a package
+        // removal or a host shutdown after its guests stopped does not reset the host. Drain
+        // the host first (`vigilctl host maintenance on`) to stop an agent for longer.
         if host_watchdog.armed_ms().is_some() {
-            warn!("agent stopping with the host watchdog armed: unless an agent runs again within its timeout, the host resets");
+            self.executor.begin_fencing();
+            let listing = tokio::time::timeout(
+                Duration::from_secs(3),
+                self.executor.ha_listing(&std::collections::BTreeSet::new()),
+            )
+            .await;
+            match listing {
+                Ok(Ok(l)) if l.running.is_empty() => {
+                    host_watchdog.disarm();
+                    let until = Instant::now() + Duration::from_secs(2);
+                    while host_watchdog.armed_ms().is_some() && Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    if host_watchdog.armed_ms().is_some() {
+                        warn!("could not disarm the host watchdog in time: unless an agent runs again within its timeout, the host resets");
+                    }
+                }
+                Ok(Ok(l)) => warn!(running = ?l.running, "agent stopping with HA domains running and the host watchdog armed: unless an agent runs again within its timeout, the host resets"),
+                Ok(Err(e)) => warn!(error = %e, "agent stopping with the host watchdog armed and no listing of its domains: unless an agent runs again within its timeout, the host resets"),
+                Err(_) => warn!("agent stopping with the host watchdog armed and libvirt not answering: unless an agent runs again within its timeout, the host resets"),
+            }
         }
         host_watchdog.stop();
         self.endpoint

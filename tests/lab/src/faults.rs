@@ -10,11 +10,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-use crate::cmd::run;
+use crate::cmd::{run, run_ok};
 use crate::lab::{
-    agent_spec, host_pids, load_up, monitor_spec, power_is_on, proc_name, qemu_pids, record_event,
-    sandbox_timeout, set_power, start_sandbox, wait_monitor_answers, wait_sandbox, watchdog_ctl,
-    MonitorStart, Report,
+    agent_spec, host_pids, load_up, monitor_spec, path_str, power_is_on, proc_name, qemu_pids,
+    record_event, sandbox_timeout, set_power, start_sandbox, wait_monitor_answers, wait_sandbox,
+    watchdog_ctl, MonitorStart, Report,
 };
 use crate::layout::{self, now_ms, Lab, Program};
 use crate::net;
@@ -263,6 +263,30 @@ pub fn kill_agent(lab: &Lab, host: &str) -> anyhow::Result<Report> {
     ))
 }
 
+/// `stop-agent H`: SIGTERM to the agent, as `systemctl stop vigil-agent` does (its VMs keep
+/// running; the agent disarms the host watchdog only if none of them is HA).
+pub fn stop_agent(lab: &Lab, host: &str) -> anyhow::Result<Report> {
+    let st = load_up(lab)?;
+    st.host(host)?;
+    let name = proc_name(host, "agent");
+    let e = running_entry(lab, &name)?;
+    let ts = now_ms();
+    kill(Pid::from_raw(e.pid), Signal::SIGTERM).with_context(|| format!("kill -TERM {}", e.pid))?;
+    supervisor::wait_exit(lab, &name, Duration::from_secs(15))?;
+    Ok(fault(
+        lab,
+        &st,
+        ts,
+        "stop-agent",
+        host,
+        format!(
+            "SIGTERM to the agent (pid {}), as systemctl stop; it exited",
+            e.pid
+        ),
+        json!({"pid": e.pid}),
+    ))
+}
+
 pub fn start_agent(lab: &Lab, host: &str) -> anyhow::Result<Report> {
     let st = load_up(lab)?;
     let h = st.host(host)?.clone();
@@ -290,17 +314,35 @@ fn started_monitor(st: &LabState, mon: &str) -> anyhow::Result<Node> {
     Ok(m)
 }
 
+/// `kill-monitor M`: SIGKILL to vigil-monitor, then what the packaged unit's
+/// `ExecStopPost=vigil-monitor --drop-vip` does after any exit (a SIGKILLed process cannot
+/// remove the VIP itself, and its kernel would go on answering ARP for it).
 pub fn kill_monitor(lab: &Lab, mon: &str) -> anyhow::Result<Report> {
     let st = load_up(lab)?;
-    started_monitor(&st, mon)?;
+    let m = started_monitor(&st, mon)?;
     let (ts, e) = kill_proc(lab, &proc_name(mon, "monitor"))?;
+    let config = path_str(&lab.monitor_dir(&m.name).join("monitor.toml"));
+    let argv = [
+        "ip".to_string(),
+        "netns".into(),
+        "exec".into(),
+        m.netns.clone(),
+        path_str(&Program::Monitor.require()?),
+        "--config".into(),
+        config,
+        "--drop-vip".into(),
+    ];
+    let dropped = match run_ok(&argv, Duration::from_secs(10)) {
+        Ok(_) => "ExecStopPost's --drop-vip removed the VIP if it held it".to_string(),
+        Err(e) => format!("ExecStopPost's --drop-vip failed: {e:#}"),
+    };
     Ok(fault(
         lab,
         &st,
         ts,
         "kill-monitor",
         mon,
-        format!("SIGKILL to vigil-monitor (pid {})", e.pid),
+        format!("SIGKILL to vigil-monitor (pid {}); {dropped}", e.pid),
         json!({"pid": e.pid}),
     ))
 }

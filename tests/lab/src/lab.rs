@@ -100,7 +100,7 @@ fn lab_env(st: &LabState) -> Vec<(String, String)> {
     v
 }
 
-fn path_str(p: &Path) -> String {
+pub(crate) fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 

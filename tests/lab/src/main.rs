@@ -97,6 +97,8 @@ enum Cmd {
     Heal { host: String },
     /// SIGKILL a host's agent (its VMs keep running).
     KillAgent { host: String },
+    /// SIGTERM a host's agent, as `systemctl stop` does (its VMs keep running)
+    StopAgent { host: String },
     /// Start a host's agent again (as systemd would).
     StartAgent { host: String },
     /// SIGKILL a monitor's vigil-monitor.
@@ -227,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
         Cmd::Partition { host, from } => done(faults::partition(&lab, &host, from)?),
         Cmd::Heal { host } => done(faults::heal(&lab, &host)?),
         Cmd::KillAgent { host } => done(faults::kill_agent(&lab, &host)?),
+        Cmd::StopAgent { host } => done(faults::stop_agent(&lab, &host)?),
         Cmd::StartAgent { host } => done(faults::start_agent(&lab, &host)?),
         Cmd::KillMonitor { monitor } => done(faults::kill_monitor(&lab, &monitor)?),
         Cmd::RestartMonitor { monitor } => done(faults::restart_monitor(&lab, &monitor)?),

@@ -131,10 +131,15 @@ fn losing_the_leader_moves_the_vip_and_touches_no_host() {
         took.as_millis()
     );
 
-    // 3. The killed monitor comes back as a follower and drops the address it left behind.
-    //    Until then its namespace still answers ARP for the VIP (a SIGKILLed process cannot
-    //    remove it; in production systemd's restart does what restart-monitor does here), so
-    //    the hosts are checked after the restart.
+    // 3. A SIGKILLed process cannot remove the VIP itself: kill-monitor does what the unit's
+    //    `ExecStopPost=vigil-monitor --drop-vip` does after any exit, so the dead monitor's
+    //    namespace no longer holds it (its kernel would go on answering ARP for it). Then it
+    //    comes back as a follower.
+    let holders = vip_holders();
+    assert!(
+        holders.iter().all(|(n, _)| *n != first),
+        "the killed monitor {first} still holds the VIP: {holders:?}"
+    );
     LAB.ok(&["restart-monitor", &first]);
     assert_eq!(wait_single_holder(Duration::from_secs(20)), second);
     assert_hosts_untouched(t_kill);

@@ -189,4 +189,58 @@ fn watchdogs_reset_a_dead_agents_cut_off_host_before_its_vm_moves_and_nothing_wh
     );
     std::thread::sleep(Duration::from_secs(2));
     LAB.assert_no_duplicates();
+
+    // 3. `systemctl stop` of an agent (SIGTERM). hv2 runs no HA domain now: its agent
+    //    disarms the watchdog on the way out, and nothing resets the host (before, every
+    //    clean stop — a package removal, a host shutdown after its guests stopped — reset
+    //    it). hv3 runs one: its watchdog stays armed, so lease expiry stays a proof.
+    assert!(
+        running_on("hv2").is_empty(),
+        "hv2 came back empty: {:?}",
+        running_on("hv2")
+    );
+    LAB.ok(&["stop-agent", "hv2"]);
+    LAB.wait_watchdog("hv2", "disarmed", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(W + 2));
+    assert_eq!(
+        LAB.watchdog_resets("hv2").len(),
+        1,
+        "a clean stop of an agent with no HA domain reset hv2"
+    );
+    LAB.ok(&["start-agent", "hv2"]);
+    LAB.wait_host_up("hv2");
+    assert!(!running_on("hv3").is_empty(), "hv3 runs its VM");
+    let t_stop = now_ms();
+    LAB.ok(&["stop-agent", "hv3"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        LAB.watchdog_status("hv3")["state"],
+        "armed",
+        "hv3 runs an HA domain: its watchdog must stay armed after a clean stop"
+    );
+    LAB.ok(&["start-agent", "hv3"]);
+    LAB.wait_host_up("hv3");
+    assert!(
+        LAB.watchdog_resets("hv3").is_empty(),
+        "restarted within W: no reset"
+    );
+    LAB.assert_not_stopped(&["hv3"], t_stop);
+    LAB.assert_no_duplicates();
+}
+
+/// The domains `host` runs, as the lab sees them.
+fn running_on(host: &str) -> Vec<String> {
+    let o = LAB
+        .cmd(&["--json", "status"])
+        .output()
+        .expect("vigil-lab status");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v["hosts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|h| h["name"] == host))
+        .and_then(|h| h["domains_running"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|d| d.as_str().map(String::from))
+        .collect()
 }
