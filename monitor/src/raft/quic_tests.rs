@@ -487,6 +487,107 @@ async fn a_monitor_dialling_node_2_refuses_a_server_that_is_node_3() {
     n1.stop().await;
 }
 
+/// A UDP relay standing for a node's address: datagrams go to whichever backend it points
+/// at now. Pointing it at another process is a peer killed and started again on the same
+/// address: the new process knows nothing of the old connection, and nobody closed it.
+struct Relay {
+    addr: SocketAddr,
+    backend: std::sync::Arc<std::sync::Mutex<SocketAddr>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(backend: SocketAddr) -> Relay {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = front.local_addr().expect("addr");
+        let target = std::sync::Arc::new(std::sync::Mutex::new(backend));
+        let shared = target.clone();
+        let task = tokio::spawn(async move {
+            let (mut a, mut b) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            let mut client: Option<SocketAddr> = None;
+            loop {
+                tokio::select! {
+                    Ok((n, from)) = front.recv_from(&mut a) => {
+                        client = Some(from);
+                        let to = *shared.lock().expect("lock");
+                        let _ = back.send_to(&a[..n], to).await;
+                    }
+                    Ok((n, _)) = back.recv_from(&mut b) => {
+                        if let Some(c) = client {
+                            let _ = front.send_to(&b[..n], c).await;
+                        }
+                    }
+                }
+            }
+        });
+        Relay {
+            addr,
+            backend: target,
+            task,
+        }
+    }
+
+    fn point_at(&self, backend: SocketAddr) {
+        *self.backend.lock().expect("lock") = backend;
+    }
+}
+
+/// A peer whose process was killed (its connections never closed) and started again on the
+/// same address is reached again at the next RPC after one fails, not only after the QUIC
+/// idle timeout (3 s): every vote sent on the dead connection meanwhile was a lost election
+/// round (found in the lab, where the term climbed by 2-3 per leader failover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_restarted_on_the_same_address_is_reached_at_the_next_rpc() {
+    let pki = Pki::new("test");
+    let (d1, d3a, d3b) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let n1 = one_node_leader(&pki, d1.path()).await;
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let old = TestNode::start(&pki, 3, d3a.path(), any, tuning()).await;
+    let relay = Relay::start(old.addr).await;
+    let mut client = n1
+        .endpoint
+        .network()
+        .new_client(3, &BasicNode::new(relay.addr.to_string()))
+        .await;
+    let vote = || VoteRequest::new(Vote::new(1, 1), None);
+    let short = || RPCOption::new(Duration::from_millis(400));
+    client
+        .vote(vote(), short())
+        .await
+        .expect("the first process answers");
+    // "Killed" without a word to n1, and a new process behind the same address.
+    let new = TestNode::start(&pki, 3, d3b.path(), any, tuning()).await;
+    relay.point_at(new.addr);
+    // The first RPC goes out on the dead connection and times out; the next ones must reach
+    // the new process, well within the 3 s idle timeout (3 x 400 ms).
+    let t0 = std::time::Instant::now();
+    let mut answered = None;
+    for attempt in 1..=3 {
+        if client.vote(vote(), short()).await.is_ok() {
+            answered = Some(attempt);
+            break;
+        }
+    }
+    assert!(
+        answered.is_some(),
+        "the restarted peer was not reached within three RPCs ({:?})",
+        t0.elapsed()
+    );
+    relay.task.abort();
+    new.stop().await;
+    old.stop().await;
+    n1.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_and_oversized_frames_on_the_raft_port_leave_the_node_working() {
     let pki = Pki::new("test");
