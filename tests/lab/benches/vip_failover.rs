@@ -82,24 +82,7 @@ fn vip_mac_seen_from_hv1() -> Option<String> {
 
 /// The live monitor holding the VIP (`monN`), waiting for exactly one.
 fn holder() -> String {
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let o = LAB.cmd(&["status", "--json"]).output().expect("status");
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-        let h: Vec<String> = v["monitors"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter(|m| m["holds_vip"] == true && m["monitor"]["alive"] == true)
-            .filter_map(|m| m["name"].as_str().map(String::from))
-            .collect();
-        if h.len() == 1 {
-            return h[0].clone();
-        }
-        assert!(Instant::now() < end, "no single VIP holder: {h:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    LAB.vip_holder()
 }
 
 /// One run: ms from the SIGKILL of the leader to (hv1's ARP entry for the VIP on the new

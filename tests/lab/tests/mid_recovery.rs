@@ -24,33 +24,9 @@ const LAB: support::LabCli = support::LabCli {
     prefix: "vlr",
 };
 
-fn status() -> serde_json::Value {
-    let o = LAB.run(&["status", "--json"]);
-    assert!(o.status.success(), "vigil-lab status failed");
-    serde_json::from_slice(&o.stdout).expect("status --json is JSON")
-}
-
 /// The one live monitor whose namespace holds the VIP (the leader), waiting for it.
 fn leader() -> String {
-    let end = Instant::now() + Duration::from_secs(30);
-    loop {
-        let holders: Vec<String> = status()["monitors"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .iter()
-            .filter(|m| m["holds_vip"] == true && m["monitor"]["alive"] == true)
-            .filter_map(|m| m["name"].as_str().map(String::from))
-            .collect();
-        if holders.len() == 1 {
-            return holders[0].clone();
-        }
-        assert!(
-            Instant::now() < end,
-            "no single live VIP holder: {holders:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    LAB.vip_holder()
 }
 
 fn monitor_log(monitor: &str) -> PathBuf {

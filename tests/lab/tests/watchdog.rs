@@ -230,15 +230,9 @@ fn watchdogs_reset_a_dead_agents_cut_off_host_before_its_vm_moves_and_nothing_wh
 
 /// The domains `host` runs, as the lab sees them.
 fn running_on(host: &str) -> Vec<String> {
-    let o = LAB
-        .cmd(&["--json", "status"])
-        .output()
-        .expect("vigil-lab status");
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
-    v["hosts"]
+    LAB.host_status(host)["domains_running"]
         .as_array()
-        .and_then(|a| a.iter().find(|h| h["name"] == host))
-        .and_then(|h| h["domains_running"].as_array().cloned())
+        .cloned()
         .unwrap_or_default()
         .iter()
         .filter_map(|d| d.as_str().map(String::from))

@@ -366,9 +366,9 @@ impl LabCli {
             .collect()
     }
 
-    /// `host`'s watchdog as `vigil-lab status --json` shows it (`state`, `timeout_secs`,
-    /// `left_ms`, ...); `Null` when the lab has none.
-    pub fn watchdog_status(&self, host: &str) -> serde_json::Value {
+    /// `host` as `vigil-lab status --json` shows it (`watchdog`, `domains_running`, ...);
+    /// `Null` when the lab has no such host.
+    pub fn host_status(&self, host: &str) -> serde_json::Value {
         let o = self
             .cmd(&["--json", "status"])
             .output()
@@ -377,8 +377,43 @@ impl LabCli {
         v["hosts"]
             .as_array()
             .and_then(|a| a.iter().find(|h| h["name"] == host))
-            .map(|h| h["watchdog"].clone())
+            .cloned()
             .unwrap_or_default()
+    }
+
+    /// `host`'s watchdog as `vigil-lab status --json` shows it (`state`, `timeout_secs`,
+    /// `left_ms`, ...); `Null` when the lab has none.
+    pub fn watchdog_status(&self, host: &str) -> serde_json::Value {
+        self.host_status(host)["watchdog"].clone()
+    }
+
+    /// The live monitor whose namespace holds the VIP (the leader), waiting up to 30 s for
+    /// exactly one.
+    pub fn vip_holder(&self) -> String {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let o = self
+                .cmd(&["--json", "status"])
+                .output()
+                .expect("vigil-lab status");
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            let holders: Vec<String> = v["monitors"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter(|m| m["holds_vip"] == true && m["monitor"]["alive"] == true)
+                .filter_map(|m| m["name"].as_str().map(String::from))
+                .collect();
+            if holders.len() == 1 {
+                return holders[0].clone();
+            }
+            assert!(
+                Instant::now() < end,
+                "no single live VIP holder: {holders:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits until `host`'s watchdog is in `state` (`armed` once its agent opened it).
