@@ -82,12 +82,7 @@ fn one_isolation_episode_records_one_self_fenced_event() {
             t * 100,
         );
     }
-    let n = s
-        .log()
-        .iter()
-        .filter(|m| m.contains("fenced itself"))
-        .count();
-    assert_eq!(n, 1, "{:#?}", s.log());
+    assert_eq!(self_fenced_events(&s), 1, "{:#?}", s.log());
     // Every delivery is answered, so the agent stops resending.
     let noted = s
         .sent
@@ -100,6 +95,14 @@ fn one_isolation_episode_records_one_self_fenced_event() {
         })
         .count();
     assert_eq!(noted, 5, "{:?}", s.sent);
+}
+
+/// How many "fenced itself" events the replicated log holds.
+fn self_fenced_events(s: &Sim) -> usize {
+    s.log()
+        .iter()
+        .filter(|m| m.contains("fenced itself"))
+        .count()
 }
 
 /// Issue 9 item 12 (a gap a review found): the agent resends its report until noted, also
@@ -123,12 +126,7 @@ fn a_self_fence_report_resent_to_a_new_leader_is_still_one_event() {
     s.input(Input::BecameLeader { term: 2, node: 2 }, 200);
     s.connect("hv1", 300);
     s.input(report(), 400);
-    let n = s
-        .log()
-        .iter()
-        .filter(|m| m.contains("fenced itself"))
-        .count();
-    assert_eq!(n, 1, "{:#?}", s.log());
+    assert_eq!(self_fenced_events(&s), 1, "{:#?}", s.log());
     assert!(
         s.sent
             .iter()
