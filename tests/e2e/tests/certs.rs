@@ -33,6 +33,18 @@ fn up(ctl: &Ctl, host: &str) {
     .unwrap_or_else(|| panic!("{host} never came up"));
 }
 
+/// A genuine certificate (cert, key PEM) for `name` with `role`, which expired an hour ago.
+fn expired_cert(pki: &Pki, role: Role, name: &str) -> (String, String) {
+    let signer = tls::CaSigner::load(&pki.ca_dir()).expect("CA");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    signer
+        .issue_between(role, name, now - 40 * 86_400, now - 3600)
+        .expect("issue expired")
+}
+
 fn events_of_kind(ctl: &Ctl, kind: &str) -> Vec<Value> {
     ctl.events()
         .into_iter()
@@ -472,14 +484,7 @@ fn an_expired_agent_certificate_is_reported_and_the_host_is_not_condemned() {
 
     // The same host again (its agent restarted at once), with a certificate that expired an
     // hour ago.
-    let signer = tls::CaSigner::load(&pki.ca_dir()).expect("CA");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    let (cert, key) = signer
-        .issue_between(Role::Agent, "hv1", now - 40 * 86_400, now - 3600)
-        .expect("issue expired");
+    let (cert, key) = expired_cert(&pki, Role::Agent, "hv1");
     let old_dir = dir.join("expired");
     std::fs::create_dir_all(&old_dir).expect("mkdir");
     let mut t = pki.issue(Role::Agent, "hv1");
@@ -561,14 +566,7 @@ fn an_expired_monitor_certificate_is_loud_on_both_sides_and_condemns_nobody() {
         std::fs::read(&mon_tls.cert).expect("cert"),
         std::fs::read(&mon_tls.key).expect("key"),
     );
-    let signer = tls::CaSigner::load(&pki.ca_dir()).expect("CA");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    let (cert, key) = signer
-        .issue_between(Role::Monitor, "mon1", now - 40 * 86_400, now - 3600)
-        .expect("issue expired");
+    let (cert, key) = expired_cert(&pki, Role::Monitor, "mon1");
     std::fs::write(&mon_tls.cert, cert).expect("write cert");
     std::fs::write(&mon_tls.key, key).expect("write key");
     mon.proc_.hup();
