@@ -1009,20 +1009,29 @@ mod tests {
         leads_again_and_writes(node, 1_000, 51).await;
     }
 
-    /// Write throughput with a large state: registers `BENCH_HOSTS` hosts, then times
-    /// `BENCH_EVENTS` `RecordEvent` writes (one entry per `write`), then a restart.
+    /// Write throughput with a large state: registers 10,000 hosts, then times 20,000
+    /// `RecordEvent` writes (one entry per `write`), then a restart.
     ///
     /// `cargo test -p vigil-monitor --release -- --ignored --nocapture bench_write_large_state`
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "benchmark: run with --release --ignored --nocapture"]
     async fn bench_write_large_state() {
-        const BENCH_HOSTS: u64 = 10_000;
-        const BENCH_EVENTS: u64 = 20_000;
+        write_large_state(10_000, 20_000).await;
+    }
+
+    /// The same benchmark at a tiny size, in every test run, so that it cannot stop working
+    /// unnoticed (as engine_load's tiny run does).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn write_large_state_at_a_tiny_size() {
+        write_large_state(50, 100).await;
+    }
+
+    async fn write_large_state(bench_hosts: u64, bench_events: u64) {
         let dir = tempfile::tempdir().expect("tempdir");
         let node = open_leader(dir.path()).await;
 
         let start = std::time::Instant::now();
-        for i in 0..BENCH_HOSTS {
+        for i in 0..bench_hosts {
             node.write(register(i, &format!("hv{i:05}")))
                 .await
                 .expect("write");
@@ -1033,8 +1042,8 @@ mod tests {
         let registering = start.elapsed();
 
         let start = std::time::Instant::now();
-        for i in 0..BENCH_EVENTS {
-            node.write(liveness_event(i, BENCH_HOSTS))
+        for i in 0..bench_events {
+            node.write(liveness_event(i, bench_hosts))
                 .await
                 .expect("write");
             if (i + 1) % 5_000 == 0 {
@@ -1043,7 +1052,7 @@ mod tests {
         }
         let events = start.elapsed();
         let before = node.read(|s| s.clone());
-        assert_eq!(before.hosts.len() as u64, BENCH_HOSTS);
+        assert_eq!(before.hosts.len() as u64, bench_hosts);
         node.shutdown().await;
 
         let start = std::time::Instant::now();
@@ -1054,11 +1063,11 @@ mod tests {
 
         let per = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n as f64;
         println!(
-            "bench_write_large_state: {BENCH_HOSTS} RegisterHost in {registering:?} \
-             ({:.0} us/write); {BENCH_EVENTS} RecordEvent with {BENCH_HOSTS} hosts in \
+            "bench_write_large_state: {bench_hosts} RegisterHost in {registering:?} \
+             ({:.0} us/write); {bench_events} RecordEvent with {bench_hosts} hosts in \
              {events:?} ({:.0} us/write); reopen in {reopening:?}",
-            per(registering, BENCH_HOSTS),
-            per(events, BENCH_EVENTS),
+            per(registering, bench_hosts),
+            per(events, bench_events),
         );
     }
 
