@@ -66,12 +66,14 @@ impl Engine {
                     let relocate = &(*relocate || target_fenced || self.maintenance.contains(host));
                     let need = need_of(vm);
                     // Where it starts, and (when placement runs again here) why there.
-                    let target: Option<(String, String)> = if *relocate
-                        && !self.host_usable(host)
+                    // Placed again when its planned host cannot take it; not at all while a
+                    // new leader still waits for agents to reconnect (`placement_waits`).
+                    let place_again = *relocate && !self.host_usable(host);
+                    let target: Option<(String, String)> = if place_again
                         && self.placement_waits().is_some()
                     {
                         None
-                    } else if *relocate && !self.host_usable(host) {
+                    } else if place_again {
                         let (tag, fallback) =
                             (self.policy.ha_tag.clone(), self.policy.ha_tag_fallback);
                         let views = self.views(cx.state);
