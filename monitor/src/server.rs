@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::watch;
@@ -345,9 +345,19 @@ impl Monitor {
         }
         // Serve the other monitors before initializing: peers named in `[raft] peers` vote
         // only once they can reach us.
+        // Votes pass the gate first: none during the first vote lease after this start, none
+        // while this monitor acts as leader (`raft::leader_lease`).
+        let vote_gate = leader_lease::VoteGate::new(
+            Instant::now(),
+            Duration::from_millis(raft.election_timeout_max_ms()),
+        );
+        leader_lease::hold_elections_while_quiet(raft.raft(), &vote_gate);
         let (raft_server, raft_addr) = match raft_endpoint {
             None => (None, None),
-            Some((ep, bound, _)) => (Some(ep.serve(raft.raft().clone())), Some(bound)),
+            Some((ep, bound, _)) => (
+                Some(ep.serve(raft.raft().clone(), vote_gate.clone())),
+                Some(bound),
+            ),
         };
         if mode == StartMode::Init {
             let peers: std::collections::BTreeMap<u64, String> = cfg
@@ -377,6 +387,7 @@ impl Monitor {
             raft.clone(),
             raft.election_timeout_min_ms(),
             epoch,
+            vote_gate,
             stop_rx.clone(),
         );
         let (vip, vip_status) = match &cfg.vip {
@@ -598,7 +609,7 @@ async fn expired_loop(
         if info.role == Role::Agent
             && fed
                 .get(&info.name)
-                .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1))
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
         {
             fed.insert(info.name.clone(), Instant::now());
             engine
@@ -641,7 +652,7 @@ async fn expiry_ticker(st: Arc<TlsState>, engine: EngineHandle, mut stop: watch:
             st.in_use(i);
         }
         tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
             _ = stop.changed() => break,
         }
     }
@@ -682,7 +693,7 @@ pub fn leader_endpoint(raft: &RaftNode) -> Option<String> {
 }
 
 /// How long the leader waits for its endpoint record to commit before trying again.
-const ENDPOINT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const ENDPOINT_WRITE_TIMEOUT: std::time::Duration = Duration::from_secs(5);
 /// How often leadership is re-checked without a metrics change (a backstop).
 const LEADERSHIP_SWEEP: std::time::Duration = std::time::Duration::from_millis(500);
 
@@ -844,7 +855,7 @@ mod tests {
         );
         assert_eq!(admission_check(raft.clone(), false)(), Admission::Accept);
         raft.initialize_single_if_new().await.expect("init");
-        raft.wait_for_leader(std::time::Duration::from_secs(5))
+        raft.wait_for_leader(Duration::from_secs(5))
             .await
             .expect("a leader");
         // A one-node cluster takes agents, with or without `[raft] listen`.

@@ -9,19 +9,33 @@
 //!   answered by a quorum in this term); on success it may act until `t0 + L`
 //!   ([`LeaseClock::confirmed`]), checked against the clock at every use, never from a
 //!   cached "fresh" flag (a stalled RaftCore publishes no metrics);
-//! - a new leader acts only from `L + L/8` after it saw itself elected
-//!   ([`LeaseClock::leadership`]).
+//! - a new leader acts only once the old leader's lease has surely run out (below).
 //!
 //! Why that is enough: the quorum that elected the new leader and the quorum that answered the
-//! old leader's last successful probe share a monitor. That monitor answered the probe (sent
-//! after `t0`) before it voted for the new leader (after voting it refuses the old term), so
-//! `t0 < election`. The old leader acts until `t0 + L < election + L`, and the new one starts
-//! at `election + L + L/8`: the two never act at the same time, with `L/8` for the rate drift
-//! of two monotonic clocks. "Act" is everything that reaches outside Raft: lease grants to
-//! agents, fence agents, fence requests and the leader record on shared storage, and the VIP.
+//! old leader's last successful probe share a monitor `m`. `m` answered the probe (sent after
+//! `t0`), so its openraft vote was refreshed after `t0`. openraft 0.9.25 then keeps that vote
+//! for its own *vote lease* `V` (`election_timeout_max`): `m` refuses every vote request while
+//! `now <= utime + V` (`Engine::handle_vote_req`), and if `m` is the candidate itself its
+//! election timer waits `V` plus the election timeout (`RaftCore::handle_tick_election`). So
+//! the election is later than `t0 + V`, as `m`'s clock counts. Two things could make `m`
+//! forget `utime`, both covered:
+//! - `m` restarted: a monitor grants no vote during its first `V` after it started
+//!   ([`VoteGate`], asked by the Raft server before openraft sees a vote), and a monitor
+//!   that leads acts no sooner than `L + L/8` after its lease clock started;
+//! - `m` is the old leader itself: openraft does not refresh a leader's own vote, so it
+//!   would grant a vote at once; a monitor grants none while it may act as leader
+//!   ([`VoteRefusal::Leading`]), and its own clock then decides;
+//! - Vigil never triggers an election by hand (`raft.trigger().elect()`), which would skip
+//!   the candidate's own timer.
+//!
+//! The old leader acts until `t0 + L`. The new leader acts from `election + max(0, L + L/8 -
+//! V)` ([`LeaseClock::after_election_ms`]): with the shipped timings (`L` = 400 ms, `V` =
+//! 550 ms) that is at once; `L/8` is the rate drift allowed between two monotonic clocks.
+//! "Act" is everything that reaches outside Raft: lease grants to agents, fence agents, fence
+//! requests and the leader record on shared storage, and the VIP.
 //! A sole voter cannot be outvoted: it holds the lease while Raft says it leads.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
@@ -40,6 +54,8 @@ pub struct Serving {
 #[derive(Debug, Clone)]
 pub struct LeaseClock {
     lease_ms: u64,
+    /// openraft's vote lease `V` (its `election_timeout_max`).
+    vote_lease_ms: u64,
     /// The term Raft says this node leads, if it does.
     term: Option<u64>,
     /// Not before this (a new leader's wait).
@@ -49,9 +65,13 @@ pub struct LeaseClock {
 }
 
 impl LeaseClock {
-    pub fn new(lease_ms: u64) -> LeaseClock {
+    /// `lease_ms`: `L`; `vote_lease_ms`: openraft's vote lease `V` (`election_timeout_max`).
+    /// Times are ms since the clock's epoch, which must not be earlier than this process's
+    /// start (see [`Self::leadership`]).
+    pub fn new(lease_ms: u64, vote_lease_ms: u64) -> LeaseClock {
         LeaseClock {
             lease_ms: lease_ms.max(1),
+            vote_lease_ms,
             term: None,
             act_from_ms: 0,
             valid_until_ms: 0,
@@ -63,9 +83,16 @@ impl LeaseClock {
         self.lease_ms
     }
 
-    /// How long a new leader waits before it acts: `L` and an eighth for clock drift.
+    /// `L` and an eighth for clock drift: how long after `t0` an old leader may still act,
+    /// as any other monitor's clock counts.
     pub fn wait_ms(&self) -> u64 {
         self.lease_ms + self.lease_ms.div_ceil(8)
+    }
+
+    /// How long a new leader waits after its election before it acts: what of
+    /// [`Self::wait_ms`] the election itself (later than `t0 + V`) does not already cover.
+    pub fn after_election_ms(&self) -> u64 {
+        self.wait_ms().saturating_sub(self.vote_lease_ms)
     }
 
     /// How often a leader probes its quorum: four times a lease, so one slow probe does not
@@ -84,10 +111,14 @@ impl LeaseClock {
     pub fn leadership(&mut self, leading: Option<u64>, sole_voter: bool, now_ms: u64) {
         if leading != self.term {
             self.term = leading;
+            // Not before `L + L/8` from the epoch either: a monitor that restarted may have
+            // been elected without the vote lease behind it (it forgot its `utime`).
             self.act_from_ms = if sole_voter {
                 now_ms
             } else {
-                now_ms.saturating_add(self.wait_ms())
+                now_ms
+                    .saturating_add(self.after_election_ms())
+                    .max(self.wait_ms())
             };
             self.valid_until_ms = 0;
         }
@@ -135,6 +166,105 @@ impl LeaseClock {
     }
 }
 
+/// Why this monitor grants no Raft vote now (module docs: each makes an election later than
+/// an old leader's lease).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VoteRefusal {
+    /// Started less than openraft's vote lease ago: it may have forgotten a leader it was
+    /// keeping its vote for.
+    JustStarted,
+    /// It may act as leader itself (its own openraft vote is not refreshed by its probes, so
+    /// openraft alone would grant it at once).
+    Leading,
+}
+
+impl std::fmt::Display for VoteRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VoteRefusal::JustStarted => {
+                "this monitor started less than a vote lease ago and grants no vote yet (it may \
+                 have forgotten a leader it heard from just before)"
+            }
+            VoteRefusal::Leading => "this monitor holds the leader lease and grants no vote",
+        })
+    }
+}
+
+/// The vote rules, pure: no vote before `quiet_until` (a vote lease after the start), none
+/// while this monitor may act as leader (until `leading_until`).
+pub fn vote_refusal(
+    now: Instant,
+    quiet_until: Instant,
+    leading_until: Option<Instant>,
+) -> Option<VoteRefusal> {
+    if now < quiet_until {
+        Some(VoteRefusal::JustStarted)
+    } else if leading_until.is_some_and(|u| now < u) {
+        Some(VoteRefusal::Leading)
+    } else {
+        None
+    }
+}
+
+/// [`vote_refusal`]'s inputs, shared by the Raft server (which asks before a vote reaches
+/// openraft) and the lease task (which says how long this monitor acts as leader, before it
+/// publishes the lease).
+#[derive(Debug, Clone)]
+pub struct VoteGate(Arc<Mutex<GateState>>);
+
+#[derive(Debug)]
+struct GateState {
+    quiet_until: Instant,
+    leading_until: Option<Instant>,
+}
+
+impl VoteGate {
+    /// For a monitor started at `started` whose openraft vote lease is `vote_lease`
+    /// (`election_timeout_max`).
+    pub fn new(started: Instant, vote_lease: Duration) -> VoteGate {
+        VoteGate(Arc::new(Mutex::new(GateState {
+            quiet_until: started + vote_lease,
+            leading_until: None,
+        })))
+    }
+
+    fn set_leading_until(&self, until: Option<Instant>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .leading_until = until;
+    }
+
+    /// The end of the quiet time after the start.
+    pub fn quiet_until(&self) -> Instant {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .quiet_until
+    }
+
+    /// Why a vote request arriving now must be refused, if it must.
+    pub fn refusal(&self, now: Instant) -> Option<VoteRefusal> {
+        let g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        vote_refusal(now, g.quiet_until, g.leading_until)
+    }
+}
+
+/// Holds this monitor's own elections during its quiet time. openraft elects at the first
+/// tick after a start (it does not remember when it last heard its leader), before the
+/// leader's heartbeats reach it: every restart of a follower bumped the term, deposed a
+/// healthy leader, and left openraft's "greater log" penalty (2 x `election_timeout_max`)
+/// on the next election (the slow runs of the VIP benchmark). After the quiet time it has
+/// heard the leader, if there is one, and the normal timers apply.
+pub fn hold_elections_while_quiet(raft: &openraft::Raft<super::TypeConfig>, gate: &VoteGate) {
+    raft.runtime_config().elect(false);
+    let (raft, until) = (raft.clone(), gate.quiet_until());
+    tokio::spawn(async move {
+        tokio::time::sleep_until(until.into()).await;
+        raft.runtime_config().elect(true);
+    });
+}
+
 /// Monotonic milliseconds since `epoch`.
 fn mono_ms(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
@@ -147,11 +277,13 @@ pub fn spawn(
     raft: Arc<RaftNode>,
     lease_ms: u64,
     epoch: Instant,
+    gate: VoteGate,
     mut stop: watch::Receiver<bool>,
 ) -> watch::Receiver<Option<Serving>> {
     let (tx, rx) = watch::channel(None);
+    let vote_lease_ms = raft.election_timeout_max_ms();
     tokio::spawn(async move {
-        let mut clock = LeaseClock::new(lease_ms);
+        let mut clock = LeaseClock::new(lease_ms, vote_lease_ms);
         let mut metrics = raft.metrics_watch();
         let me = raft.node_id();
         let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(u64, u64, bool)>();
@@ -182,6 +314,16 @@ pub fn spawn(
                 }
             }
             let serving = clock.serving(now);
+            // The gate first: no vote is granted for a moment this monitor may still act in.
+            gate.set_leading_until(serving.map(|s| {
+                let until = if s.until_ms == u64::MAX {
+                    // A sole voter: until the next pass (the loop runs at every change).
+                    now.saturating_add(3_600_000)
+                } else {
+                    s.until_ms
+                };
+                epoch + Duration::from_millis(until)
+            }));
             tx.send_if_modified(|v| std::mem::replace(v, serving) != serving);
             let mut wake = clock.next_change_ms(now);
             if clock.raft_term().is_some() && !probing {
@@ -206,6 +348,7 @@ pub fn spawn(
         }
         // Stopping: act no more.
         tx.send_replace(None);
+        gate.set_leading_until(None);
     });
     rx
 }
@@ -215,9 +358,13 @@ mod tests {
     use super::*;
 
     const L: u64 = 400;
+    /// The shipped vote lease (`RaftTuning::default`).
+    const V: u64 = 550;
 
+    /// A leader whose election is not known to cover anything (`V` = 0: the whole wait comes
+    /// after the election).
     fn leader(term: u64, now: u64) -> LeaseClock {
-        let mut c = LeaseClock::new(L);
+        let mut c = LeaseClock::new(L, 0);
         c.leadership(Some(term), false, now);
         c
     }
@@ -274,7 +421,7 @@ mod tests {
 
     #[test]
     fn a_sole_voter_serves_at_once_until_other_voters_join() {
-        let mut c = LeaseClock::new(L);
+        let mut c = LeaseClock::new(L, V);
         c.leadership(Some(1), true, 10);
         assert_eq!(
             c.serving(10),
@@ -291,22 +438,100 @@ mod tests {
         assert_eq!(c.serving(5_100).map(|s| s.until_ms), Some(5_400));
     }
 
+    /// Defect: the new leader waited `L + L/8` after its election although openraft's vote
+    /// lease had already made the election later than the old leader's last probe plus `V`:
+    /// 450 ms of every failover for nothing (the VIP benchmark's figures).
+    #[test]
+    fn with_the_shipped_timings_a_new_leader_acts_at_its_first_confirmed_probe() {
+        let mut c = LeaseClock::new(L, V);
+        assert_eq!(c.after_election_ms(), 0);
+        c.leadership(Some(4), false, 5_000);
+        c.confirmed(4, 5_000);
+        assert_eq!(
+            c.serving(5_000),
+            Some(Serving {
+                term: 4,
+                until_ms: 5_400
+            })
+        );
+        // A vote lease shorter than L + L/8 leaves the rest of the wait after the election.
+        let mut short = LeaseClock::new(L, 300);
+        assert_eq!(short.after_election_ms(), 150);
+        short.leadership(Some(4), false, 5_000);
+        short.confirmed(4, 5_100);
+        assert_eq!(short.serving(5_149), None);
+        assert!(short.serving(5_150).is_some());
+    }
+
+    /// A monitor that restarted forgot when it last heard its leader, so it may be elected
+    /// without the vote lease behind the election: it acts no sooner than `L + L/8` after its
+    /// clock's epoch (the process start).
+    #[test]
+    fn a_monitor_elected_right_after_it_started_waits_l_and_an_eighth_from_its_start() {
+        let mut c = LeaseClock::new(L, V);
+        c.leadership(Some(2), false, 30);
+        c.confirmed(2, 30);
+        assert_eq!(c.serving(449), None);
+        assert_eq!(c.next_change_ms(100), Some(450));
+        c.confirmed(2, 440);
+        assert!(c.serving(450).is_some());
+    }
+
     /// The safety argument, run: whatever the timings, an old leader whose last confirmed
-    /// probe started before the new leader's election never serves once the new one does.
+    /// probe started at `t0` never serves once a new leader does, when the new one was
+    /// elected later than `t0 + V` (openraft's vote lease, or a voter's start-up quiet time)
+    /// or restarted after `t0`.
     #[test]
     fn an_old_and_a_new_leader_never_serve_at_the_same_moment() {
-        for last_probe in [0u64, 100, 399, 400, 1_000] {
-            for election_after in [1u64, 50, 399, 401, 2_000] {
-                let mut old = leader(1, 0);
-                old.confirmed(1, last_probe);
-                let election = last_probe + election_after;
-                let mut new = leader(2, election);
-                for t in (election..election + 3_000).step_by(20) {
-                    new.confirmed(2, t);
-                    let both = old.serving(t).is_some() && new.serving(t).is_some();
-                    assert!(!both, "probe {last_probe}, election {election}, t {t}");
+        for vote_lease in [0u64, 200, 449, 450, V, 2_000] {
+            for last_probe in [0u64, 100, 399, 400, 1_000] {
+                for election_after in [1u64, 50, 399, 401, 2_000] {
+                    for started in [0u64, last_probe + 1] {
+                        // Restarted after t0: elected at any moment after its start.
+                        let election = if started == 0 {
+                            last_probe + vote_lease + election_after
+                        } else {
+                            started + election_after - 1
+                        };
+                        let mut old = leader(1, 0);
+                        old.confirmed(1, last_probe);
+                        // The new leader's clock counts from its own start.
+                        let mut new = LeaseClock::new(L, vote_lease);
+                        let at = |t: u64| t - started;
+                        new.leadership(Some(2), false, at(election));
+                        for t in (election..election + 3_000).step_by(10) {
+                            new.confirmed(2, at(t));
+                            let both = old.serving(t).is_some() && new.serving(at(t)).is_some();
+                            assert!(
+                                !both,
+                                "V {vote_lease}, probe {last_probe}, election {election}, \
+                                 start {started}, t {t}"
+                            );
+                        }
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn no_vote_during_the_quiet_time_after_the_start_nor_while_acting_as_leader() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let quiet = t + ms(V);
+        assert_eq!(vote_refusal(t, quiet, None), Some(VoteRefusal::JustStarted));
+        assert_eq!(vote_refusal(t + ms(V), quiet, None), None);
+        let leading = Some(t + ms(2_000));
+        assert_eq!(
+            vote_refusal(t + ms(1_000), quiet, leading),
+            Some(VoteRefusal::Leading)
+        );
+        assert_eq!(vote_refusal(t + ms(2_000), quiet, leading), None);
+        let gate = VoteGate::new(t, ms(V));
+        assert_eq!(gate.refusal(t + ms(V - 1)), Some(VoteRefusal::JustStarted));
+        gate.set_leading_until(leading);
+        assert_eq!(gate.refusal(t + ms(V)), Some(VoteRefusal::Leading));
+        gate.set_leading_until(None);
+        assert_eq!(gate.refusal(t + ms(V)), None);
     }
 }

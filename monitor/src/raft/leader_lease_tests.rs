@@ -159,9 +159,13 @@ async fn a_leader_cut_off_from_its_quorum_stops_acting_before_the_new_leader_sta
             RaftNode::open_with_network(dir.path(), id, addr.to_string(), config.clone(), network)
                 .await
                 .expect("open");
-        let server = endpoint.serve(node.raft().clone());
+        let gate = leader_lease::VoteGate::new(
+            Instant::now(),
+            Duration::from_millis(node.election_timeout_max_ms()),
+        );
+        let server = endpoint.serve(node.raft().clone(), gate.clone());
         let node = Arc::new(node);
-        let lease = leader_lease::spawn(node.clone(), LEASE_MS, epoch, stop.clone());
+        let lease = leader_lease::spawn(node.clone(), LEASE_MS, epoch, gate, stop.clone());
         members.push(Member {
             id,
             node,

@@ -77,9 +77,13 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 150,
+            heartbeat_interval_ms: 100,
             election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            // openraft's vote lease (a follower keeps its leader this long after its last
+            // message, then waits its election timeout on top): it must cover the leader
+            // lease and its drift (`L + L/8` = 450 ms) for a new leader to act at once
+            // (`leader_lease`), and each ms of it is a ms of every failover.
+            election_timeout_max_ms: 550,
         }
     }
 }
@@ -650,6 +654,12 @@ impl RaftNode {
     /// this may already have been replaced.
     pub fn election_timeout_min_ms(&self) -> u64 {
         self.raft.config().election_timeout_min
+    }
+
+    /// openraft's vote lease: a follower keeps its leader this long after its last message
+    /// (`raft::leader_lease`).
+    pub fn election_timeout_max_ms(&self) -> u64 {
+        self.raft.config().election_timeout_max
     }
 
     /// Whether the membership has a single voter (a single monitor is its own quorum).

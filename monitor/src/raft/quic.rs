@@ -52,7 +52,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
@@ -72,6 +72,7 @@ use tracing::{debug, info, warn};
 use vigil_common::tls::{self, Role, TlsError, TlsMaterial, TransportTuning};
 use vigil_common::wire::{close, MONITOR_SERVER_NAME};
 
+use super::leader_lease::VoteGate;
 use super::wire::{self, FrameError, Reply, Request, RpcKind, ALPN_RAFT};
 use super::TypeConfig;
 
@@ -270,7 +271,8 @@ impl RaftEndpoint {
     }
 
     /// Starts serving peers' RPCs to `raft`.
-    pub fn serve(&self, raft: Raft<TypeConfig>) -> RaftServer {
+    /// Votes pass `gate` first (`super::leader_lease::VoteGate`).
+    pub fn serve(&self, raft: Raft<TypeConfig>, gate: VoteGate) -> RaftServer {
         match self.local_addr() {
             Ok(addr) => info!(node_id = self.node_id, %addr, "serving Raft peers"),
             Err(e) => warn!(node_id = self.node_id, error = %e, "Raft endpoint has no address"),
@@ -280,6 +282,7 @@ impl RaftEndpoint {
             self.endpoint.clone(),
             raft,
             self.tuning,
+            gate,
             stop_rx,
         ));
         RaftServer {
@@ -316,8 +319,15 @@ struct Slot {
     /// generation is stale and its connection is closed, not pooled.
     generation: u64,
     conn: Option<quinn::Connection>,
-    dialing: Option<watch::Receiver<DialResult>>,
+    /// The dial in flight, and when it started.
+    dialing: Option<(watch::Receiver<DialResult>, Instant)>,
 }
+
+/// An RPC that finds a dial in flight for longer than this starts a fresh one beside it. A
+/// dial sent while the peer was down waits for QUIC's Initial retransmit (about a second)
+/// even once the peer is back: every RPC of a leader to a restarted follower then gave up
+/// after its TTL, the follower heard nothing, elected itself and deposed the leader.
+const DIAL_STALE_AFTER: Duration = Duration::from_millis(200);
 
 impl Pool {
     /// The pooled connection to `target`, dialling it if there is none; waits at most `wait`.
@@ -345,17 +355,17 @@ impl Pool {
                 slot.conn = None;
             }
             match &slot.dialing {
-                Some(rx) => rx.clone(),
-                None => {
+                Some((rx, since)) if since.elapsed() < DIAL_STALE_AFTER => rx.clone(),
+                _ => {
                     let (tx, rx) = watch::channel(None);
                     slot.generation += 1;
-                    slot.dialing = Some(rx.clone());
+                    slot.dialing = Some((rx.clone(), Instant::now()));
                     let generation = slot.generation;
                     let pool = self.clone();
                     let addr = addr.to_string();
                     tokio::spawn(async move {
                         let res = pool.dial(target, &addr).await;
-                        pool.finish_dial(target, generation, &res);
+                        pool.finish_dial(target, generation, &addr, &res);
                         tx.send_replace(Some(res));
                     });
                     rx
@@ -400,21 +410,33 @@ impl Pool {
         &self,
         target: u64,
         generation: u64,
+        addr: &str,
         res: &Result<quinn::Connection, DialError>,
     ) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
-        match slots.get_mut(&target) {
-            Some(slot) if slot.generation == generation => {
-                slot.dialing = None;
-                if let Ok(c) = res {
-                    slot.conn = Some(c.clone());
-                }
+        let Some(slot) = slots.get_mut(&target) else {
+            if let Ok(c) = res {
+                c.close(close::NORMAL.into(), b"stale dial");
             }
-            _ => {
-                if let Ok(c) = res {
-                    c.close(close::NORMAL.into(), b"stale dial");
-                }
+            return;
+        };
+        if slot.generation == generation {
+            slot.dialing = None;
+        }
+        // Any dial to the current address may fill an empty slot (an older one that got
+        // through while a fresh one is still in flight, too); an extra one is closed.
+        match res {
+            Ok(c)
+                if slot.addr == addr
+                    && slot
+                        .conn
+                        .as_ref()
+                        .is_none_or(|p| p.close_reason().is_some()) =>
+            {
+                slot.conn = Some(c.clone());
             }
+            Ok(c) => c.close(close::NORMAL.into(), b"stale dial"),
+            Err(_) => {}
         }
     }
 
@@ -713,6 +735,7 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     raft: Raft<TypeConfig>,
     tuning: QuicTuning,
+    gate: VoteGate,
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(tuning.max_connections));
@@ -729,16 +752,21 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        let raft = raft.clone();
+        let (raft, gate) = (raft.clone(), gate.clone());
         conns.spawn(async move {
-            serve_connection(incoming, raft, tuning).await;
+            serve_connection(incoming, raft, tuning, gate).await;
             drop(permit);
         });
     }
     conns.shutdown().await;
 }
 
-async fn serve_connection(incoming: quinn::Incoming, raft: Raft<TypeConfig>, tuning: QuicTuning) {
+async fn serve_connection(
+    incoming: quinn::Incoming,
+    raft: Raft<TypeConfig>,
+    tuning: QuicTuning,
+    gate: VoteGate,
+) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(tuning.connect_timeout, incoming).await {
         Ok(Ok(c)) => c,
@@ -779,7 +807,14 @@ async fn serve_connection(incoming: quinn::Incoming, raft: Raft<TypeConfig>, tun
         };
         while streams.try_join_next().is_some() {}
         // Concurrency is bounded by the connection's stream limit.
-        streams.spawn(serve_stream(send, recv, raft.clone(), peer, tuning));
+        streams.spawn(serve_stream(
+            send,
+            recv,
+            raft.clone(),
+            peer,
+            tuning,
+            gate.clone(),
+        ));
     }
     streams.shutdown().await;
 }
@@ -790,6 +825,7 @@ async fn serve_stream(
     raft: Raft<TypeConfig>,
     peer: u64,
     tuning: QuicTuning,
+    gate: VoteGate,
 ) {
     let request =
         match tokio::time::timeout(tuning.request_timeout, wire::read_request(&mut recv)).await {
@@ -814,6 +850,13 @@ async fn serve_stream(
             cert_name_of_node(peer)
         );
         warn!(peer, "{reason}");
+        refused_reply(&request, reason)
+    } else if let Some(why) = matches!(request, Request::Vote(_))
+        .then(|| gate.refusal(Instant::now()))
+        .flatten()
+    {
+        let reason = why.to_string();
+        debug!(peer, "vote refused: {reason}");
         refused_reply(&request, reason)
     } else {
         match request {

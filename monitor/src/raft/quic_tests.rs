@@ -13,6 +13,7 @@ use openraft::{BasicNode, CommittedLeaderId, LogId, ServerState, Vote};
 use vigil_common::tls::{self, init_ca, CaSigner, Role, TlsMaterial, TransportTuning};
 use vigil_common::wire::MONITOR_SERVER_NAME;
 
+use super::leader_lease::VoteGate;
 use super::quic::{QuicTuning, RaftEndpoint, RaftServer};
 use super::wire::{self, Reply, RpcKind, ALPN_RAFT};
 use super::{RaftNode, RaftTuning, WriteError};
@@ -51,6 +52,19 @@ fn tuning() -> openraft::Config {
     .to_config()
 }
 
+/// For nodes that never elect (one voter, or none): a short vote lease, so that they answer
+/// votes `QUICK_VOTE_LEASE` after they started (`leader_lease::VoteGate`).
+fn quick_votes() -> openraft::Config {
+    RaftTuning {
+        heartbeat_interval_ms: 100,
+        election_timeout_min_ms: 200,
+        election_timeout_max_ms: QUICK_VOTE_LEASE.as_millis() as u64,
+    }
+    .to_config()
+}
+
+const QUICK_VOTE_LEASE: Duration = Duration::from_millis(300);
+
 struct TestNode {
     id: u64,
     addr: SocketAddr,
@@ -87,7 +101,11 @@ impl TestNode {
             RaftNode::open_with_network(dir, id, addr.to_string(), config, endpoint.network())
                 .await
                 .expect("open raft node");
-        let server = endpoint.serve(node.raft().clone());
+        let gate = VoteGate::new(
+            std::time::Instant::now(),
+            Duration::from_millis(node.election_timeout_max_ms()),
+        );
+        let server = endpoint.serve(node.raft().clone(), gate);
         TestNode {
             id,
             addr,
@@ -364,7 +382,14 @@ fn tempting_vote(candidate: u64, term: u64) -> VoteRequest<u64> {
 }
 
 async fn one_node_leader(pki: &Pki, dir: &Path) -> TestNode {
-    let n = TestNode::start(pki, 1, dir, "127.0.0.1:0".parse().expect("addr"), tuning()).await;
+    let n = TestNode::start(
+        pki,
+        1,
+        dir,
+        "127.0.0.1:0".parse().expect("addr"),
+        quick_votes(),
+    )
+    .await;
     n.node.initialize_single_if_new().await.expect("initialize");
     assert_eq!(n.node.wait_for_leader(WAIT).await, Some(1));
     n.node.write(register("hv1")).await.expect("write");
@@ -551,7 +576,8 @@ async fn a_peer_restarted_on_the_same_address_is_reached_at_the_next_rpc() {
     );
     let n1 = one_node_leader(&pki, d1.path()).await;
     let any = "127.0.0.1:0".parse().expect("addr");
-    let old = TestNode::start(&pki, 3, d3a.path(), any, tuning()).await;
+    let old = TestNode::start(&pki, 3, d3a.path(), any, quick_votes()).await;
+    tokio::time::sleep(QUICK_VOTE_LEASE).await;
     let relay = Relay::start(old.addr).await;
     let mut client = n1
         .endpoint
@@ -565,7 +591,8 @@ async fn a_peer_restarted_on_the_same_address_is_reached_at_the_next_rpc() {
         .await
         .expect("the first process answers");
     // "Killed" without a word to n1, and a new process behind the same address.
-    let new = TestNode::start(&pki, 3, d3b.path(), any, tuning()).await;
+    let new = TestNode::start(&pki, 3, d3b.path(), any, quick_votes()).await;
+    tokio::time::sleep(QUICK_VOTE_LEASE).await;
     relay.point_at(new.addr);
     // The first RPC goes out on the dead connection and times out; the next ones must reach
     // the new process, well within the 3 s idle timeout (3 x 400 ms).
@@ -656,7 +683,8 @@ async fn garbage_and_oversized_frames_on_the_raft_port_leave_the_node_working() 
         );
     }
     // The same connection still serves well-formed requests (a stale vote: refused by Raft,
-    // which changes nothing).
+    // which changes nothing), once the node's start-up vote quiet time is over.
+    tokio::time::sleep(QUICK_VOTE_LEASE).await;
     let (mut send, mut recv) = conn.open_bi().await.expect("stream");
     let stale = VoteRequest::<u64>::new(Vote::new(0, 2), None);
     send.write_all(&wire::encode_request(RpcKind::Vote, &stale).expect("encode"))
@@ -673,4 +701,97 @@ async fn garbage_and_oversized_frames_on_the_raft_port_leave_the_node_working() 
     }
     assert_unchanged(&n, &before).await;
     n.stop().await;
+}
+
+/// A monitor that just (re)started may have forgotten a leader it was keeping its vote for,
+/// so it grants no vote during its first vote lease (`leader_lease::VoteGate`); that is
+/// what lets a new leader act at once after its election. Afterwards the same vote reaches
+/// Raft and is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_monitor_grants_no_vote_during_its_first_vote_lease() {
+    let pki = Pki::new("test");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = RaftTuning {
+        heartbeat_interval_ms: 100,
+        election_timeout_min_ms: 300,
+        election_timeout_max_ms: 1_000,
+    }
+    .to_config();
+    let n = TestNode::start(
+        &pki,
+        1,
+        dir.path(),
+        "127.0.0.1:0".parse().expect("addr"),
+        config,
+    )
+    .await;
+    let (m, _) = pki.material(Role::Monitor, "mon2");
+    match raw_vote(m, n.addr, &tempting_vote(2, 1)).await {
+        Ok(Reply::Refused(why)) => assert!(why.contains("grants no vote yet"), "{why}"),
+        other => panic!("a vote right after the start got {other:?}"),
+    }
+    assert_eq!(
+        n.node.metrics().vote,
+        Vote::default(),
+        "the refused vote reached Raft"
+    );
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let (m, _) = pki.material(Role::Monitor, "mon2");
+    match raw_vote(m, n.addr, &tempting_vote(2, 1)).await {
+        Ok(Reply::Ok(resp)) => assert!(resp.vote_granted, "{resp:?}"),
+        other => panic!("a vote after the vote lease got {other:?}"),
+    }
+    n.stop().await;
+}
+
+/// Defect: a dial sent while the peer was down waited for QUIC's Initial retransmit (about
+/// a second) after the peer came back, and every RPC meanwhile joined that dial and gave up
+/// after its short TTL: a leader never reached a restarted follower, which then elected
+/// itself and deposed the leader (the slow runs of the VIP benchmark). An RPC now starts a
+/// fresh dial beside one that is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_comes_back_while_a_dial_to_it_is_pending_is_reached_at_once() {
+    let pki = Pki::new("test");
+    let (d1, d3) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let n1 = one_node_leader(&pki, d1.path()).await;
+    // Nothing answers behind the relay yet: a port nobody serves.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let relay = Relay::start(dead.local_addr().expect("addr")).await;
+    drop(dead);
+    let mut client = n1
+        .endpoint
+        .network()
+        .new_client(3, &BasicNode::new(relay.addr.to_string()))
+        .await;
+    let vote = || VoteRequest::new(Vote::new(1, 1), None);
+    let short = || RPCOption::new(Duration::from_millis(100));
+    assert!(
+        client.vote(vote(), short()).await.is_err(),
+        "nobody serves yet"
+    );
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let back = TestNode::start(&pki, 3, d3.path(), any, quick_votes()).await;
+    tokio::time::sleep(QUICK_VOTE_LEASE).await;
+    relay.point_at(back.addr);
+    // Well before the pending dial's Initial retransmit.
+    let t0 = std::time::Instant::now();
+    let mut answered = None;
+    for attempt in 1..=3 {
+        if client.vote(vote(), short()).await.is_ok() {
+            answered = Some(attempt);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        answered.is_some(),
+        "the peer was not reached within three RPCs ({:?})",
+        t0.elapsed()
+    );
+    relay.task.abort();
+    back.stop().await;
+    n1.stop().await;
 }
