@@ -135,6 +135,19 @@ impl LeaseClock {
     }
 }
 
+/// Whether the lease task starts a probe at `now_ms`: while Raft says this node leads, one
+/// probe at a time, every [`LeaseClock::probe_every_ms`] (`next_probe_ms`), never for a sole
+/// voter (its lease needs none). Pure: the simulator's monitors probe by this rule too.
+pub fn probe_due(
+    clock: &LeaseClock,
+    sole_voter: bool,
+    probing: bool,
+    now_ms: u64,
+    next_probe_ms: u64,
+) -> bool {
+    clock.raft_term().is_some() && !probing && now_ms >= next_probe_ms && !sole_voter
+}
+
 /// Monotonic milliseconds since `epoch`.
 fn mono_ms(epoch: Instant) -> u64 {
     epoch.elapsed().as_millis() as u64
@@ -166,7 +179,7 @@ pub fn spawn(
             };
             clock.leadership(leading, raft.is_single_node(), now);
             if let Some(term) = clock.raft_term() {
-                if !probing && now >= next_probe_ms && !raft.is_single_node() {
+                if probe_due(&clock, raft.is_single_node(), probing, now, next_probe_ms) {
                     probing = true;
                     next_probe_ms = now + clock.probe_every_ms();
                     let (raft, probe_tx) = (raft.clone(), probe_tx.clone());
