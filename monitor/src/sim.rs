@@ -299,7 +299,7 @@ enum Fault {
 enum Trigger {
     /// The host is being fenced (`HostPhase::Fencing`).
     Fencing(String),
-    /// The VM is being recovered (a start ordered and not yet seen running, or backing off).
+    /// The VM is being recovered: a start is ordered (committed) and not yet seen running.
     Recovering(String),
 }
 
@@ -2452,9 +2452,11 @@ impl Sim {
                     .hosts
                     .get(h)
                     .is_some_and(|r| matches!(r.phase, HostPhase::Fencing { .. })),
-                Trigger::Recovering(u) => self.state.vms.get(u).is_some_and(|v| {
-                    matches!(v.phase, Phase::Recovering { .. } | Phase::Backoff { .. })
-                }),
+                Trigger::Recovering(u) => self
+                    .state
+                    .vms
+                    .get(u)
+                    .is_some_and(|v| matches!(v.phase, Phase::Recovering { .. })),
             };
             if holds {
                 self.log

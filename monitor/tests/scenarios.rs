@@ -270,6 +270,37 @@ fn a_fence_request_never_uses_instance_zero() {
     );
 }
 
+#[test]
+fn a_stale_leader_cut_from_the_monitors_does_not_keep_the_agents() {
+    // Three monitors; hv2 dies, and while it is being fenced the leader is cut from the two
+    // other monitors for 30 s (it still reaches every host). Its lease runs out and the
+    // majority elects a new leader, which must be able to recover u1 long before the
+    // partition heals: the agents must not stay with a leader that can no longer act.
+    let sim = run_inline(
+        "monitors 3\nstorage pool=primary\nhost hv1\nhost hv2\nhost hv3\nvm u1 host=hv2\n\
+         at 1000 crash-host hv2\nat 1000 when fencing hv2 partition-leader on\n\
+         at 40000 partition-leader off\nrun 15000\n",
+    );
+    assert!(sim.settled().is_empty(), "{}", render(&sim));
+    assert_eq!(sim.acting_leaders(), vec![2], "{}", render(&sim));
+    let log = sim.event_log();
+    assert!(!log.contains("host hv1 is down"), "{}", render(&sim));
+    assert!(!log.contains("host hv3 is down"), "{}", render(&sim));
+}
+
+#[test]
+fn leader_crash_and_partition_heal_to_exactly_one_acting_leader() {
+    for fault in ["leader-crash", "partition-leader on", "partition-leader on hosts"] {
+        let sim = run_inline(&format!(
+            "monitors 3\nhost hv1\nhost hv2\nvm u1 host=hv1\nvm u2 host=hv2\n\
+             at 1000 crash-vm u1\nat 1000 when recovering u1 {fault}\nat 3000 crash-vm u2\n\
+             at 6000 partition-leader off\nrun 14000\n"
+        ));
+        assert!(sim.settled().is_empty(), "{fault}: {}", render(&sim));
+        assert_eq!(sim.acting_leaders().len(), 1, "{fault}: {}", render(&sim));
+    }
+}
+
 /// A tiny deterministic generator (splitmix64), so runs are reproducible from their seed.
 struct Rng(u64);
 
