@@ -951,11 +951,19 @@ impl Sim {
         }
     }
 
-    /// The monitor `host`'s agent gets a session with when it dials: one that Raft tells it
-    /// leads takes agents (`server::admission_check`), and the agent reaches it (the
-    /// majority's leader first: the followers it may dial first redirect it there).
+    /// Whether monitor `m` takes agents' sessions: the shipped rule,
+    /// [`crate::server::takes_agents`], on what Raft tells it and what its lease clock says.
+    fn takes_agents(&self, m: usize) -> bool {
+        let mon = &self.monitors[m];
+        mon.alive
+            && crate::server::takes_agents(mon.raft_leading.is_some(), mon.clock.deposed(self.now))
+    }
+
+    /// The monitor `host`'s agent gets a session with when it dials: one that takes agents
+    /// (`server::admission_check`), and that the agent reaches (the majority's leader first:
+    /// the followers it may dial first redirect it there).
     fn admitting(&self, host: &str) -> Option<usize> {
-        let takes = |m: usize| self.monitors[m].raft_leading.is_some() && self.links(host, m);
+        let takes = |m: usize| self.takes_agents(m) && self.links(host, m);
         self.leader
             .filter(|m| takes(*m))
             .or_else(|| (0..self.monitors.len()).find(|m| takes(*m)))
@@ -2181,12 +2189,14 @@ impl Sim {
             let Some(h) = self.hosts.get(name).cloned() else {
                 continue;
             };
-            // A monitor that Raft no longer calls leader closes its sessions (NOT_LEADER, as
-            // `server::follow_leadership` does): its agents go to the leader.
-            if let Some(m) = h
-                .session
-                .filter(|m| self.monitors[*m].raft_leading.is_none())
-            {
+            // A monitor that no longer takes agents closes its sessions (NOT_LEADER, as
+            // `server::follow_leadership` does: at once when Raft's view changes, else on its
+            // sweep every 500 ms): its agents go to the leader.
+            let closes = |m: usize| {
+                self.monitors[m].raft_leading.is_none()
+                    || (self.now % 500 == 0 && !self.takes_agents(m))
+            };
+            if let Some(m) = h.session.filter(|m| closes(*m)) {
                 let now = self.now;
                 if let Some(hm) = self.hosts.get_mut(name) {
                     hm.session = None;

@@ -290,7 +290,11 @@ fn a_stale_leader_cut_from_the_monitors_does_not_keep_the_agents() {
 
 #[test]
 fn leader_crash_and_partition_heal_to_exactly_one_acting_leader() {
-    for fault in ["leader-crash", "partition-leader on", "partition-leader on hosts"] {
+    for fault in [
+        "leader-crash",
+        "partition-leader on",
+        "partition-leader on hosts",
+    ] {
         let sim = run_inline(&format!(
             "monitors 3\nhost hv1\nhost hv2\nvm u1 host=hv1\nvm u2 host=hv2\n\
              at 1000 crash-vm u1\nat 1000 when recovering u1 {fault}\nat 3000 crash-vm u2\n\

@@ -133,6 +133,16 @@ impl LeaseClock {
     pub fn raft_term(&self) -> Option<u64> {
         self.term
     }
+
+    /// Raft says this node leads, its new-leader wait is over, and no quorum has confirmed
+    /// its lease: it is cut off from the majority, which may well have elected another
+    /// leader already (openraft never steps it down). It must not hold on to agents then:
+    /// it protects nobody (no grants, no decisions), and the agents it keeps are silent for
+    /// the real leader. Never for a sole voter (its lease does not run out); not during the
+    /// wait, while a new leader is still proving itself.
+    pub fn deposed(&self, now_ms: u64) -> bool {
+        self.term.is_some() && now_ms >= self.act_from_ms && now_ms >= self.valid_until_ms
+    }
 }
 
 /// Whether the lease task starts a probe at `now_ms`: while Raft says this node leads, one
@@ -160,9 +170,21 @@ pub fn spawn(
     raft: Arc<RaftNode>,
     lease_ms: u64,
     epoch: Instant,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> watch::Receiver<Option<Serving>> {
+    spawn_watching(raft, lease_ms, epoch, stop).0
+}
+
+/// [`spawn`], also publishing [`LeaseClock::deposed`] the moment it changes (what decides
+/// whether this monitor takes agents, `server::takes_agents`).
+pub fn spawn_watching(
+    raft: Arc<RaftNode>,
+    lease_ms: u64,
+    epoch: Instant,
+    mut stop: watch::Receiver<bool>,
+) -> (watch::Receiver<Option<Serving>>, watch::Receiver<bool>) {
     let (tx, rx) = watch::channel(None);
+    let (deposed_tx, deposed_rx) = watch::channel(false);
     tokio::spawn(async move {
         let mut clock = LeaseClock::new(lease_ms);
         let mut metrics = raft.metrics_watch();
@@ -196,6 +218,8 @@ pub fn spawn(
             }
             let serving = clock.serving(now);
             tx.send_if_modified(|v| std::mem::replace(v, serving) != serving);
+            let deposed = clock.deposed(now);
+            deposed_tx.send_if_modified(|v| std::mem::replace(v, deposed) != deposed);
             let mut wake = clock.next_change_ms(now);
             if clock.raft_term().is_some() && !probing {
                 wake = Some(wake.map_or(next_probe_ms, |w| w.min(next_probe_ms)));
@@ -220,7 +244,7 @@ pub fn spawn(
         // Stopping: act no more.
         tx.send_replace(None);
     });
-    rx
+    (rx, deposed_rx)
 }
 
 #[cfg(test)]
@@ -283,6 +307,27 @@ mod tests {
         assert_eq!(c.serving(900), None);
         c.confirmed(5, 1_200);
         assert!(c.serving(800 + c.wait_ms()).is_some());
+    }
+
+    #[test]
+    fn a_leader_is_deposed_once_its_wait_is_over_and_no_quorum_confirms_it() {
+        let mut c = leader(3, 1_000);
+        // During the new leader's wait it is not deposed, confirmed or not.
+        assert!(!c.deposed(1_000));
+        assert!(!c.deposed(1_000 + c.wait_ms() - 1));
+        // After it, without a confirmed lease, it is.
+        assert!(c.deposed(1_000 + c.wait_ms()));
+        // Confirmed again: it serves, and is not deposed until the lease runs out.
+        c.confirmed(3, 1_500);
+        assert!(!c.deposed(1_500));
+        assert!(c.serving(1_500).is_some());
+        assert!(c.deposed(1_900));
+        // Not leading at all, or a sole voter: never.
+        c.leadership(None, false, 2_000);
+        assert!(!c.deposed(5_000));
+        let mut sole = LeaseClock::new(L);
+        sole.leadership(Some(1), true, 0);
+        assert!(!sole.deposed(1_000_000));
     }
 
     #[test]
