@@ -125,6 +125,8 @@ fn scrambled_delay(seq: u64) -> u64 {
 }
 /// The leader lease each answered probe gives (`raft::leader_lease`'s `L`).
 const LEADER_LEASE_MS: u64 = 300;
+/// A `when` fault whose condition does not hold within this long after its time is dropped.
+const WHEN_WAIT_MS: u64 = 10_000;
 /// Followers that hear no leader for this long elect another (within openraft's election
 /// timeout range, scaled like the rest of the simulator).
 const ELECTION_TIMEOUT_MS: u64 = 500;
@@ -165,6 +167,20 @@ struct SimMonitor {
     next_probe_ms: u64,
     /// While cut off: the replicated state as far as it had applied it (nothing reaches it).
     stale_state: Option<ClusterState>,
+    /// A proposal of this monitor failed to commit and the log said so (until one commits).
+    uncommitted_noted: bool,
+}
+
+/// A short label of a proposal for the fault log: an event's message, else its kind.
+fn proposal_label(cmd: &StateCommand) -> String {
+    match cmd {
+        StateCommand::RecordEvent { message, .. } => format!("event {message:?}"),
+        other => {
+            let text = format!("{other:?}");
+            let end = text.find([' ', '{', '(']).unwrap_or(text.len());
+            text[..end].to_string()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -676,8 +692,8 @@ pub struct Sim {
     leader: Option<usize>,
     /// The majority hears no leader: it elects one at this time.
     election_at: Option<u64>,
-    /// `when` faults waiting for their condition.
-    waiting: Vec<(Trigger, Fault)>,
+    /// `when` faults waiting for their condition, and until when they wait.
+    waiting: Vec<(Trigger, Fault, u64)>,
     /// The replicated state: the committed log, applied.
     state: ClusterState,
     /// `plan` verbs: uuid -> the host the plan placed it on, until its next start order.
@@ -896,6 +912,7 @@ impl Sim {
             raft_leading: None,
             next_probe_ms: 0,
             stale_state: None,
+            uncommitted_noted: false,
         }
     }
 
@@ -927,7 +944,7 @@ impl Sim {
         self.leader == Some(m)
             && self.monitors[m].raft_leading == Some(self.term)
             && self.has_quorum(m)
-            && !(self.quorum_stalled && !self.sole_voter())
+            && (self.sole_voter() || !self.quorum_stalled)
     }
 
     /// Whether `host`'s agent and monitor `m` can talk.
@@ -1051,9 +1068,19 @@ impl Sim {
                 match a {
                     Action::Propose(cmd) => {
                         if !self.commits(m) {
-                            // Never committed: a stale leader's, or no quorum answers.
+                            // Never committed: a stale leader's, or no quorum answers. Said
+                            // once per episode, with what it was.
+                            if !self.monitors[m].uncommitted_noted {
+                                self.monitors[m].uncommitted_noted = true;
+                                self.log.push(format!(
+                                    "{now:>6} NOT COMMITTED monitor node {} (no quorum in the current term): {}",
+                                    self.monitors[m].node,
+                                    proposal_label(&cmd)
+                                ));
+                            }
                             continue;
                         }
+                        self.monitors[m].uncommitted_noted = false;
                         if let StateCommand::OrderStart { uuid, host, .. } = &cmd {
                             if let Some(planned) = self.planned.remove(uuid) {
                                 if planned != *host {
@@ -1373,7 +1400,10 @@ impl Sim {
                 }
             }
             Fault::PartitionLeader(on, hosts) => self.partition_leader(on, hosts),
-            Fault::When(trigger, fault) => self.waiting.push((trigger, *fault)),
+            Fault::When(trigger, fault) => {
+                let until = self.now + WHEN_WAIT_MS;
+                self.waiting.push((trigger, *fault, until));
+            }
             Fault::StaleAck(h, on) => {
                 if let Some(host) = self.hosts.get_mut(&h) {
                     host.stale_ack = on;
@@ -1710,9 +1740,12 @@ impl Sim {
                 ));
             }
         }
-        let led = self
-            .leader
-            .is_some_and(|l| self.monitors[l].alive && !self.monitors[l].cut);
+        // Led: the leader of the current term is up and in the majority (a crashed leader
+        // that came back is a follower: it leads nothing until elected again).
+        let led = self.leader.is_some_and(|l| {
+            let o = &self.monitors[l];
+            o.alive && !o.cut && o.raft_leading == Some(self.term)
+        });
         let majority = self.monitors.iter().position(|o| o.alive && !o.cut);
         match majority {
             Some(any) if !led && self.has_quorum(any) => {
@@ -2455,7 +2488,7 @@ impl Sim {
     /// `when` faults whose condition the committed state now shows.
     fn fire_waiting(&mut self) {
         let waiting = std::mem::take(&mut self.waiting);
-        for (trigger, fault) in waiting {
+        for (trigger, fault, until) in waiting {
             let holds = match &trigger {
                 Trigger::Fencing(h) => self
                     .state
@@ -2472,8 +2505,13 @@ impl Sim {
                 self.log
                     .push(format!("{:>6} WHEN {trigger:?} holds", self.now));
                 self.apply_fault(fault);
+            } else if self.now >= until {
+                self.log.push(format!(
+                    "{:>6} WHEN {trigger:?} never held: dropped",
+                    self.now
+                ));
             } else {
-                self.waiting.push((trigger, fault));
+                self.waiting.push((trigger, fault, until));
             }
         }
     }
