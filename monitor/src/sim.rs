@@ -48,9 +48,15 @@
 //! at 9996 reorder-reports hv1 on all # hv1's listings, lifecycle events and command answers
 //!                                    # each 0-400 ms late, varying report by report
 //! at 9997 quorum-stall on            # the leader's probes go unanswered: its leader lease runs out
+//! at 9998 leader-crash               # the leader monitor dies (with `monitors 3`: another is elected)
+//! at 9998 partition-leader on hosts  # the leader cut from the other monitors (and the hosts)
+//! at 9999 when fencing hv2 leader-crash   # the fault, once hv2 is being fenced
+//! at 9999 when recovering u1 partition-leader on  # ... once a restart of u1 is ordered
 //! run 20000                          # simulate until this time
 //!
-//! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
+//! `monitors N` runs N monitors, each with its own [`Engine`] and the real leader lease
+//! (`raft::leader_lease::LeaseClock`, followed through `service::follow_lease`); the default,
+//! 1, is a sole voter as before. `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
 //! (fence agent configured by default, 16 GiB free); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
 //! mass_failure_window_ms=N storage_slot=yes|no` sets host-failure handling; `vm U host=H group=G` puts a VM in an
 //! anti-affinity group, `vm U host=H pools=none|P` says which pools its disks are on (default:
