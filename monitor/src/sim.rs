@@ -175,6 +175,8 @@ struct SimMonitor {
     stale_state: Option<ClusterState>,
     /// A proposal of this monitor failed to commit and the log said so (until one commits).
     uncommitted_noted: bool,
+    /// Its proposals waiting for a quorum, in order (its proposer's writes in flight).
+    backlog: Vec<StateCommand>,
 }
 
 /// A short label of a proposal for the fault log: an event's message, else its kind.
@@ -919,6 +921,7 @@ impl Sim {
             next_probe_ms: 0,
             stale_state: None,
             uncommitted_noted: false,
+            backlog: Vec::new(),
         }
     }
 
@@ -980,6 +983,79 @@ impl Sim {
         let mon = &self.monitors[m];
         mon.alive
             && crate::server::takes_agents(mon.raft_leading.is_some(), mon.clock.deposed(self.now))
+    }
+
+    /// A proposal of monitor `m`, handed to Raft as its proposer does: committed now when `m`
+    /// can commit (after what it proposed earlier), else kept in order while `m` still leads
+    /// the current term (a write waits for its quorum: lost acknowledgements, a partition
+    /// shorter than an election), else lost (a stale leader's: the write fails). Returns
+    /// whether something committed.
+    fn propose(&mut self, m: usize, cmd: StateCommand) -> bool {
+        if self.commits(m) {
+            let backlog = std::mem::take(&mut self.monitors[m].backlog);
+            for c in backlog {
+                self.apply_committed(c);
+            }
+            self.apply_committed(cmd);
+            self.monitors[m].uncommitted_noted = false;
+            return true;
+        }
+        if self.monitors[m].raft_leading == Some(self.term) {
+            self.monitors[m].backlog.push(cmd);
+        } else {
+            self.not_committed(m, &cmd);
+        }
+        false
+    }
+
+    /// Monitor `m`'s proposal `cmd` never commits: said once per episode, with what it was.
+    fn not_committed(&mut self, m: usize, cmd: &StateCommand) {
+        if !self.monitors[m].uncommitted_noted {
+            self.monitors[m].uncommitted_noted = true;
+            self.log.push(format!(
+                "{:>6} NOT COMMITTED monitor node {} (its term is over): {}",
+                self.now,
+                self.monitors[m].node,
+                proposal_label(cmd)
+            ));
+        }
+    }
+
+    /// Applies a committed command to the replicated state.
+    fn apply_committed(&mut self, cmd: StateCommand) {
+        if let StateCommand::OrderStart { uuid, host, .. } = &cmd {
+            if let Some(planned) = self.planned.remove(uuid) {
+                if planned != *host {
+                    self.plan_mismatch
+                        .push(format!("{uuid}: planned {planned}, ordered on {host}"));
+                }
+            }
+        }
+        self.state.apply(&cmd);
+    }
+
+    /// Raft for the proposals each monitor still waits on: committed once it can, lost once
+    /// its term is over (or with its process).
+    fn flush_backlogs(&mut self) {
+        for m in 0..self.monitors.len() {
+            if self.monitors[m].backlog.is_empty() {
+                continue;
+            }
+            if !self.monitors[m].alive {
+                self.monitors[m].backlog.clear();
+            } else if self.commits(m) {
+                let backlog = std::mem::take(&mut self.monitors[m].backlog);
+                for c in backlog {
+                    self.apply_committed(c);
+                }
+                self.feed(m, Input::Applied);
+            } else if self.monitors[m].raft_leading != Some(self.term) {
+                let backlog = std::mem::take(&mut self.monitors[m].backlog);
+                if let Some(first) = backlog.first() {
+                    self.not_committed(m, first);
+                }
+            }
+        }
     }
 
     /// The monitor `host`'s agent gets a session with when it dials: one that takes agents
@@ -1073,31 +1149,7 @@ impl Sim {
             for a in actions {
                 match a {
                     Action::Propose(cmd) => {
-                        if !self.commits(m) {
-                            // Never committed: a stale leader's, or no quorum answers. Said
-                            // once per episode, with what it was.
-                            if !self.monitors[m].uncommitted_noted {
-                                self.monitors[m].uncommitted_noted = true;
-                                self.log.push(format!(
-                                    "{now:>6} NOT COMMITTED monitor node {} (no quorum in the current term): {}",
-                                    self.monitors[m].node,
-                                    proposal_label(&cmd)
-                                ));
-                            }
-                            continue;
-                        }
-                        self.monitors[m].uncommitted_noted = false;
-                        if let StateCommand::OrderStart { uuid, host, .. } = &cmd {
-                            if let Some(planned) = self.planned.remove(uuid) {
-                                if planned != *host {
-                                    self.plan_mismatch.push(format!(
-                                        "{uuid}: planned {planned}, ordered on {host}"
-                                    ));
-                                }
-                            }
-                        }
-                        self.state.apply(&cmd);
-                        applied = true;
+                        applied |= self.propose(m, cmd);
                     }
                     Action::Send { host, command } => {
                         if let AgentCommand::StartDomain {
@@ -2212,6 +2264,7 @@ impl Sim {
             }
         }
         self.raft_step();
+        self.flush_backlogs();
         self.drive_leases();
         self.deliver_delayed();
         if self.now % 500 == 0 {

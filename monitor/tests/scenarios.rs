@@ -430,8 +430,12 @@ fn random_scenario(seed: u64) -> String {
     if multi {
         s.push_str("monitors 3\n");
         let mut mt = 500;
-        while mt < 20_000 {
+        loop {
             mt += 300 + mr.below(4_000);
+            // All of them before the healing below (where operators' commands must commit).
+            if mt >= t {
+                break;
+            }
             let h = 1 + mr.below(hosts);
             let v = 1 + mr.below(vms);
             let hosts_too = if mr.below(2) == 0 { " hosts" } else { "" };
