@@ -425,7 +425,7 @@ fn random_scenario(seed: u64) -> String {
     // leader crashes, or is cut from the other monitors (and in half of those from the
     // hosts too) while it goes on running, at random times and the moment a fence or a
     // recovery is under way; clean handovers; lost quorum acknowledgements.
-    let mut mr = Rng(seed ^ 0x5EED_0F_4D0_1707);
+    let mut mr = Rng(seed ^ 0x0005_EED0_F4D0_1707);
     let multi = mr.below(2) == 0;
     if multi {
         s.push_str("monitors 3\n");
