@@ -383,7 +383,7 @@ impl Monitor {
         let epoch = Instant::now();
         // Everything this monitor does as leader outside Raft (engine, VIP) follows its leader
         // lease, not Raft's own view (openraft never steps a cut-off leader down).
-        let lease = leader_lease::spawn(
+        let (lease, deposed) = leader_lease::spawn_watching(
             raft.clone(),
             raft.election_timeout_min_ms(),
             epoch,
@@ -443,7 +443,7 @@ impl Monitor {
             vip: vip_status,
         };
         // Issue 12 item 3: only the leader keeps agents; it records where they reach it.
-        let admission = admission_check(raft.clone(), raft_addr.is_some());
+        let admission = admission_check(raft.clone(), raft_addr.is_some(), deposed);
         if raft_addr.is_some() && advertise.ip().is_unspecified() {
             warn!(
                 %advertise,
@@ -658,15 +658,37 @@ async fn expiry_ticker(st: Arc<TlsState>, engine: EngineHandle, mut stop: watch:
     }
 }
 
-/// Whether this monitor takes agents now: the leader does; so does a one-node cluster
-/// whatever its Raft state (as before issue 12: its one monitor is the leader as soon as
-/// Raft has started). A follower, or a monitor started with `[raft] listen` that is no
-/// member yet (`--join`), redirects them to the leader's client endpoint when the
-/// replicated state has it ([`StateCommand::MonitorEndpoint`]).
-pub fn admission_check(raft: Arc<RaftNode>, raft_configured: bool) -> AdmissionCheck {
+/// Whether a monitor that Raft calls leader takes agents' sessions: not once it is
+/// `deposed` (`raft::leader_lease::LeaseClock::deposed`: its wait is over and no quorum
+/// confirms its lease). openraft never steps a leader cut off from the other monitors down;
+/// if it kept its agents, the majority's new leader would hear none of them, find healthy
+/// hosts down and place nothing until the partition heals (sim: the test
+/// `a_stale_leader_cut_from_the_monitors_does_not_keep_the_agents`). Pure: the simulator's
+/// monitors admit and close sessions by it.
+pub fn takes_agents(raft_leader: bool, deposed: bool) -> bool {
+    raft_leader && !deposed
+}
+
+/// Whether this monitor takes agents now: the leader does ([`takes_agents`]: unless its
+/// lease shows it cut off from the majority, when it names no leader, and the agent tries
+/// its next monitor); so does a one-node cluster whatever its Raft state (as before issue
+/// 12: its one monitor is the leader as soon as Raft has started). A follower, or a monitor
+/// started with `[raft] listen` that is no member yet (`--join`), redirects them to the
+/// leader's client endpoint when the replicated state has it
+/// ([`StateCommand::MonitorEndpoint`]). `deposed` is the lease task's
+/// (`leader_lease::spawn_watching`).
+pub fn admission_check(
+    raft: Arc<RaftNode>,
+    raft_configured: bool,
+    deposed: watch::Receiver<bool>,
+) -> AdmissionCheck {
     Arc::new(move || {
         if raft.is_leader() {
-            return Admission::Accept;
+            return if takes_agents(true, *deposed.borrow()) {
+                Admission::Accept
+            } else {
+                Admission::Redirect { leader: None }
+            };
         }
         let (members, alone) = {
             let metrics = raft.raft().metrics();
@@ -833,6 +855,17 @@ mod tests {
     use super::*;
     use crate::raft::RaftTuning;
 
+    fn not_deposed() -> watch::Receiver<bool> {
+        watch::channel(false).1
+    }
+
+    #[test]
+    fn a_deposed_leader_takes_no_agents() {
+        assert!(takes_agents(true, false));
+        assert!(!takes_agents(true, true));
+        assert!(!takes_agents(false, false));
+    }
+
     #[tokio::test]
     async fn admission_of_one_node_and_not_yet_joined_monitors() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -850,17 +883,26 @@ mod tests {
         // sends agents away; one without it (a one-node cluster starting) takes them, as
         // before.
         assert_eq!(
-            admission_check(raft.clone(), true)(),
+            admission_check(raft.clone(), true, not_deposed())(),
             Admission::Redirect { leader: None }
         );
-        assert_eq!(admission_check(raft.clone(), false)(), Admission::Accept);
+        assert_eq!(
+            admission_check(raft.clone(), false, not_deposed())(),
+            Admission::Accept
+        );
         raft.initialize_single_if_new().await.expect("init");
         raft.wait_for_leader(Duration::from_secs(5))
             .await
             .expect("a leader");
         // A one-node cluster takes agents, with or without `[raft] listen`.
-        assert_eq!(admission_check(raft.clone(), true)(), Admission::Accept);
-        assert_eq!(admission_check(raft.clone(), false)(), Admission::Accept);
+        assert_eq!(
+            admission_check(raft.clone(), true, not_deposed())(),
+            Admission::Accept
+        );
+        assert_eq!(
+            admission_check(raft.clone(), false, not_deposed())(),
+            Admission::Accept
+        );
         // It has no peers: nothing names it anywhere.
         assert_eq!(leader_endpoint(&raft), None);
         raft.shutdown().await;

@@ -149,23 +149,19 @@ pub fn spawn(
                 changed = lease.changed() => {
                     if changed.is_err() { break; }
                     let serving = *lease.borrow_and_update();
-                    let until = Input::LeaderLease { until_ms: serving.map(|s| s.until_ms) };
-                    match (serving, leader_term) {
-                        (Some(s), Some(t)) if t == s.term => vec![until],
-                        (Some(s), _) => {
-                            leader_term = Some(s.term);
-                            info!(term = s.term, "this monitor is the leader (it holds the leader lease)");
-                            storage.set_leader(Some((s.term, node)));
-                            vec![until, Input::BecameLeader { term: s.term, node }]
+                    let (change, inputs) = follow_lease(serving, &mut leader_term, node);
+                    match change {
+                        LeaseChange::Became { term } => {
+                            info!(term, "this monitor is the leader (it holds the leader lease)");
+                            storage.set_leader(Some((term, node)));
                         }
-                        (None, Some(_)) => {
-                            leader_term = None;
+                        LeaseChange::Lost => {
                             storage.set_leader(None);
                             info!("this monitor no longer leads (leader lease run out or leadership lost)");
-                            vec![until, Input::LostLeadership]
                         }
-                        (None, None) => vec![until],
+                        LeaseChange::Same => {}
                     }
+                    inputs
                 }
                 _ = stop.changed() => break,
             };
@@ -249,6 +245,49 @@ pub fn spawn(
         debug!("engine task stopped");
     });
     handle
+}
+
+/// What a change of the leader lease means for the engine task (see [`follow_lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseChange {
+    /// This monitor now leads in `term`: the engine is told it became leader, and the storage
+    /// worker writes the leader record for `(term, node)`.
+    Became { term: u64 },
+    /// It no longer leads (the lease ran out, or Raft leadership was lost): the engine is told,
+    /// the storage worker stops writing the record.
+    Lost,
+    /// Nothing but the lease's end moved (or nothing at all).
+    Same,
+}
+
+/// How the engine task follows the leader lease: on each value the lease task publishes
+/// (`raft::leader_lease`), the inputs for the engine (always the lease's end first, then
+/// `BecameLeader` or `LostLeadership` when leadership changed) and what changed. `leader_term`
+/// is the term the engine was last told it leads in. Pure, so that the simulator drives its
+/// monitors' engines with this very function.
+pub fn follow_lease(
+    serving: Option<Serving>,
+    leader_term: &mut Option<u64>,
+    node: u64,
+) -> (LeaseChange, Vec<Input>) {
+    let until = Input::LeaderLease {
+        until_ms: serving.map(|s| s.until_ms),
+    };
+    match (serving, *leader_term) {
+        (Some(s), Some(t)) if t == s.term => (LeaseChange::Same, vec![until]),
+        (Some(s), _) => {
+            *leader_term = Some(s.term);
+            (
+                LeaseChange::Became { term: s.term },
+                vec![until, Input::BecameLeader { term: s.term, node }],
+            )
+        }
+        (None, Some(_)) => {
+            *leader_term = None;
+            (LeaseChange::Lost, vec![until, Input::LostLeadership])
+        }
+        (None, None) => (LeaseChange::Same, vec![until]),
+    }
 }
 
 /// Writes proposals through Raft in the order the engine made them. Whatever queued up while

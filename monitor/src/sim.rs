@@ -48,9 +48,15 @@
 //! at 9996 reorder-reports hv1 on all # hv1's listings, lifecycle events and command answers
 //!                                    # each 0-400 ms late, varying report by report
 //! at 9997 quorum-stall on            # the leader's probes go unanswered: its leader lease runs out
+//! at 9998 leader-crash               # the leader monitor dies (with `monitors 3`: another is elected)
+//! at 9998 partition-leader on hosts  # the leader cut from the other monitors (and the hosts)
+//! at 9999 when fencing hv2 leader-crash   # the fault, once hv2 is being fenced
+//! at 9999 when recovering u1 partition-leader on  # ... once a restart of u1 is ordered
 //! run 20000                          # simulate until this time
 //!
-//! `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
+//! `monitors N` runs N monitors, each with its own [`Engine`] and the real leader lease
+//! (`raft::leader_lease::LeaseClock`, followed through `service::follow_lease`); the default,
+//! 1, is a sole voter as before. `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
 //! (fence agent configured by default, 16 GiB free); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
 //! mass_failure_window_ms=N storage_slot=yes|no` sets host-failure handling; `vm U host=H group=G` puts a VM in an
 //! anti-affinity group, `vm U host=H pools=none|P` says which pools its disks are on (default:
@@ -86,7 +92,9 @@ use crate::engine::{
     LifecycleReport, Listing, SelfFenceReport, StaleCopyDestroyed, StorageCycle,
 };
 use crate::fencing::{FenceAction, FenceError, FenceFailure};
-use crate::state::{ClusterState, StateCommand};
+use crate::raft::leader_lease::{probe_due, LeaseClock, Serving};
+use crate::service::{follow_lease, LeaseChange};
+use crate::state::{ClusterState, HostPhase, Phase, StateCommand};
 
 /// Wall-clock offset: simulated time 0 is this Unix ms (keeps timestamps plausible).
 const WALL0: u64 = 1_800_000_000_000;
@@ -123,6 +131,65 @@ fn scrambled_delay(seq: u64) -> u64 {
 }
 /// The leader lease each answered probe gives (`raft::leader_lease`'s `L`).
 const LEADER_LEASE_MS: u64 = 300;
+/// A `when` fault whose condition does not hold within this long after its time is dropped.
+const WHEN_WAIT_MS: u64 = 10_000;
+/// Followers that hear no leader for this long elect another (within openraft's election
+/// timeout range, scaled like the rest of the simulator).
+const ELECTION_TIMEOUT_MS: u64 = 500;
+/// A crashed monitor is back (systemd, then Raft catching up) this long after it died.
+const MONITOR_RESTART_MS: u64 = 2_000;
+/// An agent whose session ended (its monitor died, stepped down, or closed it) dials again
+/// this long after (its backoff and jitter, `vigil_agent::follow`).
+const AGENT_REDIAL_MS: u64 = 200;
+
+/// One monitor process: its own engine, its own leader lease (the real [`LeaseClock`]), and
+/// what its service task and storage worker keep.
+#[derive(Debug, Clone)]
+struct SimMonitor {
+    /// Node id (in golden logs: "monitor node N became leader").
+    node: u64,
+    engine: Engine,
+    clock: LeaseClock,
+    /// What the lease task last published (its watch channel only sends changes).
+    published: Option<Serving>,
+    /// The service task's `leader_term` ([`follow_lease`]).
+    leader_term: Option<u64>,
+    /// The storage worker's `set_leader`: the record it writes, if any.
+    storage_leader: Option<(u64, u64)>,
+    /// The engine's last `LeaderRecord` (sim ms, condemned, hold), as `publish_record` keeps it.
+    record_published: Option<(u64, Vec<String>, bool)>,
+    alive: bool,
+    /// systemd brings a crashed monitor back at this time.
+    restart_at: Option<u64>,
+    /// Cut from the other monitors (`partition-leader`): it hears no quorum.
+    cut: bool,
+    /// Cut from the hosts too (`partition-leader on hosts`), since `cut_at` (sim ms).
+    cut_hosts: bool,
+    cut_at: u64,
+    /// The term Raft says this node leads in (openraft never steps a cut-off leader down: it
+    /// keeps this until it hears the higher term).
+    raft_leading: Option<u64>,
+    /// The lease task's probe schedule.
+    next_probe_ms: u64,
+    /// While cut off: the replicated state as far as it had applied it (nothing reaches it).
+    stale_state: Option<ClusterState>,
+    /// A proposal of this monitor failed to commit and the log said so (until one commits).
+    uncommitted_noted: bool,
+    /// Its proposals waiting for a quorum, in order (its proposer's writes in flight).
+    backlog: Vec<StateCommand>,
+}
+
+/// A short label of a proposal for the fault log: an event's message, else its kind.
+fn proposal_label(cmd: &StateCommand) -> String {
+    match cmd {
+        StateCommand::RecordEvent { message, .. } => format!("event {message:?}"),
+        other => {
+            let text = format!("{other:?}");
+            let end = text.find([' ', '{', '(']).unwrap_or(text.len());
+            text[..end].to_string()
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct SimDomain {
@@ -148,7 +215,8 @@ struct SimHost {
     newest: BTreeMap<String, u64>,
     /// Highest generation per VM the agent has started (each activates at most once).
     started: BTreeMap<String, u64>,
-    connected_to_engine: bool,
+    /// The monitor the agent has a session with (its index), if any.
+    session: Option<usize>,
     /// Agent process id (changes on every agent start) and when it started.
     instance: u64,
     agent_started_at: u64,
@@ -239,6 +307,24 @@ enum Fault {
     /// `vigilctl plan --fail H[,H]`: logged, and every start ordered later for a VM the plan
     /// placed must go to the planned host (else a PLAN MISMATCH violation).
     Plan(Vec<String>),
+    /// The leader monitor's process dies; the others elect a new leader after an election
+    /// timeout; systemd brings it back (a follower) [`MONITOR_RESTART_MS`] later.
+    LeaderCrash,
+    /// `partition-leader on [hosts]`: the leader is cut from the other monitors (and with
+    /// `hosts` from every host too) and keeps running; `off`: healed.
+    PartitionLeader(bool, bool),
+    /// `when fencing H FAULT` / `when recovering U FAULT`: the fault, at the first step at or
+    /// after its time at which the committed state shows H being fenced (U recovering).
+    When(Trigger, Box<Fault>),
+}
+
+/// What a `when` fault waits for, in the committed state.
+#[derive(Debug, Clone)]
+enum Trigger {
+    /// The host is being fenced (`HostPhase::Fencing`).
+    Fencing(String),
+    /// The VM is being recovered: a start is ordered (committed) and not yet seen running.
+    Recovering(String),
 }
 
 /// A parsed scenario.
@@ -261,6 +347,8 @@ pub struct Scenario {
     lease: LeaseConfig,
     /// The agents' host watchdog timeout (`None`: no watchdog on any host).
     watchdog_ms: Option<u64>,
+    /// Monitors (`monitors N`; default 1: a sole voter, as every scenario before issue 12).
+    monitors: usize,
 }
 
 /// A scenario file that does not parse; names the line.
@@ -283,6 +371,7 @@ impl Scenario {
     pub fn parse(text: &str) -> Result<Scenario, ScenarioError> {
         let mut sc = Scenario {
             until: 10_000,
+            monitors: 1,
             ..Scenario::default()
         };
         sc.failover.mass_failure_percent = 30;
@@ -395,6 +484,12 @@ impl Scenario {
                         }
                     }
                 }
+                ["monitors", n] => {
+                    sc.monitors = num(n)? as usize;
+                    if sc.monitors == 0 {
+                        return Err(err("monitors: at least 1".into()));
+                    }
+                }
                 ["watchdog", "none"] => sc.watchdog_ms = None,
                 ["watchdog", ms] => sc.watchdog_ms = Some(num(ms)?),
                 ["vm", uuid, rest @ ..] => {
@@ -416,74 +511,23 @@ impl Scenario {
                     }
                     sc.vms.push((uuid.to_string(), host, prio as i32));
                 }
+                ["at", t, "when", kind, target, verb, args @ ..] => {
+                    let t = num(t)?;
+                    let trigger = match *kind {
+                        "fencing" => Trigger::Fencing(target.to_string()),
+                        "recovering" => Trigger::Recovering(target.to_string()),
+                        other => {
+                            return Err(err(format!(
+                                "when {other:?}: fencing HOST or recovering VM"
+                            )))
+                        }
+                    };
+                    let f = parse_fault(verb, args).map_err(err)?;
+                    sc.faults.push((t, Fault::When(trigger, Box::new(f))));
+                }
                 ["at", t, verb, args @ ..] => {
                     let t = num(t)?;
-                    let arg = |n: usize| -> Result<String, ScenarioError> {
-                        args.get(n)
-                            .map(|s| s.to_string())
-                            .ok_or_else(|| err(format!("{verb} needs an argument")))
-                    };
-                    let on = |n: usize| -> Result<bool, ScenarioError> {
-                        match args.get(n).copied() {
-                            Some("on") => Ok(true),
-                            Some("off") => Ok(false),
-                            other => Err(err(format!("expected on|off, got {other:?}"))),
-                        }
-                    };
-                    let f = match *verb {
-                        "crash-vm" => Fault::CrashVm(arg(0)?),
-                        "crash-on-start" => Fault::CrashOnStart(arg(0)?, on(1)?),
-                        "guest-shutdown" => Fault::GuestShutdown(arg(0)?),
-                        "destroy" => Fault::Destroy(arg(0)?),
-                        "kill-agent" => Fault::KillAgent(arg(0)?),
-                        "kill-agent-for-good" => Fault::KillAgentForGood(arg(0)?),
-                        "version-mismatch" => Fault::VersionMismatch(arg(0)?, on(1)?),
-                        "start-agent" => Fault::StartAgent(arg(0)?),
-                        "start-fails" => Fault::StartFails(arg(0)?, on(1)?),
-                        "drop-answers" => Fault::DropAnswers(arg(0)?, on(1)?),
-                        "new-leader" => Fault::NewLeader,
-                        "crash-host" => Fault::CrashHost(arg(0)?),
-                        "plan" => Fault::Plan(arg(0)?.split(',').map(String::from).collect()),
-                        "power-on" => Fault::PowerOn(arg(0)?),
-                        "partition" => Fault::Partition(arg(0)?),
-                        "heal" => Fault::Heal(arg(0)?),
-                        "fence-fails" => Fault::FenceFails(arg(0)?, on(1)?),
-                        "storage-fault" => Fault::HostStorage(arg(0)?, on(1)?),
-                        "storage-outage" => Fault::StorageOutage(on(0)?),
-                        "monitors-down" => Fault::MonitorsDown,
-                        "monitors-up" => Fault::MonitorsUp,
-                        "maintenance" => Fault::Maintenance(arg(0)?, on(1)?),
-                        "stale-ack" => Fault::StaleAck(arg(0)?, on(1)?),
-                        "confirm-off" | "fence" | "release-hold" => {
-                            let m = kv(args);
-                            let by = m
-                                .get("by")
-                                .cloned()
-                                .ok_or_else(|| err(format!("{verb} needs by=ADMIN")))?;
-                            match *verb {
-                                "confirm-off" => Fault::ConfirmOff(arg(0)?, by),
-                                "fence" => {
-                                    Fault::OperatorFence(arg(0)?, by, args.contains(&"force"))
-                                }
-                                _ => Fault::ReleaseHold(m.get("cluster").cloned(), by),
-                            }
-                        }
-                        "monitor-restart" => Fault::MonitorRestart(
-                            num(&arg(0)?)?,
-                            args.iter().skip(1).map(|a| a.to_string()).collect(),
-                        ),
-                        "reorder-reports" => match args.get(2) {
-                            None => Fault::ReorderReports(arg(0)?, on(1)?),
-                            Some(&"all") => Fault::ReorderAllReports(arg(0)?, on(1)?),
-                            Some(other) => {
-                                return Err(err(format!(
-                                    "reorder-reports H on|off [all]: unexpected {other:?}"
-                                )))
-                            }
-                        },
-                        "quorum-stall" => Fault::QuorumStall(on(0)?),
-                        other => return Err(err(format!("unknown fault {other:?}"))),
-                    };
+                    let f = parse_fault(verb, args).map_err(err)?;
                     sc.faults.push((t, f));
                 }
                 ["run", t] => sc.until = num(t)?,
@@ -493,6 +537,80 @@ impl Scenario {
         sc.faults.sort_by_key(|(t, _)| *t);
         Ok(sc)
     }
+}
+
+/// One fault's verb and arguments (after `at MS`, or after `at MS when ...`).
+fn parse_fault(verb: &str, args: &[&str]) -> Result<Fault, String> {
+    let arg = |n: usize| -> Result<String, String> {
+        args.get(n)
+            .map(|s| s.to_string())
+            .ok_or_else(|| format!("{verb} needs an argument"))
+    };
+    let on = |n: usize| -> Result<bool, String> {
+        match args.get(n).copied() {
+            Some("on") => Ok(true),
+            Some("off") => Ok(false),
+            other => Err(format!("expected on|off, got {other:?}")),
+        }
+    };
+    let num = |s: &str| -> Result<u64, String> {
+        s.parse().map_err(|_| format!("{s:?} is not a number"))
+    };
+    let f = match verb {
+        "crash-vm" => Fault::CrashVm(arg(0)?),
+        "crash-on-start" => Fault::CrashOnStart(arg(0)?, on(1)?),
+        "guest-shutdown" => Fault::GuestShutdown(arg(0)?),
+        "destroy" => Fault::Destroy(arg(0)?),
+        "kill-agent" => Fault::KillAgent(arg(0)?),
+        "kill-agent-for-good" => Fault::KillAgentForGood(arg(0)?),
+        "version-mismatch" => Fault::VersionMismatch(arg(0)?, on(1)?),
+        "start-agent" => Fault::StartAgent(arg(0)?),
+        "start-fails" => Fault::StartFails(arg(0)?, on(1)?),
+        "drop-answers" => Fault::DropAnswers(arg(0)?, on(1)?),
+        "new-leader" => Fault::NewLeader,
+        "crash-host" => Fault::CrashHost(arg(0)?),
+        "plan" => Fault::Plan(arg(0)?.split(',').map(String::from).collect()),
+        "power-on" => Fault::PowerOn(arg(0)?),
+        "partition" => Fault::Partition(arg(0)?),
+        "heal" => Fault::Heal(arg(0)?),
+        "fence-fails" => Fault::FenceFails(arg(0)?, on(1)?),
+        "storage-fault" => Fault::HostStorage(arg(0)?, on(1)?),
+        "storage-outage" => Fault::StorageOutage(on(0)?),
+        "monitors-down" => Fault::MonitorsDown,
+        "monitors-up" => Fault::MonitorsUp,
+        "maintenance" => Fault::Maintenance(arg(0)?, on(1)?),
+        "stale-ack" => Fault::StaleAck(arg(0)?, on(1)?),
+        "confirm-off" | "fence" | "release-hold" => {
+            let m = kv(args);
+            let by = m
+                .get("by")
+                .cloned()
+                .ok_or_else(|| format!("{verb} needs by=ADMIN"))?;
+            match verb {
+                "confirm-off" => Fault::ConfirmOff(arg(0)?, by),
+                "fence" => Fault::OperatorFence(arg(0)?, by, args.contains(&"force")),
+                _ => Fault::ReleaseHold(m.get("cluster").cloned(), by),
+            }
+        }
+        "monitor-restart" => Fault::MonitorRestart(
+            num(&arg(0)?)?,
+            args.iter().skip(1).map(|a| a.to_string()).collect(),
+        ),
+        "reorder-reports" => match args.get(2) {
+            None => Fault::ReorderReports(arg(0)?, on(1)?),
+            Some(&"all") => Fault::ReorderAllReports(arg(0)?, on(1)?),
+            Some(other) => {
+                return Err(format!(
+                    "reorder-reports H on|off [all]: unexpected {other:?}"
+                ))
+            }
+        },
+        "quorum-stall" => Fault::QuorumStall(on(0)?),
+        "leader-crash" => Fault::LeaderCrash,
+        "partition-leader" => Fault::PartitionLeader(on(0)?, args.get(1) == Some(&"hosts")),
+        other => return Err(format!("unknown fault {other:?}")),
+    };
+    Ok(f)
 }
 
 impl SimHost {
@@ -555,6 +673,9 @@ pub enum Violation {
     /// `vigilctl plan` said one host and the real failure used another.
     #[error("at {at_ms} ms PLAN MISMATCH: {detail}")]
     PlanMismatch { at_ms: u64, detail: String },
+    /// Two monitors hold the leader lease at the same moment (both may act outside Raft).
+    #[error("at {at_ms} ms monitor nodes {nodes:?} both act as leader")]
+    TwoLeadersAct { at_ms: u64, nodes: Vec<u64> },
     #[error("at {at_ms} ms VM {uuid} runs on {hosts:?} at once")]
     RunsTwice {
         at_ms: u64,
@@ -573,7 +694,15 @@ pub enum Violation {
 
 /// The simulated cluster.
 pub struct Sim {
-    engine: Engine,
+    /// The monitors (one by default: a sole voter).
+    monitors: Vec<SimMonitor>,
+    /// The Raft leader of the current term, as the majority knows it (index in `monitors`).
+    leader: Option<usize>,
+    /// The majority hears no leader: it elects one at this time.
+    election_at: Option<u64>,
+    /// `when` faults waiting for their condition, and until when they wait.
+    waiting: Vec<(Trigger, Fault, u64)>,
+    /// The replicated state: the committed log, applied.
     state: ClusterState,
     /// `plan` verbs: uuid -> the host the plan placed it on, until its next start order.
     planned: BTreeMap<String, String>,
@@ -581,16 +710,16 @@ pub struct Sim {
     plan_mismatch: Vec<String>,
     hosts: BTreeMap<String, SimHost>,
     crash_on_start: BTreeSet<String>,
-    /// Commands in flight: (due, host, command, outcome).
-    pending: Vec<(u64, String, AgentCommand)>,
+    /// Commands in flight: (due, host, command, the monitor that sent it).
+    pending: Vec<(u64, String, AgentCommand, usize)>,
     /// Domains that die right after their start: (due, host, uuid).
     pending_crash: Vec<(u64, String, String)>,
     /// HA VMs (marked in their XML) and their priorities.
     ha: BTreeMap<String, i32>,
     policy: RecoveryConfig,
     failover: FailoverConfig,
-    /// Fence calls in flight: (due, host).
-    pending_fence: Vec<(u64, String)>,
+    /// Fence calls in flight: (due, host, the monitor that runs the fence agent).
+    pending_fence: Vec<(u64, String, usize)>,
     /// Host tags to set once the hosts registered.
     tags: Vec<(String, String)>,
     /// Anti-affinity groups to set once the VMs registered.
@@ -601,17 +730,12 @@ pub struct Sim {
     log: Vec<String>,
     pool: Option<String>,
     lease: LeaseConfig,
-    /// Every monitor is down: no inputs, no leader record.
-    monitors_down: bool,
     /// The monitor's own view of the pool.
     monitor_storage_ok: bool,
     /// When the leader record last changed on the pool (sim ms), and when its current run
     /// of changes began (after a pause longer than a lease).
     leader_record_at: Option<u64>,
     leader_epoch_at: Option<u64>,
-    /// What the engine last published for the leader record, and when (sim ms); and the
-    /// hosts condemned by the record on storage.
-    record_published: Option<(u64, Vec<String>, bool)>,
     /// The leader record agents read last (the real type, read with its real rules).
     record_read: LeaderRecord,
     watchdog_ms: Option<u64>,
@@ -619,8 +743,8 @@ pub struct Sim {
     t0: std::time::Instant,
     next_instance: u64,
     vm_pools: BTreeMap<String, Vec<String>>,
-    /// Reports on their way to the monitor: (due, host, agent instance, input).
-    delayed: Vec<(u64, String, u64, Input)>,
+    /// Reports on their way to a monitor: (due, host, agent instance, input, the monitor).
+    delayed: Vec<(u64, String, u64, Input, usize)>,
     /// No quorum acknowledgement reaches the leader (`quorum-stall`).
     quorum_stalled: bool,
 }
@@ -666,10 +790,10 @@ fn detector() -> DetectorConfig {
 impl Sim {
     pub fn new(sc: &Scenario) -> Sim {
         let mut sim = Sim {
-            engine: Engine::new(detector(), sc.policy.clone(), 0)
-                .with_failover(sc.failover.clone())
-                .with_leases(sc.lease.clone(), 500)
-                .with_leader_lease(),
+            monitors: Vec::new(),
+            leader: Some(0),
+            election_at: None,
+            waiting: Vec::new(),
             state: ClusterState::default(),
             planned: BTreeMap::new(),
             plan_mismatch: Vec::new(),
@@ -693,11 +817,9 @@ impl Sim {
             log: Vec::new(),
             pool: sc.pool.clone(),
             lease: sc.lease.clone(),
-            monitors_down: false,
             monitor_storage_ok: true,
             leader_record_at: None,
             leader_epoch_at: None,
-            record_published: None,
             record_read: LeaderRecord {
                 term: 0,
                 node: 0,
@@ -728,7 +850,7 @@ impl Sim {
                     domains: BTreeMap::new(),
                     newest: BTreeMap::new(),
                     started: BTreeMap::new(),
-                    connected_to_engine: false,
+                    session: None,
                     instance: 1,
                     agent_started_at: 0,
                     lease_until: sc.lease.duration_ms,
@@ -767,51 +889,286 @@ impl Sim {
                 );
             }
         }
-        sim.input(Input::BecameLeader { term: 1, node: 1 });
+        for i in 0..sc.monitors {
+            let m = sim.fresh_monitor(i as u64 + 1);
+            sim.monitors.push(m);
+        }
+        // Term 1: the first monitor leads (Raft elected it before the simulation starts).
+        sim.monitors[0].raft_leading = Some(1);
+        sim.drive_leases();
         sim
+    }
+
+    /// A monitor process just started: a fresh engine, a fresh lease clock, no sessions.
+    fn fresh_monitor(&self, node: u64) -> SimMonitor {
+        SimMonitor {
+            node,
+            engine: Engine::new(detector(), self.engine_policy(), self.now)
+                .with_failover(self.failover.clone())
+                .with_leases(self.lease.clone(), 500)
+                .with_leader_lease(),
+            // openraft's vote lease, as the simulator's elections honour it: none comes
+            // sooner than ELECTION_TIMEOUT_MS after the leader was last heard, so the new
+            // leader's wait after its election is what the monitor computes from that
+            // (`LeaseClock::after_election_ms`, 0 here). Not modelled: a restarted monitor's
+            // vote quiet time (`VoteGate`); its clock counts from the run's start.
+            clock: LeaseClock::new(LEADER_LEASE_MS, ELECTION_TIMEOUT_MS),
+            published: None,
+            leader_term: None,
+            storage_leader: None,
+            record_published: None,
+            alive: true,
+            restart_at: None,
+            cut: false,
+            cut_hosts: false,
+            cut_at: 0,
+            raft_leading: None,
+            next_probe_ms: 0,
+            stale_state: None,
+            uncommitted_noted: false,
+            backlog: Vec::new(),
+        }
+    }
+
+    /// A sole voter (`monitors 1`): nobody can be elected against it.
+    fn sole_voter(&self) -> bool {
+        self.monitors.len() == 1
+    }
+
+    /// Whether monitor `m` hears a quorum of voters (itself included).
+    fn has_quorum(&self, m: usize) -> bool {
+        let Some(me) = self.monitors.get(m) else {
+            return false;
+        };
+        if !me.alive {
+            return false;
+        }
+        let with_me = if me.cut {
+            1
+        } else {
+            self.monitors.iter().filter(|o| o.alive && !o.cut).count()
+        };
+        2 * with_me > self.monitors.len()
+    }
+
+    /// Whether a proposal of monitor `m` commits: it must be the leader of the current term
+    /// and hear a quorum (a stale leader's proposals never commit; nor do any while the
+    /// quorum's acknowledgements are lost, with several monitors).
+    fn commits(&self, m: usize) -> bool {
+        self.leader == Some(m)
+            && self.monitors[m].raft_leading == Some(self.term)
+            && self.has_quorum(m)
+            && (self.sole_voter() || !self.quorum_stalled)
+    }
+
+    /// Whether `host`'s agent and monitor `m` can talk.
+    fn links(&self, host: &str, m: usize) -> bool {
+        self.hosts.get(host).is_some_and(SimHost::reachable)
+            && self
+                .monitors
+                .get(m)
+                .is_some_and(|o| o.alive && !o.cut_hosts)
+    }
+
+    /// The monitor that hears what `host`'s agent reports: the one it has a session with, else
+    /// the leader when they can talk (an agent between sessions is about to reach it).
+    fn hearing(&self, host: &str) -> Option<usize> {
+        let h = self.hosts.get(host)?;
+        match h.session {
+            Some(m) => Some(m),
+            None => self
+                .leader
+                .filter(|m| self.sole_voter() && self.links(host, *m)),
+        }
+    }
+
+    /// Whether monitor `m` takes agents' sessions: the shipped rule,
+    /// [`crate::server::takes_agents`], on what Raft tells it and what its lease clock says.
+    fn takes_agents(&self, m: usize) -> bool {
+        let mon = &self.monitors[m];
+        mon.alive
+            && crate::server::takes_agents(mon.raft_leading.is_some(), mon.clock.deposed(self.now))
+    }
+
+    /// A proposal of monitor `m`, handed to Raft as its proposer does: committed now when `m`
+    /// can commit (after what it proposed earlier), else kept in order while `m` still leads
+    /// the current term (a write waits for its quorum: lost acknowledgements, a partition
+    /// shorter than an election), else lost (a stale leader's: the write fails). Returns
+    /// whether something committed.
+    fn propose(&mut self, m: usize, cmd: StateCommand) -> bool {
+        if self.commits(m) {
+            let backlog = std::mem::take(&mut self.monitors[m].backlog);
+            for c in backlog {
+                self.apply_committed(c);
+            }
+            self.apply_committed(cmd);
+            self.monitors[m].uncommitted_noted = false;
+            return true;
+        }
+        if self.monitors[m].raft_leading == Some(self.term) {
+            self.monitors[m].backlog.push(cmd);
+        } else {
+            self.not_committed(m, &cmd);
+        }
+        false
+    }
+
+    /// Monitor `m`'s proposal `cmd` never commits: said once per episode, with what it was.
+    fn not_committed(&mut self, m: usize, cmd: &StateCommand) {
+        if !self.monitors[m].uncommitted_noted {
+            self.monitors[m].uncommitted_noted = true;
+            self.log.push(format!(
+                "{:>6} NOT COMMITTED monitor node {} (its term is over): {}",
+                self.now,
+                self.monitors[m].node,
+                proposal_label(cmd)
+            ));
+        }
+    }
+
+    /// Applies a committed command to the replicated state.
+    fn apply_committed(&mut self, cmd: StateCommand) {
+        if let StateCommand::OrderStart { uuid, host, .. } = &cmd {
+            if let Some(planned) = self.planned.remove(uuid) {
+                if planned != *host {
+                    self.plan_mismatch
+                        .push(format!("{uuid}: planned {planned}, ordered on {host}"));
+                }
+            }
+        }
+        self.state.apply(&cmd);
+    }
+
+    /// Raft for the proposals each monitor still waits on: committed once it can, lost once
+    /// its term is over (or with its process).
+    fn flush_backlogs(&mut self) {
+        for m in 0..self.monitors.len() {
+            if self.monitors[m].backlog.is_empty() {
+                continue;
+            }
+            if !self.monitors[m].alive {
+                self.monitors[m].backlog.clear();
+            } else if self.commits(m) {
+                let backlog = std::mem::take(&mut self.monitors[m].backlog);
+                for c in backlog {
+                    self.apply_committed(c);
+                }
+                self.feed(m, Input::Applied);
+            } else if self.monitors[m].raft_leading != Some(self.term) {
+                let backlog = std::mem::take(&mut self.monitors[m].backlog);
+                if let Some(first) = backlog.first() {
+                    self.not_committed(m, first);
+                }
+            }
+        }
+    }
+
+    /// The monitor `host`'s agent gets a session with when it dials: one that takes agents
+    /// (`server::admission_check`), and that the agent reaches (the majority's leader first:
+    /// the followers it may dial first redirect it there).
+    fn admitting(&self, host: &str) -> Option<usize> {
+        let takes = |m: usize| self.takes_agents(m) && self.links(host, m);
+        self.leader
+            .filter(|m| takes(*m))
+            .or_else(|| (0..self.monitors.len()).find(|m| takes(*m)))
+    }
+
+    /// The monitor an operator's command reaches (the admin API of the leader), if any.
+    fn admin(&self) -> Option<usize> {
+        self.leader.filter(|m| self.monitors[*m].alive)
+    }
+
+    /// Each monitor's lease task and the service task's follow-up, with the shipped rules:
+    /// [`LeaseClock`] told what Raft says, probes by [`probe_due`] (answered when the monitor
+    /// hears a quorum in its own term), and every change of what it publishes turned into the
+    /// engine's inputs by [`follow_lease`].
+    fn drive_leases(&mut self) {
+        let now = self.now;
+        let sole = self.sole_voter();
+        for m in 0..self.monitors.len() {
+            if !self.monitors[m].alive {
+                continue;
+            }
+            let answered = self.leader == Some(m)
+                && self.monitors[m].raft_leading == Some(self.term)
+                && self.has_quorum(m)
+                && !self.quorum_stalled;
+            let mon = &mut self.monitors[m];
+            mon.clock.leadership(mon.raft_leading, sole, now);
+            if let Some(term) = mon.clock.raft_term() {
+                if probe_due(&mon.clock, sole, false, now, mon.next_probe_ms) {
+                    mon.next_probe_ms = now + mon.clock.probe_every_ms();
+                    if answered {
+                        mon.clock.confirmed(term, now);
+                    }
+                }
+            }
+            let serving = mon.clock.serving(now);
+            if serving == mon.published {
+                continue;
+            }
+            mon.published = serving;
+            let node = mon.node;
+            let (change, inputs) = follow_lease(serving, &mut mon.leader_term, node);
+            match change {
+                LeaseChange::Became { term } => mon.storage_leader = Some((term, node)),
+                LeaseChange::Lost => {
+                    mon.storage_leader = None;
+                    mon.record_published = None;
+                }
+                LeaseChange::Same => {}
+            }
+            for input in inputs {
+                self.feed(m, input);
+            }
+        }
     }
 
     fn wall(&self) -> u64 {
         WALL0 + self.now
     }
 
-    /// Feeds one input and carries out the actions, as the service task does.
-    fn input(&mut self, input: Input) {
-        if self.monitors_down {
+    /// Feeds one input to what `host`'s agent reports to ([`Sim::hearing`]).
+    fn report(&mut self, host: &str, input: Input) {
+        if let Some(m) = self.hearing(host) {
+            self.feed(m, input);
+        }
+    }
+
+    /// Feeds one input to monitor `m`'s engine and carries out its actions, as the service
+    /// task does: proposals through Raft (committed only when [`Sim::commits`]), the rest
+    /// from this monitor (its sessions, its fence agents, its storage worker).
+    fn feed(&mut self, m: usize, input: Input) {
+        if !self.monitors.get(m).is_some_and(|o| o.alive) {
             return;
         }
         let mut queue = vec![input];
         while let Some(input) = queue.pop() {
-            let actions = self
-                .engine
-                .handle(input, self.now, self.wall(), &self.state);
+            let (now, wall) = (self.now, self.wall());
+            let actions = {
+                let mon = &mut self.monitors[m];
+                let state = mon.stale_state.as_ref().unwrap_or(&self.state);
+                mon.engine.handle(input, now, wall, state)
+            };
             let mut applied = false;
             for a in actions {
                 match a {
                     Action::Propose(cmd) => {
-                        if let StateCommand::OrderStart { uuid, host, .. } = &cmd {
-                            if let Some(planned) = self.planned.remove(uuid) {
-                                if planned != *host {
-                                    self.plan_mismatch.push(format!(
-                                        "{uuid}: planned {planned}, ordered on {host}"
-                                    ));
-                                }
-                            }
-                        }
-                        self.state.apply(&cmd);
-                        applied = true;
+                        applied |= self.propose(m, cmd);
                     }
                     Action::Send { host, command } => {
                         if let AgentCommand::StartDomain {
                             uuid, generation, ..
                         } = &command
                         {
-                            self.define_for_start(&host, uuid, *generation);
+                            if self.hearing(&host) == Some(m) {
+                                self.define_for_start(&host, uuid, *generation, m);
+                            }
                         }
-                        self.pending.push((self.now + START_MS, host, command));
+                        self.pending.push((self.now + START_MS, host, command, m));
                     }
                     Action::Fence { host } => {
-                        self.pending_fence.push((self.now + 300, host));
+                        self.pending_fence.push((self.now + 300, host, m));
                     }
                     Action::RequestFence(req) => {
                         if self.monitor_storage_ok {
@@ -821,7 +1178,7 @@ impl Sim {
                         }
                     }
                     Action::LeaderRecord { condemned, hold } => {
-                        self.record_published = Some((self.now, condemned, hold));
+                        self.monitors[m].record_published = Some((self.now, condemned, hold));
                     }
                     Action::ClearFence { host } => {
                         if self.monitor_storage_ok {
@@ -836,8 +1193,8 @@ impl Sim {
                         message: MonitorToAgent::LeaseGrant { lease_ms, .. },
                     } => {
                         let now = self.now;
-                        if let Some(host) = self.hosts.get_mut(&h) {
-                            if host.reachable() {
+                        if self.hearing(&h) == Some(m) && self.links(&h, m) {
+                            if let Some(host) = self.hosts.get_mut(&h) {
                                 // Granted for the beat sent this very step.
                                 host.lease_until = host.lease_until.max(now + lease_ms);
                                 host.last_grant = Some(now);
@@ -848,8 +1205,8 @@ impl Sim {
                         host: Some(h),
                         message: MonitorToAgent::FenceWithdrawn { id },
                     } => {
-                        if let Some(host) = self.hosts.get_mut(&h) {
-                            if host.reachable() {
+                        if self.hearing(&h) == Some(m) && self.links(&h, m) {
+                            if let Some(host) = self.hosts.get_mut(&h) {
                                 host.withdrawn.insert(id);
                             }
                         }
@@ -861,12 +1218,13 @@ impl Sim {
                                 None => self.hosts.keys().cloned().collect(),
                             };
                             for t in targets {
+                                if self.hearing(&t) != Some(m) || !self.links(&t, m) {
+                                    continue;
+                                }
                                 if let Some(h) = self.hosts.get_mut(&t) {
-                                    if h.reachable() {
-                                        for (u, g) in &entries {
-                                            let e = h.newest.entry(u.clone()).or_insert(*g);
-                                            *e = (*e).max(*g);
-                                        }
+                                    for (u, g) in &entries {
+                                        let e = h.newest.entry(u.clone()).or_insert(*g);
+                                        *e = (*e).max(*g);
                                     }
                                 }
                             }
@@ -910,6 +1268,7 @@ impl Sim {
     }
 
     fn stop_event(&mut self, host: &str, uuid: &str, kind: LifecycleKind, reason: StateReason) {
+        let hearing = self.hearing(host);
         let Some(h) = self.hosts.get_mut(host) else {
             return;
         };
@@ -923,7 +1282,7 @@ impl Sim {
         d.reason = reason;
         let generation = Some(d.generation);
         let seq = h.observe();
-        if h.reachable() {
+        if let Some(m) = hearing.filter(|_| h.reachable()) {
             let (late, instance) = (h.late_by(false, seq), h.instance);
             let ev = DomainEvent {
                 uuid: uuid.to_string(),
@@ -940,11 +1299,11 @@ impl Sim {
                 seq,
             });
             if late == 0 {
-                self.input(report);
+                self.feed(m, report);
             } else {
                 // Late (`reorder-reports H on all`): after newer reports, maybe.
                 self.delayed
-                    .push((self.now + late, host.to_string(), instance, report));
+                    .push((self.now + late, host.to_string(), instance, report, m));
             }
         }
     }
@@ -1054,14 +1413,22 @@ impl Sim {
                 }
             }
             Fault::MonitorsDown => {
-                self.monitors_down = true;
+                for m in self.monitors.iter_mut() {
+                    m.alive = false;
+                    m.restart_at = None;
+                }
                 for h in self.hosts.values_mut() {
-                    h.connected_to_engine = false;
+                    h.session = None;
                 }
             }
-            Fault::MonitorsUp if !self.monitors_down => {}
+            Fault::MonitorsUp if !self.monitors_down() => {}
             Fault::MonitorsUp => {
-                self.monitors_down = false;
+                for i in 0..self.monitors.len() {
+                    if !self.monitors[i].alive {
+                        let node = self.monitors[i].node;
+                        self.monitors[i] = self.fresh_monitor(node);
+                    }
+                }
                 // Agents back off while no monitor answers: they come back over a couple of
                 // seconds, after the new leader already writes its record.
                 let now = self.now;
@@ -1090,6 +1457,16 @@ impl Sim {
                 }
             }
             Fault::NewLeader => self.new_leader(),
+            Fault::LeaderCrash => {
+                if let Some(m) = self.leader.filter(|m| self.monitors[*m].alive) {
+                    self.crash_monitor(m);
+                }
+            }
+            Fault::PartitionLeader(on, hosts) => self.partition_leader(on, hosts),
+            Fault::When(trigger, fault) => {
+                let until = self.now + WHEN_WAIT_MS;
+                self.waiting.push((trigger, *fault, until));
+            }
             Fault::StaleAck(h, on) => {
                 if let Some(host) = self.hosts.get_mut(&h) {
                     host.stale_ack = on;
@@ -1118,35 +1495,39 @@ impl Sim {
             Fault::QuorumStall(on) => self.quorum_stalled = on,
             Fault::Maintenance(h, on) => {
                 // An operator's command, committed through Raft like any other.
-                if !self.monitors_down {
+                if let Some(m) = self.admin() {
                     let at_ms = self.wall();
-                    self.commit(StateCommand::SetMaintenance { at_ms, host: h, on });
+                    self.commit(m, StateCommand::SetMaintenance { at_ms, host: h, on });
                 }
             }
             // Operators' commands, checked the way the admin API checks them.
             Fault::ConfirmOff(h, by) => {
-                if self.monitors_down {
+                let Some(m) = self.admin() else {
                     return;
-                }
-                match self.engine.confirm_off_refusal(&h, self.now) {
+                };
+                match self.monitors[m].engine.confirm_off_refusal(&h, self.now) {
                     Some(why) => self.log.push(format!("{:>6} REFUSED {why}", self.now)),
                     None => {
                         let at_ms = self.wall();
-                        self.commit(StateCommand::OperatorConfirmedOff { at_ms, host: h, by });
+                        self.commit(m, StateCommand::OperatorConfirmedOff { at_ms, host: h, by });
                     }
                 }
             }
             Fault::OperatorFence(h, by, force) => {
-                if self.monitors_down {
+                let Some(m) = self.admin() else {
                     return;
-                }
-                match self.engine.fence_refusal(&h, force, self.now) {
+                };
+                match self.monitors[m].engine.fence_refusal(&h, force, self.now) {
                     Some(why) => self.log.push(format!("{:>6} REFUSED {why}", self.now)),
-                    None => self.input(Input::OperatorFence { host: h, by }),
+                    None => self.feed(m, Input::OperatorFence { host: h, by }),
                 }
             }
             Fault::Plan(hosts) => {
-                match self.engine.plan_failures(&hosts, &self.state, self.wall()) {
+                let m = self.leader.unwrap_or(0);
+                let plan = self.monitors[m]
+                    .engine
+                    .plan_failures(&hosts, &self.state, self.wall());
+                match plan {
                     Ok(vms) => {
                         for v in vms {
                             let target = match &v.outcome {
@@ -1166,16 +1547,16 @@ impl Sim {
                 }
             }
             Fault::ReleaseHold(cluster, by) => {
-                if self.monitors_down {
+                let Some(m) = self.admin() else {
                     return;
-                }
-                if self.engine.held_clusters().is_empty() {
+                };
+                if self.monitors[m].engine.held_clusters().is_empty() {
                     self.log.push(format!(
                         "{:>6} REFUSED no fencing hold is in place",
                         self.now
                     ));
                 } else {
-                    self.input(Input::ReleaseHold { cluster, by });
+                    self.feed(m, Input::ReleaseHold { cluster, by });
                 }
             }
         }
@@ -1185,6 +1566,9 @@ impl Sim {
     /// late with `reorder-reports`.
     fn report_listing(&mut self, host: &str, domains: Vec<DomainInfo>) {
         let now = self.now;
+        let Some(m) = self.hearing(host) else {
+            return;
+        };
         let Some(h) = self.hosts.get_mut(host) else {
             return;
         };
@@ -1197,10 +1581,10 @@ impl Sim {
             seq,
         });
         if due <= now {
-            self.input(input);
+            self.feed(m, input);
         } else {
             self.delayed
-                .push((due, host.to_string(), h.instance, input));
+                .push((due, host.to_string(), h.instance, input, m));
         }
     }
 
@@ -1209,18 +1593,17 @@ impl Sim {
     /// the session lasts (a partition it survives); when it ends, the monitor hears that the
     /// agent disconnected before answering (see [`Sim::answers_lost`]).
     fn deliver_delayed(&mut self) {
-        let due = take_due(&mut self.delayed, self.now, |(t, _, _, _)| *t);
-        for (t, host, instance, input) in due {
-            let (live, session) = self.hosts.get(&host).map_or((false, false), |h| {
-                (
-                    h.reachable() && h.connected_to_engine && h.instance == instance,
-                    h.connected_to_engine && h.instance == instance,
-                )
-            });
+        let due = take_due(&mut self.delayed, self.now, |(t, _, _, _, _)| *t);
+        for (t, host, instance, input, m) in due {
+            let session = self
+                .hosts
+                .get(&host)
+                .is_some_and(|h| h.session == Some(m) && h.instance == instance);
+            let live = session && self.links(&host, m);
             if live {
-                self.input(input);
+                self.feed(m, input);
             } else if session && matches!(input, Input::CommandDone(_)) {
-                self.delayed.push((t, host, instance, input));
+                self.delayed.push((t, host, instance, input, m));
             }
         }
     }
@@ -1231,15 +1614,18 @@ impl Sim {
     fn answers_lost(&mut self, host: &str) {
         let (lost, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed)
             .into_iter()
-            .partition(|(_, h, _, i)| h == host && matches!(i, Input::CommandDone(_)));
+            .partition(|(_, h, _, i, _)| h == host && matches!(i, Input::CommandDone(_)));
         self.delayed = kept;
-        for (_, _, _, input) in lost {
+        for (_, _, _, input, m) in lost {
             if let Input::CommandDone(answer) = input {
-                self.input(Input::CommandDone(CommandAnswer {
-                    result: Err(CommandError::Lost(host.to_string())),
-                    seq: None,
-                    ..answer
-                }));
+                self.feed(
+                    m,
+                    Input::CommandDone(CommandAnswer {
+                        result: Err(CommandError::Lost(host.to_string())),
+                        seq: None,
+                        ..answer
+                    }),
+                );
             }
         }
     }
@@ -1247,7 +1633,7 @@ impl Sim {
     /// The agent received a start order: like libvirt, it defines the domain (shut off, with
     /// the order's generation in its metadata) before starting it, and its watcher lists the
     /// host again on the "defined" event. That listing shows the domain shut off.
-    fn define_for_start(&mut self, host: &str, uuid: &str, generation: u64) {
+    fn define_for_start(&mut self, host: &str, uuid: &str, generation: u64, m: usize) {
         let Some(h) = self.hosts.get_mut(host) else {
             return;
         };
@@ -1283,6 +1669,7 @@ impl Sim {
                 health: HypervisorHealth::Healthy,
                 seq,
             }),
+            m,
         ));
     }
 
@@ -1291,25 +1678,149 @@ impl Sim {
         self.next_instance
     }
 
-    /// A new leader: same replicated state (the log), fresh soft state.
+    /// Every monitor is down.
+    fn monitors_down(&self) -> bool {
+        self.monitors.iter().all(|m| !m.alive)
+    }
+
+    /// A new leader: same replicated state (the log), fresh soft state. A sole monitor is
+    /// replaced by a fresh process in a new term (node id = term, as every scenario before
+    /// issue 12 has it); of several, the leader hands over to the next one of the majority,
+    /// which waits out its lease like any new leader.
     fn new_leader(&mut self) {
-        self.term += 1;
-        let policy = self.engine_policy();
-        self.engine = Engine::new(detector(), policy, self.now)
-            .with_failover(self.failover.clone())
-            .with_leases(self.lease.clone(), 500)
-            .with_leader_lease();
-        for h in self.hosts.values_mut() {
-            h.connected_to_engine = false;
+        if self.sole_voter() {
+            self.term += 1;
+            let mut mon = self.fresh_monitor(self.term);
+            mon.raft_leading = Some(self.term);
+            self.monitors[0] = mon;
+            self.leader = Some(0);
+            for h in self.hosts.values_mut() {
+                h.session = None;
+            }
+        } else {
+            let from = self.leader.unwrap_or(0);
+            if let Some(next) = self.candidate(from) {
+                self.elect(next);
+            }
         }
         // Answers in flight to the old leader die with its sessions (this one never sent
         // those commands).
         self.delayed
-            .retain(|(_, _, _, i)| !matches!(i, Input::CommandDone(_)));
-        self.input(Input::BecameLeader {
-            term: self.term,
-            node: self.term,
+            .retain(|(_, _, _, i, _)| !matches!(i, Input::CommandDone(_)));
+        self.drive_leases();
+    }
+
+    /// The monitor the majority elects after `from`: the next one that is up and not cut off.
+    fn candidate(&self, from: usize) -> Option<usize> {
+        let n = self.monitors.len();
+        (1..=n)
+            .map(|k| (from + k) % n)
+            .find(|i| self.monitors[*i].alive && !self.monitors[*i].cut)
+    }
+
+    /// `m` wins an election in the next term. The monitors of the majority hear the new term
+    /// (an old leader among them steps down); a cut-off one does not and keeps believing.
+    fn elect(&mut self, m: usize) {
+        self.term += 1;
+        for (i, o) in self.monitors.iter_mut().enumerate() {
+            if i != m && o.alive && !o.cut {
+                o.raft_leading = None;
+            }
+        }
+        self.monitors[m].raft_leading = Some(self.term);
+        self.leader = Some(m);
+        self.election_at = None;
+        if !self.sole_voter() {
+            self.log.push(format!(
+                "{:>6} ELECTION monitor node {} leads term {} (Raft)",
+                self.now, self.monitors[m].node, self.term
+            ));
+        }
+    }
+
+    /// Monitor `m`'s process dies: its engine, lease and sessions with it. Its agents notice
+    /// when the transport's idle timeout passes (no close frame comes from a dead process).
+    fn crash_monitor(&mut self, m: usize) {
+        let now = self.now;
+        let node = self.monitors[m].node;
+        self.monitors[m].alive = false;
+        self.monitors[m].restart_at = Some(now + MONITOR_RESTART_MS);
+        self.monitors[m].storage_leader = None;
+        for h in self.hosts.values_mut() {
+            if h.session == Some(m) {
+                h.session = None;
+                h.reconnect_after = h.reconnect_after.max(now + SESSION_IDLE_MS);
+            }
+        }
+        self.delayed.retain(|(_, _, _, _, to)| *to != m);
+        self.pending.retain(|(_, _, _, to)| *to != m);
+        self.pending_fence.retain(|(_, _, to)| *to != m);
+        self.log
+            .push(format!("{now:>6} MONITOR node {node} crashed"));
+    }
+
+    /// `partition-leader on|off [hosts]`: the leader (on) cut from the other monitors, and
+    /// with `hosts` from every agent too; it keeps running and Raft keeps telling it it leads.
+    /// Off: it hears the majority again, steps down if a newer term was elected meanwhile,
+    /// and catches up with the log.
+    fn partition_leader(&mut self, on: bool, hosts: bool) {
+        if on {
+            let Some(m) = self.leader.filter(|m| self.monitors[*m].alive) else {
+                return;
+            };
+            let several = !self.sole_voter();
+            if several && !self.monitors[m].cut {
+                self.monitors[m].stale_state = Some(self.state.clone());
+            }
+            self.monitors[m].cut = several;
+            self.monitors[m].cut_hosts = hosts;
+            self.monitors[m].cut_at = self.now;
+            return;
+        }
+        let term = self.term;
+        for mon in self.monitors.iter_mut() {
+            if mon.cut || mon.cut_hosts {
+                mon.cut = false;
+                mon.cut_hosts = false;
+                mon.stale_state = None;
+                if mon.raft_leading.is_some_and(|t| t < term) {
+                    mon.raft_leading = None;
+                }
+            }
+        }
+    }
+
+    /// Raft among the monitors: crashed ones come back (followers, fresh processes), and a
+    /// majority that hears no leader elects one after an election timeout.
+    fn raft_step(&mut self) {
+        let now = self.now;
+        for i in 0..self.monitors.len() {
+            if self.monitors[i].restart_at.is_some_and(|t| t <= now) {
+                let node = self.monitors[i].node;
+                self.monitors[i] = self.fresh_monitor(node);
+                self.log.push(format!(
+                    "{now:>6} MONITOR node {node} restarted (a follower)"
+                ));
+            }
+        }
+        // Led: the leader of the current term is up and in the majority (a crashed leader
+        // that came back is a follower: it leads nothing until elected again).
+        let led = self.leader.is_some_and(|l| {
+            let o = &self.monitors[l];
+            o.alive && !o.cut && o.raft_leading == Some(self.term)
         });
+        let majority = self.monitors.iter().position(|o| o.alive && !o.cut);
+        match majority {
+            Some(any) if !led && self.has_quorum(any) => {
+                let at = *self.election_at.get_or_insert(now + ELECTION_TIMEOUT_MS);
+                if now >= at {
+                    if let Some(c) = self.candidate(self.leader.unwrap_or(0)) {
+                        self.elect(c);
+                    }
+                }
+            }
+            _ => self.election_at = None,
+        }
     }
 
     /// Each agent's isolation guard: the agent's own pure decisions
@@ -1522,23 +2033,37 @@ impl Sim {
                 });
             }
         }
-        if self.monitors_down {
-            return;
+        // Every monitor's storage worker runs its cycle; only one whose engine holds the
+        // lease (`set_leader`) and keeps publishing writes the leader record.
+        for m in 0..self.monitors.len() {
+            if self.monitors[m].alive {
+                self.monitor_storage_cycle(m, &pool);
+            }
         }
+    }
+
+    /// One storage cycle of monitor `m` (what `monitor/src/storage.rs` does and reports).
+    fn monitor_storage_cycle(&mut self, m: usize, pool: &str) {
+        let now = self.now;
         if !self.monitor_storage_ok {
-            self.input(Input::Storage {
-                pool,
-                result: Err(crate::storage::PoolFault::Io("simulated outage".into())),
-            });
+            self.feed(
+                m,
+                Input::Storage {
+                    pool: pool.to_string(),
+                    result: Err(crate::storage::PoolFault::Io("simulated outage".into())),
+                },
+            );
             return;
         }
         // The record is written only while the engine keeps deciding (publishing).
-        let published = self
-            .record_published
-            .as_ref()
-            .filter(|(t, _, _)| now.saturating_sub(*t) <= 1_000)
-            .map(|(_, c, hold)| (c.clone(), *hold));
-        if let Some((c, hold)) = &published {
+        let mon = &self.monitors[m];
+        let published = mon.storage_leader.and_then(|(term, node)| {
+            mon.record_published
+                .as_ref()
+                .filter(|(t, _, _)| now.saturating_sub(*t) <= 1_000)
+                .map(|(_, c, hold)| (term, node, c.clone(), *hold))
+        });
+        if let Some((term, node, c, hold)) = &published {
             if self
                 .leader_record_at
                 .is_none_or(|t| now.saturating_sub(t) > self.lease.duration_ms)
@@ -1547,18 +2072,17 @@ impl Sim {
             }
             self.leader_record_at = Some(now);
             self.record_read = LeaderRecord {
-                term: self.term,
-                node: 1,
+                term: *term,
+                node: *node,
                 seq: self.record_read.seq + 1,
                 wall_ms: now,
                 condemned: c.clone(),
                 hold: *hold,
             };
             // Agents learn the term from the record they read.
-            let term = self.term;
             for h in self.hosts.values_mut() {
                 if h.powered && h.agent_alive && h.storage_ok {
-                    h.known_term = h.known_term.max(term);
+                    h.known_term = h.known_term.max(*term);
                 }
             }
         }
@@ -1573,20 +2097,24 @@ impl Sim {
             })
             .collect();
         let acks = self.hosts.values().filter_map(|h| h.ack.clone()).collect();
-        self.input(Input::Storage {
-            pool,
-            result: Ok(StorageCycle {
-                leader_written: published.is_some(),
-                // As the monitor's storage worker reports it (monitor/src/storage.rs).
-                condemned: if published.is_some() {
-                    self.record_read.condemned_hosts()
-                } else {
-                    Vec::new()
-                },
-                heartbeats,
-                acks,
-            }),
-        });
+        let condemned = if published.is_some() {
+            // As the monitor's storage worker reports it (monitor/src/storage.rs).
+            self.record_read.condemned_hosts()
+        } else {
+            Vec::new()
+        };
+        self.feed(
+            m,
+            Input::Storage {
+                pool: pool.to_string(),
+                result: Ok(StorageCycle {
+                    leader_written: published.is_some(),
+                    condemned,
+                    heartbeats,
+                    acks,
+                }),
+            },
+        );
     }
 
     fn engine_policy(&self) -> RecoveryConfig {
@@ -1720,26 +2248,29 @@ impl Sim {
                 .hosts
                 .iter()
                 .filter(|(_, h)| h.incompatible && h.agent_alive && h.powered && !h.partitioned)
-                .filter(|_| !self.monitors_down)
                 .map(|(n, _)| n.clone())
                 .collect();
+            let admin = self.admin().filter(|m| !self.monitors[*m].cut_hosts);
             for host in knocking {
+                let Some(m) = admin else {
+                    break;
+                };
                 let now = self.now;
                 if let Some(h) = self.hosts.get_mut(&host) {
                     h.unmanaged_at = Some(now);
                 }
-                self.input(Input::AgentIncompatible {
-                    host,
-                    detail: "protocol version mismatch (simulated)".into(),
-                });
+                self.feed(
+                    m,
+                    Input::AgentIncompatible {
+                        host,
+                        detail: "protocol version mismatch (simulated)".into(),
+                    },
+                );
             }
         }
-        if !self.quorum_stalled {
-            let now = self.now;
-            self.input(Input::LeaderLease {
-                until_ms: Some(now + LEADER_LEASE_MS),
-            });
-        }
+        self.raft_step();
+        self.flush_backlogs();
+        self.drive_leases();
         self.deliver_delayed();
         if self.now % 500 == 0 {
             self.storage_cycle();
@@ -1755,19 +2286,49 @@ impl Sim {
             let Some(h) = self.hosts.get(name).cloned() else {
                 continue;
             };
-            if !h.reachable() {
+            // A monitor that no longer takes agents closes its sessions (NOT_LEADER, as
+            // `server::follow_leadership` does: at once when Raft's view changes, else on its
+            // sweep every 500 ms): its agents go to the leader.
+            let closes = |m: usize| {
+                self.monitors[m].raft_leading.is_none()
+                    || (self.now % 500 == 0 && !self.takes_agents(m))
+            };
+            if let Some(m) = h.session.filter(|m| closes(*m)) {
+                let now = self.now;
+                if let Some(hm) = self.hosts.get_mut(name) {
+                    hm.session = None;
+                    hm.reconnect_after = hm.reconnect_after.max(now + AGENT_REDIAL_MS);
+                }
+                self.feed(m, Input::AgentDisconnected { host: name.clone() });
+                self.answers_lost(name);
+                continue;
+            }
+            let linked = match h.session {
+                Some(m) => self.links(name, m),
+                None => h.reachable(),
+            };
+            if !linked {
                 // A QUIC session outlives a short partition (until its idle timeout): the
                 // monitor hears nothing, but no disconnect either.
+                let cut_at = h.session.and_then(|m| {
+                    self.monitors[m]
+                        .cut_hosts
+                        .then_some(self.monitors[m].cut_at)
+                });
+                let since = if h.partitioned {
+                    h.partitioned_at
+                } else {
+                    cut_at
+                };
                 let session_survives = h.powered
                     && h.agent_alive
-                    && h.partitioned
-                    && h.partitioned_at
-                        .is_some_and(|t| self.now < t + SESSION_IDLE_MS);
-                if h.connected_to_engine && !session_survives {
+                    && (h.partitioned || cut_at.is_some())
+                    && since.is_some_and(|t| self.now < t + SESSION_IDLE_MS);
+                if let Some(m) = h.session.filter(|_| !session_survives) {
                     if let Some(hm) = self.hosts.get_mut(name) {
-                        hm.connected_to_engine = false;
+                        hm.session = None;
                     }
-                    self.input(Input::AgentDisconnected { host: name.clone() });
+                    self.feed(m, Input::AgentDisconnected { host: name.clone() });
                     self.answers_lost(name);
                 }
                 continue;
@@ -1776,38 +2337,51 @@ impl Sim {
                 memory_available_bytes: self.memory_gib.get(name).copied().unwrap_or(16) << 30,
                 ..HostFacts::default()
             };
-            if !h.connected_to_engine && self.now < h.reconnect_after {
+            if h.session.is_none() && self.now < h.reconnect_after {
                 continue;
             }
-            if h.connected_to_engine && !h.queued.is_empty() {
+            if h.session.is_some() && !h.queued.is_empty() {
                 // A session that survived a partition delivers what queued up meanwhile.
                 self.deliver_queued(name);
             }
-            if !h.connected_to_engine {
-                if let Some(hm) = self.hosts.get_mut(name) {
-                    hm.connected_to_engine = true;
+            let m = match h.session {
+                Some(m) => m,
+                None => {
+                    let Some(m) = self.admitting(name) else {
+                        continue;
+                    };
+                    if let Some(hm) = self.hosts.get_mut(name) {
+                        hm.session = Some(m);
+                    }
+                    self.feed(
+                        m,
+                        Input::AgentConnected(Hello {
+                            host: name.clone(),
+                            zone: h.zone.clone(),
+                            cluster: h.cluster.clone(),
+                            agent_version: "sim".into(),
+                            facts: facts.clone(),
+                            instance: h.instance,
+                            pools: self.pool.iter().cloned().collect(),
+                            addr: Some(std::net::IpAddr::from([198, 18, 0, 1])),
+                        }),
+                    );
+                    // What happened while cut off, then the current inventory (as the session).
+                    self.deliver_queued(name);
+                    let domains = self.domain_infos(name);
+                    let seq = self.hosts.get_mut(name).map_or(0, SimHost::observe);
+                    self.feed(
+                        m,
+                        Input::Inventory(Listing {
+                            host: name.clone(),
+                            domains,
+                            health: HypervisorHealth::Healthy,
+                            seq,
+                        }),
+                    );
+                    m
                 }
-                self.input(Input::AgentConnected(Hello {
-                    host: name.clone(),
-                    zone: h.zone.clone(),
-                    cluster: h.cluster.clone(),
-                    agent_version: "sim".into(),
-                    facts: facts.clone(),
-                    instance: h.instance,
-                    pools: self.pool.iter().cloned().collect(),
-                    addr: Some(std::net::IpAddr::from([198, 18, 0, 1])),
-                }));
-                // What happened while cut off, then the current inventory (as the session).
-                self.deliver_queued(name);
-                let domains = self.domain_infos(name);
-                let seq = self.hosts.get_mut(name).map_or(0, SimHost::observe);
-                self.input(Input::Inventory(Listing {
-                    host: name.clone(),
-                    domains,
-                    health: HypervisorHealth::Healthy,
-                    seq,
-                }));
-            }
+            };
             if self.now % 100 == 0 {
                 let pools = self
                     .pool
@@ -1822,25 +2396,31 @@ impl Sim {
                         },
                     })
                     .collect();
-                self.input(Input::Heartbeat(Beat {
-                    host: name.clone(),
-                    seq: self.now,
-                    facts,
-                    mono_ms: self.now - h.agent_started_at,
-                    pools,
-                    watchdog_ms: self.watchdog_ms.filter(|_| h.watchdog_fed.is_some()),
-                }));
+                self.feed(
+                    m,
+                    Input::Heartbeat(Beat {
+                        host: name.clone(),
+                        seq: self.now,
+                        facts,
+                        mono_ms: self.now - h.agent_started_at,
+                        pools,
+                        watchdog_ms: self.watchdog_ms.filter(|_| h.watchdog_fed.is_some()),
+                    }),
+                );
             }
             if self.now % 500 == 0 {
                 let domains = self.domain_infos(name);
                 // Like the real agent: the definitions of HA domains, shipped on polls.
                 for d in &domains {
                     if self.ha.contains_key(&d.uuid) {
-                        self.input(Input::Definition(DefinitionReport {
-                            host: name.clone(),
-                            uuid: d.uuid.clone(),
-                            xml: format!("<domain><uuid>{}</uuid></domain>", d.uuid),
-                        }));
+                        self.feed(
+                            m,
+                            Input::Definition(DefinitionReport {
+                                host: name.clone(),
+                                uuid: d.uuid.clone(),
+                                xml: format!("<domain><uuid>{}</uuid></domain>", d.uuid),
+                            }),
+                        );
                     }
                 }
                 self.report_listing(name, domains);
@@ -1848,9 +2428,10 @@ impl Sim {
         }
         self.stale_check();
         // Commands that are due.
-        let due = take_due(&mut self.pending, self.now, |(t, _, _)| *t);
-        for (_, host, command) in due {
-            let alive = self.hosts.get(&host).is_some_and(SimHost::reachable);
+        let due = take_due(&mut self.pending, self.now, |(t, _, _, _)| *t);
+        for (_, host, command, m) in due {
+            // The order reaches the agent only over its session with the monitor that sent it.
+            let alive = self.hearing(&host) == Some(m) && self.links(&host, m);
             let result = if !alive {
                 Err(CommandError::NotConnected(host.clone()))
             } else {
@@ -1914,14 +2495,15 @@ impl Sim {
                 seq,
             });
             if late == 0 {
-                self.input(answer);
+                self.feed(m, answer);
             } else {
-                self.delayed.push((self.now + late, host, instance, answer));
+                self.delayed
+                    .push((self.now + late, host, instance, answer, m));
             }
         }
         // Fence agents that are due.
-        let fences = take_due(&mut self.pending_fence, self.now, |(t, _)| *t);
-        for (_, host) in fences {
+        let fences = take_due(&mut self.pending_fence, self.now, |(t, _, _)| *t);
+        for (_, host, m) in fences {
             let result = match self.hosts.get_mut(&host) {
                 Some(h) if !h.fence_fails => {
                     h.power_off();
@@ -1935,9 +2517,14 @@ impl Sim {
                     },
                 ))),
             };
+            let by = if self.sole_voter() {
+                String::new()
+            } else {
+                format!(" (run by monitor node {})", self.monitors[m].node)
+            };
             self.log
-                .push(format!("{:>6} FENCE {host}: {result:?}", self.now));
-            self.input(Input::FenceDone { host, result });
+                .push(format!("{:>6} FENCE {host}{by}: {result:?}", self.now));
+            self.feed(m, Input::FenceDone { host, result });
         }
         // Anti-affinity groups, once the VMs are registered.
         for (uuid, group) in take_once_known(&mut self.groups, |u| self.state.vms.contains_key(u)) {
@@ -1955,8 +2542,42 @@ impl Sim {
                 tag,
             });
         }
-        self.input(Input::Tick);
+        for m in 0..self.monitors.len() {
+            self.feed(m, Input::Tick);
+        }
         self.stale_check();
+        self.fire_waiting();
+    }
+
+    /// `when` faults whose condition the committed state now shows.
+    fn fire_waiting(&mut self) {
+        let waiting = std::mem::take(&mut self.waiting);
+        for (trigger, fault, until) in waiting {
+            let holds = match &trigger {
+                Trigger::Fencing(h) => self
+                    .state
+                    .hosts
+                    .get(h)
+                    .is_some_and(|r| matches!(r.phase, HostPhase::Fencing { .. })),
+                Trigger::Recovering(u) => self
+                    .state
+                    .vms
+                    .get(u)
+                    .is_some_and(|v| matches!(v.phase, Phase::Recovering { .. })),
+            };
+            if holds {
+                self.log
+                    .push(format!("{:>6} WHEN {trigger:?} holds", self.now));
+                self.apply_fault(fault);
+            } else if self.now >= until {
+                self.log.push(format!(
+                    "{:>6} WHEN {trigger:?} never held: dropped",
+                    self.now
+                ));
+            } else {
+                self.waiting.push((trigger, fault, until));
+            }
+        }
     }
 
     /// Delivers what `host`'s agent queued up while it was cut off.
@@ -1967,15 +2588,22 @@ impl Sim {
             .map(|hm| std::mem::take(&mut hm.queued))
             .unwrap_or_default();
         for q in queued {
-            self.input(q);
+            self.report(host, q);
         }
     }
 
-    /// An operator's command: committed (the simulated Raft commits at once), then the engine
-    /// is told, as after any commit.
-    fn commit(&mut self, cmd: StateCommand) {
+    /// An operator's command through monitor `m`'s admin API: committed when `m` can commit
+    /// (else refused: no quorum answers), then the engine is told, as after any commit.
+    fn commit(&mut self, m: usize, cmd: StateCommand) {
+        if !self.commits(m) {
+            self.log.push(format!(
+                "{:>6} REFUSED the write did not commit (no quorum)",
+                self.now
+            ));
+            return;
+        }
         self.state.apply(&cmd);
-        self.input(Input::Applied);
+        self.feed(m, Input::Applied);
     }
 
     /// The agents' own stale check (the real agent destroys stale copies on each poll and when
@@ -2012,12 +2640,15 @@ impl Sim {
                 if !self.hosts.get(name).is_some_and(SimHost::reachable) {
                     continue;
                 }
-                self.input(Input::StaleDestroyed(StaleCopyDestroyed {
-                    host: name.clone(),
-                    uuid: u,
-                    found: Some(found),
-                    newest,
-                }));
+                self.report(
+                    name,
+                    Input::StaleDestroyed(StaleCopyDestroyed {
+                        host: name.clone(),
+                        uuid: u,
+                        found: Some(found),
+                        newest,
+                    }),
+                );
             }
         }
     }
@@ -2028,6 +2659,13 @@ impl Sim {
             return Err(Violation::PlanMismatch {
                 at_ms: self.now,
                 detail: detail.clone(),
+            });
+        }
+        let acting = self.acting_leaders();
+        if acting.len() > 1 {
+            return Err(Violation::TwoLeadersAct {
+                at_ms: self.now,
+                nodes: acting,
             });
         }
         let mut running: BTreeMap<&str, Vec<String>> = BTreeMap::new();
@@ -2074,6 +2712,16 @@ impl Sim {
             ));
         }
         out
+    }
+
+    /// The monitors that may act as leader now (their lease task says they serve, and their
+    /// engine was told it leads): after healing, exactly one.
+    pub fn acting_leaders(&self) -> Vec<u64> {
+        self.monitors
+            .iter()
+            .filter(|m| m.alive && m.clock.serving(self.now).is_some() && m.engine.is_leader())
+            .map(|m| m.node)
+            .collect()
     }
 
     /// Faults applied, for the golden file's header.

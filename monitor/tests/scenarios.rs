@@ -270,6 +270,41 @@ fn a_fence_request_never_uses_instance_zero() {
     );
 }
 
+#[test]
+fn a_stale_leader_cut_from_the_monitors_does_not_keep_the_agents() {
+    // Three monitors; hv2 dies, and while it is being fenced the leader is cut from the two
+    // other monitors for 30 s (it still reaches every host). Its lease runs out and the
+    // majority elects a new leader, which must be able to recover u1 long before the
+    // partition heals: the agents must not stay with a leader that can no longer act.
+    let sim = run_inline(
+        "monitors 3\nstorage pool=primary\nhost hv1\nhost hv2\nhost hv3\nvm u1 host=hv2\n\
+         at 1000 crash-host hv2\nat 1000 when fencing hv2 partition-leader on\n\
+         at 40000 partition-leader off\nrun 15000\n",
+    );
+    assert!(sim.settled().is_empty(), "{}", render(&sim));
+    assert_eq!(sim.acting_leaders(), vec![2], "{}", render(&sim));
+    let log = sim.event_log();
+    assert!(!log.contains("host hv1 is down"), "{}", render(&sim));
+    assert!(!log.contains("host hv3 is down"), "{}", render(&sim));
+}
+
+#[test]
+fn leader_crash_and_partition_heal_to_exactly_one_acting_leader() {
+    for fault in [
+        "leader-crash",
+        "partition-leader on",
+        "partition-leader on hosts",
+    ] {
+        let sim = run_inline(&format!(
+            "monitors 3\nhost hv1\nhost hv2\nvm u1 host=hv1\nvm u2 host=hv2\n\
+             at 1000 crash-vm u1\nat 1000 when recovering u1 {fault}\nat 3000 crash-vm u2\n\
+             at 6000 partition-leader off\nrun 14000\n"
+        ));
+        assert!(sim.settled().is_empty(), "{fault}: {}", render(&sim));
+        assert_eq!(sim.acting_leaders().len(), 1, "{fault}: {}", render(&sim));
+    }
+}
+
 /// A tiny deterministic generator (splitmix64), so runs are reproducible from their seed.
 struct Rng(u64);
 
@@ -385,9 +420,61 @@ fn random_scenario(seed: u64) -> String {
         };
         s.push_str(&format!("at {t} {f}\n"));
     }
-    // Heal everything (the monitors first: operators' commands need them).
+    // Issue 12 item 8: half the runs have three monitors, with faults of their own drawn
+    // from a second generator (the draws above stay as they were for every seed): the
+    // leader crashes, or is cut from the other monitors (and in half of those from the
+    // hosts too) while it goes on running, at random times and the moment a fence or a
+    // recovery is under way; clean handovers; lost quorum acknowledgements.
+    let mut mr = Rng(seed ^ 0x0005_EED0_F4D0_1707);
+    let multi = mr.below(2) == 0;
+    if multi {
+        s.push_str("monitors 3\n");
+        let mut mt = 500;
+        loop {
+            mt += 300 + mr.below(4_000);
+            // All of them before the healing below (where operators' commands must commit).
+            if mt >= t {
+                break;
+            }
+            let h = 1 + mr.below(hosts);
+            let v = 1 + mr.below(vms);
+            let hosts_too = if mr.below(2) == 0 { " hosts" } else { "" };
+            let back = mt + 200 + mr.below(6_000);
+            let f = match mr.below(8) {
+                0 => "leader-crash".to_string(),
+                1 => {
+                    s.push_str(&format!("at {back} partition-leader off\n"));
+                    format!("partition-leader on{hosts_too}")
+                }
+                2 => format!("when fencing hv{h} leader-crash"),
+                3 => format!("when recovering u{v} leader-crash"),
+                4 | 5 => {
+                    // Healed some time after the condition can have held (a `when` waits
+                    // at most 10 s).
+                    let wait = if mr.below(2) == 0 {
+                        format!("when fencing hv{h}")
+                    } else {
+                        format!("when recovering u{v}")
+                    };
+                    s.push_str(&format!("at {} partition-leader off\n", back + 10_000));
+                    format!("{wait} partition-leader on{hosts_too}")
+                }
+                6 => "new-leader".to_string(),
+                _ => {
+                    s.push_str(&format!("at {back} quorum-stall off\n"));
+                    "quorum-stall on".to_string()
+                }
+            };
+            s.push_str(&format!("at {mt} {f}\n"));
+        }
+    }
+    // Heal everything (the monitors first: operators' commands need them). A partition a
+    // `when` fault starts late (10 s at most after its time) is healed by the second line.
     t += 100;
-    s.push_str(&format!("at {t} monitors-up\nat {t} quorum-stall off\n"));
+    s.push_str(&format!(
+        "at {t} monitors-up\nat {t} quorum-stall off\nat {t} partition-leader off\nat {} partition-leader off\n",
+        t + 10_100
+    ));
     t += 100;
     for h in 1..=hosts {
         s.push_str(&format!("at {t} start-agent hv{h}\nat {t} start-fails hv{h} off\nat {t} drop-answers hv{h} off\nat {t} heal hv{h}\nat {t} fence-fails hv{h} off\nat {t} power-on hv{h}\nat {t} maintenance hv{h} off\nat {t} version-mismatch hv{h} off\nat {t} reorder-reports hv{h} off\n"));
@@ -430,7 +517,12 @@ fn seeded_random_faults_never_run_a_vm_twice() {
                 sim.event_log()
             );
         }
-        let unsettled = sim.settled();
+        let mut unsettled = sim.settled();
+        // And exactly one monitor acts as leader.
+        let acting = sim.acting_leaders();
+        if acting.len() != 1 {
+            unsettled.push(format!("monitors acting as leader at the end: {acting:?}"));
+        }
         if !unsettled.is_empty() {
             if runs == 1 {
                 eprintln!("--- scenario\n{text}\n--- log\n{}", sim.event_log());
@@ -438,8 +530,9 @@ fn seeded_random_faults_never_run_a_vm_twice() {
             unsettled_runs.push(format!("seed {seed}: {unsettled:?}"));
         }
     }
-    // Liveness: once every fault is healed, every HA VM runs again or is deliberately left
-    // alone (stopped by its guest or an operator, or given up after its budget).
+    // Liveness: once every fault is healed, exactly one monitor acts as leader, and every HA
+    // VM runs again or is deliberately left alone (stopped by its guest or an operator, or
+    // given up after its budget).
     assert!(
         unsettled_runs.is_empty(),
         "{} of {runs} runs left VMs neither running nor deliberately stopped:\n{}",

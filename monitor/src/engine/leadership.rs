@@ -14,6 +14,11 @@ impl Engine {
         self.fencing = FencingBook::default();
         self.recovery = RecoveryBook::default();
         self.capacity = CapacityBook::default();
+        // Rejoins noted before this monitor led were proposed into a dropped output (a
+        // follower's, or a new leader's during its lease wait, when agents already connect
+        // to it): a host that came back then must rejoin now, on its next heartbeat, or it
+        // stays "being fenced" for good (scenario 54).
+        self.rejoining.clear();
         // A request its predecessor left in the slot of a host that is back (Active)
         // must not kill what that host runs: clear them all (durably, by the storage
         // worker). Hosts still fencing are asked again by this leader.

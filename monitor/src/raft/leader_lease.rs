@@ -62,6 +62,9 @@ pub struct LeaseClock {
     act_from_ms: u64,
     /// Not from this on, unless a probe extends it.
     valid_until_ms: u64,
+    /// Not deposed before this: the wait is over and the first probe had its time (a new
+    /// leader that acts at once is not deposed while its first probe is on its way).
+    first_probe_by_ms: u64,
 }
 
 impl LeaseClock {
@@ -75,6 +78,7 @@ impl LeaseClock {
             term: None,
             act_from_ms: 0,
             valid_until_ms: 0,
+            first_probe_by_ms: 0,
         }
     }
 
@@ -120,6 +124,9 @@ impl LeaseClock {
                     .saturating_add(self.after_election_ms())
                     .max(self.wait_ms())
             };
+            self.first_probe_by_ms = self
+                .act_from_ms
+                .max(now_ms.saturating_add(self.probe_timeout_ms()));
             self.valid_until_ms = 0;
         }
         match (self.term, sole_voter) {
@@ -164,6 +171,29 @@ impl LeaseClock {
     pub fn raft_term(&self) -> Option<u64> {
         self.term
     }
+
+    /// Raft says this node leads, its new-leader wait is over, and no quorum has confirmed
+    /// its lease: it is cut off from the majority, which may well have elected another
+    /// leader already (openraft never steps it down). It must not hold on to agents then:
+    /// it protects nobody (no grants, no decisions), and the agents it keeps are silent for
+    /// the real leader. Never for a sole voter (its lease does not run out); not during the
+    /// wait, while a new leader is still proving itself.
+    pub fn deposed(&self, now_ms: u64) -> bool {
+        self.term.is_some() && now_ms >= self.first_probe_by_ms && now_ms >= self.valid_until_ms
+    }
+}
+
+/// Whether the lease task starts a probe at `now_ms`: while Raft says this node leads, one
+/// probe at a time, every [`LeaseClock::probe_every_ms`] (`next_probe_ms`), never for a sole
+/// voter (its lease needs none). Pure: the simulator's monitors probe by this rule too.
+pub fn probe_due(
+    clock: &LeaseClock,
+    sole_voter: bool,
+    probing: bool,
+    now_ms: u64,
+    next_probe_ms: u64,
+) -> bool {
+    clock.raft_term().is_some() && !probing && now_ms >= next_probe_ms && !sole_voter
 }
 
 /// Why this monitor grants no Raft vote now (module docs: each makes an election later than
@@ -278,9 +308,22 @@ pub fn spawn(
     lease_ms: u64,
     epoch: Instant,
     gate: VoteGate,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> watch::Receiver<Option<Serving>> {
+    spawn_watching(raft, lease_ms, epoch, gate, stop).0
+}
+
+/// [`spawn`], also publishing [`LeaseClock::deposed`] the moment it changes (what decides
+/// whether this monitor takes agents, `server::takes_agents`).
+pub fn spawn_watching(
+    raft: Arc<RaftNode>,
+    lease_ms: u64,
+    epoch: Instant,
+    gate: VoteGate,
+    mut stop: watch::Receiver<bool>,
+) -> (watch::Receiver<Option<Serving>>, watch::Receiver<bool>) {
     let (tx, rx) = watch::channel(None);
+    let (deposed_tx, deposed_rx) = watch::channel(false);
     let vote_lease_ms = raft.election_timeout_max_ms();
     tokio::spawn(async move {
         let mut clock = LeaseClock::new(lease_ms, vote_lease_ms);
@@ -298,7 +341,7 @@ pub fn spawn(
             };
             clock.leadership(leading, raft.is_single_node(), now);
             if let Some(term) = clock.raft_term() {
-                if !probing && now >= next_probe_ms && !raft.is_single_node() {
+                if probe_due(&clock, raft.is_single_node(), probing, now, next_probe_ms) {
                     probing = true;
                     next_probe_ms = now + clock.probe_every_ms();
                     let (raft, probe_tx) = (raft.clone(), probe_tx.clone());
@@ -325,6 +368,8 @@ pub fn spawn(
                 epoch + Duration::from_millis(until)
             }));
             tx.send_if_modified(|v| std::mem::replace(v, serving) != serving);
+            let deposed = clock.deposed(now);
+            deposed_tx.send_if_modified(|v| std::mem::replace(v, deposed) != deposed);
             let mut wake = clock.next_change_ms(now);
             if clock.raft_term().is_some() && !probing {
                 wake = Some(wake.map_or(next_probe_ms, |w| w.min(next_probe_ms)));
@@ -350,7 +395,7 @@ pub fn spawn(
         tx.send_replace(None);
         gate.set_leading_until(None);
     });
-    rx
+    (rx, deposed_rx)
 }
 
 #[cfg(test)]
@@ -417,6 +462,33 @@ mod tests {
         assert_eq!(c.serving(900), None);
         c.confirmed(5, 1_200);
         assert!(c.serving(800 + c.wait_ms()).is_some());
+    }
+
+    #[test]
+    fn a_leader_is_deposed_once_its_wait_is_over_and_no_quorum_confirms_it() {
+        let mut c = leader(3, 1_000);
+        // During the new leader's wait it is not deposed, confirmed or not.
+        assert!(!c.deposed(1_000));
+        assert!(!c.deposed(1_000 + c.wait_ms() - 1));
+        // After it, without a confirmed lease, it is.
+        assert!(c.deposed(1_000 + c.wait_ms()));
+        // Confirmed again: it serves, and is not deposed until the lease runs out.
+        c.confirmed(3, 1_500);
+        assert!(!c.deposed(1_500));
+        assert!(c.serving(1_500).is_some());
+        assert!(c.deposed(1_900));
+        // Not leading at all, or a sole voter: never.
+        c.leadership(None, false, 2_000);
+        assert!(!c.deposed(5_000));
+        let mut sole = LeaseClock::new(L, V);
+        sole.leadership(Some(1), true, 0);
+        assert!(!sole.deposed(1_000_000));
+        // A leader that acts at once (the shipped timings) is not deposed while its first
+        // probe may still be answered.
+        let mut quick = LeaseClock::new(L, V);
+        quick.leadership(Some(2), false, 5_000);
+        assert!(!quick.deposed(5_000 + quick.probe_timeout_ms() - 1));
+        assert!(quick.deposed(5_000 + quick.probe_timeout_ms()));
     }
 
     #[test]
