@@ -1697,6 +1697,14 @@ impl Sim {
             for h in self.hosts.values_mut() {
                 h.session = None;
             }
+        } else if self
+            .leader
+            .is_some_and(|l| self.monitors[l].alive && self.monitors[l].cut)
+        {
+            // A leader cut off from the other monitors hands nothing over: the majority
+            // elects when its election timer runs out, never sooner than openraft's vote
+            // lease after it last heard the leader (the election loop; the real monitor's
+            // new leader acts at once after such an election, `LeaseClock`).
         } else {
             let from = self.leader.unwrap_or(0);
             if let Some(next) = self.candidate(from) {
