@@ -805,6 +805,57 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             );
             StateResponse::Ok
         }
+        StateCommand::VmAdopted {
+            at_ms,
+            uuid,
+            host,
+            generation,
+            running,
+        } => {
+            if !s.hosts.contains_key(host) {
+                return StateResponse::UnknownHost { host: host.clone() };
+            }
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            if *generation <= rec.generation {
+                return StateResponse::Unchanged;
+            }
+            let (from_host, from_generation, from_phase) =
+                (rec.host.clone(), rec.generation, rec.phase.name());
+            rec.generation = *generation;
+            rec.host = host.clone();
+            rec.phase = if *running {
+                Phase::Running
+            } else {
+                // Not running anywhere that reported: left alone (never started twice); an
+                // operator starts it again, as after any stop.
+                Phase::Stopped {
+                    reason: StopReason::OperatorDestroy,
+                    at_ms: *at_ms,
+                }
+            };
+            rec.pending_cause = None;
+            let name = rec.name.clone();
+            let now = if *running {
+                format!("runs on {host}")
+            } else {
+                format!("is defined but not running on {host}; left stopped")
+            };
+            s.vm_event(
+                *at_ms,
+                Severity::Warning,
+                host,
+                uuid,
+                EventKind::VmAdopted {
+                    generation: *generation,
+                },
+                format!(
+                    "VM {name} {now} with generation {generation}, newer than the {from_generation} the cluster had ({from_phase} on {from_host}) after its restore from a backup: adopted"
+                ),
+            );
+            StateResponse::Ok
+        }
         _ => StateResponse::Invalid {
             reason: "not a VM command".into(),
         },
