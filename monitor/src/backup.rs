@@ -102,6 +102,45 @@ pub enum BackupError {
     Encode(#[source] serde_json::Error),
 }
 
+/// Why a backup file cannot be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupFileError {
+    #[error("cannot read backup file {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("backup file {path}: {source}")]
+    Invalid {
+        path: std::path::PathBuf,
+        source: BackupError,
+    },
+}
+
+/// Reads and verifies the backup file at `path`, refusing one above [`MAX_BACKUP_LEN`]
+/// before reading it.
+pub fn read_file(path: &std::path::Path) -> Result<Backup, BackupFileError> {
+    let io = |source| BackupFileError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > MAX_BACKUP_LEN as u64 {
+        return Err(BackupFileError::Invalid {
+            path: path.to_path_buf(),
+            source: BackupError::TooLarge {
+                len,
+                max: MAX_BACKUP_LEN,
+            },
+        });
+    }
+    let bytes = std::fs::read(path).map_err(io)?;
+    decode(&bytes).map_err(|source| BackupFileError::Invalid {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn sha256(bytes: &[u8]) -> [u8; DIGEST_LEN] {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = [0u8; DIGEST_LEN];
