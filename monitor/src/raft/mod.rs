@@ -285,7 +285,13 @@ pub enum SeedError {
     )]
     Exists { path: PathBuf },
     #[error(transparent)]
-    Setup(#[from] RaftSetupError),
+    Setup(Box<RaftSetupError>),
+}
+
+impl From<RaftSetupError> for SeedError {
+    fn from(e: RaftSetupError) -> Self {
+        SeedError::Setup(Box::new(e))
+    }
 }
 
 /// A running Raft node with its applied [`ClusterState`]. Cloning is cheap.
