@@ -125,21 +125,25 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum DbCmd {
-    /// Write a backup of the cluster state to FILE: every host, VM record, generation, tag,
-    /// maintenance flag and event, as the leader sees it (a linearizable read), with a
-    /// versioned header and a SHA-256 checksum. Needs an admin certificate. The file is
-    /// written atomically (temporary file, fsync, rename) with mode 0600, and an existing
-    /// FILE is kept unless --force. Restore it with `vigil-monitor --restore FILE` on one
-    /// monitor with an empty data directory, then add the others back (`vigil-monitor
-    /// --join` there, `vigilctl server add`); see docs/operations.md.
+    /// Write a backup of the cluster state to FILE (admin certificate).
+    ///
+    /// Every host, VM record, generation, tag, maintenance flag and event, as the leader
+    /// sees it (a linearizable read), with a versioned header and a SHA-256 checksum,
+    /// verified before it is written. The file is written atomically (temporary file,
+    /// fsync, then put in place) with mode 0600; an existing FILE is kept unless --force.
+    /// Restore it with `vigil-monitor --restore FILE` on one monitor with an empty data
+    /// directory, then add the others back (`vigil-monitor --join` there, `vigilctl server
+    /// add`); see docs/operations.md.
     Backup {
         file: PathBuf,
         /// Replace FILE if it exists.
         #[arg(long)]
         force: bool,
     },
-    /// Check a backup file (magic, version, checksum, contents) and print its header.
-    /// Offline: talks to no monitor.
+    /// Check a backup file and print its header (offline: talks to no monitor).
+    ///
+    /// Checks the magic, the format version, the lengths, the SHA-256 checksum and the
+    /// contents, and names what is wrong.
     Inspect { file: PathBuf },
 }
 

@@ -286,3 +286,81 @@ fn backup_wipe_restore_add_back_keeps_every_field() {
     assert_eq!(hv1["maintenance"], true);
     drop(seeders);
 }
+
+/// A backup larger than one admin frame comes in pieces on one connection, through the
+/// real vigilctl code (`ctl::db::fetch`) against a real monitor, and is the state as it was.
+#[test]
+fn a_large_backup_is_fetched_in_pieces_and_verifies() {
+    use vigil_monitor::state::{EventKind, Severity, StateCommand};
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("mon");
+    let cfg = vigil_common::config::MonitorConfig {
+        data_dir: dir.join("data"),
+        listen: loopback(),
+        tls: pki.issue(Role::Monitor, "mon1"),
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mon =
+            vigil_monitor::server::Monitor::start(cfg, vigil_monitor::server::StartMode::Init)
+                .await
+                .expect("monitor");
+        assert!(mon.raft.wait_for_leader(WAIT).await.is_some());
+        mon.raft
+            .write(StateCommand::RegisterHost {
+                at_ms: 1,
+                name: "hv1".into(),
+                zone: "z1".into(),
+                cluster: "c1".into(),
+                agent_version: "test".into(),
+            })
+            .await
+            .expect("host");
+        let filler = "x".repeat(400);
+        for i in 0..4_000u64 {
+            mon.raft
+                .write(StateCommand::RecordEvent {
+                    at_ms: 1_000 + i,
+                    severity: Severity::Info,
+                    host: Some("hv1".into()),
+                    kind: EventKind::HostRejoined,
+                    message: format!("event {i} {filler}"),
+                })
+                .await
+                .expect("event");
+        }
+        mon.raft.ensure_linearizable().await.expect("leader");
+        let before = mon.raft.read(|s| s.clone());
+        let ctl_tls = pki.issue(Role::Admin, "operator");
+        let mut c = vigil_monitor::ctl::client::AdminClient::new(
+            &ctl_tls,
+            vec![mon.local_addr],
+            Duration::from_secs(30),
+        )
+        .expect("client");
+        let (bytes, decoded) = vigil_monitor::ctl::db::fetch(&mut c).await.expect("fetch");
+        c.close();
+        assert!(
+            bytes.len() > 3 * vigil_common::wire::BACKUP_CHUNK_BYTES,
+            "{} bytes: not several pieces",
+            bytes.len()
+        );
+        assert_eq!(backup::decode(&bytes).expect("decode"), decoded);
+        assert_eq!(decoded.state.hosts, before.hosts);
+        assert_eq!(decoded.state.vms, before.vms);
+        let kept: Vec<_> = decoded
+            .state
+            .events
+            .iter()
+            .take(before.events.len())
+            .collect();
+        assert_eq!(kept, before.events.iter().collect::<Vec<_>>());
+        assert_eq!(decoded.header.events, decoded.state.events.len());
+        mon.shutdown().await;
+    });
+}
