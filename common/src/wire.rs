@@ -471,6 +471,17 @@ pub enum AdminRequest {
     ServerDel {
         id: u64,
     },
+    // --- issue 12 item 6: backup ---
+    /// `vigilctl db backup`: the leader takes a backup file of the cluster state from a
+    /// linearizable read and keeps it for this connection; the answer is its first piece,
+    /// [`AdminResponse::BackupChunk`] at offset 0. Admin certificates only; followers
+    /// answer `NotLeader`.
+    DbBackup,
+    /// The piece of this connection's backup `id` starting at `offset`.
+    DbBackupChunk {
+        id: u64,
+        offset: u64,
+    },
 }
 
 /// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they
@@ -483,7 +494,18 @@ pub enum AdminResponse {
     Error { message: String },
     /// This monitor is not the leader; writes go to `leader` (an address) if known.
     NotLeader { leader: Option<String> },
+    /// A piece of backup file `id` (`total` bytes in all): `data` starts at `offset`. Bytes,
+    /// not JSON: a backup is a file (see the monitor's `backup` module).
+    BackupChunk {
+        id: u64,
+        total: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
+
+/// The most file bytes one [`AdminResponse::BackupChunk`] carries (well within a frame).
+pub const BACKUP_CHUNK_BYTES: usize = 512 * 1024;
 
 #[cfg(test)]
 mod tests {

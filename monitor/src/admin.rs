@@ -29,7 +29,7 @@ use crate::api::{
 };
 use crate::detector::Liveness;
 use crate::engine::Input;
-use crate::raft::{MembershipChange, MembershipError, NotLeader, RaftNode, WriteError};
+use crate::raft::{MembershipChange, MembershipError, NotLeader, RaftNode, ReadError, WriteError};
 use crate::service::EngineHandle;
 use crate::state::{StateCommand, StateResponse, VmRecord};
 
@@ -73,6 +73,8 @@ pub async fn serve(conn: quinn::Connection, peer: PeerIdentity, ctx: AdminContex
         conn.close(close::VERSION_MISMATCH.into(), e.to_string().as_bytes());
         return;
     }
+    // The backup this connection took last (`vigilctl db backup` fetches it in pieces).
+    let mut held: Option<HeldBackup> = None;
     loop {
         let req = match codec::read_frame::<_, AdminRequest>(&mut recv).await {
             Ok(Some(r)) => r,
@@ -84,7 +86,7 @@ pub async fn serve(conn: quinn::Connection, peer: PeerIdentity, ctx: AdminContex
             }
         };
         debug!(admin = %peer.name, ?req, "admin request");
-        let resp = handle(&ctx, &peer, req).await;
+        let resp = handle(&ctx, &peer, req, &mut held).await;
         if codec::write_frame(&mut send, &resp).await.is_err() {
             break;
         }
@@ -121,7 +123,11 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
         | AdminRequest::VmListPage { .. }
         | AdminRequest::EventsPage { .. }
         | AdminRequest::HostListPage { .. }
-        | AdminRequest::ServerList => return None,
+        | AdminRequest::ServerList
+        // A piece of this connection's backup (taken, and audited, by `DbBackup`).
+        | AdminRequest::DbBackupChunk { .. } => return None,
+        // Not a write, but the whole state (definitions too): admins only, and audited.
+        AdminRequest::DbBackup => ("db backup".to_string(), None),
         AdminRequest::ServerAdd { id, addr, .. } => (format!("server add {id} {addr}"), None),
         AdminRequest::ServerDel { id } => (format!("server del {id}"), None),
         AdminRequest::HostTagAdd { host, tag } => {
@@ -184,10 +190,31 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
     })
 }
 
+/// A backup file taken on one admin connection, served in pieces
+/// ([`AdminRequest::DbBackupChunk`]) until the connection ends or takes another.
+pub struct HeldBackup {
+    id: u64,
+    bytes: Vec<u8>,
+}
+
 /// Answers one request from `peer` (whose certificate's name is recorded as who did it).
 /// Writes need an admin certificate; each write, done, failed or refused, leaves an audit
-/// entry in the event log (issue 10 items 4 and 6).
-pub async fn handle(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> AdminResponse {
+/// entry in the event log (issue 10 items 4 and 6). `held` is the connection's backup.
+pub async fn handle(
+    ctx: &AdminContext,
+    peer: &PeerIdentity,
+    req: AdminRequest,
+    held: &mut Option<HeldBackup>,
+) -> AdminResponse {
+    if let AdminRequest::DbBackupChunk { id, offset } = req {
+        if peer.role != Role::Admin {
+            return err(format!(
+                "`db backup` needs an admin certificate; certificate {:?} has role {}",
+                peer.name, peer.role
+            ));
+        }
+        return backup_chunk(held.as_ref(), id, offset);
+    }
     let Some((request, host)) = write_summary(&req) else {
         if needs_the_leaders_view(&req) && ctx.raft.has_peers() && !ctx.raft.is_leader() {
             // Liveness, sessions and conditions are the leader's to know: a follower's own
@@ -216,10 +243,14 @@ pub async fn handle(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) 
         .await;
         return err(message);
     }
-    let resp = answer(ctx, peer, req).await;
+    let resp = match req {
+        AdminRequest::DbBackup => take_backup(ctx, held).await,
+        req => answer(ctx, peer, req).await,
+    };
     let result = match &resp {
         // Another monitor does it (and records it) once vigilctl follows the redirect.
         AdminResponse::NotLeader { .. } => return resp,
+        AdminResponse::BackupChunk { total, .. } => format!("ok, {total} bytes"),
         AdminResponse::Json(s) => serde_json::from_str::<serde_json::Value>(s)
             .ok()
             .and_then(|v| v.get("result").and_then(|r| r.as_str()).map(String::from))
@@ -327,6 +358,10 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             || format!("node {id} is no longer a member"),
         ),
         AdminRequest::Plan { fail } => plan(ctx, fail).await,
+        // Served by `handle`, which holds the connection's backup.
+        AdminRequest::DbBackup | AdminRequest::DbBackupChunk { .. } => {
+            err("internal error: a backup request reached the generic handler")
+        }
         AdminRequest::HostList => json_bounded(&hosts(ctx, None).await, "host list"),
         AdminRequest::HostListPage { after, limit } => host_page(ctx, after, limit).await,
         AdminRequest::HostShow { host } => match hosts(ctx, Some(&host)).await.pop() {
@@ -509,6 +544,60 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
                 Err(e) => err(e.to_string()),
             }
         }
+    }
+}
+
+/// `vigilctl db backup`: a backup file of the state as a linearizable read on the leader
+/// sees it (a follower redirects), kept for this connection; answers its first piece.
+async fn take_backup(ctx: &AdminContext, held: &mut Option<HeldBackup>) -> AdminResponse {
+    let (last_applied, state) = match ctx.raft.linearizable_snapshot().await {
+        Ok(read) => read,
+        Err(ReadError::NotLeader(nl)) => return not_leader_answer(ctx, nl),
+        Err(e) => return err(format!("cannot take a consistent backup: {e}")),
+    };
+    let header = crate::backup::header_for(
+        &state,
+        last_applied,
+        ctx.raft.node_id(),
+        ctx.raft.addr(),
+        ctx.raft.voter_ids(),
+        vigil_common::unix_ms(),
+    );
+    // Serializing a large state takes a while: off the runtime's workers.
+    let encoded = tokio::task::spawn_blocking(move || crate::backup::encode(&header, &state)).await;
+    let bytes = match encoded {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(e)) => return err(format!("cannot write the backup: {e}")),
+        Err(e) => return err(format!("cannot write the backup: {e}")),
+    };
+    let id = held.as_ref().map_or(1, |h| h.id + 1);
+    tracing::info!(bytes = bytes.len(), ?last_applied, "backup taken");
+    let backup = held.insert(HeldBackup { id, bytes });
+    backup_chunk(Some(backup), id, 0)
+}
+
+/// The piece of the connection's backup `id` from `offset`.
+fn backup_chunk(held: Option<&HeldBackup>, id: u64, offset: u64) -> AdminResponse {
+    let Some(b) = held.filter(|b| b.id == id) else {
+        return err(format!(
+            "no backup {id} on this connection (it was taken on another connection, or replaced); run `vigilctl db backup` again"
+        ));
+    };
+    let total = b.bytes.len() as u64;
+    let Some(rest) = usize::try_from(offset)
+        .ok()
+        .and_then(|at| b.bytes.get(at..))
+    else {
+        return err(format!(
+            "offset {offset} is past the end of backup {id} ({total} bytes)"
+        ));
+    };
+    let n = rest.len().min(vigil_common::wire::BACKUP_CHUNK_BYTES);
+    AdminResponse::BackupChunk {
+        id,
+        total,
+        offset,
+        data: rest[..n].to_vec(),
     }
 }
 

@@ -32,10 +32,16 @@ pub struct Args {
     /// Refused when `data_dir` already holds a cluster.
     #[arg(long)]
     pub join: bool,
+    /// Build a new one-node cluster in `data_dir` from a backup file (`vigilctl db backup`)
+    /// and run it. Refused when `data_dir` already holds a database (nothing stored is
+    /// replaced). Start the other monitors with `--join` and add them with `vigilctl server
+    /// add`. Later starts of this monitor are without `--restore`.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["init", "join"])]
+    pub restore: Option<PathBuf>,
     /// Remove the `[vip]` address from its interface if it is there, and exit (0 when it is
     /// absent, or when there is no `[vip]`). For the unit's `ExecStopPost=`: a monitor
     /// killed with SIGKILL cannot remove the VIP itself. Never starts the monitor.
-    #[arg(long, conflicts_with_all = ["init", "join", "check"])]
+    #[arg(long, conflicts_with_all = ["init", "join", "check", "restore"])]
     pub drop_vip: bool,
 }
 
@@ -71,7 +77,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
-        let mode = if args.init {
+        let mode = if let Some(file) = args.restore.clone() {
+            StartMode::Restore(file)
+        } else if args.init {
             StartMode::Init
         } else if args.join {
             StartMode::Join

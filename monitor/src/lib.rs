@@ -6,12 +6,14 @@
 //! - edges: [`raft`] (openraft on redb: log, state machine, network), [`service`] (the task
 //!   that feeds the engine and carries out its actions), [`agent_link`] (agent sessions),
 //!   [`admin`] (the API `vigilctl` uses), [`server`] (the process: QUIC endpoint and wiring);
+//! - [`backup`]: the backup file format (`vigilctl db backup`, `vigil-monitor --restore`);
 //! - [`api`]: the JSON documents of the admin API; [`ctl`]: the `vigilctl` command line.
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod agent_link;
 pub mod api;
+pub mod backup;
 pub mod certs;
 pub mod cli;
 pub mod ctl;

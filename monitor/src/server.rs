@@ -26,7 +26,7 @@ use crate::state::{EventKind, Severity, StateCommand};
 use crate::vip;
 
 /// Whether this start may create the cluster database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartMode {
     /// Open the existing database; refuse to start without one (the normal start).
     Existing,
@@ -37,6 +37,10 @@ pub enum StartMode {
     /// added by the leader (`vigilctl server add`); refuse if `data_dir` already holds a
     /// cluster.
     Join,
+    /// `vigil-monitor --restore FILE`: create a new one-node cluster whose state is the
+    /// backup's (`vigilctl db backup`), then run it; refuse if `data_dir` holds a database.
+    /// The other monitors are added back as to any cluster (`--join`, `vigilctl server add`).
+    Restore(PathBuf),
 }
 
 /// Exit status of a monitor that refuses to start because of its data directory
@@ -74,6 +78,13 @@ pub enum DataDirError {
          without --init to run this one"
     )]
     AlreadyInitialized { db: PathBuf },
+    #[error(
+        "--restore refused: {db} exists. A restore builds a new cluster in an empty data \
+         directory and never replaces what is stored there: move that directory away (or set \
+         data_dir to an empty one) first, after making sure it is not the cluster you want \
+         to keep"
+    )]
+    RestoreOverExisting { db: PathBuf },
 }
 
 /// A running monitor.
@@ -248,6 +259,15 @@ impl Monitor {
             // Checked before anything creates the directory or the file.
             return Err(DataDirError::Missing { db }.into());
         }
+        // `--restore`: the data directory must be empty, and the file a valid backup,
+        // before anything is bound or created.
+        let restore = match &mode {
+            StartMode::Restore(_) if db.exists() => {
+                return Err(DataDirError::RestoreOverExisting { db }.into())
+            }
+            StartMode::Restore(file) => Some((file.clone(), crate::backup::read_file(file)?)),
+            _ => None,
+        };
         let (expired_tx, expired_rx) = tokio::sync::mpsc::unbounded_channel::<ExpiredPeer>();
         let hook: ExpiredHook = Arc::new(move |p| {
             let _ = expired_tx.send(p);
@@ -304,6 +324,48 @@ impl Monitor {
                 Some((ep, bound, advertise))
             }
         };
+        if let Some((file, backup)) = &restore {
+            // The membership holds the Raft address (or, without `[raft] listen`, the
+            // client address), as `--init` would write it.
+            let member_addr = match &raft_endpoint {
+                Some((_, _, raft_advertise)) => raft_advertise.to_string(),
+                None => advertise.to_string(),
+            };
+            if !cfg.raft.peers.is_empty() {
+                warn!("--restore builds a one-node cluster: `[raft] peers` is not used; add the others with `vigilctl server add`");
+            }
+            let state = crate::backup::restored_state(
+                backup.state.clone(),
+                backup.header.created_at_ms,
+                backup.header.last_applied.map(|l| l.index),
+                vigil_common::unix_ms(),
+            );
+            let last = RaftNode::seed_from_backup(
+                &cfg.data_dir,
+                cfg.node_id,
+                &member_addr,
+                backup.header.last_applied,
+                &state,
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "restoring {} into {}",
+                    file.display(),
+                    cfg.data_dir.display()
+                )
+            })?;
+            info!(
+                file = %file.display(),
+                db = %db.display(),
+                hosts = state.hosts.len(),
+                vms = state.vms.len(),
+                events = state.events.len(),
+                log_index = last.index,
+                "restored a one-node cluster from a backup taken at {} ms; add the other monitors with `vigil-monitor --join` there and `vigilctl server add`",
+                backup.header.created_at_ms
+            );
+        }
         let raft = match &raft_endpoint {
             None => {
                 RaftNode::open(
@@ -331,7 +393,7 @@ impl Monitor {
             .is_initialized()
             .await
             .context("reading the Raft state")?;
-        let refusal = match (mode, initialized) {
+        let refusal = match (&mode, initialized) {
             // A monitor that joined (or is joining) waits, empty, to be added by the leader.
             (StartMode::Existing, false) if raft_endpoint.is_some() => None,
             (StartMode::Existing, false) => Some(DataDirError::Empty { db: db.clone() }),

@@ -287,6 +287,13 @@ enum Fault {
     StorageOutage(bool),
     MonitorsDown,
     MonitorsUp,
+    /// `vigilctl db backup`: a copy of the committed state as it is now (the last one taken
+    /// is the one `restore` uses).
+    Backup,
+    /// Every monitor's data is wiped and the cluster is rebuilt from the last `backup`
+    /// (`vigil-monitor --restore`): the monitors go down (if they are not), the state becomes
+    /// the backup's, and they come back as after `monitors-up`.
+    Restore,
     Maintenance(String, bool),
     StaleAck(String, bool),
     /// `vigilctl host confirm-off HOST` by an admin.
@@ -578,6 +585,8 @@ fn parse_fault(verb: &str, args: &[&str]) -> Result<Fault, String> {
         "storage-outage" => Fault::StorageOutage(on(0)?),
         "monitors-down" => Fault::MonitorsDown,
         "monitors-up" => Fault::MonitorsUp,
+        "backup" => Fault::Backup,
+        "restore" => Fault::Restore,
         "maintenance" => Fault::Maintenance(arg(0)?, on(1)?),
         "stale-ack" => Fault::StaleAck(arg(0)?, on(1)?),
         "confirm-off" | "fence" | "release-hold" => {
@@ -747,6 +756,8 @@ pub struct Sim {
     delayed: Vec<(u64, String, u64, Input, usize)>,
     /// No quorum acknowledgement reaches the leader (`quorum-stall`).
     quorum_stalled: bool,
+    /// The state the last `backup` fault copied, and when (wall ms).
+    backup: Option<(ClusterState, u64)>,
 }
 
 /// Raises a generation table entry (generations only ever go up), as the agent's
@@ -834,6 +845,7 @@ impl Sim {
             vm_pools: sc.vm_pools.clone(),
             delayed: Vec::new(),
             quorum_stalled: false,
+            backup: None,
         };
         for (name, zone, cluster, _, _) in &sc.hosts {
             sim.hosts.insert(
@@ -1420,6 +1432,17 @@ impl Sim {
                 for h in self.hosts.values_mut() {
                     h.session = None;
                 }
+            }
+            Fault::Backup => self.backup = Some((self.state.clone(), self.wall())),
+            Fault::Restore => {
+                let Some((backup, taken_at)) = self.backup.clone() else {
+                    return;
+                };
+                // Whatever the monitors held is gone; what comes back is the backup, as
+                // `vigil-monitor --restore` seeds it.
+                self.apply_fault(Fault::MonitorsDown);
+                self.state = crate::backup::restored_state(backup, taken_at, None, self.wall());
+                self.apply_fault(Fault::MonitorsUp);
             }
             Fault::MonitorsUp if !self.monitors_down() => {}
             Fault::MonitorsUp => {

@@ -174,7 +174,24 @@ impl AdminClient {
             AdminResponse::NotLeader { leader } => {
                 bail!("no leader reachable (last known: {leader:?})")
             }
+            AdminResponse::BackupChunk { .. } => {
+                bail!("the monitor answered with backup bytes where a JSON answer was expected")
+            }
         }
+    }
+
+    /// Sends a request on the connection the last [`Self::request`] was answered on, with
+    /// no redirects and no other monitor: for requests about that connection's own state (the
+    /// pieces of a backup it took).
+    pub async fn request_same_connection(
+        &mut self,
+        req: &AdminRequest,
+    ) -> anyhow::Result<AdminResponse> {
+        let res = self.exchange(req).await;
+        if res.is_err() {
+            self.stream = None;
+        }
+        res
     }
 
     pub fn close(&self) {

@@ -5,6 +5,7 @@
 //! in turn and follows the leader for writes.
 
 pub mod client;
+pub mod db;
 pub mod render;
 
 use std::net::SocketAddr;
@@ -117,6 +118,33 @@ pub enum Command {
     /// The monitor servers (Raft members): list, add, remove.
     #[command(subcommand)]
     Server(ServerCmd),
+    /// The monitor database: backup (restore is `vigil-monitor --restore FILE`).
+    #[command(subcommand)]
+    Db(DbCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCmd {
+    /// Write a backup of the cluster state to FILE (admin certificate).
+    ///
+    /// Every host, VM record, generation, tag, maintenance flag and event, as the leader
+    /// sees it (a linearizable read), with a versioned header and a SHA-256 checksum,
+    /// verified before it is written. The file is written atomically (temporary file,
+    /// fsync, then put in place) with mode 0600; an existing FILE is kept unless --force.
+    /// Restore it with `vigil-monitor --restore FILE` on one monitor with an empty data
+    /// directory, then add the others back (`vigil-monitor --join` there, `vigilctl server
+    /// add`); see docs/operations.md.
+    Backup {
+        file: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check a backup file and print its header (offline: talks to no monitor).
+    ///
+    /// Checks the magic, the format version, the lengths, the SHA-256 checksum and the
+    /// contents, and names what is wrong.
+    Inspect { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -614,6 +642,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::Cert(cmd) if local_cert(&args, cmd)? => return Ok(()),
+        Command::Db(DbCmd::Inspect { file }) => return db::inspect(file, args.json),
+        Command::Db(DbCmd::Backup { file, force }) => {
+            // Before asking anything of the cluster: an existing file stays.
+            db::check_target(file, *force)?;
+        }
         _ => {}
     }
 
@@ -659,6 +692,12 @@ async fn server_change(c: &mut AdminClient, args: &Args, req: &AdminRequest) -> 
 
 async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
     match &args.command {
+        Command::Db(DbCmd::Backup { file, force }) => {
+            // Encoding a large state on the leader takes a moment.
+            c.set_timeout(Duration::from_secs(args.timeout.max(60)));
+            db::backup(c, file, *force, args.json).await?
+        }
+        Command::Db(DbCmd::Inspect { .. }) => {}
         Command::Server(ServerCmd::List) => {
             show::<ServersView>(c, &AdminRequest::ServerList, args.json, render::servers).await?;
         }

@@ -121,6 +121,10 @@ impl Engine {
                 .is_some_and(|inv| inv.domains.get(&vm.uuid).is_none_or(|o| !runs(o)));
         let owner_listings = self.identity.listings.get(&vm.host).copied().unwrap_or(0);
         let key = (vm.uuid.clone(), host.to_string());
+        if generation > vm.generation && self.adoption.is_some() {
+            // A restored cluster adopts it (`adopt_listing`): no conflict.
+            return Claim::Refuse;
+        }
         let verdict = if generation > vm.generation {
             // No activation has a generation above the committed one: forged (or a state
             // lost, which an operator must look at).

@@ -3,6 +3,29 @@
 
 use super::*;
 
+/// How long an adoption proposal may stay uncommitted before it is made again.
+const ADOPTION_RETRY_MS: u64 = 2_000;
+
+/// A restored cluster's leader, adopting what the agents report (see
+/// [`Engine::begin_adoption`]).
+#[derive(Debug, Clone)]
+pub(super) struct Adoption {
+    /// Ends at this time (monotonic ms) whoever was heard: the first full lease.
+    until_ms: u64,
+    /// Hosts that have not listed their domains to this leader yet.
+    waiting: BTreeSet<String>,
+    /// Adoptions proposed and not seen committed yet, by VM uuid.
+    proposed: BTreeMap<String, ProposedAdoption>,
+}
+
+#[derive(Debug, Clone)]
+struct ProposedAdoption {
+    generation: u64,
+    /// When it was proposed (monotonic ms).
+    at_ms: u64,
+    cmd: StateCommand,
+}
+
 impl Engine {
     /// This monitor became leader: forget what a predecessor may have changed, re-register connected hosts, and fence nobody for a full lease.
     pub(super) fn on_became_leader(&mut self, term: u64, node: u64, cx: &mut Context<'_>) {
@@ -99,11 +122,150 @@ impl Engine {
             EventKind::LeaderElected { term, node },
             format!("monitor node {node} became leader in term {term}"),
         );
+        self.begin_adoption(cx);
+    }
+
+    /// Issue 12 item 6: a cluster restored from a backup (and not adopted yet) first learns
+    /// what the agents know. Its committed generations may be older than ones that agents
+    /// have seen since the backup (a recovery after it): an order with such a generation
+    /// would be refused, and a start on another host could make a second copy of a VM that
+    /// runs elsewhere with a newer generation. So until every host has listed its domains
+    /// to this leader, or a full lease has passed, it orders no start, stops nothing and
+    /// fences nobody, and each VM reported with a generation above the committed one is
+    /// adopted ([`StateCommand::VmAdopted`]): its generation, the host reporting it, and
+    /// whether it runs there. The newest report wins (a generation only goes up).
+    fn begin_adoption(&mut self, cx: &mut Context<'_>) {
+        self.adoption = None;
+        let Some(restored) = cx.state.restored.as_ref().filter(|r| !r.adopted) else {
+            return;
+        };
+        let grace = self.election_grace_ms();
+        self.adoption = Some(Adoption {
+            until_ms: cx.now_ms.saturating_add(grace),
+            waiting: cx.state.hosts.keys().cloned().collect(),
+            proposed: BTreeMap::new(),
+        });
+        record_event(
+            &mut cx.out,
+            cx.wall_ms,
+            Severity::Warning,
+            None,
+            EventKind::RestoreAdoption,
+            format!(
+                "this cluster was restored from a backup taken at {} ms (Unix time): the agents may know newer VM generations, so nothing is started, stopped or fenced until every host ({}) has listed its domains or a full lease ({grace} ms) has passed; newer generations they report are adopted",
+                restored.backup_created_at_ms,
+                cx.state.hosts.len()
+            ),
+        );
+        // Agents connected before this monitor led: their last listing is their report.
+        let listed: Vec<(String, Vec<DomainInfo>)> = self
+            .inventory
+            .iter()
+            .filter(|(h, _)| self.connected.contains(*h))
+            .map(|(h, inv)| (h.clone(), inv.domains.values().cloned().collect()))
+            .collect();
+        for (host, domains) in listed {
+            self.adopt_listing(&host, &domains, cx);
+        }
+    }
+
+    /// A listing of `host` while adopting: every VM it reports with a generation above the
+    /// committed one (and above any adoption proposed) is adopted.
+    pub(super) fn adopt_listing(
+        &mut self,
+        host: &str,
+        domains: &[DomainInfo],
+        cx: &mut Context<'_>,
+    ) {
+        let Some(a) = self.adoption.as_mut() else {
+            return;
+        };
+        if !cx.state.hosts.contains_key(host) {
+            return;
+        }
+        a.waiting.remove(host);
+        for d in domains {
+            let (Some(generation), Some(vm)) = (d.meta.generation, cx.state.vms.get(&d.uuid))
+            else {
+                continue;
+            };
+            let known = a
+                .proposed
+                .get(&d.uuid)
+                .map_or(vm.generation, |p| p.generation.max(vm.generation));
+            if generation <= known {
+                continue;
+            }
+            let cmd = StateCommand::VmAdopted {
+                at_ms: cx.wall_ms,
+                uuid: d.uuid.clone(),
+                host: host.to_string(),
+                generation,
+                running: matches!(d.state, DomainState::Running | DomainState::Paused),
+            };
+            a.proposed.insert(
+                d.uuid.clone(),
+                ProposedAdoption {
+                    generation,
+                    at_ms: cx.now_ms,
+                    cmd: cmd.clone(),
+                },
+            );
+            cx.out.push(Action::Propose(cmd));
+        }
+    }
+
+    /// Whether a restored cluster's leader is still adopting (see [`Self::begin_adoption`]);
+    /// ends it (durably, with [`StateCommand::RestoreAdopted`]) once every host has listed
+    /// its domains or the first full lease has passed, and every adoption has committed.
+    pub(super) fn adoption_holds(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(a) = self.adoption.as_mut() else {
+            return false;
+        };
+        if cx.state.restored.as_ref().is_none_or(|r| r.adopted) {
+            // Another leader finished it.
+            self.adoption = None;
+            return false;
+        }
+        a.proposed.retain(|u, p| {
+            cx.state
+                .vms
+                .get(u)
+                .is_some_and(|v| v.generation < p.generation)
+        });
+        for p in a.proposed.values_mut() {
+            // A proposal that did not commit (a write lost on its way) is made again.
+            if cx.now_ms.saturating_sub(p.at_ms) >= ADOPTION_RETRY_MS {
+                p.at_ms = cx.now_ms;
+                cx.out.push(Action::Propose(p.cmd.clone()));
+            }
+        }
+        let lease_over = cx.now_ms >= a.until_ms;
+        if !a.proposed.is_empty() || !(a.waiting.is_empty() || lease_over) {
+            return true;
+        }
+        let message = if a.waiting.is_empty() {
+            "every host listed its domains to the restored cluster's leader: it acts again"
+                .to_string()
+        } else {
+            let silent: Vec<&str> = a.waiting.iter().map(String::as_str).collect();
+            format!(
+                "a full lease passed since the restored cluster's leader was elected: it acts again; not heard from: {}",
+                silent.join(", ")
+            )
+        };
+        cx.out.push(Action::Propose(StateCommand::RestoreAdopted {
+            at_ms: cx.wall_ms,
+            message,
+        }));
+        self.adoption = None;
+        false
     }
 
     /// This monitor no longer leads: no grants, no actions.
     pub(super) fn on_lost_leadership(&mut self) {
         self.leader = false;
+        self.adoption = None;
         self.leases.lost_leadership();
     }
 

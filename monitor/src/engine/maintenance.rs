@@ -24,7 +24,8 @@ impl Engine {
     /// (which proves it stopped) and started on another host. A cold move: live migration is
     /// not built yet (docs/architecture.md).
     pub(super) fn reconcile_maintenance(&mut self, cx: &mut Context<'_>) {
-        if self.maintenance.is_empty() {
+        // Nothing is stopped while a restored cluster adopts the agents' generations.
+        if self.maintenance.is_empty() || self.adoption.is_some() {
             return;
         }
         for vm in cx.state.vms.values() {

@@ -173,6 +173,9 @@ pub struct Engine {
     destroy_retry_at: BTreeMap<String, u64>,
     /// Issue 10: what this leader already recorded, to say it once per episode.
     identity: claims::IdentityNotes,
+    /// Issue 12 item 6: while a restored cluster's leader adopts what the agents report
+    /// (nothing is ordered, stopped or fenced meanwhile); `None` otherwise.
+    adoption: Option<leadership::Adoption>,
 }
 
 /// A pool must be down on a host for this long before that host's HA VMs are moved off it:
@@ -219,6 +222,7 @@ impl Engine {
             forced_stop_at: BTreeMap::new(),
             destroy_retry_at: BTreeMap::new(),
             identity: Default::default(),
+            adoption: None,
         }
     }
 
@@ -314,6 +318,11 @@ impl Engine {
 
     /// The periodic pass: detector, maintenance, hosts, storage, recovery, leader record.
     fn tick(&mut self, cx: &mut Context<'_>) {
+        if self.adoption_holds(cx) {
+            // A restored cluster's leader fences nobody before it has adopted what the
+            // agents report (see `leadership::Adoption`).
+            self.fence_after_ms = self.fence_after_ms.max(cx.now_ms.saturating_add(1));
+        }
         if cx.now_ms >= self.fence_after_ms {
             self.awaiting_reconnect.clear();
         }

@@ -154,6 +154,7 @@ impl Engine {
         if self.inventory.get(host).is_some_and(|inv| seq < inv.seq) {
             return;
         }
+        self.adopt_listing(host, &domains, cx);
         for d in &domains {
             // Taken before something newer was seen of this VM here (an event, a start's
             // "running" answer): it must not override that. A listing taken while a start
@@ -312,6 +313,10 @@ impl Engine {
         let Some(vm) = cx.state.vms.get(&event.uuid) else {
             return;
         };
+        if generation.is_some_and(|g| g > vm.generation) && self.adoption.is_some() {
+            // Newer than the restored backup: adopted from the host's listing, not a conflict.
+            return;
+        }
         if !claims::owns(vm, host)
             && matches!(event.kind, LifecycleKind::Started | LifecycleKind::Resumed)
             && generation.is_some_and(|g| g > vm.generation)

@@ -81,6 +81,12 @@ impl Engine {
         if self.fencing.in_flight.contains(host) {
             return Some(format!("a fence of {host} is already running"));
         }
+        if self.adoption.is_some() {
+            // Issue 12 item 6: nothing is fenced before a restored cluster has heard the agents.
+            return Some(
+                "this cluster was just restored from a backup and is still hearing what the agents run (at most a lease): try again in a moment".to_string(),
+            );
+        }
         if !force {
             if let Some(why) = self.heard_recently(host, now_ms) {
                 return Some(format!(

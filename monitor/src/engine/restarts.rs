@@ -40,6 +40,10 @@ impl Engine {
             })
             .collect();
         order.sort_by_key(|v| std::cmp::Reverse(v.priority));
+        if self.adoption.is_some() {
+            // A restored cluster orders nothing before it knows the agents' generations.
+            order.clear();
+        }
         for vm in order {
             match &vm.phase {
                 Phase::Backoff {

@@ -127,7 +127,11 @@ impl Engine {
             self.scope_since
                 .insert(pool.to_string(), (scope.clone(), since));
             outages.insert(pool.to_string(), scope);
-            if up.is_empty() || cx.now_ms.saturating_sub(since) < STORAGE_FAULT_GRACE_MS {
+            if up.is_empty()
+                || cx.now_ms.saturating_sub(since) < STORAGE_FAULT_GRACE_MS
+                || self.adoption.is_some()
+            {
+                // (Nothing is stopped while a restored cluster adopts the agents' generations.)
                 continue;
             }
             let lasting: Vec<&str> = down

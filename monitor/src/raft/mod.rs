@@ -44,6 +44,7 @@ pub use self::log_store::LogStore;
 pub use self::network::{DisabledNetwork, DisabledNetworkFactory, NetworkDisabled};
 pub use self::state_machine::{SnapshotBuilder, StateMachineStore};
 use crate::state::{ClusterState, StateCommand, StateResponse};
+pub use openraft::LogId;
 
 openraft::declare_raft_types!(
     /// openraft type configuration of the monitor cluster.
@@ -278,11 +279,32 @@ pub(crate) fn open_database(path: &Path) -> Result<Arc<RaftDb>, RaftSetupError> 
     RaftDb::open(path)
 }
 
+/// Failure of [`RaftNode::seed_from_backup`].
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error(
+        "{path} already exists: a restore builds a new cluster in an empty data directory and \
+         never replaces what is stored there (move the directory away first if it really is \
+         to go)"
+    )]
+    Exists { path: PathBuf },
+    #[error(transparent)]
+    Setup(Box<RaftSetupError>),
+}
+
+impl From<RaftSetupError> for SeedError {
+    fn from(e: RaftSetupError) -> Self {
+        SeedError::Setup(Box::new(e))
+    }
+}
+
 /// A running Raft node with its applied [`ClusterState`]. Cloning is cheap.
 #[derive(Clone)]
 pub struct RaftNode {
     raft: Raft<TypeConfig>,
     state: Arc<RwLock<ClusterState>>,
+    /// The log id of `state` (see [`StateMachineStore::applied_log_id`]).
+    applied: Arc<RwLock<Option<openraft::LogId<u64>>>>,
     node_id: u64,
     addr: String,
     /// Lets `shutdown` wait until the storage tasks have released the database file.
@@ -341,6 +363,7 @@ impl RaftNode {
         }
         let state = Arc::new(RwLock::new(ClusterState::default()));
         let state_machine = StateMachineStore::new(db.clone(), state.clone())?;
+        let applied = state_machine.applied_log_id();
         let db_released = db.released();
         drop(db);
 
@@ -349,10 +372,85 @@ impl RaftNode {
         Ok(RaftNode {
             raft,
             state,
+            applied,
             node_id,
             addr,
             db_released,
         })
+    }
+
+    /// Creates `data_dir/raft.redb` for node `node_id` (Raft address `addr`) holding a
+    /// one-voter cluster whose state machine is `state` at log id `last_applied` (a backup's;
+    /// `None`: index 0), for `vigil-monitor --restore`. Refuses if the database exists:
+    /// nothing stored is ever replaced. [`Self::open`] then starts it: openraft finds the
+    /// state machine ahead of an empty log and purges the log up to that id, as after a
+    /// snapshot installed from a leader. The vote is that log id's term for this node (not
+    /// committed), so the first election here is for a later term than any entry
+    /// (a log id never goes backwards); the node elects itself, the only voter. Other
+    /// monitors join as usual (`vigil-monitor --join`, `vigilctl server add`) and receive
+    /// the state as a snapshot. Returns the log id the cluster starts from.
+    pub async fn seed_from_backup(
+        data_dir: &Path,
+        node_id: u64,
+        addr: &str,
+        last_applied: Option<openraft::LogId<u64>>,
+        state: &ClusterState,
+    ) -> Result<openraft::LogId<u64>, SeedError> {
+        use openraft::storage::RaftLogStorage;
+        let path = data_dir.join(DB_FILE_NAME);
+        if path.exists() {
+            return Err(SeedError::Exists { path });
+        }
+        std::fs::create_dir_all(data_dir).map_err(|source| RaftSetupError::CreateDir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let db = open_database(&path)?;
+        let mut log_store = LogStore::new(db.clone()).map_err(RaftSetupError::from)?;
+        log_store
+            .store_node_id(node_id)
+            .await
+            .map_err(RaftSetupError::from)?;
+        let last = last_applied.unwrap_or_else(|| {
+            openraft::LogId::new(openraft::CommittedLeaderId::new(0, node_id), 0)
+        });
+        log_store
+            .save_vote(&openraft::Vote::new(last.leader_id.term, node_id))
+            .await
+            .map_err(RaftSetupError::from)?;
+        let membership = openraft::StoredMembership::new(
+            Some(last),
+            openraft::Membership::new(
+                vec![BTreeSet::from([node_id])],
+                BTreeMap::from([(node_id, BasicNode::new(addr))]),
+            ),
+        );
+        state_machine::write_seed_snapshot(&db, last, membership, state)
+            .map_err(RaftSetupError::from)?;
+        drop(log_store);
+        // The only handle: dropping it closes the file before `open` reopens it.
+        drop(db);
+        tracing::info!(node_id, addr, path = %path.display(), ?last, "seeded a one-node cluster from a backup");
+        Ok(last)
+    }
+
+    /// A linearizable copy of the applied state and the log id it is at (`vigilctl db
+    /// backup`): confirmed leader first ([`Self::ensure_linearizable`]), then both read under
+    /// the state's lock, so the log id is exactly the state's.
+    pub async fn linearizable_snapshot(
+        &self,
+    ) -> Result<(Option<openraft::LogId<u64>>, ClusterState), ReadError> {
+        self.ensure_linearizable().await?;
+        let state = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        let applied = *self.applied.read().unwrap_or_else(PoisonError::into_inner);
+        Ok((applied, state.clone()))
+    }
+
+    /// The voters of the current membership.
+    pub fn voter_ids(&self) -> Vec<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config.membership().voter_ids().collect()
     }
 
     /// Whether this node belongs to a cluster (it has a vote or a log).
@@ -1079,6 +1177,61 @@ mod tests {
             per(registering, bench_hosts),
             per(events, bench_events),
         );
+    }
+
+    /// `--restore`: a backup's state seeded into a fresh directory comes back whole, at the
+    /// backup's log id, in a one-voter cluster that elects itself for a later term, writes,
+    /// and survives a restart; seeding over an existing database is refused and changes
+    /// nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn seeded_from_a_backup_the_state_comes_back_and_the_log_moves_on() {
+        let src = tempfile::tempdir().expect("tempdir");
+        let node = open_leader(src.path()).await;
+        write_all(&node, (0..5).map(|i| register(i, &format!("hv{i}")))).await;
+        let (last, state) = node.linearizable_snapshot().await.expect("snapshot");
+        let last = last.expect("applied");
+        assert_eq!(Some(last), node.metrics().last_applied);
+        assert_eq!(state, node.read(|s| s.clone()));
+        node.shutdown().await;
+        // As if the source had been through elections (term 5, led by node 3): the restored
+        // cluster's entries must still come after it.
+        let last = LogId::new(openraft::CommittedLeaderId::new(5, 3), last.index + 10);
+
+        let dst = tempfile::tempdir().expect("tempdir");
+        let data = dst.path().join("data");
+        let seeded = RaftNode::seed_from_backup(&data, 7, "127.0.0.1:7007", Some(last), &state)
+            .await
+            .expect("seed");
+        assert_eq!(seeded, last);
+        // Never over what is stored.
+        match RaftNode::seed_from_backup(&data, 7, "x:1", None, &ClusterState::default()).await {
+            Err(SeedError::Exists { .. }) => {}
+            other => panic!("expected Exists, got {other:?}"),
+        }
+        let node = RaftNode::open(&data, 7, "127.0.0.1:7007".into(), RaftTuning::default())
+            .await
+            .expect("open");
+        assert_eq!(node.read(|s| s.clone()), state);
+        assert!(node.is_initialized().await.expect("initialized"));
+        node.initialize_single_if_new().await.expect("no-op");
+        assert_eq!(node.wait_for_leader(WAIT).await, Some(7));
+        let m = node.metrics();
+        assert!(m.current_term > last.leader_id.term, "{m:?}");
+        assert_eq!(node.voter_ids(), vec![7]);
+        let resp = node
+            .raft()
+            .client_write(register(99, "late"))
+            .await
+            .expect("write");
+        assert!(resp.log_id > last);
+        let after = node.read(|s| s.clone());
+        node.shutdown().await;
+        let node = RaftNode::open(&data, 7, "127.0.0.1:7007".into(), RaftTuning::default())
+            .await
+            .expect("reopen");
+        assert_eq!(node.read(|s| s.clone()), after);
+        assert_eq!(node.wait_for_leader(WAIT).await, Some(7));
+        node.shutdown().await;
     }
 
     #[tokio::test]

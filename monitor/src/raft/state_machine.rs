@@ -164,11 +164,46 @@ fn snapshot_id(last: Option<&LogId<u64>>) -> String {
     }
 }
 
+/// Writes the snapshot a restored node starts from (`vigil-monitor --restore`): `state` at
+/// log id `last`, with `membership`. openraft, opening the database, then finds the state
+/// machine ahead of an empty log and purges the log up to `last` (its "snapshot installed
+/// but logs not cleaned" path), exactly as after a snapshot installed from a leader.
+pub(crate) fn write_seed_snapshot(
+    db: &RaftDb,
+    last: LogId<u64>,
+    membership: Membership,
+    state: &ClusterState,
+) -> StoreResult<()> {
+    let meta = Meta {
+        last_log_id: Some(last),
+        last_membership: membership.clone(),
+        snapshot_id: format!("restore-{}", snapshot_id(Some(&last))),
+    };
+    let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+    let verb = ErrorVerb::Write;
+    let meta_bytes = serde_json::to_vec(&meta).or_sto(&subject, verb)?;
+    let data = serde_json::to_vec(&SnapshotPayloadRef {
+        last_applied: &Some(last),
+        membership: &membership,
+        state,
+    })
+    .or_sto(&subject, verb)?;
+    let txn = db.begin_write().or_sto(&subject, verb)?;
+    {
+        let mut table = txn.open_table(SM_TABLE).or_sto(&subject, verb)?;
+        put_snapshot(&mut table, &meta_bytes, &data, &subject)?;
+    }
+    txn.commit().or_sto(&subject, verb)
+}
+
 /// Raft state machine over the shared [`ClusterState`].
 pub struct StateMachineStore {
     db: Arc<RaftDb>,
     state: Arc<RwLock<ClusterState>>,
     last_applied: Option<LogId<u64>>,
+    /// `last_applied`, shared: written only while the state's write lock is held, so a
+    /// reader holding the state's read lock sees the log id of exactly that state.
+    applied: Arc<RwLock<Option<LogId<u64>>>>,
     membership: Membership,
 }
 
@@ -200,6 +235,7 @@ impl StateMachineStore {
             db,
             state,
             last_applied,
+            applied: Arc::new(RwLock::new(last_applied)),
             membership,
         })
     }
@@ -207,6 +243,15 @@ impl StateMachineStore {
     /// The shared applied state.
     pub fn state(&self) -> Arc<RwLock<ClusterState>> {
         self.state.clone()
+    }
+
+    /// The log id of the shared state (see the field's docs for how to read both at once).
+    pub fn applied_log_id(&self) -> Arc<RwLock<Option<LogId<u64>>>> {
+        self.applied.clone()
+    }
+
+    fn publish_applied(&self) {
+        *self.applied.write().unwrap_or_else(PoisonError::into_inner) = self.last_applied;
     }
 }
 
@@ -237,6 +282,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             };
             responses.push(response);
         }
+        // Still under the state's write lock.
+        *self.applied.write().unwrap_or_else(PoisonError::into_inner) = self.last_applied;
+        drop(state);
         Ok(responses)
     }
 
@@ -281,8 +329,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             txn.commit().or_sto(&subject, verb)
         })
         .await?;
-        *self.state.write().unwrap_or_else(PoisonError::into_inner) = payload.state;
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        *state = payload.state;
         self.last_applied = meta.last_log_id;
+        self.publish_applied();
+        drop(state);
         self.membership = meta.last_membership.clone();
         Ok(())
     }

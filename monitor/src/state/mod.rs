@@ -247,6 +247,16 @@ pub enum EventKind {
     },
     /// A domain definition refused by the domain policy: the stored one is kept.
     VmDefinitionRefused,
+    // ---- Issue 12 item 6 (backup and restore) ----
+    /// A restored cluster's first leader waits for the agents before it orders anything.
+    RestoreAdoption,
+    /// An agent reported a VM with a newer activation generation than the restored backup
+    /// holds: the cluster adopted it (and the host reporting it).
+    VmAdopted {
+        generation: u64,
+    },
+    /// A restored cluster's leader heard every host (or waited a full lease): it acts again.
+    RestoreAdopted,
 }
 
 /// One entry of the replicated event log.
@@ -440,6 +450,21 @@ pub enum StateCommand {
     /// it), written by each monitor when it becomes leader: the membership holds only Raft
     /// addresses, and followers name this one when they redirect agents and writes.
     MonitorEndpoint { node: u64, addr: String },
+    // ---- Issue 12 item 6 (backup and restore) ----
+    /// After a restore, the leader adopts what an agent reports of a VM with a generation
+    /// above the committed one (the backup is older than the agents' memory): the VM's
+    /// generation becomes `generation`, its host `host`, and it is running there (`running`)
+    /// or stopped. Only a higher generation changes anything (else `Unchanged`).
+    VmAdopted {
+        at_ms: u64,
+        uuid: String,
+        host: String,
+        generation: u64,
+        running: bool,
+    },
+    /// The restored cluster's leader finished adopting (every host reported, or a full lease
+    /// passed): later leaders do not wait again.
+    RestoreAdopted { at_ms: u64, message: String },
 }
 
 /// Longest client endpoint a [`StateCommand::MonitorEndpoint`] may record (as the agents'
@@ -501,6 +526,25 @@ pub struct ClusterState {
     /// written by a one-node cluster).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub monitors: BTreeMap<u64, String>,
+    /// Set when this cluster was rebuilt from a backup (`vigil-monitor --restore`); absent
+    /// otherwise (and in every older snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored: Option<Restored>,
+}
+
+/// A cluster rebuilt from a backup. A backup is older than the agents' memory: until
+/// `adopted`, a leader of this cluster adopts the newest generation any agent reports of
+/// each VM before it orders anything (see `engine::leadership`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restored {
+    /// When the restore was done (Unix ms).
+    pub at_ms: u64,
+    /// When the backup was taken (Unix ms).
+    pub backup_created_at_ms: u64,
+    /// The Raft log index the backup was taken at, on its source cluster.
+    pub backup_log_index: Option<u64>,
+    /// A leader heard every host (or waited a full lease) since the restore.
+    pub adopted: bool,
 }
 
 impl ClusterState {
@@ -656,7 +700,22 @@ impl ClusterState {
             | StateCommand::VmStopped { .. }
             | StateCommand::OperatorStop { .. }
             | StateCommand::SetAntiAffinity { .. }
-            | StateCommand::StaleDestroyed { .. } => vm::apply(self, cmd),
+            | StateCommand::StaleDestroyed { .. }
+            | StateCommand::VmAdopted { .. } => vm::apply(self, cmd),
+            StateCommand::RestoreAdopted { at_ms, message } => match &mut self.restored {
+                Some(r) if !r.adopted => {
+                    r.adopted = true;
+                    self.push_event(
+                        *at_ms,
+                        Severity::Info,
+                        None,
+                        EventKind::RestoreAdopted,
+                        message.clone(),
+                    );
+                    StateResponse::Ok
+                }
+                _ => StateResponse::Unchanged,
+            },
             StateCommand::FenceStarted { .. }
             | StateCommand::FenceResult { .. }
             | StateCommand::HostProvenOff { .. }

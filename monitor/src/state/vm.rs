@@ -805,6 +805,57 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
             );
             StateResponse::Ok
         }
+        StateCommand::VmAdopted {
+            at_ms,
+            uuid,
+            host,
+            generation,
+            running,
+        } => {
+            if !s.hosts.contains_key(host) {
+                return StateResponse::UnknownHost { host: host.clone() };
+            }
+            let Some(rec) = s.vms.get_mut(uuid) else {
+                return StateResponse::UnknownVm { vm: uuid.clone() };
+            };
+            if *generation <= rec.generation {
+                return StateResponse::Unchanged;
+            }
+            let (from_host, from_generation, from_phase) =
+                (rec.host.clone(), rec.generation, rec.phase.name());
+            rec.generation = *generation;
+            rec.host = host.clone();
+            rec.phase = if *running {
+                Phase::Running
+            } else {
+                // Not running anywhere that reported: left alone (never started twice); an
+                // operator starts it again, as after any stop.
+                Phase::Stopped {
+                    reason: StopReason::OperatorDestroy,
+                    at_ms: *at_ms,
+                }
+            };
+            rec.pending_cause = None;
+            let name = rec.name.clone();
+            let now = if *running {
+                format!("runs on {host}")
+            } else {
+                format!("is defined but not running on {host}; left stopped")
+            };
+            s.vm_event(
+                *at_ms,
+                Severity::Warning,
+                host,
+                uuid,
+                EventKind::VmAdopted {
+                    generation: *generation,
+                },
+                format!(
+                    "VM {name} {now} with generation {generation}, newer than the {from_generation} the cluster had ({from_phase} on {from_host}) after its restore from a backup: adopted"
+                ),
+            );
+            StateResponse::Ok
+        }
         _ => StateResponse::Invalid {
             reason: "not a VM command".into(),
         },
@@ -814,6 +865,64 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn adopted(host: &str, generation: u64, running: bool) -> StateCommand {
+        StateCommand::VmAdopted {
+            at_ms: 9,
+            uuid: "u1".into(),
+            host: host.into(),
+            generation,
+            running,
+        }
+    }
+
+    /// After a restore: only a generation above the committed one changes the record, the
+    /// highest wins whatever the order, and a stopped report leaves the VM stopped.
+    #[test]
+    fn adoption_takes_only_a_newer_generation_and_its_host() {
+        let mut s = ClusterState::default();
+        for h in ["hv1", "hv2", "hv3"] {
+            s.apply(&crate::state::registration(0, h));
+        }
+        s.apply(&set_ha(true, None));
+        s.vms.get_mut("u1").expect("vm").generation = 3;
+        assert_eq!(s.apply(&adopted("hv2", 3, true)), StateResponse::Unchanged);
+        assert_eq!(s.apply(&adopted("hv2", 4, false)), StateResponse::Ok);
+        let v = &s.vms["u1"];
+        assert_eq!((v.generation, v.host.as_str()), (4, "hv2"));
+        assert!(matches!(v.phase, Phase::Stopped { .. }));
+        assert_eq!(s.apply(&adopted("hv3", 6, true)), StateResponse::Ok);
+        // Older than what is adopted now: history.
+        assert_eq!(s.apply(&adopted("hv2", 5, true)), StateResponse::Unchanged);
+        let v = &s.vms["u1"];
+        assert_eq!((v.generation, v.host.as_str()), (6, "hv3"));
+        assert_eq!(v.phase, Phase::Running);
+        assert!(s
+            .events
+            .iter()
+            .any(|e| e.kind == EventKind::VmAdopted { generation: 6 }));
+        assert_eq!(
+            s.apply(&adopted("nowhere", 9, true)),
+            StateResponse::UnknownHost {
+                host: "nowhere".into()
+            }
+        );
+        // The end of the adoption is recorded once, and only for a restored cluster.
+        let done = StateCommand::RestoreAdopted {
+            at_ms: 10,
+            message: "done".into(),
+        };
+        assert_eq!(s.apply(&done), StateResponse::Unchanged);
+        s.restored = Some(crate::state::Restored {
+            at_ms: 1,
+            backup_created_at_ms: 0,
+            backup_log_index: None,
+            adopted: false,
+        });
+        assert_eq!(s.apply(&done), StateResponse::Ok);
+        assert!(s.restored.as_ref().is_some_and(|r| r.adopted));
+        assert_eq!(s.apply(&done), StateResponse::Unchanged);
+    }
 
     fn set_ha(ha: bool, priority: Option<i32>) -> StateCommand {
         StateCommand::SetHa {
