@@ -296,6 +296,7 @@ pub fn restored_state(
         backup_created_at_ms,
         backup_log_index,
         adopted: false,
+        silent: Default::default(),
     });
     state
 }

@@ -110,6 +110,7 @@ impl Engine {
         host: &str,
         vm: &VmRecord,
         d: &DomainInfo,
+        restored_silent: bool,
         wall_ms: u64,
         out: &mut Vec<Action>,
     ) -> Claim {
@@ -121,7 +122,10 @@ impl Engine {
                 .is_some_and(|inv| inv.domains.get(&vm.uuid).is_none_or(|o| !runs(o)));
         let owner_listings = self.identity.listings.get(&vm.host).copied().unwrap_or(0);
         let key = (vm.uuid.clone(), host.to_string());
-        if generation > vm.generation && self.adoption.is_some() {
+        // A restored cluster adopts it (`adopt_listing`), also from a host it first heard
+        // after its adoption ended.
+        let adopting = self.adoption.is_some() || restored_silent;
+        if generation > vm.generation && adopting {
             // A restored cluster adopts it (`adopt_listing`): no conflict.
             return Claim::Refuse;
         }

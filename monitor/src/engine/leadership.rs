@@ -178,6 +178,24 @@ impl Engine {
         cx: &mut Context<'_>,
     ) {
         let Some(a) = self.adoption.as_mut() else {
+            if cx
+                .state
+                .restored
+                .as_ref()
+                .is_some_and(|r| r.silent.contains(host))
+            {
+                // Silent when the adoption ended, heard now: what it runs is adopted (a
+                // VmAdopted only ever raises a generation), then it counts as heard.
+                for d in domains {
+                    if let Some(cmd) = adoption_of(host, d, cx.state, None, cx.wall_ms) {
+                        cx.out.push(Action::Propose(cmd));
+                    }
+                }
+                cx.out.push(Action::Propose(StateCommand::RestoreHostHeard {
+                    at_ms: cx.wall_ms,
+                    host: host.to_string(),
+                }));
+            }
             return;
         };
         if !cx.state.hosts.contains_key(host) {
@@ -185,28 +203,22 @@ impl Engine {
         }
         a.waiting.remove(host);
         for d in domains {
-            let (Some(generation), Some(vm)) = (d.meta.generation, cx.state.vms.get(&d.uuid))
-            else {
+            let Some(cmd) = adoption_of(
+                host,
+                d,
+                cx.state,
+                a.proposed.get(&d.uuid).map(|p| p.generation),
+                cx.wall_ms,
+            ) else {
                 continue;
             };
-            let known = a
-                .proposed
-                .get(&d.uuid)
-                .map_or(vm.generation, |p| p.generation.max(vm.generation));
-            if generation <= known {
+            let StateCommand::VmAdopted { generation, .. } = &cmd else {
                 continue;
-            }
-            let cmd = StateCommand::VmAdopted {
-                at_ms: cx.wall_ms,
-                uuid: d.uuid.clone(),
-                host: host.to_string(),
-                generation,
-                running: matches!(d.state, DomainState::Running | DomainState::Paused),
             };
             a.proposed.insert(
                 d.uuid.clone(),
                 ProposedAdoption {
-                    generation,
+                    generation: *generation,
                     at_ms: cx.now_ms,
                     cmd: cmd.clone(),
                 },
@@ -250,13 +262,15 @@ impl Engine {
         } else {
             let silent: Vec<&str> = a.waiting.iter().map(String::as_str).collect();
             format!(
-                "a full lease passed since the restored cluster's leader was elected: it acts again; not heard from: {}",
+                "a full lease passed since the restored cluster's leader was elected: it acts again; not heard from: {} (no VM restarts until each of them is heard or fenced: one may run a copy the backup does not know of)",
                 silent.join(", ")
             )
         };
+        let silent = a.waiting.iter().cloned().collect();
         cx.out.push(Action::Propose(StateCommand::RestoreAdopted {
             at_ms: cx.wall_ms,
             message,
+            silent,
         }));
         self.adoption = None;
         false
@@ -306,4 +320,42 @@ impl Engine {
             hold: !self.fencing.held.is_empty(),
         }
     }
+}
+
+/// The adoption of what `host` reports of `d`'s VM, if it reports a generation above the
+/// committed one and above `proposed` (one already proposed).
+fn adoption_of(
+    host: &str,
+    d: &DomainInfo,
+    state: &ClusterState,
+    proposed: Option<u64>,
+    wall_ms: u64,
+) -> Option<StateCommand> {
+    let generation = d.meta.generation?;
+    let vm = state.vms.get(&d.uuid)?;
+    if generation <= proposed.map_or(vm.generation, |p| p.max(vm.generation)) {
+        return None;
+    }
+    Some(StateCommand::VmAdopted {
+        at_ms: wall_ms,
+        uuid: d.uuid.clone(),
+        host: host.to_string(),
+        generation,
+        running: matches!(d.state, DomainState::Running | DomainState::Paused),
+    })
+}
+
+/// Whether restarts wait for hosts a restored cluster never heard ([`Restored::silent`]):
+/// while one of them is neither heard nor fenced.
+///
+/// [`Restored::silent`]: crate::state::Restored::silent
+pub(super) fn restore_silent_holds(state: &ClusterState) -> bool {
+    state.restored.as_ref().is_some_and(|r| {
+        r.silent.iter().any(|h| {
+            state
+                .hosts
+                .get(h)
+                .is_some_and(|x| !matches!(x.phase, crate::state::HostPhase::Fenced { .. }))
+        })
+    })
 }

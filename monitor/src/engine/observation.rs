@@ -175,8 +175,13 @@ impl Engine {
                     // Another host's VM (issue 10 item 2): a shut-off copy defined here is
                     // normal and says nothing; running, it is a move only when its own
                     // host lets it go (a live migration), else a conflict.
+                    let silent = cx
+                        .state
+                        .restored
+                        .as_ref()
+                        .is_some_and(|r| r.silent.contains(host));
                     if running
-                        && self.foreign_claim(host, vm, d, cx.wall_ms, &mut cx.out)
+                        && self.foreign_claim(host, vm, d, silent, cx.wall_ms, &mut cx.out)
                             == claims::Claim::Accept
                     {
                         cx.out

@@ -40,8 +40,9 @@ impl Engine {
             })
             .collect();
         order.sort_by_key(|v| std::cmp::Reverse(v.priority));
-        if self.adoption.is_some() {
-            // A restored cluster orders nothing before it knows the agents' generations.
+        if self.adoption.is_some() || leadership::restore_silent_holds(cx.state) {
+            // A restored cluster orders nothing before it knows the agents' generations,
+            // nor while a host it never heard may run a copy it does not know of.
             order.clear();
         }
         for vm in order {

@@ -464,7 +464,16 @@ pub enum StateCommand {
     },
     /// The restored cluster's leader finished adopting (every host reported, or a full lease
     /// passed): later leaders do not wait again.
-    RestoreAdopted { at_ms: u64, message: String },
+    RestoreAdopted {
+        at_ms: u64,
+        message: String,
+        /// The hosts not heard from (see [`Restored::silent`]).
+        #[serde(default)]
+        silent: Vec<String>,
+    },
+    /// A host of [`Restored::silent`] was heard at last, and what it runs proposed for
+    /// adoption before this.
+    RestoreHostHeard { at_ms: u64, host: String },
 }
 
 /// Longest client endpoint a [`StateCommand::MonitorEndpoint`] may record (as the agents'
@@ -545,6 +554,11 @@ pub struct Restored {
     pub backup_log_index: Option<u64>,
     /// A leader heard every host (or waited a full lease) since the restore.
     pub adopted: bool,
+    /// Hosts no leader had heard when the adoption ended: until each is heard (and what it
+    /// runs adopted) or fenced, no VM is restarted, since one of them may run a copy the
+    /// backup does not know of (`engine::leadership::restore_silent_holds`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub silent: std::collections::BTreeSet<String>,
 }
 
 impl ClusterState {
@@ -702,9 +716,31 @@ impl ClusterState {
             | StateCommand::SetAntiAffinity { .. }
             | StateCommand::StaleDestroyed { .. }
             | StateCommand::VmAdopted { .. } => vm::apply(self, cmd),
-            StateCommand::RestoreAdopted { at_ms, message } => match &mut self.restored {
+            StateCommand::RestoreHostHeard { at_ms, host } => match &mut self.restored {
+                Some(r) if r.silent.contains(host) => {
+                    r.silent.remove(host);
+                    let message = format!(
+                        "host {host}, silent when the restored cluster's adoption ended, was heard: what it runs is adopted"
+                    );
+                    self.push_event(
+                        *at_ms,
+                        Severity::Info,
+                        Some(host.clone()),
+                        EventKind::RestoreAdopted,
+                        message,
+                    );
+                    StateResponse::Ok
+                }
+                _ => StateResponse::Unchanged,
+            },
+            StateCommand::RestoreAdopted {
+                at_ms,
+                message,
+                silent,
+            } => match &mut self.restored {
                 Some(r) if !r.adopted => {
                     r.adopted = true;
+                    r.silent = silent.iter().cloned().collect();
                     self.push_event(
                         *at_ms,
                         Severity::Info,

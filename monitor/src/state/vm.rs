@@ -911,6 +911,7 @@ mod tests {
         let done = StateCommand::RestoreAdopted {
             at_ms: 10,
             message: "done".into(),
+            silent: Vec::new(),
         };
         assert_eq!(s.apply(&done), StateResponse::Unchanged);
         s.restored = Some(crate::state::Restored {
@@ -918,6 +919,7 @@ mod tests {
             backup_created_at_ms: 0,
             backup_log_index: None,
             adopted: false,
+            silent: Default::default(),
         });
         assert_eq!(s.apply(&done), StateResponse::Ok);
         assert!(s.restored.as_ref().is_some_and(|r| r.adopted));
