@@ -562,6 +562,23 @@ impl Relay {
     }
 }
 
+/// Which of three votes through `client` (`pause` apart, each with `option`) is the first
+/// answered.
+async fn first_answered(
+    client: &mut super::quic::QuicPeer,
+    option: RPCOption,
+    pause: Duration,
+) -> Option<u32> {
+    for attempt in 1..=3 {
+        let vote = VoteRequest::new(Vote::new(1, 1), None);
+        if client.vote(vote, option.clone()).await.is_ok() {
+            return Some(attempt);
+        }
+        tokio::time::sleep(pause).await;
+    }
+    None
+}
+
 /// A peer whose process was killed (its connections never closed) and started again on the
 /// same address is reached again at the next RPC after one fails, not only after the QUIC
 /// idle timeout (3 s): every vote sent on the dead connection meanwhile was a lost election
@@ -597,13 +614,7 @@ async fn a_peer_restarted_on_the_same_address_is_reached_at_the_next_rpc() {
     // The first RPC goes out on the dead connection and times out; the next ones must reach
     // the new process, well within the 3 s idle timeout (3 x 400 ms).
     let t0 = std::time::Instant::now();
-    let mut answered = None;
-    for attempt in 1..=3 {
-        if client.vote(vote(), short()).await.is_ok() {
-            answered = Some(attempt);
-            break;
-        }
-    }
+    let answered = first_answered(&mut client, short(), Duration::ZERO).await;
     assert!(
         answered.is_some(),
         "the restarted peer was not reached within three RPCs ({:?})",
@@ -778,14 +789,7 @@ async fn a_follower_that_comes_back_while_a_dial_to_it_is_pending_is_reached_at_
     relay.point_at(back.addr);
     // Well before the pending dial's Initial retransmit.
     let t0 = std::time::Instant::now();
-    let mut answered = None;
-    for attempt in 1..=3 {
-        if client.vote(vote(), short()).await.is_ok() {
-            answered = Some(attempt);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let answered = first_answered(&mut client, short(), Duration::from_millis(100)).await;
     assert!(
         answered.is_some(),
         "the peer was not reached within three RPCs ({:?})",
