@@ -133,8 +133,12 @@ fn lab_copy(vagrantfile: &str) -> LabCopy {
 }
 
 fn validate(copy: &LabCopy, env: &[(&str, &str)]) -> Output {
+    vagrant(copy, &["validate"], env)
+}
+
+fn vagrant(copy: &LabCopy, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new("vagrant");
-    cmd.arg("validate")
+    cmd.args(args)
         .current_dir(copy.dir.path())
         .env("VIGIL_PACKAGES", copy.packages.path())
         .env("VIGILCTL", "/nonexistent/vigilctl")
@@ -211,7 +215,36 @@ fn vagrant_validate_accepts_the_lab_and_refuses_bad_settings() {
         "vagrant-libvirt validates its settings:\n{}",
         text(&out)
     );
-    println!("vagrant validate: 7 runs in {:?}", t0.elapsed());
+    // `vagrant up` stops in its trigger, before libvirt is asked anything, without the .debs
+    // or without vigilctl: a message, no Ruby backtrace.
+    let out = vagrant(&copy, &["up", "mon1"], &[]);
+    let said = text(&out);
+    assert!(
+        !out.status.success()
+            && said.contains(&format!(
+                "no vigil-agent and vigil-monitor .debs in {}: run packaging/build.sh",
+                copy.packages.path().display()
+            ))
+            && !said.contains(".rb:"),
+        "vagrant up without packages:\n{said}"
+    );
+    for p in ["vigil-agent", "vigil-monitor"] {
+        fs::write(
+            copy.packages.path().join(format!("{p}_0.1.0-1_amd64.deb")),
+            "",
+        )
+        .expect("write a stand-in .deb");
+    }
+    let out = vagrant(&copy, &["up", "mon1"], &[]);
+    let said = text(&out);
+    assert!(
+        !out.status.success()
+            && said.contains("/nonexistent/vigilctl not found: set VIGILCTL")
+            && said.contains("vagrant/provision/certs.sh failed")
+            && !said.contains(".rb:"),
+        "vagrant up without vigilctl:\n{said}"
+    );
+    println!("vagrant validate and up: 9 runs in {:?}", t0.elapsed());
 }
 
 #[test]
