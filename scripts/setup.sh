@@ -53,6 +53,20 @@ else
   log "system packages already installed"
 fi
 
+# The Vagrant lab (vagrant/): `vagrant validate` and shellcheck of its provisioning scripts in
+# tests/packaging/tests/vagrant.rs. Debian's vagrant-libvirt (0.11.2 with Vagrant 2.3.4) is
+# found by vagrant as a system plugin: no `vagrant plugin install`.
+want_vagrant=(vagrant vagrant-libvirt shellcheck)
+missing=0
+for p in "${want_vagrant[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing=1
+done
+if [[ $missing -eq 1 ]]; then
+  log "installing ${want_vagrant[*]}"
+  apt-get install -y -qq --no-install-recommends "${want_vagrant[@]}" >/dev/null ||
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${want_vagrant[@]}" >/dev/null; }
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   if [[ -x "$HOME/.cargo/bin/cargo" ]]; then
     :
