@@ -389,6 +389,20 @@ impl Engine {
         });
     }
 
+    /// `host` was heard (a new session or a heartbeat) while it is not active, or while a
+    /// fence of it is proposed: whether it may rejoin now. A power fence proposed but not yet
+    /// started is called off (its fence agent never runs: the host is back before anything
+    /// was done to it). A fence agent already running cannot be called back (the BMC may be
+    /// cutting the power this moment): the host rejoins only once that attempt has failed,
+    /// and its success is the proof it would have been (a host that rejoined first was
+    /// powered off unrecorded, its VMs never restarted: seed 3589).
+    pub(super) fn may_rejoin(&mut self, host: &str) -> bool {
+        if self.fencing.awaiting_commit.remove(host).is_some() {
+            self.fencing.in_flight.remove(host);
+        }
+        !self.fencing.in_flight.contains(host)
+    }
+
     /// Forgets this leader's bookkeeping of a host's fencing (it is back).
     pub(super) fn forget_fencing(&mut self, host: &str) {
         self.fencing.proof_proposed.remove(host);

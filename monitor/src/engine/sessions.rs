@@ -33,16 +33,27 @@ impl Engine {
             self.evidence.address(&host, ip);
         }
         self.evidence.beat(&host, instance, 0, cx.now_ms);
-        if cx
+        let not_active = cx
             .state
             .hosts
             .get(&host)
-            .is_some_and(|h| h.phase != HostPhase::Active)
-            || self.fencing.slot_requests.contains_key(&host)
-        {
-            self.end_fencing_episode(&host, &mut cx.out);
+            .is_some_and(|h| h.phase != HostPhase::Active);
+        let rejoin = self.may_rejoin(&host);
+        if rejoin {
+            if not_active || self.fencing.slot_requests.contains_key(&host) {
+                self.end_fencing_episode(&host, &mut cx.out);
+            }
+            self.forget_fencing(&host);
+        } else {
+            record_event(
+                &mut cx.out,
+                cx.wall_ms,
+                Severity::Warning,
+                Some(host.clone()),
+                EventKind::HostHeardWhileFenced,
+                format!("host {host} is heard again while its fence agent runs: the fence cannot be called back; the host rejoins if it fails, its HA VMs start elsewhere if it succeeds"),
+            );
         }
-        self.forget_fencing(&host);
         self.identity.placement_refused.remove(&host);
         let hello = HelloClaims {
             zone,
@@ -51,12 +62,7 @@ impl Engine {
         };
         self.register_host(&host, &hello, cx);
         self.hellos.insert(host.clone(), hello);
-        if cx
-            .state
-            .hosts
-            .get(&host)
-            .is_some_and(|h| h.phase != HostPhase::Active)
-        {
+        if not_active && rejoin {
             cx.out.push(Action::Propose(StateCommand::HostRejoined {
                 at_ms: cx.wall_ms,
                 host: host.clone(),
@@ -170,8 +176,10 @@ impl Engine {
         // session rejoins on connect).
         if self.not_active.contains(&host)
             && self.connected.contains(&host)
-            && self.rejoining.insert(host.clone())
+            && !self.rejoining.contains(&host)
+            && self.may_rejoin(&host)
         {
+            self.rejoining.insert(host.clone());
             cx.out.push(Action::Propose(StateCommand::HostRejoined {
                 at_ms: cx.wall_ms,
                 host: host.clone(),

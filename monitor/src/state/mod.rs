@@ -101,6 +101,9 @@ pub enum EventKind {
         attempt: u32,
     },
     HostRejoined,
+    /// A host's agent connected while a fence agent was running against it: it rejoins only
+    /// if that attempt fails.
+    HostHeardWhileFenced,
     /// The leader's reading of a silent host changed (alive, investigating, isolated,
     /// agent-down, dead).
     HostCondition {

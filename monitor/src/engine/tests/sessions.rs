@@ -533,3 +533,123 @@ fn an_expired_monitor_certificate_fences_nobody() {
     );
     assert!(fenced_after_ticks(&mut s, 26_000, 28_000), "{:#?}", s.log());
 }
+
+/// hv1 goes quiet and is power-fenced; its fence agent is running (sent, no answer yet).
+fn hv1_with_its_fence_agent_running() -> Sim {
+    let mut s = fenceable_hv1_with_an_ha_vm();
+    s.beat("hv1", 50);
+    let mut t = 100;
+    while !s
+        .sent
+        .iter()
+        .any(|a| matches!(a, Action::Fence { host } if host == "hv1"))
+    {
+        assert!(t < 20_000, "hv1 was never fenced: {:#?}", s.log());
+        s.beat("hv2", t);
+        s.input(Input::Tick, t);
+        t += 100;
+    }
+    s
+}
+
+fn phase_of(s: &Sim, host: &str) -> &'static str {
+    s.state.hosts.get(host).map_or("", |h| h.phase.name())
+}
+
+/// Seed 3589: a host whose agent connected while its fence agent ran rejoined at once; the
+/// fence then powered it off anyway, unrecorded (the proof was refused as stale), so its VMs
+/// were never restarted (and a restart ordered on it in between was killed by the fence).
+#[test]
+fn a_host_heard_while_its_fence_agent_runs_rejoins_only_if_the_fence_fails() {
+    // The fence succeeds: the host is fenced (the proof it always was) and u1 moves to hv2.
+    let mut s = hv1_with_its_fence_agent_running();
+    let t = 20_000;
+    s.connect("hv1", t);
+    s.beat("hv1", t + 10);
+    assert_eq!(phase_of(&s, "hv1"), "fencing", "{:#?}", s.log());
+    s.assert_logged("host hv1 is heard again while its fence agent runs");
+    assert!(
+        s.started_only_on("hv2"),
+        "a start on the host being fenced: {:?}",
+        s.starts()
+    );
+    s.input(
+        Input::FenceDone {
+            host: "hv1".into(),
+            result: Ok("power off confirmed".into()),
+        },
+        t + 300,
+    );
+    assert_eq!(phase_of(&s, "hv1"), "fenced", "{:#?}", s.log());
+    // hv1 is off now: silent.
+    for k in 1..30 {
+        s.beat("hv2", t + 300 + k * 100);
+        s.input(Input::Tick, t + 300 + k * 100);
+    }
+    // (This fixture stores no definition, so the start itself stays queued.)
+    s.assert_logged(
+        "VM vm-u1 lost with its host on hv1 (generation 0); proof: host hv1 was fenced",
+    );
+    s.assert_logged("relocating to hv2");
+    assert!(s.started_only_on("hv2"), "{:?}", s.starts());
+    assert_eq!(
+        s.log().iter().filter(|m| m.contains("rejoined")).count(),
+        0,
+        "{:#?}",
+        s.log()
+    );
+
+    // The fence fails: the host, heard all along, rejoins; nothing starts anywhere.
+    let mut s = hv1_with_its_fence_agent_running();
+    s.connect("hv1", t);
+    s.beat("hv1", t + 10);
+    s.input(
+        Input::FenceDone {
+            host: "hv1".into(),
+            result: Err(crate::fencing::FenceFailure::NotConfigured { host: "hv1".into() }),
+        },
+        t + 300,
+    );
+    s.beat("hv1", t + 400);
+    assert_eq!(phase_of(&s, "hv1"), "active", "{:#?}", s.log());
+    s.assert_logged("host hv1 rejoined (was fencing)");
+    assert!(s.starts().is_empty(), "{:?}", s.starts());
+}
+
+/// A power fence proposed but not yet committed when the host is heard again is called
+/// off: its fence agent never runs, and the host rejoins.
+#[test]
+fn a_host_heard_before_its_fence_attempt_commits_is_not_powered_off() {
+    let mut s = fenceable_hv1_with_an_ha_vm();
+    s.beat("hv1", 50);
+    s.uncommitted = Some(Vec::new());
+    let mut t = 100;
+    while !s.uncommitted.as_ref().is_some_and(|p| {
+        p.iter()
+            .any(|c| matches!(c, StateCommand::FenceStarted { host, .. } if host == "hv1"))
+    }) {
+        assert!(t < 20_000, "hv1 was never fenced: {:#?}", s.log());
+        s.beat("hv2", t);
+        s.input(Input::Tick, t);
+        t += 100;
+    }
+    // Heard again before the attempt commits; then everything commits.
+    s.connect("hv1", t);
+    for cmd in s.uncommitted.take().unwrap_or_default() {
+        s.state.apply(&cmd);
+    }
+    s.input(Input::Applied, t + 10);
+    for k in 1..20 {
+        s.beat("hv1", t + k * 100);
+        s.beat("hv2", t + k * 100);
+        s.input(Input::Tick, t + k * 100);
+    }
+    assert!(
+        !s.sent
+            .iter()
+            .any(|a| matches!(a, Action::Fence { host } if host == "hv1")),
+        "the fence agent ran against a host heard before its attempt committed: {:#?}",
+        s.log()
+    );
+    assert_eq!(phase_of(&s, "hv1"), "active", "{:#?}", s.log());
+}
