@@ -20,6 +20,12 @@
 //!   names its sender in its vote (the leader for AppendEntries and InstallSnapshot, the
 //!   candidate for Vote); a request whose sender is not `N` is refused before Raft sees it, so
 //!   `mon2` cannot vote or lead as node 3.
+//! - A vote request from a node that is not a voter of this node's membership is refused
+//!   ([`vote_refusal_by_membership`]): a removed monitor's certificate stays valid until it
+//!   expires or is revoked, and its higher term would otherwise depose the leader. Not for
+//!   AppendEntries or InstallSnapshot: a follower that lags behind a membership change must
+//!   still hear a leader it does not know yet. Revoke a removed monitor's certificate
+//!   (`vigilctl cert revoke`, `[tls] crl`) to shut it out entirely.
 //! - Client side: after the handshake the server's certificate must be `monN` for the node id
 //!   dialled (every monitor certificate also names [`MONITOR_SERVER_NAME`], which is what
 //!   rustls checks, so that check alone would accept any monitor).
@@ -852,6 +858,16 @@ async fn serve_stream(
         warn!(peer, "{reason}");
         refused_reply(&request, reason)
     } else if let Some(why) = matches!(request, Request::Vote(_))
+        .then(|| {
+            let metrics = raft.metrics();
+            let voters = metrics.borrow().membership_config.voter_ids().collect();
+            vote_refusal_by_membership(&voters, peer)
+        })
+        .flatten()
+    {
+        warn!(peer, "vote refused: {why}");
+        refused_reply(&request, why)
+    } else if let Some(why) = matches!(request, Request::Vote(_))
         .then(|| gate.refusal(Instant::now()))
         .flatten()
     {
@@ -887,6 +903,28 @@ async fn serve_stream(
             let _ = send.reset(close::PROTOCOL_ERROR.into());
         }
     }
+}
+
+/// Why a vote request from node `peer` is refused, given this node's `voters` (of its
+/// effective membership, both halves of a joint one): it is not one of them. None while this
+/// node knows no membership yet (a fresh node, before the cluster's first entry reaches it).
+/// A lagging node may thus refuse a voter added after what it has seen: harmless, the
+/// candidate needs only a majority, and the lagging node catches up from the leader.
+pub(super) fn vote_refusal_by_membership(
+    voters: &std::collections::BTreeSet<u64>,
+    peer: u64,
+) -> Option<String> {
+    (!voters.is_empty() && !voters.contains(&peer)).then(|| {
+        format!(
+            "{} is not a voter of this cluster (voters: {}): a removed monitor's certificate grants no vote",
+            cert_name_of_node(peer),
+            voters
+                .iter()
+                .map(|v| cert_name_of_node(*v))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
 }
 
 /// The reply of a request refused by the transport, typed as its kind's reply.

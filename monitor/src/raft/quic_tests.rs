@@ -799,3 +799,41 @@ async fn a_follower_that_comes_back_while_a_dial_to_it_is_pending_is_reached_at_
     back.stop().await;
     n1.stop().await;
 }
+
+/// Defect: a removed monitor's certificate (valid until it expires or is revoked) still got
+/// votes: a vote request with a higher term and a longer log from a node outside the
+/// membership was granted, and the leader stepped down. Now the transport refuses a vote
+/// from anyone not a voter, before Raft sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_outside_the_membership_gets_no_vote() {
+    let pki = Pki::new("test");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = one_node_leader(&pki, dir.path()).await;
+    // Past the start's quiet time: only the membership stands between mon2 and the vote.
+    tokio::time::sleep(QUICK_VOTE_LEASE + Duration::from_millis(100)).await;
+    let before = n.node.metrics();
+    let (m, _) = pki.material(Role::Monitor, "mon2");
+    match raw_vote(m, n.addr, &tempting_vote(2, before.current_term)).await {
+        Ok(Reply::Refused(why)) => assert!(
+            why.contains("mon2 is not a voter of this cluster (voters: mon1)"),
+            "{why}"
+        ),
+        other => panic!("mon2, outside the membership, got {other:?}"),
+    }
+    assert_unchanged(&n, &before).await;
+    n.stop().await;
+}
+
+#[test]
+fn a_vote_is_refused_only_from_outside_a_known_membership() {
+    use super::quic::vote_refusal_by_membership as refusal;
+    let voters: std::collections::BTreeSet<u64> = [1, 2, 3].into();
+    assert_eq!(refusal(&voters, 2), None);
+    let why = refusal(&voters, 4).expect("node 4 is no voter");
+    assert!(
+        why.contains("mon4 is not a voter of this cluster (voters: mon1, mon2, mon3)"),
+        "{why}"
+    );
+    // A fresh node knows no membership yet: the first election must reach it.
+    assert_eq!(refusal(&Default::default(), 4), None);
+}
