@@ -36,8 +36,9 @@ fi
 stamp=/var/lib/vigil-setup.stamp
 # tcpdump: to watch the VIP's gratuitous ARPs by hand (the VIP tests capture with their own AF_PACKET socket).
 # systemd, mmdebstrap, rpm: the packaging tests (tests/packaging: systemd-analyze on the units,
-# the .debs installed into a clean bookworm root, the .rpms read back).
-want_base=(build-essential pkg-config ca-certificates curl iproute2 procps psmisc jq fuse3 libfuse3-dev openipmi fence-agents ipmitool tcpdump systemd mmdebstrap rpm)
+# the .debs installed into a clean bookworm root, the .rpms read back); lintian, rpmlint: the
+# packages linted (tests/packaging).
+want_base=(build-essential pkg-config ca-certificates curl iproute2 procps psmisc jq fuse3 libfuse3-dev openipmi fence-agents ipmitool tcpdump systemd mmdebstrap rpm lintian rpmlint)
 want_bpo=(libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev qemu-system-x86 qemu-utils)
 missing=0
 for p in "${want_base[@]}" "${want_bpo[@]}"; do

@@ -1,11 +1,11 @@
 //! The `vigil-agent` command line.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing::info;
+use tracing::{error, info, warn};
 use vigil_common::config::{AgentConfig, LogFormat, DEFAULT_AGENT_CONFIG};
 
 use crate::runner::{resolve_identity, AgentRunner};
@@ -30,8 +30,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = AgentConfig::load(&args.config)?;
-    vigil_common::logging::init(args.log_format.unwrap_or(cfg.log_format));
+    let mut cfg = AgentConfig::load(&args.config)?;
+    // The format in effect (a SIGHUP compares the file with what runs).
+    cfg.log_format = args.log_format.unwrap_or(cfg.log_format);
+    vigil_common::logging::init(cfg.log_format, cfg.log_level);
     let host = resolve_identity(&cfg, &args.config)?;
     if args.check {
         println!(
@@ -57,25 +59,45 @@ fn run(args: Args) -> anyhow::Result<()> {
         let reloader = runner.tls_reloader();
         info!(%host, zone = %cfg.zone, cluster = %cfg.cluster, "vigil-agent {} starting", vigil_common::VERSION);
         let task = tokio::spawn(runner.run(stop_rx));
+        let mut running = cfg.clone();
         let shutdown = vigil_common::process::shutdown_signal();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = hup.recv() => {
-                    // Only the certificate: other settings need a restart.
-                    let result = AgentConfig::load(&args.config)
-                        .map_err(anyhow::Error::from)
-                        .and_then(|c| reloader.reload(&c.tls));
-                    match result {
-                        Ok(msg) => info!("SIGHUP: {msg}"),
-                        Err(e) => tracing::error!("SIGHUP: reload failed, keeping the current certificate: {e:#}"),
-                    }
-                }
+                _ = hup.recv() => reload(&reloader, &args.config, &mut running),
             }
         }
         info!("shutdown requested");
         let _ = stop_tx.send(true);
         task.await.context("agent task panicked")?
     })
+}
+
+/// SIGHUP: re-reads the configuration file; applies `[tls]` (the next connection's
+/// certificate) and `log_level`, and names every other changed setting as needing a restart
+/// (vigil_common::reload). A file that does not load changes nothing.
+fn reload(reloader: &crate::runner::TlsReloader, config: &Path, running: &mut AgentConfig) {
+    let new = match AgentConfig::load(config) {
+        Ok(new) => new,
+        Err(e) => {
+            error!(
+                "SIGHUP: keeping the running configuration and certificate: {}",
+                vigil_common::reload::one_line(&e)
+            );
+            return;
+        }
+    };
+    let plan = running.reload_plan(&new);
+    match reloader.reload(&new.tls) {
+        Ok(msg) => {
+            info!("SIGHUP: {msg}");
+            running.tls = new.tls.clone();
+        }
+        Err(e) => error!("SIGHUP: reload failed, keeping the current certificate: {e:#}"),
+    }
+    vigil_common::reload::apply_log_level(&mut running.log_level, new.log_level);
+    if let Some(msg) = plan.restart_message(config) {
+        warn!("{msg}");
+    }
 }

@@ -60,6 +60,31 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
+/// `log_level`: the most verbose level of Vigil's own log lines (the QUIC, Raft and TLS
+/// libraries stay at `warn`). `RUST_LOG`, when set, overrides it. Changes apply on SIGHUP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
 fn default_tls(name: &str) -> TlsPaths {
     TlsPaths {
         ca: PathBuf::from("/etc/vigil/tls/ca.crt"),
@@ -299,6 +324,8 @@ pub struct MonitorConfig {
     pub detector: DetectorConfig,
     pub recovery: RecoveryConfig,
     pub log_format: LogFormat,
+    /// Most verbose level logged (`RUST_LOG` overrides it); applied on SIGHUP.
+    pub log_level: LogLevel,
     /// Power fencing of hypervisor hosts through ClusterLabs fence agents (`[fencing]`).
     pub fencing: FencingConfig,
     /// Agent leases and the isolation response (`[lease]`).
@@ -574,6 +601,7 @@ impl Default for MonitorConfig {
             detector: DetectorConfig::default(),
             recovery: RecoveryConfig::default(),
             log_format: LogFormat::Plain,
+            log_level: LogLevel::Info,
             fencing: FencingConfig::default(),
             lease: LeaseConfig::default(),
             storage: StorageConfig::default(),
@@ -963,6 +991,8 @@ pub struct AgentConfig {
     /// Durable agent state (the activation generations it has seen).
     pub state_dir: PathBuf,
     pub log_format: LogFormat,
+    /// Most verbose level logged (`RUST_LOG` overrides it); applied on SIGHUP.
+    pub log_level: LogLevel,
     /// Shared primary storage pools as mounted on this host (`[storage]`).
     pub storage: StorageConfig,
     /// Feed the systemd service watchdog (`WatchdogSec=` in the unit) from the agent's
@@ -1023,6 +1053,7 @@ impl Default for AgentConfig {
             poll_interval_ms: 2_000,
             state_dir: PathBuf::from("/var/lib/vigil/agent"),
             log_format: LogFormat::Plain,
+            log_level: LogLevel::Info,
             storage: StorageConfig::default(),
             systemd_watchdog: true,
             watchdog: WatchdogConfig::default(),

@@ -17,6 +17,7 @@ pub mod pem {
 }
 pub mod names;
 pub mod process;
+pub mod reload;
 pub mod storage;
 pub mod table;
 pub mod tls;

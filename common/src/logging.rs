@@ -10,17 +10,24 @@
 //!   so `journalctl -p err` finds the errors.
 //!
 //! `--log-format json` is unchanged: one JSON object per line, with its own timestamp and level.
+//!
+//! The level comes from the config file's `log_level` (reloaded on SIGHUP, [`set_level`])
+//! unless `RUST_LOG` is set, which then decides for the life of the process.
 
 use std::fmt;
 use std::io::IsTerminal;
 
+use std::sync::OnceLock;
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+use tracing_subscriber::layer::{Layered, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
+
+use crate::config::{LogFormat, LogLevel};
 
 /// How plain lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,16 +120,45 @@ pub fn stderr_is_journal() -> bool {
     .priority_prefix
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`).
-/// Logs go to stderr, which systemd hands to the journal.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,quinn=warn,quinn_proto=warn,openraft=warn,rustls=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
+/// The filter for Vigil's own lines at `level`; the QUIC, Raft and TLS libraries stay at
+/// `warn` (their `info` lines are per connection and per election).
+pub fn filter_directives(level: LogLevel) -> String {
+    format!(
+        "{},quinn=warn,quinn_proto=warn,openraft=warn,rustls=warn",
+        level.as_str()
+    )
+}
+
+/// The reloadable filter of the global subscriber (set by [`init`]).
+static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Why [`set_level`] changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum LogLevelError {
+    #[error("RUST_LOG is set in the environment and overrides log_level (unset it and restart to use log_level)")]
+    Overridden,
+    #[error("logging is not set up in this process")]
+    NotInitialized,
+    #[error("cannot replace the log filter: {0}")]
+    Reload(String),
+}
+
+/// Whether `RUST_LOG` decides the filter (then `log_level` is not used).
+fn rust_log() -> Option<EnvFilter> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|_| EnvFilter::try_from_default_env().ok())
+}
+
+/// Installs the global subscriber. `RUST_LOG` (when set and valid) overrides `level` (the
+/// config file's `log_level`). Logs go to stderr, which systemd hands to the journal. The
+/// filter can be replaced later with [`set_level`] (SIGHUP).
+pub fn init(format: LogFormat, level: LogLevel) {
+    let filter = rust_log().unwrap_or_else(|| EnvFilter::new(filter_directives(level)));
+    let (filter, handle) = reload::Layer::new(filter);
+    type Fmt = Box<dyn Layer<Layered<reload::Layer<EnvFilter, Registry>, Registry>> + Send + Sync>;
+    let layer: Fmt = match format {
         LogFormat::Plain => {
             let journal_stream = std::env::var("JOURNAL_STREAM").ok();
             let style = plain_style(
@@ -130,21 +166,46 @@ pub fn init(format: LogFormat) {
                 journal_stream.as_deref(),
                 stderr_id(),
             );
-            let builder = builder.with_target(false).with_ansi(style.ansi);
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_target(false)
+                .with_ansi(style.ansi);
             let base = tracing_subscriber::fmt::format()
                 .with_target(false)
                 .with_ansi(style.ansi);
             match (style.timestamp, style.priority_prefix) {
-                (true, false) => builder.event_format(base).try_init(),
-                (true, true) => builder.event_format(Prefixed(base)).try_init(),
-                (false, false) => builder.event_format(base.without_time()).try_init(),
-                (false, true) => builder
-                    .event_format(Prefixed(base.without_time()))
-                    .try_init(),
+                (true, false) => layer.event_format(base).boxed(),
+                (true, true) => layer.event_format(Prefixed(base)).boxed(),
+                (false, false) => layer.event_format(base.without_time()).boxed(),
+                (false, true) => layer.event_format(Prefixed(base.without_time())).boxed(),
             }
         }
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .json()
+            .flatten_event(true)
+            .boxed(),
     };
+    if tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .try_init()
+        .is_ok()
+    {
+        let _ = FILTER.set(handle);
+    }
+}
+
+/// Replaces the running filter with `level`'s (SIGHUP with a new `log_level`). Refused when
+/// `RUST_LOG` decides the filter.
+pub fn set_level(level: LogLevel) -> Result<(), LogLevelError> {
+    if rust_log().is_some() {
+        return Err(LogLevelError::Overridden);
+    }
+    let handle = FILTER.get().ok_or(LogLevelError::NotInitialized)?;
+    handle
+        .reload(EnvFilter::new(filter_directives(level)))
+        .map_err(|e| LogLevelError::Reload(e.to_string()))
 }
 
 #[cfg(test)]

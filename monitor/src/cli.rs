@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use vigil_common::config::{LogFormat, MonitorConfig, DEFAULT_MONITOR_CONFIG};
 
 use crate::server::{DataDirError, Monitor, StartMode, EXIT_DATA_DIR};
@@ -62,8 +62,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = MonitorConfig::load(&args.config)?;
-    vigil_common::logging::init(args.log_format.unwrap_or(cfg.log_format));
+    let mut cfg = MonitorConfig::load(&args.config)?;
+    // The format in effect (a SIGHUP compares the file with what runs).
+    cfg.log_format = args.log_format.unwrap_or(cfg.log_format);
+    vigil_common::logging::init(cfg.log_format, cfg.log_level);
     if args.check {
         println!("{} is valid", args.config.display());
         return Ok(());
@@ -89,6 +91,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         // Installed first: SIGHUP's default action would end the process.
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("installing the SIGHUP handler")?;
+        let mut running = cfg.clone();
         let monitor = Monitor::start(cfg, mode).await?;
         // The unit is `Type=notify`: ready once agents and vigilctl are served. (Without
         // NOTIFY_SOCKET this does nothing.)
@@ -98,7 +101,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = hup.recv() => reload(&monitor, &args.config),
+                _ = hup.recv() => reload(&monitor, &args.config, &mut running),
             }
         }
         info!("shutdown requested");
@@ -108,15 +111,32 @@ fn run(args: Args) -> anyhow::Result<()> {
     })
 }
 
-/// SIGHUP: re-reads the configuration file and applies its `[tls]` section (certificate, key,
-/// CA, CRL) to new handshakes. Other settings need a restart. A bad file changes nothing.
-fn reload(monitor: &Monitor, config: &std::path::Path) {
-    let result = MonitorConfig::load(config)
-        .map_err(anyhow::Error::from)
-        .and_then(|cfg| monitor.reload_tls(&cfg.tls));
-    match result {
-        Ok(msg) => info!("SIGHUP: {msg} (other settings need a restart)"),
+/// SIGHUP: re-reads the configuration file; applies its `[tls]` section (certificate, key,
+/// CA, CRL, for new handshakes) and `log_level`, and names every other changed setting as
+/// needing a restart (vigil_common::reload: the engine's timings never change under it). A
+/// file that does not load changes nothing.
+fn reload(monitor: &Monitor, config: &std::path::Path, running: &mut MonitorConfig) {
+    let new = match MonitorConfig::load(config) {
+        Ok(new) => new,
+        Err(e) => {
+            error!(
+                "SIGHUP: keeping the running configuration and certificates: {}",
+                vigil_common::reload::one_line(&e)
+            );
+            return;
+        }
+    };
+    let plan = running.reload_plan(&new);
+    match monitor.reload_tls(&new.tls) {
+        Ok(msg) => {
+            info!("SIGHUP: {msg}");
+            running.tls = new.tls.clone();
+        }
         Err(e) => error!("SIGHUP: reload failed, keeping the current certificates: {e:#}"),
+    }
+    vigil_common::reload::apply_log_level(&mut running.log_level, new.log_level);
+    if let Some(msg) = plan.restart_message(config) {
+        warn!("{msg}");
     }
 }
 

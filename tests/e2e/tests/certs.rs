@@ -619,3 +619,143 @@ fn an_expired_monitor_certificate_is_loud_on_both_sides_and_condemns_nobody() {
     let h = ctl.json(&["host", "show", "hv1"]).expect("hv1");
     assert_eq!(h["phase"]["phase"], "active", "{h:#}");
 }
+
+/// Issue 13 item 4: SIGHUP re-reads the whole file. `log_level` applies at once (a debug
+/// line appears), a changed safety timing is named as needing a restart, and a file that no
+/// longer parses changes nothing and names the problem; neither daemon stops.
+#[test]
+fn sighup_applies_log_level_names_restart_only_fields_and_survives_a_broken_file() {
+    // RUST_LOG in the daemons' environment (inherited from this test) decides their filter.
+    let rust_log = std::env::var("RUST_LOG").is_ok_and(|v| !v.trim().is_empty());
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let hv1 = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    up(&ctl, "hv1");
+    let agent_config = dir.join("agent-hv1.toml");
+    let edit = |file: &std::path::Path, f: &dyn Fn(String) -> String| {
+        let text = std::fs::read_to_string(file).expect("read config");
+        std::fs::write(file, f(text)).expect("write config");
+    };
+    let wait_log = |p: &Proc, what: &str, needles: &[&str]| {
+        wait_for(Duration::from_secs(10), || {
+            let log = p.log_text();
+            log.lines()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+                .then_some(())
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: no line with {needles:?} in:\n{}",
+                log_tail(&p.log_text(), 30)
+            )
+        });
+    };
+    // The admin API logs each request at debug level: not yet.
+    ctl.json(&["status"]).expect("status");
+    assert!(!mon.proc_.log_text().contains("admin request"));
+
+    // A live field and a restart-only one (the detector's timing) in both files.
+    edit(&mon.config, &|t| {
+        format!(
+            "log_level = \"debug\"\n{}",
+            t.replace("down_after_ms = 600", "down_after_ms = 700")
+        )
+    });
+    edit(&agent_config, &|t| {
+        format!(
+            "log_level = \"debug\"\n{}",
+            t.replace("reconnect_ms = 100", "reconnect_ms = 150")
+        )
+    });
+    mon.proc_.hup();
+    hv1.proc_.hup();
+    let restart = [
+        "only a restart applies",
+        "(still running with the old value)",
+    ];
+    wait_log(
+        &mon.proc_,
+        "monitor",
+        &[restart[0], restart[1], ": detector.down_after_ms"],
+    );
+    wait_log(
+        &hv1.proc_,
+        "agent",
+        &[restart[0], restart[1], ": reconnect_ms"],
+    );
+    if rust_log {
+        wait_log(
+            &mon.proc_,
+            "monitor",
+            &["log_level debug not applied", "RUST_LOG"],
+        );
+        wait_log(
+            &hv1.proc_,
+            "agent",
+            &["log_level debug not applied", "RUST_LOG"],
+        );
+    } else {
+        wait_log(
+            &mon.proc_,
+            "monitor",
+            &["SIGHUP: log_level is now debug (was info)"],
+        );
+        wait_log(
+            &hv1.proc_,
+            "agent",
+            &["SIGHUP: log_level is now debug (was info)"],
+        );
+        ctl.json(&["status"]).expect("status");
+        wait_log(&mon.proc_, "monitor", &["DEBUG", "admin request"]);
+    }
+    // The certificates were reloaded as before.
+    wait_log(&mon.proc_, "monitor", &["SIGHUP: reloaded TLS"]);
+
+    // A file that no longer parses: nothing changes, the error names it.
+    edit(&mon.config, &|t| format!("nodeid = 2\n{t}"));
+    edit(&agent_config, &|t| {
+        t.replace("reconnect_ms = 150", "reconnect_ms = \"soon\"")
+    });
+    mon.proc_.hup();
+    hv1.proc_.hup();
+    wait_log(
+        &mon.proc_,
+        "monitor",
+        &[
+            "ERROR",
+            "SIGHUP:",
+            "nodeid",
+            "keeping the running configuration",
+        ],
+    );
+    wait_log(
+        &hv1.proc_,
+        "agent",
+        &[
+            "ERROR",
+            "SIGHUP:",
+            "reconnect_ms",
+            "keeping the running configuration",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let mut mon = mon;
+    let mut hv1 = hv1;
+    assert!(
+        mon.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the monitor"
+    );
+    assert!(
+        hv1.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the agent"
+    );
+    assert_eq!(ctl.liveness("hv1").as_deref(), Some("up"));
+    assert_eq!(
+        mon.proc_.log_text().matches("agent connected").count(),
+        1,
+        "the agent's session continues across the reloads"
+    );
+}

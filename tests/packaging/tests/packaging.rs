@@ -183,20 +183,27 @@ fn systemd_analyze_security_exposure_is_recorded_and_bounded() {
 }
 
 /// `target/release/*` as cargo-deb and cargo-generate-rpm expect it, holding this test
-/// profile's binaries (packaging them takes seconds; a release build here takes minutes).
+/// profile's binaries, stripped (packaging them takes seconds; a release build here takes
+/// minutes).
 struct Staged {
     _dir: tempfile::TempDir,
     target: PathBuf,
     out: PathBuf,
 }
 
-/// A fresh staging directory per test (hard links: no copies), removed on drop, also when
-/// the test fails.
+/// A fresh staging directory per test, removed on drop, also when the test fails. The
+/// binaries are stripped copies, as packaging/build.sh stages them (Debian policy, lintian's
+/// unstripped-binary-or-object).
 fn staged() -> Staged {
     let dir = tempfile::tempdir().expect("tempdir");
     let target = dir.path().join("target");
+    fs::create_dir_all(target.join("release")).expect("mkdir release");
     for (name, built) in BINARIES {
-        place(Path::new(built), &target.join("release").join(name));
+        run(Command::new("strip")
+            // As dh_strip: no .comment (lintian's binary-has-unneeded-section).
+            .args(["--remove-section=.comment", "-o"])
+            .arg(target.join("release").join(name))
+            .arg(built));
     }
     let out = dir.path().join("out");
     fs::create_dir_all(&out).expect("mkdir out");
@@ -459,6 +466,27 @@ fn debs_install_upgrade_and_purge_in_a_clean_debian_root() {
     println!("install, upgrade and purge checked in {:?}", t0.elapsed());
 }
 
+/// Builds `package`'s .rpm (cargo-generate-rpm) and returns its path.
+fn build_rpm(s: &Staged, package: &str) -> PathBuf {
+    let dir = workspace().join(package.trim_start_matches("vigil-"));
+    // The name rpm gives it (rpmlint's non-coherent-filename otherwise).
+    let rpm = s.out.join(format!(
+        "{package}-{}-1.x86_64.rpm",
+        env!("CARGO_PKG_VERSION")
+    ));
+    run(Command::new("cargo")
+        // No compression: the test profile's unstripped binaries take minutes to compress.
+        .args(["generate-rpm", "--payload-compress", "none", "-p"])
+        .arg(&dir)
+        .arg("--target-dir")
+        .arg(&s.target)
+        .arg("-o")
+        .arg(&rpm)
+        .current_dir(workspace()));
+    assert!(rpm.exists(), "cargo generate-rpm made no {}", rpm.display());
+    rpm
+}
+
 #[test]
 fn rpms_list_their_files_config_requirements_and_scriptlets() {
     let s = staged();
@@ -472,7 +500,8 @@ fn rpms_list_their_files_config_requirements_and_scriptlets() {
                 "/etc/vigil/agent.toml",
             ][..],
             "/etc/vigil/agent.toml",
-            "libvirt-libs",
+            // Found in the binary; libvirt-libs provides it.
+            "libvirt.so.0()(64bit)",
         ),
         (
             "vigil-monitor",
@@ -486,17 +515,7 @@ fn rpms_list_their_files_config_requirements_and_scriptlets() {
             "",
         ),
     ] {
-        let dir = workspace().join(package.trim_start_matches("vigil-"));
-        let rpm = s.out.join(format!("{package}.rpm"));
-        run(Command::new("cargo")
-            // No compression: the test profile's unstripped binaries take minutes to compress.
-            .args(["generate-rpm", "--payload-compress", "none", "-p"])
-            .arg(&dir)
-            .arg("--target-dir")
-            .arg(&s.target)
-            .arg("-o")
-            .arg(&rpm)
-            .current_dir(workspace()));
+        let rpm = build_rpm(&s, package);
         let list = stdout(Command::new("rpm").arg("-qpl").arg(&rpm));
         for f in files {
             assert!(
@@ -632,4 +651,142 @@ fn under_journald_an_error_line_carries_priority_3_and_no_escape_codes_or_timest
         line.starts_with(|c: char| c.is_ascii_digit()),
         "timestamp first: {line:?}"
     );
+}
+
+/// The entries of an overrides or filter file (the lines `is_entry` picks), each checked to
+/// follow a comment (its reason). Returns them.
+fn justified_lines(file: &Path, is_entry: fn(&str) -> bool) -> Vec<String> {
+    let text =
+        fs::read_to_string(file).unwrap_or_else(|e| panic!("cannot read {}: {e}", file.display()));
+    let mut reason = false;
+    let mut lines = Vec::new();
+    for l in text.lines().map(str::trim) {
+        if l.starts_with('#') {
+            reason = true;
+        } else if !is_entry(l) {
+            reason = false;
+        } else {
+            assert!(
+                reason,
+                "{}: {l:?} has no reason (a comment line right above it)",
+                file.display()
+            );
+            lines.push(l.to_string());
+            // One reason per entry.
+            reason = false;
+        }
+    }
+    lines
+}
+
+/// lintian (Debian 12's, with `--info`): every E: and W: tag fails the test unless
+/// `packaging/deb/<pkg>/lintian-overrides` (shipped as
+/// /usr/share/lintian/overrides/<pkg>) overrides it with a reason; an override that no
+/// longer matches fails too. I: tags are printed, not failed: they are lintian's
+/// "informational" class (for instance the hardening-no-fortify-functions that a Rust binary
+/// always gets, since it calls no fortifiable glibc function); P: (pedantic) are not shown.
+#[test]
+fn debs_pass_lintian_with_every_override_justified() {
+    let t0 = std::time::Instant::now();
+    let s = staged();
+    for package in ["vigil-agent", "vigil-monitor"] {
+        let overrides = packaging()
+            .join("deb")
+            .join(package.trim_start_matches("vigil-"))
+            .join("lintian-overrides");
+        let justified = justified_lines(&overrides, |l| !l.is_empty());
+        let deb = build_deb(&s, package, "0.1.0-1");
+        let contents = stdout(Command::new("dpkg-deb").arg("-c").arg(&deb));
+        assert!(
+            contents.contains(&format!("./usr/share/lintian/overrides/{package}")),
+            "{package}.deb ships its lintian overrides:\n{contents}"
+        );
+        let out = Command::new("lintian")
+            .args([
+                "--display-info",
+                "--show-overrides",
+                "--fail-on",
+                "none",
+                "--no-cfg",
+            ])
+            .arg(&deb)
+            .output()
+            .unwrap_or_else(|e| panic!("lintian: {e} (scripts/setup.sh installs it)"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let errors = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "lintian failed ({}):\n{text}{errors}",
+            out.status
+        );
+        println!("lintian {package}:\n{text}");
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("E: ")
+                    || l.starts_with("W: ")
+                    || l.contains(" unused-override ")
+                    || l.contains(" mismatched-override ")
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{package}: lintian tags neither fixed nor overridden with a reason in {}:\n{}",
+            overrides.display(),
+            bad.join("\n")
+        );
+        // Each override is used (lintian shows what it overrode as O:).
+        for o in &justified {
+            let tag = o.split_whitespace().next().unwrap_or_default();
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with("O: ") && l.contains(&format!(" {tag}"))),
+                "{}: {o:?} overrides nothing: remove it\n{text}",
+                overrides.display()
+            );
+        }
+    }
+    println!("lintian on both .debs in {:?}", t0.elapsed());
+}
+
+/// rpmlint (Debian 12's rpmlint 2) with `packaging/rpm/rpmlint.toml`: every E: and W:
+/// fails the test unless a `Filters` entry there hides it, each with a reason; I:
+/// (informational) lines are printed, not failed.
+#[test]
+fn rpms_pass_rpmlint_with_every_filter_justified() {
+    let t0 = std::time::Instant::now();
+    let config = packaging().join("rpm/rpmlint.toml");
+    // The quoted entries of its `Filters = [...]` list.
+    let filters = justified_lines(&config, |l| l.starts_with(['"', '\'']));
+    println!("{} rpmlint filters", filters.len());
+    let s = staged();
+    for package in ["vigil-agent", "vigil-monitor"] {
+        let rpm = build_rpm(&s, package);
+        let out = Command::new("rpmlint")
+            .arg("-c")
+            .arg(&config)
+            .arg(&rpm)
+            .output()
+            .unwrap_or_else(|e| panic!("rpmlint: {e} (scripts/setup.sh installs it)"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        println!(
+            "rpmlint {package}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let bad: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(": E: ") || l.contains(": W: "))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "{package}: rpmlint findings neither fixed nor filtered with a reason in {}:\n{}",
+            config.display(),
+            bad.join("\n")
+        );
+        assert!(
+            text.contains("0 errors, 0 warnings"),
+            "rpmlint's summary: {text}"
+        );
+    }
+    println!("rpmlint on both .rpms in {:?}", t0.elapsed());
 }
