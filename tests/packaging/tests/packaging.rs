@@ -18,7 +18,10 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+mod common;
+use common::*;
 
 /// Highest acceptable `systemd-analyze security` exposure for the monitor unit (0 = fully
 /// sandboxed, 10 = nothing). It measured 1.8 when written: what remains is what the VIP and
@@ -30,67 +33,13 @@ const MONITOR_EXPOSURE_MAX: f64 = 2.0;
 /// anywhere); its sandbox is light. 6.2 when written.
 const AGENT_EXPOSURE_MAX: f64 = 6.5;
 
-const BASE_CACHE: &str = "/var/cache/vigil-test";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root")
-}
-
 fn packaging() -> PathBuf {
     workspace().join("packaging")
-}
-
-fn is_root() -> bool {
-    // No libc here: the effective uid from /proc.
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let shown = format!("{cmd:?}");
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{shown}: {e} (is it installed? scripts/setup.sh installs it)"));
-    assert!(
-        out.status.success(),
-        "{shown} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn stdout(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run(cmd).stdout).into_owned()
 }
-
-/// Hard link, or copy across file systems.
-fn place(from: &Path, to: &Path) {
-    if let Some(dir) = to.parent() {
-        fs::create_dir_all(dir).expect("mkdir");
-    }
-    let _ = fs::remove_file(to);
-    if fs::hard_link(from, to).is_err() {
-        fs::copy(from, to)
-            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
-    }
-}
-
-const BINARIES: [(&str, &str); 3] = [
-    ("vigil-agent", env!("CARGO_BIN_EXE_pkg-vigil-agent")),
-    ("vigil-monitor", env!("CARGO_BIN_EXE_pkg-vigil-monitor")),
-    ("vigilctl", env!("CARGO_BIN_EXE_pkg-vigilctl")),
-];
 
 /// A root for `systemd-analyze --root`: the host's unit files (for the targets the units
 /// name), the two units, the binaries at their ExecStart paths, /bin/kill (ExecReload).
@@ -228,56 +177,6 @@ fn build_deb(s: &Staged, package: &str, version: &str) -> PathBuf {
     dest
 }
 
-/// The sources for mmdebstrap: the Debian archive the host uses (its mirror or proxy).
-fn debian_mirror() -> String {
-    let mut uris = Vec::new();
-    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-        for e in dir.flatten() {
-            if e.path().extension().is_some_and(|x| x == "sources") {
-                let text = fs::read_to_string(e.path()).unwrap_or_default();
-                for l in text.lines() {
-                    if let Some(u) = l.strip_prefix("URIs:") {
-                        uris.extend(u.split_whitespace().map(str::to_string));
-                    }
-                }
-            }
-        }
-    }
-    for l in fs::read_to_string("/etc/apt/sources.list")
-        .unwrap_or_default()
-        .lines()
-    {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        if w.first() == Some(&"deb") && w.len() > 2 {
-            uris.push(w[1].to_string());
-        }
-    }
-    uris.into_iter()
-        .map(|u| u.trim_end_matches('/').to_string())
-        .find(|u| u.ends_with("/debian"))
-        .unwrap_or_else(|| "http://deb.debian.org/debian".to_string())
-}
-
-/// A minbase bookworm tarball with the packages' dependencies (libvirt0, passwd), cached:
-/// made once per machine (about a minute), then extracted per test in seconds, offline.
-fn base_tarball() -> PathBuf {
-    let cache = Path::new(BASE_CACHE);
-    fs::create_dir_all(cache).expect("create /var/cache/vigil-test");
-    let tar = cache.join("bookworm-minbase-libvirt0.tar");
-    if !tar.exists() {
-        let mirror = debian_mirror();
-        let partial = cache.join("bookworm-minbase-libvirt0.tar.partial");
-        run(Command::new("mmdebstrap")
-            .args(["--variant=minbase", "--include=libvirt0,passwd", "--quiet"])
-            .arg("bookworm")
-            .arg(&partial)
-            .arg(format!("deb {mirror} bookworm main"))
-            .arg(format!("deb {mirror} bookworm-updates main")));
-        fs::rename(&partial, &tar).expect("rename the base tarball");
-    }
-    tar
-}
-
 /// A clean Debian root in a temporary directory (removed on drop; nothing is mounted).
 struct Chroot {
     dir: tempfile::TempDir,
@@ -285,17 +184,9 @@ struct Chroot {
 
 impl Chroot {
     fn new() -> Chroot {
-        let tar = base_tarball();
-        let dir = tempfile::Builder::new()
-            .prefix("vigil-debroot-")
-            .tempdir()
-            .expect("tempdir");
-        run(Command::new("tar")
-            .arg("-C")
-            .arg(dir.path())
-            .arg("-xf")
-            .arg(tar));
-        Chroot { dir }
+        Chroot {
+            dir: debian_root("vigil-debroot-"),
+        }
     }
 
     fn root(&self) -> &Path {

@@ -26,28 +26,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const BASE_CACHE: &str = "/var/cache/vigil-test";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .expect("workspace root")
-}
+mod common;
+use common::*;
 
 fn lab() -> PathBuf {
     workspace().join("vagrant")
-}
-
-fn is_root() -> bool {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        })
-        .unwrap_or(false)
 }
 
 fn in_ci() -> bool {
@@ -68,44 +51,6 @@ fn have_tool(tool: &str, version_arg: &str) -> bool {
         eprintln!("skipping: {tool} is not installed (scripts/setup.sh installs it)");
     }
     ok
-}
-
-fn output(cmd: &mut Command) -> Output {
-    let shown = format!("{cmd:?}");
-    cmd.output()
-        .unwrap_or_else(|e| panic!("{shown}: {e} (is it installed? scripts/setup.sh installs it)"))
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let shown = format!("{cmd:?}");
-    let out = output(cmd);
-    assert!(
-        out.status.success(),
-        "{shown} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn place(from: &Path, to: &Path) {
-    if let Some(dir) = to.parent() {
-        fs::create_dir_all(dir).expect("mkdir");
-    }
-    let _ = fs::remove_file(to);
-    if fs::hard_link(from, to).is_err() {
-        fs::copy(from, to)
-            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", from.display(), to.display()));
-    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -283,12 +228,6 @@ fn provisioning_scripts_are_shellcheck_clean() {
 // ---------------------------------------------------------------------------------------
 // The provisioning scripts in a clean Debian root
 
-const BINARIES: [(&str, &str); 3] = [
-    ("vigil-agent", env!("CARGO_BIN_EXE_pkg-vigil-agent")),
-    ("vigil-monitor", env!("CARGO_BIN_EXE_pkg-vigil-monitor")),
-    ("vigilctl", env!("CARGO_BIN_EXE_pkg-vigilctl")),
-];
-
 /// The .debs of this test profile's binaries (as packaging.rs builds them), in `out`.
 fn build_debs(stage: &Path, out: &Path) {
     let target = stage.join("target");
@@ -309,62 +248,6 @@ fn build_debs(stage: &Path, out: &Path) {
     }
 }
 
-fn debian_mirror() -> String {
-    let mut uris = Vec::new();
-    if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
-        for e in dir.flatten() {
-            if e.path().extension().is_some_and(|x| x == "sources") {
-                for l in fs::read_to_string(e.path()).unwrap_or_default().lines() {
-                    if let Some(u) = l.strip_prefix("URIs:") {
-                        uris.extend(u.split_whitespace().map(str::to_string));
-                    }
-                }
-            }
-        }
-    }
-    for l in fs::read_to_string("/etc/apt/sources.list")
-        .unwrap_or_default()
-        .lines()
-    {
-        let w: Vec<&str> = l.split_whitespace().collect();
-        if w.first() == Some(&"deb") && w.len() > 2 {
-            uris.push(w[1].to_string());
-        }
-    }
-    uris.into_iter()
-        .map(|u| u.trim_end_matches('/').to_string())
-        .find(|u| u.ends_with("/debian"))
-        .unwrap_or_else(|| "http://deb.debian.org/debian".to_string())
-}
-
-/// The same cached minbase tarball as packaging.rs (same name, same contents).
-fn base_tarball() -> PathBuf {
-    let cache = Path::new(BASE_CACHE);
-    fs::create_dir_all(cache).expect("create /var/cache/vigil-test");
-    let tar = cache.join("bookworm-minbase-libvirt0.tar");
-    if !tar.exists() {
-        let mirror = debian_mirror();
-        let partial = cache.join(format!(
-            "bookworm-minbase-libvirt0.tar.partial-{}",
-            std::process::id()
-        ));
-        run(Command::new("mmdebstrap")
-            // --format: the name ends in .partial-PID, which mmdebstrap would make a directory.
-            .args([
-                "--variant=minbase",
-                "--include=libvirt0,passwd",
-                "--quiet",
-                "--format=tar",
-            ])
-            .arg("bookworm")
-            .arg(&partial)
-            .arg(format!("deb {mirror} bookworm main"))
-            .arg(format!("deb {mirror} bookworm-updates main")));
-        fs::rename(&partial, &tar).expect("rename the base tarball");
-    }
-    tar
-}
-
 /// A clean Debian root in a temporary directory (removed on drop; nothing is mounted).
 struct Chroot {
     dir: tempfile::TempDir,
@@ -372,17 +255,9 @@ struct Chroot {
 
 impl Chroot {
     fn new() -> Chroot {
-        let tar = base_tarball();
-        let dir = tempfile::Builder::new()
-            .prefix("vigil-vagrant-root-")
-            .tempdir()
-            .expect("tempdir");
-        run(Command::new("tar")
-            .arg("-C")
-            .arg(dir.path())
-            .arg("-xf")
-            .arg(tar));
-        Chroot { dir }
+        Chroot {
+            dir: debian_root("vigil-vagrant-root-"),
+        }
     }
 
     fn path(&self, p: &str) -> PathBuf {
