@@ -561,6 +561,22 @@ impl Monitor {
     /// error the current configuration stays.
     pub fn reload_tls(&self, paths: &TlsPaths) -> anyhow::Result<String> {
         let (cfg, own, revoked) = build_server_config(paths, self.tls_state.hook.clone())?;
+        // The Raft transport first: a certificate it refuses (another node's) changes nothing.
+        let raft = match &self.raft_server {
+            Some(server) => {
+                let load = || {
+                    paths
+                        .load()
+                        .context("loading the monitor's TLS files for Raft")
+                };
+                Some(
+                    server
+                        .reload_tls(load()?, load()?)
+                        .context("reloading the Raft transport's TLS")?,
+                )
+            }
+            None => None,
+        };
         self.endpoint.set_server_config(Some(cfg));
         *self
             .tls_state
@@ -581,7 +597,7 @@ impl Monitor {
             }
         }
         Ok(format!(
-            "reloaded TLS: serving certificate serial {} ({}), CRL lists {} serial(s){}",
+            "reloaded TLS: serving certificate serial {} ({}), CRL lists {} serial(s){}{}",
             own.serial,
             certs::describe(&own),
             revoked.len(),
@@ -589,7 +605,8 @@ impl Monitor {
                 String::new()
             } else {
                 format!("; closed the sessions of revoked {}", closed.join(", "))
-            }
+            },
+            raft.map(|r| format!("; {r}")).unwrap_or_default()
         ))
     }
 

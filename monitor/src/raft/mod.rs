@@ -1190,6 +1190,12 @@ mod tests {
         write_all(&node, (0..5).map(|i| register(i, &format!("hv{i}")))).await;
         let (last, state) = node.linearizable_snapshot().await.expect("snapshot");
         let last = last.expect("applied");
+        // The metrics follow the state machine a moment later (a loaded machine once saw
+        // index 5 there while the snapshot was at 6).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while node.metrics().last_applied != Some(last) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(Some(last), node.metrics().last_applied);
         assert_eq!(state, node.read(|s| s.clone()));
         node.shutdown().await;

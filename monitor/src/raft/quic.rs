@@ -228,10 +228,17 @@ fn peer_node_id(conn: &quinn::Connection) -> Result<u64, String> {
 #[derive(Clone)]
 pub struct RaftEndpoint {
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// The dialling side, shared with the network factory (its client config is replaced by
+    /// [`RaftServer::reload_tls`]).
+    pool: Arc<Pool>,
+    /// Served connections by `stable_id`, with the peer certificate's serial (for closing
+    /// revoked ones on reload).
+    served: Served,
     node_id: u64,
     tuning: QuicTuning,
 }
+
+type Served = Arc<Mutex<HashMap<usize, (String, quinn::Connection)>>>;
 
 impl RaftEndpoint {
     /// Binds `addr` (UDP) for Raft node `node_id`. `server_tls` and `client_tls` are the same
@@ -251,8 +258,15 @@ impl RaftEndpoint {
         let endpoint = quinn::Endpoint::server(server, addr)
             .map_err(|source| TransportError::Bind { addr, source })?;
         Ok(RaftEndpoint {
+            pool: Arc::new(Pool {
+                endpoint: endpoint.clone(),
+                client: Mutex::new(client),
+                self_id: node_id,
+                tuning,
+                slots: Mutex::new(HashMap::new()),
+            }),
             endpoint,
-            client,
+            served: Arc::default(),
             node_id,
             tuning,
         })
@@ -266,13 +280,7 @@ impl RaftEndpoint {
     /// The network for [`super::RaftNode::open_with_network`].
     pub fn network(&self) -> QuicNetworkFactory {
         QuicNetworkFactory {
-            pool: Arc::new(Pool {
-                endpoint: self.endpoint.clone(),
-                client: self.client.clone(),
-                self_id: self.node_id,
-                tuning: self.tuning,
-                slots: Mutex::new(HashMap::new()),
-            }),
+            pool: self.pool.clone(),
         }
     }
 
@@ -289,10 +297,12 @@ impl RaftEndpoint {
             raft,
             self.tuning,
             gate,
+            self.served.clone(),
             stop_rx,
         ));
         RaftServer {
             endpoint: self.endpoint.clone(),
+            raft_endpoint: self.clone(),
             stop,
             task,
         }
@@ -311,7 +321,7 @@ type DialResult = Option<Result<quinn::Connection, DialError>>;
 
 struct Pool {
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    client: Mutex<quinn::ClientConfig>,
     self_id: u64,
     tuning: QuicTuning,
     slots: Mutex<HashMap<u64, Slot>>,
@@ -472,9 +482,14 @@ impl Pool {
                 addr: addr.to_string(),
                 reason,
             };
+            let client = self
+                .client
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
             let conn = self
                 .endpoint
-                .connect_with(self.client.clone(), sock, MONITOR_SERVER_NAME)
+                .connect_with(client, sock, MONITOR_SERVER_NAME)
                 .map_err(|e| connect_err(e.to_string()))?
                 .await
                 .map_err(|e| connect_err(e.to_string()))?;
@@ -719,11 +734,88 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
 /// Serves peers' Raft RPCs until [`RaftServer::shutdown`].
 pub struct RaftServer {
     endpoint: quinn::Endpoint,
+    raft_endpoint: RaftEndpoint,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
 impl RaftServer {
+    /// How many peer connections this server holds now.
+    pub fn served_connections(&self) -> usize {
+        self.raft_endpoint
+            .served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// SIGHUP: serves and dials with a renewed certificate and the current CRL from now on,
+    /// and closes every Raft connection, served or dialled, whose peer certificate the CRL
+    /// lists (a removed monitor's, revoked: shut out without a restart). `server_tls` and
+    /// `client_tls` are the same material loaded twice; still `mon<node_id>`'s, or refused
+    /// with nothing changed. Returns what it did, for the log.
+    pub fn reload_tls(
+        &self,
+        server_tls: TlsMaterial,
+        client_tls: TlsMaterial,
+    ) -> Result<String, TransportError> {
+        let ep = &self.raft_endpoint;
+        check_own_certificate(&server_tls, ep.node_id)?;
+        check_own_certificate(&client_tls, ep.node_id)?;
+        let mut revoked = std::collections::BTreeSet::new();
+        for crl in &server_tls.crls {
+            revoked.extend(tls::crl_serials(crl)?);
+        }
+        let server = tls::server_config(server_tls, &[ALPN_RAFT], ep.tuning.transport)?;
+        let client = tls::client_config(client_tls, ALPN_RAFT, ep.tuning.transport)?;
+        ep.endpoint.set_server_config(Some(server));
+        *ep.pool
+            .client
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = client;
+        let serial_of = |c: &quinn::Connection| tls::peer_cert_info(c).ok().map(|i| i.serial);
+        let mut closed = Vec::new();
+        for (serial, conn) in ep
+            .served
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            if revoked.contains(serial) {
+                conn.close(close::UNAUTHORIZED.into(), b"certificate revoked");
+                closed.push(format!(
+                    "served {} (serial {serial})",
+                    conn.remote_address()
+                ));
+            }
+        }
+        for (node, slot) in ep
+            .pool
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter_mut()
+        {
+            if let Some(serial) = slot.conn.as_ref().and_then(serial_of) {
+                if revoked.contains(&serial) {
+                    if let Some(c) = slot.conn.take() {
+                        c.close(close::UNAUTHORIZED.into(), b"certificate revoked");
+                    }
+                    closed.push(format!("to {} (serial {serial})", cert_name_of_node(*node)));
+                }
+            }
+        }
+        Ok(format!(
+            "Raft transport reloaded: CRL lists {} serial(s){}",
+            revoked.len(),
+            if closed.is_empty() {
+                String::new()
+            } else {
+                format!("; closed revoked connections: {}", closed.join(", "))
+            }
+        ))
+    }
+
     /// Stops accepting, closes every connection of the endpoint (served and dialled) and
     /// waits for the accept loop to end.
     pub async fn shutdown(self) {
@@ -742,6 +834,7 @@ async fn accept_loop(
     raft: Raft<TypeConfig>,
     tuning: QuicTuning,
     gate: VoteGate,
+    served: Served,
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(tuning.max_connections));
@@ -758,9 +851,9 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        let (raft, gate) = (raft.clone(), gate.clone());
+        let (raft, gate, served) = (raft.clone(), gate.clone(), served.clone());
         conns.spawn(async move {
-            serve_connection(incoming, raft, tuning, gate).await;
+            serve_connection(incoming, raft, tuning, gate, served).await;
             drop(permit);
         });
     }
@@ -772,6 +865,7 @@ async fn serve_connection(
     raft: Raft<TypeConfig>,
     tuning: QuicTuning,
     gate: VoteGate,
+    served: Served,
 ) {
     let remote = incoming.remote_address();
     let conn = match tokio::time::timeout(tuning.connect_timeout, incoming).await {
@@ -802,6 +896,14 @@ async fn serve_connection(
         }
     };
     debug!(%remote, peer, "Raft peer connected");
+    let id = conn.stable_id();
+    let serial = tls::peer_cert_info(&conn)
+        .map(|i| i.serial)
+        .unwrap_or_default();
+    served
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(id, (serial, conn.clone()));
     let mut streams = tokio::task::JoinSet::new();
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -823,6 +925,10 @@ async fn serve_connection(
         ));
     }
     streams.shutdown().await;
+    served
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(&id);
 }
 
 async fn serve_stream(

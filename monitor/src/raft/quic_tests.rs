@@ -706,8 +706,9 @@ async fn garbage_and_oversized_frames_on_the_raft_port_leave_the_node_working() 
         wire::read_frame(&mut recv, RpcKind::Vote, RpcKind::Vote.reply_limit())
             .await
             .expect("reply");
+    // Answered: by the transport (mon2 is no voter of this one-node cluster).
     match reply {
-        Reply::Ok(v) => assert!(!v.vote_granted),
+        Reply::Refused(why) => assert!(why.contains("not a voter"), "{why}"),
         other => panic!("stale vote got {other:?}"),
     }
     assert_unchanged(&n, &before).await;
@@ -836,4 +837,111 @@ fn a_vote_is_refused_only_from_outside_a_known_membership() {
     );
     // A fresh node knows no membership yet: the first election must reach it.
     assert_eq!(refusal(&Default::default(), 4), None);
+}
+
+/// `name`'s monitor certificate and key written to `dir`; returns (cert, key, serial).
+fn monitor_files(pki: &Pki, dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    let (cert, key) = pki.ca.issue(Role::Monitor, name, &[], 30).expect("issue");
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&c, cert).expect("write cert");
+    std::fs::write(&k, key).expect("write key");
+    let serial = tls::cert_info_file(&c).expect("cert info").serial;
+    (c, k, serial)
+}
+
+/// Open issue 12 ("Raft cert reload"): the Raft port read its CRL only at start, so a removed
+/// monitor's revoked certificate kept its Raft connections (and could open new ones) until
+/// every monitor restarted. A reload with the CRL now refuses its handshakes and closes the
+/// connection it holds, and nobody else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_crl_shuts_a_revoked_monitor_out_of_the_raft_port() {
+    let pki = Pki::new("test");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let files = tempfile::tempdir().expect("tempdir");
+    let n = one_node_leader(&pki, dir.path()).await;
+    let before = n.node.metrics();
+    // mon2 holds a connection to node 1's Raft port.
+    let (c2, k2, serial2) = monitor_files(&pki, files.path(), "mon2");
+    let mon2 = || {
+        tls::TlsPaths {
+            ca: pki._dir.path().join("ca.crt"),
+            cert: c2.clone(),
+            key: k2.clone(),
+            crl: None,
+        }
+        .load()
+        .expect("mon2 material")
+    };
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    let cfg = tls::client_config(mon2(), ALPN_RAFT, TransportTuning::default()).expect("cfg");
+    let held = client
+        .connect_with(cfg, n.addr, MONITOR_SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("handshake");
+    wait_until("node 1 to serve mon2's connection", || {
+        n.server.served_connections() == 1
+    })
+    .await;
+    // The operator revokes mon2 and reloads node 1 (SIGHUP) with the CRL.
+    let revoked = tls::revoke(pki._dir.path(), std::slice::from_ref(&serial2)).expect("revoke");
+    let (c1, k1, _) = monitor_files(&pki, files.path(), "mon1");
+    let mon1 = || {
+        tls::TlsPaths {
+            ca: pki._dir.path().join("ca.crt"),
+            cert: c1.clone(),
+            key: k1.clone(),
+            crl: Some(revoked.crl.clone()),
+        }
+        .load()
+        .expect("mon1 material")
+    };
+    let said = n.server.reload_tls(mon1(), mon1()).expect("reload");
+    assert!(
+        said.contains("CRL lists 1 serial(s)") && said.contains(&format!("serial {serial2}")),
+        "{said}"
+    );
+    let reason = tokio::time::timeout(WAIT, held.closed())
+        .await
+        .expect("the revoked connection is closed");
+    assert!(
+        format!("{reason}").contains("certificate revoked"),
+        "{reason}"
+    );
+    // A new handshake with mon2's certificate is refused; mon3's (not revoked) still gets
+    // an answer (a refusal: it is no voter), and node 1 leads on, unchanged.
+    let res = raw_vote(mon2(), n.addr, &tempting_vote(2, before.current_term)).await;
+    assert!(res.is_err(), "revoked mon2 got {res:?}");
+    let (m3, _) = pki.material(Role::Monitor, "mon3");
+    match raw_vote(m3, n.addr, &tempting_vote(3, before.current_term)).await {
+        Ok(Reply::Refused(why)) => assert!(why.contains("not a voter"), "{why}"),
+        other => panic!("mon3 got {other:?}"),
+    }
+    assert_unchanged(&n, &before).await;
+    // A certificate of another node is refused, and changes nothing.
+    let (c4, k4, _) = monitor_files(&pki, files.path(), "mon4");
+    let mon4 = || {
+        tls::TlsPaths {
+            ca: pki._dir.path().join("ca.crt"),
+            cert: c4.clone(),
+            key: k4.clone(),
+            crl: None,
+        }
+        .load()
+        .expect("mon4 material")
+    };
+    let err = n
+        .server
+        .reload_tls(mon4(), mon4())
+        .expect_err("mon4's certificate for node 1");
+    assert!(err.to_string().contains("mon1"), "{err}");
+    let res = raw_vote(mon2(), n.addr, &tempting_vote(2, before.current_term)).await;
+    assert!(
+        res.is_err(),
+        "after a refused reload, revoked mon2 got {res:?}"
+    );
+    n.stop().await;
 }
