@@ -852,6 +852,18 @@ fn monitor_files(pki: &Pki, dir: &Path, name: &str) -> (PathBuf, PathBuf, String
     (c, k, serial)
 }
 
+/// The material of files written by [`monitor_files`], with the CA's `crl` if given.
+fn load_files(pki: &Pki, cert: &Path, key: &Path, crl: Option<PathBuf>) -> TlsMaterial {
+    tls::TlsPaths {
+        ca: pki._dir.path().join("ca.crt"),
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        crl,
+    }
+    .load()
+    .expect("material")
+}
+
 /// Open issue 12 ("Raft cert reload"): the Raft port read its CRL only at start, so a removed
 /// monitor's revoked certificate kept its Raft connections (and could open new ones) until
 /// every monitor restarted. A reload with the CRL now refuses its handshakes and closes the
@@ -865,16 +877,7 @@ async fn a_reload_with_a_crl_shuts_a_revoked_monitor_out_of_the_raft_port() {
     let before = n.node.metrics();
     // mon2 holds a connection to node 1's Raft port.
     let (c2, k2, serial2) = monitor_files(&pki, files.path(), "mon2");
-    let mon2 = || {
-        tls::TlsPaths {
-            ca: pki._dir.path().join("ca.crt"),
-            cert: c2.clone(),
-            key: k2.clone(),
-            crl: None,
-        }
-        .load()
-        .expect("mon2 material")
-    };
+    let mon2 = || load_files(&pki, &c2, &k2, None);
     let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     let cfg = tls::client_config(mon2(), ALPN_RAFT, TransportTuning::default()).expect("cfg");
     let held = client
@@ -889,16 +892,7 @@ async fn a_reload_with_a_crl_shuts_a_revoked_monitor_out_of_the_raft_port() {
     // The operator revokes mon2 and reloads node 1 (SIGHUP) with the CRL.
     let revoked = tls::revoke(pki._dir.path(), std::slice::from_ref(&serial2)).expect("revoke");
     let (c1, k1, _) = monitor_files(&pki, files.path(), "mon1");
-    let mon1 = || {
-        tls::TlsPaths {
-            ca: pki._dir.path().join("ca.crt"),
-            cert: c1.clone(),
-            key: k1.clone(),
-            crl: Some(revoked.crl.clone()),
-        }
-        .load()
-        .expect("mon1 material")
-    };
+    let mon1 = || load_files(&pki, &c1, &k1, Some(revoked.crl.clone()));
     let said = n.server.reload_tls(mon1(), mon1()).expect("reload");
     assert!(
         said.contains("CRL lists 1 serial(s)") && said.contains(&format!("serial {serial2}")),
@@ -923,16 +917,7 @@ async fn a_reload_with_a_crl_shuts_a_revoked_monitor_out_of_the_raft_port() {
     assert_unchanged(&n, &before).await;
     // A certificate of another node is refused, and changes nothing.
     let (c4, k4, _) = monitor_files(&pki, files.path(), "mon4");
-    let mon4 = || {
-        tls::TlsPaths {
-            ca: pki._dir.path().join("ca.crt"),
-            cert: c4.clone(),
-            key: k4.clone(),
-            crl: None,
-        }
-        .load()
-        .expect("mon4 material")
-    };
+    let mon4 = || load_files(&pki, &c4, &k4, None);
     let err = n
         .server
         .reload_tls(mon4(), mon4())
