@@ -45,6 +45,20 @@ fn expired_cert(pki: &Pki, role: Role, name: &str) -> (String, String) {
         .expect("issue expired")
 }
 
+/// After SIGHUPs: both daemons still run and hv1 is up.
+#[track_caller]
+fn assert_both_survived_sighup(mon: &mut MonitorProc, hv1: &mut AgentProc, ctl: &Ctl) {
+    assert!(
+        mon.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the monitor"
+    );
+    assert!(
+        hv1.proc_.try_exit().is_none(),
+        "SIGHUP must not stop the agent"
+    );
+    assert_eq!(ctl.liveness("hv1").as_deref(), Some("up"));
+}
+
 fn events_of_kind(ctl: &Ctl, kind: &str) -> Vec<Value> {
     ctl.events()
         .into_iter()
@@ -211,15 +225,7 @@ fn renewed_certificates_are_picked_up_on_sighup_without_restarting_a_session() {
     wait_for(Duration::from_secs(10), || (!listed("mon1")).then_some(()))
         .expect("the monitor serves its renewed certificate after SIGHUP");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        mon.proc_.try_exit().is_none(),
-        "SIGHUP must not stop the monitor"
-    );
-    assert!(
-        hv1.proc_.try_exit().is_none(),
-        "SIGHUP must not stop the agent"
-    );
-    assert_eq!(ctl.liveness("hv1").as_deref(), Some("up"));
+    assert_both_survived_sighup(&mut mon, &mut hv1, &ctl);
     let connects = |log: &str| log.matches("agent connected").count();
     assert_eq!(
         connects(&mon.proc_.log_text()),
@@ -744,15 +750,7 @@ fn sighup_applies_log_level_names_restart_only_fields_and_survives_a_broken_file
     std::thread::sleep(Duration::from_millis(300));
     let mut mon = mon;
     let mut hv1 = hv1;
-    assert!(
-        mon.proc_.try_exit().is_none(),
-        "SIGHUP must not stop the monitor"
-    );
-    assert!(
-        hv1.proc_.try_exit().is_none(),
-        "SIGHUP must not stop the agent"
-    );
-    assert_eq!(ctl.liveness("hv1").as_deref(), Some("up"));
+    assert_both_survived_sighup(&mut mon, &mut hv1, &ctl);
     assert_eq!(
         mon.proc_.log_text().matches("agent connected").count(),
         1,
