@@ -482,6 +482,16 @@ pub enum AdminRequest {
         id: u64,
         offset: u64,
     },
+    /// `vigilctl server reset`: bring back monitor `id`, started with `vigil-monitor
+    /// --reset` after its database was lost or damaged: removed from the membership,
+    /// re-admitted, added back as a learner and, once caught up (within `wait_ms`), made a
+    /// voter. `addr`: its Raft address, needed only when it is no longer a member. Leader
+    /// only.
+    ServerReset {
+        id: u64,
+        addr: Option<String>,
+        wait_ms: u64,
+    },
 }
 
 /// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they

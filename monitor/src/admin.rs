@@ -43,6 +43,9 @@ pub struct AdminContext {
     pub certs: Arc<crate::certs::CertWatch>,
     /// `[vip]` and whether this monitor holds it (`None` without `[vip]`).
     pub vip: Option<crate::vip::Status>,
+    /// The Raft endpoint (`server reset` talks to the monitor being reset), when `[raft]
+    /// listen` is set.
+    pub raft_endpoint: Option<crate::raft::quic::RaftEndpoint>,
 }
 
 /// Serves one admin connection: any number of requests on one control stream.
@@ -130,6 +133,7 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
         AdminRequest::DbBackup => ("db backup".to_string(), None),
         AdminRequest::ServerAdd { id, addr, .. } => (format!("server add {id} {addr}"), None),
         AdminRequest::ServerDel { id } => (format!("server del {id}"), None),
+        AdminRequest::ServerReset { id, .. } => (format!("server reset {id}"), None),
         AdminRequest::HostTagAdd { host, tag } => {
             (format!("host tag add {host} {tag}"), Some(host.clone()))
         }
@@ -348,6 +352,12 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
                 return err(format!("address {addr:?} {why}"));
             }
             let wait = Duration::from_millis(wait_ms.clamp(1_000, 600_000));
+            if let Some(endpoint) = &ctx.raft_endpoint {
+                if !ctx.raft.is_member(id) {
+                    // Its progress at this leader starts afresh (`raft::reversion`).
+                    endpoint.forget_progress(id);
+                }
+            }
             membership_answer(ctx, ctx.raft.add_server(id, &addr, wait).await, || {
                 format!("node {id} at {addr} is a voter")
             })
@@ -357,6 +367,26 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             ctx.raft.remove_server(id, MEMBERSHIP_TIMEOUT).await,
             || format!("node {id} is no longer a member"),
         ),
+        AdminRequest::ServerReset { id, addr, wait_ms } => {
+            if let Some(Err(why)) = addr.as_deref().map(vigil_common::config::check_host_port) {
+                return err(format!("address {addr:?} {why}"));
+            }
+            let Some(endpoint) = &ctx.raft_endpoint else {
+                return err(
+                    "this monitor has no `[raft] listen`: it is a one-node cluster, with no other \
+                     monitor to bring back (restore a lost one-node cluster from a backup: \
+                     `vigil-monitor --restore FILE`)",
+                );
+            };
+            let wait = Duration::from_millis(wait_ms.clamp(1_000, 600_000));
+            membership_answer(
+                ctx,
+                ctx.raft
+                    .reset_server(endpoint, id, addr.as_deref(), wait)
+                    .await,
+                || format!("node {id} was reset: it caught up from the leader and is a voter"),
+            )
+        }
         AdminRequest::Plan { fail } => plan(ctx, fail).await,
         // Served by `handle`, which holds the connection's backup.
         AdminRequest::DbBackup | AdminRequest::DbBackupChunk { .. } => {

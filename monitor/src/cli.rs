@@ -38,10 +38,16 @@ pub struct Args {
     /// add`. Later starts of this monitor are without `--restore`.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["init", "join"])]
     pub restore: Option<PathBuf>,
+    /// Bring this monitor back after its database was lost or damaged (needs `[raft]
+    /// listen`): the old `raft.redb` is moved aside (kept, never deleted), the monitor
+    /// starts empty and takes no Raft message until the leader re-admits it: then run
+    /// `vigilctl server reset NODE_ID` against the leader. Later starts are without it.
+    #[arg(long, conflicts_with_all = ["init", "join", "restore"])]
+    pub reset: bool,
     /// Remove the `[vip]` address from its interface if it is there, and exit (0 when it is
     /// absent, or when there is no `[vip]`). For the unit's `ExecStopPost=`: a monitor
     /// killed with SIGKILL cannot remove the VIP itself. Never starts the monitor.
-    #[arg(long, conflicts_with_all = ["init", "join", "check", "restore"])]
+    #[arg(long, conflicts_with_all = ["init", "join", "check", "restore", "reset"])]
     pub drop_vip: bool,
 }
 
@@ -85,6 +91,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             StartMode::Init
         } else if args.join {
             StartMode::Join
+        } else if args.reset {
+            StartMode::Reset
         } else {
             StartMode::Existing
         };

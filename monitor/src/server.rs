@@ -41,6 +41,11 @@ pub enum StartMode {
     /// backup's (`vigilctl db backup`), then run it; refuse if `data_dir` holds a database.
     /// The other monitors are added back as to any cluster (`--join`, `vigilctl server add`).
     Restore(PathBuf),
+    /// `vigil-monitor --reset` (needs `[raft] listen`): this monitor's database is lost or
+    /// damaged. Move it aside (kept as `raft.redb.reset-<unix ms>`), start empty, and take
+    /// no Raft message until the leader re-admits it (`vigilctl server reset N`;
+    /// [`crate::raft::reset`]).
+    Reset,
 }
 
 /// Exit status of a monitor that refuses to start because of its data directory
@@ -67,12 +72,31 @@ pub enum DataDirError {
     Empty { db: PathBuf },
     #[error(
         "--join refused: {db} already holds a cluster (this monitor is a member already, or \
-         was one). Start without --join to run it; a monitor whose data is gone is removed \
-         (`vigilctl server del`) and added back under a new node id and certificate"
+         was one). Start without --join to run it; a monitor whose database is lost or damaged \
+         comes back with `vigil-monitor --reset` and `vigilctl server reset N` on the leader"
     )]
     AlreadyJoined { db: PathBuf },
     #[error("--join needs field `raft.listen`: the leader reaches a new monitor there")]
     JoinWithoutRaft,
+    #[error(
+        "--reset needs field `raft.listen`: a reset monitor catches up from the other \
+         monitors. A one-node cluster whose database is lost comes back from a backup \
+         (`vigil-monitor --restore FILE`)"
+    )]
+    ResetWithoutRaft,
+    #[error(
+        "the monitor database {db} is damaged: {detail}. Nothing was changed. This monitor's \
+         committed data is also on the other monitors of its cluster: start it with \
+         `vigil-monitor --reset` (the damaged file is kept aside, never deleted), then run \
+         `vigilctl server reset {node_id}` against the leader; it catches up from there. A \
+         one-node cluster comes back from a backup instead (`vigil-monitor --restore FILE` \
+         into an empty data_dir)"
+    )]
+    Damaged {
+        db: PathBuf,
+        detail: String,
+        node_id: u64,
+    },
     #[error(
         "--init refused: {db} already holds a cluster. `--init` only creates a new one; start \
          without --init to run this one"
@@ -285,6 +309,9 @@ impl Monitor {
         if mode == StartMode::Join && cfg.raft.listen.is_none() {
             return Err(DataDirError::JoinWithoutRaft.into());
         }
+        if mode == StartMode::Reset && cfg.raft.listen.is_none() {
+            return Err(DataDirError::ResetWithoutRaft.into());
+        }
         // `[raft] listen`: this monitor talks Raft with the others on its own endpoint, and
         // the membership holds that endpoint's address. Bound before the database is opened,
         // so a certificate that is not `mon<node_id>` refuses the start with nothing created.
@@ -366,6 +393,22 @@ impl Monitor {
                 backup.header.created_at_ms
             );
         }
+        if mode == StartMode::Reset {
+            let moved =
+                crate::raft::reset::begin(&cfg.data_dir, DB_FILE_NAME, vigil_common::unix_ms())
+                    .with_context(|| format!("--reset: setting {} aside", db.display()))?;
+            match moved {
+                Some(aside) => warn!(
+                    kept = %aside.display(),
+                    "--reset: the old database is kept aside; this monitor starts empty and waits for `vigilctl server reset {}` on the leader",
+                    cfg.node_id
+                ),
+                None => warn!(
+                    "--reset: no database was there; this monitor starts empty and waits for `vigilctl server reset {}` on the leader",
+                    cfg.node_id
+                ),
+            }
+        }
         let raft = match &raft_endpoint {
             None => {
                 RaftNode::open(
@@ -387,7 +430,17 @@ impl Monitor {
                 .await
             }
         }
-        .with_context(|| format!("opening Raft state in {}", cfg.data_dir.display()))?;
+        .map_err(|e| match e {
+            crate::raft::RaftSetupError::Damaged { path, detail } => {
+                anyhow::Error::new(DataDirError::Damaged {
+                    db: path,
+                    detail,
+                    node_id: cfg.node_id,
+                })
+            }
+            e => anyhow::Error::new(e)
+                .context(format!("opening Raft state in {}", cfg.data_dir.display())),
+        })?;
         let raft = Arc::new(raft);
         let initialized = raft
             .is_initialized()
@@ -414,10 +467,18 @@ impl Monitor {
             Duration::from_millis(raft.election_timeout_max_ms()),
         );
         leader_lease::hold_elections_while_quiet(raft.raft(), &vote_gate);
+        let raft_endpoint_handle = raft_endpoint.as_ref().map(|(ep, _, _)| ep.clone());
+        let reset_gate = crate::raft::reset::ResetGate::load(&cfg.data_dir);
+        if reset_gate.is_waiting() {
+            warn!(
+                "this monitor was reset and takes no Raft message until the leader re-admits it: run `vigilctl server reset {}` against the leader",
+                cfg.node_id
+            );
+        }
         let (raft_server, raft_addr) = match raft_endpoint {
             None => (None, None),
             Some((ep, bound, _)) => (
-                Some(ep.serve(raft.raft().clone(), vote_gate.clone())),
+                Some(ep.serve_with_reset(raft.raft().clone(), vote_gate.clone(), reset_gate)),
                 Some(bound),
             ),
         };
@@ -503,6 +564,7 @@ impl Monitor {
             sessions: sessions.clone(),
             certs,
             vip: vip_status,
+            raft_endpoint: raft_endpoint_handle,
         };
         // Issue 12 item 3: only the leader keeps agents; it records where they reach it.
         let admission = admission_check(raft.clone(), raft_addr.is_some(), deposed);

@@ -163,6 +163,20 @@ pub enum ServerCmd {
     },
     /// Remove monitor ID from the cluster (it does not stay as a learner).
     Del { id: u64 },
+    /// Bring back monitor ID after its database was lost or damaged. Start it with
+    /// `vigil-monitor --reset` first (it keeps its old file aside and waits, silent); then
+    /// this, against the leader, removes it from the membership, re-admits it, and adds it
+    /// back: as a learner, caught up from the leader, then a voter.
+    Reset {
+        id: u64,
+        /// Its Raft address (`[raft] advertise`, host:port); only needed when it is no
+        /// longer a member.
+        #[arg(long)]
+        addr: Option<String>,
+        /// Seconds to wait for it to catch up before giving up (it then stays a learner).
+        #[arg(long, default_value_t = 60)]
+        wait: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -705,6 +719,15 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
             // The monitor answers once the new server caught up (or gave up).
             c.set_timeout(Duration::from_secs(args.timeout.max(wait + 5)));
             let req = AdminRequest::ServerAdd {
+                id: *id,
+                addr: addr.clone(),
+                wait_ms: wait.saturating_mul(1000),
+            };
+            server_change(c, args, &req).await?
+        }
+        Command::Server(ServerCmd::Reset { id, addr, wait }) => {
+            c.set_timeout(Duration::from_secs(args.timeout.max(wait + 5)));
+            let req = AdminRequest::ServerReset {
                 id: *id,
                 addr: addr.clone(),
                 wait_ms: wait.saturating_mul(1000),

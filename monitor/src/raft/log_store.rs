@@ -129,7 +129,7 @@ impl LogStore {
     }
 }
 
-fn decode_entry(index: u64, raw: &[u8]) -> StoreResult<Entry> {
+pub(crate) fn decode_entry(index: u64, raw: &[u8]) -> StoreResult<Entry> {
     let entry: Entry =
         serde_json::from_slice(raw).map_err(|e| StorageIOError::read_log_at_index(index, &e))?;
     if entry.log_id.index != index {

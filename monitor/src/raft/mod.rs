@@ -13,6 +13,7 @@
 // helpers return it as is rather than boxing and unboxing it at every trait boundary.
 #![allow(clippy::result_large_err)]
 
+pub mod integrity;
 pub mod leader_lease;
 #[cfg(test)]
 mod leader_lease_tests;
@@ -21,6 +22,8 @@ pub mod network;
 pub mod quic;
 #[cfg(test)]
 mod quic_tests;
+pub mod reset;
+pub mod reversion;
 pub mod state_machine;
 pub mod wire;
 
@@ -116,6 +119,9 @@ pub enum RaftSetupError {
         path: PathBuf,
         source: redb::DatabaseError,
     },
+    /// The file exists but cannot be read whole (see [`integrity`]).
+    #[error("the Raft database {path} is damaged: {detail}")]
+    Damaged { path: PathBuf, detail: String },
     #[error("Raft storage error: {0}")]
     Storage(#[from] StorageError<u64>),
     #[error(
@@ -347,6 +353,12 @@ impl RaftNode {
         })?;
         let path = data_dir.join(DB_FILE_NAME);
         let raft_config = Arc::new(config.validate()?);
+        if path.exists() {
+            integrity::verify(&path).map_err(|d| RaftSetupError::Damaged {
+                path: path.clone(),
+                detail: d.0,
+            })?;
+        }
 
         let db = open_database(&path)?;
         let log_store = LogStore::new(db.clone())?;
@@ -641,6 +653,89 @@ impl RaftNode {
         }
     }
 
+    /// `vigilctl server reset ID`: brings back monitor `id`, which was started with
+    /// `vigil-monitor --reset` (its database lost or damaged) and waits, silent, to be
+    /// re-admitted ([`reset`] says why in this order). Leader only. Asks `id` whether it
+    /// waits (nothing is changed if not), removes it from the membership if it is a member,
+    /// re-admits it, then adds it back as a learner and makes it a voter once it has caught
+    /// up ([`Self::add_server`]), all within `timeout`. `addr` (its Raft address) is needed
+    /// only when `id` is no longer a member.
+    pub async fn reset_server(
+        &self,
+        endpoint: &quic::RaftEndpoint,
+        id: u64,
+        addr: Option<&str>,
+        timeout: Duration,
+    ) -> Result<MembershipChange, MembershipError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.check_leader_for_membership()?;
+        if id == self.node_id {
+            return Err(MembershipError::Invalid(format!(
+                "mon{id} leads: a leader is not reset (its database works). To reset it, stop \
+                 it, start it with `vigil-monitor --reset`, and run this against the new leader"
+            )));
+        }
+        let known = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+        };
+        let addr = match (&known, addr) {
+            (Some(k), Some(a)) if k != a => {
+                return Err(MembershipError::Invalid(format!(
+                    "node {id} is a member at {k}, not {a}; leave out --addr, or remove it first \
+                     (`vigilctl server del {id}`)"
+                )))
+            }
+            (Some(k), _) => k.clone(),
+            (None, Some(a)) => a.to_string(),
+            (None, None) => {
+                return Err(MembershipError::Invalid(format!(
+                    "node {id} is not a member, so its address is unknown: give it \
+                     (`vigilctl server reset {id} --addr HOST:PORT`, its [raft] address)"
+                )))
+            }
+        };
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        let probe = endpoint
+            .reset_step(id, &addr, reset::ResetStep::Probe, left())
+            .await
+            .map_err(|e| {
+                MembershipError::Invalid(format!(
+                    "mon{id} does not answer ({e}); nothing was changed. Start it with \
+                     `vigil-monitor --reset` first"
+                ))
+            })?;
+        if !probe.waiting {
+            return Err(MembershipError::Invalid(format!(
+                "mon{id} at {addr} is not waiting for a reset; nothing was changed. A reset is \
+                 for a monitor whose database is lost or damaged: start it with `vigil-monitor \
+                 --reset` (its old database is kept aside), then run this again"
+            )));
+        }
+        if known.is_some() {
+            // Committed before the re-admission: the leader drops its progress for `id`,
+            // and the quorum that committed this holds every committed entry.
+            self.remove_server(id, left()).await?;
+        }
+        endpoint.forget_progress(id);
+        endpoint
+            .reset_step(id, &addr, reset::ResetStep::Admit, left())
+            .await
+            .map_err(|e| {
+                MembershipError::Invalid(format!(
+                    "mon{id} was removed from the membership but did not take its \
+                     re-admission ({e}); run `vigilctl server reset {id} --addr {addr}` again"
+                ))
+            })?;
+        tracing::info!(id, addr, "reset monitor re-admitted; adding it back");
+        self.add_server(id, &addr, left()).await?;
+        Ok(MembershipChange::Done)
+    }
+
     fn check_leader_for_membership(&self) -> Result<(), MembershipError> {
         if self.is_leader() {
             return Ok(());
@@ -661,6 +756,14 @@ impl RaftNode {
             RaftError::APIError(e) => MembershipError::Rejected(e.to_string()),
             RaftError::Fatal(f) => MembershipError::Fatal(f),
         }
+    }
+
+    /// Whether node `id` is in the membership (voter or learner).
+    pub fn is_member(&self, id: u64) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let known = m.membership_config.membership().get_node(&id).is_some();
+        known
     }
 
     /// Whether the membership names any node other than this one (voter or learner).

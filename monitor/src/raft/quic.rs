@@ -79,6 +79,7 @@ use vigil_common::tls::{self, Role, TlsError, TlsMaterial, TransportTuning};
 use vigil_common::wire::{close, MONITOR_SERVER_NAME};
 
 use super::leader_lease::VoteGate;
+use super::reset::{ResetGate, ResetReply, ResetRequest, ResetStep};
 use super::wire::{self, FrameError, Reply, Request, RpcKind, ALPN_RAFT};
 use super::TypeConfig;
 
@@ -264,6 +265,7 @@ impl RaftEndpoint {
                 self_id: node_id,
                 tuning,
                 slots: Mutex::new(HashMap::new()),
+                matched: Mutex::new(HashMap::new()),
             }),
             endpoint,
             served: Arc::default(),
@@ -277,6 +279,65 @@ impl RaftEndpoint {
         self.endpoint.local_addr()
     }
 
+    /// Sends one `server reset` step to monitor `target` at `addr` (dialled within `wait`)
+    /// and returns its answer; the error says why there is none.
+    pub async fn reset_step(
+        &self,
+        target: u64,
+        addr: &str,
+        step: ResetStep,
+        wait: Duration,
+    ) -> Result<ResetReply, String> {
+        let kind = RpcKind::Reset;
+        let request = wire::encode_request(
+            kind,
+            &ResetRequest {
+                from: self.node_id,
+                step,
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let work = async {
+            let conn = self
+                .pool
+                .connection(target, addr, wait)
+                .await
+                .map_err(|e| {
+                    format!("cannot reach {} at {addr}: {e}", cert_name_of_node(target))
+                })?;
+            let io = |e: &dyn std::fmt::Display| format!("{}: {e}", cert_name_of_node(target));
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| io(&e))?;
+            send.write_all(&request).await.map_err(|e| io(&e))?;
+            send.finish().map_err(|e| io(&e))?;
+            let reply: Reply<ResetReply, String> =
+                wire::read_frame(&mut recv, kind, kind.reply_limit())
+                    .await
+                    .map_err(|e| io(&e))?;
+            match reply {
+                Reply::Ok(r) => Ok(r),
+                Reply::Raft(e) | Reply::Refused(e) => Err(io(&e)),
+            }
+        };
+        tokio::time::timeout(wait + self.tuning.request_timeout, work)
+            .await
+            .map_err(|_| {
+                format!(
+                    "{} at {addr} did not answer in time",
+                    cert_name_of_node(target)
+                )
+            })?
+    }
+
+    /// Forgets how far `target` acknowledged ([`super::reversion`]): for a node that is
+    /// added to the membership (again), whose progress at the leader starts afresh.
+    pub fn forget_progress(&self, target: u64) {
+        self.pool
+            .matched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&target);
+    }
+
     /// The network for [`super::RaftNode::open_with_network`].
     pub fn network(&self) -> QuicNetworkFactory {
         QuicNetworkFactory {
@@ -287,6 +348,17 @@ impl RaftEndpoint {
     /// Starts serving peers' RPCs to `raft`.
     /// Votes pass `gate` first (`super::leader_lease::VoteGate`).
     pub fn serve(&self, raft: Raft<TypeConfig>, gate: VoteGate) -> RaftServer {
+        self.serve_with_reset(raft, gate, ResetGate::open())
+    }
+
+    /// [`Self::serve`] for a monitor that may wait to be re-admitted after a reset: while
+    /// `reset` waits, every Raft message is refused ([`super::reset`]).
+    pub fn serve_with_reset(
+        &self,
+        raft: Raft<TypeConfig>,
+        gate: VoteGate,
+        reset: ResetGate,
+    ) -> RaftServer {
         match self.local_addr() {
             Ok(addr) => info!(node_id = self.node_id, %addr, "serving Raft peers"),
             Err(e) => warn!(node_id = self.node_id, error = %e, "Raft endpoint has no address"),
@@ -297,6 +369,7 @@ impl RaftEndpoint {
             raft,
             self.tuning,
             gate,
+            reset,
             self.served.clone(),
             stop_rx,
         ));
@@ -325,6 +398,9 @@ struct Pool {
     self_id: u64,
     tuning: QuicTuning,
     slots: Mutex<HashMap<u64, Slot>>,
+    /// How far each follower acknowledged under the current leader vote
+    /// ([`super::reversion`]).
+    matched: Mutex<HashMap<u64, super::reversion::Matched>>,
 }
 
 /// The connection to one node, or the dial under way.
@@ -623,7 +699,8 @@ impl QuicPeer {
             Err(_) => Err(CallError::Rpc(RPCError::Timeout(Timeout {
                 action: match kind {
                     RpcKind::AppendEntries => RPCTypes::AppendEntries,
-                    RpcKind::Vote => RPCTypes::Vote,
+                    // `call` carries openraft's RPCs only (reset steps: `reset_step`).
+                    RpcKind::Vote | RpcKind::Reset => RPCTypes::Vote,
                     RpcKind::InstallSnapshot => RPCTypes::InstallSnapshot,
                 },
                 id: self.pool.self_id,
@@ -631,6 +708,55 @@ impl QuicPeer {
                 timeout: hard,
             }))),
         }
+    }
+
+    /// Passes `resp` on unless it shows the follower's log went back
+    /// ([`super::reversion`]); then the follower is reported unreachable, with why.
+    fn check_reversion(
+        &self,
+        vote: &openraft::Vote<u64>,
+        prev: Option<openraft::LogId<u64>>,
+        last: Option<openraft::LogId<u64>>,
+        resp: AppendEntriesResponse<u64>,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        let verdict = {
+            let mut matched = self
+                .pool
+                .matched
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let mut slot = matched.remove(&self.target);
+            let v = super::reversion::observe(&mut slot, vote, prev, last, &resp);
+            if let Some(s) = slot {
+                matched.insert(self.target, s);
+            }
+            v
+        };
+        let super::reversion::Verdict::Reverted {
+            matched,
+            conflict,
+            first,
+        } = verdict
+        else {
+            return Ok(resp);
+        };
+        let name = cert_name_of_node(self.target);
+        let reason = format!(
+            "{name}'s Raft log went back: it acknowledged up to index {matched} and now lacks \
+             index {conflict}. Its database was lost or replaced while it stayed a member, so \
+             it is cut off from replication; bring it back with `vigil-monitor --reset` on \
+             {name}, then `vigilctl server reset {}` here",
+            self.target
+        );
+        if first {
+            tracing::error!(target_node = self.target, "{reason}");
+        }
+        Err(RPCError::Unreachable(Unreachable::new(
+            &DialError::Refused {
+                target: self.target,
+                reason,
+            },
+        )))
     }
 
     fn remote<E: std::error::Error>(
@@ -685,8 +811,10 @@ impl RaftNetwork<TypeConfig> for QuicPeer {
             }
             Err(e) => return Err(RPCError::Network(self.stream_error(kind, e))),
         };
+        let (vote, prev) = (rpc.vote, rpc.prev_log_id);
+        let last = rpc.entries.last().map(|e| e.log_id).or(prev);
         match self.call::<_, Fatal<u64>>(kind, request, &option).await {
-            Ok(r) => Ok(r),
+            Ok(r) => self.check_reversion(&vote, prev, last, r),
             Err(CallError::Rpc(e)) => Err(e),
             Err(CallError::Remote(f)) => Err(self.remote(RaftError::Fatal(f))),
         }
@@ -834,6 +962,7 @@ async fn accept_loop(
     raft: Raft<TypeConfig>,
     tuning: QuicTuning,
     gate: VoteGate,
+    reset: ResetGate,
     served: Served,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -851,9 +980,10 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         };
-        let (raft, gate, served) = (raft.clone(), gate.clone(), served.clone());
+        let (raft, gate, reset, served) =
+            (raft.clone(), gate.clone(), reset.clone(), served.clone());
         conns.spawn(async move {
-            serve_connection(incoming, raft, tuning, gate, served).await;
+            serve_connection(incoming, raft, tuning, gate, reset, served).await;
             drop(permit);
         });
     }
@@ -865,6 +995,7 @@ async fn serve_connection(
     raft: Raft<TypeConfig>,
     tuning: QuicTuning,
     gate: VoteGate,
+    reset: ResetGate,
     served: Served,
 ) {
     let remote = incoming.remote_address();
@@ -922,6 +1053,7 @@ async fn serve_connection(
             peer,
             tuning,
             gate.clone(),
+            reset.clone(),
         ));
     }
     streams.shutdown().await;
@@ -938,6 +1070,7 @@ async fn serve_stream(
     peer: u64,
     tuning: QuicTuning,
     gate: VoteGate,
+    reset: ResetGate,
 ) {
     let request =
         match tokio::time::timeout(tuning.request_timeout, wire::read_request(&mut recv)).await {
@@ -956,6 +1089,7 @@ async fn serve_stream(
             }
         };
     let claimed = request.claimed_sender();
+    let reset_refusal = reset.refusal(raft.metrics().borrow().id);
     let frame = if claimed != Some(peer) {
         let reason = format!(
             "request claims to come from Raft node {claimed:?}, but the certificate is {}",
@@ -963,6 +1097,21 @@ async fn serve_stream(
         );
         warn!(peer, "{reason}");
         refused_reply(&request, reason)
+    } else if let Request::Reset(r) = &request {
+        let reply = match reset.answer(r.step) {
+            Ok(answer) => {
+                info!(peer, step = ?r.step, waiting = answer.waiting, "reset request");
+                Reply::Ok(answer)
+            }
+            Err(e) => {
+                warn!(peer, error = %e, "cannot end the reset wait");
+                Reply::Raft(format!("cannot remove the reset marker: {e}"))
+            }
+        };
+        encode_reply(RpcKind::Reset, &reply)
+    } else if let Some(why) = reset_refusal {
+        debug!(peer, "Raft message refused: {why}");
+        refused_reply(&request, why)
     } else if let Some(why) = matches!(request, Request::Vote(_))
         .then(|| {
             let metrics = raft.metrics();
@@ -994,6 +1143,7 @@ async fn serve_stream(
                 };
                 encode_reply(RpcKind::InstallSnapshot, &reply)
             }
+            Request::Reset(_) => unreachable_reset(),
         }
     };
     match frame {
@@ -1050,7 +1200,18 @@ fn refused_reply(request: &Request, reason: String) -> Result<Vec<u8>, FrameErro
                 reason,
             ),
         ),
+        Request::Reset(_) => encode_reply(
+            RpcKind::Reset,
+            &Reply::<ResetReply, String>::Refused(reason),
+        ),
     }
+}
+
+/// Reset requests are answered before openraft's are dispatched.
+fn unreachable_reset() -> Result<Vec<u8>, FrameError> {
+    Err(FrameError::Command(
+        "internal error: a reset request reached the openraft dispatch".into(),
+    ))
 }
 
 /// `RaftError<u64>` (API error `Infallible`) is always `Fatal`; only that goes on the wire

@@ -133,6 +133,15 @@ fn read_snapshot(db: &Database) -> StoreResult<Option<(Meta, Vec<u8>)>> {
     }
 }
 
+/// Reads and decodes the stored snapshot, if any, as [`StateMachineStore::new`] will
+/// ([`super::integrity`]).
+pub(crate) fn verify_snapshot(db: &Database) -> StoreResult<()> {
+    if let Some((meta, data)) = read_snapshot(db)? {
+        decode_snapshot(&meta, &data)?;
+    }
+    Ok(())
+}
+
 /// Decodes snapshot bytes and checks they are at the log id their metadata says.
 fn decode_snapshot(meta: &Meta, data: &[u8]) -> StoreResult<SnapshotPayload> {
     let payload: SnapshotPayload = serde_json::from_slice(data)

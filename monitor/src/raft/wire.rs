@@ -55,6 +55,9 @@ pub enum RpcKind {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    /// `vigilctl server reset` between the leader and the monitor being reset
+    /// ([`super::reset`]); not an openraft RPC.
+    Reset,
 }
 
 impl RpcKind {
@@ -63,6 +66,7 @@ impl RpcKind {
             RpcKind::AppendEntries => 1,
             RpcKind::Vote => 2,
             RpcKind::InstallSnapshot => 3,
+            RpcKind::Reset => 4,
         }
     }
 
@@ -71,6 +75,7 @@ impl RpcKind {
             1 => Some(RpcKind::AppendEntries),
             2 => Some(RpcKind::Vote),
             3 => Some(RpcKind::InstallSnapshot),
+            4 => Some(RpcKind::Reset),
             _ => None,
         }
     }
@@ -81,6 +86,7 @@ impl RpcKind {
             RpcKind::AppendEntries => APPEND_ENTRIES_MAX_BYTES,
             RpcKind::Vote => VOTE_MAX_BYTES,
             RpcKind::InstallSnapshot => INSTALL_SNAPSHOT_MAX_BYTES,
+            RpcKind::Reset => VOTE_MAX_BYTES,
         }
     }
 
@@ -297,6 +303,7 @@ pub enum Request {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    Reset(super::reset::ResetRequest),
 }
 
 impl Request {
@@ -307,6 +314,7 @@ impl Request {
             Request::AppendEntries(r) => &r.vote,
             Request::Vote(r) => &r.vote,
             Request::InstallSnapshot(r) => &r.vote,
+            Request::Reset(r) => return Some(r.from),
         };
         vote.leader_id().voted_for()
     }
@@ -324,6 +332,7 @@ pub async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> Result<Request, Fr
         ),
         RpcKind::Vote => Request::Vote(read_frame(r, kind, limit).await?),
         RpcKind::InstallSnapshot => Request::InstallSnapshot(read_frame(r, kind, limit).await?),
+        RpcKind::Reset => Request::Reset(read_frame(r, kind, limit).await?),
     })
 }
 
