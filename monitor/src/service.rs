@@ -93,6 +93,11 @@ pub fn spawn(
     let tick_every = Duration::from_millis((cfg.heartbeat_interval_ms / 5).clamp(10, 100));
     let failover = FailoverConfig {
         fence_hosts: fencing.hosts.iter().map(|h| h.host.clone()).collect(),
+        fence_agent_limit_ms: fencing
+            .hosts
+            .iter()
+            .filter_map(|h| h.timeout_ms)
+            .fold(fencing.timeout_ms, u64::max),
         mass_failure_percent: fencing.mass_failure_percent,
         mass_failure_window_ms: fencing.mass_failure_window_ms,
         storage_slot: fencing.storage_slot,

@@ -56,7 +56,7 @@
 //!
 //! `monitors N` runs N monitors, each with its own [`Engine`] and the real leader lease
 //! (`raft::leader_lease::LeaseClock`, followed through `service::follow_lease`); the default,
-//! 1, is a sole voter as before. `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N]` declares a host
+//! 1, is a sole voter as before. `host NAME [cluster=C] [zone=Z] [tags=a,b] [fence=yes|no] [mem_gib=N] [fence_ms=N]` declares a host
 //! (fence agent configured by default, 16 GiB free); `failover ha_tag=T fallback=any|wait mass_failure_percent=P
 //! mass_failure_window_ms=N storage_slot=yes|no` sets host-failure handling; `vm U host=H group=G` puts a VM in an
 //! anti-affinity group, `vm U host=H pools=none|P` says which pools its disks are on (default:
@@ -334,6 +334,12 @@ enum Trigger {
     Recovering(String),
 }
 
+/// How long a simulated fence agent run takes unless the host says `fence_ms=N`.
+const DEFAULT_FENCE_MS: u64 = 300;
+
+/// The "monitor" of a fence agent run whose monitor crashed meanwhile.
+const ORPHANED: usize = usize::MAX;
+
 /// A parsed scenario.
 #[derive(Debug, Clone, Default)]
 pub struct Scenario {
@@ -348,6 +354,8 @@ pub struct Scenario {
     groups: Vec<(String, String)>,
     /// Free memory per host (GiB) when not the default 16.
     memory_gib: BTreeMap<String, u64>,
+    /// How long a fence agent run against a host takes, when not [`DEFAULT_FENCE_MS`].
+    fence_ms: BTreeMap<String, u64>,
     faults: Vec<(u64, Fault)>,
     until: u64,
     pool: Option<String>,
@@ -430,6 +438,9 @@ impl Scenario {
                     }
                     if let Some(g) = m.get("mem_gib") {
                         sc.memory_gib.insert(name.to_string(), num(g)?);
+                    }
+                    if let Some(f) = m.get("fence_ms") {
+                        sc.fence_ms.insert(name.to_string(), num(f)?);
                     }
                     sc.hosts.push((
                         name.to_string(),
@@ -542,6 +553,12 @@ impl Scenario {
             }
         }
         sc.faults.sort_by_key(|(t, _)| *t);
+        // A fence agent ends within its time limit (its process group is killed then).
+        sc.failover.fence_agent_limit_ms = sc
+            .fence_ms
+            .values()
+            .copied()
+            .fold(DEFAULT_FENCE_MS, u64::max);
         Ok(sc)
     }
 }
@@ -734,6 +751,7 @@ pub struct Sim {
     /// Anti-affinity groups to set once the VMs registered.
     groups: Vec<(String, String)>,
     memory_gib: BTreeMap<String, u64>,
+    fence_ms: BTreeMap<String, u64>,
     now: u64,
     term: u64,
     log: Vec<String>,
@@ -823,6 +841,7 @@ impl Sim {
                 .collect(),
             groups: sc.groups.clone(),
             memory_gib: sc.memory_gib.clone(),
+            fence_ms: sc.fence_ms.clone(),
             now: 0,
             term: 1,
             log: Vec::new(),
@@ -1180,7 +1199,12 @@ impl Sim {
                         self.pending.push((self.now + START_MS, host, command, m));
                     }
                     Action::Fence { host } => {
-                        self.pending_fence.push((self.now + 300, host, m));
+                        let takes = self
+                            .fence_ms
+                            .get(&host)
+                            .copied()
+                            .unwrap_or(DEFAULT_FENCE_MS);
+                        self.pending_fence.push((self.now + takes, host, m));
                     }
                     Action::RequestFence(req) => {
                         if self.monitor_storage_ok {
@@ -1785,7 +1809,13 @@ impl Sim {
         }
         self.delayed.retain(|(_, _, _, _, to)| *to != m);
         self.pending.retain(|(_, _, _, to)| *to != m);
-        self.pending_fence.retain(|(_, _, to)| *to != m);
+        // Its fence agents run on (their own process group) and power the host off; their
+        // answer reaches no one.
+        for f in &mut self.pending_fence {
+            if f.2 == m {
+                f.2 = ORPHANED;
+            }
+        }
         self.log
             .push(format!("{now:>6} MONITOR node {node} crashed"));
     }
@@ -2548,7 +2578,9 @@ impl Sim {
                     },
                 ))),
             };
-            let by = if self.sole_voter() {
+            let by = if m == ORPHANED {
+                " (run by a monitor that crashed)".to_string()
+            } else if self.sole_voter() {
                 String::new()
             } else {
                 format!(" (run by monitor node {})", self.monitors[m].node)

@@ -6,6 +6,10 @@ use super::*;
 /// Wait this long before retrying a failed fence.
 pub const FENCE_RETRY_MS: u64 = 5_000;
 
+/// Beyond a fence agent's time limit, how long a BMC may still carry out a power-off it was
+/// sent just before the agent was killed.
+pub const PREDECESSOR_FENCE_MARGIN_MS: u64 = 5_000;
+
 /// What this leader knows of host fencing: reset with `Default` when a monitor becomes leader
 /// (what a predecessor was doing is read again from committed state and the storage slots).
 #[derive(Debug, Clone, Default)]
@@ -34,6 +38,11 @@ pub(super) struct FencingBook {
     pub(super) unfenceable: BTreeSet<String>,
     /// The last condition recorded per host (events on change).
     pub(super) conditions: BTreeMap<String, Condition>,
+    /// Hosts that were being fenced when this monitor became leader, and until when
+    /// (monotonic ms) a fence agent that a predecessor started may still power them off:
+    /// this leader cannot know, and cannot call it back. Such a host does not rejoin before
+    /// then (see [`Engine::may_rejoin`]).
+    pub(super) predecessor_until: BTreeMap<String, u64>,
 }
 
 impl Engine {
@@ -396,15 +405,53 @@ impl Engine {
     /// cutting the power this moment): the host rejoins only once that attempt has failed,
     /// and its success is the proof it would have been (a host that rejoined first was
     /// powered off unrecorded, its VMs never restarted: seed 3589).
-    pub(super) fn may_rejoin(&mut self, host: &str) -> bool {
+    ///
+    /// The same holds for a fence agent that a previous leader started: a new leader does
+    /// not know whether one still runs (a deposed or killed monitor's agent runs on, in its
+    /// own process group, until its time limit), so a host that was being fenced at the
+    /// election rejoins only once that limit has passed since
+    /// ([`FencingBook::predecessor_until`]). Heard again after that, it rejoins at its next
+    /// heartbeat.
+    pub(super) fn may_rejoin(&mut self, host: &str, now_ms: u64) -> bool {
         if self.fencing.awaiting_commit.remove(host).is_some() {
             self.fencing.in_flight.remove(host);
+        }
+        if self
+            .fencing
+            .predecessor_until
+            .get(host)
+            .is_some_and(|until| now_ms < *until)
+        {
+            return false;
         }
         !self.fencing.in_flight.contains(host)
     }
 
+    /// Notes, at this monitor's election, every host being fenced whose last attempt has no
+    /// committed outcome: a predecessor's fence agent may still run against it until
+    /// `now_ms` + the agents' time limit + margin. (An attempt whose failure is in the event
+    /// log has ended; when the log no longer holds its events, the host is noted anyway.)
+    pub(super) fn note_predecessor_fences(&mut self, state: &ClusterState, now_ms: u64) {
+        let until = now_ms + self.failover.fence_agent_limit_ms + PREDECESSOR_FENCE_MARGIN_MS;
+        let failed = |host: &str, attempt: u32| {
+            state.events.iter().rev().any(|e| {
+                e.host.as_deref() == Some(host) && e.kind == EventKind::HostFenceFailed { attempt }
+            })
+        };
+        self.fencing.predecessor_until = state
+            .hosts
+            .iter()
+            .filter(|(name, h)| match h.phase {
+                HostPhase::Fencing { attempts, .. } => !failed(name, attempts),
+                _ => false,
+            })
+            .map(|(name, _)| (name.clone(), until))
+            .collect();
+    }
+
     /// Forgets this leader's bookkeeping of a host's fencing (it is back).
     pub(super) fn forget_fencing(&mut self, host: &str) {
+        self.fencing.predecessor_until.remove(host);
         self.fencing.proof_proposed.remove(host);
         self.fencing.power_after.remove(host);
         self.fencing.unfenceable.remove(host);

@@ -242,6 +242,11 @@ impl Action {
 pub struct FailoverConfig {
     /// Hosts with a fence agent configured.
     pub fence_hosts: BTreeSet<String>,
+    /// The longest a fence-agent call may run before its process group is killed (the
+    /// longest of `fencing.timeout_ms` and the hosts' own). A new leader waits this long
+    /// (and [`crate::engine::PREDECESSOR_FENCE_MARGIN_MS`]) before it lets a host that was
+    /// being fenced rejoin: a fence agent its predecessor started may still be running.
+    pub fence_agent_limit_ms: u64,
     /// Hold automatic fencing when more than this share (percent) of a cluster's hosts are
     /// down at once (and at least two are): more likely the monitors' own network.
     pub mass_failure_percent: u32,

@@ -35,6 +35,7 @@ impl Engine {
         // This leadership's bookkeeping starts empty: what predecessors did is in committed
         // state (and in the storage slots, cleared below).
         self.fencing = FencingBook::default();
+        self.note_predecessor_fences(cx.state, cx.now_ms);
         self.recovery = RecoveryBook::default();
         self.capacity = CapacityBook::default();
         // Rejoins noted before this monitor led were proposed into a dropped output (a

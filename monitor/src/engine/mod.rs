@@ -46,7 +46,7 @@ mod storage;
 #[cfg(test)]
 mod tests;
 
-pub use self::fencing::FENCE_RETRY_MS;
+pub use self::fencing::{FENCE_RETRY_MS, PREDECESSOR_FENCE_MARGIN_MS};
 pub use self::interface::*;
 pub use self::observation::DESTROY_RETRY_MS;
 pub use self::plan::{ClusterCapacity, PlanOutcome, PlannedVm, UnknownHost, CAPACITY_CHECK_MS};

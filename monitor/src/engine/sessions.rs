@@ -38,7 +38,8 @@ impl Engine {
             .hosts
             .get(&host)
             .is_some_and(|h| h.phase != HostPhase::Active);
-        let rejoin = self.may_rejoin(&host);
+        let own_fence = self.fencing.in_flight.contains(&host);
+        let rejoin = self.may_rejoin(&host, cx.now_ms);
         if rejoin {
             if not_active || self.fencing.slot_requests.contains_key(&host) {
                 self.end_fencing_episode(&host, &mut cx.out);
@@ -51,7 +52,11 @@ impl Engine {
                 Severity::Warning,
                 Some(host.clone()),
                 EventKind::HostHeardWhileFenced,
-                format!("host {host} is heard again while its fence agent runs: the fence cannot be called back; the host rejoins if it fails, its HA VMs start elsewhere if it succeeds"),
+                if own_fence {
+                    format!("host {host} is heard again while its fence agent runs: the fence cannot be called back; the host rejoins if it fails, its HA VMs start elsewhere if it succeeds")
+                } else {
+                    format!("host {host} is heard again while it is being fenced, and a fence agent that a previous leader started may still run against it: it rejoins once that agent's time limit has passed, unless it is powered off first (its HA VMs then start elsewhere)")
+                },
             );
         }
         self.identity.placement_refused.remove(&host);
@@ -177,7 +182,7 @@ impl Engine {
         if self.not_active.contains(&host)
             && self.connected.contains(&host)
             && !self.rejoining.contains(&host)
-            && self.may_rejoin(&host)
+            && self.may_rejoin(&host, cx.now_ms)
         {
             self.rejoining.insert(host.clone());
             cx.out.push(Action::Propose(StateCommand::HostRejoined {

@@ -616,6 +616,55 @@ fn a_host_heard_while_its_fence_agent_runs_rejoins_only_if_the_fence_fails() {
     assert!(s.starts().is_empty(), "{:?}", s.starts());
 }
 
+/// The same for a fence agent that a previous leader started: this leader cannot know
+/// whether it still runs (a deposed or killed monitor's agent runs on until its time limit),
+/// so a host being fenced at its election does not rejoin before that limit has passed.
+/// (Before the fix, a new leader's empty bookkeeping let it rejoin at once, a VM was
+/// restarted on it, and the old leader's fence then killed it: scenario 58.)
+#[test]
+fn a_new_leader_lets_a_host_being_fenced_rejoin_only_after_a_predecessors_fence_limit() {
+    let mut s = hv1_with_its_fence_agent_running();
+    s.engine = s.engine.clone().with_failover(FailoverConfig {
+        fence_hosts: ["hv1".to_string()].into(),
+        mass_failure_percent: 100,
+        fence_agent_limit_ms: 20_000,
+        ..FailoverConfig::default()
+    });
+    // Leadership moves while the fence agent runs; this monitor leads again later, its own
+    // fence forgotten like any predecessor's.
+    s.input(Input::LostLeadership, 20_000);
+    let elected = 21_000;
+    s.input(Input::BecameLeader { term: 2, node: 1 }, elected);
+    s.connect("hv1", elected + 100);
+    s.beat("hv1", elected + 110);
+    assert_eq!(phase_of(&s, "hv1"), "fencing", "{:#?}", s.log());
+    s.assert_logged("a fence agent that a previous leader started may still run against it");
+    let limit = elected + 20_000 + crate::engine::PREDECESSOR_FENCE_MARGIN_MS;
+    let mut t = elected + 200;
+    while t < limit {
+        s.beat("hv1", t);
+        s.beat("hv2", t);
+        s.input(Input::Tick, t);
+        t += 500;
+    }
+    assert_eq!(
+        phase_of(&s, "hv1"),
+        "fencing",
+        "rejoined before the limit: {:#?}",
+        s.log()
+    );
+    assert!(s.started_only_on("hv2"), "{:?}", s.starts());
+    // Past the limit, heard again: it rejoins, once.
+    s.beat("hv1", limit + 100);
+    assert_eq!(phase_of(&s, "hv1"), "active", "{:#?}", s.log());
+    assert_eq!(
+        s.log().iter().filter(|m| m.contains("rejoined")).count(),
+        1,
+        "{:#?}",
+        s.log()
+    );
+}
+
 /// A power fence proposed but not yet committed when the host is heard again is called
 /// off: its fence agent never runs, and the host rejoins.
 #[test]
