@@ -479,6 +479,84 @@ mod tests {
         }
     }
 
+    /// The repository's units (what the packages ship): every line the lab runs is one it
+    /// can map, and reads the shipped config.
+    #[test]
+    fn the_repositorys_units_have_command_lines_the_lab_can_run() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/systemd");
+        for (unit, key, config) in [
+            (AGENT_UNIT, "ExecStartPre", AGENT_CONFIG),
+            (AGENT_UNIT, "ExecStart", AGENT_CONFIG),
+            (MONITOR_UNIT, "ExecStart", MONITOR_CONFIG),
+            (MONITOR_UNIT, "ExecStopPost", MONITOR_CONFIG),
+        ] {
+            let text = std::fs::read_to_string(dir.join(unit)).expect(unit);
+            let words = unit_command(&text, key).unwrap_or_else(|e| panic!("{unit} {key}: {e:#}"));
+            assert!(words.iter().any(|w| w == config), "{unit} {key}: {words:?}");
+        }
+    }
+
+    /// The repository's shipped configs with every key the lab declares set: still what the
+    /// agent and the monitor accept, and still the shipped timings.
+    #[test]
+    fn the_shipped_configs_edited_as_the_lab_does_load() {
+        let etc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../packaging/etc");
+        let tmp =
+            std::env::temp_dir().join(format!("vigil-lab-installed-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).expect("tmp");
+        let pool = || Set::Tables(vec![table(&[("name", "p".into()), ("path", "/x".into())])]);
+        let shipped = std::fs::read_to_string(etc.join("agent.toml")).expect("agent.toml");
+        let agent = edit_config(
+            AGENT_CONFIG,
+            &shipped,
+            AGENT_KEYS,
+            vec![
+                ("monitors", Set::strs(&["198.18.0.1:7440".to_string()])),
+                ("libvirt_uri", Set::str("qemu+unix:///system?socket=/x")),
+                ("state_dir", Set::str("/x/state")),
+                ("tls.ca", Set::str("/x/ca.crt")),
+                ("tls.cert", Set::str("/x/hv1.crt")),
+                ("tls.key", Set::str("/x/hv1.key")),
+                ("watchdog.device", Set::str("/x/watchdog")),
+                ("storage.pools", pool()),
+            ],
+        )
+        .expect("edit agent.toml");
+        std::fs::write(tmp.join("agent.toml"), agent).expect("write");
+        let a = vigil_common::config::AgentConfig::load(&tmp.join("agent.toml")).expect("agent");
+        assert_eq!((a.zone.as_str(), a.watchdog.timeout_secs), ("default", 10));
+        assert_eq!(a.host, None, "the host name comes from the certificate");
+        let shipped = std::fs::read_to_string(etc.join("monitor.toml")).expect("monitor.toml");
+        let peer = table(&[("id", 2.into()), ("addr", "198.18.0.2:7441".into())]);
+        let fence = table(&[("host", "hv1".into()), ("agent", "fence_ipmilan".into())]);
+        let monitor = edit_config(
+            MONITOR_CONFIG,
+            &shipped,
+            MONITOR_KEYS,
+            vec![
+                ("node_id", Set::int(1)),
+                ("data_dir", Set::str("/x/data")),
+                ("advertise", Set::str("198.18.0.1:7440")),
+                ("tls.ca", Set::str("/x/ca.crt")),
+                ("tls.cert", Set::str("/x/mon1.crt")),
+                ("tls.key", Set::str("/x/mon1.key")),
+                ("raft.listen", Set::str("198.18.0.1:7441")),
+                ("raft.peers", Set::Tables(vec![peer])),
+                ("vip.address", Set::str("198.18.0.250")),
+                ("vip.interface", Set::str("eth0")),
+                ("recovery.ha_tag", Set::str("ha")),
+                ("fencing.hosts", Set::Tables(vec![fence])),
+                ("storage.pools", pool()),
+            ],
+        )
+        .expect("edit monitor.toml");
+        std::fs::write(tmp.join("monitor.toml"), monitor).expect("write");
+        let m =
+            vigil_common::config::MonitorConfig::load(&tmp.join("monitor.toml")).expect("monitor");
+        assert_eq!(m.detector.down_after_ms, 2500, "the shipped detector stays");
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
     const SHIPPED: &str = "# comment\nnode_id = 1\nlisten = \"0.0.0.0:7440\"\n[tls]\nca = \"/etc/a\"\n[detector]\ndown_after_ms = 2500\n";
     const KEYS: &[LabKey] = &[
         k("node_id", ""),
