@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 
 use crate::cmd::{run, run_ok};
 use crate::lab::{
-    agent_spec, host_pids, load_up, monitor_spec, path_str, power_is_on, proc_name, qemu_pids,
-    record_event, sandbox_timeout, set_power, start_sandbox, wait_monitor_answers, wait_sandbox,
-    watchdog_ctl, MonitorStart, Report,
+    host_pids, installed, load_up, monitor_config_path, monitor_spec, path_str, power_is_on,
+    proc_name, qemu_pids, record_event, sandbox_timeout, set_power, start_agent_process,
+    start_sandbox, wait_monitor_answers, wait_sandbox, watchdog_ctl, MonitorStart, Report,
 };
 use crate::layout::{self, now_ms, Lab, Program};
 use crate::net;
@@ -214,7 +214,7 @@ pub fn power_on(lab: &Lab, host: &str, source: &str) -> anyhow::Result<Report> {
     forget_sandbox_namespace(lab, host);
     start_sandbox(lab, &st, &h)?;
     wait_sandbox(lab, &h, sandbox_timeout())?;
-    supervisor::spawn(lab, agent_spec(lab, &st, &h)?)?;
+    start_agent_process(lab, &st, &h)?;
     set_power(lab, host, true);
     Ok(fault(
         lab,
@@ -294,7 +294,7 @@ pub fn start_agent(lab: &Lab, host: &str) -> anyhow::Result<Report> {
         bail!("{host} is powered off: use `vigil-lab power-on {host}`");
     }
     let ts = now_ms();
-    let e = supervisor::spawn(lab, agent_spec(lab, &st, &h)?)?;
+    let e = start_agent_process(lab, &st, &h)?;
     Ok(fault(
         lab,
         &st,
@@ -321,17 +321,28 @@ pub fn kill_monitor(lab: &Lab, mon: &str) -> anyhow::Result<Report> {
     let st = load_up(lab)?;
     let m = started_monitor(&st, mon)?;
     let (ts, e) = kill_proc(lab, &proc_name(mon, "monitor"))?;
-    let config = path_str(&lab.monitor_dir(&m.name).join("monitor.toml"));
-    let argv = [
+    let config = monitor_config_path(lab, &m);
+    let mut argv = vec![
         "ip".to_string(),
         "netns".into(),
         "exec".into(),
         m.netns.clone(),
-        path_str(&Program::Monitor.require()?),
-        "--config".into(),
-        config,
-        "--drop-vip".into(),
     ];
+    match installed(&st)? {
+        // `up --installed`: the unit's own ExecStopPost= line.
+        Some(i) => argv.extend(i.command(
+            crate::installed::MONITOR_UNIT,
+            "ExecStopPost",
+            crate::installed::MONITOR_CONFIG,
+            &config,
+        )?),
+        None => argv.extend([
+            path_str(&Program::Monitor.require()?),
+            "--config".into(),
+            path_str(&config),
+            "--drop-vip".into(),
+        ]),
+    }
     let dropped = match run_ok(&argv, Duration::from_secs(10)) {
         Ok(_) => "ExecStopPost's --drop-vip removed the VIP if it held it".to_string(),
         Err(e) => format!("ExecStopPost's --drop-vip failed: {e:#}"),

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 
 use crate::cmd::{run, run_ok};
+use crate::installed::{self, Installed};
 use crate::layout::{self, Lab, Program, LAB_ID_ENV};
 use crate::state::{self, LabState, Node};
 use crate::supervisor::{self, SpawnSpec};
@@ -104,6 +105,28 @@ pub(crate) fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// The packages' root of a lab made with `up --installed DIR`.
+pub fn installed(st: &LabState) -> anyhow::Result<Option<Installed>> {
+    st.installed.as_deref().map(Installed::open).transpose()
+}
+
+/// Where the lab's agent, monitor or vigilctl comes from: the installed packages (`up
+/// --installed`), or the build ([`Program::require`]).
+pub fn program(st: &LabState, p: Program) -> anyhow::Result<PathBuf> {
+    match installed(st)? {
+        Some(i) => i.bin(p),
+        None => p.require(),
+    }
+}
+
+pub fn agent_config_path(lab: &Lab, host: &Node) -> PathBuf {
+    lab.host_dir(&host.name).join("agent.toml")
+}
+
+pub fn monitor_config_path(lab: &Lab, mon: &Node) -> PathBuf {
+    lab.monitor_dir(&mon.name).join("monitor.toml")
+}
+
 // ------------------------------------------------------------------------------------------
 // Process specs.
 
@@ -145,15 +168,70 @@ pub fn agent_spec(lab: &Lab, st: &LabState, host: &Node) -> anyhow::Result<Spawn
         name,
         group: host.name.clone(),
         role: "agent".into(),
-        argv: vec![
-            path_str(&Program::Agent.require()?),
-            "--config".into(),
-            path_str(&lab.host_dir(&host.name).join("agent.toml")),
-        ],
+        argv: match installed(st)? {
+            // The unit's command line (`ExecStart=`), with the lab's edit of the config.
+            Some(i) => i.command(
+                installed::AGENT_UNIT,
+                "ExecStart",
+                installed::AGENT_CONFIG,
+                &agent_config_path(lab, host),
+            )?,
+            None => vec![
+                path_str(&Program::Agent.require()?),
+                "--config".into(),
+                path_str(&agent_config_path(lab, host)),
+            ],
+        },
         netns: Some(host.netns.clone()),
         env: lab_env(st),
         stop_order: ORDER_AGENT,
     })
+}
+
+/// Starts a host's agent as systemd would: with `up --installed`, the unit's
+/// `ExecStartPre=` first (vigil-watchdog-setup on the lab's agent.toml: it names the
+/// host's fake watchdog, which exists, so it never loads softdog; it only reports), then
+/// [`agent_spec`].
+pub fn start_agent_process(
+    lab: &Lab,
+    st: &LabState,
+    host: &Node,
+) -> anyhow::Result<supervisor::ProcEntry> {
+    if let Some(i) = installed(st)? {
+        let pre = i.command(
+            installed::AGENT_UNIT,
+            "ExecStartPre",
+            installed::AGENT_CONFIG,
+            &agent_config_path(lab, host),
+        )?;
+        let out = run(&pre, Duration::from_secs(30))?;
+        let log = lab.log_file(&proc_name(&host.name, "agent"));
+        if let Some(d) = log.parent() {
+            fs::create_dir_all(d)?;
+        }
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let _ = write!(
+            f,
+            "ExecStartPre {}:\n{}{}",
+            pre.join(" "),
+            out.stdout,
+            out.stderr
+        );
+        if !out.ok() {
+            // The helper is written never to fail the start: a failure is its defect.
+            bail!(
+                "the unit's ExecStartPre {} failed ({}): {}{}",
+                pre.join(" "),
+                out.status,
+                out.stdout,
+                out.stderr
+            );
+        }
+    }
+    supervisor::spawn(lab, agent_spec(lab, st, host)?)
 }
 
 /// How a monitor process starts (the flag it is given).
@@ -177,11 +255,21 @@ pub fn monitor_spec(
     start: MonitorStart,
 ) -> anyhow::Result<SpawnSpec> {
     let name = proc_name(&mon.name, "monitor");
-    let mut argv = vec![
-        path_str(&Program::Monitor.require()?),
-        "--config".into(),
-        path_str(&lab.monitor_dir(&mon.name).join("monitor.toml")),
-    ];
+    let mut argv = match installed(st)? {
+        // The unit's command line (`ExecStart=`); the first start's flag as docs/packaging.md
+        // gives it (`vigil-monitor --init`, by hand, before the unit runs).
+        Some(i) => i.command(
+            installed::MONITOR_UNIT,
+            "ExecStart",
+            installed::MONITOR_CONFIG,
+            &monitor_config_path(lab, mon),
+        )?,
+        None => vec![
+            path_str(&Program::Monitor.require()?),
+            "--config".into(),
+            path_str(&monitor_config_path(lab, mon)),
+        ],
+    };
     match start {
         MonitorStart::Init => argv.push("--init".into()),
         MonitorStart::Join => argv.push("--join".into()),
@@ -349,7 +437,7 @@ pub fn vigilctl_argv(lab: &Lab, st: &LabState, args: &[String]) -> anyhow::Resul
         "netns".into(),
         "exec".into(),
         ns,
-        path_str(&Program::Vigilctl.require()?),
+        path_str(&program(st, Program::Vigilctl)?),
     ];
     for ep in st.client_endpoints() {
         v.push("--monitor".into());

@@ -4,6 +4,7 @@
 
 pub mod cmd;
 pub mod faults;
+pub mod installed;
 pub mod lab;
 pub mod layout;
 pub mod net;

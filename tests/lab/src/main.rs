@@ -55,13 +55,25 @@ enum Cmd {
         /// Do not start these optional parts even if present: faultfs, observer, bmc, watchdog.
         #[arg(long, value_delimiter = ',')]
         without: Vec<String>,
-        /// Timeout of each host's fake watchdog (its agent's `[watchdog] timeout_secs`).
-        #[arg(long, default_value_t = 4)]
-        watchdog_secs: u32,
+        /// Timeout of each host's fake watchdog (its agent's `[watchdog] timeout_secs`);
+        /// default 4. Not with --installed (the shipped timeout_secs is used).
+        #[arg(long, conflicts_with = "installed")]
+        watchdog_secs: Option<u32>,
         /// Give the monitor a fence agent per host (fence_ipmilan against the lab's BMCs), so
         /// that a failed host is fenced and its HA VMs move (ha_tag hosts first).
         #[arg(long)]
         fencing: bool,
+        /// Run what the packages ship: DIR is a root the vigil-agent and vigil-monitor .debs
+        /// were installed or extracted into (`dpkg -x PKG.deb DIR`). The lab then runs
+        /// DIR/usr/sbin/vigil-agent, DIR/usr/sbin/vigil-monitor and DIR/usr/bin/vigilctl
+        /// with the command lines of DIR's units (ExecStartPre, ExecStart, ExecStopPost),
+        /// and each host's and monitor's config is DIR/etc/vigil/*.toml with only what an
+        /// operator must change set (addresses, node id, peers, certificates, data
+        /// directories, VIP, fencing entries, pools; tests/lab/src/installed.rs names each
+        /// key and why); every other shipped value stays, the shipped detector and lease
+        /// timings included.
+        #[arg(long, value_name = "DIR")]
+        installed: Option<PathBuf>,
     },
     /// Remove every namespace, process and mount of the lab (also after a crash of the lab
     /// itself); idempotent.
@@ -198,6 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
             without,
             fencing,
             watchdog_secs,
+            installed,
         } => {
             for w in &without {
                 if !["faultfs", "observer", "bmc", "watchdog"].contains(&w.as_str()) {
@@ -217,7 +230,8 @@ fn run(cli: Cli) -> anyhow::Result<i32> {
                     keep_on_failure,
                     without,
                     fencing,
-                    watchdog_secs,
+                    watchdog_secs: watchdog_secs.unwrap_or(4),
+                    installed,
                 },
             )?)
         }

@@ -78,6 +78,11 @@ pub struct LabState {
     pub up_ms: Option<u64>,
     pub up_phases: Vec<(String, u64)>,
     pub notes: Vec<String>,
+    /// `up --installed DIR`: the root the packages were installed or extracted into; the lab
+    /// runs its binaries with the command lines of its units and configs edited from its
+    /// /etc/vigil (src/installed.rs). None: the build's binaries and the lab's own configs.
+    #[serde(default)]
+    pub installed: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
