@@ -130,6 +130,7 @@ pub struct RecoveryConfig {
     /// Delay before the second attempt; doubles for each further one. The first restart
     /// after a failure is immediate.
     pub backoff_initial_ms: u64,
+    /// The doubling backoff never exceeds this.
     pub backoff_max_ms: u64,
     /// VMs recovering from a host failure go to hosts carrying this tag first.
     pub ha_tag: Option<String>,
@@ -205,6 +206,7 @@ impl RecoveryConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    /// The shared pools, one `[[storage.pools]]` table each.
     pub pools: Vec<PoolConfig>,
     /// One heartbeat write + slot read per pool this often.
     pub interval_ms: u64,
@@ -228,7 +230,9 @@ impl Default for StorageConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
+    /// The pool's name: the same on every host and monitor for the same storage.
     pub name: String,
+    /// Where this machine mounts the pool (absolute); Vigil uses `.vigil/` at its root.
     pub path: PathBuf,
 }
 
@@ -295,6 +299,8 @@ pub struct LeaseConfig {
     /// The monitor waits `duration_ms + drift_margin_ms` after the last grant before it takes
     /// lease expiry as proof (covers clock-rate drift and the agent's self-fence time).
     pub drift_margin_ms: u64,
+    /// What an agent does when its lease runs out while the monitors are alive without it:
+    /// `self-fence` (destroy its HA domains) or `keep-running` (wait to be power-fenced).
     pub isolation_response: IsolationResponse,
 }
 
@@ -320,9 +326,13 @@ pub struct MonitorConfig {
     pub listen: SocketAddr,
     /// The address other parties use to reach this monitor (defaults to `listen`).
     pub advertise: Option<SocketAddr>,
+    /// This monitor's TLS material (`[tls]`), re-read on SIGHUP.
     pub tls: TlsPaths,
+    /// Failure detector timings (`[detector]`).
     pub detector: DetectorConfig,
+    /// Restart budget, backoff and placement of HA VMs (`[recovery]`).
     pub recovery: RecoveryConfig,
+    /// Log line format: `plain` (journald-friendly lines) or `json` (one object per line).
     pub log_format: LogFormat,
     /// Most verbose level logged (`RUST_LOG` overrides it); applied on SIGHUP.
     pub log_level: LogLevel,
@@ -977,19 +987,23 @@ pub struct AgentConfig {
     pub cluster: String,
     /// Every monitor's address (and the VIP, if any). The agent tries them in turn.
     pub monitors: Vec<SocketAddr>,
+    /// This agent's TLS material (`[tls]`), re-read on SIGHUP (used from the next connection).
     pub tls: TlsPaths,
     /// Wait this long before reconnecting after a lost connection (doubles up to 8x).
     pub reconnect_ms: u64,
     /// Talk to the local libvirt (off: an agent that only heartbeats).
     pub libvirt_enabled: bool,
+    /// The libvirt connection URI.
     pub libvirt_uri: String,
     /// Longest a libvirt call may take before the hypervisor counts as unhealthy. Above the
     /// slowest normal call (a domain start under QEMU TCG takes seconds).
     pub libvirt_deadline_ms: u64,
     /// Full inventory poll, the backstop for lifecycle events.
     pub poll_interval_ms: u64,
-    /// Durable agent state (the activation generations it has seen).
+    /// Durable agent state: the activation generations it has seen, its lease (`lease.json`)
+    /// and its lock.
     pub state_dir: PathBuf,
+    /// Log line format: `plain` (journald-friendly lines) or `json` (one object per line).
     pub log_format: LogFormat,
     /// Most verbose level logged (`RUST_LOG` overrides it); applied on SIGHUP.
     pub log_level: LogLevel,

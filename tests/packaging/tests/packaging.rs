@@ -259,6 +259,10 @@ fn debs_install_upgrade_and_purge_in_a_clean_debian_root() {
         "/etc/vigil/monitor.toml",
         "/usr/share/doc/vigil-agent/packaging.md",
         "/usr/share/doc/vigil-monitor/copyright",
+        // The manual pages (tests/man.rs), gzipped by cargo-deb.
+        "/usr/share/man/man8/vigil-agent.8.gz",
+        "/usr/share/man/man8/vigil-monitor.8.gz",
+        "/usr/share/man/man1/vigilctl.1.gz",
     ] {
         assert!(c.path(f).exists(), "{f} is not installed");
     }
@@ -389,6 +393,7 @@ fn rpms_list_their_files_config_requirements_and_scriptlets() {
                 "/usr/lib/systemd/system/vigil-agent.service",
                 "/usr/libexec/vigil/vigil-watchdog-setup",
                 "/etc/vigil/agent.toml",
+                "/usr/share/man/man8/vigil-agent.8",
             ][..],
             "/etc/vigil/agent.toml",
             // Found in the binary; libvirt-libs provides it.
@@ -401,6 +406,8 @@ fn rpms_list_their_files_config_requirements_and_scriptlets() {
                 "/usr/bin/vigilctl",
                 "/usr/lib/systemd/system/vigil-monitor.service",
                 "/etc/vigil/monitor.toml",
+                "/usr/share/man/man8/vigil-monitor.8",
+                "/usr/share/man/man1/vigilctl.1",
             ][..],
             "/etc/vigil/monitor.toml",
             "",
