@@ -323,13 +323,15 @@ fn vip_follows_leading_with_gratuitous_arps_and_is_dropped_on_step_down_and_stop
         garps[0].0.duration_since(t0) < Duration::from_millis(1_000),
         "the first GARP goes out at once"
     );
-    for w in garps.windows(2) {
-        let gap = w[1].0.duration_since(w[0].0);
-        assert!(
-            gap >= Duration::from_millis(60),
-            "GARPs are spaced: {gap:?}"
-        );
-    }
+    // Spaced, not a burst. Measured on the last one: a capture thread that a loaded machine
+    // delays reads two GARPs back to back (a gap of 9 ms was seen under CI-like load), but
+    // nothing is received before it is sent, and the sender waits `garp_interval_ms` between
+    // sends, so the last one arrives at least (count - 1) intervals after the lead began.
+    let last = garps[2].0.duration_since(t0);
+    assert!(
+        last >= Duration::from_millis(2 * 100),
+        "GARPs are spaced by garp_interval_ms: the third arrived {last:?} after the lead"
+    );
     assert!(
         capture.take(1, Duration::from_millis(400)).is_empty(),
         "no more than garp_count GARPs"

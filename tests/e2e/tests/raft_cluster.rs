@@ -655,3 +655,103 @@ fn a_member_wiped_by_hand_does_not_crash_the_leader_and_is_named() {
         log_tail(&leader_log, 30)
     );
 }
+
+/// Sends `sig` (`STOP`, `CONT`) to monitor `m`'s process.
+fn signal(m: &Member, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &m.mon.proc_.pid().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {}", m.mon.proc_.pid());
+}
+
+/// Issue 12 item 2 with real processes: a leader whose two followers stop answering (SIGSTOP,
+/// as a partition would look to it) is deposed once its leader lease runs out: it drops its
+/// agent's session and takes none back, and writes through it are refused rather than left
+/// hanging. When the followers come back, one leader holds the agent again, and nothing in
+/// the replicated log says the host was down or fenced.
+#[test]
+fn a_leader_cut_from_its_followers_is_deposed_and_lets_its_agents_go() {
+    let pki = Pki::new();
+    let (members, leader) = three_voters(&pki);
+    let followers: Vec<u64> = members.keys().copied().filter(|id| *id != leader).collect();
+    let order: Vec<SocketAddr> = std::iter::once(&leader)
+        .chain(followers.iter())
+        .map(|id| members[id].mon.addr)
+        .collect();
+    let agent = AgentProc::start_with_monitors(&pki, pki.dir.path(), "hv1", &order, "");
+    wait_for(WAIT, || {
+        let (live, connected) = hv1_on(&members[&leader])?;
+        (live == "up" && connected).then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "hv1 not up on mon{leader}: {}",
+            log_tail(&agent.proc_.log_text(), 30)
+        )
+    });
+    let events_before = members[&leader]
+        .ctl
+        .json(&["events", "--limit", "1000"])
+        .expect("events")
+        .as_array()
+        .map_or(0, |a| a.len());
+
+    for f in &followers {
+        signal(&members[f], "STOP");
+    }
+    // Deposed: no agent session on it any more (its lease is 2 x heartbeat away; allow a
+    // loaded machine plenty).
+    let deposed = wait_for(WAIT, || {
+        (agents_connected(&members[&leader])? == 0).then_some(())
+    });
+    let leader_log = members[&leader].mon.proc_.log_text();
+    assert!(
+        deposed.is_some(),
+        "mon{leader} kept its agent with no quorum: {}",
+        log_tail(&leader_log, 30)
+    );
+    // It stays so: the agent, trying its list, finds no monitor that takes it.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(agents_connected(&members[&leader]), Some(0));
+    // A write is not acknowledged (no quorum): vigilctl gives up with an error. (Raft may
+    // still commit it once the followers are back, as any unacknowledged write.)
+    let out = members[&leader]
+        .ctl
+        .run(&["host", "tag", "add", "hv1", "while-cut-off"]);
+    assert!(!out.status.success(), "a write committed without a quorum");
+
+    for f in &followers {
+        signal(&members[f], "CONT");
+    }
+    let back = wait_for(WAIT, || {
+        let l = agreed_leader(&members, 3)?;
+        let (live, connected) = hv1_on(&members[&l])?;
+        (live == "up" && connected).then_some(l)
+    });
+    let now_leader = back.unwrap_or_else(|| {
+        panic!(
+            "no leader holds hv1 again: agent log:\n{}",
+            log_tail(&agent.proc_.log_text(), 30)
+        )
+    });
+    let events = members[&now_leader]
+        .ctl
+        .json(&["events", "--limit", "1000"])
+        .expect("events");
+    let after: Vec<String> = events
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .skip(events_before)
+                .filter_map(|e| e["message"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        !after
+            .iter()
+            .any(|m| m.contains("hv1 is down") || m.contains("fencing host hv1")),
+        "hv1 was condemned for its monitors' partition: {after:#?}"
+    );
+}
