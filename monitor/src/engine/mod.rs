@@ -372,11 +372,12 @@ fn record_event(
     kind: EventKind,
     message: String,
 ) {
+    // Cut here, not only when applied: the proposal itself stays small.
     out.push(Action::Propose(StateCommand::RecordEvent {
         at_ms,
         severity,
         host,
         kind,
-        message,
+        message: crate::state::clip_message(message),
     }));
 }

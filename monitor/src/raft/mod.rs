@@ -170,7 +170,19 @@ pub enum WriteError {
     /// Any other refusal by Raft.
     #[error("Raft refused the write: {0}")]
     Rejected(String),
+    /// The command is too large to replicate ([`MAX_COMMAND_BYTES`]); nothing was proposed.
+    #[error(
+        "the command is {len} bytes encoded, above the {max} bytes one Raft entry may carry to \
+         the other monitors; nothing was written"
+    )]
+    TooLarge { len: usize, max: usize },
 }
+
+/// The largest command [`RaftNode::write`] proposes, encoded as the log and the wire carry it
+/// (JSON). One AppendEntries frame carries at most [`wire::APPEND_ENTRIES_MAX_BYTES`]; an
+/// entry larger than that could never reach a follower, and since the log commits in order,
+/// no later write would commit either: the cluster would stop.
+pub const MAX_COMMAND_BYTES: usize = wire::APPEND_ENTRIES_MAX_BYTES / 2;
 
 /// Failure of [`RaftNode::ensure_linearizable`].
 #[derive(Debug, thiserror::Error)]
@@ -782,6 +794,18 @@ impl RaftNode {
     /// state rejects (unknown host, invalid name) is still `Ok`: see
     /// [`StateResponse::into_result`].
     pub async fn write(&self, cmd: StateCommand) -> Result<StateResponse, WriteError> {
+        let len = serde_json::to_vec(&cmd).map_or(usize::MAX, |v| v.len());
+        if len > MAX_COMMAND_BYTES {
+            tracing::warn!(
+                len,
+                max = MAX_COMMAND_BYTES,
+                "a command too large to replicate was refused"
+            );
+            return Err(WriteError::TooLarge {
+                len,
+                max: MAX_COMMAND_BYTES,
+            });
+        }
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(
@@ -939,6 +963,39 @@ mod tests {
             },
             message: format!("host hv{:05} missed heartbeats ({i})", i % hosts),
         }
+    }
+
+    /// The defect: a command whose encoding is larger than one AppendEntries frame (an
+    /// event quoting a megabyte an agent sent as its pool's error) entered the log, could
+    /// never be sent to a follower, and, the log committing in order, stopped every later
+    /// write of a cluster of several monitors. Now it is refused before it is proposed.
+    #[tokio::test]
+    async fn a_command_too_large_to_replicate_is_refused_before_it_enters_the_log() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let node = open_leader(dir.path()).await;
+        let before = node.metrics().last_log_index;
+        // Quotes double in JSON: under the frame limit raw, over it encoded.
+        let huge = StateCommand::RecordEvent {
+            at_ms: 1,
+            severity: Severity::Warning,
+            host: Some("hv1".into()),
+            kind: EventKind::HostRegistered,
+            message: "\"".repeat(wire::APPEND_ENTRIES_MAX_BYTES * 3 / 4),
+        };
+        match node.write(huge).await {
+            Err(WriteError::TooLarge { len, max }) => {
+                assert!(len > max && max == MAX_COMMAND_BYTES, "{len} {max}")
+            }
+            other => panic!("not refused as too large: {other:?}"),
+        }
+        assert_eq!(
+            node.metrics().last_log_index,
+            before,
+            "nothing entered the log"
+        );
+        write_all(&node, [liveness_event(1, 1)]).await;
+        assert_eq!(node.read(|s| s.events.len()), 1);
+        node.shutdown().await;
     }
 
     async fn open(dir: &Path) -> RaftNode {

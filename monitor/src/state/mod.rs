@@ -813,6 +813,7 @@ impl ClusterState {
         kind: EventKind,
         message: String,
     ) {
+        let message = clip_message(message);
         let id = self.next_event_id;
         self.next_event_id += 1;
         self.events.push_back(Event {
@@ -830,6 +831,26 @@ impl ClusterState {
     }
 }
 
+/// The longest event message kept, in bytes. Messages quote what agents and fence agents
+/// report (a pool's error, a fence agent's output); an agent could send a megabyte there,
+/// and the event log keeps thousands of events on every monitor.
+pub const MAX_EVENT_MESSAGE_BYTES: usize = 4 * 1024;
+
+/// `message`, cut at a character boundary to at most [`MAX_EVENT_MESSAGE_BYTES`] (with a
+/// note of how much was cut) if it is longer.
+pub fn clip_message(message: String) -> String {
+    if message.len() <= MAX_EVENT_MESSAGE_BYTES {
+        return message;
+    }
+    let note = format!(" … ({} bytes cut)", message.len());
+    let mut end = MAX_EVENT_MESSAGE_BYTES - note.len();
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = message.len() - end;
+    format!("{} … ({cut} bytes cut)", &message[..end])
+}
+
 /// Host `name`'s registration as the tests write it (zone z1, cluster c1).
 #[cfg(test)]
 pub(crate) fn registration(at_ms: u64, name: &str) -> StateCommand {
@@ -845,6 +866,31 @@ pub(crate) fn registration(at_ms: u64, name: &str) -> StateCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An agent can put up to a frame (1 MiB) into a pool's error, and every event log
+    /// keeps thousands of events on every monitor: an event keeps at most 4 KiB of it.
+    #[test]
+    fn an_event_quoting_a_megabyte_keeps_4_kib_and_says_what_was_cut() {
+        let mut s = ClusterState::default();
+        let long = format!("pool down: {}", "é".repeat(512 * 1024));
+        s.apply(&StateCommand::RecordEvent {
+            at_ms: 1,
+            severity: Severity::Warning,
+            host: Some("hv1".into()),
+            kind: EventKind::HostRegistered,
+            message: long.clone(),
+        });
+        let kept = &s.events.back().expect("event").message;
+        assert!(kept.len() <= MAX_EVENT_MESSAGE_BYTES, "{}", kept.len());
+        assert!(kept.starts_with("pool down: é"));
+        let cut = long.len() - kept.split(" … (").next().map_or(0, str::len);
+        assert!(
+            kept.ends_with(&format!("({cut} bytes cut)")),
+            "{}",
+            &kept[kept.len() - 40..]
+        );
+        assert_eq!(clip_message("short".into()), "short");
+    }
 
     fn register(name: &str) -> StateCommand {
         registration(1, name)
