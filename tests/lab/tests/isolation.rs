@@ -1,10 +1,13 @@
 //! Leases, isolation, storage and the guards, end to end in the lab (issue 5): real agents,
-//! a real monitor, real QEMU domains, shared storage through faultfs, BMCs through ipmi_sim,
-//! and the lab's independent observer checking that no VM ever runs twice.
+//! three real monitors (a Raft cluster; the leader holds the VIP, issue 12), real QEMU
+//! domains, shared storage through faultfs, BMCs through ipmi_sim, and the lab's independent
+//! observer checking that no VM ever runs twice. Events are read from the current leader
+//! itself (a follower's engine decides nothing), vigilctl otherwise goes through the VIP.
 //!
 //! One lab, one fault after the other (each leaves the lab as it found it):
 //! 1. an agent killed and back within its lease: nothing moves, it adopts its domain;
-//! 2. every monitor down for a minute: no guest stops; back: no spurious recovery;
+//! 2. every monitor (all three) down for a minute: no guest stops; back: one leader holds
+//!    the VIP, every agent is connected to it, no spurious recovery;
 //! 3. a pool-wide storage outage: nobody fenced; a VM it stopped waits, restarts after heal;
 //! 4. one host's storage fault: VMs without a disk on that pool stay, nothing is stopped;
 //! 5. BMC dead and storage slot unreachable: lease expiry is the proof, no host stuck;
@@ -28,6 +31,98 @@ const LAB: support::LabCli = support::LabCli {
     prefix: "vli",
 };
 
+const MONITORS: [&str; 3] = ["mon1", "mon2", "mon3"];
+const HOSTS: [&str; 3] = ["hv1", "hv2", "hv3"];
+
+/// The leader: the one live monitor that holds the VIP, and says itself that it leads
+/// (`status` asked of it alone). Waits up to 30 s for that.
+fn leader() -> String {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let holder = LAB.vip_holder();
+        let st = LAB.ctl_json_at(&holder, &["status"]);
+        if let Some(st) = &st {
+            if st["leader"].as_u64().is_some() && st["leader"] == st["node"] {
+                return holder;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "the VIP holder {holder} does not lead: {st:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The replicated event log's messages as the current leader has them, oldest first. Fails
+/// the test rather than return a short list (a count taken from a failed read would make old
+/// events look new).
+fn leader_events() -> Vec<String> {
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let lead = leader();
+        if let Some(v) = LAB.ctl_json_at(&lead, &["events", "--limit", "1000"]) {
+            let msgs: Vec<String> = v["events"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|e| e["message"].as_str().map(String::from))
+                .collect();
+            assert!(
+                msgs.len() < 1000,
+                "the event log outgrew the window this test reads"
+            );
+            return msgs;
+        }
+        assert!(Instant::now() < end, "the leader {lead} gives no events");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until `monitor` follows the current leader: its own `status` names as leader the
+/// node that holds the VIP and leads (it is back in the cluster, not merely answering).
+fn wait_in_cluster(monitor: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let lead = leader();
+        let id: u64 = lead.trim_start_matches("mon").parse().expect("monN");
+        let st = LAB.ctl_json_at(monitor, &["status"]);
+        if st.as_ref().is_some_and(|s| s["leader"] == id) {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{monitor} does not follow the leader {lead}: {st:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until every host is up and its agent connected in the view of the leader itself;
+/// returns the leader.
+fn wait_hosts_on_leader() -> String {
+    let end = Instant::now() + Duration::from_secs(60);
+    'again: loop {
+        let lead = leader();
+        for h in HOSTS {
+            let v = LAB.ctl_json_at(&lead, &["host", "show", h]);
+            if !v
+                .as_ref()
+                .is_some_and(|v| v["liveness"] == "up" && v["connected"] == true)
+            {
+                assert!(
+                    Instant::now() < end,
+                    "{h} is not up and connected at the leader {lead}: {v:#?}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+                continue 'again;
+            }
+        }
+        return lead;
+    }
+}
+
 fn vm(name: &str) -> Value {
     LAB.ctl_json(&["vm", "show", name])
         .unwrap_or_else(|| panic!("vm show {name}"))
@@ -42,9 +137,9 @@ fn placement(name: &str) -> (String, u64) {
     )
 }
 
-/// Events logged after the first `from` ones.
+/// Events logged after the first `from` ones, as the leader has them.
 fn events_since(from: usize) -> Vec<String> {
-    LAB.event_messages().into_iter().skip(from).collect()
+    leader_events().into_iter().skip(from).collect()
 }
 
 /// Domains running per host, as the lab (not Vigil) sees them.
@@ -92,22 +187,52 @@ fn qemu_pid(host: &str, domain: &str) -> i32 {
         .unwrap_or_else(|| panic!("no QEMU pid for {domain} on {host}")) as i32
 }
 
-fn monitor_toml() -> std::path::PathBuf {
-    std::path::Path::new(LAB.root).join("monitors/mon1/monitor.toml")
+fn monitor_toml(monitor: &str) -> std::path::PathBuf {
+    std::path::Path::new(LAB.root).join(format!("monitors/{monitor}/monitor.toml"))
 }
 
-/// Rewrites the monitor's configuration and restarts it (a new leader: every lease counts as
-/// granted now), then waits until every host is up again and the leader record has been on
-/// storage long enough for lease proofs.
-fn reconfigure_monitor(edit: impl Fn(String) -> String) {
-    let path = monitor_toml();
-    let text = std::fs::read_to_string(&path).expect("monitor.toml");
-    std::fs::write(&path, edit(text)).expect("write monitor.toml");
-    LAB.ok(&["restart-monitor", "mon1"]);
-    for h in ["hv1", "hv2", "hv3"] {
-        LAB.wait_host_up(h);
+/// Rewrites every monitor's configuration (any of them may lead) and restarts them one at a
+/// time, the followers first, each back in the cluster before the next, the leader last: one
+/// leader change, to a monitor with the new configuration (a new leader: every lease counts
+/// as granted now). Then waits until every host is up and connected at the leader and the
+/// leader record has been on storage long enough for lease proofs.
+fn reconfigure_monitors(edit: impl Fn(String) -> String) {
+    for m in MONITORS {
+        let path = monitor_toml(m);
+        let text = std::fs::read_to_string(&path).expect("monitor.toml");
+        let changed = edit(text.clone());
+        assert_ne!(
+            changed,
+            text,
+            "the edit changed nothing in {}",
+            path.display()
+        );
+        std::fs::write(&path, changed).expect("write monitor.toml");
     }
+    let old = leader();
+    for m in MONITORS.iter().filter(|m| **m != old) {
+        LAB.ok(&["restart-monitor", m]);
+        wait_in_cluster(m);
+    }
+    LAB.ok(&["restart-monitor", &old]);
+    wait_in_cluster(&old);
+    let lead = wait_hosts_on_leader();
+    eprintln!("reconfigured every monitor; {old} led before, {lead} leads now");
     std::thread::sleep(Duration::from_secs(7));
+}
+
+/// "monitor node N became leader in term T" at most once per term: one event per state
+/// change, not one per check.
+fn assert_one_leader_event_per_term(ev: &[String]) {
+    let mut terms: Vec<&str> = ev
+        .iter()
+        .filter(|m| m.contains("became leader in term"))
+        .filter_map(|m| m.rsplit(' ').next())
+        .collect();
+    let n = terms.len();
+    terms.sort();
+    terms.dedup();
+    assert_eq!(terms.len(), n, "a leader change logged twice: {ev:#?}");
 }
 
 fn wait_event(from: usize, what: &str, within: Duration) -> Vec<String> {
@@ -152,7 +277,9 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     let _ = LAB.run(&["down"]);
     let _guard = support::start_supervisor(LAB.root, |a| LAB.cmd(a), || LAB.run(&["down"]));
     // Step 1 keeps an agent dead for 4 s: the host watchdog must outlast that.
-    LAB.up_three_hosts_fenced_with(&["--watchdog-secs", "6"]);
+    LAB.up_three_hosts_fenced_monitors("3", &["--watchdog-secs", "6"]);
+    let first = wait_hosts_on_leader();
+    eprintln!("{first} leads");
     let vms = ["hv1-vm1", "hv2-vm1", "hv3-vm1"];
     // Leader record on storage for a lease and more: lease proofs are possible from here.
     std::thread::sleep(Duration::from_secs(6));
@@ -160,7 +287,7 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     // 1. The agent of hv2 is killed (systemd would restart it) and comes back within its
     //    lease: its guest keeps running, nothing moves, the new agent adopts the domain.
     let before = placement("hv2-vm1");
-    let n = LAB.event_messages().len();
+    let n = leader_events().len();
     LAB.ok(&["kill-agent", "hv2"]);
     std::thread::sleep(Duration::from_secs(4));
     assert!(all_running(&["hv2-vm1"]), "the guest must keep running");
@@ -176,11 +303,15 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     assert_eq!(placement("hv2-vm1"), before, "{ev:#?}");
     assert_eq!(vm("hv2-vm1")["state"], "running");
 
-    // 2. Every monitor down for a minute: leases run out, but the leader record goes stale
-    //    too, so no agent stops a guest. Back: nothing is recovered or moved.
+    // 2. Every monitor (all three) down for a minute: leases run out, but the leader record
+    //    goes stale too, so no agent stops a guest. Back: one leader holds the VIP, every
+    //    agent is connected to it, nothing is recovered, stopped, started or moved.
     let before: Vec<(String, u64)> = vms.iter().map(|v| placement(v)).collect();
-    let n = LAB.event_messages().len();
-    LAB.ok(&["kill-monitor", "mon1"]);
+    let n = leader_events().len();
+    let t_kill = support::now_ms();
+    for m in MONITORS {
+        LAB.ok(&["kill-monitor", m]);
+    }
     for _ in 0..6 {
         std::thread::sleep(Duration::from_secs(10));
         assert!(
@@ -189,11 +320,16 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
             running_domains()
         );
     }
-    LAB.ok(&["restart-monitor", "mon1"]);
-    for h in ["hv1", "hv2", "hv3"] {
-        LAB.wait_host_up(h);
+    for m in MONITORS {
+        LAB.ok(&["restart-monitor", m]);
     }
+    let lead = wait_hosts_on_leader();
+    for m in MONITORS {
+        wait_in_cluster(m);
+    }
+    eprintln!("every monitor back; {lead} leads");
     std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(leader(), lead, "the leadership moved with nothing wrong");
     let ev = events_since(n);
     assert!(
         !ev.iter().any(|m| m.contains("crashed")
@@ -202,14 +338,25 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
             || m.contains("ordered start")),
         "spurious recovery or self-fence after the monitors came back: {ev:#?}"
     );
+    assert_one_leader_event_per_term(&ev);
     let after: Vec<(String, u64)> = vms.iter().map(|v| placement(v)).collect();
     assert_eq!(after, before);
     assert!(all_running(&vms));
+    // The observer's view (QEMU instances): no guest stopped, none started again.
+    LAB.assert_not_stopped(&[], t_kill);
+    let r = LAB.observer_report();
+    for v in vms {
+        let starts = r.starts_since(v, t_kill);
+        assert!(
+            starts.is_empty(),
+            "{v} started again after every monitor was down: {starts:#?}"
+        );
+    }
     std::thread::sleep(Duration::from_secs(6));
 
     // 3. Pool-wide storage outage: nobody is fenced. A guest it stopped (its QEMU dies) waits
     //    (nothing is placed on a pool that is down) and restarts once the storage heals.
-    let n = LAB.event_messages().len();
+    let n = leader_events().len();
     let (h1, g1) = placement("hv1-vm1");
     LAB.ok(&["storage", "fail"]);
     wait_event(n, "pool-wide outage", Duration::from_secs(10));
@@ -241,7 +388,7 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     //    the 5 s grace nothing is destroyed, nothing moves, and hv3 is not fenced. (The move
     //    of VMs whose disks are on the pool is scenario 31 and the engine's unit tests; lab
     //    guests with disks on the shared pool are still to come.)
-    let n = LAB.event_messages().len();
+    let n = leader_events().len();
     let before: Vec<(String, u64)> = vms.iter().map(|v| placement(v)).collect();
     assert!(
         before.iter().any(|(h, _)| h == "hv3"),
@@ -267,8 +414,8 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     // 5. BMC dead and storage slot unreachable: hv2 loses its network and its storage, and
     //    its BMC refuses the monitor. Power fencing fails, the slot cannot reach it; its
     //    agent fences itself when the lease runs out, and lease expiry is the proof.
-    reconfigure_monitor(|t| t.replace("password = \"vigil\"", "password = \"wrong\""));
-    let n = LAB.event_messages().len();
+    reconfigure_monitors(|t| t.replace("password = \"vigil\"", "password = \"wrong\""));
+    let n = leader_events().len();
     let vm_on_hv2: Vec<String> = running_domains()
         .into_iter()
         .find(|(h, _)| h == "hv2")
@@ -313,8 +460,8 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
     // 6. Isolated but alive on storage, with the storage slot off (and the BMC still
     //    refusing): hv1 keeps its VM until its lease runs out, then destroys it itself; the VM
     //    comes back elsewhere only after the lease. Healed, hv1 starts nothing.
-    reconfigure_monitor(|t| t.replace("[fencing]\n", "[fencing]\nstorage_slot = false\n"));
-    let n = LAB.event_messages().len();
+    reconfigure_monitors(|t| t.replace("[fencing]\n", "[fencing]\nstorage_slot = false\n"));
+    let n = leader_events().len();
     let on_hv1: Vec<String> = running_domains()
         .into_iter()
         .find(|(h, _)| h == "hv1")
@@ -367,7 +514,7 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
 
     // 7. Restart storm: a VM whose disk is gone cannot start; its restarts back off and
     //    stop at the budget instead of looping for ever.
-    let n = LAB.event_messages().len();
+    let n = leader_events().len();
     let (h, _) = placement("hv2-vm1");
     std::fs::remove_file(std::path::Path::new(LAB.root).join("storage/backing/hv2-vm1.qcow2"))
         .expect("remove the disk");
@@ -395,7 +542,7 @@ fn leases_isolation_and_storage_faults_never_run_a_vm_twice() {
 
     // 8. Mass failure: two of three hosts lose power at once. More likely the monitors' own
     //    network: automatic fencing is held and the alarm raised.
-    let n = LAB.event_messages().len();
+    let n = leader_events().len();
     // The hosts that run VMs now (the steps before moved some), and those VMs.
     let lost_with: Vec<(String, Vec<String>)> = running_domains()
         .into_iter()

@@ -207,6 +207,37 @@ impl LabCli {
         c
     }
 
+    /// `vigilctl --json --timeout 2 ARGS` asking `monitor` (`mon2`) and no other, from the
+    /// operator's machine: what that monitor itself answers (its own view for `status`,
+    /// `server list` and `host show`; no VIP, no fallback to another monitor). `None` if it
+    /// fails.
+    pub fn ctl_json_at(&self, monitor: &str, args: &[&str]) -> Option<serde_json::Value> {
+        let lab = vigil_lab::layout::Lab::new(self.root.into(), self.prefix.into()).ok()?;
+        let st = vigil_lab::state::LabState::load(&lab).ok()??;
+        let mon = st.monitor(monitor).ok()?;
+        let ns = st.ops.as_ref().unwrap_or(mon).netns.clone();
+        let tls = lab.tls_dir();
+        let endpoint = format!("{}:{}", mon.addr, vigil_lab::layout::MONITOR_PORT);
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns, env!("CARGO_BIN_EXE_lab-vigilctl")])
+            .args(["--monitor", &endpoint])
+            .arg("--ca")
+            .arg(tls.join("ca.crt"))
+            .arg("--cert")
+            .arg(tls.join("admin.crt"))
+            .arg("--key")
+            .arg(tls.join("admin.key"))
+            .args(["--json", "--timeout", "2"])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
     /// Runs a verb, echoing it and its output to the test log.
     pub fn run(&self, args: &[&str]) -> Output {
         let t0 = std::time::Instant::now();
@@ -498,9 +529,26 @@ impl LabCli {
             for m in self.event_messages() {
                 eprintln!("event: {m}");
             }
-            let log = std::path::Path::new(self.root).join("monitors/mon1/monitor.log");
-            if let Ok(text) = std::fs::read_to_string(&log) {
-                eprintln!("--- {}\n{text}", log.display());
+            // Every monitor's log (any of them may have led), its newest lines.
+            let logs = Path::new(self.root).join("logs");
+            let mut names: Vec<PathBuf> = std::fs::read_dir(&logs)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.ends_with("-monitor.log"))
+                })
+                .collect();
+            names.sort();
+            for log in names {
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    let tail = lines[lines.len().saturating_sub(200)..].join("\n");
+                    eprintln!("--- {} (last 200 lines)\n{tail}", log.display());
+                }
             }
         }
         assert!(check.status.success(), "duplicate detected by the observer");
