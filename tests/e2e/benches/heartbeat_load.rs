@@ -117,12 +117,17 @@ fn status_latency(ctl: &Ctl, samples: usize) -> Result<(f64, f64), String> {
     Ok((ms[ms.len() / 2], ms[ms.len() - 1]))
 }
 
+/// How long a simulated agent waits before opening its session again.
+const RECONNECT: Duration = Duration::from_millis(200);
+
 /// Levels run so far: each gets its own directory (a level may be repeated).
 static LEVEL: AtomicU64 = AtomicU64::new(0);
 
 struct Row {
     agents: usize,
     connected: usize,
+    /// Sessions opened again after one was lost (agents already counted in `connected`).
+    reconnects: u64,
     up: usize,
     beats_per_s: f64,
     expected_per_s: f64,
@@ -207,6 +212,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let connected = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
+        let reconnected = Arc::new(AtomicU64::new(0));
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
         let t_connect = Instant::now();
         let addr: SocketAddr = mon.mon.addr;
@@ -215,6 +221,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
             let stop = stop_rx.clone();
             let connected = connected.clone();
             let failed = failed.clone();
+            let reconnected = reconnected.clone();
             let sem = sem.clone();
             tokio::spawn(async move {
                 let facts = sim_facts(&name);
@@ -227,24 +234,42 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
                     instance: 1,
                     pools: vec![],
                 };
-                let session = {
-                    let _permit = sem.acquire().await;
-                    match Session::open(&ep, cfg, addr, hello).await {
-                        Ok(s) => s,
+                // As the real agent does: a refused or lost session is opened again (a
+                // leader that steps down, even for a moment, drops its sessions and refuses
+                // new ones), until the benchmark stops.
+                let mut first = true;
+                while !*stop.borrow() {
+                    let opened = {
+                        let _permit = sem.acquire().await;
+                        Session::open(&ep, cfg.clone(), addr, hello.clone()).await
+                    };
+                    match opened {
+                        Ok(session) => {
+                            if first {
+                                connected.fetch_add(1, Ordering::Relaxed);
+                                first = false;
+                            } else {
+                                reconnected.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let facts = facts.clone();
+                            let mut f = move || facts.clone();
+                            let _ = session
+                                .run_with(
+                                    &mut f,
+                                    vigil_agent::session::SessionIo::default(),
+                                    stop.clone(),
+                                )
+                                .await;
+                        }
                         Err(e) => {
                             // The first few only: a saturated monitor fails thousands.
                             if failed.fetch_add(1, Ordering::Relaxed) < 5 {
                                 eprintln!("  {name}: {e}");
                             }
-                            return;
                         }
                     }
-                };
-                connected.fetch_add(1, Ordering::Relaxed);
-                let mut f = move || facts.clone();
-                let _ = session
-                    .run_with(&mut f, vigil_agent::session::SessionIo::default(), stop)
-                    .await;
+                    tokio::time::sleep(RECONNECT).await;
+                }
             });
         }
         // Wait for the ramp to finish (or stall).
@@ -266,7 +291,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
         }
         let connect_s = t_connect.elapsed().as_secs_f64();
         eprintln!(
-            "  {} agents connected in {connect_s:.1}s ({} failed to connect)",
+            "  {} agents connected in {connect_s:.1}s ({} attempts failed)",
             connected.load(Ordering::Relaxed),
             failed.load(Ordering::Relaxed)
         );
@@ -302,7 +327,12 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
             ep.close(0u32.into(), b"bench done");
         }
         let c = connected.load(Ordering::Relaxed) as usize;
+        let reconnects = reconnected.load(Ordering::Relaxed);
+        if reconnects > 0 {
+            eprintln!("  {reconnects} sessions opened again after one was lost or refused");
+        }
         Ok(Row {
+            reconnects,
             agents: n,
             connected: c,
             up: s1.hosts_up,
@@ -495,9 +525,14 @@ fn run(tiny: bool) -> Result<(), String> {
             String::new()
         };
         println!(
-            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} | {listed} | {per_beat} | {:.0} % of a core |{followers}",
+            "| {} | {}{} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} | {listed} | {per_beat} | {:.0} % of a core |{followers}",
             r.agents,
             r.connected,
+            if r.reconnects > 0 {
+                format!(" ({} reconnects)", r.reconnects)
+            } else {
+                String::new()
+            },
             r.up,
             r.connect_s,
             r.beats_per_s,
