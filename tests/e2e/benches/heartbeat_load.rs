@@ -7,6 +7,11 @@
 //! Env: VIGIL_BENCH_AGENTS (default "100,1000,5000,10000"), VIGIL_BENCH_SECONDS (default 20),
 //!      VIGIL_BENCH_INTERVAL_MS (default 500, i.e. 2 beats/s per agent).
 //!      VIGIL_BENCH_TINY=1: 5 agents for 2 s (what CI runs, also under `cargo test --bench`).
+//!      VIGIL_BENCH_MONITORS=3: the same against three monitors as one Raft cluster (formed
+//!      with `--init`, `--join` and `vigilctl server add`); the agents connect to the leader,
+//!      the followers get nothing but Raft. The table then also has the followers' CPU.
+//!      VIGIL_BENCH_AGENTS may repeat a level (1000,1000,...): a summary line then gives the
+//!      median and max over the repeats.
 //!
 //! Exits nonzero, after the table, if the monitor does not start or a level ends with an
 //! agent not connected or a host not Up: a figure measured on a monitor that refused its
@@ -15,11 +20,15 @@
 #[path = "../harness.rs"]
 mod harness;
 
+#[path = "../cluster_support.rs"]
+mod cluster_support;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cluster_support::*;
 use harness::*;
 use vigil_agent::session::Session;
 use vigil_common::config::MonitorConfig;
@@ -108,9 +117,17 @@ fn status_latency(ctl: &Ctl, samples: usize) -> Result<(f64, f64), String> {
     Ok((ms[ms.len() / 2], ms[ms.len() - 1]))
 }
 
+/// How long a simulated agent waits before opening its session again.
+const RECONNECT: Duration = Duration::from_millis(200);
+
+/// Levels run so far: each gets its own directory (a level may be repeated).
+static LEVEL: AtomicU64 = AtomicU64::new(0);
+
 struct Row {
     agents: usize,
     connected: usize,
+    /// Sessions opened again after one was lost (agents already counted in `connected`).
+    reconnects: u64,
     up: usize,
     beats_per_s: f64,
     expected_per_s: f64,
@@ -118,6 +135,8 @@ struct Row {
     /// The load generator's own CPU (this process: every simulated agent's QUIC and TLS).
     generator_cpu_pct: f64,
     rss_mib: f64,
+    /// Each follower's CPU over the window, % of a core (none with one monitor).
+    followers_cpu_pct: Vec<f64>,
     connect_s: f64,
     /// `vigilctl status` wall time (median, max) in ms, or why it did not answer.
     status_ms: Result<(f64, f64), String>,
@@ -145,13 +164,27 @@ struct Sizes {
     interval_ms: u64,
     settle: Duration,
     status_samples: usize,
+    /// Monitors: 1, or a Raft cluster whose leader the agents connect to.
+    monitors: usize,
 }
 
 fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
     let (seconds, interval_ms) = (sz.seconds, sz.interval_ms);
-    let dir = pki.dir.path().join(format!("level-{n}"));
-    let (mon, ctl) = start_monitor(pki, &dir, &monitor_toml(interval_ms)?)?;
-    let pid = mon.proc_.pid();
+    let dir = pki.dir.path().join(format!(
+        "level-{n}-{}",
+        LEVEL.fetch_add(1, Ordering::Relaxed)
+    ));
+    let cluster = start_cluster(
+        pki,
+        &dir,
+        sz.monitors,
+        &monitor_toml(interval_ms)?,
+        Duration::from_secs(30),
+    )?;
+    let mon = cluster.leader();
+    let ctl = Ctl::new(pki, vec![mon.mon.addr]);
+    let pid = mon.mon.proc_.pid();
+    let follower_pids: Vec<u32> = cluster.followers().map(|m| m.mon.proc_.pid()).collect();
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -179,14 +212,16 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let connected = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
+        let reconnected = Arc::new(AtomicU64::new(0));
         let sem = Arc::new(tokio::sync::Semaphore::new(64));
         let t_connect = Instant::now();
-        let addr: SocketAddr = mon.addr;
+        let addr: SocketAddr = mon.mon.addr;
         for (i, (name, cfg)) in configs.into_iter().enumerate() {
             let ep = endpoints[i % endpoints.len()].clone();
             let stop = stop_rx.clone();
             let connected = connected.clone();
             let failed = failed.clone();
+            let reconnected = reconnected.clone();
             let sem = sem.clone();
             tokio::spawn(async move {
                 let facts = sim_facts(&name);
@@ -199,24 +234,42 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
                     instance: 1,
                     pools: vec![],
                 };
-                let session = {
-                    let _permit = sem.acquire().await;
-                    match Session::open(&ep, cfg, addr, hello).await {
-                        Ok(s) => s,
+                // As the real agent does: a refused or lost session is opened again (a
+                // leader that steps down, even for a moment, drops its sessions and refuses
+                // new ones), until the benchmark stops.
+                let mut first = true;
+                while !*stop.borrow() {
+                    let opened = {
+                        let _permit = sem.acquire().await;
+                        Session::open(&ep, cfg.clone(), addr, hello.clone()).await
+                    };
+                    match opened {
+                        Ok(session) => {
+                            if first {
+                                connected.fetch_add(1, Ordering::Relaxed);
+                                first = false;
+                            } else {
+                                reconnected.fetch_add(1, Ordering::Relaxed);
+                            }
+                            let facts = facts.clone();
+                            let mut f = move || facts.clone();
+                            let _ = session
+                                .run_with(
+                                    &mut f,
+                                    vigil_agent::session::SessionIo::default(),
+                                    stop.clone(),
+                                )
+                                .await;
+                        }
                         Err(e) => {
                             // The first few only: a saturated monitor fails thousands.
                             if failed.fetch_add(1, Ordering::Relaxed) < 5 {
                                 eprintln!("  {name}: {e}");
                             }
-                            return;
                         }
                     }
-                };
-                connected.fetch_add(1, Ordering::Relaxed);
-                let mut f = move || facts.clone();
-                let _ = session
-                    .run_with(&mut f, vigil_agent::session::SessionIo::default(), stop)
-                    .await;
+                    tokio::time::sleep(RECONNECT).await;
+                }
             });
         }
         // Wait for the ramp to finish (or stall).
@@ -238,7 +291,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
         }
         let connect_s = t_connect.elapsed().as_secs_f64();
         eprintln!(
-            "  {} agents connected in {connect_s:.1}s ({} failed to connect)",
+            "  {} agents connected in {connect_s:.1}s ({} attempts failed)",
             connected.load(Ordering::Relaxed),
             failed.load(Ordering::Relaxed)
         );
@@ -252,11 +305,13 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
         .expect("admin");
         let s0 = status(&mut admin).await?;
         let (cpu0, _) = proc_usage(pid);
+        let f0: Vec<f64> = follower_pids.iter().map(|p| proc_usage(*p).0).collect();
         let (gen0, _) = proc_usage(std::process::id());
         let w0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let s1 = status(&mut admin).await?;
         let (cpu1, rss) = proc_usage(pid);
+        let f1: Vec<f64> = follower_pids.iter().map(|p| proc_usage(*p).0).collect();
         let (gen1, _) = proc_usage(std::process::id());
         let dt = w0.elapsed().as_secs_f64();
         admin.close();
@@ -272,7 +327,12 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
             ep.close(0u32.into(), b"bench done");
         }
         let c = connected.load(Ordering::Relaxed) as usize;
+        let reconnects = reconnected.load(Ordering::Relaxed);
+        if reconnects > 0 {
+            eprintln!("  {reconnects} sessions opened again after one was lost or refused");
+        }
         Ok(Row {
+            reconnects,
             agents: n,
             connected: c,
             up: s1.hosts_up,
@@ -281,11 +341,42 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
             cpu_pct: (cpu1 - cpu0) / dt * 100.0,
             generator_cpu_pct: (gen1 - gen0) / dt * 100.0,
             rss_mib: rss as f64 / (1024.0 * 1024.0),
+            followers_cpu_pct: f0
+                .iter()
+                .zip(&f1)
+                .map(|(a, b)| (b - a) / dt * 100.0)
+                .collect(),
             connect_s,
             status_ms,
             host_list: listed,
         })
     })
+}
+
+/// For each level run more than once: median and max over its runs.
+fn summarize(seen: &[(usize, Vec<[f64; 4]>)]) {
+    let repeated: Vec<_> = seen.iter().filter(|(_, v)| v.len() > 1).collect();
+    if repeated.is_empty() {
+        return;
+    }
+    println!();
+    println!("| agents | runs | heartbeats/s ingested (median / max) | monitor CPU (median / max) | monitor CPU per beat (median / max) | `vigilctl status` median (median / max) |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for (n, v) in repeated {
+        let col = |i: usize| {
+            let mut c: Vec<f64> = v.iter().map(|f| f[i]).collect();
+            c.sort_by(|a, b| a.total_cmp(b));
+            (c[(c.len() - 1) / 2], c[c.len() - 1])
+        };
+        let (b, bx) = col(0);
+        let (c, cx) = col(1);
+        let (p, px) = col(2);
+        let (s, sx) = col(3);
+        println!(
+            "| {n} | {} | {b:.0} / {bx:.0} | {c:.0} / {cx:.0} % of a core | {p:.0} / {px:.0} µs | {s:.0} / {sx:.0} ms |",
+            v.len()
+        );
+    }
 }
 
 /// (PSS, anonymous RSS) in bytes, from /proc/PID/smaps_rollup and status.
@@ -370,13 +461,31 @@ fn run(tiny: bool) -> Result<(), String> {
         interval_ms: interval,
         settle: Duration::from_secs(if tiny { 1 } else { 3 }),
         status_samples: if tiny { 3 } else { 10 },
+        monitors: env_or("VIGIL_BENCH_MONITORS", "1")
+            .parse()
+            .unwrap_or(1)
+            .max(1),
     };
+    let monitors = sizes.monitors;
     let pki = Pki::new();
-    println!("heartbeat load: 1 monitor, N agents on loopback, one QUIC+mTLS connection each, a beat every {interval} ms, {seconds} s window, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+    let cluster = if monitors == 1 {
+        "1 monitor".to_string()
+    } else {
+        format!("{monitors} monitors (one Raft cluster; the agents connect to the leader, whose figures these are)")
+    };
+    println!("heartbeat load: {cluster}, N agents on loopback, one QUIC+mTLS connection each, a beat every {interval} ms, {seconds} s window, {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
     println!();
-    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS | `vigilctl status` (median / max) | `host list`: Up / listed (time) | monitor CPU per beat | load generator CPU |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let (extra_head, extra_rule) = if monitors > 1 {
+        (" followers' CPU (each) |", "---:|")
+    } else {
+        ("", "")
+    };
+    println!("| agents | connected | up at end | connect time | heartbeats/s ingested | expected | monitor CPU | monitor RSS | `vigilctl status` (median / max) | `host list`: Up / listed (time) | monitor CPU per beat | load generator CPU |{extra_head}");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|{extra_rule}");
     let mut failures = Vec::new();
+    // Per level: (heartbeats/s, monitor CPU %, CPU per beat µs, status median ms), for the
+    // summary over repeated levels.
+    let mut seen: Vec<(usize, Vec<[f64; 4]>)> = Vec::new();
     for n in levels {
         eprintln!("level {n}:");
         let r = run_level(&pki, n, &sizes).map_err(|e| format!("{n} agents: {e}"))?;
@@ -405,10 +514,25 @@ fn run(tiny: bool) -> Result<(), String> {
         } else {
             "–".to_string()
         };
+        let followers = if monitors > 1 {
+            let each: Vec<String> = r
+                .followers_cpu_pct
+                .iter()
+                .map(|c| format!("{c:.1} %"))
+                .collect();
+            format!(" {} |", each.join(", "))
+        } else {
+            String::new()
+        };
         println!(
-            "| {} | {} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} | {listed} | {per_beat} | {:.0} % of a core |",
+            "| {} | {}{} | {} | {:.1} s | {:.0} | {:.0} | {:.0} % of a core | {:.0} MiB | {status} | {listed} | {per_beat} | {:.0} % of a core |{followers}",
             r.agents,
             r.connected,
+            if r.reconnects > 0 {
+                format!(" ({} reconnects)", r.reconnects)
+            } else {
+                String::new()
+            },
             r.up,
             r.connect_s,
             r.beats_per_s,
@@ -426,6 +550,29 @@ fn run(tiny: bool) -> Result<(), String> {
         if r.beats_per_s <= 0.0 {
             failures.push(format!("{n} agents: no heartbeat ingested"));
         }
+        let fig = [
+            r.beats_per_s,
+            r.cpu_pct,
+            if r.beats_per_s > 0.0 {
+                r.cpu_pct / 100.0 / r.beats_per_s * 1e6
+            } else {
+                f64::NAN
+            },
+            r.status_ms.as_ref().map(|(m, _)| *m).unwrap_or(f64::NAN),
+        ];
+        match seen.iter_mut().find(|(a, _)| *a == n) {
+            Some((_, v)) => v.push(fig),
+            None => seen.push((n, vec![fig])),
+        }
+    }
+    summarize(&seen);
+    if monitors > 1 {
+        // The agent's footprint does not depend on the monitors behind it: measured with one.
+        return if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(failures.join("; "))
+        };
     }
     let (cpu, rss, pss, anon) =
         agent_footprint(&pki, if tiny { 2 } else { seconds.max(10) }, sizes.settle)?;
