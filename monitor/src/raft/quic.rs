@@ -297,15 +297,14 @@ impl RaftEndpoint {
             },
         )
         .map_err(|e| e.to_string())?;
-        let work = async {
+        let name = cert_name_of_node(target);
+        let once = || async {
             let conn = self
                 .pool
                 .connection(target, addr, wait)
                 .await
-                .map_err(|e| {
-                    format!("cannot reach {} at {addr}: {e}", cert_name_of_node(target))
-                })?;
-            let io = |e: &dyn std::fmt::Display| format!("{}: {e}", cert_name_of_node(target));
+                .map_err(|e| (None, format!("cannot reach {name} at {addr}: {e}")))?;
+            let io = |e: &dyn std::fmt::Display| (Some(conn.clone()), format!("{name}: {e}"));
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| io(&e))?;
             send.write_all(&request).await.map_err(|e| io(&e))?;
             send.finish().map_err(|e| io(&e))?;
@@ -315,7 +314,19 @@ impl RaftEndpoint {
                     .map_err(|e| io(&e))?;
             match reply {
                 Reply::Ok(r) => Ok(r),
-                Reply::Raft(e) | Reply::Refused(e) => Err(io(&e)),
+                Reply::Raft(e) | Reply::Refused(e) => Err((None, format!("{name}: {e}"))),
+            }
+        };
+        // The monitor being reset was just restarted (`--reset`) on an address the pool may
+        // still hold a connection to, from its previous process: that connection is dead.
+        // Drop it and dial once more (the e2e test saw "connection lost" at the first probe).
+        let work = async {
+            match once().await {
+                Err((Some(stale), _)) => {
+                    self.pool.evict(target, &stale);
+                    once().await.map_err(|(_, e)| e)
+                }
+                other => other.map_err(|(_, e)| e),
             }
         };
         tokio::time::timeout(wait + self.tuning.request_timeout, work)
