@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::harness::*;
 
 /// One monitor of a [`Cluster`].
@@ -84,25 +82,10 @@ fn start_member(
 
 /// The leader every member agrees on, once each lists `n` voters with exactly one leader.
 fn agreed_leader(members: &[Member], n: usize) -> Option<u64> {
-    let mut leader = None;
-    for m in members {
-        let v = m.ctl.json(&["server", "list"]).ok()?;
-        let s: Vec<Value> = v["servers"].as_array().cloned().unwrap_or_default();
-        if s.len() != n || !s.iter().all(|x| x["voter"] == true) {
-            return None;
-        }
-        let leaders: Vec<u64> = s
-            .iter()
-            .filter(|x| x["state"] == "leader")
-            .filter_map(|x| x["id"].as_u64())
-            .collect();
-        let l = v["leader"].as_u64()?;
-        if leaders != [l] || leader.is_some_and(|x| x != l) {
-            return None;
-        }
-        leader = Some(l);
-    }
-    leader
+    agreed_leader_of(
+        members.iter().map(|m| m.ctl.json(&["server", "list"]).ok()),
+        n,
+    )
 }
 
 /// Starts `n` monitors (1, or more as one Raft cluster) under `dir` with `extra_toml` in

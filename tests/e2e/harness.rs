@@ -62,6 +62,30 @@ pub fn free_port() -> u16 {
     s.local_addr().expect("local addr").port()
 }
 
+/// The leader that every `vigilctl server list` answer in `lists` agrees on, when each
+/// lists `n` voters with exactly one leader among them (`None` for a missing answer).
+pub fn agreed_leader_of(lists: impl IntoIterator<Item = Option<Value>>, n: usize) -> Option<u64> {
+    let mut leader = None;
+    for v in lists {
+        let v = v?;
+        let s: Vec<Value> = v["servers"].as_array().cloned().unwrap_or_default();
+        if s.len() != n || !s.iter().all(|x| x["voter"] == true) {
+            return None;
+        }
+        let leaders: Vec<u64> = s
+            .iter()
+            .filter(|x| x["state"] == "leader")
+            .filter_map(|x| x["id"].as_u64())
+            .collect();
+        let l = v["leader"].as_u64()?;
+        if leaders != [l] || leader.is_some_and(|x| x != l) {
+            return None;
+        }
+        leader = Some(l);
+    }
+    leader
+}
+
 /// Polls `f` every 50 ms until it returns `Some`, or gives up after `timeout`.
 pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let end = Instant::now() + timeout;

@@ -55,25 +55,12 @@ fn servers(v: &Value) -> Vec<Value> {
 /// The leader every live member agrees on, once each lists `n` voters with exactly one
 /// leader among them.
 fn agreed_leader(members: &BTreeMap<u64, Member>, n: usize) -> Option<u64> {
-    let mut leader = None;
-    for m in members.values() {
-        let v = m.ctl.json(&["server", "list"]).ok()?;
-        let s = servers(&v);
-        if s.len() != n || !s.iter().all(|x| x["voter"] == true) {
-            return None;
-        }
-        let leaders: Vec<u64> = s
-            .iter()
-            .filter(|x| x["state"] == "leader")
-            .filter_map(|x| x["id"].as_u64())
-            .collect();
-        let l = v["leader"].as_u64()?;
-        if leaders != [l] || leader.is_some_and(|x| x != l) {
-            return None;
-        }
-        leader = Some(l);
-    }
-    leader
+    agreed_leader_of(
+        members
+            .values()
+            .map(|m| m.ctl.json(&["server", "list"]).ok()),
+        n,
+    )
 }
 
 fn tags(ctl: &Ctl, host: &str) -> Vec<String> {
@@ -262,6 +249,20 @@ fn three_voters(pki: &Pki) -> (BTreeMap<u64, Member>, u64) {
     (members, leader)
 }
 
+/// [`three_voters`], and an agent of the leader that registered `hv1` on every monitor.
+fn three_voters_with_hv1(pki: &Pki) -> (BTreeMap<u64, Member>, u64, AgentProc) {
+    let (members, leader) = three_voters(pki);
+    let agent = AgentProc::start(pki, pki.dir.path(), "hv1", members[&leader].mon.addr, "");
+    wait_for(WAIT, || {
+        members
+            .values()
+            .all(|m| m.ctl.json(&["host", "show", "hv1"]).is_ok())
+            .then_some(())
+    })
+    .expect("hv1 registered on every monitor");
+    (members, leader, agent)
+}
+
 /// `hv1` as monitor `m` sees it: (liveness, whether its agent is connected to `m`).
 fn hv1_on(m: &Member) -> Option<(String, bool)> {
     let v = m.ctl.json(&["host", "show", "hv1"]).ok()?;
@@ -447,16 +448,8 @@ fn a_monitor_whose_node_id_is_not_its_certificate_refuses_to_start() {
 #[test]
 fn a_follower_with_a_damaged_database_is_reset_and_catches_up() {
     let pki = Pki::new();
-    let (mut members, leader) = three_voters(&pki);
+    let (mut members, leader, _agent) = three_voters_with_hv1(&pki);
     let victim = if leader == 3 { 2 } else { 3 };
-    let _agent = AgentProc::start(&pki, pki.dir.path(), "hv1", members[&leader].mon.addr, "");
-    wait_for(WAIT, || {
-        members
-            .values()
-            .all(|m| m.ctl.json(&["host", "show", "hv1"]).is_ok())
-            .then_some(())
-    })
-    .expect("hv1 registered on every monitor");
     tag_hv1_and_wait_replicated(&members[&leader].ctl, &members, "before-damage");
 
     // The follower crashes and its database is damaged.
@@ -585,16 +578,8 @@ fn a_follower_with_a_damaged_database_is_reset_and_catches_up() {
 #[test]
 fn a_member_wiped_by_hand_does_not_crash_the_leader_and_is_named() {
     let pki = Pki::new();
-    let (mut members, leader) = three_voters(&pki);
+    let (mut members, leader, _agent) = three_voters_with_hv1(&pki);
     let victim = if leader == 3 { 2 } else { 3 };
-    let _agent = AgentProc::start(&pki, pki.dir.path(), "hv1", members[&leader].mon.addr, "");
-    wait_for(WAIT, || {
-        members
-            .values()
-            .all(|m| m.ctl.json(&["host", "show", "hv1"]).is_ok())
-            .then_some(())
-    })
-    .expect("hv1 registered on every monitor");
     tag_hv1_and_wait_replicated(&members[&leader].ctl, &members, "before-wipe");
 
     let mut gone = members.remove(&victim).expect("victim");
