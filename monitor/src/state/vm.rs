@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::HostProof;
+use super::{HostPhase, HostProof};
 
 /// Longest domain definition stored (the inactive XML of one VM).
 pub const MAX_DEFINITION_LEN: usize = 256 * 1024;
@@ -520,7 +520,19 @@ pub(super) fn apply(s: &mut ClusterState, cmd: &StateCommand) -> StateResponse {
                         });
                     }
                     let wait = not_before_ms.saturating_sub(*at_ms);
+                    // A host being fenced takes no start: say what will happen instead of a
+                    // restart there (the start is placed when it is due).
+                    let fencing = !relocate
+                        && s.hosts.get(host.as_str()).is_some_and(|h| {
+                            matches!(
+                                h.phase,
+                                HostPhase::Fencing { .. } | HostPhase::Fenced { .. }
+                            )
+                        });
                     let plan = match (*relocate, host.is_empty(), why.is_empty()) {
+                        (false, _, _) if fencing => format!(
+                            "to restart once {host} is back, or elsewhere once it is proven off ({host} is being fenced)"
+                        ),
                         (true, true, _) => {
                             format!("relocating once a host can take it ({why})")
                         }
@@ -935,6 +947,43 @@ mod tests {
             ha,
             priority,
         }
+    }
+
+    /// The defect: a VM that crashed on a host being fenced was logged as "restarting in
+    /// place on hv1", a start that never comes (a host being fenced takes none; it was then
+    /// placed elsewhere). The event says what will happen instead.
+    #[test]
+    fn a_crash_on_a_host_being_fenced_is_not_logged_as_a_restart_there() {
+        let mut s = ClusterState::default();
+        s.apply(&crate::state::registration(1, "hv1"));
+        s.apply(&set_ha(true, None));
+        s.apply(&StateCommand::FenceStarted {
+            at_ms: 2,
+            host: "hv1".into(),
+            reason: "dead".into(),
+        });
+        let failed = StateCommand::VmFailed {
+            at_ms: 3,
+            uuid: "u1".into(),
+            generation: 0,
+            failure: FailureKind::Crashed,
+            proof: Proof::AgentReportedStopped {
+                host: "hv1".into(),
+                detail: "shut off".into(),
+                observed_at_ms: None,
+            },
+            decision: Decision::Restart {
+                host: "hv1".into(),
+                relocate: false,
+                not_before_ms: 3,
+                why: String::new(),
+            },
+            window_ms: 1000,
+        };
+        assert_eq!(s.apply(&failed), StateResponse::Ok);
+        let msg = &s.events.back().expect("event").message;
+        assert!(!msg.contains("restarting in place"), "{msg}");
+        assert!(msg.contains("hv1 is being fenced"), "{msg}");
     }
 
     #[test]
