@@ -506,7 +506,7 @@ impl Monitor {
         let epoch = Instant::now();
         // Everything this monitor does as leader outside Raft (engine, VIP) follows its leader
         // lease, not Raft's own view (openraft never steps a cut-off leader down).
-        let (lease, deposed) = leader_lease::spawn_watching(
+        let (lease, lease_view) = leader_lease::spawn_watching(
             raft.clone(),
             raft.election_timeout_min_ms(),
             epoch,
@@ -536,7 +536,7 @@ impl Monitor {
             sessions.clone(),
             &cfg,
             epoch,
-            lease,
+            lease_view.clone(),
             stop_rx.clone(),
         );
         let certs = Arc::new(CertWatch::default());
@@ -567,7 +567,7 @@ impl Monitor {
             raft_endpoint: raft_endpoint_handle,
         };
         // Issue 12 item 3: only the leader keeps agents; it records where they reach it.
-        let admission = admission_check(raft.clone(), raft_addr.is_some(), deposed);
+        let admission = admission_check(raft.clone(), raft_addr.is_some(), lease_view);
         if raft_addr.is_some() && advertise.ip().is_unspecified() {
             warn!(
                 %advertise,
@@ -816,16 +816,16 @@ pub fn takes_agents(raft_leader: bool, deposed: bool) -> bool {
 /// 12: its one monitor is the leader as soon as Raft has started). A follower, or a monitor
 /// started with `[raft] listen` that is no member yet (`--join`), redirects them to the
 /// leader's client endpoint when the replicated state has it
-/// ([`StateCommand::MonitorEndpoint`]). `deposed` is the lease task's
+/// ([`StateCommand::MonitorEndpoint`]). `lease` is what the lease task publishes
 /// (`leader_lease::spawn_watching`).
 pub fn admission_check(
     raft: Arc<RaftNode>,
     raft_configured: bool,
-    deposed: watch::Receiver<bool>,
+    lease: watch::Receiver<leader_lease::LeaseView>,
 ) -> AdmissionCheck {
     Arc::new(move || {
         if raft.is_leader() {
-            return if takes_agents(true, *deposed.borrow()) {
+            return if takes_agents(true, lease.borrow().deposed) {
                 Admission::Accept
             } else {
                 Admission::Redirect { leader: None }
@@ -996,8 +996,8 @@ mod tests {
     use super::*;
     use crate::raft::RaftTuning;
 
-    fn not_deposed() -> watch::Receiver<bool> {
-        watch::channel(false).1
+    fn not_deposed() -> watch::Receiver<leader_lease::LeaseView> {
+        watch::channel(leader_lease::LeaseView::default()).1
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::agent_link::Sessions;
 use crate::engine::FailoverConfig;
 use crate::engine::{Action, CommandAnswer, Engine, Input, StorageCycle};
 use crate::fencing::{self, FenceAction, FenceFailure};
-use crate::raft::leader_lease::Serving;
+use crate::raft::leader_lease::LeaseView;
 use crate::raft::{RaftNode, WriteError};
 use crate::state::{StateCommand, StateResponse};
 use crate::storage::{PoolReport, StorageWorker};
@@ -73,13 +73,14 @@ pub const PROBE_PORT: u16 = 22;
 
 /// Starts the engine and proposer tasks, and the storage worker. The engine leads while
 /// `lease` says this monitor holds its leader lease (`raft::leader_lease`), not merely while
-/// Raft says it leads; `lease` counts in the same `epoch`.
+/// Raft says it leads, and pauses through a short lapse of it ([`follow_lease`]); `lease`
+/// counts in the same `epoch`.
 pub fn spawn(
     raft: Arc<RaftNode>,
     sessions: Arc<Sessions>,
     monitor: &MonitorConfig,
     epoch: Instant,
-    mut lease: watch::Receiver<Option<Serving>>,
+    mut lease: watch::Receiver<LeaseView>,
     mut stop: watch::Receiver<bool>,
 ) -> EngineHandle {
     let cfg = monitor.detector.clone();
@@ -125,7 +126,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut leader_term: Option<u64> = None;
+        let mut follower = LeaseFollower::default();
         let mut batch = Vec::with_capacity(256);
         let node = raft.node_id();
         loop {
@@ -153,16 +154,25 @@ pub fn spawn(
                 }],
                 changed = lease.changed() => {
                     if changed.is_err() { break; }
-                    let serving = *lease.borrow_and_update();
-                    let (change, inputs) = follow_lease(serving, &mut leader_term, node);
+                    let view = *lease.borrow_and_update();
+                    let now = mono_ms(epoch);
+                    let (change, inputs) = follow_lease(view, &mut follower, node, now);
                     match change {
                         LeaseChange::Became { term } => {
                             info!(term, "this monitor is the leader (it holds the leader lease)");
                             storage.set_leader(Some((term, node)));
                         }
+                        LeaseChange::Paused { term } => {
+                            storage.set_leader(None);
+                            warn!(term, "the leader lease ran out (no quorum answered a probe in time): acting on nothing outside Raft until it is back");
+                        }
+                        LeaseChange::Resumed { term, paused_ms } => {
+                            storage.set_leader(Some((term, node)));
+                            info!(term, paused_ms, "the leader lease is back in the same term (no other leader can have acted meanwhile): carrying on as leader");
+                        }
                         LeaseChange::Lost => {
                             storage.set_leader(None);
-                            info!("this monitor no longer leads (leader lease run out or leadership lost)");
+                            info!("this monitor no longer leads (leadership lost, or the leader lease stayed out)");
                         }
                         LeaseChange::Same => {}
                     }
@@ -258,37 +268,81 @@ pub enum LeaseChange {
     /// This monitor now leads in `term`: the engine is told it became leader, and the storage
     /// worker writes the leader record for `(term, node)`.
     Became { term: u64 },
-    /// It no longer leads (the lease ran out, or Raft leadership was lost): the engine is told,
-    /// the storage worker stops writing the record.
+    /// Its lease ran out, but Raft still says it leads in `term` and it is not deposed yet
+    /// (`LeaseClock::deposed`): the engine is told only that the lease is out (it holds back
+    /// whatever needs the lease), the storage worker stops writing the record.
+    Paused { term: u64 },
+    /// The lease is back in the term it paused in, after `paused_ms`: a quorum answered in
+    /// that term, so no monitor was elected in a later one meanwhile (the two majorities
+    /// would share a voter, and a voter never goes back to an older term). The engine goes
+    /// on where it was; the storage worker writes the record again.
+    Resumed { term: u64, paused_ms: u64 },
+    /// It no longer leads (Raft leadership lost, or the lease stayed out until this monitor
+    /// counts as deposed): the engine is told, the storage worker stops writing the record.
     Lost,
     /// Nothing but the lease's end moved (or nothing at all).
     Same,
 }
 
-/// How the engine task follows the leader lease: on each value the lease task publishes
-/// (`raft::leader_lease`), the inputs for the engine (always the lease's end first, then
-/// `BecameLeader` or `LostLeadership` when leadership changed) and what changed. `leader_term`
-/// is the term the engine was last told it leads in. Pure, so that the simulator drives its
-/// monitors' engines with this very function.
+/// What the engine task remembers of the lease between two [`LeaseView`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseFollower {
+    /// The term the engine was last told it leads in.
+    term: Option<u64>,
+    /// Since when (monotonic ms) the lease has been out while the engine leads, if it is.
+    paused_since_ms: Option<u64>,
+}
+
+/// How the engine task follows the leader lease: on each [`LeaseView`] the lease task
+/// publishes (`raft::leader_lease`), the inputs for the engine (always the lease's end
+/// first, then `BecameLeader` or `LostLeadership` when leadership changed) and what changed.
+///
+/// Defect A (issue 12): a lease that ran out under load and came back in the same term made
+/// the engine start over as if elected (a second "became leader" event, every host suspect,
+/// VM states unknown, agents sent away). A lapse is now a pause: while Raft still says this
+/// monitor leads in the same term and it is not deposed, the engine keeps leading with no
+/// lease (nothing that needs one leaves it) and goes on when the lease is back. Pure, so
+/// that the simulator drives its monitors' engines with this very function.
 pub fn follow_lease(
-    serving: Option<Serving>,
-    leader_term: &mut Option<u64>,
+    view: LeaseView,
+    follower: &mut LeaseFollower,
     node: u64,
+    now_ms: u64,
 ) -> (LeaseChange, Vec<Input>) {
     let until = Input::LeaderLease {
-        until_ms: serving.map(|s| s.until_ms),
+        until_ms: view.serving.map(|s| s.until_ms),
     };
-    match (serving, *leader_term) {
-        (Some(s), Some(t)) if t == s.term => (LeaseChange::Same, vec![until]),
+    match (view.serving, follower.term) {
+        (Some(s), Some(t)) if t == s.term => match follower.paused_since_ms.take() {
+            Some(since) => (
+                LeaseChange::Resumed {
+                    term: t,
+                    paused_ms: now_ms.saturating_sub(since),
+                },
+                vec![until],
+            ),
+            None => (LeaseChange::Same, vec![until]),
+        },
         (Some(s), _) => {
-            *leader_term = Some(s.term);
+            *follower = LeaseFollower {
+                term: Some(s.term),
+                paused_since_ms: None,
+            };
             (
                 LeaseChange::Became { term: s.term },
                 vec![until, Input::BecameLeader { term: s.term, node }],
             )
         }
+        (None, Some(t)) if view.raft_term == Some(t) && !view.deposed => {
+            if follower.paused_since_ms.is_some() {
+                (LeaseChange::Same, vec![until])
+            } else {
+                follower.paused_since_ms = Some(now_ms);
+                (LeaseChange::Paused { term: t }, vec![until])
+            }
+        }
         (None, Some(_)) => {
-            *leader_term = None;
+            *follower = LeaseFollower::default();
             (LeaseChange::Lost, vec![until, Input::LostLeadership])
         }
         (None, None) => (LeaseChange::Same, vec![until]),

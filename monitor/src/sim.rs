@@ -92,8 +92,8 @@ use crate::engine::{
     LifecycleReport, Listing, SelfFenceReport, StaleCopyDestroyed, StorageCycle,
 };
 use crate::fencing::{FenceAction, FenceError, FenceFailure};
-use crate::raft::leader_lease::{probe_due, LeaseClock, Serving};
-use crate::service::{follow_lease, LeaseChange};
+use crate::raft::leader_lease::{probe_due, LeaseClock, LeaseView};
+use crate::service::{follow_lease, LeaseChange, LeaseFollower};
 use crate::state::{ClusterState, HostPhase, Phase, StateCommand};
 
 /// Wall-clock offset: simulated time 0 is this Unix ms (keeps timestamps plausible).
@@ -151,9 +151,9 @@ struct SimMonitor {
     engine: Engine,
     clock: LeaseClock,
     /// What the lease task last published (its watch channel only sends changes).
-    published: Option<Serving>,
-    /// The service task's `leader_term` ([`follow_lease`]).
-    leader_term: Option<u64>,
+    published: LeaseView,
+    /// What the service task remembers of the lease ([`follow_lease`]).
+    follower: LeaseFollower,
     /// The storage worker's `set_leader`: the record it writes, if any.
     storage_leader: Option<(u64, u64)>,
     /// The engine's last `LeaderRecord` (sim ms, condemned, hold), as `publish_record` keeps it.
@@ -944,8 +944,8 @@ impl Sim {
             // (`LeaseClock::after_election_ms`, 0 here). Not modelled: a restarted monitor's
             // vote quiet time (`VoteGate`); its clock counts from the run's start.
             clock: LeaseClock::new(LEADER_LEASE_MS, ELECTION_TIMEOUT_MS),
-            published: None,
-            leader_term: None,
+            published: LeaseView::default(),
+            follower: LeaseFollower::default(),
             storage_leader: None,
             record_published: None,
             alive: true,
@@ -1134,16 +1134,18 @@ impl Sim {
                     }
                 }
             }
-            let serving = mon.clock.serving(now);
-            if serving == mon.published {
+            let view = mon.clock.view(now);
+            if view == mon.published {
                 continue;
             }
-            mon.published = serving;
+            mon.published = view;
             let node = mon.node;
-            let (change, inputs) = follow_lease(serving, &mut mon.leader_term, node);
+            let (change, inputs) = follow_lease(view, &mut mon.follower, node, now);
             match change {
-                LeaseChange::Became { term } => mon.storage_leader = Some((term, node)),
-                LeaseChange::Lost => {
+                LeaseChange::Became { term } | LeaseChange::Resumed { term, .. } => {
+                    mon.storage_leader = Some((term, node))
+                }
+                LeaseChange::Lost | LeaseChange::Paused { .. } => {
                     mon.storage_leader = None;
                     mon.record_published = None;
                 }

@@ -31,6 +31,7 @@ impl Engine {
     pub(super) fn on_became_leader(&mut self, term: u64, node: u64, cx: &mut Context<'_>) {
         self.leader = true;
         self.term_node = (term, node);
+        self.forget_held();
         self.leases.became_leader(cx.now_ms);
         // This leadership's bookkeeping starts empty: what predecessors did is in committed
         // state (and in the storage slots, cleared below).
@@ -281,6 +282,7 @@ impl Engine {
     pub(super) fn on_lost_leadership(&mut self) {
         self.leader = false;
         self.adoption = None;
+        self.forget_held();
         self.leases.lost_leadership();
     }
 

@@ -31,6 +31,7 @@ mod claims;
 mod conditions;
 mod fencing;
 mod interface;
+mod lease_pause;
 mod leadership;
 mod maintenance;
 mod observation;
@@ -171,6 +172,9 @@ pub struct Engine {
     forced_stop_at: BTreeMap<String, u64>,
     /// VMs whose ordered destroy failed: not ordered again before this time (wall ms).
     destroy_retry_at: BTreeMap<String, u64>,
+    /// What this leader decided while its lease was out and carries out once it is back
+    /// (`lease_pause`).
+    held: lease_pause::HeldActions,
     /// Issue 10: what this leader already recorded, to say it once per episode.
     identity: claims::IdentityNotes,
     /// Issue 12 item 6: while a restored cluster's leader adopts what the agents report
@@ -221,6 +225,7 @@ impl Engine {
             lease_until_ms: None,
             forced_stop_at: BTreeMap::new(),
             destroy_retry_at: BTreeMap::new(),
+            held: Default::default(),
             identity: Default::default(),
             adoption: None,
         }
@@ -310,8 +315,13 @@ impl Engine {
             // Only the leader records or acts; followers keep soft state for a fast takeover.
             out.clear();
         } else if !self.lease_holds(now_ms) {
-            // A leader whose lease ran out may already have been replaced.
-            out.retain(|a| !a.needs_leader_lease());
+            // A leader whose lease ran out may already have been replaced: nothing that needs
+            // the lease leaves; what must still happen is put back or held (`lease_pause`).
+            out = self.hold_back(out, state, now_ms);
+        } else if !self.held.is_empty() {
+            let mut released = self.release_held(state);
+            released.append(&mut out);
+            out = released;
         }
         out
     }

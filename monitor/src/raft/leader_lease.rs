@@ -154,8 +154,8 @@ impl LeaseClock {
         })
     }
 
-    /// The next moment [`Self::serving`] can change without an input (the wait ends, the
-    /// lease runs out).
+    /// The next moment [`Self::serving`] or [`Self::deposed`] can change without an input
+    /// (the wait ends, the lease runs out, the pause after it is over).
     pub fn next_change_ms(&self, now_ms: u64) -> Option<u64> {
         self.term?;
         if now_ms < self.act_from_ms {
@@ -163,7 +163,7 @@ impl LeaseClock {
         } else if now_ms < self.valid_until_ms && self.valid_until_ms != u64::MAX {
             Some(self.valid_until_ms)
         } else {
-            None
+            self.deposed_from_ms().filter(|t| now_ms < *t)
         }
     }
 
@@ -172,15 +172,66 @@ impl LeaseClock {
         self.term
     }
 
-    /// Raft says this node leads, its new-leader wait is over, and no quorum has confirmed
-    /// its lease: it is cut off from the majority, which may well have elected another
-    /// leader already (openraft never steps it down). It must not hold on to agents then:
-    /// it protects nobody (no grants, no decisions), and the agents it keeps are silent for
-    /// the real leader. Never for a sole voter (its lease does not run out); not during the
-    /// wait, while a new leader is still proving itself.
-    pub fn deposed(&self, now_ms: u64) -> bool {
-        self.term.is_some() && now_ms >= self.first_probe_by_ms && now_ms >= self.valid_until_ms
+    /// How long a lease that ran out may stay out before this leader counts as deposed
+    /// ([`Self::deposed`]): `V`, openraft's vote lease. A lapse this short is most often a
+    /// slow probe (a loaded machine), not a lost quorum, and the lease comes back in the
+    /// same term; nothing of it needs the agents to move. Moving them later costs nothing
+    /// either: a new leader treats every host as freshly heard for a whole agent lease
+    /// (5 s by default) after its election, which is itself later than `t0 + V`.
+    pub fn pause_ms(&self) -> u64 {
+        self.vote_lease_ms
     }
+
+    /// From when this leader counts as deposed, if Raft says it leads and it is no sole
+    /// voter: the end of its first probe's time when it never held the lease, else
+    /// [`Self::pause_ms`] after the lease ran out.
+    fn deposed_from_ms(&self) -> Option<u64> {
+        self.term?;
+        if self.valid_until_ms == u64::MAX {
+            return None;
+        }
+        Some(if self.valid_until_ms == 0 {
+            self.first_probe_by_ms
+        } else {
+            self.first_probe_by_ms
+                .max(self.valid_until_ms.saturating_add(self.pause_ms()))
+        })
+    }
+
+    /// Raft says this node leads, its new-leader wait is over, and no quorum has confirmed
+    /// its lease for [`Self::pause_ms`] after it ran out (or ever): it is cut off from the
+    /// majority, which may well have elected another leader already (openraft never steps
+    /// it down). It must not hold on to agents then: it protects nobody (no grants, no
+    /// decisions), and the agents it keeps are silent for the real leader. Never for a sole
+    /// voter (its lease does not run out); not during the wait, while a new leader is still
+    /// proving itself. It is also the moment the engine stops counting a lapse as a pause
+    /// (`service::follow_lease`).
+    pub fn deposed(&self, now_ms: u64) -> bool {
+        self.deposed_from_ms().is_some_and(|t| now_ms >= t)
+    }
+
+    /// What the lease task publishes at `now_ms`: whether this monitor may act
+    /// ([`Self::serving`]), the term Raft says it leads in, and whether it is deposed.
+    pub fn view(&self, now_ms: u64) -> LeaseView {
+        LeaseView {
+            serving: self.serving(now_ms),
+            raft_term: self.term,
+            deposed: self.deposed(now_ms),
+        }
+    }
+}
+
+/// What the lease task publishes (`spawn_watching`), what the engine task follows
+/// (`service::follow_lease`) and what decides whether this monitor takes agents
+/// (`server::takes_agents`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LeaseView {
+    /// Whether (and until when) this monitor may act as leader now.
+    pub serving: Option<Serving>,
+    /// The term Raft says this monitor leads in, whether or not it may act.
+    pub raft_term: Option<u64>,
+    /// [`LeaseClock::deposed`].
+    pub deposed: bool,
 }
 
 /// Whether the lease task starts a probe at `now_ms`: while Raft says this node leads, one
@@ -313,17 +364,17 @@ pub fn spawn(
     spawn_watching(raft, lease_ms, epoch, gate, stop).0
 }
 
-/// [`spawn`], also publishing [`LeaseClock::deposed`] the moment it changes (what decides
-/// whether this monitor takes agents, `server::takes_agents`).
+/// [`spawn`], also publishing the whole [`LeaseView`] the moment it changes (what the engine
+/// task follows, and what decides whether this monitor takes agents).
 pub fn spawn_watching(
     raft: Arc<RaftNode>,
     lease_ms: u64,
     epoch: Instant,
     gate: VoteGate,
     mut stop: watch::Receiver<bool>,
-) -> (watch::Receiver<Option<Serving>>, watch::Receiver<bool>) {
+) -> (watch::Receiver<Option<Serving>>, watch::Receiver<LeaseView>) {
     let (tx, rx) = watch::channel(None);
-    let (deposed_tx, deposed_rx) = watch::channel(false);
+    let (view_tx, view_rx) = watch::channel(LeaseView::default());
     let vote_lease_ms = raft.election_timeout_max_ms();
     tokio::spawn(async move {
         let mut clock = LeaseClock::new(lease_ms, vote_lease_ms);
@@ -368,8 +419,8 @@ pub fn spawn_watching(
                 epoch + Duration::from_millis(until)
             }));
             tx.send_if_modified(|v| std::mem::replace(v, serving) != serving);
-            let deposed = clock.deposed(now);
-            deposed_tx.send_if_modified(|v| std::mem::replace(v, deposed) != deposed);
+            let view = clock.view(now);
+            view_tx.send_if_modified(|v| std::mem::replace(v, view) != view);
             let mut wake = clock.next_change_ms(now);
             if clock.raft_term().is_some() && !probing {
                 wake = Some(wake.map_or(next_probe_ms, |w| w.min(next_probe_ms)));
@@ -393,9 +444,10 @@ pub fn spawn_watching(
         }
         // Stopping: act no more.
         tx.send_replace(None);
+        view_tx.send_replace(LeaseView::default());
         gate.set_leading_until(None);
     });
-    (rx, deposed_rx)
+    (rx, view_rx)
 }
 
 #[cfg(test)]
