@@ -392,3 +392,93 @@ fn log_rejections(resp: &StateResponse) {
         StateResponse::Ok | StateResponse::Unchanged => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::leader_lease::Serving;
+
+    fn leading(term: u64, until_ms: u64) -> LeaseView {
+        LeaseView {
+            serving: Some(Serving { term, until_ms }),
+            raft_term: Some(term),
+            deposed: false,
+        }
+    }
+
+    fn lapsed(term: u64, deposed: bool) -> LeaseView {
+        LeaseView {
+            serving: None,
+            raft_term: Some(term),
+            deposed,
+        }
+    }
+
+    fn told_leadership(inputs: &[Input]) -> bool {
+        inputs
+            .iter()
+            .any(|i| matches!(i, Input::BecameLeader { .. } | Input::LostLeadership))
+    }
+
+    /// Defect A (issue 12): a lease that ran out under load and came back in the same term,
+    /// with no election anywhere, restarted the engine (a second "became leader" event,
+    /// every host suspect, VM states unknown, agents sent away). Now it is a pause.
+    #[test]
+    fn a_lease_that_lapses_and_returns_in_the_same_term_pauses_the_engine() {
+        let mut f = LeaseFollower::default();
+        let (change, inputs) = follow_lease(leading(2, 400), &mut f, 1, 0);
+        assert_eq!(change, LeaseChange::Became { term: 2 });
+        assert!(told_leadership(&inputs));
+        let (change, inputs) = follow_lease(lapsed(2, false), &mut f, 1, 400);
+        assert_eq!(change, LeaseChange::Paused { term: 2 });
+        assert_eq!(inputs, vec![Input::LeaderLease { until_ms: None }]);
+        // Still out, still the same term: nothing new.
+        let (change, _) = follow_lease(lapsed(2, false), &mut f, 1, 450);
+        assert_eq!(change, LeaseChange::Same);
+        let (change, inputs) = follow_lease(leading(2, 900), &mut f, 1, 520);
+        assert_eq!(
+            change,
+            LeaseChange::Resumed {
+                term: 2,
+                paused_ms: 120
+            }
+        );
+        assert_eq!(
+            inputs,
+            vec![Input::LeaderLease {
+                until_ms: Some(900)
+            }],
+            "no second BecameLeader"
+        );
+        // Extended as usual afterwards.
+        let (change, _) = follow_lease(leading(2, 1_000), &mut f, 1, 600);
+        assert_eq!(change, LeaseChange::Same);
+    }
+
+    #[test]
+    fn a_lapse_that_lasts_until_deposed_or_loses_raft_leadership_is_a_loss() {
+        // Out until the lease clock counts this monitor deposed.
+        let mut f = LeaseFollower::default();
+        follow_lease(leading(2, 400), &mut f, 1, 0);
+        follow_lease(lapsed(2, false), &mut f, 1, 400);
+        let (change, inputs) = follow_lease(lapsed(2, true), &mut f, 1, 950);
+        assert_eq!(change, LeaseChange::Lost);
+        assert!(inputs.contains(&Input::LostLeadership));
+        // Back later (in the same term): an election for the engine, from scratch.
+        let (change, inputs) = follow_lease(leading(2, 2_000), &mut f, 1, 1_600);
+        assert_eq!(change, LeaseChange::Became { term: 2 });
+        assert!(told_leadership(&inputs));
+        // Raft leadership lost during a pause: lost at once.
+        follow_lease(lapsed(2, false), &mut f, 1, 2_000);
+        let none = LeaseView::default();
+        let (change, _) = follow_lease(none, &mut f, 1, 2_010);
+        assert_eq!(change, LeaseChange::Lost);
+        // A lease back in another term is a new leadership, never a resumption.
+        let mut f = LeaseFollower::default();
+        follow_lease(leading(2, 400), &mut f, 1, 0);
+        follow_lease(lapsed(2, false), &mut f, 1, 400);
+        let (change, inputs) = follow_lease(leading(3, 900), &mut f, 1, 500);
+        assert_eq!(change, LeaseChange::Became { term: 3 });
+        assert!(told_leadership(&inputs));
+    }
+}

@@ -74,15 +74,14 @@ impl Engine {
                         self.fencing.in_flight.remove(&host);
                     }
                 }
-                Action::RequestFence(req) => {
+                Action::RequestFence(req)
                     if self
                         .fencing
                         .slot_requests
                         .get(&req.host)
-                        .is_some_and(|r| r.id == req.id)
-                    {
-                        self.fencing.slot_requests.remove(&req.host);
-                    }
+                        .is_some_and(|r| r.id == req.id) =>
+                {
+                    self.fencing.slot_requests.remove(&req.host);
                 }
                 Action::ClearFence { host } => {
                     self.held.clears.insert(host);
@@ -126,5 +125,4 @@ impl Engine {
     pub(super) fn forget_held(&mut self) {
         self.held = HeldActions::default();
     }
-
 }

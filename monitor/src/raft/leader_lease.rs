@@ -543,6 +543,29 @@ mod tests {
         assert!(quick.deposed(5_000 + quick.probe_timeout_ms()));
     }
 
+    /// Defect A (issue 12): a lease that ran out under load sent every agent away at once,
+    /// although no other leader can be elected before `V` after the last answered probe. A
+    /// leader that held its lease is deposed only [`LeaseClock::pause_ms`] (`V`) after it ran
+    /// out, and the lease task wakes up for that moment.
+    #[test]
+    fn a_leader_that_held_its_lease_is_deposed_only_v_after_it_ran_out() {
+        let mut c = LeaseClock::new(L, V);
+        c.leadership(Some(2), false, 5_000);
+        c.confirmed(2, 5_000);
+        assert_eq!(c.serving(5_399).map(|s| s.until_ms), Some(5_400));
+        assert_eq!(c.serving(5_400), None, "the lease itself ends at t0 + L");
+        assert_eq!(c.next_change_ms(5_400), Some(5_400 + V));
+        assert!(!c.deposed(5_400 + V - 1));
+        assert!(c.deposed(5_400 + V));
+        assert_eq!(c.next_change_ms(5_400 + V), None);
+        let v = c.view(5_500);
+        assert_eq!((v.serving, v.raft_term, v.deposed), (None, Some(2), false));
+        // Answered again within the pause: serving, in the same term, never deposed.
+        c.confirmed(2, 5_600);
+        assert!(c.serving(5_700).is_some());
+        assert!(!c.deposed(5_700));
+    }
+
     #[test]
     fn a_sole_voter_serves_at_once_until_other_voters_join() {
         let mut c = LeaseClock::new(L, V);

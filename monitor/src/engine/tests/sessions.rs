@@ -702,3 +702,59 @@ fn a_host_heard_before_its_fence_attempt_commits_is_not_powered_off() {
     );
     assert_eq!(phase_of(&s, "hv1"), "active", "{:#?}", s.log());
 }
+
+/// Defect A (issue 12): a fence agent run decided while the leader lease was out (a lease
+/// that lapsed under load and came back in the same term) was dropped while the engine's
+/// books said it ran: nothing fenced the host, and it never rejoined either. Now the
+/// committed attempt waits for the lease and runs once when it is back.
+#[test]
+fn a_fence_decided_while_the_lease_is_out_runs_once_when_it_is_back() {
+    let fences = |s: &Sim| {
+        s.sent
+            .iter()
+            .filter(|a| matches!(a, Action::Fence { host } if host == "hv1"))
+            .count()
+    };
+    // The tick at which the fence agent runs with no leader lease checked.
+    let mut probe = fenceable_hv1_with_an_ha_vm();
+    probe.beat("hv1", 50);
+    let mut t_fence = 100;
+    while fences(&probe) == 0 {
+        assert!(t_fence < 20_000, "{:#?}", probe.log());
+        probe.beat("hv2", t_fence);
+        probe.input(Input::Tick, t_fence);
+        t_fence += 100;
+    }
+    let t_fence = t_fence - 100;
+    // The same run under a leader lease that runs out just before that tick.
+    let mut s = fenceable_hv1_with_an_ha_vm();
+    s.engine = s.engine.clone().with_leader_lease();
+    s.input(
+        Input::LeaderLease {
+            until_ms: Some(t_fence - 50),
+        },
+        40,
+    );
+    s.beat("hv1", 50);
+    let mut t = 100;
+    while t < t_fence + 1_000 {
+        s.beat("hv2", t);
+        s.input(Input::Tick, t);
+        t += 100;
+    }
+    assert_eq!(fences(&s), 0, "fenced without the lease: {:#?}", s.log());
+    assert_eq!(phase_of(&s, "hv1"), "fencing", "{:#?}", s.log());
+    // Back in the same term: the committed attempt runs, once.
+    s.input(
+        Input::LeaderLease {
+            until_ms: Some(u64::MAX),
+        },
+        t,
+    );
+    for _ in 0..5 {
+        s.beat("hv2", t);
+        s.input(Input::Tick, t);
+        t += 100;
+    }
+    assert_eq!(fences(&s), 1, "{:#?}", s.log());
+}
