@@ -83,6 +83,17 @@ impl Engine {
                 _ => None,
             })
             .collect();
+        self.logged_pools = cx
+            .state
+            .events
+            .iter()
+            .filter_map(|e| match (&e.host, &e.kind) {
+                (Some(h), EventKind::PoolState { pool, ok }) => {
+                    Some(((h.clone(), pool.clone()), *ok))
+                }
+                _ => None,
+            })
+            .collect();
         self.fenced_before_election = cx
             .state
             .hosts

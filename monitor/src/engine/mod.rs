@@ -161,6 +161,10 @@ pub struct Engine {
     /// again, which is no state change and gets no event (one per host per election, ten
     /// thousand for a large cloud, before this).
     logged_liveness: BTreeMap<String, String>,
+    /// The pool state (up or not) the event log last recorded per (host, pool), read from
+    /// the log at election and kept as events are recorded: a new leader hears every pool
+    /// again, which is no state change and gets no event.
+    logged_pools: BTreeMap<(String, String), bool>,
     /// `Some(what)` while this monitor's own certificate is expired ([`Input::OwnCertificate`]):
     /// no fencing of any kind then.
     own_certificate_expired: Option<String>,
@@ -220,6 +224,7 @@ impl Engine {
             awaiting_reconnect: BTreeSet::new(),
             fenced_before_election: BTreeSet::new(),
             logged_liveness: BTreeMap::new(),
+            logged_pools: BTreeMap::new(),
             own_certificate_expired: None,
             lease_checked: false,
             lease_until_ms: None,

@@ -143,7 +143,8 @@ impl Engine {
         for p in pools {
             let key = (host.clone(), p.name.clone());
             if self.pool_status.get(&key) != Some(&p) {
-                if self.pool_status.get(&key).is_none_or(|o| o.ok != p.ok) {
+                if self.logged_pools.get(&key) != Some(&p.ok) {
+                    self.logged_pools.insert(key.clone(), p.ok);
                     record_event(
                         &mut cx.out,
                         cx.wall_ms,

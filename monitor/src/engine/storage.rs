@@ -88,6 +88,14 @@ impl Engine {
             if down.is_empty() {
                 continue;
             }
+            if up.is_empty() && !self.awaiting_reconnect.is_empty() {
+                // Just elected, with agents still finding this leader: "down on every host
+                // heard so far" is no pool-wide outage yet, the others may well reach it (a
+                // one-host outage was reported pool-wide for 0.8 s after an election). A
+                // pool-wide outage does nothing but wait, so waiting to judge costs nothing;
+                // it is judged once they are back, or the first lease after the election ends.
+                continue;
+            }
             let (scope, message) = if up.is_empty() {
                 (
                     format!("pool-wide:{}", down.join(",")),
