@@ -388,7 +388,7 @@ fn uuid_arguments_are_checked_and_normalised() {
 
 /// Survives a libvirtd restart: reconnects, reports the outage meanwhile, and registers for
 /// events again. Needs a real `libvirtd` that the test may start and kill itself, so it is
-/// ignored by default; run it in a private mount namespace, e.g.
+/// ignored by default; scripts/test.sh (and so CI) runs it in a private mount namespace, as:
 ///
 /// ```sh
 /// unshare --mount --fork sh -c 'mount -t tmpfs tmpfs /run && \
@@ -396,7 +396,7 @@ fn uuid_arguments_are_checked_and_normalised() {
 ///   VIGIL_TEST_LIBVIRTD=libvirtd cargo test -p vigil-agent libvirt -- --ignored'
 /// ```
 #[tokio::test]
-#[ignore = "starts and kills a real libvirtd; see the doc comment"]
+#[ignore = "starts and kills a real libvirtd: scripts/test.sh runs it in a private mount namespace"]
 async fn survives_a_libvirtd_restart() {
     let Ok(daemon) = std::env::var("VIGIL_TEST_LIBVIRTD") else {
         eprintln!("VIGIL_TEST_LIBVIRTD not set: skipped");
