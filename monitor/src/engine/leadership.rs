@@ -74,26 +74,21 @@ impl Engine {
             })
             .map(|(name, _)| name.clone())
             .collect();
-        self.logged_liveness = cx
-            .state
-            .events
-            .iter()
-            .filter_map(|e| match (&e.host, &e.kind) {
-                (Some(h), EventKind::HostLiveness { to, .. }) => Some((h.clone(), to.clone())),
-                _ => None,
-            })
-            .collect();
-        self.logged_pools = cx
-            .state
-            .events
-            .iter()
-            .filter_map(|e| match (&e.host, &e.kind) {
-                (Some(h), EventKind::PoolState { pool, ok }) => {
-                    Some(((h.clone(), pool.clone()), *ok))
+        // What the event log last recorded per host, in one pass: a new leader hears it all
+        // again, which is no state change and gets no event.
+        self.logged_liveness.clear();
+        self.logged_pools.clear();
+        for e in &cx.state.events {
+            match (&e.host, &e.kind) {
+                (Some(h), EventKind::HostLiveness { to, .. }) => {
+                    self.logged_liveness.insert(h.clone(), to.clone());
                 }
-                _ => None,
-            })
-            .collect();
+                (Some(h), EventKind::PoolState { pool, ok }) => {
+                    self.logged_pools.insert((h.clone(), pool.clone()), *ok);
+                }
+                _ => {}
+            }
+        }
         self.fenced_before_election = cx
             .state
             .hosts
