@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::settings::ClusterSettings;
 use crate::tls::TlsPaths;
 
 /// Default location of the monitor's configuration.
@@ -643,66 +644,8 @@ impl MonitorConfig {
         if self.node_id == 0 {
             return Err(invalid("node_id", "must be at least 1".into()));
         }
-        let d = &self.detector;
-        if d.heartbeat_interval_ms < 10 || d.heartbeat_interval_ms > 60_000 {
-            return Err(invalid(
-                "detector.heartbeat_interval_ms",
-                format!("{} is out of range 10..=60000", d.heartbeat_interval_ms),
-            ));
-        }
-        if d.suspect_after_ms <= d.heartbeat_interval_ms {
-            return Err(invalid(
-                "detector.suspect_after_ms",
-                format!(
-                    "{} must be greater than detector.heartbeat_interval_ms ({})",
-                    d.suspect_after_ms, d.heartbeat_interval_ms
-                ),
-            ));
-        }
-        if d.down_after_ms <= d.suspect_after_ms {
-            return Err(invalid(
-                "detector.down_after_ms",
-                format!(
-                    "{} must be greater than detector.suspect_after_ms ({})",
-                    d.down_after_ms, d.suspect_after_ms
-                ),
-            ));
-        }
-        let r = &self.recovery;
-        if r.max_restarts_in_place + r.max_relocations == 0 {
-            return Err(invalid(
-                "recovery.max_restarts_in_place",
-                "recovery.max_restarts_in_place and recovery.max_relocations cannot both be 0 (HA would never restart anything)".into(),
-            ));
-        }
-        if r.min_failures_tolerated > 8 {
-            return Err(invalid(
-                "recovery.min_failures_tolerated",
-                format!("{} is out of range 0..=8", r.min_failures_tolerated),
-            ));
-        }
-        if r.vcpu_overcommit > 64 {
-            return Err(invalid(
-                "recovery.vcpu_overcommit",
-                format!("{} is out of range 0..=64", r.vcpu_overcommit),
-            ));
-        }
-        if r.window_ms < 1_000 {
-            return Err(invalid(
-                "recovery.window_ms",
-                format!("{} is shorter than 1000 ms", r.window_ms),
-            ));
-        }
-        if r.backoff_max_ms < r.backoff_initial_ms {
-            return Err(invalid(
-                "recovery.backoff_max_ms",
-                format!(
-                    "{} is smaller than recovery.backoff_initial_ms ({})",
-                    r.backoff_max_ms, r.backoff_initial_ms
-                ),
-            ));
-        }
-        self.fencing
+        let settings = self.cluster_settings();
+        settings
             .validate()
             .map_err(|(field, m)| invalid(field, m))?;
         self.storage
@@ -714,39 +657,20 @@ impl MonitorConfig {
         if let Some(vip) = &self.vip {
             vip.validate().map_err(|(field, m)| invalid(field, m))?;
         }
-        let l = &self.lease;
-        if !(1_000..=600_000).contains(&l.duration_ms) {
-            return Err(invalid(
-                "lease.duration_ms",
-                format!("{} is out of range 1000..=600000", l.duration_ms),
-            ));
-        }
-        if l.duration_ms <= d.down_after_ms {
-            return Err(invalid(
-                "lease.duration_ms",
-                format!(
-                    "{} must be longer than detector.down_after_ms ({}): a lease shorter than detection would fence hosts the monitor still counts as alive",
-                    l.duration_ms, d.down_after_ms
-                ),
-            ));
-        }
-        let fresh_after = 2 * self.storage.interval_ms + d.heartbeat_interval_ms;
-        if l.duration_ms <= fresh_after + 1_000 {
-            return Err(invalid(
-                "lease.duration_ms",
-                format!(
-                    "{} is too short: an isolated agent needs to see the leader record change more than {fresh_after} ms (two storage.interval_ms plus detector.heartbeat_interval_ms) after its last renewal, and a second to spare",
-                    l.duration_ms
-                ),
-            ));
-        }
-        if !(100..=600_000).contains(&l.drift_margin_ms) {
-            return Err(invalid(
-                "lease.drift_margin_ms",
-                format!("{} is out of range 100..=600000", l.drift_margin_ms),
-            ));
-        }
+        crate::settings::check_lease_against_storage(&settings, self.storage.interval_ms)
+            .map_err(|(field, m)| invalid(field, m))?;
         Ok(())
+    }
+
+    /// The cluster-wide sections of this file ([`crate::settings`]): what the first leader
+    /// seeds a new cluster with, and what a monitor compares with the cluster's at start-up.
+    pub fn cluster_settings(&self) -> ClusterSettings {
+        ClusterSettings {
+            detector: self.detector.clone(),
+            recovery: self.recovery.clone(),
+            lease: self.lease.clone(),
+            fencing: self.fencing.clone(),
+        }
     }
 
     /// The address advertised to peers.
@@ -864,7 +788,7 @@ impl FencingConfig {
     }
 
     /// Checks the section; the error names the field (`fencing.…`).
-    fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub(crate) fn validate(&self) -> Result<(), (&'static str, String)> {
         if !(1..=100).contains(&self.mass_failure_percent) {
             return Err((
                 "fencing.mass_failure_percent",

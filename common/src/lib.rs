@@ -18,6 +18,7 @@ pub mod pem {
 pub mod names;
 pub mod process;
 pub mod reload;
+pub mod settings;
 pub mod storage;
 pub mod table;
 pub mod tls;
