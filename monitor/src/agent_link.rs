@@ -394,6 +394,20 @@ pub async fn serve(
             addr: Some(remote.ip()),
         }))
         .await;
+    // The cluster's settings once it has them (a monitor whose file says otherwise warned
+    // at start-up): every monitor tells agents the same.
+    let (heartbeat_interval_ms, isolation_response) = state
+        .read()
+        .ok()
+        .and_then(|s| {
+            s.settings.as_ref().map(|r| {
+                (
+                    r.settings.detector.heartbeat_interval_ms,
+                    r.settings.lease.isolation_response,
+                )
+            })
+        })
+        .unwrap_or((heartbeat_interval_ms, isolation_response));
     let welcome = MonitorToAgent::Welcome(Welcome {
         monitor_node: node_id,
         heartbeat_interval_ms,

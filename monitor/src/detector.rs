@@ -105,6 +105,20 @@ impl FailureDetector {
         &self.cfg
     }
 
+    /// New suspect/down thresholds (a committed `vigilctl config set`), for every host from
+    /// its next check on. The grace of hosts unknown since the start is kept (never shorter
+    /// than the new `down_after_ms`).
+    pub fn set_thresholds(&mut self, cfg: &DetectorConfig) {
+        let grace_was_longer = self.unknown_down_after_ms > self.cfg.down_after_ms;
+        let grace = self.unknown_down_after_ms;
+        self.cfg = cfg.clone();
+        self.unknown_down_after_ms = if grace_was_longer {
+            grace.max(cfg.down_after_ms)
+        } else {
+            cfg.down_after_ms
+        };
+    }
+
     /// Makes sure a host known to the cluster is tracked (as `Unknown` until it beats).
     pub fn track(&mut self, host: &str) {
         if !self.hosts.contains_key(host) {

@@ -109,6 +109,12 @@ impl Default for Evidence {
 }
 
 impl Evidence {
+    /// The agents' heartbeat interval is the cluster's (its committed settings), which may
+    /// differ from this monitor's file.
+    pub fn set_heartbeat_interval(&mut self, heartbeat_interval_ms: u64) {
+        self.alive_margin_ms = heartbeat_interval_ms * 2;
+    }
+
     pub fn new(heartbeat_interval_ms: u64, storage_interval_ms: u64) -> Self {
         Evidence {
             alive_margin_ms: heartbeat_interval_ms * 2,

@@ -89,6 +89,13 @@ impl LeaseBook {
         &self.cfg
     }
 
+    /// A new lease configuration (committed cluster settings). A running cluster only ever
+    /// lengthens its lease (`vigil_common::settings::check_live_change`), so every lease
+    /// granted before counts at least as long as it was granted for.
+    pub fn set_config(&mut self, cfg: LeaseConfig) {
+        self.cfg = cfg;
+    }
+
     /// This monitor became leader at `now_ms`: forget what it knew.
     pub fn became_leader(&mut self, now_ms: u64) {
         self.leader_since_ms = Some(now_ms);

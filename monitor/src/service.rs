@@ -8,9 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use std::collections::BTreeMap;
-
-use vigil_common::config::{FenceHostConfig, MonitorConfig, RecoveryConfig};
+use vigil_common::config::MonitorConfig;
 
 use crate::agent_link::Sessions;
 use crate::engine::FailoverConfig;
@@ -83,42 +81,32 @@ pub fn spawn(
     mut lease: watch::Receiver<LeaseView>,
     mut stop: watch::Receiver<bool>,
 ) -> EngineHandle {
-    let cfg = monitor.detector.clone();
-    let policy: RecoveryConfig = monitor.recovery.clone();
-    let fencing = monitor.fencing.clone();
     let (tx, mut rx) = mpsc::channel::<Msg>(65_536);
     let handle = EngineHandle { tx: tx.clone() };
     let (ptx, prx) = mpsc::unbounded_channel::<StateCommand>();
     tokio::spawn(proposer(raft.clone(), prx, handle.clone()));
 
-    let tick_every = Duration::from_millis((cfg.heartbeat_interval_ms / 5).clamp(10, 100));
-    let failover = FailoverConfig {
-        fence_hosts: fencing.hosts.iter().map(|h| h.host.clone()).collect(),
-        fence_agent_limit_ms: fencing
-            .hosts
-            .iter()
-            .filter_map(|h| h.timeout_ms)
-            .fold(fencing.timeout_ms, u64::max),
-        mass_failure_percent: fencing.mass_failure_percent,
-        mass_failure_window_ms: fencing.mass_failure_window_ms,
-        storage_slot: fencing.storage_slot,
-        probe_port: PROBE_PORT,
-    };
-    let fence_timeout = Duration::from_millis(fencing.timeout_ms);
-    let fence_hosts: Arc<BTreeMap<String, FenceHostConfig>> = Arc::new(
-        fencing
-            .hosts
-            .iter()
-            .map(|h| (h.host.clone(), h.clone()))
-            .collect(),
-    );
+    // The heartbeat interval cannot change on a running cluster (`settings::FIXED_KEYS`):
+    // the file's is the cluster's, or the monitor said so at start-up.
+    let tick_every =
+        Duration::from_millis((monitor.detector.heartbeat_interval_ms / 5).clamp(10, 100));
+    // The file's cluster-wide sections until the cluster has settings of its own; from
+    // then on the committed ones (`engine::settings`), also for the fence agents below.
     // Nothing leaves the engine but proposals once the leader lease has run out (checked at
     // every use, from Input::LeaderLease): a deposed leader that has not noticed yet must not
     // extend leases the new leader counts as expired, fence, or write the leader record.
-    let mut engine = Engine::new(cfg, policy, mono_ms(epoch))
-        .with_failover(failover)
-        .with_leases(monitor.lease.clone(), monitor.storage.interval_ms)
-        .with_leader_lease();
+    let mut engine = Engine::new(
+        monitor.detector.clone(),
+        monitor.recovery.clone(),
+        mono_ms(epoch),
+    )
+    .with_failover(FailoverConfig {
+        probe_port: PROBE_PORT,
+        ..FailoverConfig::default()
+    })
+    .with_settings(monitor.cluster_settings(), monitor.storage.interval_ms)
+    .with_leader_lease();
+    let file_fencing = monitor.fencing.clone();
     // The leader's I/O on shared storage runs on its own threads; its reports come back here.
     let (storage_tx, mut storage_rx) = mpsc::unbounded_channel::<PoolReport>();
     let storage = StorageWorker::spawn(&monitor.storage, storage_tx);
@@ -210,9 +198,18 @@ pub fn spawn(
                         }
                         Action::Fence { host } => {
                             let back = self_handle.clone();
-                            let hosts = fence_hosts.clone();
+                            // The committed settings' entry for the host (the file's
+                            // before the cluster has settings).
+                            let (entry, timeout_ms) = raft.read(|s| {
+                                let fencing = s
+                                    .settings
+                                    .as_ref()
+                                    .map_or(&file_fencing, |r| &r.settings.fencing);
+                                (fencing.host(&host).cloned(), fencing.timeout_ms)
+                            });
+                            let fence_timeout = Duration::from_millis(timeout_ms);
                             tokio::spawn(async move {
-                                let result = match hosts.get(&host) {
+                                let result = match entry.as_ref() {
                                     None => Err(FenceFailure::NotConfigured { host: host.clone() }),
                                     Some(cfg) => {
                                         warn!(%host, agent = %cfg.agent, "fencing: powering the host off");
@@ -260,6 +257,52 @@ pub fn spawn(
         debug!("engine task stopped");
     });
     handle
+}
+
+/// Says, when this monitor starts and whenever the cluster's settings change, where this
+/// monitor's own file differs from them (issue 12 item 9): the file's cluster-wide sections
+/// are only the seed of a new cluster, and an operator who edits them on one monitor must
+/// learn that they are not used.
+pub async fn warn_of_settings_drift(
+    raft: Arc<RaftNode>,
+    file: vigil_common::settings::ClusterSettings,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut seen = 0;
+    loop {
+        let record = raft.read(|s| s.settings.clone());
+        if let Some(r) = record.filter(|r| r.revision != seen) {
+            seen = r.revision;
+            let differs = vigil_common::settings::diff(&r.settings, &file);
+            if differs.is_empty() {
+                info!(
+                    revision = r.revision,
+                    "this monitor's file agrees with the cluster settings"
+                );
+            } else {
+                let keys: Vec<String> = differs
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} (cluster {}, file {})",
+                            c.key,
+                            c.from.as_deref().unwrap_or("not set"),
+                            c.to.as_deref().unwrap_or("not set")
+                        )
+                    })
+                    .collect();
+                warn!(
+                    revision = r.revision,
+                    "this monitor's file differs from the cluster settings in {}: the cluster's values are used (`vigilctl config show`); align the file, or change the cluster with `vigilctl config set`",
+                    keys.join(", ")
+                );
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// What a change of the leader lease means for the engine task (see [`follow_lease`]).

@@ -41,6 +41,7 @@
 //! at 9991 confirm-off hv2 by=alice   # vigilctl host confirm-off hv2 (admin "alice")
 //! at 9992 fence hv2 by=bob [force]   # vigilctl host fence hv2 [--force]
 //! at 9993 release-hold by=carol [cluster=c1]  # vigilctl fencing release [--cluster c1]
+//! at 9994 config-set recovery.ha_tag ha by=dave  # vigilctl config set (config-unset KEY by=A: unset)
 //! at 9995 monitor-restart 1500 hv1   # a new leader; hv1's agent reconnects only 1500 ms
 //!                                    # later (every agent's when none is named)
 //! at 9996 reorder-reports hv1 on     # hv1's listings reach the monitor 400 ms late, after
@@ -302,6 +303,8 @@ enum Fault {
     OperatorFence(String, String, bool),
     /// `vigilctl fencing release [--cluster C]` by an admin.
     ReleaseHold(Option<String>, String),
+    /// `vigilctl config set KEY VALUE` (`Some`) or `config unset KEY` (`None`), by an admin.
+    ConfigSet(String, Option<String>, String),
     /// A new leader; the listed agents (all when none is listed) reconnect only this many
     /// ms later, the others after 200 ms.
     MonitorRestart(u64, Vec<String>),
@@ -617,6 +620,14 @@ fn parse_fault(verb: &str, args: &[&str]) -> Result<Fault, String> {
                 "fence" => Fault::OperatorFence(arg(0)?, by, args.contains(&"force")),
                 _ => Fault::ReleaseHold(m.get("cluster").cloned(), by),
             }
+        }
+        "config-set" | "config-unset" => {
+            let by = kv(args)
+                .get("by")
+                .cloned()
+                .ok_or_else(|| format!("{verb} needs by=ADMIN"))?;
+            let value = (verb == "config-set").then(|| arg(1)).transpose()?;
+            Fault::ConfigSet(arg(0)?, value, by)
         }
         "monitor-restart" => Fault::MonitorRestart(
             num(&arg(0)?)?,
@@ -934,9 +945,11 @@ impl Sim {
     fn fresh_monitor(&self, node: u64) -> SimMonitor {
         SimMonitor {
             node,
+            // As `service::spawn` builds it: the settings are the file's until the first
+            // leader seeds the cluster with them, then the committed ones.
             engine: Engine::new(detector(), self.engine_policy(), self.now)
                 .with_failover(self.failover.clone())
-                .with_leases(self.lease.clone(), 500)
+                .with_settings(self.cluster_settings(), 500)
                 .with_leader_lease(),
             // openraft's vote lease, as the simulator's elections honour it: none comes
             // sooner than ELECTION_TIMEOUT_MS after the leader was last heard, so the new
@@ -1595,6 +1608,35 @@ impl Sim {
                     Err(e) => self.log.push(format!("{:>6} REFUSED {e}", self.now)),
                 }
             }
+            Fault::ConfigSet(key, value, by) => {
+                // `vigilctl config set|unset`, made and checked as the admin API does.
+                let Some(m) = self.admin() else {
+                    return;
+                };
+                let change = crate::state::settings::proposed_change(
+                    self.state.settings.as_ref(),
+                    &key,
+                    value.as_deref(),
+                    500,
+                );
+                match change {
+                    Err(why) => self.log.push(format!("{:>6} REFUSED {why}", self.now)),
+                    Ok(None) => {}
+                    Ok(Some((base_revision, settings))) => {
+                        let at_ms = self.wall();
+                        let by = format!("admin:{by}");
+                        self.commit(
+                            m,
+                            StateCommand::SetSettings {
+                                at_ms,
+                                by,
+                                base_revision,
+                                settings,
+                            },
+                        );
+                    }
+                }
+            }
             Fault::ReleaseHold(cluster, by) => {
                 let Some(m) = self.admin() else {
                     return;
@@ -2182,6 +2224,34 @@ impl Sim {
 
     fn engine_policy(&self) -> RecoveryConfig {
         self.policy.clone()
+    }
+
+    /// The cluster-wide sections of every simulated monitor's file.
+    fn cluster_settings(&self) -> vigil_common::settings::ClusterSettings {
+        use vigil_common::config::{FenceHostConfig, FencingConfig};
+        vigil_common::settings::ClusterSettings {
+            detector: detector(),
+            recovery: self.engine_policy(),
+            lease: self.lease.clone(),
+            fencing: FencingConfig {
+                timeout_ms: self.failover.fence_agent_limit_ms,
+                mass_failure_percent: self.failover.mass_failure_percent,
+                mass_failure_window_ms: self.failover.mass_failure_window_ms,
+                storage_slot: self.failover.storage_slot,
+                hosts: self
+                    .failover
+                    .fence_hosts
+                    .iter()
+                    .map(|h| FenceHostConfig {
+                        host: h.clone(),
+                        agent: "fence_sim".into(),
+                        options: Default::default(),
+                        timeout_ms: None,
+                        netns: None,
+                    })
+                    .collect(),
+            },
+        }
     }
 
     /// Carries out a start order the way the real agent does (`agent/src/executor.rs`), with

@@ -32,6 +32,7 @@ impl Engine {
         self.leader = true;
         self.term_node = (term, node);
         self.forget_held();
+        self.seed_settings(node, cx);
         self.leases.became_leader(cx.now_ms);
         // This leadership's bookkeeping starts empty: what predecessors did is in committed
         // state (and in the storage slots, cleared below).

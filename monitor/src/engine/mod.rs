@@ -43,6 +43,7 @@ mod queries;
 mod reservations;
 mod restarts;
 mod sessions;
+mod settings;
 mod storage;
 #[cfg(test)]
 mod tests;
@@ -184,6 +185,11 @@ pub struct Engine {
     /// Issue 12 item 6: while a restored cluster's leader adopts what the agents report
     /// (nothing is ordered, stopped or fenced meanwhile); `None` otherwise.
     adoption: Option<leadership::Adoption>,
+    /// Issue 12 item 9: the cluster-wide sections of this monitor's file (the seed of a
+    /// cluster without settings), and the revision of the committed settings in use (0:
+    /// the file's).
+    file_settings: Option<vigil_common::settings::ClusterSettings>,
+    settings_revision: u64,
 }
 
 /// A pool must be down on a host for this long before that host's HA VMs are moved off it:
@@ -233,6 +239,8 @@ impl Engine {
             held: Default::default(),
             identity: Default::default(),
             adoption: None,
+            file_settings: None,
+            settings_revision: 0,
         }
     }
 
@@ -288,6 +296,7 @@ impl Engine {
             out: Vec::new(),
         };
         self.views = None;
+        self.follow_settings(state);
         match input {
             Input::AgentConnected(hello) => self.on_agent_connected(hello, &mut cx),
             Input::AgentIncompatible { host, detail } => {

@@ -8,6 +8,7 @@
 //! error and changes nothing.
 
 pub mod host;
+pub mod settings;
 pub mod vm;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -260,6 +261,19 @@ pub enum EventKind {
     },
     /// A restored cluster's leader heard every host (or waited a full lease): it acts again.
     RestoreAdopted,
+    // ---- Issue 12 item 9 (cluster settings in the replicated state) ----
+    /// The cluster's first leader took the cluster-wide settings from its file (`by`).
+    SettingsSeeded {
+        by: String,
+    },
+    /// An operator changed one cluster setting (values as TOML, secrets hidden; `None`: not
+    /// set).
+    SettingChanged {
+        key: String,
+        from: Option<String>,
+        to: Option<String>,
+        by: String,
+    },
 }
 
 /// One entry of the replicated event log.
@@ -477,6 +491,17 @@ pub enum StateCommand {
     /// A host of [`Restored::silent`] was heard at last, and what it runs proposed for
     /// adoption before this.
     RestoreHostHeard { at_ms: u64, host: String },
+    // ---- Issue 12 item 9 ----
+    /// The cluster-wide settings (`state::settings`): with `base_revision` 0 the seed,
+    /// taken only while the cluster has none; otherwise an operator's change made against
+    /// that revision (`Stale` if another came first), checked against the running
+    /// settings (`vigil_common::settings::check_live_change`).
+    SetSettings {
+        at_ms: u64,
+        by: String,
+        base_revision: u64,
+        settings: vigil_common::settings::ClusterSettings,
+    },
 }
 
 /// Longest client endpoint a [`StateCommand::MonitorEndpoint`] may record (as the agents'
@@ -542,6 +567,10 @@ pub struct ClusterState {
     /// otherwise (and in every older snapshot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored: Option<Restored>,
+    /// The cluster-wide settings ([`settings::SettingsRecord`]); absent until the first
+    /// leader seeds them from its file (and in every older snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<settings::SettingsRecord>,
 }
 
 /// A cluster rebuilt from a backup. A backup is older than the agents' memory: until
@@ -705,6 +734,7 @@ impl ClusterState {
                 self.monitors.insert(*node, addr.clone());
                 StateResponse::Ok
             }
+            StateCommand::SetSettings { .. } => settings::apply(self, cmd),
             StateCommand::Batch { commands } => StateResponse::Batch {
                 results: commands.iter().map(|c| self.apply(c)).collect(),
             },
