@@ -492,6 +492,17 @@ pub enum AdminRequest {
         addr: Option<String>,
         wait_ms: u64,
     },
+    // --- issue 12 item 9: cluster settings ---
+    /// `vigilctl config show|get`: the cluster's settings (secrets hidden), their revision
+    /// and last change, and how the answering monitor's own file differs: a `ConfigView`.
+    ConfigShow,
+    /// `vigilctl config set KEY VALUE` (`value` a TOML value) or `config unset KEY`
+    /// (`value` absent: back to the default). Validated, then committed; admin only, leader
+    /// only.
+    ConfigSet {
+        key: String,
+        value: Option<String>,
+    },
 }
 
 /// A reply to `vigilctl`. Payloads are JSON documents so that the CLI can print them as they

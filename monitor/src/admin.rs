@@ -46,6 +46,11 @@ pub struct AdminContext {
     /// The Raft endpoint (`server reset` talks to the monitor being reset), when `[raft]
     /// listen` is set.
     pub raft_endpoint: Option<crate::raft::quic::RaftEndpoint>,
+    /// The cluster-wide sections of this monitor's file, and its `storage.interval_ms`
+    /// (`config show` compares them with the cluster's; `config set` checks the lease
+    /// against the interval).
+    pub file_settings: Arc<vigil_common::settings::ClusterSettings>,
+    pub storage_interval_ms: u64,
 }
 
 /// Serves one admin connection: any number of requests on one control stream.
@@ -127,12 +132,20 @@ pub fn write_summary(req: &AdminRequest) -> Option<(String, Option<String>)> {
         | AdminRequest::EventsPage { .. }
         | AdminRequest::HostListPage { .. }
         | AdminRequest::ServerList
+        | AdminRequest::ConfigShow
         // A piece of this connection's backup (taken, and audited, by `DbBackup`).
         | AdminRequest::DbBackupChunk { .. } => return None,
         // Not a write, but the whole state (definitions too): admins only, and audited.
         AdminRequest::DbBackup => ("db backup".to_string(), None),
         AdminRequest::ServerAdd { id, addr, .. } => (format!("server add {id} {addr}"), None),
         AdminRequest::ServerDel { id } => (format!("server del {id}"), None),
+        AdminRequest::ConfigSet { key, value } => (
+            match value {
+                Some(v) => format!("config set {key} {}", shown_value(key, v)),
+                None => format!("config unset {key}"),
+            },
+            None,
+        ),
         AdminRequest::ServerReset { id, .. } => (format!("server reset {id}"), None),
         AdminRequest::HostTagAdd { host, tag } => {
             (format!("host tag add {host} {tag}"), Some(host.clone()))
@@ -335,6 +348,8 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             cluster,
         } => place_host(ctx, peer, host, zone, cluster).await,
         AdminRequest::Status => json(&status(ctx).await),
+        AdminRequest::ConfigShow => json(&config_view(ctx)),
+        AdminRequest::ConfigSet { key, value } => set_config(ctx, peer, key, value).await,
         AdminRequest::ServerList => {
             let m = ctx.raft.metrics();
             json(&ServersView {
@@ -748,8 +763,96 @@ async fn operator_fence(
     )
 }
 
-/// `vigilctl host confirm-off H`: the operator's word that H is powered off, replicated as a
-/// proof with their name. Refused while this monitor hears H.
+/// The value of a `config set` as the audit entry shows it: the fence entries may hold
+/// passwords, so only their size.
+fn shown_value(key: &str, value: &str) -> String {
+    if key.starts_with("fencing.hosts") {
+        format!("({} bytes)", value.len())
+    } else {
+        let v: String = value.chars().take(200).collect();
+        format!("{v:?}")
+    }
+}
+
+/// `vigilctl config show|get`: the committed settings (this monitor's file's before the
+/// cluster has any) and how this monitor's file differs from them.
+fn config_view(ctx: &AdminContext) -> crate::api::ConfigView {
+    let record = ctx.raft.read(|s| s.settings.clone());
+    let file = ctx.file_settings.as_ref();
+    let (settings, revision, by, at_ms) = match &record {
+        Some(r) => (&r.settings, r.revision, Some(r.by.clone()), Some(r.at_ms)),
+        None => (file, 0, None, None),
+    };
+    crate::api::ConfigView {
+        node: ctx.raft.node_id(),
+        toml: settings.to_toml(),
+        values: settings.flatten(),
+        revision,
+        by,
+        at_ms,
+        file_differs: vigil_common::settings::diff(settings, file),
+    }
+}
+
+/// `vigilctl config set KEY VALUE` / `config unset KEY` (issue 12 item 9): the new settings
+/// are made from the committed ones, checked (fields, the lease against this monitor's
+/// storage interval, what a running cluster may change), and committed against the
+/// revision they were made from; the state machine checks again and records one event per
+/// changed key with who changed it.
+async fn set_config(
+    ctx: &AdminContext,
+    peer: &PeerIdentity,
+    key: String,
+    value: Option<String>,
+) -> AdminResponse {
+    if ctx.raft.has_peers() && !ctx.raft.is_leader() {
+        return not_leader(ctx);
+    }
+    let record = ctx.raft.read(|s| s.settings.clone());
+    let change = crate::state::settings::proposed_change(
+        record.as_ref(),
+        &key,
+        value.as_deref(),
+        ctx.storage_interval_ms,
+    );
+    let (base_revision, next) = match change {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return json(&crate::api::ConfigChangeView {
+                result: "unchanged".into(),
+                revision: record.map_or(0, |r| r.revision),
+                changes: Vec::new(),
+            })
+        }
+        Err(e) => return err(e),
+    };
+    let changes = record
+        .as_ref()
+        .map(|r| vigil_common::settings::diff(&r.settings, &next))
+        .unwrap_or_default();
+    let written = write(
+        ctx,
+        StateCommand::SetSettings {
+            at_ms: vigil_common::unix_ms(),
+            by: actor(peer),
+            base_revision,
+            settings: next,
+        },
+    )
+    .await;
+    if !matches!(written, AdminResponse::Json(_)) {
+        return written;
+    }
+    let revision = ctx
+        .raft
+        .read(|s| s.settings.as_ref().map_or(0, |r| r.revision));
+    json(&crate::api::ConfigChangeView {
+        result: "ok".into(),
+        revision,
+        changes,
+    })
+}
+
 /// `vigilctl host place H --zone Z --cluster C` (issue 10 item 3): a host's zone and
 /// cluster are pinned when it first registers, and only an operator moves it. Answers the
 /// host as `host show` does.
@@ -780,6 +883,8 @@ async fn place_host(
     }
 }
 
+/// `vigilctl host confirm-off H`: the operator's word that H is powered off, replicated as a
+/// proof with their name. Refused while this monitor hears H.
 async fn confirm_off(ctx: &AdminContext, peer: &PeerIdentity, host: String) -> AdminResponse {
     let h = host.clone();
     let Some((leader, refusal)) = ctx

@@ -46,6 +46,38 @@ pub struct ServerChangeView {
     pub message: String,
 }
 
+/// `vigilctl config show|get` (issue 12 item 9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigView {
+    /// The node that answered.
+    pub node: u64,
+    /// The cluster's settings as `monitor.toml` sections, secrets hidden; before the first
+    /// leader seeded them, the answering monitor's own file's.
+    pub toml: String,
+    /// Every key with its value as TOML (`recovery.ha_tag` → `"ha"`).
+    pub values: std::collections::BTreeMap<String, String>,
+    /// 0: the cluster has no settings yet (they are the answering monitor's file's).
+    pub revision: u64,
+    /// Who made the last change (`monitor 1's file` for the seed, `admin:alice`) and when
+    /// (Unix ms).
+    pub by: Option<String>,
+    pub at_ms: Option<u64>,
+    /// Where the answering monitor's own file differs from the cluster (its file's values
+    /// are not used; align the file, or change the cluster with `config set`).
+    pub file_differs: Vec<vigil_common::settings::SettingChange>,
+}
+
+/// The outcome of `vigilctl config set|unset`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigChangeView {
+    /// "ok" or "unchanged".
+    pub result: String,
+    /// The revision now in force.
+    pub revision: u64,
+    /// What changed (as the event log has it).
+    pub changes: Vec<vigil_common::settings::SettingChange>,
+}
+
 /// `vigilctl status`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusView {

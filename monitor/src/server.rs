@@ -565,7 +565,14 @@ impl Monitor {
             certs,
             vip: vip_status,
             raft_endpoint: raft_endpoint_handle,
+            file_settings: Arc::new(cfg.cluster_settings()),
+            storage_interval_ms: cfg.storage.interval_ms,
         };
+        tokio::spawn(crate::service::warn_of_settings_drift(
+            raft.clone(),
+            cfg.cluster_settings(),
+            stop_rx.clone(),
+        ));
         // Issue 12 item 3: only the leader keeps agents; it records where they reach it.
         let admission = admission_check(raft.clone(), raft_addr.is_some(), lease_view);
         if raft_addr.is_some() && advertise.ip().is_unspecified() {

@@ -19,8 +19,8 @@ use vigil_common::tls::{self, Role, TlsPaths};
 use vigil_common::wire::AdminRequest;
 
 use crate::api::{
-    EventsPage, EventsView, HostView, OperatorView, PingView, PlanView, ServerChangeView,
-    ServersView, StatusView, VmView, WriteView,
+    ConfigChangeView, ConfigView, EventsPage, EventsView, HostView, OperatorView, PingView,
+    PlanView, ServerChangeView, ServersView, StatusView, VmView, WriteView,
 };
 use client::AdminClient;
 
@@ -121,6 +121,37 @@ pub enum Command {
     /// The monitor database: backup (restore is `vigil-monitor --restore FILE`).
     #[command(subcommand)]
     Db(DbCmd),
+    /// The cluster-wide settings (detector, recovery, lease, fencing), kept in the
+    /// replicated state: every monitor runs with the same ones.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// The cluster's settings as monitor.toml sections (secrets hidden), their revision and
+    /// last change, and where the answering monitor's own file differs from them.
+    Show,
+    /// One setting (`recovery.ha_tag`) or a whole section (`detector`).
+    Get {
+        #[arg(value_name = "KEY")]
+        setting: String,
+    },
+    /// Change one setting (admin certificate): checked, committed, and recorded in the
+    /// event log with your certificate's name. VALUE is a TOML value: `3000`, `true`,
+    /// `wait`, `"ha"`, or for `fencing.hosts` the whole list as `config get fencing.hosts`
+    /// prints it (hidden passwords are kept). On a running cluster the lease only gets
+    /// longer, and `detector.heartbeat_interval_ms` and `lease.isolation_response` stay.
+    Set {
+        #[arg(value_name = "KEY")]
+        setting: String,
+        value: String,
+    },
+    /// Put one setting back to its default (admin certificate).
+    Unset {
+        #[arg(value_name = "KEY")]
+        setting: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -692,6 +723,16 @@ async fn remote(args: Args) -> anyhow::Result<()> {
     result
 }
 
+async fn config_change(c: &mut AdminClient, args: &Args, req: &AdminRequest) -> anyhow::Result<()> {
+    let (v, raw) = c.call::<ConfigChangeView>(req).await?;
+    if args.json {
+        print_json(&raw)
+    } else {
+        print!("{}", render::config_change(&v));
+        Ok(())
+    }
+}
+
 async fn server_change(c: &mut AdminClient, args: &Args, req: &AdminRequest) -> anyhow::Result<()> {
     let (v, raw) = c.call::<ServerChangeView>(req).await?;
     if args.json {
@@ -712,6 +753,36 @@ async fn dispatch(c: &mut AdminClient, args: &Args) -> anyhow::Result<()> {
             db::backup(c, file, *force, args.json).await?
         }
         Command::Db(DbCmd::Inspect { .. }) => {}
+        Command::Config(ConfigCmd::Show) => {
+            show::<ConfigView>(c, &AdminRequest::ConfigShow, args.json, render::config).await?;
+        }
+        Command::Config(ConfigCmd::Get { setting: key }) => {
+            let (v, _) = c.call::<ConfigView>(&AdminRequest::ConfigShow).await?;
+            let value = vigil_common::settings::get_from(&v.values, key)?;
+            if args.json {
+                let doc = serde_json::json!({ "key": key, "value": value, "revision": v.revision });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!("{}", value.as_deref().unwrap_or("(not set)"));
+            }
+        }
+        Command::Config(ConfigCmd::Set {
+            setting: key,
+            value,
+        }) => {
+            let req = AdminRequest::ConfigSet {
+                key: key.clone(),
+                value: Some(value.clone()),
+            };
+            config_change(c, args, &req).await?
+        }
+        Command::Config(ConfigCmd::Unset { setting: key }) => {
+            let req = AdminRequest::ConfigSet {
+                key: key.clone(),
+                value: None,
+            };
+            config_change(c, args, &req).await?
+        }
         Command::Server(ServerCmd::List) => {
             show::<ServersView>(c, &AdminRequest::ServerList, args.json, render::servers).await?;
         }

@@ -125,6 +125,53 @@ pub fn servers(s: &crate::api::ServersView) -> String {
     )
 }
 
+/// `vigilctl config show`.
+pub fn config(v: &crate::api::ConfigView) -> String {
+    let mut out = match (v.revision, &v.by, v.at_ms) {
+        (0, _, _) => format!(
+            "# The cluster has no settings yet: these are node {}'s file's; its first leader takes them from its own file.\n",
+            v.node
+        ),
+        (rev, Some(by), Some(at)) => format!(
+            "# Cluster settings, revision {rev}, last changed by {by} at {} (answered by node {}).\n",
+            timestamp(at),
+            v.node
+        ),
+        (rev, _, _) => format!("# Cluster settings, revision {rev} (answered by node {}).\n", v.node),
+    };
+    out.push_str(&v.toml);
+    if v.revision > 0 && !v.file_differs.is_empty() {
+        out.push_str(&format!(
+            "\n# Node {}'s own file differs (its values are not used; align the file, or change the cluster with `vigilctl config set`):\n",
+            v.node
+        ));
+        for c in &v.file_differs {
+            out.push_str(&format!(
+                "#   {}: cluster {}, file {}\n",
+                c.key,
+                c.from.as_deref().unwrap_or("(not set)"),
+                c.to.as_deref().unwrap_or("(not set)")
+            ));
+        }
+    }
+    out
+}
+
+/// `vigilctl config set|unset`.
+pub fn config_change(v: &crate::api::ConfigChangeView) -> String {
+    if v.result == "unchanged" {
+        return format!(
+            "nothing to do: the cluster already has that (revision {})\n",
+            v.revision
+        );
+    }
+    let mut out = format!("cluster settings now at revision {}:\n", v.revision);
+    for c in &v.changes {
+        out.push_str(&format!("  {}\n", c.describe()));
+    }
+    out
+}
+
 pub fn status(s: &StatusView) -> String {
     let mut out = String::new();
     out.push_str(&format!(

@@ -5,7 +5,9 @@
 //! ends up on the leader, and follows the next leader after a SIGKILL without its host ever
 //! going Down; vigilctl pointed at a follower writes through the leader (issue 12 item 3).
 //! And a monitor whose `node_id` disagrees with its certificate refuses to start, naming
-//! the field.
+//! the field. The cluster-wide settings are one for all monitors (issue 12 item 9): seeded
+//! from the first leader's file, changed with `vigilctl config set` on any monitor, the same
+//! on every monitor and after a leader change, and a monitor whose file differs says so.
 //!
 //! `cargo test -p vigil-e2e --test raft_cluster`
 
@@ -34,10 +36,15 @@ struct Member {
 /// Starts monitor `id` (certificate `mon<id>`) with `[raft] listen`, with `flag`
 /// (`--init` or `--join`).
 fn start(pki: &Pki, id: u64, flag: &str) -> Member {
+    start_with(pki, id, flag, "")
+}
+
+/// [`start`] with more of `monitor.toml` (`more`: whole sections).
+fn start_with(pki: &Pki, id: u64, flag: &str, more: &str) -> Member {
     let dir = pki.dir.path().join(format!("mon{id}"));
     let addr = loopback();
     let raft = loopback();
-    let extra = format!("{DETECTOR_TOML}[raft]\nlisten = \"{raft}\"\n");
+    let extra = format!("{DETECTOR_TOML}{more}[raft]\nlisten = \"{raft}\"\n");
     let (config, data_dir) =
         MonitorProc::write_config_as(pki, &dir, addr, id, &format!("mon{id}"), &extra);
     let mut mon = MonitorProc::spawn_flags(config, addr, data_dir, &dir, &[flag]);
@@ -739,4 +746,191 @@ fn a_leader_cut_from_its_followers_is_deposed_and_lets_its_agents_go() {
             .any(|m| m.contains("hv1 is down") || m.contains("fencing host hv1")),
         "hv1 was condemned for its monitors' partition: {after:#?}"
     );
+}
+
+fn config(m: &Member) -> Option<Value> {
+    m.ctl.json(&["config", "show"]).ok()
+}
+
+/// Issue 12 item 9: no configuration drift between monitors. mon3's file has another
+/// `ha_tag`; the cluster runs with mon1's (the first leader's) settings, and mon3 says where
+/// its file differs, in its log and in `config show`. A change made through a follower
+/// commits once, is the same on every monitor, is in the event log with who made it, and
+/// outlives the leader; what a running cluster may not change is refused, naming the key,
+/// and changes nothing.
+#[test]
+fn the_cluster_settings_are_one_for_every_monitor_and_outlive_the_leader() {
+    let pki = Pki::new();
+    let mut members = BTreeMap::new();
+    members.insert(1, start(&pki, 1, "--init"));
+    members.insert(2, start(&pki, 2, "--join"));
+    members.insert(
+        3,
+        start_with(&pki, 3, "--join", "[recovery]\nha_tag = \"other\"\n"),
+    );
+    for id in [2u64, 3] {
+        let addr = members[&id].raft.to_string();
+        let out = members[&1]
+            .ctl
+            .run(&["server", "add", &id.to_string(), &addr]);
+        assert!(
+            out.status.success(),
+            "server add {id}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let leader = wait_for(WAIT, || agreed_leader(&members, 3)).expect("an agreed leader");
+    // Seeded once, from mon1's file (no ha_tag), and the same on every monitor.
+    let seeded = wait_for(WAIT, || {
+        let all: Vec<Value> = members.values().filter_map(config).collect();
+        (all.len() == 3
+            && all
+                .iter()
+                .all(|c| c["revision"] == 1 && c["values"] == all[0]["values"]))
+        .then(|| all[0].clone())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "settings not seeded on every monitor: {:?}",
+            config(&members[&3])
+        )
+    });
+    assert_eq!(seeded["by"], "monitor 1's file", "{seeded}");
+    assert!(
+        seeded["values"].get("recovery.ha_tag").is_none(),
+        "{seeded}"
+    );
+    let mon3 = config(&members[&3]).expect("mon3 config");
+    let differs = mon3["file_differs"].as_array().cloned().unwrap_or_default();
+    assert!(
+        differs.len() == 1
+            && differs[0]["key"] == "recovery.ha_tag"
+            && differs[0]["to"] == "\"other\"",
+        "{mon3}"
+    );
+    wait_for(WAIT, || {
+        members[&3]
+            .mon
+            .proc_
+            .log_text()
+            .contains("differs from the cluster settings in recovery.ha_tag")
+            .then_some(())
+    })
+    .expect("mon3 says at start-up that its file differs");
+    assert!(config(&members[&1]).expect("mon1")["file_differs"]
+        .as_array()
+        .is_some_and(|d| d.is_empty()));
+
+    // Set through a follower: the write goes to the leader, commits once.
+    let follower = if leader == 2 { 3 } else { 2 };
+    let out = members[&follower]
+        .ctl
+        .run(&["config", "set", "recovery.ha_tag", "ha"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("revision 2") && text.contains("recovery.ha_tag: (not set) -> \"ha\""),
+        "{text}"
+    );
+    wait_for(WAIT, || {
+        members
+            .values()
+            .all(|m| {
+                config(m).is_some_and(|c| {
+                    c["revision"] == 2 && c["values"]["recovery.ha_tag"] == "\"ha\""
+                })
+            })
+            .then_some(())
+    })
+    .expect("the change on every monitor");
+    let get = members[&3].ctl.run(&["config", "get", "recovery.ha_tag"]);
+    assert_eq!(String::from_utf8_lossy(&get.stdout).trim(), "\"ha\"");
+    let events = members[&1]
+        .ctl
+        .json(&["events", "--limit", "200"])
+        .expect("events");
+    let changed: Vec<&Value> = events["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["kind"] == "setting_changed")
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(changed.len(), 1, "{events}");
+    assert_eq!(changed[0]["key"], "recovery.ha_tag");
+    assert!(
+        changed[0]["by"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("admin:")),
+        "{}",
+        changed[0]
+    );
+
+    // Refused, naming the key, and nothing changes.
+    for (args, key) in [
+        (
+            vec!["config", "set", "lease.duration_ms", "4000"],
+            "lease.duration_ms",
+        ),
+        (
+            vec!["config", "set", "detector.heartbeat_interval_ms", "200"],
+            "detector.heartbeat_interval_ms",
+        ),
+        (
+            vec!["config", "set", "recovery.window_ms", "10"],
+            "recovery.window_ms",
+        ),
+        (vec!["config", "set", "node_id", "7"], "node_id"),
+        (
+            vec![
+                "config",
+                "set",
+                "fencing.hosts",
+                r#"[{ host = "hv1", agent = "/bin/sh" }]"#,
+            ],
+            "fencing.hosts.agent",
+        ),
+    ] {
+        let out = members[&leader].ctl.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(key),
+            "{args:?}: {stderr}"
+        );
+    }
+    let viewer = Ctl {
+        tls: pki.issue(vigil_common::tls::Role::Viewer, "bob"),
+        monitors: vec![members[&leader].mon.addr],
+    };
+    let out = viewer.run(&["config", "set", "recovery.ha_tag", "x"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("admin certificate")
+    );
+    assert_eq!(config(&members[&leader]).expect("config")["revision"], 2);
+
+    // The leader dies; the new one runs with the committed settings (no new seed).
+    let mut dead = members.remove(&leader).expect("leader");
+    dead.mon.proc_.kill();
+    let next = wait_for(WAIT, || agreed_leader(&members, 3).filter(|l| *l != leader))
+        .expect("a new leader");
+    let c = config(&members[&next]).expect("config");
+    assert_eq!(c["revision"], 2, "{c}");
+    assert_eq!(c["values"]["recovery.ha_tag"], "\"ha\"", "{c}");
+    let mut last = String::new();
+    wait_for(WAIT, || {
+        let out = members[&next]
+            .ctl
+            .run(&["config", "unset", "recovery.ha_tag"]);
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success().then_some(())
+    })
+    .unwrap_or_else(|| panic!("the new leader mon{next} took no change: {last}"));
+    let c = config(&members[&next]).expect("config");
+    assert_eq!(c["revision"], 3, "{c}");
+    assert!(c["values"].get("recovery.ha_tag").is_none(), "{c}");
 }
