@@ -50,6 +50,84 @@ pub fn next(len: usize, from: usize) -> usize {
     (from + 1) % len.max(1)
 }
 
+/// When and where the agent dials next, from the outcome of the last attempt: the
+/// monitor (with [`after_redirect`], [`after_loss`] and [`next`]) and the pause before it
+/// (a random one after a redirect or a lost session, doubling backoff after a whole round of
+/// monitors without a welcome). The agent's runner and the failover benchmark's simulated
+/// agents both dial by it.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    len: usize,
+    reconnect: Duration,
+    backoff: Duration,
+    current: usize,
+    /// Attempts in a row that ended without a welcome (redirects included: monitors that all
+    /// say "not the leader" are backed off from like unreachable ones).
+    failed: usize,
+}
+
+impl Dialer {
+    /// Dials monitor 0 of `len` first; `reconnect` is `reconnect_ms`, the backoff's start
+    /// (it doubles up to eight times that).
+    pub fn new(len: usize, reconnect: Duration) -> Dialer {
+        Dialer {
+            len: len.max(1),
+            reconnect,
+            backoff: reconnect,
+            current: 0,
+            failed: 0,
+        }
+    }
+
+    /// The index of the monitor to dial now.
+    pub fn current(&self) -> usize {
+        self.current % self.len
+    }
+
+    /// A monitor welcomed the agent: the backoff starts afresh.
+    pub fn welcomed(&mut self) {
+        self.backoff = self.reconnect;
+        self.failed = 0;
+    }
+
+    /// The welcomed session ended with `error`: the pause before the next dial. With one
+    /// monitor, as before issue 12: `reconnect_ms`, then that monitor again.
+    pub fn lost(&mut self, error: &SessionError) -> Duration {
+        if self.len == 1 {
+            return self.reconnect;
+        }
+        self.current = after_loss(self.len, self.current, error);
+        self.pause(true)
+    }
+
+    /// Monitor [`Self::current`] said it is not the leader and named `leader` (or no one).
+    pub fn redirected(&mut self, monitors: &[SocketAddr], leader: Option<&str>) -> Duration {
+        self.failed += 1;
+        self.current = after_redirect(monitors, self.current(), leader);
+        self.pause(true)
+    }
+
+    /// The attempt failed otherwise (unreachable, refused): the next monitor.
+    pub fn failed(&mut self) -> Duration {
+        self.failed += 1;
+        self.current = next(self.len, self.current);
+        self.pause(false)
+    }
+
+    fn pause(&mut self, jittered: bool) -> Duration {
+        if self.failed > 0 && (self.failed % self.len == 0 || self.backoff > self.reconnect) {
+            // A whole round without a welcome: back off.
+            let b = self.backoff;
+            self.backoff = (self.backoff * 2).min(self.reconnect * 8);
+            b
+        } else if jittered {
+            jitter(JITTER_MAX)
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
 /// A random pause in `0..=max`.
 pub fn jitter(max: Duration) -> Duration {
     let ms = max.as_millis() as u64;
@@ -65,6 +143,41 @@ mod tests {
             .iter()
             .map(|a| a.parse().expect("addr"))
             .collect()
+    }
+
+    #[test]
+    fn the_dialer_follows_a_redirect_and_backs_off_only_after_a_whole_round() {
+        let m = list();
+        let base = Duration::from_millis(200);
+        let mut d = Dialer::new(m.len(), base);
+        assert_eq!(d.current(), 0);
+        // A follower names the leader: dial it after at most the jitter.
+        let p = d.redirected(&m, Some("10.0.0.3:7440"));
+        assert_eq!(d.current(), 2);
+        assert!(p <= JITTER_MAX);
+        // Unreachable twice more: a whole round without a welcome, then the backoff doubles.
+        assert_eq!(d.failed(), Duration::ZERO);
+        assert_eq!(d.current(), 0);
+        assert_eq!(d.failed(), base);
+        assert_eq!(d.failed(), base * 2);
+        assert_eq!(d.failed(), base * 4);
+        for _ in 0..10 {
+            assert!(d.failed() <= base * 8);
+        }
+        // A welcome resets it; a lost session then pauses by the jitter only.
+        d.welcomed();
+        let gone = SessionError::Connection {
+            addr: m[d.current()],
+            source: quinn::ConnectionError::TimedOut,
+        };
+        let before = d.current();
+        assert!(d.lost(&gone) <= JITTER_MAX);
+        assert_eq!(d.current(), next(m.len(), before));
+        // One monitor: reconnect_ms, the same monitor.
+        let mut one = Dialer::new(1, base);
+        one.welcomed();
+        assert_eq!(one.lost(&gone), base);
+        assert_eq!(one.current(), 0);
     }
 
     #[test]

@@ -210,19 +210,12 @@ impl AgentRunner {
         // that never said READY=1 would be killed by systemd at TimeoutStartSec and
         // restarted, forever. (Without NOTIFY_SOCKET this does nothing.)
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
-        let mut backoff = self.reconnect;
-        let max_backoff = self.reconnect * 8;
-        let len = self.monitors.len();
-        // The monitor to dial, and how many attempts in a row ended without a welcome
-        // (redirects included: monitors that all say "not the leader" are backed off from
-        // like unreachable ones).
-        let mut current = 0usize;
-        let mut failed = 0usize;
+        let mut dial = follow::Dialer::new(self.monitors.len(), self.reconnect);
         loop {
             if *stop.borrow() {
                 break;
             }
-            let addr = self.monitors[current % len];
+            let addr = self.monitors[dial.current()];
             let hello = Hello {
                 host: self.host.clone(),
                 agent_version: vigil_common::VERSION.to_string(),
@@ -243,12 +236,11 @@ impl AgentRunner {
                 r = Session::open(&self.endpoint, self.current_client(), addr, hello) => r,
                 _ = stop_open.changed() => break,
             };
-            // Whether to pause a little (randomly) before the next attempt: after a redirect
-            // or a lost session, many agents move at once.
-            let jitter = match opened {
+            // After a redirect or a lost session many agents move at once: the dialer pauses
+            // a little (randomly), and backs off after a whole round without a welcome.
+            let pause = match opened {
                 Ok(session) => {
-                    backoff = self.reconnect;
-                    failed = 0;
+                    dial.welcomed();
                     let io = SessionIo {
                         reports: Some(&mut reports),
                         latest: Some(latest.clone()),
@@ -263,28 +255,14 @@ impl AgentRunner {
                         Ok(()) => break,
                         Err(e) => {
                             warn!(%addr, error = %e, "lost the monitor");
-                            current = follow::after_loss(len, current, &e);
+                            dial.lost(&e)
                         }
                     }
-                    // With one monitor, as before issue 12: `reconnect_ms` before dialling it
-                    // again.
-                    if len == 1 {
-                        let mut stop2 = stop.clone();
-                        tokio::select! {
-                            _ = tokio::time::sleep(self.reconnect) => {}
-                            _ = stop2.changed() => {}
-                        }
-                        continue;
-                    }
-                    true
                 }
                 Err(SessionError::NotLeader { leader, .. }) => {
-                    failed += 1;
-                    let to =
-                        follow::after_redirect(&self.monitors, current % len, leader.as_deref());
-                    info!(%addr, ?leader, next = %self.monitors[to], "monitor is not the leader; trying the next");
-                    current = to;
-                    true
+                    let pause = dial.redirected(&self.monitors, leader.as_deref());
+                    info!(%addr, ?leader, next = %self.monitors[dial.current()], "monitor is not the leader; trying the next");
+                    pause
                 }
                 Err(e) => {
                     if let Some(why) = e.unmanaged_reason() {
@@ -296,20 +274,8 @@ impl AgentRunner {
                     } else {
                         warn!(%addr, error = %e, "cannot reach monitor");
                     }
-                    failed += 1;
-                    current = follow::next(len, current);
-                    false
+                    dial.failed()
                 }
-            };
-            let pause = if failed > 0 && (failed % len == 0 || backoff > self.reconnect) {
-                // A whole round without a welcome: back off.
-                let b = backoff;
-                backoff = (backoff * 2).min(max_backoff);
-                b
-            } else if jitter {
-                follow::jitter(follow::JITTER_MAX)
-            } else {
-                Duration::ZERO
             };
             if !pause.is_zero() {
                 let mut stop2 = stop.clone();
