@@ -37,29 +37,6 @@ use vigil_common::wire::{AdminRequest, Hello};
 use vigil_monitor::api::StatusView;
 use vigil_monitor::ctl::client::AdminClient;
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-/// CPU seconds (user + system) and RSS bytes of a process, from /proc.
-fn proc_usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may contain spaces.
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime is field 14, stime 15 (1-based); after ')' field 3 is index 0.
-    let cpu_ticks = ticks(11) + ticks(12);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
-    (cpu_ticks as f64 / 100.0, rss_kb * 1024)
-}
-
 async fn status(c: &mut AdminClient) -> Result<StatusView, String> {
     c.call::<StatusView>(&AdminRequest::Status)
         .await

@@ -40,10 +40,6 @@ use vigil_monitor::ctl::client::AdminClient;
 const WAIT: Duration = Duration::from_secs(30);
 const HOST: &str = "hv1";
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
 fn env_num(name: &str, default: u64) -> u64 {
     env_or(name, &default.to_string())
         .parse()
