@@ -468,6 +468,31 @@ fn random_scenario(seed: u64) -> String {
             s.push_str(&format!("at {mt} {f}\n"));
         }
     }
+    // Issue 12 item 9: a third of the runs change cluster settings while the faults happen,
+    // as `vigilctl config set` does (drawn from a third generator, so the draws above stay
+    // as they were): ha_tag set and unset (no host carries it: placement falls back to any
+    // host, loudly), and the detector's down_after_ms. Those runs have a lease long enough
+    // for the lease's check against the storage interval that every change passes.
+    let mut cr = Rng(seed ^ 0x0C0F_16A7_5E77_1465);
+    if cr.below(3) == 0 {
+        s.insert_str(0, "lease duration_ms=3000\n");
+        let mut ct = 500;
+        loop {
+            ct += 500 + cr.below(5_000);
+            if ct >= t {
+                break;
+            }
+            let f = match cr.below(3) {
+                0 => "config-set recovery.ha_tag ha by=op".to_string(),
+                1 => "config-unset recovery.ha_tag by=op".to_string(),
+                _ => format!(
+                    "config-set detector.down_after_ms {} by=op",
+                    700 + cr.below(1_200)
+                ),
+            };
+            s.push_str(&format!("at {ct} {f}\n"));
+        }
+    }
     // Heal everything (the monitors first: operators' commands need them). A partition a
     // `when` fault starts late (10 s at most after its time) is healed by the second line.
     t += 100;
@@ -507,6 +532,8 @@ fn seeded_random_faults_never_run_a_vm_twice() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1);
     let mut unsettled_runs = Vec::new();
+    // Runs in which an operator's settings change committed (not every one is refused).
+    let mut changed_settings = 0;
     for seed in base..base + runs {
         let text = random_scenario(seed);
         let sc = Scenario::parse(&text).expect("generated scenario parses");
@@ -516,6 +543,9 @@ fn seeded_random_faults_never_run_a_vm_twice() {
                 "seed {seed}: {v}\nreproduce: VIGIL_SIM_SEED={seed} VIGIL_SIM_RUNS=1 cargo test -p vigil-monitor --test scenarios seeded\n--- scenario\n{text}\n--- log\n{}",
                 sim.event_log()
             );
+        }
+        if text.contains("config-") && sim.event_log().contains("admin:op changed") {
+            changed_settings += 1;
         }
         let mut unsettled = sim.settled();
         // And exactly one monitor acts as leader.
@@ -530,6 +560,11 @@ fn seeded_random_faults_never_run_a_vm_twice() {
             unsettled_runs.push(format!("seed {seed}: {unsettled:?}"));
         }
     }
+    eprintln!("{changed_settings} of {runs} runs committed a settings change");
+    assert!(
+        runs < 30 || changed_settings > 0,
+        "no run of {runs} committed a settings change: the generator's `config-set` lines are all refused"
+    );
     // Liveness: once every fault is healed, exactly one monitor acts as leader, and every HA
     // VM runs again or is deliberately left alone (stopped by its guest or an operator, or
     // given up after its budget).
