@@ -45,6 +45,20 @@ pub fn sim_facts(name: &str) -> vigil_common::wire::HostFacts {
     }
 }
 
+/// The hello of a simulated agent for host `name` (zone `z`, cluster `c`, no pools) with
+/// `facts`, as the benchmarks send it.
+pub fn sim_hello(name: &str, facts: vigil_common::wire::HostFacts) -> vigil_common::wire::Hello {
+    vigil_common::wire::Hello {
+        host: name.to_string(),
+        agent_version: "bench".into(),
+        zone: "z".into(),
+        cluster: "c".into(),
+        facts,
+        instance: 1,
+        pools: vec![],
+    }
+}
+
 /// Paths of the binaries under test.
 pub fn bin(name: &str) -> PathBuf {
     let exe = match name {

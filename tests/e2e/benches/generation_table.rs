@@ -24,7 +24,7 @@ use vigil_agent::generations::Generations;
 use vigil_agent::session::{Session, SessionIo};
 use vigil_common::codec;
 use vigil_common::tls::{self, Role, TransportTuning};
-use vigil_common::wire::{self, Hello, HostFacts, MonitorToAgent};
+use vigil_common::wire::{self, HostFacts, MonitorToAgent};
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -90,15 +90,7 @@ fn main() {
         uptime_s: 1,
         boot_id: "b".into(),
     };
-    let hello = Hello {
-        host: "bench-agent".into(),
-        agent_version: "bench".into(),
-        zone: "z".into(),
-        cluster: "c".into(),
-        facts: facts.clone(),
-        instance: 1,
-        pools: vec![],
-    };
+    let hello = sim_hello("bench-agent", facts.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let probe = exec.clone();
     let (setup, delivery) = seeders.rt.block_on(async move {

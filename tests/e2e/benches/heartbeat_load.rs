@@ -33,7 +33,7 @@ use harness::*;
 use vigil_agent::session::Session;
 use vigil_common::config::MonitorConfig;
 use vigil_common::tls::{CaSigner, Role};
-use vigil_common::wire::{AdminRequest, Hello};
+use vigil_common::wire::AdminRequest;
 use vigil_monitor::api::StatusView;
 use vigil_monitor::ctl::client::AdminClient;
 
@@ -202,15 +202,7 @@ fn run_level(pki: &Pki, n: usize, sz: &Sizes) -> Result<Row, String> {
             let sem = sem.clone();
             tokio::spawn(async move {
                 let facts = sim_facts(&name);
-                let hello = Hello {
-                    host: name.clone(),
-                    agent_version: "bench".into(),
-                    zone: "z".into(),
-                    cluster: "c".into(),
-                    facts: facts.clone(),
-                    instance: 1,
-                    pools: vec![],
-                };
+                let hello = sim_hello(&name, facts.clone());
                 // As the real agent does: a refused or lost session is opened again (a
                 // leader that steps down, even for a moment, drops its sessions and refuses
                 // new ones), until the benchmark stops.

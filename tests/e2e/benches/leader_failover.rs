@@ -36,7 +36,7 @@ use vigil_agent::follow::Dialer;
 use vigil_agent::session::{Session, SessionError};
 use vigil_common::config::AgentConfig;
 use vigil_common::tls::{CaSigner, Role};
-use vigil_common::wire::{AdminRequest, Hello};
+use vigil_common::wire::AdminRequest;
 use vigil_monitor::api::StatusView;
 use vigil_monitor::ctl::client::AdminClient;
 
@@ -115,15 +115,7 @@ fn one_run(pki: &Pki, run: usize, n: usize) -> Result<Run, String> {
             let monitors = monitors.clone();
             tokio::spawn(async move {
                 let facts = sim_facts(&name);
-                let hello = Hello {
-                    host: name.clone(),
-                    agent_version: "bench".into(),
-                    zone: "z".into(),
-                    cluster: "c".into(),
-                    facts: facts.clone(),
-                    instance: 1,
-                    pools: vec![],
-                };
+                let hello = sim_hello(&name, facts.clone());
                 let mut dial = Dialer::new(monitors.len(), reconnect);
                 while !*stop.borrow() {
                     let addr = monitors[dial.current()];

@@ -237,10 +237,15 @@ fn tag_hv1_and_wait_replicated(ctl: &Ctl, members: &BTreeMap<u64, Member>, tag: 
 
 /// Three voters, mon1 added the others; returns the leader they agree on.
 fn three_voters(pki: &Pki) -> (BTreeMap<u64, Member>, u64) {
+    three_voters_with(pki, "")
+}
+
+/// [`three_voters`], mon3 with `mon3_more` in its file (whole sections).
+fn three_voters_with(pki: &Pki, mon3_more: &str) -> (BTreeMap<u64, Member>, u64) {
     let mut members = BTreeMap::new();
     members.insert(1, start(pki, 1, "--init"));
     members.insert(2, start(pki, 2, "--join"));
-    members.insert(3, start(pki, 3, "--join"));
+    members.insert(3, start_with(pki, 3, "--join", mon3_more));
     for id in [2u64, 3] {
         let addr = members[&id].raft.to_string();
         let out = members[&1]
@@ -761,25 +766,7 @@ fn config(m: &Member) -> Option<Value> {
 #[test]
 fn the_cluster_settings_are_one_for_every_monitor_and_outlive_the_leader() {
     let pki = Pki::new();
-    let mut members = BTreeMap::new();
-    members.insert(1, start(&pki, 1, "--init"));
-    members.insert(2, start(&pki, 2, "--join"));
-    members.insert(
-        3,
-        start_with(&pki, 3, "--join", "[recovery]\nha_tag = \"other\"\n"),
-    );
-    for id in [2u64, 3] {
-        let addr = members[&id].raft.to_string();
-        let out = members[&1]
-            .ctl
-            .run(&["server", "add", &id.to_string(), &addr]);
-        assert!(
-            out.status.success(),
-            "server add {id}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let leader = wait_for(WAIT, || agreed_leader(&members, 3)).expect("an agreed leader");
+    let (mut members, leader) = three_voters_with(&pki, "[recovery]\nha_tag = \"other\"\n");
     // Seeded once, from mon1's file (no ha_tag), and the same on every monitor.
     let seeded = wait_for(WAIT, || {
         let all: Vec<Value> = members.values().filter_map(config).collect();
