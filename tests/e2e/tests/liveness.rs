@@ -119,8 +119,19 @@ fn killed_agent_turns_its_host_down_within_the_timeout() {
     })
     .unwrap_or_else(|| panic!("hv2 not up: {:?}; {hv2:#?}", ctl.liveness("hv2")));
 
-    // The event log tells hv1's story in order.
-    let msgs = for_host("hv1");
+    // The event log tells hv1's story in order. `liveness` is the leader's live view; the
+    // event that says so commits through Raft a moment later (CI once read the log in
+    // between), so wait for it.
+    let msgs = wait_for(Duration::from_secs(10), || {
+        let msgs: Vec<String> = ctl
+            .events()
+            .iter()
+            .filter(|e| e["host"] == "hv1")
+            .filter_map(|e| e["message"].as_str().map(String::from))
+            .collect();
+        msgs.iter().any(|m| m.contains("is down")).then_some(msgs)
+    })
+    .unwrap_or_else(|| for_host("hv1"));
     let pos = |needle: &str| msgs.iter().position(|m| m.contains(needle));
     let (up, suspect, downp) = (pos("is up"), pos("is suspect"), pos("is down"));
     assert!(
