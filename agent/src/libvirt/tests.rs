@@ -409,6 +409,15 @@ async fn survives_a_libvirtd_restart() {
         return;
     };
     let socket = "/run/libvirt/libvirt-sock";
+    // Ends the libvirtd it holds when dropped, so a failed assertion leaves none running
+    // (two did once, after the reconnection timed out).
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
     let spawn = || {
         let child = std::process::Command::new(&daemon)
             .stdout(std::process::Stdio::null())
@@ -420,7 +429,7 @@ async fn survives_a_libvirtd_restart() {
             assert!(Instant::now() < until, "libvirtd did not create {socket}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        child
+        Daemon(child)
     };
     let t0 = Instant::now();
     let mut child = spawn();
@@ -431,8 +440,8 @@ async fn survives_a_libvirtd_restart() {
     assert_eq!(hv.connects(), 1);
     eprintln!("first connection after {:?}", t0.elapsed());
 
-    child.kill().expect("kill libvirtd");
-    child.wait().expect("reap libvirtd");
+    child.0.kill().expect("kill libvirtd");
+    child.0.wait().expect("reap libvirtd");
     let _ = std::fs::remove_file(socket);
     let until = Instant::now() + Duration::from_secs(10);
     loop {
@@ -445,7 +454,7 @@ async fn survives_a_libvirtd_restart() {
     assert!(matches!(hv.health(), HypervisorHealth::Unhealthy { .. }));
 
     let t1 = Instant::now();
-    let mut child = spawn();
+    let _child = spawn();
     eprintln!("second libvirtd's socket after {:?}", t1.elapsed());
     // The worker reconnects in the background (no call needed) and re-registers for events.
     // Budget: the worker's longest backoff (5 s) plus one libvirtd start on a warm cache.
@@ -476,6 +485,4 @@ async fn survives_a_libvirtd_restart() {
         }
     };
     assert_eq!(ev.kind, LifecycleKind::Defined);
-    let _ = child.kill();
-    let _ = child.wait();
 }
