@@ -270,8 +270,9 @@ pub async fn warn_of_settings_drift(
 ) {
     let mut seen = 0;
     loop {
-        let record = raft.read(|s| s.settings.clone());
-        if let Some(r) = record.filter(|r| r.revision != seen) {
+        // The whole record only when its revision moved (this runs every 2 s).
+        let record = raft.read(|s| s.settings.as_ref().filter(|r| r.revision != seen).cloned());
+        if let Some(r) = record {
             seen = r.revision;
             let differs = vigil_common::settings::diff(&r.settings, &file);
             if differs.is_empty() {
