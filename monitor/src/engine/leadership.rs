@@ -1,6 +1,7 @@
 //! Becoming and losing leadership: what a new leader forgets, re-registers and waits for,
 //! and the leader record the storage threads publish.
 
+use super::storage::outage_scope;
 use super::*;
 
 /// How long an adoption proposal may stay uncommitted before it is made again.
@@ -77,8 +78,13 @@ impl Engine {
             .collect();
         // What the event log last recorded per host, in one pass: a new leader hears it all
         // again, which is no state change and gets no event.
+        // So is a storage outage the log recorded last for a pool, while the hosts the log
+        // last recorded that pool down on are the ones the outage names: the predecessor
+        // reported it. (A host logged up again since, or another logged down, is a change
+        // the predecessor had not judged yet: it is judged and logged as new.)
         self.logged_liveness.clear();
         self.logged_pools.clear();
+        let mut outages: BTreeMap<String, (bool, Vec<String>)> = BTreeMap::new();
         for e in &cx.state.events {
             match (&e.host, &e.kind) {
                 (Some(h), EventKind::HostLiveness { to, .. }) => {
@@ -87,9 +93,33 @@ impl Engine {
                 (Some(h), EventKind::PoolState { pool, ok }) => {
                     self.logged_pools.insert((h.clone(), pool.clone()), *ok);
                 }
+                (
+                    _,
+                    EventKind::StorageOutage {
+                        pool,
+                        pool_wide,
+                        hosts,
+                    },
+                ) => {
+                    outages.insert(pool.clone(), (*pool_wide, hosts.clone()));
+                }
                 _ => {}
             }
         }
+        self.outages = outages
+            .into_iter()
+            .filter(|(pool, (_, hosts))| {
+                let logged_down: Vec<&String> = self
+                    .logged_pools
+                    .iter()
+                    .filter(|((_, p), ok)| p == pool && !**ok)
+                    .map(|((h, _), _)| h)
+                    .collect();
+                // (Recorded before the hosts were kept: the scope is unknown.)
+                !hosts.is_empty() && logged_down.iter().copied().eq(hosts.iter())
+            })
+            .map(|(pool, (pool_wide, hosts))| (pool, outage_scope(pool_wide, &hosts)))
+            .collect();
         self.fenced_before_election = cx
             .state
             .hosts

@@ -83,7 +83,14 @@ impl Engine {
                 e.1.push(host.as_str());
             }
         }
-        let mut outages = BTreeMap::new();
+        // A pool that no connected host reports on (a new leader that hears no agent yet)
+        // keeps what the log last recorded of it: nothing new is known.
+        let mut outages: BTreeMap<String, String> = self
+            .outages
+            .iter()
+            .filter(|(pool, _)| !by_pool.contains_key(pool.as_str()))
+            .map(|(pool, scope)| (pool.clone(), scope.clone()))
+            .collect();
         for (pool, (up, down)) in by_pool {
             if down.is_empty() {
                 continue;
@@ -94,26 +101,25 @@ impl Engine {
                 // one-host outage was reported pool-wide for 0.8 s after an election). A
                 // pool-wide outage does nothing but wait, so waiting to judge costs nothing;
                 // it is judged once they are back, or the first lease after the election ends.
+                // What the log last recorded stays recorded meanwhile.
+                if let Some(scope) = self.outages.get(pool) {
+                    outages.insert(pool.to_string(), scope.clone());
+                }
                 continue;
             }
-            let (scope, message) = if up.is_empty() {
-                (
-                    format!("pool-wide:{}", down.join(",")),
-                    format!(
+            let scope = outage_scope(up.is_empty(), &down);
+            let message = if up.is_empty() {
+                format!(
                         "storage pool {pool} is down on every host that mounts it ({}): a pool-wide outage. No host is fenced for it; its HA VMs wait and restart when it is back",
                         down.join(", ")
-                    ),
-                )
+                    )
             } else {
-                (
-                    format!("hosts:{}", down.join(",")),
-                    format!(
+                format!(
                         "storage pool {pool} is down on {} only (up on {}): their HA VMs move to hosts that reach it if it stays down for {} s",
                         down.join(", "),
                         up.join(", "),
                         STORAGE_FAULT_GRACE_MS / 1000
-                    ),
-                )
+                    )
             };
             if self.outages.get(pool) != Some(&scope) {
                 record_event(
@@ -124,6 +130,7 @@ impl Engine {
                     EventKind::StorageOutage {
                         pool: pool.to_string(),
                         pool_wide: up.is_empty(),
+                        hosts: down.iter().map(|h| h.to_string()).collect(),
                     },
                     message,
                 );
@@ -193,5 +200,16 @@ impl Engine {
             .filter(|((h, _), _)| h == host)
             .map(|(_, p)| p.clone())
             .collect()
+    }
+}
+
+/// What makes two reports of a pool's outage the same outage: pool-wide or not, and the hosts
+/// it is down on (sorted). One event per scope, whichever monitor leads when it is judged.
+pub(super) fn outage_scope<S: AsRef<str>>(pool_wide: bool, down: &[S]) -> String {
+    let hosts: Vec<&str> = down.iter().map(|h| h.as_ref()).collect();
+    if pool_wide {
+        format!("pool-wide:{}", hosts.join(","))
+    } else {
+        format!("hosts:{}", hosts.join(","))
     }
 }

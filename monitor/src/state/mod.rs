@@ -144,6 +144,10 @@ pub enum EventKind {
     StorageOutage {
         pool: String,
         pool_wide: bool,
+        /// The hosts it is down on, sorted (what makes it the same outage for a new
+        /// leader). Empty in events recorded before it was kept.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        hosts: Vec<String>,
     },
     /// A storage pool went down or came back on a host.
     PoolState {
