@@ -101,3 +101,57 @@ fn restart_after_clean_stop_keeps_state() {
 fn restart_after_kill_9_keeps_state() {
     restart_keeps_hosts_tags_and_events(true);
 }
+
+/// Issue 12 item 9: a monitor whose own file says another heartbeat interval than the
+/// cluster's (its file was edited after the cluster was seeded from it) says so at start-up,
+/// and tells agents the cluster's interval, not its file's: every monitor tells agents the
+/// same, whatever its file holds.
+#[test]
+fn a_monitor_whose_file_drifted_tells_agents_the_clusters_heartbeat_interval() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mut mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let seeded = wait_for(Duration::from_secs(20), || {
+        ctl.json(&["config", "show"])
+            .ok()
+            .filter(|c| c["revision"] == 1)
+    })
+    .expect("the settings seeded from the file");
+    assert_eq!(
+        seeded["values"]["detector.heartbeat_interval_ms"], "100",
+        "{seeded}"
+    );
+
+    // The file is edited after the seed: 250 ms there, 100 ms in the cluster.
+    mon.proc_.terminate();
+    let text = std::fs::read_to_string(&mon.config).expect("read config");
+    let edited = text.replace("heartbeat_interval_ms = 100", "heartbeat_interval_ms = 250");
+    assert_ne!(text, edited, "the interval is in the file");
+    std::fs::write(&mon.config, edited).expect("write config");
+    mon.restart(false);
+    ctl.wait_ready(Duration::from_secs(20));
+    wait_for(Duration::from_secs(20), || {
+        mon.proc_
+            .log_text()
+            .contains("differs from the cluster settings in detector.heartbeat_interval_ms")
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("no drift warning: {}", log_tail(&mon.proc_.log_text(), 30)));
+
+    let agent = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    wait_for(Duration::from_secs(30), || {
+        (ctl.liveness("hv1").as_deref() == Some("up")).then_some(())
+    })
+    .expect("hv1 up");
+    let log = agent.proc_.log_text();
+    let welcomed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("connected to monitor"))
+        .collect();
+    assert!(
+        !welcomed.is_empty() && welcomed.iter().all(|l| l.contains("interval=100ms")),
+        "the agent was told another interval than the cluster's: {welcomed:?}"
+    );
+}
