@@ -28,8 +28,9 @@ pub struct Args {
     #[arg(long, conflicts_with = "join")]
     pub init: bool,
     /// Join an existing monitor cluster (needs `[raft] listen`): create an empty database
-    /// in `data_dir` and wait until the leader adds this monitor (`vigilctl server add`).
-    /// Refused when `data_dir` already holds a cluster.
+    /// in `data_dir` and wait, taking no Raft message, until the leader admits and adds this
+    /// monitor (`vigilctl server add`; at a formation, the `--init` monitor admits its
+    /// `[raft] peers`). Refused when `data_dir` already holds a cluster.
     #[arg(long)]
     pub join: bool,
     /// Build a new one-node cluster in `data_dir` from a backup file (`vigilctl db backup`)

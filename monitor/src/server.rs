@@ -393,6 +393,13 @@ impl Monitor {
                 backup.header.created_at_ms
             );
         }
+        if mode == StartMode::Join && !db.exists() {
+            // Silent on Raft until the leader admits it (`raft::reset`): a member whose files
+            // were deleted by hand and started with `--join` must not vote, empty.
+            crate::raft::reset::begin_join(&cfg.data_dir).with_context(|| {
+                format!("--join: writing the marker in {}", cfg.data_dir.display())
+            })?;
+        }
         if mode == StartMode::Reset {
             let moved =
                 crate::raft::reset::begin(&cfg.data_dir, DB_FILE_NAME, vigil_common::unix_ms())
@@ -471,7 +478,7 @@ impl Monitor {
         let reset_gate = crate::raft::reset::ResetGate::load(&cfg.data_dir);
         if reset_gate.is_waiting() {
             warn!(
-                "this monitor was reset and takes no Raft message until the leader re-admits it: run `vigilctl server reset {}` against the leader",
+                "this monitor started empty (--join or --reset) and takes no Raft message until the leader admits it: `vigilctl server add {0} ADDR` for a new monitor, `vigilctl server reset {0}` for a member whose database was lost (a cluster's formation admits its [raft] peers by itself)",
                 cfg.node_id
             );
         }
@@ -489,6 +496,15 @@ impl Monitor {
                 .iter()
                 .map(|p| (p.id, p.addr.clone()))
                 .collect();
+            // The peers started with `--join` wait to be admitted; this monitor admits them
+            // (recorded first, so a restart goes on with it).
+            let to_admit: Vec<(u64, String)> = peers
+                .iter()
+                .filter(|(id, _)| **id != cfg.node_id)
+                .map(|(id, addr)| (*id, addr.clone()))
+                .collect();
+            crate::raft::reset::write_formation(&cfg.data_dir, &to_admit)
+                .context("recording the [raft] peers to admit")?;
             raft.initialize_with_if_new(&peers)
                 .await
                 .context("initializing the monitor cluster")?;
@@ -503,6 +519,15 @@ impl Monitor {
         }
 
         let (stop, stop_rx) = watch::channel(false);
+        if let Some(ep) = &raft_endpoint_handle {
+            if cfg.data_dir.join(crate::raft::reset::FORMATION).exists() {
+                tokio::spawn(crate::raft::reset::admit_formation_peers(
+                    ep.clone(),
+                    cfg.data_dir.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+        }
         let epoch = Instant::now();
         // Everything this monitor does as leader outside Raft (engine, VIP) follows its leader
         // lease, not Raft's own view (openraft never steps a cut-off leader down).

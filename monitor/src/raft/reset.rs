@@ -19,6 +19,16 @@
 //!    committed it hold every committed entry, and the leader drops N's progress), then
 //!    re-admits N ([`ResetStep::Admit`]: the marker goes) and adds it back as a learner,
 //!    waits until it has caught up, and makes it a voter.
+//!
+//! A monitor started with `--join` on an empty data directory waits the same way
+//! ([`begin_join`]). A new monitor cannot be told from a member whose files were deleted by
+//! hand and that was started with `--join` (the mistake this closes: empty, such a member
+//! granted votes, and a committed entry could be lost). Only an explicit act lets it speak:
+//! - `vigilctl server add N ADDR` admits it, and only while N is no member (a member in
+//!   that state needs `server reset N`, which removes it first);
+//! - at a cluster's formation, the monitor started with `--init` admits the monitors its
+//!   `[raft] peers` names ([`FORMATION`]: kept in its data directory until each one has
+//!   answered, so a restart resumes it).
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -29,6 +39,10 @@ use serde::{Deserialize, Serialize};
 
 /// The marker file, in `data_dir`, of a monitor that waits to be re-admitted.
 pub const MARKER: &str = "reset-pending";
+
+/// The file, in the `--init` monitor's `data_dir`, of the `[raft] peers` it has still to
+/// admit (one `ID ADDR` line each).
+pub const FORMATION: &str = "admit-peers";
 
 /// What the leader asks a monitor during `server reset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,8 +118,9 @@ impl ResetGate {
     pub fn refusal(&self, node_id: u64) -> Option<String> {
         self.is_waiting().then(|| {
             format!(
-                "mon{node_id} was reset (`vigil-monitor --reset`) and takes no Raft message until \
-                 the leader re-admits it: run `vigilctl server reset {node_id}` against the leader"
+                "mon{node_id} started empty (`--join` or `--reset`) and takes no Raft message \
+                 until the leader admits it: `vigilctl server add {node_id} ADDR` for a new \
+                 monitor, `vigilctl server reset {node_id}` for a member whose database was lost"
             )
         })
     }
@@ -139,6 +154,133 @@ pub fn begin(data_dir: &Path, db_name: &str, now_ms: u64) -> io::Result<Option<P
     f.sync_all()?;
     std::fs::File::open(data_dir)?.sync_all()?;
     Ok(moved)
+}
+
+/// `--join` on a data directory with no database: writes the marker durably (before the
+/// database is created, so a crash in between leaves a waiting monitor, never a voting one).
+pub fn begin_join(data_dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(data_dir)?;
+    let mut f = std::fs::File::create(data_dir.join(MARKER))?;
+    writeln!(
+        f,
+        "This monitor was started with --join on an empty data directory and waits for the \
+         leader to admit it (vigilctl server add <node id> <addr>; vigilctl server reset <node \
+         id> if it was a member whose files were lost). Do not remove this file by hand."
+    )?;
+    f.sync_all()?;
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// `--init` with `[raft] peers`: records the peers to admit, durably.
+pub fn write_formation(data_dir: &Path, peers: &[(u64, String)]) -> io::Result<()> {
+    std::fs::create_dir_all(data_dir)?;
+    let path = data_dir.join(FORMATION);
+    if peers.is_empty() {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    } else {
+        let tmp = data_dir.join(format!("{FORMATION}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        for (id, addr) in peers {
+            writeln!(f, "{id} {addr}")?;
+        }
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    std::fs::File::open(data_dir)?.sync_all()
+}
+
+/// The peers the `--init` monitor has still to admit (none without the file). A line that
+/// does not read as `ID ADDR` is an error naming it.
+pub fn read_formation(data_dir: &Path) -> io::Result<Vec<(u64, String)>> {
+    let path = data_dir.join(FORMATION);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            match (
+                parts.next().and_then(|id| id.parse::<u64>().ok()),
+                parts.next(),
+                parts.next(),
+            ) {
+                (Some(id), Some(addr), None) => Ok((id, addr.to_string())),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: line {l:?} is not `ID ADDR`", path.display()),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// The `--init` monitor's side of a formation: admits each peer in [`FORMATION`] until it
+/// has answered (a peer not started yet is tried again every 500 ms), removing it from the
+/// file as it does. Ends when none is left, or at `stop`.
+pub async fn admit_formation_peers(
+    endpoint: super::quic::RaftEndpoint,
+    data_dir: PathBuf,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let mut left = match read_formation(&data_dir) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the peers to admit; remove the file and admit them with `vigilctl server reset ID --addr ADDR`");
+                return;
+            }
+        };
+        if left.is_empty() {
+            return;
+        }
+        let before = left.len();
+        let mut i = 0;
+        while i < left.len() {
+            let (id, addr) = left[i].clone();
+            match endpoint
+                .reset_step(
+                    id,
+                    &addr,
+                    ResetStep::Admit,
+                    std::time::Duration::from_secs(2),
+                )
+                .await
+            {
+                Ok(reply) => {
+                    tracing::info!(
+                        peer = id,
+                        %addr,
+                        was_waiting = reply.waiting,
+                        "formation: [raft] peer admitted"
+                    );
+                    left.remove(i);
+                }
+                Err(e) => {
+                    tracing::debug!(peer = id, %addr, error = %e, "formation: peer not admitted yet");
+                    i += 1;
+                }
+            }
+        }
+        if left.len() != before {
+            if let Err(e) = write_formation(&data_dir, &left) {
+                tracing::warn!(error = %e, "cannot update the peers to admit");
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -180,6 +322,41 @@ mod tests {
             gate.answer(ResetStep::Admit).expect("again"),
             ResetReply { waiting: false }
         );
+    }
+
+    #[test]
+    fn a_monitor_joining_on_an_empty_data_directory_waits_to_be_admitted() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().join("data");
+        begin_join(&dir).expect("begin_join");
+        let gate = ResetGate::load(&dir);
+        let why = gate.refusal(3).expect("a joining monitor waits");
+        assert!(
+            why.contains("server add 3") && why.contains("server reset 3"),
+            "{why}"
+        );
+        assert!(ResetGate::load(&dir).is_waiting(), "after a restart too");
+        assert!(gate.answer(ResetStep::Admit).expect("admit").waiting);
+        assert!(!ResetGate::load(&dir).is_waiting());
+    }
+
+    #[test]
+    fn the_formation_list_survives_a_restart_and_names_a_bad_line() {
+        let d = tempfile::tempdir().expect("tempdir");
+        assert!(read_formation(d.path()).expect("none").is_empty());
+        let peers = vec![
+            (2, "10.0.0.2:7441".to_string()),
+            (3, "mon3:7441".to_string()),
+        ];
+        write_formation(d.path(), &peers).expect("write");
+        assert_eq!(read_formation(d.path()).expect("read"), peers);
+        write_formation(d.path(), &peers[1..]).expect("one admitted");
+        assert_eq!(read_formation(d.path()).expect("read"), peers[1..].to_vec());
+        write_formation(d.path(), &[]).expect("all admitted");
+        assert!(!d.path().join(FORMATION).exists());
+        std::fs::write(d.path().join(FORMATION), "2 a:1\nthree b:1\n").expect("write");
+        let e = read_formation(d.path()).expect_err("bad line");
+        assert!(e.to_string().contains("three b:1"), "{e}");
     }
 
     #[test]

@@ -189,14 +189,16 @@ fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
     // The earlier write survived the failover.
     assert!(tagged_everywhere(&members, "hv1", "ha"));
 
-    // A server that never catches up stays a learner, and the error says so; `server del`
-    // removes it, and removes the dead leader (no learner left behind: retain=false).
+    // A server that does not answer is not added (it could not be admitted), and the error
+    // says so; `server del` removes the dead leader (no learner left behind: retain=false).
     let nobody = loopback().to_string();
     let leader_ctl = &members[&new_leader].ctl;
     let out = leader_ctl.run(&["server", "add", "9", &nobody, "--wait", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("stays a learner"),
+        !out.status.success()
+            && stderr.contains("does not answer")
+            && stderr.contains("nothing was changed"),
         "{stderr}\nmon{new_leader} log:\n{}",
         members[&new_leader]
             .mon
@@ -207,6 +209,13 @@ fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    let listed = leader_ctl.json(&["server", "list"]).expect("server list");
+    assert!(
+        listed["servers"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|x| x["id"] != 9)),
+        "{listed}"
+    );
     for id in ["9".to_string(), leader.to_string()] {
         let out = leader_ctl.run(&["server", "del", &id]);
         assert!(
@@ -216,8 +225,8 @@ fn three_monitors_replicate_and_elect_a_new_leader_after_a_kill() {
         );
     }
     wait_for(WAIT, || agreed_leader(&members, 2)).expect("two voters left, one leader");
-    // And the cluster still commits (a learner that never caught up is never promoted: a
-    // joint configuration with it and the old leader dead could not commit anything).
+    // And the cluster still commits (had the silent node been added and promoted, a joint
+    // configuration with it and the old leader dead could not commit anything).
     tag_hv1_and_wait_replicated(leader_ctl, &members, "after-del");
 }
 
@@ -582,16 +591,23 @@ fn a_follower_with_a_damaged_database_is_reset_and_catches_up() {
     );
 }
 
-/// The defect: a follower whose database was deleted by hand and that was started again
-/// with `--join` (same node id, still a member) tripped openraft's "follower log reversion
-/// is not allowed" assertion on the leader: its Raft core panicked and the cluster had no
-/// leader. Now the leader cuts that follower off, says why and what to do, and goes on
-/// committing with the third monitor; `--reset` and `server reset` then bring it back.
+/// Two defects of a follower whose database was deleted by hand and that was started again
+/// with `--join` (same node id, still a member):
+/// - it tripped openraft's "follower log reversion is not allowed" assertion on the leader,
+///   whose Raft core panicked (fixed by `raft::reversion`, which cuts such a follower off);
+/// - empty, it granted votes: with the leader gone it would elect a monitor that lacks
+///   entries only it had held, and a committed entry would be lost.
+///
+/// Now `--join` on an empty data directory waits, silent on Raft, until the leader admits
+/// it. The leader goes on committing with the third monitor; with the leader killed, the
+/// wiped monitor grants no vote (its term stays 0) and no leader is elected without the old
+/// one; `server reset` then brings it back, with every entry.
 #[test]
-fn a_member_wiped_by_hand_does_not_crash_the_leader_and_is_named() {
+fn a_member_wiped_by_hand_and_joined_again_grants_no_vote_until_reset() {
     let pki = Pki::new();
     let (mut members, leader, _agent) = three_voters_with_hv1(&pki);
     let victim = if leader == 3 { 2 } else { 3 };
+    let other = 6 - leader - victim;
     tag_hv1_and_wait_replicated(&members[&leader].ctl, &members, "before-wipe");
 
     let mut gone = members.remove(&victim).expect("victim");
@@ -603,37 +619,70 @@ fn a_member_wiped_by_hand_does_not_crash_the_leader_and_is_named() {
         gone.mon.addr,
         gone.mon.data_dir.clone(),
     );
-    gone.mon = MonitorProc::spawn_flags(config.clone(), addr, data_dir.clone(), &dir, &["--join"]);
+    gone.mon = MonitorProc::spawn_flags(config, addr, data_dir, &dir, &["--join"]);
     if let Err(e) = gone.ctl.wait_started(&mut gone.mon, WAIT) {
         panic!("mon{victim} --join did not start: {e}");
     }
-    let named = wait_for(WAIT, || {
-        members[&leader]
-            .mon
+    assert!(
+        gone.mon
             .proc_
             .log_text()
-            .contains(&format!("mon{victim}'s Raft log went back"))
-            .then_some(())
-    });
+            .contains("takes no Raft message until the leader admits it"),
+        "{}",
+        log_tail(&gone.mon.proc_.log_text(), 20)
+    );
+    // The leader still leads and commits with the third monitor, and nothing panics.
+    tag_hv1_and_wait_replicated(&members[&leader].ctl, &members, "after-wipe");
     let leader_log = members[&leader].mon.proc_.log_text();
     assert!(
         !leader_log.contains("panicked"),
         "{}",
         log_tail(&leader_log, 30)
     );
-    assert!(named.is_some(), "not named: {}", log_tail(&leader_log, 30));
-    // The leader still leads and commits with the third monitor.
-    tag_hv1_and_wait_replicated(&members[&leader].ctl, &members, "after-wipe");
-
-    // Brought back the supported way.
-    gone.mon.proc_.kill();
-    gone.mon = MonitorProc::spawn_flags(config, addr, data_dir, &dir, &["--reset"]);
-    if let Err(e) = gone.ctl.wait_started(&mut gone.mon, WAIT) {
-        panic!("mon{victim} --reset did not start: {e}");
-    }
-    let out = members[&leader]
+    // `server add` does not admit a member: that is what `server reset` is for.
+    let addr_in_membership = raft_addr_of(&members[&leader], victim);
+    members[&leader]
         .ctl
-        .run(&["server", "reset", &victim.to_string(), "--wait", "30"]);
+        .run(&["server", "add", &victim.to_string(), &addr_in_membership]);
+    assert!(
+        !gone.mon.proc_.log_text().contains("step=Admit"),
+        "server add admitted a member"
+    );
+
+    // The leader dies: the third monitor campaigns, the wiped one grants it nothing.
+    let old_term = term_of(&members[&leader]);
+    let mut dead = members.remove(&leader).expect("leader");
+    dead.mon.proc_.kill();
+    // Two elections lost, or one won (what the wiped monitor's vote did before).
+    let settled = wait_for(WAIT, || {
+        (term_of(&members[&other]) >= old_term + 2 || agreed_leader(&members, 3).is_some())
+            .then_some(())
+    });
+    assert!(settled.is_some(), "mon{other} never campaigned");
+    assert_eq!(
+        gone_term(&gone),
+        Some(0),
+        "the wiped monitor took part in an election"
+    );
+    assert!(
+        agreed_leader(&members, 3).is_none_or(|l| l != other),
+        "mon{other} was elected with the wiped monitor's vote"
+    );
+
+    // The old leader comes back; the wiped monitor is brought back the supported way.
+    dead.mon.restart(true);
+    members.insert(leader, dead);
+    let now_leader = wait_for(WAIT, || agreed_leader(&members, 3)).unwrap_or_else(|| {
+        let logs: Vec<String> = members
+            .iter()
+            .map(|(id, m)| format!("mon{id}:\n{}", log_tail(&m.mon.proc_.log_text(), 25)))
+            .collect();
+        panic!("no leader again with two monitors:\n{}", logs.join("\n"))
+    });
+    let out =
+        members[&now_leader]
+            .ctl
+            .run(&["server", "reset", &victim.to_string(), "--wait", "30"]);
     assert!(
         out.status.success(),
         "server reset {victim}: {}",
@@ -645,12 +694,33 @@ fn a_member_wiped_by_hand_does_not_crash_the_leader_and_is_named() {
     for t in ["before-wipe", "after-wipe"] {
         assert!(on_victim.iter().any(|x| x == t), "{t} lost: {on_victim:?}");
     }
-    let leader_log = members[&leader].mon.proc_.log_text();
-    assert!(
-        !leader_log.contains("panicked"),
-        "{}",
-        log_tail(&leader_log, 30)
-    );
+    for (id, m) in &members {
+        let log = m.mon.proc_.log_text();
+        assert!(!log.contains("panicked"), "mon{id}: {}", log_tail(&log, 30));
+    }
+}
+
+/// The Raft term `m` reports (`server list`), if it answers.
+fn gone_term(m: &Member) -> Option<u64> {
+    m.ctl.json(&["server", "list"]).ok()?["term"].as_u64()
+}
+
+/// The term `m` last reported, 0 if it does not answer.
+fn term_of(m: &Member) -> u64 {
+    gone_term(m).unwrap_or(0)
+}
+
+/// Node `id`'s Raft address as `m`'s membership holds it.
+fn raft_addr_of(m: &Member, id: u64) -> String {
+    m.ctl
+        .json(&["server", "list"])
+        .ok()
+        .and_then(|v| {
+            v["servers"].as_array()?.iter().find_map(|s| {
+                (s["id"].as_u64() == Some(id)).then(|| s["addr"].as_str().map(str::to_string))?
+            })
+        })
+        .unwrap_or_default()
 }
 
 /// Sends `sig` (`STOP`, `CONT`) to monitor `m`'s process.
