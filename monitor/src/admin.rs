@@ -611,6 +611,7 @@ async fn take_backup(ctx: &AdminContext, held: &mut Option<HeldBackup>) -> Admin
         ctx.raft.node_id(),
         ctx.raft.addr(),
         ctx.raft.voter_ids(),
+        ctx.raft.member_addrs(),
         vigil_common::unix_ms(),
     );
     // Serializing a large state takes a while: off the runtime's workers.

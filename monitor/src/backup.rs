@@ -55,6 +55,11 @@ pub struct BackupHeader {
     pub source_addr: String,
     /// The voters of the source cluster when it was taken.
     pub source_voters: Vec<u64>,
+    /// Every member of the source cluster (voters and learners) with its Raft address: a
+    /// restore asks each one whether it still runs (absent in backups written before it was
+    /// kept: then only the source node is asked).
+    #[serde(default)]
+    pub source_members: std::collections::BTreeMap<u64, String>,
     /// The last Raft log entry applied to the state in the body.
     pub last_applied: Option<LogId<u64>>,
     /// Counts of the body, for `vigilctl` and operators.
@@ -265,6 +270,7 @@ pub fn header_for(
     source_node: u64,
     source_addr: &str,
     source_voters: Vec<u64>,
+    source_members: std::collections::BTreeMap<u64, String>,
     created_at_ms: u64,
 ) -> BackupHeader {
     BackupHeader {
@@ -273,6 +279,7 @@ pub fn header_for(
         source_node,
         source_addr: source_addr.to_string(),
         source_voters,
+        source_members,
         last_applied,
         hosts: state.hosts.len(),
         vms: state.vms.len(),
@@ -301,6 +308,19 @@ pub fn restored_state(
     state
 }
 
+/// The monitors of a backup's source cluster that a restore on node `own_id` must ask whether
+/// they still run: every member but itself (the source node alone in an older backup).
+pub fn members_to_ask(header: &BackupHeader, own_id: u64) -> Vec<(u64, String)> {
+    let mut members = header.source_members.clone();
+    members
+        .entry(header.source_node)
+        .or_insert_with(|| header.source_addr.clone());
+    members
+        .into_iter()
+        .filter(|(id, _)| *id != own_id)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use openraft::CommittedLeaderId;
@@ -317,7 +337,15 @@ mod tests {
             tag: "ha".into(),
         });
         let last = Some(LogId::new(CommittedLeaderId::new(3, 1), 42));
-        let header = header_for(&state, last, 1, "127.0.0.1:7001", vec![1, 2, 3], 1_000);
+        let header = header_for(
+            &state,
+            last,
+            1,
+            "127.0.0.1:7001",
+            vec![1, 2, 3],
+            Default::default(),
+            1_000,
+        );
         (header, state)
     }
 
@@ -478,5 +506,38 @@ mod tests {
         back.restored = None;
         back.monitors = state.monitors.clone();
         assert_eq!(back, state);
+    }
+
+    #[test]
+    fn a_restore_asks_every_other_member_and_the_source_of_an_older_backup() {
+        let state = ClusterState::default();
+        let members = std::collections::BTreeMap::from([
+            (1, "10.0.0.1:7441".to_string()),
+            (2, "10.0.0.2:7441".to_string()),
+            (3, "10.0.0.3:7441".to_string()),
+        ]);
+        let h = header_for(&state, None, 2, "10.0.0.2:7441", vec![1, 2, 3], members, 1);
+        assert_eq!(
+            members_to_ask(&h, 1),
+            vec![
+                (2, "10.0.0.2:7441".to_string()),
+                (3, "10.0.0.3:7441".to_string())
+            ]
+        );
+        // Written before the members were kept: only the source node is known.
+        let older = header_for(
+            &state,
+            None,
+            2,
+            "10.0.0.2:7441",
+            vec![1, 2, 3],
+            Default::default(),
+            1,
+        );
+        assert_eq!(
+            members_to_ask(&older, 1),
+            vec![(2, "10.0.0.2:7441".to_string())]
+        );
+        assert!(members_to_ask(&older, 2).is_empty(), "never itself");
     }
 }

@@ -109,6 +109,41 @@ pub enum DataDirError {
          to keep"
     )]
     RestoreOverExisting { db: PathBuf },
+    #[error(
+        "--restore refused: {running} of the backed-up cluster still run (each answered on its \
+         Raft port and holds a cluster). A restored cluster beside the old one would be two \
+         deciders for the same hosts, and a VM could be started by both. Stop every monitor of \
+         the old cluster (one that should join the restored cluster starts later with \
+         `--join` on an empty data directory), then run --restore again; nothing was created"
+    )]
+    RestoreWhileRunning { running: String },
+}
+
+/// `--restore`: which of `members` (the backed-up cluster's other monitors) answer on their
+/// Raft port as monitors that hold a cluster (not waiting to be admitted), named for the
+/// refusal; empty when none does. Asked together, each within 3 s: an unreachable monitor
+/// is taken as stopped.
+async fn still_running(ep: &RaftEndpoint, members: &[(u64, String)]) -> String {
+    let asks = members.iter().map(|(id, addr)| async move {
+        let answer = ep
+            .reset_step(
+                *id,
+                addr,
+                crate::raft::reset::ResetStep::Probe,
+                Duration::from_secs(3),
+            )
+            .await;
+        match answer {
+            Ok(reply) if !reply.waiting => Some(format!("mon{id} at {addr}")),
+            _ => None,
+        }
+    });
+    let running: Vec<String> = futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    running.join(", ")
 }
 
 /// A running monitor.
@@ -351,6 +386,16 @@ impl Monitor {
                 Some((ep, bound, advertise))
             }
         };
+        if let (Some((_, backup)), Some((ep, _, _))) = (&restore, &raft_endpoint) {
+            let running = still_running(
+                ep,
+                &crate::backup::members_to_ask(&backup.header, cfg.node_id),
+            )
+            .await;
+            if !running.is_empty() {
+                return Err(DataDirError::RestoreWhileRunning { running }.into());
+            }
+        }
         if let Some((file, backup)) = &restore {
             // The membership holds the Raft address (or, without `[raft] listen`, the
             // client address), as `--init` would write it.

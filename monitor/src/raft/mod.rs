@@ -470,6 +470,17 @@ impl RaftNode {
         Ok((applied, state.clone()))
     }
 
+    /// Every member (voters and learners) with its Raft address.
+    pub fn member_addrs(&self) -> BTreeMap<u64, String> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect()
+    }
+
     /// The voters of the current membership.
     pub fn voter_ids(&self) -> Vec<u64> {
         let m = self.raft.metrics();

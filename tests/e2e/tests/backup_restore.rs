@@ -11,6 +11,8 @@
 //!
 //! `cargo test -p vigil-e2e --test backup_restore`
 
+#[path = "../cluster_support.rs"]
+mod cluster_support;
 #[path = "../harness.rs"]
 mod harness;
 #[path = "../scale_support.rs"]
@@ -363,4 +365,74 @@ fn a_large_backup_is_fetched_in_pieces_and_verifies() {
         assert_eq!(decoded.header.events, decoded.state.events.len());
         mon.shutdown().await;
     });
+}
+
+/// The guard against two clusters: a restore while monitors of the backed-up cluster still
+/// run would make a second decider for the same hosts (both would order starts, and a VM
+/// could run twice). Three monitors; mon1's data is lost while mon2 and mon3 go on: the
+/// restore on mon1 is refused, names them, and creates nothing. Once they are stopped, the
+/// same restore goes ahead.
+#[test]
+fn a_restore_is_refused_while_the_old_cluster_still_runs() {
+    let pki = Pki::new();
+    let mut cluster = cluster_support::start_cluster(&pki, pki.dir.path(), 3, DETECTOR_TOML, WAIT)
+        .unwrap_or_else(|e| panic!("three monitors: {e}"));
+    let leader = cluster.leader;
+    let file = pki.dir.path().join("three.vigil-backup");
+    let taken = backup_to(&cluster.leader().ctl, &file);
+    assert_eq!(
+        taken.header.source_members.len(),
+        3,
+        "{:?}",
+        taken.header.source_members
+    );
+
+    // The monitor to restore on, and the two that still run.
+    let restore_on = if leader == 1 { 2 } else { 1 };
+    let m = cluster
+        .members
+        .iter_mut()
+        .find(|m| m.id == restore_on)
+        .expect("member");
+    m.mon.proc_.kill();
+    std::fs::remove_dir_all(&m.mon.data_dir).expect("wipe");
+    let config = m.mon.config.clone();
+    let data_dir = m.mon.data_dir.clone();
+    let log_dir = config.parent().expect("dir").to_path_buf();
+    let flags = ["--restore", file.to_str().expect("path")];
+    let (code, log) = refused_start(&config, &flags, &log_dir.join("refused-while-running.log"));
+    assert_eq!(code, Some(78), "{log}");
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|i| *i != restore_on).collect();
+    for id in &others {
+        assert!(
+            log.contains("--restore refused") && log.contains(&format!("mon{id} at")),
+            "mon{id} not named: {log}"
+        );
+    }
+    assert!(
+        !data_dir.join("raft.redb").exists(),
+        "a refused restore created a database"
+    );
+
+    // The old cluster stopped: the same restore builds the new one-node cluster.
+    for m in cluster.members.iter_mut().filter(|m| m.id != restore_on) {
+        m.mon.proc_.kill();
+    }
+    let addr = cluster
+        .members
+        .iter()
+        .find(|m| m.id == restore_on)
+        .expect("member")
+        .mon
+        .addr;
+    let mut mon = MonitorProc::spawn_flags(config, addr, data_dir, &log_dir, &flags);
+    let ctl = Ctl::new(&pki, vec![addr]);
+    ctl.wait_started(&mut mon, WAIT)
+        .expect("the restore goes ahead once the old cluster is stopped");
+    let status = ctl.json(&["server", "list"]).expect("server list");
+    assert_eq!(
+        status["servers"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
 }
