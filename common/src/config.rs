@@ -443,6 +443,7 @@ impl RaftConfig {
 /// interface = "br0"                 # must exist when the monitor starts
 /// # garp_count = 5
 /// # garp_interval_ms = 200
+/// # garp_repeat_after_ms = 5000   # a second burst, for caches the first one missed (0: none)
 /// # leader_hook = "/usr/local/bin/vip-became-leader"     # run with /bin/sh -c
 /// # follower_hook = "/usr/local/bin/vip-became-follower"
 /// # hook_timeout_ms = 5000
@@ -463,6 +464,12 @@ pub struct VipConfig {
     /// Time between two gratuitous ARPs.
     #[serde(default = "default_garp_interval_ms")]
     pub garp_interval_ms: u64,
+    /// A second burst of `garp_count` gratuitous ARPs this long after the add, if this
+    /// monitor still holds the VIP (0: none). For the switch or router that missed the first
+    /// one while the leader changed, or was itself restarting; keepalived's
+    /// `garp_master_delay`, with its default.
+    #[serde(default = "default_garp_repeat_after_ms")]
+    pub garp_repeat_after_ms: u64,
     /// Shell command run (`/bin/sh -c`) after this monitor took the VIP.
     #[serde(default)]
     pub leader_hook: Option<String>,
@@ -480,6 +487,9 @@ fn default_garp_count() -> u32 {
 fn default_garp_interval_ms() -> u64 {
     200
 }
+fn default_garp_repeat_after_ms() -> u64 {
+    5_000
+}
 fn default_hook_timeout_ms() -> u64 {
     5_000
 }
@@ -493,6 +503,7 @@ impl VipConfig {
             interface: interface.into(),
             garp_count: default_garp_count(),
             garp_interval_ms: default_garp_interval_ms(),
+            garp_repeat_after_ms: default_garp_repeat_after_ms(),
             leader_hook: None,
             follower_hook: None,
             hook_timeout_ms: default_hook_timeout_ms(),
@@ -564,6 +575,15 @@ impl VipConfig {
             return Err((
                 "vip.garp_interval_ms",
                 format!("{} is out of range 10..=10000", self.garp_interval_ms),
+            ));
+        }
+        if self.garp_repeat_after_ms != 0 && !(100..=600_000).contains(&self.garp_repeat_after_ms) {
+            return Err((
+                "vip.garp_repeat_after_ms",
+                format!(
+                    "{} is out of range: 0 (no second burst) or 100..=600000",
+                    self.garp_repeat_after_ms
+                ),
             ));
         }
         if !(100..=600_000).contains(&self.hook_timeout_ms) {
@@ -1410,6 +1430,10 @@ key = "/tmp/hv1.key"
             (
                 "address = \"198.18.0.1\"\ninterface = \"br0\"\ngarp_interval_ms = 1",
                 "vip.garp_interval_ms",
+            ),
+            (
+                "address = \"198.18.0.1\"\ninterface = \"br0\"\ngarp_repeat_after_ms = 50",
+                "vip.garp_repeat_after_ms",
             ),
             (
                 "address = \"198.18.0.1\"\ninterface = \"br0\"\nhook_timeout_ms = 0",

@@ -5,7 +5,9 @@
 //!   then announces it with gratuitous ARP: an ARP request with sender = target = VIP to
 //!   ff:ff:ff:ff:ff:ff, `garp_count` times, `garp_interval_ms` apart, the first one at once
 //!   (stale ARP caches are the most reported VIP problem; Linux only updates neighbour entries
-//!   it already has from a GARP, so one announcement is not enough);
+//!   it already has from a GARP, so one announcement is not enough), and the same burst again
+//!   `garp_repeat_after_ms` after the add while it still leads (for a cache that missed the
+//!   first: a switch restarting, or busy with the same failure);
 //! - on `false`, on `stop` and when the signal's sender is gone it removes the address at once.
 //!
 //! Latest wins: the task applies one change at a time (a netlink request is never abandoned
@@ -178,6 +180,8 @@ async fn run(
     let mut stop_failures = 0u32;
     let mut garps_left = 0u32;
     let mut next_garp = Instant::now();
+    // The second burst, once the first is out.
+    let mut repeat_at: Option<Instant> = None;
     loop {
         stopping = stopping || *stop.borrow_and_update();
         let want = !stopping && !leading_gone && *leading.borrow_and_update();
@@ -197,8 +201,11 @@ async fn run(
                         info!(%addr, prefix, interface = %cfg.interface, "VIP added: this monitor leads");
                         garps_left = if addr.is_ipv4() { cfg.garp_count } else { 0 };
                         next_garp = Instant::now();
+                        repeat_at = (garps_left > 0 && cfg.garp_repeat_after_ms > 0)
+                            .then(|| next_garp + Duration::from_millis(cfg.garp_repeat_after_ms));
                     } else {
                         garps_left = 0;
+                        repeat_at = None;
                         if !first {
                             info!(%addr, interface = %cfg.interface, "VIP removed");
                         }
@@ -240,6 +247,12 @@ async fn run(
             }
             _ = sleep_until_opt(retry_at), if !settled => {
                 // `retry_at` passed: the top of the loop tries again.
+            }
+            _ = sleep_until_opt(repeat_at), if settled && want && garps_left == 0 && repeat_at.is_some() => {
+                debug!(%addr, interface = %cfg.interface, "the second burst of gratuitous ARPs");
+                repeat_at = None;
+                garps_left = cfg.garp_count;
+                next_garp = Instant::now();
             }
             _ = tokio::time::sleep_until(next_garp), if settled && want && garps_left > 0 => {
                 garps_left -= 1;

@@ -291,6 +291,7 @@ fn cfg() -> VipConfig {
     let mut c = VipConfig::new(VIP.to_string(), DEV);
     c.garp_count = 3;
     c.garp_interval_ms = 100;
+    c.garp_repeat_after_ms = 1_500;
     c
 }
 
@@ -337,6 +338,14 @@ fn vip_follows_leading_with_gratuitous_arps_and_is_dropped_on_step_down_and_stop
         "no more than garp_count GARPs"
     );
     assert!(vip.holding(), "holding is reported");
+    // The second burst, garp_repeat_after_ms after the add, while it still leads.
+    let again = capture.take(3, Duration::from_secs(3));
+    assert_eq!(again.len(), 3, "a second burst of garp_count GARPs");
+    let first_again = again[0].0.duration_since(t0);
+    assert!(
+        first_again >= Duration::from_millis(1_500),
+        "the second burst came {first_again:?} after the lead, before garp_repeat_after_ms"
+    );
 
     vip.lead(false);
     assert!(
