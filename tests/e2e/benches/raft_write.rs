@@ -101,6 +101,40 @@ struct RunFigures {
     writes_per_s: f64,
     entries_per_s: f64,
     conc: (f64, f64),
+    /// During the writers' window: the leader's CPU (% of one core), every monitor's
+    /// together, and the whole machine's busy share (% of all its cores; this process's
+    /// writers included). A leader far from a core while the machine has room left is held
+    /// by something else than CPU: fsync, the followers' answers.
+    cpu: CpuFigures,
+}
+
+#[derive(Clone, Copy)]
+struct CpuFigures {
+    leader: f64,
+    monitors: f64,
+    machine: f64,
+}
+
+/// The machine's (busy, total) CPU time in ticks, from the first line of /proc/stat.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait are fields 4 and 5.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// CPU seconds used so far by each of `pids` (leader first).
+fn cpu_seconds(pids: &[u32]) -> Vec<f64> {
+    pids.iter().map(|p| proc_usage(*p).0).collect()
 }
 
 fn admin(tls: &TlsPaths, addrs: Vec<SocketAddr>) -> Result<AdminClient, String> {
@@ -111,6 +145,7 @@ async fn measure(
     tls: &TlsPaths,
     addrs: Vec<SocketAddr>,
     leader: u64,
+    pids: &[u32],
     sz: &Sizes,
 ) -> Result<(RunFigures, BTreeSet<String>), String> {
     let mut c = admin(tls, addrs.clone())?;
@@ -144,6 +179,7 @@ async fn measure(
         clients.push((w, tag));
     }
     let index0 = commit_index(&mut c, leader).await?;
+    let (cpu0, machine0) = (cpu_seconds(pids), machine_ticks());
     let t0 = Instant::now();
     let end = t0 + Duration::from_secs(sz.seconds);
     let mut tasks = Vec::with_capacity(sz.writers);
@@ -169,6 +205,15 @@ async fn measure(
         present.extend(tag);
     }
     let dt = t0.elapsed().as_secs_f64();
+    let (cpu1, machine1) = (cpu_seconds(pids), machine_ticks());
+    let used: Vec<f64> = cpu1.iter().zip(&cpu0).map(|(b, a)| b - a).collect();
+    let busy = machine1.0.saturating_sub(machine0.0) as f64;
+    let total = machine1.1.saturating_sub(machine0.1).max(1) as f64;
+    let cpu = CpuFigures {
+        leader: used.first().copied().unwrap_or(0.0) / dt * 100.0,
+        monitors: used.iter().sum::<f64>() / dt * 100.0,
+        machine: busy / total * 100.0,
+    };
     let index1 = commit_index(&mut c, leader).await?;
     c.close();
     lat.sort_by(|a, b| a.total_cmp(b));
@@ -178,6 +223,7 @@ async fn measure(
             writes_per_s: lat.len() as f64 / dt,
             entries_per_s: (index1.saturating_sub(index0)) as f64 / dt,
             conc: (pct(&lat, 0.5), pct(&lat, 0.99)),
+            cpu,
         },
         present,
     ))
@@ -221,7 +267,16 @@ fn run_once(pki: &Pki, monitors: usize, run: usize, sz: &Sizes) -> Result<RunFig
         .enable_all()
         .build()
         .map_err(|e| format!("runtime: {e}"))?;
-    let (figures, present) = rt.block_on(measure(&tls, addrs, cluster.leader, sz))?;
+    // The leader first, then the others.
+    let mut pids = vec![cluster.leader().mon.proc_.pid()];
+    pids.extend(
+        cluster
+            .members
+            .iter()
+            .filter(|m| m.id != cluster.leader)
+            .map(|m| m.mon.proc_.pid()),
+    );
+    let (figures, present) = rt.block_on(measure(&tls, addrs, cluster.leader, &pids, sz))?;
     // Every write is on every monitor: each holds exactly the tags the writers left.
     let mut last = Vec::new();
     wait_for(WAIT, || {
@@ -286,16 +341,17 @@ fn run(tiny: bool) -> Result<(), String> {
     let mut summaries = Vec::new();
     for &monitors in &levels {
         println!();
-        println!("| monitors | run | one at a time: p50 | p99 | max | {} writers: admin writes/s | Raft entries/s | p50 | p99 |", sizes.writers);
-        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("| monitors | run | one at a time: p50 | p99 | max | {} writers: admin writes/s | Raft entries/s | p50 | p99 | leader CPU | monitors' CPU | machine busy |", sizes.writers);
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         let mut all = Vec::with_capacity(runs);
         for run in 1..=runs {
             eprintln!("{monitors} monitor(s), run {run}:");
             let f = run_once(&pki, monitors, run, &sizes)
                 .map_err(|e| format!("{monitors} monitor(s), run {run}: {e}"))?;
             println!(
-                "| {monitors} | {run} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.2} ms | {:.2} ms |",
-                f.seq.0, f.seq.1, f.seq.2, f.writes_per_s, f.entries_per_s, f.conc.0, f.conc.1
+                "| {monitors} | {run} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} | {:.0} | {:.2} ms | {:.2} ms | {:.0} % | {:.0} % | {:.0} % |",
+                f.seq.0, f.seq.1, f.seq.2, f.writes_per_s, f.entries_per_s, f.conc.0, f.conc.1,
+                f.cpu.leader, f.cpu.monitors, f.cpu.machine
             );
             all.push(f);
         }
@@ -304,8 +360,8 @@ fn run(tiny: bool) -> Result<(), String> {
     println!();
     println!("Over the runs, median / max of each run's figure:");
     println!();
-    println!("| monitors | runs | one at a time: p50 | p99 | max | {} writers: admin writes/s | Raft entries/s | p50 | p99 |", sizes.writers);
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| monitors | runs | one at a time: p50 | p99 | max | {} writers: admin writes/s | Raft entries/s | p50 | p99 | leader CPU | monitors' CPU | machine busy |", sizes.writers);
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (monitors, all) in &summaries {
         let col = |f: &dyn Fn(&RunFigures) -> f64| {
             let v: Vec<f64> = all.iter().map(f).collect();
@@ -313,8 +369,9 @@ fn run(tiny: bool) -> Result<(), String> {
         };
         let ms = |(m, x): (f64, f64)| format!("{m:.2} / {x:.2} ms");
         let n = |(m, x): (f64, f64)| format!("{m:.0} / {x:.0}");
+        let pc = |(m, x): (f64, f64)| format!("{m:.0} / {x:.0} %");
         println!(
-            "| {monitors} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {monitors} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             all.len(),
             ms(col(&|f| f.seq.0)),
             ms(col(&|f| f.seq.1)),
@@ -323,6 +380,9 @@ fn run(tiny: bool) -> Result<(), String> {
             n(col(&|f| f.entries_per_s)),
             ms(col(&|f| f.conc.0)),
             ms(col(&|f| f.conc.1)),
+            pc(col(&|f| f.cpu.leader)),
+            pc(col(&|f| f.cpu.monitors)),
+            pc(col(&|f| f.cpu.machine)),
         );
     }
     Ok(())
