@@ -406,6 +406,18 @@ impl Session {
                     Some(Ok(MonitorToAgent::Welcome(_))) => {
                         break Err(SessionError::Protocol { addr, message: "unexpected second welcome".into() });
                     }
+                    Some(Ok(MonitorToAgent::Tuning { heartbeat_interval_ms })) => {
+                        // The cluster's interval changed: beat at it from the next beat on.
+                        let interval = Duration::from_millis(heartbeat_interval_ms.max(10));
+                        if interval != tick.period() {
+                            info!(%addr, ?interval, was = ?tick.period(), "heartbeat interval changed by the cluster");
+                            tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        }
+                        if let Some(lease) = &io.lease {
+                            lease.set_heartbeat_interval_ms(heartbeat_interval_ms);
+                        }
+                    }
                     Some(Ok(MonitorToAgent::NotLeader { leader })) => {
                         // The monitor stopped leading: go to the leader (the lease is untouched).
                         conn.close(wire::close::NORMAL.into(), b"redirected");

@@ -77,11 +77,7 @@ impl SettingChange {
 
 /// Settings keys whose change on a running cluster is refused, and why (see
 /// [`check_live_change`]).
-pub const FIXED_KEYS: [(&str, &str); 2] = [
-    (
-        "detector.heartbeat_interval_ms",
-        "agents learn the heartbeat interval when they connect, so the connected ones would keep the old one and a shorter suspect_after_ms could then call healthy hosts suspect",
-    ),
+pub const FIXED_KEYS: [(&str, &str); 1] = [
     (
         "lease.isolation_response",
         "agents hold the isolation response of their last grant, and lease expiry would count as proof for a host whose agent still keeps its guests",
@@ -600,12 +596,17 @@ mod tests {
             check_live_change(&s, &keep).expect_err("refused").key,
             "lease.isolation_response"
         );
+        // The heartbeat interval changes live: connected agents are told (`Tuning`).
         let beat = s
             .with("detector.heartbeat_interval_ms", "400")
             .expect("valid");
+        assert!(check_live_change(&s, &beat).is_ok());
+        // Still checked against the detector as the file would be.
         assert_eq!(
-            check_live_change(&s, &beat).expect_err("refused").key,
-            "detector.heartbeat_interval_ms"
+            s.with("detector.heartbeat_interval_ms", "2000")
+                .expect_err("not above suspect_after_ms")
+                .key,
+            "detector.suspect_after_ms"
         );
     }
 

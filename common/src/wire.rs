@@ -338,6 +338,14 @@ pub enum MonitorToAgent {
     NotLeader {
         leader: Option<String>,
     },
+    // --- issue 12 item 9: cluster settings changed live ---
+    /// The cluster's heartbeat interval changed (`vigilctl config set
+    /// detector.heartbeat_interval_ms`): beat at this one from now on, as if the welcome had
+    /// said it. Appended at the end (variant 8); an older agent reads it as a malformed
+    /// frame, reconnects, and its new welcome carries the new interval.
+    Tuning {
+        heartbeat_interval_ms: u64,
+    },
 }
 
 /// Checks the leader address of a [`MonitorToAgent::NotLeader`]: `Err` when it is longer
@@ -557,6 +565,18 @@ mod tests {
             Preamble::check(junk, "monitor", "agent"),
             Err(PreambleError::BadMagic(_))
         ));
+    }
+
+    #[test]
+    fn tuning_is_appended_after_not_leader() {
+        use crate::codec::{decode_frame, encode_frame, encode_payload};
+        let m = MonitorToAgent::Tuning {
+            heartbeat_interval_ms: 250,
+        };
+        let back: MonitorToAgent =
+            decode_frame(&encode_frame(&m).expect("encode")).expect("decode");
+        assert_eq!(back, m);
+        assert_eq!(encode_payload(&m).expect("encode")[0], 8, "variant index 8");
     }
 
     #[test]

@@ -396,7 +396,7 @@ pub async fn serve(
         .await;
     // The cluster's settings once it has them (a monitor whose file says otherwise warned
     // at start-up): every monitor tells agents the same.
-    let (heartbeat_interval_ms, isolation_response) = state
+    let (state_interval_ms, isolation_response) = state
         .read()
         .ok()
         .and_then(|s| {
@@ -408,6 +408,12 @@ pub async fn serve(
             })
         })
         .unwrap_or((heartbeat_interval_ms, isolation_response));
+    // The interval is the engine's, asked after this session was registered: if it changes
+    // later, the engine's `Tuning` reaches this session after the welcome (issue 12 item 9).
+    let heartbeat_interval_ms = engine
+        .query(|e, _| e.heartbeat_interval_ms())
+        .await
+        .unwrap_or(state_interval_ms);
     let welcome = MonitorToAgent::Welcome(Welcome {
         monitor_node: node_id,
         heartbeat_interval_ms,

@@ -221,6 +221,10 @@ struct SimHost {
     /// Agent process id (changes on every agent start) and when it started.
     instance: u64,
     agent_started_at: u64,
+    /// The heartbeat interval its monitor told it (welcome, then `Tuning`), and when it
+    /// beats next.
+    beat_every_ms: u64,
+    next_beat_at: u64,
     /// End of the agent's lease (sim ms) and when it last got a grant.
     lease_until: u64,
     last_grant: Option<u64>,
@@ -895,6 +899,8 @@ impl Sim {
                     session: None,
                     instance: 1,
                     agent_started_at: 0,
+                    beat_every_ms: 100,
+                    next_beat_at: 0,
                     lease_until: sc.lease.duration_ms,
                     last_grant: None,
                     storage_ok: true,
@@ -1259,6 +1265,32 @@ impl Sim {
                         if self.hearing(&h) == Some(m) && self.links(&h, m) {
                             if let Some(host) = self.hosts.get_mut(&h) {
                                 host.withdrawn.insert(id);
+                            }
+                        }
+                    }
+                    Action::Notify {
+                        host,
+                        message:
+                            MonitorToAgent::Tuning {
+                                heartbeat_interval_ms,
+                            },
+                    } => {
+                        // As the agent's session: the next beat one new interval from now.
+                        let now = self.now;
+                        let every = heartbeat_interval_ms.max(STEP_MS);
+                        let targets: Vec<String> = match host {
+                            Some(h) => vec![h],
+                            None => self.hosts.keys().cloned().collect(),
+                        };
+                        for t in targets {
+                            if self.hearing(&t) != Some(m) || !self.links(&t, m) {
+                                continue;
+                            }
+                            if let Some(h) = self.hosts.get_mut(&t) {
+                                if h.beat_every_ms != every {
+                                    h.beat_every_ms = every;
+                                    h.next_beat_at = now + every;
+                                }
                             }
                         }
                     }
@@ -2483,8 +2515,14 @@ impl Sim {
                     let Some(m) = self.admitting(name) else {
                         continue;
                     };
+                    // The welcome: the interval the engine runs with (as agent_link asks it).
+                    let every = self.monitors[m].engine.heartbeat_interval_ms().max(STEP_MS);
                     if let Some(hm) = self.hosts.get_mut(name) {
                         hm.session = Some(m);
+                        if hm.beat_every_ms != every {
+                            hm.beat_every_ms = every;
+                            hm.next_beat_at = self.now;
+                        }
                     }
                     self.feed(
                         m,
@@ -2515,7 +2553,11 @@ impl Sim {
                     m
                 }
             };
-            if self.now % 100 == 0 {
+            if self.now >= h.next_beat_at {
+                // Multiples of the interval until it changes (the old fixed 100 ms cadence).
+                if let Some(hm) = self.hosts.get_mut(name) {
+                    hm.next_beat_at = (self.now / hm.beat_every_ms + 1) * hm.beat_every_ms;
+                }
                 let pools = self
                     .pool
                     .iter()

@@ -275,6 +275,12 @@ impl Engine {
         self
     }
 
+    /// The heartbeat interval the engine runs with (the cluster's, once it has settings):
+    /// what agents are told at their welcome and when it changes.
+    pub fn heartbeat_interval_ms(&self) -> u64 {
+        self.detector.config().heartbeat_interval_ms
+    }
+
     pub fn is_leader(&self) -> bool {
         self.leader
     }
@@ -296,7 +302,18 @@ impl Engine {
             out: Vec::new(),
         };
         self.views = None;
+        let interval_was = self.heartbeat_interval_ms();
         self.follow_settings(state);
+        if self.heartbeat_interval_ms() != interval_was {
+            // Agents learn it at their welcome; the connected ones are told now (a session
+            // welcomed before this asked the engine first, so none misses it).
+            cx.out.push(Action::Notify {
+                host: None,
+                message: MonitorToAgent::Tuning {
+                    heartbeat_interval_ms: self.heartbeat_interval_ms(),
+                },
+            });
+        }
         match input {
             Input::AgentConnected(hello) => self.on_agent_connected(hello, &mut cx),
             Input::AgentIncompatible { host, detail } => {

@@ -155,3 +155,67 @@ fn a_monitor_whose_file_drifted_tells_agents_the_clusters_heartbeat_interval() {
         "the agent was told another interval than the cluster's: {welcomed:?}"
     );
 }
+
+/// Issue 12 item 9: `vigilctl config set detector.heartbeat_interval_ms` on a running
+/// cluster reaches the agents already connected (they beat at the new interval at once, and
+/// the host stays up), and an agent that connects afterwards is welcomed with it.
+#[test]
+fn a_heartbeat_interval_set_live_reaches_connected_agents() {
+    let pki = Pki::new();
+    let dir = pki.dir.path().join("run");
+    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    let ctl = Ctl::new(&pki, vec![mon.addr]);
+    ctl.wait_ready(Duration::from_secs(20));
+    let mut a1 = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    wait_for(Duration::from_secs(30), || {
+        (ctl.liveness("hv1").as_deref() == Some("up")).then_some(())
+    })
+    .expect("hv1 up");
+
+    let out = ctl.run(&["config", "set", "detector.heartbeat_interval_ms", "250"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for(Duration::from_secs(10), || {
+        a1.proc_
+            .log_text()
+            .lines()
+            .any(|l| {
+                l.contains("heartbeat interval changed by the cluster")
+                    && l.contains("interval=250ms")
+            })
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "the connected agent was not told: {}",
+            log_tail(&a1.proc_.log_text(), 20)
+        )
+    });
+    // Beats 250 ms apart from now on (suspect after 300 ms): the host stays up.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ctl.liveness("hv1").as_deref(), Some("up"));
+    let suspected = ctl.events().iter().any(|e| {
+        e["kind"] == "host_liveness" && e["message"].as_str().is_some_and(|m| m.contains("suspect"))
+    });
+    assert!(!suspected, "hv1 was suspected after the change");
+
+    // A new session is welcomed with it.
+    a1.proc_.kill();
+    let a2 = AgentProc::start(&pki, &dir, "hv1", mon.addr, "");
+    wait_for(Duration::from_secs(30), || {
+        a2.proc_
+            .log_text()
+            .lines()
+            .any(|l| l.contains("connected to monitor") && l.contains("interval=250ms"))
+            .then_some(())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "not welcomed with 250 ms: {}",
+            log_tail(&a2.proc_.log_text(), 20)
+        )
+    });
+}

@@ -935,8 +935,8 @@ fn the_cluster_settings_are_one_for_every_monitor_and_outlive_the_leader() {
             "lease.duration_ms",
         ),
         (
-            vec!["config", "set", "detector.heartbeat_interval_ms", "200"],
-            "detector.heartbeat_interval_ms",
+            vec!["config", "set", "lease.isolation_response", "keep-running"],
+            "lease.isolation_response",
         ),
         (
             vec!["config", "set", "recovery.window_ms", "10"],
