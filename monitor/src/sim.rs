@@ -1278,14 +1278,7 @@ impl Sim {
                         // As the agent's session: the next beat one new interval from now.
                         let now = self.now;
                         let every = heartbeat_interval_ms.max(STEP_MS);
-                        let targets: Vec<String> = match host {
-                            Some(h) => vec![h],
-                            None => self.hosts.keys().cloned().collect(),
-                        };
-                        for t in targets {
-                            if self.hearing(&t) != Some(m) || !self.links(&t, m) {
-                                continue;
-                            }
+                        for t in self.reached_by(m, host) {
                             if let Some(h) = self.hosts.get_mut(&t) {
                                 if h.beat_every_ms != every {
                                     h.beat_every_ms = every;
@@ -1296,14 +1289,7 @@ impl Sim {
                     }
                     Action::Notify { host, message } => {
                         if let MonitorToAgent::Generations { entries, .. } = message {
-                            let targets: Vec<String> = match host {
-                                Some(h) => vec![h],
-                                None => self.hosts.keys().cloned().collect(),
-                            };
-                            for t in targets {
-                                if self.hearing(&t) != Some(m) || !self.links(&t, m) {
-                                    continue;
-                                }
+                            for t in self.reached_by(m, host) {
                                 if let Some(h) = self.hosts.get_mut(&t) {
                                     for (u, g) in &entries {
                                         let e = h.newest.entry(u.clone()).or_insert(*g);
@@ -2831,6 +2817,19 @@ impl Sim {
     }
 
     /// The one rule, checked after every step.
+    /// The agents a notification from monitor `m` to `host` (every host: `None`) reaches:
+    /// those with a session to `m` over a link that works.
+    fn reached_by(&self, m: usize, host: Option<String>) -> Vec<String> {
+        let targets: Vec<String> = match host {
+            Some(h) => vec![h],
+            None => self.hosts.keys().cloned().collect(),
+        };
+        targets
+            .into_iter()
+            .filter(|t| self.hearing(t) == Some(m) && self.links(t, m))
+            .collect()
+    }
+
     fn check(&self) -> Result<(), Violation> {
         if let Some(detail) = self.plan_mismatch.first() {
             return Err(Violation::PlanMismatch {
