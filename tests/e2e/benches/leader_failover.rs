@@ -157,7 +157,9 @@ fn one_run(pki: &Pki, run: usize, n: usize) -> Result<Run, String> {
         )
         .map_err(|e| format!("admin: {e:#}"))?;
         // Every agent connected and every host Up on the leader, then a moment to settle.
-        let ramp_until = Instant::now() + Duration::from_secs(120);
+        // (Registering 10,000 hosts through Raft takes minutes on 2 cores.)
+        let ramp = Duration::from_secs(120).max(Duration::from_millis(40 * n as u64));
+        let ramp_until = Instant::now() + ramp;
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let all_in = welcomed.iter().all(|w| w.load(Ordering::Relaxed) > 0);
