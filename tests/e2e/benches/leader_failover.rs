@@ -163,13 +163,21 @@ fn one_run(pki: &Pki, run: usize, n: usize) -> Result<Run, String> {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
             let all_in = welcomed.iter().all(|w| w.load(Ordering::Relaxed) > 0);
-            let up = status(&mut admin).await.map_or(0, |s| s.hosts_up);
+            let (up, last_error) = match admin.call::<StatusView>(&AdminRequest::Status).await {
+                Ok((s, _)) => (s.hosts_up, None),
+                Err(e) => (0, Some(format!("{e:#}"))),
+            };
             if all_in && up == n {
                 break;
             }
             if Instant::now() > ramp_until {
+                let in_ = welcomed
+                    .iter()
+                    .filter(|w| w.load(Ordering::Relaxed) > 0)
+                    .count();
                 return Err(format!(
-                    "before the kill: {up} of {n} hosts Up on the leader"
+                    "before the kill: {up} of {n} hosts Up on the leader, {in_} of {n} agents welcomed{}",
+                    last_error.map_or(String::new(), |e| format!("; the status call failed: {e}"))
                 ));
             }
         }
