@@ -368,14 +368,8 @@ async fn answer(ctx: &AdminContext, peer: &PeerIdentity, req: AdminRequest) -> A
             }
             let wait = Duration::from_millis(wait_ms.clamp(1_000, 600_000));
             if let Some(endpoint) = &ctx.raft_endpoint {
-                // On the leader only: its membership is the newest, and a member must not be
-                // admitted here (a member that waits needs `server reset`).
-                if ctx.raft.is_leader() && !ctx.raft.is_member(id) {
-                    // Its progress at this leader starts afresh (`raft::reversion`).
-                    endpoint.forget_progress(id);
-                    if let Err(why) = admit_new_monitor(endpoint, id, &addr, wait).await {
-                        return err(why);
-                    }
+                if let Err(why) = ctx.raft.admit_new_monitor(endpoint, id, &addr, wait).await {
+                    return err(why);
                 }
             }
             membership_answer(ctx, ctx.raft.add_server(id, &addr, wait).await, || {
@@ -1423,36 +1417,4 @@ async fn resolve(ctx: &AdminContext, vm: &str) -> Result<VmView, String> {
                 .join(", ")
         )),
     }
-}
-
-/// `server add` of a monitor that is no member: it started with `--join` and waits, silent,
-/// to be admitted (`raft::reset`). Asks it, admits it if it waits, and says why not when it
-/// does not answer (nothing is changed then).
-async fn admit_new_monitor(
-    endpoint: &crate::raft::quic::RaftEndpoint,
-    id: u64,
-    addr: &str,
-    wait: Duration,
-) -> Result<(), String> {
-    use crate::raft::reset::ResetStep;
-    let wait = wait.min(Duration::from_secs(10));
-    let probe = endpoint
-        .reset_step(id, addr, ResetStep::Probe, wait)
-        .await
-        .map_err(|e| {
-            format!(
-                "mon{id} at {addr} does not answer ({e}); nothing was changed. Start it there \
-                 with `vigil-monitor --join` ({addr} must be its [raft] address)"
-            )
-        })?;
-    if probe.waiting {
-        endpoint
-            .reset_step(id, addr, ResetStep::Admit, wait)
-            .await
-            .map_err(|e| {
-                format!("mon{id} at {addr} did not take its admission ({e}); nothing was changed, run this again")
-            })?;
-        tracing::info!(id, addr, "new monitor admitted; adding it as a learner");
-    }
-    Ok(())
 }

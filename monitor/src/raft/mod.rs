@@ -759,6 +759,45 @@ impl RaftNode {
         Ok(MembershipChange::Done)
     }
 
+    /// `vigilctl server add ID ADDR`, before [`Self::add_server`]: a monitor that is no
+    /// member started with `--join` and waits, silent, to be admitted ([`reset`]). On the
+    /// leader only (its membership is the newest) and for a non-member only (a member that
+    /// waits needs [`Self::reset_server`], which removes it first): asks it, admits it if it
+    /// waits, and says why not when it does not answer (nothing is changed then).
+    pub async fn admit_new_monitor(
+        &self,
+        endpoint: &quic::RaftEndpoint,
+        id: u64,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if !self.is_leader() || self.is_member(id) {
+            return Ok(());
+        }
+        // Its progress at this leader starts afresh (`reversion`).
+        endpoint.forget_progress(id);
+        let wait = timeout.min(Duration::from_secs(10));
+        let probe = endpoint
+            .reset_step(id, addr, reset::ResetStep::Probe, wait)
+            .await
+            .map_err(|e| {
+                format!(
+                    "mon{id} at {addr} does not answer ({e}); nothing was changed. Start it there \
+                     with `vigil-monitor --join` ({addr} must be its [raft] address)"
+                )
+            })?;
+        if probe.waiting {
+            endpoint
+                .reset_step(id, addr, reset::ResetStep::Admit, wait)
+                .await
+                .map_err(|e| {
+                    format!("mon{id} at {addr} did not take its admission ({e}); nothing was changed, run this again")
+                })?;
+            tracing::info!(id, addr, "new monitor admitted; adding it as a learner");
+        }
+        Ok(())
+    }
+
     fn check_leader_for_membership(&self) -> Result<(), MembershipError> {
         if self.is_leader() {
             return Ok(());
