@@ -56,6 +56,14 @@ set -e
 if [[ $status -eq 0 ]]; then
   status=$libvirtd_status
 fi
+# Each failing test's panic, last: CI shows the head and the tail of this output only, and a
+# failure in the middle of a long run was seen there as its name alone (stop 23).
+if [[ $status -ne 0 ]]; then
+  echo "== failures (each test's panic message; the whole output is above)"
+  awk '/^---- .* stdout ----$/ { name = $2; n = 0; next }
+       name != "" && /panicked at/ { print "-- " name ": " $0; n = 8; next }
+       n > 0 { if ($0 ~ /^(stack backtrace:|note: |---- |failures:)/) { n = 0; next } print "   " substr($0, 1, 400); n-- }' "$log"
+fi
 # One closing line with the totals over every test binary (cargo prints one line per binary,
 # the last of which is usually the doc-tests' "0 passed").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
