@@ -309,7 +309,7 @@ fn the_installed_packages_fail_a_host_over() {
     //    nothing starts there.
     assert!(LAB.run(&["power-on", "hv2"]).status.success());
     LAB.wait_host_up("hv2");
-    let msgs = LAB.event_messages();
+    let msgs = LAB.wait_event("host hv2 rejoined");
     assert_eq!(
         count(&msgs, |m| m.contains("host hv2 rejoined")),
         1,

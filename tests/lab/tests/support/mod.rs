@@ -289,6 +289,22 @@ impl LabCli {
             .collect()
     }
 
+    /// Waits until the event log holds a message containing `what`; returns every message.
+    /// Liveness (`host show`) is the leader's own view and the event log is replicated: an
+    /// event of the same change commits a Raft round later, so a test that saw the state
+    /// waits for its event (failover read the log in between once).
+    pub fn wait_event(&self, what: &str) -> Vec<String> {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let msgs = self.event_messages();
+            if msgs.iter().any(|m| m.contains(what)) {
+                return msgs;
+            }
+            assert!(Instant::now() < end, "no event \"{what}\": {msgs:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits until `host` is up again in the monitor's view.
     pub fn wait_host_up(&self, host: &str) {
         let end = Instant::now() + Duration::from_secs(30);
