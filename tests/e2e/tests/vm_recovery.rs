@@ -381,7 +381,15 @@ fn a_hung_libvirtd_is_reported_and_never_stalls_heartbeats() {
     let Some(sb) = sandbox() else { return };
     let pki = Pki::new();
     let dir = pki.dir.path().join("run");
-    let mon = MonitorProc::start(&pki, &dir, DETECTOR_TOML);
+    // Beats every 100 ms, suspect after 800: heartbeats stalled behind a hung libvirt call
+    // would be silent for the whole freeze (longer than the 1,000-ms libvirt deadline the
+    // test waits out), while a loaded CI machine still has 700 ms to deliver each beat (the
+    // shared 300-ms threshold left 200).
+    let mon = MonitorProc::start(
+        &pki,
+        &dir,
+        "[detector]\nheartbeat_interval_ms = 100\nsuspect_after_ms = 800\ndown_after_ms = 1600\n",
+    );
     let ctl = Ctl::new(&pki, vec![mon.addr]);
     ctl.wait_ready(Duration::from_secs(20));
     let _agent = AgentProc::start(
